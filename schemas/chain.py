@@ -1,0 +1,445 @@
+"""Trust-chain verification (DESIGN.md section 2, the five rules). No I/O.
+
+A record is valid when, checked segment by segment:
+
+1. its signature verifies under the key of a cert whose subject contains the CPID's
+   prefix (and that cert holds scope ``issue``);
+2. each cert is signed by its issuer, the issuer's subject contains the cert's subject,
+   the issuer holds ``delegate``, the chain ends at a configured anchor, depth <= 8;
+3. every cert and the record are inside their validity windows (+-60 s skew);
+4. no cert serial or key in the chain (nor the record's key) is revoked;
+5. the CPID's serial matches the record's ``public_key`` and its check character is right.
+
+The chain is walked from the anchor down, so no payload is parsed before the
+signature over it has been verified.  :func:`verify_record` and :func:`verify_chain`
+return a :class:`ChainResult` (every check made, the first failure); the ``require_*``
+wrappers raise :class:`~schemas.errors.ChainError` instead.  Both share one walk.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from schemas import cpid as _cpid
+from schemas import dsse
+from schemas import keys as _keys
+from schemas.errors import (
+    ChainError,
+    EnvelopeError,
+    ExpiredError,
+    InvalidCPIDError,
+    InvalidDataError,
+    KeyFileError,
+    PayloadError,
+    RevokedError,
+    SignatureError,
+)
+from schemas.models import Anchor, Cert, Document, Record, Revocation, parse_payload
+
+__all__ = [
+    "CLOCK_SKEW",
+    "MAX_DEPTH",
+    "ChainResult",
+    "Check",
+    "TrustAnchors",
+    "open_self_signed",
+    "open_signed",
+    "require_chain",
+    "require_record",
+    "verify_chain",
+    "verify_record",
+]
+
+MAX_DEPTH = 8
+CLOCK_SKEW = 60
+
+RULES = {
+    1: "record signed by a cert whose subject contains the CPID's prefix",
+    2: "each cert signed by its issuer, inside it, issuer holds delegate, ends at an anchor, depth <= 8",
+    3: "every cert and the record inside their validity windows",
+    4: "no cert serial or key in the chain revoked",
+    5: "CPID serial matches the record's key and its check character is right",
+}
+
+D = TypeVar("D", bound=Document)
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One check made: which rule, at which link (0 = record, 1 = signer's cert, ...)."""
+
+    rule: int
+    link: int
+    what: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ChainResult:
+    """Outcome of a verification: every check in order and, if any, the first failure."""
+
+    checks: tuple[Check, ...]
+    certs: tuple[Cert, ...] = ()
+    record: Record | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+    @property
+    def failure(self) -> Check | None:
+        return next((c for c in self.checks if not c.ok), None)
+
+    @property
+    def reason(self) -> str:
+        f = self.failure
+        return "" if f is None else f"rule {f.rule} failed at link {f.link}: {f.detail}"
+
+    def raise_for_failure(self) -> None:
+        f = self.failure
+        if f is None:
+            return
+        cls: type[ChainError] = ChainError
+        if f.rule == 3:
+            cls = ExpiredError
+        elif f.rule == 4:
+            cls = RevokedError
+        raise cls(self.reason, rule=f.rule, link=f.link, reason=f.detail)
+
+    def to_dict(self) -> dict[str, Any]:
+        f = self.failure
+        return {
+            "ok": f is None,
+            "rule": None if f is None else f.rule,
+            "link": None if f is None else f.link,
+            "reason": self.reason,
+            "checks": [
+                {"rule": c.rule, "link": c.link, "what": c.what, "ok": c.ok, "detail": c.detail}
+                for c in self.checks
+            ],
+        }
+
+
+class TrustAnchors:
+    """The configured roots of trust, one per root prefix (e.g. ``CN``), looked up by kid."""
+
+    def __init__(self, anchors: Iterable[Anchor]) -> None:
+        self._by_kid: dict[str, tuple[Anchor, Ed25519PublicKey]] = {}
+        for a in anchors:
+            self._by_kid[a.kid] = (a, _keys.public_from_b64url(a.public_key))
+        if not self._by_kid:
+            raise KeyFileError("at least one trust anchor is required")
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> TrustAnchors:
+        """Parse an anchor file: one ``anchor.v1`` object or a list of them."""
+        try:
+            obj = json.loads(data)
+        except ValueError as exc:
+            raise KeyFileError(f"anchor file is not valid JSON: {exc}") from exc
+        items = obj if isinstance(obj, list) else [obj]
+        try:
+            return cls(Anchor.model_validate(item) for item in items)
+        except ValueError as exc:
+            raise KeyFileError(f"invalid anchor: {exc}") from exc
+
+    def get(self, kid: str) -> tuple[Anchor, Ed25519PublicKey] | None:
+        return self._by_kid.get(kid)
+
+    @property
+    def subjects(self) -> list[str]:
+        return sorted(a.subject for a, _ in self._by_kid.values())
+
+    def __iter__(self) -> Any:
+        return (a for a, _ in self._by_kid.values())
+
+
+@dataclass(slots=True)
+class _Signer:
+    subject: str
+    kid: str
+    key: Ed25519PublicKey
+    scopes: frozenset[str]
+    is_anchor: bool
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class _Walk:
+    now: int
+    skew: int
+    revocations: Mapping[str, dsse.Envelope]
+    checks: list[Check] = field(default_factory=list)
+    # keys above the current position (anchor first); any may sign a revocation below it
+    ancestors: list[_Signer] = field(default_factory=list)
+
+    def check(self, rule: int, link: int, what: str, ok: bool, detail: str = "") -> None:
+        self.checks.append(Check(rule, link, what, ok, "" if ok else detail))
+        if not ok:
+            raise _Stop
+
+    def window(self, link: int, what: str, start: int, end: int) -> None:
+        ok = start - self.skew <= self.now <= end + self.skew
+        if self.now < start - self.skew:
+            detail = f"{what} not valid before {start}, now is {self.now}"
+        else:
+            detail = f"{what} expired at {end}, now is {self.now}"
+        self.check(3, link, f"{what} validity window", ok, detail)
+
+    def revoked(self, link: int, what: str, idents: Sequence[str], subject: str) -> None:
+        for ident in idents:
+            env = self.revocations.get(ident)
+            if env is None:
+                continue
+            rev = self._valid_revocation(env)
+            if rev is None or rev.target != ident or rev.subject != subject:
+                continue
+            if self.now >= rev.revoked_at - self.skew:
+                self.check(
+                    4,
+                    link,
+                    f"{what} not revoked",
+                    False,
+                    f"{ident} ({subject}) revoked at {rev.revoked_at}: {rev.reason}",
+                )
+        self.check(4, link, f"{what} not revoked", True)
+
+    def _valid_revocation(self, env: dsse.Envelope) -> Revocation | None:
+        keys = {s.kid: s.key for s in self.ancestors}
+        try:
+            v = dsse.verify(env, keys, payload_types=(Revocation.media_type(),))
+            return parse_payload(v.payload_type, v.payload, Revocation)
+        except InvalidDataError:
+            return None  # not signed by anyone above this link: carries no weight
+
+
+def _walk_chain(chain: Sequence[dsse.Envelope], anchors: TrustAnchors, w: _Walk) -> list[Cert]:
+    n = len(chain)
+    w.check(1, 1, "certificate chain present", n > 0, "no certificate chain")
+    w.check(2, n, "chain depth", n <= MAX_DEPTH, f"chain depth {n} exceeds {MAX_DEPTH}")
+    top = chain[-1]
+    found = anchors.get(top.keyid)
+    w.check(
+        2,
+        n,
+        "chain ends at a configured anchor",
+        found is not None,
+        f"top cert is signed by key {top.keyid!r}, which is not an anchor "
+        f"(anchors: {', '.join(anchors.subjects)})",
+    )
+    assert found is not None
+    anchor, anchor_key = found
+    signer = _Signer(anchor.subject, anchor.kid, anchor_key, frozenset({"delegate", "issue"}), True)
+    w.ancestors = [signer]
+    certs: list[Cert] = [None] * n  # type: ignore[list-item]
+    for i in reversed(range(n)):
+        link = i + 1
+        env = chain[i]
+        try:
+            v = dsse.verify(env, {signer.kid: signer.key}, payload_types=(Cert.media_type(),))
+            cert = parse_payload(v.payload_type, v.payload, Cert)
+            sig_detail = ""
+        except (SignatureError, PayloadError) as exc:
+            cert = None
+            sig_detail = (
+                f"cert is not validly signed by issuer {signer.subject} ({signer.kid}): {exc}"
+            )
+        w.check(2, link, f"cert signed by issuer {signer.subject}", cert is not None, sig_detail)
+        assert cert is not None
+        w.check(
+            2,
+            link,
+            "cert names its signer as issuer",
+            cert.issuer == signer.subject,
+            f"cert names issuer {cert.issuer!r} but is signed by {signer.subject!r}",
+        )
+        w.check(
+            2,
+            link,
+            "issuer contains subject",
+            _cpid.ns_contains(signer.subject, cert.subject),
+            f"issuer {signer.subject!r} does not contain subject {cert.subject!r}",
+        )
+        w.check(
+            2,
+            link,
+            "issuer holds delegate",
+            signer.is_anchor or "delegate" in signer.scopes,
+            f"issuer {signer.subject!r} lacks scope 'delegate' (has {sorted(signer.scopes)})",
+        )
+        w.window(link, f"cert for {cert.subject}", cert.not_before, cert.not_after)
+        raw = _keys.b64url_decode(cert.public_key)
+        w.revoked(link, f"cert for {cert.subject}", (cert.serial, _keys.kid(raw)), cert.subject)
+        certs[i] = cert
+        signer = _Signer(
+            cert.subject,
+            _keys.kid(raw),
+            _keys.public_from_b64url(cert.public_key),
+            frozenset(cert.scopes),
+            False,
+        )
+        w.ancestors.append(signer)
+    return certs
+
+
+def _make_walk(
+    now: int | None, skew: int, revocations: Mapping[str, dsse.Envelope] | None
+) -> _Walk:
+    return _Walk(int(time.time()) if now is None else now, skew, revocations or {})
+
+
+def verify_chain(
+    chain: Sequence[dsse.Envelope],
+    *,
+    anchors: TrustAnchors,
+    revocations: Mapping[str, dsse.Envelope] | None = None,
+    now: int | None = None,
+    skew: int = CLOCK_SKEW,
+) -> ChainResult:
+    """Verify a cert chain (leaf first) up to an anchor; rules 2, 3 and 4."""
+    w = _make_walk(now, skew, revocations)
+    try:
+        certs = _walk_chain(chain, anchors, w)
+    except _Stop:
+        return ChainResult(tuple(w.checks))
+    return ChainResult(tuple(w.checks), tuple(certs))
+
+
+def verify_record(
+    record: dsse.Envelope,
+    chain: Sequence[dsse.Envelope],
+    *,
+    anchors: TrustAnchors,
+    revocations: Mapping[str, dsse.Envelope] | None = None,
+    now: int | None = None,
+    skew: int = CLOCK_SKEW,
+) -> ChainResult:
+    """Verify a record envelope and its chain against the anchors: all five rules.
+
+    ``revocations`` maps a cert serial or key id to its ``revocation.v1`` envelope
+    (the ``/cpi/v1/revoked/`` keyspace); a revocation counts only when signed by a key
+    above the revoked one in this chain.
+    """
+    w = _make_walk(now, skew, revocations)
+    certs: list[Cert] = []
+    rec: Record | None = None
+    try:
+        certs = _walk_chain(chain, anchors, w)
+        signer = w.ancestors[-1]
+        try:
+            v = dsse.verify(record, {signer.kid: signer.key}, payload_types=(Record.media_type(),))
+            rec = parse_payload(v.payload_type, v.payload, Record)
+            detail = ""
+        except (SignatureError, PayloadError) as exc:
+            detail = f"record is not validly signed by {signer.subject} ({signer.kid}): {exc}"
+        w.check(1, 0, f"record signed by {signer.subject}", rec is not None, detail)
+        assert rec is not None
+        try:
+            parsed: _cpid.CPID | None = _cpid.parse(rec.cpid)
+            cpid_error = ""
+        except InvalidCPIDError as exc:
+            parsed, cpid_error = None, str(exc)
+        w.check(
+            5,
+            0,
+            "CPID is well formed with the right check character",
+            parsed is not None,
+            cpid_error,
+        )
+        assert parsed is not None
+        w.check(
+            1,
+            0,
+            "signer's subject contains the CPID prefix",
+            _cpid.ns_contains(signer.subject, parsed.prefix),
+            f"CPID prefix {parsed.prefix!r} is outside signer subject {signer.subject!r}",
+        )
+        w.check(
+            1,
+            0,
+            "signer holds scope issue",
+            "issue" in signer.scopes,
+            f"signer {signer.subject!r} lacks scope 'issue' (has {sorted(signer.scopes)})",
+        )
+        w.check(
+            1,
+            0,
+            "record names its signer as issuer",
+            rec.issuer == signer.subject,
+            f"record names issuer {rec.issuer!r} but is signed by {signer.subject!r}",
+        )
+        w.window(0, f"record {rec.cpid}", rec.issued_at, rec.expires_at)
+        raw = _keys.b64url_decode(rec.public_key)
+        w.revoked(0, "record key", (_keys.kid(raw),), parsed.prefix)
+        w.check(
+            5,
+            0,
+            "CPID serial matches the record's key",
+            parsed.matches_key(raw),
+            f"serial {parsed.serial!r} does not match public_key (expected "
+            f"{_cpid.derive_serial(raw)!r})",
+        )
+        w.check(
+            5,
+            0,
+            "CPID kind matches the record's kind",
+            parsed.kind == rec.kind,
+            f"record kind {rec.kind!r} differs from CPID kind {parsed.kind!r}",
+        )
+    except _Stop:
+        return ChainResult(tuple(w.checks), tuple(c for c in certs if c is not None))
+    return ChainResult(tuple(w.checks), tuple(certs), rec)
+
+
+def require_record(record: dsse.Envelope, chain: Sequence[dsse.Envelope], **kwargs: Any) -> Record:
+    """Like :func:`verify_record` but returns the record or raises ChainError."""
+    result = verify_record(record, chain, **kwargs)
+    result.raise_for_failure()
+    assert result.record is not None
+    return result.record
+
+
+def require_chain(chain: Sequence[dsse.Envelope], **kwargs: Any) -> tuple[Cert, ...]:
+    """Like :func:`verify_chain` but returns the certs (leaf first) or raises ChainError."""
+    result = verify_chain(chain, **kwargs)
+    result.raise_for_failure()
+    return result.certs
+
+
+def open_signed(envelope: dsse.Envelope, *, public_key: str, expected: type[D]) -> D:
+    """Verify a document signed by one known key (a node's register, status, deregister).
+
+    ``public_key`` is base64url of the raw key.  Raises SignatureError or PayloadError.
+    """
+    try:
+        pub = _keys.public_from_b64url(public_key)
+    except KeyFileError as exc:
+        raise EnvelopeError(f"invalid public key: {exc}") from exc
+    v = dsse.verify(envelope, {_keys.kid_of(pub): pub}, payload_types=(expected.media_type(),))
+    return parse_payload(v.payload_type, v.payload, expected)
+
+
+def open_self_signed(envelope: dsse.Envelope, *, expected: type[D]) -> D:
+    """Verify proof of possession: a document signed by the key it carries (``register.v1``).
+
+    Only the ``public_key`` field is read before the signature is checked; the full
+    payload is validated after it holds.
+    """
+    try:
+        obj = json.loads(envelope.payload)
+        public_key = obj["public_key"]
+        if not isinstance(public_key, str):
+            raise TypeError("public_key is not a string")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PayloadError(f"{expected.TYPE} payload has no usable 'public_key': {exc}") from exc
+    return open_signed(envelope, public_key=public_key, expected=expected)

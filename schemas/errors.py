@@ -1,0 +1,150 @@
+"""The project's one error tree.
+
+Two branches that callers must never confuse:
+
+* :class:`InvalidDataError` -- the data itself is wrong (a malformed CPID, a bad
+  signature, an expired certificate, a name outside a namespace).  Retrying will
+  not help; services answer 4xx.
+* :class:`RetrievalError` -- the data could not be fetched or stored (the index is
+  down, a call timed out).  Retrying may help; services answer 503.
+
+Messages say what was found and what was expected.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CPIError",
+    "ChainError",
+    "ConflictError",
+    "EnvelopeError",
+    "ExpiredError",
+    "IndexTimeoutError",
+    "IndexUnavailableError",
+    "InvalidCPIDError",
+    "InvalidDataError",
+    "KeyFileError",
+    "NotFoundError",
+    "OutsideNamespaceError",
+    "PayloadError",
+    "RetrievalError",
+    "RevokedError",
+    "SignatureError",
+]
+
+
+class CPIError(Exception):
+    """Root of every error this project raises on purpose."""
+
+    code = "error"
+
+
+# -- bad data -----------------------------------------------------------------
+
+
+class InvalidDataError(CPIError):
+    """The input is wrong; retrying the same input cannot succeed."""
+
+    code = "invalid"
+
+
+class InvalidCPIDError(InvalidDataError, ValueError):
+    """A CPID (or one of its parts) does not follow DESIGN.md section 1."""
+
+    code = "invalid_cpid"
+
+    def __init__(self, text: str, reason: str) -> None:
+        self.text = text
+        self.reason = reason
+        super().__init__(f"invalid CPID {text!r}: {reason}")
+
+
+class KeyFileError(InvalidDataError):
+    """A key file is malformed or has unsafe permissions."""
+
+    code = "invalid_key"
+
+
+class EnvelopeError(InvalidDataError):
+    """A DSSE envelope is malformed (not JSON, missing fields, bad base64)."""
+
+    code = "invalid_envelope"
+
+
+class SignatureError(InvalidDataError):
+    """No signature in the envelope verifies under the expected key."""
+
+    code = "bad_signature"
+
+
+class PayloadError(InvalidDataError):
+    """The signed payload is not a valid document of the expected type."""
+
+    code = "invalid_payload"
+
+
+class ChainError(InvalidDataError):
+    """A record or certificate chain failed one of the five rules of DESIGN.md section 2.
+
+    ``rule`` is the rule number (1-5) and ``link`` the position in the chain
+    (0 = the record itself, 1 = the signer's certificate, ...).
+    """
+
+    code = "chain_invalid"
+
+    def __init__(self, message: str, *, rule: int, link: int, reason: str) -> None:
+        self.rule = rule
+        self.link = link
+        self.reason = reason
+        super().__init__(message)
+
+
+class ExpiredError(ChainError):
+    """Something is outside its validity window (rule 3)."""
+
+    code = "expired"
+
+
+class RevokedError(ChainError):
+    """A certificate serial or key in the chain is revoked (rule 4)."""
+
+    code = "revoked"
+
+
+class OutsideNamespaceError(InvalidDataError):
+    """A name lies outside the namespace that was supposed to contain it."""
+
+    code = "outside_namespace"
+
+
+class ConflictError(InvalidDataError):
+    """The request contradicts existing state (e.g. a serial collision)."""
+
+    code = "conflict"
+
+
+class NotFoundError(InvalidDataError):
+    """The named thing does not exist."""
+
+    code = "not_found"
+
+
+# -- retrieval ----------------------------------------------------------------
+
+
+class RetrievalError(CPIError):
+    """Data could not be read or written; the same call may succeed later."""
+
+    code = "unavailable"
+
+
+class IndexUnavailableError(RetrievalError):
+    """The etcd index could not be reached."""
+
+    code = "index_unavailable"
+
+
+class IndexTimeoutError(RetrievalError):
+    """A call to the etcd index did not finish in time."""
+
+    code = "index_timeout"

@@ -1,0 +1,336 @@
+"""Payload models for every signed document (DESIGN.md section 2).
+
+All models are frozen, strict and reject unknown fields.  Each payload carries a
+``type`` equal to the ``<type>`` of its payloadType ``application/vnd.cpi.<type>+json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from schemas import cpid as _cpid
+from schemas import keys as _keys
+from schemas.errors import InvalidCPIDError, KeyFileError, PayloadError
+
+__all__ = [
+    "DOCUMENT_TYPES",
+    "Accelerator",
+    "Anchor",
+    "Attributes",
+    "Capacity",
+    "Cert",
+    "CpuInfo",
+    "Deregister",
+    "Document",
+    "Endpoint",
+    "Location",
+    "Record",
+    "Register",
+    "Revocation",
+    "Status",
+    "media_type",
+    "parse_payload",
+    "type_of_media",
+]
+
+_MEDIA_PREFIX = "application/vnd.cpi."
+_MEDIA_SUFFIX = "+json"
+_LABEL_KEY = re.compile(r"^[a-z0-9._/-]{1,63}$")
+_METRIC_KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+def media_type(doc_type: str) -> str:
+    """``cert.v1`` -> ``application/vnd.cpi.cert.v1+json``."""
+    return f"{_MEDIA_PREFIX}{doc_type}{_MEDIA_SUFFIX}"
+
+
+def type_of_media(payload_type: str) -> str:
+    if not (payload_type.startswith(_MEDIA_PREFIX) and payload_type.endswith(_MEDIA_SUFFIX)):
+        raise PayloadError(f"payloadType {payload_type!r} is not application/vnd.cpi.<type>+json")
+    return payload_type[len(_MEDIA_PREFIX) : -len(_MEDIA_SUFFIX)]
+
+
+# -- field validators ------------------------------------------------------------
+
+
+def _check_cpid(value: str) -> str:
+    return _cpid.parse(value).to_text()
+
+
+def _check_ns(value: str) -> str:
+    return _cpid.parse_namespace(value)
+
+
+def _check_pubkey(value: str) -> str:
+    try:
+        _keys.public_from_b64url(value)
+    except KeyFileError as exc:
+        raise ValueError(str(exc)) from exc
+    return value
+
+
+def _check_kind(value: str) -> str:
+    if value not in _cpid.KINDS:
+        raise ValueError(f"unknown kind {value!r}, expected one of {', '.join(_cpid.KINDS)}")
+    return value
+
+
+def _check_labels(value: dict[str, str]) -> dict[str, str]:
+    for k, v in value.items():
+        if not _LABEL_KEY.match(k):
+            raise ValueError(f"label key {k!r} must match [a-z0-9._/-]{{1,63}}")
+        if len(v) > 256:
+            raise ValueError(f"label {k!r} value is {len(v)} characters, at most 256 allowed")
+    return value
+
+
+def _check_metrics(value: dict[str, float]) -> dict[str, float]:
+    for k in value:
+        if not _METRIC_KEY.match(k):
+            raise ValueError(f"metric name {k!r} must match [a-z][a-z0-9_]{{0,63}}")
+    return value
+
+
+def _check_region(value: str) -> str:
+    if not re.fullmatch(r"[0-9]{2}([0-9]{2}){0,2}", value):
+        raise ValueError(f"region {value!r} must be a GB/T 2260 code (2, 4 or 6 digits)")
+    return value
+
+
+CPIDStr = Annotated[str, AfterValidator(_check_cpid)]
+Namespace = Annotated[str, AfterValidator(_check_ns)]
+PublicKey = Annotated[str, AfterValidator(_check_pubkey)]
+Kind = Annotated[str, AfterValidator(_check_kind)]
+Labels = Annotated[dict[str, str], AfterValidator(_check_labels)]
+Metrics = Annotated[dict[str, float], AfterValidator(_check_metrics)]
+Timestamp = Annotated[int, Field(ge=0)]
+Text = Annotated[str, Field(max_length=256)]
+Nonce = Annotated[str, Field(min_length=16, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class Endpoint(_Model):
+    proto: Literal["http", "https", "grpc", "ssh", "tcp", "udp"]
+    host: Annotated[str, Field(min_length=1, max_length=253)]
+    port: Annotated[int, Field(ge=1, le=65535)]
+    purpose: Annotated[str, Field(max_length=64)] = ""
+
+
+class Location(_Model):
+    region: Annotated[str, AfterValidator(_check_region)]
+    site: Text | None = None
+    lat: Annotated[float, Field(ge=-90, le=90)] | None = None
+    lon: Annotated[float, Field(ge=-180, le=180)] | None = None
+
+
+class CpuInfo(_Model):
+    model: Text
+    cores: Annotated[int, Field(ge=1)]
+
+
+class Accelerator(_Model):
+    vendor: Text
+    model: Text
+    memory_gib: Annotated[float, Field(ge=0)]
+    count: Annotated[int, Field(ge=1)]
+
+
+class Attributes(_Model):
+    cpu: CpuInfo | None = None
+    memory_gib: Annotated[float, Field(ge=0)] | None = None
+    accelerators: list[Accelerator] = Field(default_factory=list, max_length=64)
+    storage_tib: Annotated[float, Field(ge=0)] | None = None
+    network_gbps: Annotated[float, Field(ge=0)] | None = None
+
+    @property
+    def accelerator_units(self) -> int:
+        return sum(a.count for a in self.accelerators)
+
+
+class Capacity(_Model):
+    accelerators_free: Annotated[int, Field(ge=0)]
+    cpu_free: Annotated[int, Field(ge=0)] | None = None
+    memory_free_gib: Annotated[float, Field(ge=0)] | None = None
+
+
+class Document(_Model):
+    """Base of signed payloads; ``TYPE`` is the ``<type>`` of the payloadType."""
+
+    TYPE: ClassVar[str] = ""
+
+    @classmethod
+    def media_type(cls) -> str:
+        return media_type(cls.TYPE)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode("utf-8")
+
+
+class Cert(Document):
+    TYPE: ClassVar[str] = "cert.v1"
+    type: Literal["cert.v1"] = "cert.v1"
+    subject: Namespace
+    issuer: Namespace
+    public_key: PublicKey
+    scopes: list[Literal["delegate", "issue"]] = Field(min_length=1, max_length=2)
+    serial: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z_-]+$")]
+    not_before: Timestamp
+    not_after: Timestamp
+
+    @model_validator(mode="after")
+    def _window(self) -> Cert:
+        if len(set(self.scopes)) != len(self.scopes):
+            raise ValueError(f"scopes {self.scopes} repeat a scope")
+        if self.not_after <= self.not_before:
+            raise ValueError(
+                f"not_after {self.not_after} is not after not_before {self.not_before}"
+            )
+        return self
+
+
+class Register(Document):
+    TYPE: ClassVar[str] = "register.v1"
+    type: Literal["register.v1"] = "register.v1"
+    namespace: Namespace
+    kind: Kind
+    public_key: PublicKey
+    nonce: Nonce
+    timestamp: Timestamp
+    endpoints: list[Endpoint] = Field(default_factory=list, max_length=16)
+    location: Location
+    attributes: Attributes = Field(default_factory=Attributes)
+    labels: Labels = Field(default_factory=dict, max_length=64)
+
+
+class Record(Document):
+    """A registry-signed record.
+
+    ``cpid`` is only length-checked here: its syntax, check character and binding to
+    ``public_key`` are rule 5 of chain verification (:mod:`schemas.chain`), so a bad
+    record is reported by that rule rather than as a parse error.
+    """
+
+    TYPE: ClassVar[str] = "record.v1"
+    type: Literal["record.v1"] = "record.v1"
+    cpid: Annotated[str, Field(min_length=1, max_length=_cpid.MAX_LENGTH)]
+    kind: Kind
+    public_key: PublicKey
+    issuer: Namespace
+    version: Annotated[int, Field(ge=1)]
+    issued_at: Timestamp
+    expires_at: Timestamp
+    endpoints: list[Endpoint] = Field(default_factory=list, max_length=16)
+    location: Location
+    attributes: Attributes = Field(default_factory=Attributes)
+    labels: Labels = Field(default_factory=dict, max_length=64)
+
+
+class Status(Document):
+    TYPE: ClassVar[str] = "status.v1"
+    type: Literal["status.v1"] = "status.v1"
+    cpid: CPIDStr
+    seq: Annotated[int, Field(ge=0)]
+    observed_at: Annotated[int, Field(ge=0, description="Unix time in milliseconds")]
+    state: Literal["up", "draining", "down"]
+    capacity: Capacity
+    metrics: Metrics = Field(default_factory=dict, max_length=64)
+
+
+class Deregister(Document):
+    TYPE: ClassVar[str] = "deregister.v1"
+    type: Literal["deregister.v1"] = "deregister.v1"
+    cpid: CPIDStr
+    nonce: Nonce
+    timestamp: Timestamp
+
+
+class Revocation(Document):
+    TYPE: ClassVar[str] = "revocation.v1"
+    type: Literal["revocation.v1"] = "revocation.v1"
+    subject: Namespace
+    serial: str | None = None
+    kid: str | None = None
+    reason: Text
+    revoked_at: Timestamp
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Revocation:
+        if (self.serial is None) == (self.kid is None):
+            raise ValueError("exactly one of 'serial' or 'kid' must be given")
+        return self
+
+    @property
+    def target(self) -> str:
+        return self.serial if self.serial is not None else str(self.kid)
+
+
+class Anchor(_Model):
+    """A trust anchor: a root prefix and its public key (plain JSON, not signed)."""
+
+    type: Literal["anchor.v1"] = "anchor.v1"
+    subject: Namespace
+    public_key: PublicKey
+
+    @property
+    def kid(self) -> str:
+        return _keys.kid(_keys.b64url_decode(self.public_key))
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode("utf-8")
+
+
+DOCUMENT_TYPES: dict[str, type[Document]] = {
+    m.TYPE: m for m in (Cert, Register, Record, Status, Deregister, Revocation)
+}
+
+D = TypeVar("D", bound=Document)
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "payload"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
+
+
+def parse_payload(payload_type: str, payload: bytes, expected: type[D]) -> D:
+    """Parse verified payload bytes into ``expected``, checking the type field.
+
+    The payloadType must be ``application/vnd.cpi.<expected.TYPE>+json`` and the
+    JSON's ``type`` must equal ``<expected.TYPE>``.
+    """
+    doc_type = type_of_media(payload_type)
+    if doc_type != expected.TYPE:
+        raise PayloadError(f"payloadType is for {doc_type!r}, expected {expected.TYPE!r}")
+    try:
+        obj: Any = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PayloadError(f"{expected.TYPE} payload is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise PayloadError(f"{expected.TYPE} payload must be a JSON object")
+    if obj.get("type") != expected.TYPE:
+        raise PayloadError(f"payload type is {obj.get('type')!r}, expected {expected.TYPE!r}")
+    try:
+        return expected.model_validate(obj)
+    except InvalidCPIDError as exc:
+        raise PayloadError(f"{expected.TYPE}: {exc}") from exc
+    except ValidationError as exc:
+        raise PayloadError(f"invalid {expected.TYPE}: {_describe(exc)}") from exc
