@@ -302,7 +302,8 @@ D = TypeVar("D", bound=Document)
 
 def _describe(exc: ValidationError) -> str:
     parts = []
-    for err in exc.errors()[:5]:
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    for err in errors[:5]:
         where = ".".join(str(p) for p in err["loc"]) or "payload"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
@@ -321,16 +322,11 @@ def parse_payload(payload_type: str, payload: bytes, expected: type[D]) -> D:
     if doc_type != expected.TYPE:
         raise PayloadError(f"payloadType is for {doc_type!r}, expected {expected.TYPE!r}")
     try:
-        obj: Any = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PayloadError(f"{expected.TYPE} payload is not valid JSON: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise PayloadError(f"{expected.TYPE} payload must be a JSON object")
-    if obj.get("type") != expected.TYPE:
-        raise PayloadError(f"payload type is {obj.get('type')!r}, expected {expected.TYPE!r}")
-    try:
-        return expected.model_validate(obj)
+        doc = expected.model_validate_json(payload)
     except InvalidCPIDError as exc:
         raise PayloadError(f"{expected.TYPE}: {exc}") from exc
     except ValidationError as exc:
         raise PayloadError(f"invalid {expected.TYPE}: {_describe(exc)}") from exc
+    if "type" not in doc.model_fields_set:
+        raise PayloadError(f"payload has no 'type' field, expected {expected.TYPE!r}")
+    return doc

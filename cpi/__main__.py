@@ -1,0 +1,3 @@
+from cpi.main import main
+
+raise SystemExit(main())
