@@ -108,7 +108,7 @@ def parse_nvidia_csv(text: str, columns: str = GPU_QUERY) -> list[GpuReading]:
     if lines[0].lstrip().lower().startswith("index"):
         names = [c.strip().split(" ")[0] for c in lines[0].split(",")]
         lines = lines[1:]
-    out = []
+    out: list[GpuReading] = []
     for line in lines:
         row = dict(zip(names, (c.strip() for c in line.split(",")), strict=False))
         name = row.get("name", "")

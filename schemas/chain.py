@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from schemas import _json, dsse
 from schemas import cpid as _cpid
-from schemas import dsse
 from schemas import keys as _keys
 from schemas.errors import (
     ChainError,
@@ -436,7 +436,7 @@ def open_self_signed(envelope: dsse.Envelope, *, expected: type[D]) -> D:
     payload is validated after it holds.
     """
     try:
-        obj = json.loads(envelope.payload)
+        obj = _json.loads(envelope.payload)
         public_key = obj["public_key"]
         if not isinstance(public_key, str):
             raise TypeError("public_key is not a string")

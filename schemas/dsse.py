@@ -19,6 +19,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from schemas import _json
 from schemas.errors import EnvelopeError, SignatureError
 from schemas.keys import kid_of, verify_raw
 
@@ -76,8 +77,8 @@ class Envelope:
         if len(raw) > max_bytes:
             raise EnvelopeError(f"envelope is {len(raw)} bytes, at most {max_bytes} allowed")
         try:
-            obj = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+            obj = _json.loads(raw)
+        except ValueError as exc:  # includes UnicodeDecodeError
             raise EnvelopeError(f"envelope is not valid JSON: {exc}") from exc
         return cls.from_dict(obj)
 

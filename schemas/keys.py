@@ -46,8 +46,9 @@ def b64url_encode(data: bytes) -> str:
 def b64url_decode(text: str) -> bytes:
     """Inverse of :func:`b64url_encode`; also accepts padding and the standard alphabet."""
     try:
-        cleaned = text.strip().rstrip("=").replace("+", "-").replace("/", "_")
-        return base64.urlsafe_b64decode(cleaned + "=" * (-len(cleaned) % 4))
+        cleaned = text.strip().rstrip("=").replace("-", "+").replace("_", "/")
+        # validate=True: a character outside the alphabet is an error, not skipped
+        return base64.b64decode(cleaned + "=" * (-len(cleaned) % 4), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise KeyFileError(f"not base64url: {text[:40]!r}") from exc
 

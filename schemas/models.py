@@ -6,9 +6,8 @@ All models are frozen, strict and reject unknown fields.  Each payload carries a
 
 from __future__ import annotations
 
-import json
 import re
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, ClassVar, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -19,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from schemas import _json
 from schemas import cpid as _cpid
 from schemas import keys as _keys
 from schemas.errors import InvalidCPIDError, KeyFileError, PayloadError
@@ -74,9 +74,16 @@ def _check_ns(value: str) -> str:
 
 def _check_pubkey(value: str) -> str:
     try:
-        _keys.public_from_b64url(value)
+        key = _keys.public_from_b64url(value)
     except KeyFileError as exc:
         raise ValueError(str(exc)) from exc
+    canonical = _keys.public_to_b64url(key)
+    if value != canonical:
+        # one key, one spelling: padding, the standard alphabet or stray low bits in the
+        # last character would give the same key several texts
+        raise ValueError(
+            f"public key {value!r} is not canonical base64url (no padding); expected {canonical!r}"
+        )
     return value
 
 
@@ -120,7 +127,7 @@ Nonce = Annotated[str, Field(min_length=16, max_length=64, pattern=r"^[A-Za-z0-9
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class Endpoint(_Model):
@@ -321,6 +328,10 @@ def parse_payload(payload_type: str, payload: bytes, expected: type[D]) -> D:
     doc_type = type_of_media(payload_type)
     if doc_type != expected.TYPE:
         raise PayloadError(f"payloadType is for {doc_type!r}, expected {expected.TYPE!r}")
+    try:
+        _json.loads(payload)  # refuse duplicate names and NaN/Infinity before pydantic reads it
+    except ValueError as exc:  # includes UnicodeDecodeError
+        raise PayloadError(f"{expected.TYPE} payload is not valid JSON: {exc}") from exc
     try:
         doc = expected.model_validate_json(payload)
     except InvalidCPIDError as exc:
