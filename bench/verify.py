@@ -17,10 +17,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import interleaved  # noqa: E402
-from registry import ca  # noqa: E402
-from schemas import cpid, dsse, keys  # noqa: E402
-from schemas.models import Accelerator, Attributes, CpuInfo, Endpoint, Location, Record, parse_payload  # noqa: E402
+from bench._common import interleaved
+from registry import ca
+from schemas import cpid, dsse, keys
+from schemas.models import (
+    Accelerator,
+    Attributes,
+    CpuInfo,
+    Endpoint,
+    Location,
+    Record,
+    parse_payload,
+)
 
 
 def sample_envelope() -> tuple[bytes, keys.Ed25519PrivateKey]:
@@ -34,7 +42,9 @@ def sample_envelope() -> tuple[bytes, keys.Ed25519PrivateKey]:
         version=3,
         issued_at=now,
         expires_at=now + 86400,
-        endpoints=[Endpoint(proto="https", host="gpu-17.sh.example.net", port=443, purpose="inference")],
+        endpoints=[
+            Endpoint(proto="https", host="gpu-17.sh.example.net", port=443, purpose="inference")
+        ],
         location=Location(region="31", site="LG01", lat=31.23, lon=121.47),
         attributes=Attributes(
             cpu=CpuInfo(model="Intel Xeon Platinum 8480+", cores=112),
@@ -48,7 +58,9 @@ def sample_envelope() -> tuple[bytes, keys.Ed25519PrivateKey]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--n", type=int, default=2000, help="operations per sample")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median is reported)")
     args = ap.parse_args()
