@@ -329,11 +329,13 @@ def parse_payload(payload_type: str, payload: bytes, expected: type[D]) -> D:
     if doc_type != expected.TYPE:
         raise PayloadError(f"payloadType is for {doc_type!r}, expected {expected.TYPE!r}")
     try:
-        _json.loads(payload)  # refuse duplicate names and NaN/Infinity before pydantic reads it
+        obj = _json.loads(payload)  # refuses duplicate names and NaN/Infinity
     except ValueError as exc:  # includes UnicodeDecodeError
         raise PayloadError(f"{expected.TYPE} payload is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise PayloadError(f"{expected.TYPE} payload must be a JSON object, got {type(obj).__name__}")
     try:
-        doc = expected.model_validate_json(payload)
+        doc = expected.model_validate(obj)
     except InvalidCPIDError as exc:
         raise PayloadError(f"{expected.TYPE}: {exc}") from exc
     except ValidationError as exc:
