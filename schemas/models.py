@@ -333,7 +333,9 @@ def parse_payload(payload_type: str, payload: bytes, expected: type[D]) -> D:
     except ValueError as exc:  # includes UnicodeDecodeError
         raise PayloadError(f"{expected.TYPE} payload is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
-        raise PayloadError(f"{expected.TYPE} payload must be a JSON object, got {type(obj).__name__}")
+        raise PayloadError(
+            f"{expected.TYPE} payload must be a JSON object, got {type(obj).__name__}"
+        )
     try:
         doc = expected.model_validate(obj)
     except InvalidCPIDError as exc:
