@@ -21,6 +21,7 @@ __all__ = [
     "GPU_QUERY",
     "GpuReading",
     "Probe",
+    "normalise_model",
     "parse_cpuinfo",
     "parse_meminfo",
     "parse_nvidia_csv",
@@ -95,17 +96,39 @@ def _number(text: str) -> float | None:
     return float(m.group()) if m and "N/A" not in text and "Not Supported" not in text else None
 
 
+_HEADER_CELL = re.compile(r"^[a-z][a-z0-9_.]*(?: \[[^\]]*\])?$")
+_DATACENTER_MODEL = re.compile(r"^(?:Tesla\s+)?([A-Z]{1,2}\d{1,4}[A-Z]?)(?=[\s-]|$)")
+
+
+def normalise_model(name: str) -> str:
+    """The family name of a GPU as discovery matches it: ``H100 80GB HBM3`` -> ``H100``.
+
+    Data-centre parts (``H100 80GB HBM3``, ``A800-SXM4-80GB``, ``Tesla V100-SXM2-32GB``,
+    ``L40S``) keep their family only; other names (``GeForce RTX 4090``) are kept whole.
+    """
+    m = _DATACENTER_MODEL.match(name.strip())
+    return m.group(1) if m else name.strip()
+
+
+def _is_header(line: str) -> bool:
+    cells = [c.strip() for c in line.split(",")]
+    return all(_HEADER_CELL.match(c) for c in cells) and any(
+        c.split(" ")[0] in ("index", "name", "memory.total", "uuid") for c in cells
+    )
+
+
 def parse_nvidia_csv(text: str, columns: str = GPU_QUERY) -> list[GpuReading]:
     """Parse ``nvidia-smi --query-gpu=...`` CSV, with or without header and units.
 
     Columns are matched by the header when there is one; without a header (``noheader``)
-    pass the ``--query-gpu`` list that produced the text.
+    pass the ``--query-gpu`` list that produced the text.  Models are reported by family
+    (:func:`normalise_model`).
     """
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines:
         return []
     names = [c.strip() for c in columns.split(",")]
-    if lines[0].lstrip().lower().startswith("index"):
+    if _is_header(lines[0]):
         names = [c.strip().split(" ")[0] for c in lines[0].split(",")]
         lines = lines[1:]
     out: list[GpuReading] = []
@@ -119,7 +142,7 @@ def parse_nvidia_csv(text: str, columns: str = GPU_QUERY) -> list[GpuReading]:
             GpuReading(
                 index=int(row.get("index", len(out))),
                 vendor=vendor,
-                model=model,
+                model=normalise_model(model),
                 memory_total_mib=_number(row.get("memory.total", "")) or 0.0,
                 memory_used_mib=_number(row.get("memory.used", "N/A")),
                 utilization_pct=_number(row.get("utilization.gpu", "N/A")),
@@ -130,9 +153,16 @@ def parse_nvidia_csv(text: str, columns: str = GPU_QUERY) -> list[GpuReading]:
     return out
 
 
-def parse_cpuinfo(text: str, cores: int | None) -> CpuInfo | None:
-    """CPU model from /proc/cpuinfo (or lscpu) text; ``cores`` from os.cpu_count()."""
+def parse_cpuinfo(text: str, cores: int | None = None) -> CpuInfo | None:
+    """CPU model and logical cores from /proc/cpuinfo or ``lscpu`` text.
+
+    ``cores`` (e.g. ``os.cpu_count()``) wins; otherwise the ``CPU(s):`` line of lscpu or
+    the number of ``processor`` entries of /proc/cpuinfo is used.
+    """
     m = re.search(r"^(?:model name|Model name)\s*:\s*(.+)$", text, re.MULTILINE)
+    if not cores:
+        n = re.search(r"^CPU\(s\):\s*(\d+)\s*$", text, re.MULTILINE)
+        cores = int(n.group(1)) if n else len(re.findall(r"^processor\s*:", text, re.MULTILINE))
     if not cores:
         return None
     return CpuInfo(model=(m.group(1).strip() if m else "unknown")[:256], cores=cores)

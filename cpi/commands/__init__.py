@@ -1,5 +1,5 @@
 """Command groups of the ``cpi`` CLI, in the order ``cpi --help`` lists them."""
 
-from cpi.commands import demo, ident, keygen, verify
+from cpi.commands import agent, ca, demo, ident, keygen, ns, registry, up, verify
 
-COMMAND_MODULES = (demo, keygen, ident, verify)
+COMMAND_MODULES = (up, demo, keygen, ident, verify, ca, ns, registry, agent)

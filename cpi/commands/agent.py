@@ -1,0 +1,257 @@
+"""``cpi agent run|probe``: the node agent (register, heartbeat, deregister on SIGTERM).
+
+Exit codes of ``cpi agent run``: 0 done (stopped by SIGTERM/SIGINT and deregistered,
+or ``--once``/``--dry-run`` finished); 1 the registry rejected a request (4xx) or
+the input is invalid; 2 the registry stayed unreachable; 3 the join token or
+namespace was refused (401/403; restarting will not help: see
+``RestartPreventExitStatus=3`` in docs/agent.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import aiohttp
+
+from cpi.commands._util import print_json
+from registry import keyfile, national, probe
+from registry.agent import (
+    USER_AGENT,
+    Agent,
+    RefusedError,
+    parse_endpoint,
+    parse_label,
+)
+from registry.simulate import Target, run_simulation, targets_from_up
+from schemas.cpid import KINDS
+from schemas.errors import InvalidDataError
+
+EXIT_REFUSED = 3
+TOKEN_ENV = "CPI_JOIN_TOKEN"
+
+_log = logging.getLogger("cpi.agent")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("agent", help="node agent: register this machine and keep it live")
+    agents = p.add_subparsers(dest="agent_command", metavar="ACTION", required=True)
+
+    run = agents.add_parser(
+        "run",
+        help="register with a registry, send status every heartbeat_s, deregister on SIGTERM",
+        description=(
+            "Keeps its key in --key (created 0600 on first start), probes the machine (CPU, "
+            "memory, disks, GPUs via nvidia-smi), registers with retry and back-off, sends a "
+            "signed status every heartbeat_s, re-registers when the record is gone, and "
+            "deregisters on SIGTERM/SIGINT. Exit codes: 0 done, 1 rejected, 2 registry "
+            "unreachable, 3 token or namespace refused."
+        ),
+    )
+    run.add_argument("--registry", help="registry base URL, e.g. http://host:8441")
+    run.add_argument(
+        "--token", help=f"join token (prefer --token-file or ${TOKEN_ENV}: argv is visible in ps)"
+    )
+    run.add_argument("--token-file", help="file holding the join token")
+    run.add_argument("--namespace", help="namespace to register in, e.g. CN.31.CMCC")
+    run.add_argument(
+        "--up",
+        metavar="UP_JSON",
+        help="with --simulate: spread the nodes over every registry and token in this "
+        "up.json (written by cpi up); --namespace narrows it to one namespace",
+    )
+    run.add_argument("--kind", help=f"CPID kind: {', '.join(KINDS)} (required unless --simulate)")
+    run.add_argument("--key", help="node key file; created (0600) on first start")
+    run.add_argument("--region", help="GB/T 2260 region code (default: from the namespace)")
+    run.add_argument("--site", help="site name for location.site")
+    run.add_argument(
+        "--endpoint",
+        action="append",
+        default=[],
+        metavar="PROTO://HOST:PORT/PURPOSE",
+        help="service endpoint of this node (repeatable), e.g. http://10.0.0.5:8000/inference",
+    )
+    run.add_argument(
+        "--label", action="append", default=[], metavar="K=V", help="label (repeatable)"
+    )
+    run.add_argument("--anchor", help="verify the returned record and chain against this anchor")
+    run.add_argument("--once", action="store_true", help="register, send one status, exit")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the register.v1 payload and the CPID it would get; no network",
+    )
+    run.add_argument(
+        "--simulate",
+        type=int,
+        metavar="N",
+        help="run N simulated nodes in this process (demos and load tests)",
+    )
+    run.add_argument(
+        "--data-dir", help="with --simulate: keep the simulated nodes' keys here (stable CPIDs)"
+    )
+    run.add_argument("--seed", type=int, help="with --simulate: seed for the inventories")
+    run.add_argument(
+        "--register-attempts",
+        type=int,
+        help="give up registering after N attempts (default: never; 5 with --once)",
+    )
+    run.set_defaults(handler=run_agent)
+
+    pr = agents.add_parser("probe", help="print what the agent would report about this machine")
+    pr.add_argument("--json", action="store_true", help="machine-readable output")
+    pr.set_defaults(handler=run_probe)
+
+
+def _token(args: argparse.Namespace) -> str:
+    if args.token and args.token_file:
+        raise InvalidDataError("give --token or --token-file, not both")
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise InvalidDataError(f"{args.token_file}: {exc.strerror}") from exc
+    else:
+        token = args.token or os.environ.get(TOKEN_ENV, "")
+    if not token and not args.dry_run:
+        raise InvalidDataError(f"no join token: give --token, --token-file or ${TOKEN_ENV}")
+    return token
+
+
+def _install_stop(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            _log.info("%s received; deregistering and exiting", sig.name)
+        stop.set()
+
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+    except (RuntimeError, ValueError, NotImplementedError) as exc:  # not the main thread
+        _log.debug("SIGTERM/SIGINT not handled here (%s)", exc)
+
+
+def _targets(args: argparse.Namespace, token: str) -> list[Target]:
+    if args.up:
+        try:
+            up = json.loads(Path(args.up).read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidDataError(f"{args.up}: cannot read up.json: {exc}") from exc
+        return targets_from_up(up, [args.namespace] if args.namespace else None)
+    return [Target(args.registry, token, args.namespace)]
+
+
+async def _run(args: argparse.Namespace) -> int:
+    if args.up and args.simulate is None:
+        raise InvalidDataError("--up goes with --simulate")
+    if not args.up and not (args.registry and args.namespace):
+        raise InvalidDataError(
+            "--registry and --namespace are required (or --simulate N --up FILE)"
+        )
+    token = "" if args.up else _token(args)
+    endpoints = [parse_endpoint(e) for e in args.endpoint]
+    labels = dict(parse_label(lab) for lab in args.label)
+    anchors = national.load_anchors(args.anchor) if args.anchor else None
+    attempts = args.register_attempts or (5 if args.once else None)
+    stop = asyncio.Event()
+
+    if args.simulate is not None:
+        if args.dry_run:
+            raise InvalidDataError("--simulate and --dry-run do not go together")
+        _install_stop(stop)
+        agent_log = logging.getLogger("registry.agent")
+        level = agent_log.level
+        if not args.verbose:  # one line per node and event is too much for N nodes
+            agent_log.setLevel(logging.WARNING)
+        try:
+            report = await run_simulation(
+                args.simulate,
+                targets=_targets(args, token),
+                stop=stop,
+                data_dir=args.data_dir,
+                seed=args.seed,
+                kind=args.kind,
+                region=args.region,
+                anchors=anchors,
+                once=args.once,
+            )
+        except RefusedError:
+            return EXIT_REFUSED
+        finally:
+            agent_log.setLevel(level)
+        print(
+            f"simulated {report.nodes} nodes: {report.registered} registered, "
+            f"{report.heartbeats} status sent, {report.deregistered} deregistered, "
+            f"{report.refused} refused, {report.failed} failed"
+        )
+        for err in report.errors:
+            print(f"  {err}")
+        return 0 if report.failed == 0 and report.refused == 0 else 1
+
+    if not args.kind or not args.key:
+        raise InvalidDataError("--kind and --key are required (unless --simulate)")
+    key, created = keyfile.load_or_create(args.key)
+    if created:
+        _log.info("created node key %s (0600)", args.key)
+    async with aiohttp.ClientSession(headers={"User-Agent": USER_AGENT}) as session:
+        agent = Agent(
+            registry=args.registry,
+            token=token,
+            namespace=args.namespace,
+            kind=args.kind,
+            key=key,
+            region=args.region,
+            site=args.site,
+            endpoints=endpoints,
+            labels=labels,
+            session=session,
+            anchors=anchors,
+            register_attempts=attempts,
+        )
+        if args.dry_run:
+            print_json(await agent.dry_run())
+            return 0
+        _install_stop(stop)
+        try:
+            await agent.run(stop, once=args.once)
+        except RefusedError:
+            return EXIT_REFUSED  # already logged by the agent, with the reason
+    if args.once:
+        print(agent.cpid)
+    return 0
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    return asyncio.run(_run(args))
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    reading = probe.probe()
+    attrs = json.loads(reading.attributes().model_dump_json(exclude_none=True))
+    out = {
+        "attributes": attrs,
+        "capacity": json.loads(reading.capacity().model_dump_json(exclude_none=True)),
+        "metrics": reading.metrics(),
+    }
+    if args.json:
+        print_json(out)
+        return 0
+    cpu = reading.cpu
+    print(f"cpu        {cpu.model + f' ({cpu.cores} cores)' if cpu else 'unknown'}")
+    print(f"memory     {reading.memory_gib} GiB")
+    print(f"storage    {reading.storage_tib} TiB (/)")
+    if not reading.gpus:
+        print("gpus       none found (nvidia-smi not on PATH or no GPU)")
+    for g in reading.gpus:
+        print(
+            f"gpu {g.index:<6} {g.vendor} {g.model}, {g.memory_total_mib / 1024:.1f} GiB"
+            f"{', busy' if g.busy else ''}"
+        )
+    return 0

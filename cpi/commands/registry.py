@@ -1,0 +1,182 @@
+"""``cpi registry serve`` and ``cpi registry token create``.
+
+``serve`` only loads the config (file, then environment, then flags) and runs the app
+of :mod:`registry.service` until SIGTERM or SIGINT.  ``token create`` prints a new join
+token once; only its hash is stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from typing import Any
+
+from aiohttp import web
+
+from registry import tokens
+from registry.config import ENV_ETCD_ENDPOINTS, RegistryConfig, load_config
+from registry.index import Index
+from registry.service import create_app
+from schemas.errors import InvalidDataError
+
+_log = logging.getLogger("cpi.registry")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("registry", help="run a regional / industry registry, manage join tokens")
+    reg = p.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
+
+    serve = reg.add_parser(
+        "serve",
+        help="serve registrations, status and deregistrations (until SIGTERM/SIGINT)",
+        description="Config comes from --config, then the environment "
+        "(CPI_ETCD_ENDPOINTS, CPI_REGISTRY_LISTEN, CPI_ETCD_PASSWORD), then these flags.",
+    )
+    serve.add_argument("--config", required=True, help="registry config file (JSON)")
+    serve.add_argument("--host", help="listen address (overrides the config)")
+    serve.add_argument("--port", type=int, help="listen port; 0 picks a free one")
+    serve.add_argument("--public-url", help="URL clients use to reach this registry")
+    serve.add_argument("--etcd", help="etcd endpoints, comma-separated (overrides the config)")
+    serve.add_argument("--instance-id", help="name of this instance in logs and metrics")
+    serve.set_defaults(handler=run_serve)
+
+    token = reg.add_parser("token", help="join tokens")
+    tok = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
+    create = tok.add_parser(
+        "create",
+        help="create a join token (printed once; only its hash is stored)",
+        description="The namespace must be at or below one the registry holds: the "
+        "namespaces of --config, else the subjects of certs with scope 'issue' in the index.",
+    )
+    create.add_argument("--namespace", required=True, help="e.g. CN.31.CMCC")
+    create.add_argument("--kind", help="admit only this kind (CPU, GPU, NPU, ...)")
+    create.add_argument("--uses", type=int, help="new CPIDs the token may create (default: any)")
+    create.add_argument("--ttl", required=True, help="lifetime, e.g. 10m, 24h, 7d")
+    create.add_argument("--config", help="registry config: its etcd and namespaces are used")
+    create.add_argument(
+        "--etcd",
+        default=os.environ.get(ENV_ETCD_ENDPOINTS) or os.environ.get("CPI_ETCD"),
+        help="etcd endpoints, comma-separated (default: $CPI_ETCD_ENDPOINTS or $CPI_ETCD)",
+    )
+    create.add_argument("--json", action="store_true", help="print token and scope as JSON")
+    create.set_defaults(handler=run_token_create)
+
+
+# -- serve ------------------------------------------------------------------------------
+
+
+def _endpoints(text: str | None) -> list[str] | None:
+    return [e for e in re.split(r"[,\s]+", text) if e] if text else None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = load_config(
+        args.config,
+        overrides={
+            "host": args.host,
+            "port": args.port,
+            "public_url": args.public_url,
+            "etcd.endpoints": _endpoints(args.etcd),
+            "instance_id": args.instance_id,
+        },
+    )
+    asyncio.run(serve(config))
+    return 0
+
+
+async def serve(config: RegistryConfig) -> None:
+    """Run the registry until SIGTERM or SIGINT; stop cleanly."""
+    app = create_app(config)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()  # runs the start-up: etcd, certificates, lease
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+        url = config.url
+        if config.port == 0 and not config.public_url:
+            host, port = runner.addresses[0][:2]
+            url = f"http://{host}:{port}"
+        names = ", ".join(n.namespace for n in config.namespaces)
+        _log.info(
+            "registry %s serving %s at %s (etcd %s)",
+            config.instance_id,
+            names,
+            url,
+            ",".join(config.etcd.endpoints),
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        _log.info("registry %s stopping", config.instance_id)
+    finally:
+        await runner.cleanup()
+
+
+# -- token create -----------------------------------------------------------------------
+
+
+async def _create_token(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    within: list[str] | None
+    index: Index
+    if args.config:
+        config = load_config(args.config, overrides={"etcd.endpoints": _endpoints(args.etcd)})
+        index = config.etcd.open_index()
+        within = [n.namespace for n in config.namespaces]
+    else:
+        if not args.etcd:
+            raise InvalidDataError(
+                "no etcd endpoints: give --etcd, --config or set CPI_ETCD_ENDPOINTS"
+            )
+        try:
+            index = Index.from_url_list(args.etcd)
+        except ValueError as exc:
+            raise InvalidDataError(f"--etcd {args.etcd!r}: {exc}") from exc
+        within = None
+    ttl = tokens.parse_duration(args.ttl)
+    async with index:
+        if within is None:
+            within = await tokens.held_namespaces_in_index(index)
+        token = await tokens.create_token(
+            index,
+            namespace=args.namespace,
+            kind=args.kind,
+            uses=args.uses,
+            ttl_s=ttl,
+            within=within,
+        )
+    info = {
+        "namespace": args.namespace.upper(),
+        "kind": args.kind.upper() if args.kind else None,
+        "uses": args.uses,
+        "expires_at": int(time.time()) + ttl,
+    }
+    return token, info
+
+
+def run_token_create(args: argparse.Namespace) -> int:
+    token, info = asyncio.run(_create_token(args))
+    if args.json:
+        print(json.dumps({"token": token, **info}))
+    else:
+        print(token)
+        scope = info["namespace"] + (f", kind {info['kind']}" if info["kind"] else "")
+        uses = f"{info['uses']} new CPIDs" if info["uses"] else "any number of CPIDs"
+        print(
+            f"join token for {scope}: {uses}, valid until {info['expires_at']}; "
+            "it is shown only this once",
+            file=sys.stderr,
+        )
+    return 0

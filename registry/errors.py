@@ -1,0 +1,100 @@
+"""Errors of the registry service, as branches of the one tree in :mod:`schemas.errors`.
+
+Each class has a ``code`` (the ``error.code`` of the HTTP answer); the service maps
+classes to HTTP status codes in one middleware (:mod:`registry.service`).
+"""
+
+from __future__ import annotations
+
+from schemas.errors import ConflictError, CPIError, InvalidDataError
+
+__all__ = [
+    "AdminAuthError",
+    "BodyTooLargeError",
+    "RateLimitedError",
+    "ReplayedNonceError",
+    "StaleSequenceError",
+    "StaleTimestampError",
+    "StartupError",
+    "TokenError",
+    "TokenExpiredError",
+    "TokenScopeError",
+    "TokenUsedUpError",
+    "UnknownTokenError",
+]
+
+
+class BodyTooLargeError(InvalidDataError):
+    """The request body is larger than ``max_body_bytes`` (HTTP 413)."""
+
+    code = "body_too_large"
+
+
+class TokenError(InvalidDataError):
+    """A join token problem; subclasses say which."""
+
+    code = "invalid_token"
+
+
+class UnknownTokenError(TokenError):
+    """No ``Authorization: Bearer`` token, or one the index does not know (HTTP 401)."""
+
+    code = "invalid_token"
+
+
+class TokenExpiredError(TokenError):
+    """The token's ``expires_at`` has passed (HTTP 403)."""
+
+    code = "token_expired"
+
+
+class TokenUsedUpError(TokenError):
+    """The token has no uses left (HTTP 403)."""
+
+    code = "token_used_up"
+
+
+class TokenScopeError(TokenError):
+    """The token is for another namespace or kind than the registration (HTTP 403)."""
+
+    code = "token_scope"
+
+
+class AdminAuthError(InvalidDataError):
+    """A missing or wrong admin token on an operator endpoint (HTTP 401)."""
+
+    code = "unauthorized"
+
+
+class StaleTimestampError(InvalidDataError):
+    """A signed ``timestamp``/``observed_at`` is outside the allowed clock skew (HTTP 400)."""
+
+    code = "stale_timestamp"
+
+
+class ReplayedNonceError(ConflictError):
+    """The nonce was already used by this key within the replay window (HTTP 409)."""
+
+    code = "replayed_nonce"
+
+
+class StaleSequenceError(ConflictError):
+    """A status ``seq`` that does not increase (HTTP 409)."""
+
+    code = "stale_seq"
+
+
+class RateLimitedError(CPIError):
+    """Too many registrations; retry after ``retry_after`` seconds (HTTP 429)."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class StartupError(InvalidDataError):
+    """The registry cannot start: a key, cert or anchor is missing or does not fit."""
+
+    code = "startup"

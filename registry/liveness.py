@@ -1,0 +1,428 @@
+"""Liveness: heartbeats reach the registry; etcd sees only changes.
+
+One etcd lease per registry instance carries every ``/cpi/v1/live/<cpid>`` key the
+instance writes.  A node's live key (its latest node-signed ``status.v1`` envelope) is
+written only when
+
+* the node has no live key of ours yet (first heartbeat, return after expiry, or
+  first heartbeat seen by this instance after a restart),
+* its ``state`` changed, or its free capacity changed (``accelerators_free`` or
+  ``cpu_free`` differ, or ``memory_free_gib`` moved by more than
+  :data:`MEMORY_TOLERANCE` of the last written value), or
+* the last write is older than ``live_refresh_s``.
+
+Other heartbeats only update memory, so etcd load grows with changes, not nodes.
+
+A node silent for ``expire_after_heartbeats * heartbeat_s`` is made not-live: its
+live key is deleted (only if it is still on this instance's lease, so an instance
+never deletes what another instance wrote since).
+
+**Self-preservation** (as in Eureka): nodes are grouped by the registry namespace
+that issued their record.  When a sweep finds nodes due to expire and more than
+``threshold`` of the group's live nodes (and at least ``min_nodes``) are silent
+(missed more than 1.5 heartbeat intervals), the registry is more likely cut off from
+them than they are all dead, so nothing in that group expires: a WARNING is logged
+once, the ``cpi_registry_self_preservation{namespace}`` gauge is 1, and expiry
+resumes when enough heartbeats return (the truly dead then expire) or when an
+operator switches self-preservation off (:meth:`Liveness.set_self_preservation`).
+
+If the lease is lost (etcd says it expired, or keep-alives went unanswered for a
+TTL), a new one is granted and every live key is rewritten on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from registry.index import Cmp, Index, IndexRejectedError, Keys, Lease, Op
+from registry.metrics import RegistryMetrics
+from schemas.dsse import Envelope
+from schemas.errors import NotFoundError, RetrievalError
+from schemas.models import Capacity, Status
+
+__all__ = ["MEMORY_TOLERANCE", "Liveness", "NodeState", "capacity_changed"]
+
+_log = logging.getLogger(__name__)
+
+MEMORY_TOLERANCE = 0.10
+"""Relative change of ``memory_free_gib`` that counts as a capacity change."""
+
+OVERDUE_INTERVALS = 1.5
+"""A node is *silent* (for self-preservation) after this many heartbeat intervals."""
+
+_BATCH = 64
+_PARALLEL = 32
+
+
+def capacity_changed(old: Capacity | None, new: Capacity) -> bool:
+    """True when free capacity changed enough to be worth an etcd write."""
+    if old is None:
+        return True
+    if old.accelerators_free != new.accelerators_free or old.cpu_free != new.cpu_free:
+        return True
+    a, b = old.memory_free_gib, new.memory_free_gib
+    if (a is None) != (b is None):
+        return True
+    if a is not None and b is not None:
+        return abs(a - b) > MEMORY_TOLERANCE * max(abs(a), 1.0)
+    return False
+
+
+@dataclass(slots=True)
+class NodeState:
+    """What the registry remembers about one node."""
+
+    cpid: str
+    group: str
+    public_key: str
+    last_seen: float
+    seq: int | None = None
+    envelope: bytes | None = None
+    written_at: float | None = None
+    """Clock time of the last live write on the current lease; ``None``: no live key of ours."""
+    written_state: str | None = None
+    written_capacity: Capacity | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.written_at is not None
+
+
+@dataclass(slots=True)
+class _Counters:
+    heartbeats: int = 0
+    writes: int = 0
+    deletes: int = 0
+    by_reason: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+class Liveness:
+    """Tracks heartbeats of the nodes this instance registered or heard from."""
+
+    def __init__(
+        self,
+        index: Index,
+        *,
+        heartbeat_s: float,
+        expire_after_heartbeats: int = 3,
+        live_refresh_s: float = 240.0,
+        lease_ttl_s: int = 30,
+        threshold: float = 0.5,
+        min_nodes: int = 3,
+        metrics: RegistryMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._index = index
+        self.heartbeat_s = heartbeat_s
+        self.expire_after_s = heartbeat_s * expire_after_heartbeats
+        self.live_refresh_s = live_refresh_s
+        self.lease_ttl_s = lease_ttl_s
+        self.threshold = threshold
+        self.min_nodes = min_nodes
+        self.metrics = metrics or RegistryMetrics()
+        self._clock = clock
+        self._nodes: dict[str, NodeState] = {}
+        self._to_delete: dict[str, NodeState] = {}  # expired, delete failed: retried
+        self.lease: Lease | None = None
+        self._lease_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.self_preservation_enabled = True
+        self.protecting: set[str] = set()
+        self.counters = _Counters()
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def start(self, *, sweep: bool = True) -> None:
+        """Grant the instance lease, keep it alive, and start the sweeper (unless ``sweep=False``)."""
+        await self._ensure_lease()
+        self._tasks.append(asyncio.create_task(self._watch_lease(), name="liveness-lease"))
+        if sweep:
+            self._tasks.append(asyncio.create_task(self._sweeper(), name="liveness-sweeper"))
+
+    async def stop(self) -> None:
+        """Stop the tasks and the keep-alive.  The lease is not revoked: live keys
+        outlive a clean restart by at most the lease TTL instead of flapping."""
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self.lease is not None:
+            await self.lease.stop_keepalive()
+
+    @property
+    def lease_alive(self) -> bool:
+        return self.lease is not None and self.lease.alive
+
+    # -- node table -------------------------------------------------------------------
+
+    def get(self, cpid: str) -> NodeState | None:
+        return self._nodes.get(cpid)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def live_count(self, group: str | None = None) -> int:
+        return sum(1 for n in self._nodes.values() if n.live and group in (None, n.group))
+
+    def track(self, cpid: str, *, group: str, public_key: str) -> NodeState:
+        """Remember a node (after it registered); its next status may carry any seq."""
+        self._to_delete.pop(cpid, None)
+        node = self._nodes.get(cpid)
+        if node is None or node.public_key != public_key:
+            node = NodeState(cpid, group, public_key, self._clock())
+            self._nodes[cpid] = node
+        else:
+            node.group = group
+            node.seq = None
+            node.last_seen = self._clock()
+        return node
+
+    def forget(self, cpid: str) -> None:
+        """Drop a node (deregistered, or its record is gone)."""
+        self._nodes.pop(cpid, None)
+        self._to_delete.pop(cpid, None)
+
+    # -- heartbeats -------------------------------------------------------------------
+
+    async def heartbeat(self, node: NodeState, status: Status, envelope: Envelope) -> bool:
+        """Take a verified status; write the live key if needed.  Returns whether it wrote.
+
+        The caller has checked the signature, the CPID and ``seq`` (see
+        :meth:`check_seq`).  Raises :class:`NotFoundError` when the record is gone
+        (the agent should register again).
+        """
+        now = self._clock()
+        self.counters.heartbeats += 1
+        self.metrics.heartbeats.inc()
+        node.last_seen = now
+        node.seq = status.seq
+        node.envelope = envelope.to_json()
+        if node.written_at is None:
+            reason = "first"
+        elif status.state != node.written_state or capacity_changed(
+            node.written_capacity, status.capacity
+        ):
+            reason = "changed"
+        elif now - node.written_at >= self.live_refresh_s:
+            reason = "refresh"
+        else:
+            return False
+        previous = (node.written_at, node.written_state, node.written_capacity)
+        node.written_at, node.written_state = now, status.state
+        node.written_capacity = status.capacity
+        try:
+            ok = await self._write(node.cpid, node.envelope, reason=reason)
+        except BaseException:
+            node.written_at, node.written_state, node.written_capacity = previous
+            raise
+        if not ok:
+            self.forget(node.cpid)
+            raise NotFoundError(f"no record for {node.cpid}: register again")
+        return True
+
+    def check_seq(self, node: NodeState, seq: int) -> bool:
+        """True when ``seq`` is newer than the last status accepted for the node."""
+        return node.seq is None or seq > node.seq
+
+    async def _write(self, cpid: str, envelope: bytes, *, reason: str) -> bool:
+        """Put the live key on our lease if the record still exists."""
+        for attempt in (1, 2):
+            lease = await self._ensure_lease()
+            try:
+                async with self.metrics.etcd("txn-live"):
+                    result = await self._index.txn(
+                        compare=[Cmp.exists(Keys.rec(cpid))],
+                        success=[Op.put(Keys.live(cpid), envelope, lease=lease.id)],
+                    )
+            except IndexRejectedError as exc:
+                if "lease not found" not in str(exc) or attempt == 2:
+                    raise
+                self._lease_gone(lease, "etcd says the lease is not found")
+                continue
+            if result.succeeded:
+                self.counters.writes += 1
+                self.counters.by_reason[reason] += 1
+                self.metrics.live_writes.labels(reason).inc()
+            return result.succeeded
+        return False  # pragma: no cover - the loop returns or raises
+
+    # -- the lease --------------------------------------------------------------------
+
+    def _lease_gone(self, lease: Lease, reason: str) -> None:
+        if lease.alive:
+            lease.lost_reason = reason
+            lease.lost.set()
+
+    async def _ensure_lease(self) -> Lease:
+        """The current lease; grant a new one (and rewrite every live key) if it is lost."""
+        if self.lease is not None and self.lease.alive:
+            return self.lease
+        async with self._lease_lock:
+            if self.lease is not None and self.lease.alive:
+                return self.lease
+            old = self.lease
+            if old is not None:
+                await old.stop_keepalive()
+            async with self.metrics.etcd("lease-grant"):
+                lease = await self._index.grant_lease(self.lease_ttl_s, revoke_on_exit=False)
+            lease.start_keepalive()
+            self.lease = lease
+            if old is not None:
+                self.metrics.lease_regrants.inc()
+                _log.warning(
+                    "instance lease %x lost (%s); granted %x, rewriting %d live keys",
+                    old.id,
+                    old.lost_reason or "unknown",
+                    lease.id,
+                    self.live_count(),
+                )
+                await self._rewrite_all(lease)
+            return lease
+
+    async def _rewrite_all(self, lease: Lease) -> None:
+        now = self._clock()
+        nodes = [n for n in self._nodes.values() if n.live and n.envelope is not None]
+        for i in range(0, len(nodes), _BATCH):
+            batch = nodes[i : i + _BATCH]
+            async with self.metrics.etcd("txn-live-rewrite"):
+                await self._index.txn(
+                    success=[
+                        Op.put(Keys.live(n.cpid), n.envelope or b"", lease=lease.id) for n in batch
+                    ]
+                )
+            for n in batch:
+                n.written_at = now
+            self.counters.writes += len(batch)
+            self.counters.by_reason["lease_regrant"] += len(batch)
+            self.metrics.live_writes.labels("lease_regrant").inc(len(batch))
+
+    async def _watch_lease(self) -> None:
+        delay = 0.2
+        while True:
+            lease = self.lease
+            if lease is not None and lease.alive:
+                await lease.lost.wait()
+            try:
+                await self._ensure_lease()
+                delay = 0.2
+            except RetrievalError as exc:
+                _log.warning("cannot re-grant the instance lease: %s; retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    # -- expiry -----------------------------------------------------------------------
+
+    def set_self_preservation(self, enabled: bool) -> None:
+        """Operator override: ``False`` lets the next sweep expire silent nodes."""
+        if enabled == self.self_preservation_enabled:
+            return
+        self.self_preservation_enabled = enabled
+        self.metrics.self_preservation_enabled.set(1 if enabled else 0)
+        if enabled:
+            _log.warning("self-preservation switched back on by the operator")
+        else:
+            _log.warning(
+                "self-preservation switched off by the operator; protected namespaces %s "
+                "will expire their silent nodes",
+                ", ".join(sorted(self.protecting)) or "(none)",
+            )
+            for group in self.protecting:
+                self.metrics.self_preservation.labels(group).set(0)
+            self.protecting.clear()
+
+    async def sweep(self) -> list[str]:
+        """Expire silent nodes (unless self-preservation holds); return the expired CPIDs."""
+        now = self._clock()
+        groups: dict[str, list[NodeState]] = defaultdict(list)
+        for n in list(self._nodes.values()):
+            if n.live:
+                groups[n.group].append(n)
+            elif now - n.last_seen > self.expire_after_s:
+                self._nodes.pop(n.cpid, None)  # registered but never heard from
+        for group in set(self.protecting) - set(groups):
+            self._end_protection(group, "no live nodes left")
+        expired: list[NodeState] = []
+        for group, nodes in groups.items():
+            due = [n for n in nodes if now - n.last_seen > self.expire_after_s]
+            silent = sum(
+                1 for n in nodes if now - n.last_seen > OVERDUE_INTERVALS * self.heartbeat_s
+            )
+            protect = (
+                self.self_preservation_enabled
+                and silent >= self.min_nodes
+                and silent > self.threshold * len(nodes)
+            )
+            if protect and due:
+                if group not in self.protecting:
+                    self.protecting.add(group)
+                    self.metrics.self_preservation.labels(group).set(1)
+                    _log.warning(
+                        "self-preservation: %d of %d live nodes of %s went silent at once; "
+                        "not expiring any of them until heartbeats return or an operator "
+                        "switches self-preservation off",
+                        silent,
+                        len(nodes),
+                        group,
+                    )
+                self.metrics.live_nodes.labels(group).set(len(nodes))
+                continue
+            if group in self.protecting and not protect:
+                self._end_protection(group, f"{silent} of {len(nodes)} nodes silent now")
+            expired.extend(due)
+            self.metrics.live_nodes.labels(group).set(len(nodes) - len(due))
+        for n in expired:
+            self._nodes.pop(n.cpid, None)
+            self._to_delete[n.cpid] = n
+            self.metrics.expirations.inc()
+            _log.info("%s silent for %.1f s: not live", n.cpid, now - n.last_seen)
+        if self._to_delete:
+            await self._delete_live(list(self._to_delete.values()))
+        return [n.cpid for n in expired]
+
+    def _end_protection(self, group: str, why: str) -> None:
+        self.protecting.discard(group)
+        self.metrics.self_preservation.labels(group).set(0)
+        self.metrics.live_nodes.labels(group).set(self.live_count(group))
+        _log.warning("self-preservation for %s ended (%s); expiry resumes", group, why)
+
+    async def _delete_live(self, nodes: Iterable[NodeState]) -> None:
+        lease = self.lease
+        if lease is None:
+            return
+        sem = asyncio.Semaphore(_PARALLEL)
+
+        async def one(n: NodeState) -> None:
+            async with sem, self.metrics.etcd("txn-expire"):
+                result = await self._index.txn(
+                    compare=[Cmp.lease(Keys.live(n.cpid), "==", lease.id)],
+                    success=[Op.delete(Keys.live(n.cpid))],
+                )
+            if result.succeeded:
+                self.counters.deletes += 1
+            self._to_delete.pop(n.cpid, None)  # deleted, or no longer ours to delete
+
+        results = await asyncio.gather(*(one(n) for n in nodes), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            _log.warning(
+                "could not delete %d live keys (retried next sweep): %s", len(failed), failed[0]
+            )
+
+    async def _sweeper(self) -> None:
+        interval = max(0.05, self.heartbeat_s / 2)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep()
+            except RetrievalError as exc:
+                _log.warning("liveness sweep failed: %s", exc)
+            except Exception:
+                _log.exception("liveness sweep failed")

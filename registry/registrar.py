@@ -1,0 +1,404 @@
+"""What a registry does with registrations, status updates and deregistrations.
+
+No HTTP here: :mod:`registry.service` is the aiohttp front end.  Each method checks
+its input in a fixed order, raising the first problem as an error of the
+:mod:`schemas.errors` tree, and writes nothing unless every check passed.
+
+Registration (``register.v1``), in order:
+
+1. the envelope parses (400 ``invalid_envelope``);
+2. the join token is present and known (401 ``invalid_token``) and not expired
+   (403 ``token_expired``);
+3. proof of possession: the envelope verifies under the ``public_key`` it carries
+   (400 ``bad_signature``), and the payload is a valid ``register.v1``
+   (400 ``invalid_payload``, e.g. unknown fields);
+4. the token admits the namespace and kind (403 ``token_scope``); these come after
+   step 3 because the payload is read only once its signature holds (DESIGN.md §2);
+5. ``timestamp`` within ±60 s (400 ``stale_timestamp``);
+6. the namespace lies inside one the registry is certified for (403
+   ``outside_namespace``);
+7. an existing record for the derived CPID carries the same key (409 ``conflict``);
+8. a new CPID needs a token use left (403 ``token_used_up``);
+9. the nonce is fresh for this key (409 ``replayed_nonce``): checked by the
+   transaction's compare, so there is no separate read for it.
+
+Then the record, the token's use count, the nonce and an audit entry are written in
+one etcd transaction whose compares (token ``mod_revision``, nonce absent, record
+``mod_revision``, audit head) make concurrent registrations safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from registry import tokens
+from registry.audit import AuditOp, AuditStream
+from registry.ca import sign_document
+from registry.errors import (
+    ReplayedNonceError,
+    StaleSequenceError,
+    StaleTimestampError,
+    UnknownTokenError,
+)
+from registry.index import KV, Cmp, Index, Keys, Lease, Op
+from registry.liveness import Liveness, NodeState
+from registry.metrics import RegistryMetrics
+from registry.signers import Signer, Signers
+from schemas import keys
+from schemas.chain import CLOCK_SKEW, open_self_signed, open_signed
+from schemas.cpid import derive, parse
+from schemas.dsse import Envelope
+from schemas.errors import (
+    ConflictError,
+    NotFoundError,
+    OutsideNamespaceError,
+    PayloadError,
+)
+from schemas.models import Deregister, Document, Record, Register, Status, parse_payload
+
+__all__ = ["NONCE_TTL_S", "Registrar", "Registration"]
+
+_log = logging.getLogger(__name__)
+
+NONCE_TTL_S = 3 * CLOCK_SKEW
+"""Lifetime of a used nonce's key.  A request is accepted only while its timestamp is
+within ±60 s of the registry's clock, so 120 s of memory suffice; nonces are written
+on a lease that is used for 60 s and lives 180 s, so every nonce lives >= 120 s."""
+_NONCE_LEASE_USE_S = NONCE_TTL_S - 2 * CLOCK_SKEW
+_ATTEMPTS = 5
+_TOKEN_CACHE_S = 5.0
+_TOKEN_CACHE_SIZE = 4096
+
+Outcome = Literal["created", "updated", "renewed", "unchanged"]
+_AUDIT_OP: dict[str, AuditOp] = {"created": "register", "updated": "update", "renewed": "renew"}
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """The result of an accepted registration."""
+
+    outcome: Outcome
+    cpid: str
+    record: Envelope
+    chain: tuple[Envelope, ...]
+
+    @property
+    def created(self) -> bool:
+        return self.outcome == "created"
+
+
+def _record_of(kv: KV) -> tuple[Envelope, Record]:
+    env = Envelope.from_json(kv.value)
+    return env, parse_payload(env.payload_type, env.payload, Record)
+
+
+class _NonceLease:
+    """A shared lease for nonce keys, replaced every minute (one grant, not one per nonce)."""
+
+    def __init__(self, index: Index, metrics: RegistryMetrics) -> None:
+        self._index = index
+        self._metrics = metrics
+        self._lease: Lease | None = None
+        self._granted = 0.0
+
+    async def id(self) -> int:
+        now = time.monotonic()
+        if self._lease is None or now - self._granted >= _NONCE_LEASE_USE_S:
+            async with self._metrics.etcd("lease-grant"):
+                self._lease = await self._index.grant_lease(NONCE_TTL_S, revoke_on_exit=False)
+            self._granted = now
+        return self._lease.id
+
+
+def _check_time(what: str, value: int, now: int) -> None:
+    skew = value - now
+    if abs(skew) > CLOCK_SKEW:
+        raise StaleTimestampError(
+            f"{what} {value} is {skew:+d} s from the registry's clock ({now}); "
+            f"at most ±{CLOCK_SKEW} s allowed (check the node's clock)"
+        )
+
+
+class Registrar:
+    """Registration, status and deregistration against the index."""
+
+    def __init__(
+        self,
+        *,
+        index: Index,
+        signers: Signers,
+        liveness: Liveness,
+        audit: AuditStream,
+        metrics: RegistryMetrics,
+        record_ttl_s: int,
+        max_body_bytes: int,
+    ) -> None:
+        self._index = index
+        self.signers = signers
+        self.liveness = liveness
+        self._audit = audit
+        self.metrics = metrics
+        self.record_ttl_s = record_ttl_s
+        self.max_body_bytes = max_body_bytes
+        self._nonces = _NonceLease(index, metrics)
+        self._tokens: dict[str, tuple[tokens.Token, float]] = {}
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _envelope(self, body: bytes, expected: type[Document]) -> Envelope:
+        env = Envelope.from_json(body, max_bytes=self.max_body_bytes)
+        if env.payload_type != expected.media_type():
+            raise PayloadError(
+                f"payloadType is {env.payload_type!r}, expected {expected.media_type()!r}"
+            )
+        return env
+
+    def _signer_for(self, namespace: str, what: str) -> Signer:
+        signer = self.signers.pick(namespace)
+        if signer is None:
+            raise OutsideNamespaceError(
+                f"{what} {namespace} is outside this registry's certified namespaces "
+                f"({', '.join(self.signers.namespaces)}); register with the registry of "
+                f"{namespace} (its URL is under /cpi/v1/ns/)"
+            )
+        return signer
+
+    async def _get(self, key: str, op: str) -> KV | None:
+        async with self.metrics.etcd(op):
+            return await self._index.get(key)
+
+    async def _token(self, text: str | None, *, fresh: bool = False) -> tokens.Token:
+        """The presented token, from a short-lived cache unless ``fresh``.
+
+        A stale cache entry cannot let anything through: the registration's transaction
+        compares the token's ``mod_revision``, and a failed compare reads it afresh.
+        """
+        sha = tokens.hash_token(text) if text else ""
+        hit = self._tokens.get(sha)
+        now = time.monotonic()
+        if hit is not None and not fresh and now - hit[1] < _TOKEN_CACHE_S:
+            return hit[0]
+        async with self.metrics.etcd("get-token"):
+            token = await tokens.lookup(self._index, text)
+        if len(self._tokens) >= _TOKEN_CACHE_SIZE:
+            self._tokens.clear()
+        self._tokens[sha] = (token, now)
+        return token
+
+    async def _nonce_used(self, kid: str, nonce: str) -> None:
+        if await self._get(Keys.nonce(kid, nonce), "get-nonce") is not None:
+            raise ReplayedNonceError(
+                f"nonce {nonce!r} was already used by key {kid}; sign a new request "
+                "with a fresh nonce"
+            )
+
+    def _sign_record(
+        self, reg: Register, cpid: str, signer: Signer, version: int, now: int
+    ) -> Envelope:
+        record = Record(
+            cpid=cpid,
+            kind=reg.kind,
+            public_key=reg.public_key,
+            issuer=signer.namespace,
+            version=version,
+            issued_at=now,
+            expires_at=min(now + self.record_ttl_s, signer.cert.not_after),
+            endpoints=reg.endpoints,
+            location=reg.location,
+            attributes=reg.attributes,
+            labels=reg.labels,
+        )
+        return sign_document(record, signer.key)
+
+    def _renew_due(self, env: Envelope, rec: Record, signer: Signer, now: int) -> bool:
+        return (
+            env.keyid != signer.kid
+            or rec.issuer != signer.namespace
+            or rec.expires_at - now < self.record_ttl_s // 2
+        )
+
+    # -- registration ---------------------------------------------------------------------
+
+    async def register(self, body: bytes, token_text: str | None) -> Registration:
+        """Check and apply a ``register.v1`` envelope (see the module docstring)."""
+        env = self._envelope(body, Register)
+        token = await self._token(token_text)
+        now = int(time.time())
+        token.check_valid(now=now)
+        reg = open_self_signed(env, expected=Register)
+        token.check_scope(namespace=reg.namespace, kind=reg.kind)
+        _check_time("timestamp", reg.timestamp, now)
+        signer = self._signer_for(reg.namespace, "namespace")
+        raw = keys.b64url_decode(reg.public_key)
+        node_kid = keys.kid(raw)
+        cpid = derive(reg.namespace, reg.kind, raw).to_text()
+        # the nonce is checked by the transaction's compare (a replay fails it: 409)
+        nonce_key = Keys.nonce(node_kid, reg.nonce)
+        rec_key = Keys.rec(cpid)
+
+        for _ in range(_ATTEMPTS):
+            rec_kv = await self._get(rec_key, "get-rec")
+            outcome: Outcome
+            if rec_kv is None:
+                outcome, version, old_env = "created", 1, None
+            else:
+                old_env, old = _record_of(rec_kv)
+                if old.public_key != reg.public_key:
+                    raise ConflictError(
+                        f"serial collision: {cpid} is registered to another key "
+                        f"(kid {keys.kid(keys.b64url_decode(old.public_key))}), "
+                        f"this request is signed by kid {node_kid}"
+                    )
+                same = (
+                    old.endpoints == reg.endpoints
+                    and old.location == reg.location
+                    and old.attributes == reg.attributes
+                    and old.labels == reg.labels
+                )
+                if not same:
+                    outcome, version = "updated", old.version + 1
+                elif self._renew_due(old_env, old, signer, now):
+                    outcome, version = "renewed", old.version
+                else:
+                    outcome, version = "unchanged", old.version
+            if outcome == "created":
+                token.check_uses()
+            t_cmps, t_ops = tokens.consume_ops(token, consume=outcome == "created")
+            compare = [
+                *t_cmps,
+                Cmp.absent(nonce_key),
+                Cmp.mod_revision(rec_key, "==", rec_kv.mod_revision if rec_kv else 0),
+            ]
+            nonce_op = Op.put(nonce_key, str(reg.timestamp), lease=await self._nonces.id())
+            failure = [Op.get(nonce_key), Op.get(token.key)]
+            if outcome == "unchanged":
+                assert old_env is not None
+                record_env = old_env
+                async with self.metrics.etcd("txn-register"):
+                    result = await self._index.txn(
+                        compare=compare, success=[*t_ops, nonce_op], failure=failure
+                    )
+            else:
+                record_env = self._sign_record(reg, cpid, signer, version, now)
+                async with self.metrics.etcd("txn-register"):
+                    result = await self._audit.commit(
+                        compare=compare,
+                        success=[Op.put(rec_key, record_env.to_json()), *t_ops, nonce_op],
+                        failure=failure,
+                        op=_AUDIT_OP[outcome],
+                        envelope=record_env,
+                        cpid=cpid,
+                    )
+            if result.succeeded:
+                break
+            nonce_kvs, token_kvs = result.responses[0].kvs, result.responses[1].kvs
+            if nonce_kvs:
+                raise ReplayedNonceError(
+                    f"nonce {reg.nonce!r} was already used by key {node_kid} within the replay "
+                    "window; sign a new request with a fresh nonce"
+                )
+            if not token_kvs:
+                self._tokens.pop(token.sha256, None)
+                raise UnknownTokenError("unknown join token (it has been deleted)")
+            if token_kvs[0].mod_revision != token.kv.mod_revision:
+                token = await self._token(token_text, fresh=True)
+                token.check_valid(now=now)
+            # else the record changed under us: decide again
+        else:
+            raise ConflictError(f"registration of {cpid} kept racing with concurrent writes; retry")
+        self.liveness.track(cpid, group=signer.namespace, public_key=reg.public_key)
+        self.metrics.registrations.labels(outcome).inc()
+        if outcome != "unchanged":
+            _log.info("%s %s (version %d, issuer %s)", outcome, cpid, version, signer.namespace)
+        by_kid = self.signers.by_kid(record_env.keyid)
+        chain = by_kid.chain if by_kid is not None else signer.chain
+        return Registration(outcome, cpid, record_env, chain)
+
+    # -- status ---------------------------------------------------------------------------
+
+    async def _node(self, cpid: str) -> NodeState:
+        node = self.liveness.get(cpid)
+        if node is not None:
+            return node
+        kv = await self._get(Keys.rec(cpid), "get-rec")
+        if kv is None:
+            raise NotFoundError(f"no record for {cpid}: register (again) before sending status")
+        _, rec = _record_of(kv)
+        return self.liveness.track(cpid, group=rec.issuer, public_key=rec.public_key)
+
+    async def status(self, cpid_text: str, body: bytes) -> bool:
+        """Check and apply a ``status.v1`` envelope; return whether etcd was written."""
+        parsed = parse(cpid_text)
+        cpid = parsed.to_text()
+        self._signer_for(parsed.prefix, "CPID namespace")
+        env = self._envelope(body, Status)
+        node = await self._node(cpid)
+        st = open_signed(env, public_key=node.public_key, expected=Status)
+        if st.cpid != cpid:
+            raise PayloadError(f"status is for {st.cpid} but was sent to the URL of {cpid}")
+        now_ms = int(time.time() * 1000)
+        skew_s = (st.observed_at - now_ms) / 1000
+        if abs(skew_s) > CLOCK_SKEW:
+            raise StaleTimestampError(
+                f"observed_at {st.observed_at} ms is {skew_s:+.1f} s from the registry's clock "
+                f"({now_ms} ms); at most ±{CLOCK_SKEW} s allowed (check the node's clock)"
+            )
+        if not self.liveness.check_seq(node, st.seq):
+            raise StaleSequenceError(
+                f"status seq {st.seq} is not above the last accepted seq {node.seq}"
+            )
+        self.metrics.heartbeat_lag.observe(max(0, now_ms - st.observed_at) / 1000)
+        return await self.liveness.heartbeat(node, st, env)
+
+    # -- deregistration -------------------------------------------------------------------
+
+    async def deregister(self, cpid_text: str, body: bytes) -> None:
+        """Check and apply a ``deregister.v1`` envelope: delete the record and live key."""
+        parsed = parse(cpid_text)
+        cpid = parsed.to_text()
+        self._signer_for(parsed.prefix, "CPID namespace")
+        env = self._envelope(body, Deregister)
+        rec_key = Keys.rec(cpid)
+        for _ in range(_ATTEMPTS):
+            kv = await self._get(rec_key, "get-rec")
+            if kv is None:
+                raise NotFoundError(f"no record for {cpid}")
+            _, rec = _record_of(kv)
+            d = open_signed(env, public_key=rec.public_key, expected=Deregister)
+            if d.cpid != cpid:
+                raise PayloadError(
+                    f"deregistration is for {d.cpid} but was sent to the URL of {cpid}"
+                )
+            _check_time("timestamp", d.timestamp, int(time.time()))
+            node_kid = keys.kid(keys.b64url_decode(rec.public_key))
+            await self._nonce_used(node_kid, d.nonce)
+            nonce_key = Keys.nonce(node_kid, d.nonce)
+            async with self.metrics.etcd("txn-deregister"):
+                result = await self._audit.commit(
+                    compare=[
+                        Cmp.mod_revision(rec_key, "==", kv.mod_revision),
+                        Cmp.absent(nonce_key),
+                    ],
+                    success=[
+                        Op.delete(rec_key),
+                        Op.delete(Keys.live(cpid)),
+                        Op.put(nonce_key, str(d.timestamp), lease=await self._nonces.id()),
+                    ],
+                    failure=[Op.get(nonce_key)],
+                    op="deregister",
+                    envelope=env,
+                    cpid=cpid,
+                )
+            if result.succeeded:
+                self.liveness.forget(cpid)
+                self.metrics.deregistrations.inc()
+                _log.info("deregistered %s", cpid)
+                return
+            if result.responses[0].kvs:
+                raise ReplayedNonceError(
+                    f"nonce {d.nonce!r} was just used by key {node_kid} in a concurrent request"
+                )
+        raise ConflictError(f"deregistration of {cpid} kept racing with concurrent writes; retry")

@@ -1,0 +1,372 @@
+"""The regional / industry registry: an aiohttp app (``create_app(config)``).
+
+Routes (DESIGN.md §5; details and error codes in ``docs/registry.md``):
+
+==========  ====================================  ==========================================
+POST        /v1/registrations                     register.v1 + Bearer join token -> 201/200
+PUT         /v1/resources/{cpid}/status           status.v1 signed by the node -> 204
+DELETE      /v1/resources/{cpid}                  deregister.v1 signed by the node -> 204
+GET/POST    /v1/admin/self-preservation           operator override (Bearer admin token)
+GET         /healthz, /readyz, /metrics
+==========  ====================================  ==========================================
+
+Errors are ``{"error": {"code", "message"}}``; one middleware maps the
+:mod:`schemas.errors` tree to status codes (:data:`STATUS_OF`).  The index, the
+instance lease and the liveness sweeper live in ``cleanup_ctx``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from registry import tokens
+from registry.audit import AuditStream
+from registry.config import RegistryConfig
+from registry.errors import (
+    AdminAuthError,
+    BodyTooLargeError,
+    RateLimitedError,
+    StartupError,
+    TokenError,
+    UnknownTokenError,
+)
+from registry.index import Index
+from registry.liveness import Liveness
+from registry.metrics import RegistryMetrics
+from registry.ratelimit import TokenBucket
+from registry.registrar import Registrar
+from registry.signers import Signers, load_signers
+from schemas.chain import TrustAnchors
+from schemas.errors import (
+    ConflictError,
+    CPIError,
+    InvalidDataError,
+    KeyFileError,
+    NotFoundError,
+    OutsideNamespaceError,
+    RetrievalError,
+)
+
+__all__ = [
+    "CONFIG",
+    "METRICS",
+    "STATE",
+    "STATUS_OF",
+    "RegistryState",
+    "create_app",
+]
+
+_log = logging.getLogger(__name__)
+
+STATUS_OF: tuple[tuple[type[CPIError], int], ...] = (
+    (BodyTooLargeError, 413),
+    (UnknownTokenError, 401),
+    (TokenError, 403),
+    (AdminAuthError, 401),
+    (RateLimitedError, 429),
+    (OutsideNamespaceError, 403),
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (InvalidDataError, 400),
+    (RetrievalError, 503),
+    (CPIError, 500),
+)
+"""Error class -> HTTP status; the first matching entry wins (most specific first)."""
+
+_TOKEN_PRUNE_S = 3600.0
+
+
+@dataclass(slots=True)
+class RegistryState:
+    """Everything the handlers use, built in the app's ``cleanup_ctx``."""
+
+    index: Index
+    signers: Signers
+    liveness: Liveness
+    registrar: Registrar
+    audit: AuditStream
+
+
+CONFIG = web.AppKey("config", RegistryConfig)
+METRICS = web.AppKey("metrics", RegistryMetrics)
+LIMITER = web.AppKey("limiter", TokenBucket)
+STATE = web.AppKey("state", RegistryState)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def _error(status: int, code: str, message: str, **headers: str) -> web.Response:
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers=headers or None
+    )
+
+
+def status_of(exc: CPIError) -> int:
+    return next(status for cls, status in STATUS_OF if isinstance(exc, cls))
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The body, refusing more than ``limit`` bytes (before reading it when declared)."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise BodyTooLargeError(f"request body is {declared} bytes, at most {limit} allowed")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.read(65536)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLargeError(f"request body is over {limit} bytes, at most {limit} allowed")
+        chunks.append(chunk)
+
+
+def _state(request: web.Request) -> RegistryState:
+    return request.app[STATE]
+
+
+# -- middleware -------------------------------------------------------------------------
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map the error tree (and aiohttp's own HTTP errors) to JSON error answers."""
+    route = request.match_info.route.name or "other"
+    metrics = request.app[METRICS]
+    try:
+        return await handler(request)
+    except CPIError as exc:
+        status = status_of(exc)
+        headers: dict[str, str] = {}
+        if isinstance(exc, RateLimitedError):
+            headers["Retry-After"] = str(exc.retry_after)
+        if status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="cpi-registry"'
+        metrics.rejections.labels(route, exc.code).inc()
+        if status >= 500:
+            _log.warning("%s %s: %s", request.method, request.path, exc)
+        else:
+            _log.debug("%s %s refused (%s): %s", request.method, request.path, exc.code, exc)
+        return _error(status, exc.code, str(exc), **headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
+        return _error(exc.status, code, f"{request.method} {request.path}: {exc.reason}")
+
+
+# -- handlers ---------------------------------------------------------------------------
+
+
+async def post_registration(request: web.Request) -> web.Response:
+    request.app[LIMITER].take()
+    config = request.app[CONFIG]
+    body = await _read_body(request, config.max_body_bytes)
+    result = await _state(request).registrar.register(body, _bearer(request))
+    return web.json_response(
+        {
+            "cpid": result.cpid,
+            "record": result.record.to_dict(),
+            "chain": [c.to_dict() for c in result.chain],
+            "heartbeat_s": config.heartbeat_s,
+        },
+        status=201 if result.created else 200,
+    )
+
+
+async def put_status(request: web.Request) -> web.Response:
+    body = await _read_body(request, request.app[CONFIG].max_body_bytes)
+    await _state(request).registrar.status(request.match_info["cpid"], body)
+    return web.Response(status=204)
+
+
+async def delete_resource(request: web.Request) -> web.Response:
+    body = await _read_body(request, request.app[CONFIG].max_body_bytes)
+    await _state(request).registrar.deregister(request.match_info["cpid"], body)
+    return web.Response(status=204)
+
+
+def _check_admin(request: web.Request) -> None:
+    expected = request.app[CONFIG].admin_token_hash
+    if expected is None:
+        raise AdminAuthError(
+            "admin endpoints are disabled: set admin_token_hash (SHA-256 hex of a token) "
+            "in the registry config"
+        )
+    token = _bearer(request)
+    if token is None:
+        raise AdminAuthError("send 'Authorization: Bearer <admin token>'")
+    got = hashlib.sha256(token.encode("utf-8")).hexdigest()
+    if not hmac.compare_digest(got, expected):
+        raise AdminAuthError("wrong admin token")
+
+
+def _self_preservation_view(liveness: Liveness) -> dict[str, Any]:
+    return {
+        "enabled": liveness.self_preservation_enabled,
+        "protecting": sorted(liveness.protecting),
+    }
+
+
+async def get_self_preservation(request: web.Request) -> web.Response:
+    _check_admin(request)
+    return web.json_response(_self_preservation_view(_state(request).liveness))
+
+
+async def post_self_preservation(request: web.Request) -> web.Response:
+    _check_admin(request)
+    body = await _read_body(request, request.app[CONFIG].max_body_bytes)
+    try:
+        obj = json.loads(body)
+    except ValueError as exc:
+        raise InvalidDataError(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict) or set(obj) != {"enabled"} or not isinstance(obj["enabled"], bool):
+        raise InvalidDataError('expected exactly {"enabled": true|false}')
+    liveness = _state(request).liveness
+    liveness.set_self_preservation(obj["enabled"])
+    return web.json_response(_self_preservation_view(liveness))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app.get(STATE)
+    if state is None:
+        return _error(503, "not_ready", "the registry is starting")
+    try:
+        async with request.app[METRICS].etcd("ping"):
+            await state.index.ping()
+    except RetrievalError as exc:
+        return _error(503, "not_ready", f"etcd unreachable: {exc}")
+    if not state.liveness.lease_alive:
+        return _error(503, "not_ready", "the instance lease is lost; re-granting")
+    lease = state.liveness.lease
+    return web.json_response(
+        {
+            "ready": True,
+            "namespaces": state.signers.namespaces,
+            "lease": f"{lease.id:x}" if lease is not None else None,
+        }
+    )
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+# -- life cycle -------------------------------------------------------------------------
+
+
+def _load_anchors(path: Path) -> TrustAnchors:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise StartupError(f"anchor file {path}: {exc.strerror}") from exc
+    try:
+        return TrustAnchors.from_json(data)
+    except KeyFileError as exc:
+        raise StartupError(f"anchor file {path}: {exc}") from exc
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    anchors = _load_anchors(config.anchor_file)
+    index = config.etcd.open_index()
+    await index.connect()
+    liveness: Liveness | None = None
+    try:
+        signers = await load_signers(index, config.namespaces, anchors)
+        liveness = Liveness(
+            index,
+            heartbeat_s=config.heartbeat_s,
+            expire_after_heartbeats=config.expire_after_heartbeats,
+            live_refresh_s=config.live_refresh_s,
+            lease_ttl_s=config.effective_lease_ttl_s,
+            threshold=config.self_preservation_threshold,
+            min_nodes=config.self_preservation_min_nodes,
+            metrics=app[METRICS],
+        )
+        await liveness.start()
+        audit = AuditStream(index)
+        registrar = Registrar(
+            index=index,
+            signers=signers,
+            liveness=liveness,
+            audit=audit,
+            metrics=app[METRICS],
+            record_ttl_s=int(config.record_ttl_days * 86_400),
+            max_body_bytes=config.max_body_bytes,
+        )
+        app[STATE] = RegistryState(index, signers, liveness, registrar, audit)
+        pruner = asyncio.create_task(_prune_tokens(index), name="token-pruner")
+        try:
+            yield
+        finally:
+            pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pruner
+    finally:
+        if liveness is not None:
+            await liveness.stop()
+        await index.close()
+
+
+async def _prune_tokens(index: Index) -> None:
+    while True:
+        await asyncio.sleep(_TOKEN_PRUNE_S)
+        try:
+            removed = await tokens.prune(index)
+            if removed:
+                _log.info("pruned %d join tokens expired for over a day", removed)
+        except RetrievalError as exc:
+            _log.warning("token pruning failed: %s", exc)
+
+
+def create_app(
+    config: RegistryConfig, *, metrics: RegistryMetrics | None = None
+) -> web.Application:
+    """The registry app for ``config``.  Start-up (in ``cleanup_ctx``) connects to etcd,
+    checks every namespace's certificate and grants the instance lease; it raises
+    :class:`~registry.errors.StartupError` when a key, cert or anchor does not fit."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes + 1)
+    app[CONFIG] = config
+    app[METRICS] = metrics or RegistryMetrics()
+    app[LIMITER] = TokenBucket(rate=config.registrations_per_s, burst=config.registration_burst)
+    app.cleanup_ctx.append(_lifecycle)
+    app.router.add_post("/v1/registrations", post_registration, name="register")
+    app.router.add_put("/v1/resources/{cpid:.+}/status", put_status, name="status")
+    app.router.add_delete("/v1/resources/{cpid:.+}", delete_resource, name="deregister")
+    app.router.add_get("/v1/admin/self-preservation", get_self_preservation, name="admin")
+    app.router.add_post("/v1/admin/self-preservation", post_self_preservation, name="admin-set")
+    app.router.add_get("/healthz", healthz, name="healthz")
+    app.router.add_get("/readyz", readyz, name="readyz")
+    app.router.add_get("/metrics", get_metrics, name="metrics")
+    return app

@@ -1,0 +1,172 @@
+"""``cpi up`` end to end: separate processes, up.json, a node registers, clean stop, reuse."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from registry import keyfile
+
+
+def _free_base() -> int:
+    """A base port whose +0..+80 neighbours used by cpi up are free."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1] - 100
+        if not 20000 < base < 60000:
+            continue
+        ok = True
+        for off in (0, 1, 2, 53, 79, 80):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", base + off))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free port range")
+
+
+def _procs_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return resp.status, resp.read()
+
+
+class Up:
+    def __init__(self, data_dir: Path, base: int) -> None:
+        self.data_dir = data_dir
+        self.base = base
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> dict[str, Any]:
+        up_json = self.data_dir / "up.json"
+        started = time.time()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cpi",
+                "up",
+                "--data-dir",
+                str(self.data_dir),
+                "--base-port",
+                str(self.base),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"cpi up exited early:\n{self.proc.stdout.read() if self.proc.stdout else ''}"
+                )
+            if up_json.exists() and up_json.stat().st_mtime >= started - 1:
+                up = json.loads(up_json.read_text())
+                if up.get("tokens"):
+                    return up
+            time.sleep(0.2)
+        raise AssertionError("cpi up did not write up.json in 90 s")
+
+    def stop(self) -> str:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        out, _ = self.proc.communicate(timeout=60)
+        return out
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Up]:
+    up = Up(tmp_path / "state", _free_base())
+    yield up
+    if up.proc is not None and up.proc.poll() is None:
+        up.proc.kill()
+        up.proc.wait()
+    for pid in _procs_mentioning(str(up.data_dir)):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(240)
+def test_up_runs_stack_registers_node_and_reuses_state(stack: Up, tmp_path: Path) -> None:
+    up = stack.start()
+    # up.json holds join tokens: owner-only
+    assert stat.S_IMODE((stack.data_dir / "up.json").stat().st_mode) == 0o600
+    assert set(up) >= {"etcd", "registries", "resolver", "anchor", "tokens"}
+    assert {"CN.31", "CN.31.CMCC", "CN.13.1307", "CN.52.HWCLOUD"} <= set(up["registries"])
+    assert set(up["tokens"]) == set(up["registries"])
+    for url in set(up["registries"].values()):
+        assert _get(f"{url}/readyz")[0] == 200
+    assert stat.S_IMODE((stack.data_dir / "national" / "root.key").stat().st_mode) == 0o600
+
+    # each component is its own process
+    assert len(_procs_mentioning(str(stack.data_dir))) >= 3
+
+    # a node registers through the real registry process with the token from up.json
+    node_key = tmp_path / "node.key"
+    agent = subprocess.run(
+        [
+            sys.executable, "-m", "cpi", "agent", "run", "--once",
+            "--registry", up["registries"]["CN.31.CMCC"], "--namespace", "CN.31.CMCC",
+            "--kind", "GPU", "--key", str(node_key), "--anchor", up["anchor"],
+        ],
+        env={**os.environ, "CPI_JOIN_TOKEN": up["tokens"]["CN.31.CMCC"]},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert agent.returncode == 0, agent.stderr
+    cpid = agent.stdout.strip().splitlines()[-1]
+    assert cpid.startswith("CN.31.CMCC/GPU.")
+    assert keyfile.load_private(node_key)  # created 0600 and loadable
+
+    out = stack.stop()
+    assert stack.proc is not None and stack.proc.returncode == 0, out
+    assert "stopped" in out
+    time.sleep(0.5)
+    assert _procs_mentioning(str(stack.data_dir)) == []
+
+    # second run: same ports, same anchor, same tokens; the record is still in the index
+    anchor_before = Path(up["anchor"]).read_bytes()
+    up2 = stack.start()
+    assert up2["registries"] == up["registries"]
+    assert up2["tokens"] == up["tokens"]
+    assert Path(up2["anchor"]).read_bytes() == anchor_before
+    again = subprocess.run(
+        [
+            sys.executable, "-m", "cpi", "agent", "run", "--once",
+            "--registry", up2["registries"]["CN.31.CMCC"], "--namespace", "CN.31.CMCC",
+            "--kind", "GPU", "--key", str(node_key),
+        ],
+        env={**os.environ, "CPI_JOIN_TOKEN": up2["tokens"]["CN.31.CMCC"]},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip().splitlines()[-1] == cpid
+    stack.stop()
