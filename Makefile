@@ -1,16 +1,19 @@
-# Two entry points: `make demo` runs the main job, `make test` runs every check CI runs.
+# Two entry points: `make up` runs the main job, `make test` runs every check CI runs.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: up demo test lint typecheck pytest bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+up: $(STAMP)
+	$(BIN)/cpi up --demo
 
 demo: $(STAMP)
 	$(BIN)/cpi demo
@@ -28,7 +31,8 @@ pytest: $(STAMP)
 test: lint typecheck pytest
 
 bench: $(STAMP)
-	$(BIN)/python bench/verify.py
+	$(BIN)/pip install --quiet -e '.[bench]'
+	for b in bench/verify.py bench/register.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .cpi .pytest_cache .mypy_cache .ruff_cache
