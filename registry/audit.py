@@ -4,10 +4,11 @@ Every register, update, renew, deregister and revoke appends one entry **in the 
 etcd transaction as the change itself**, so the stream and the index never disagree.
 Entries are JSON::
 
-    {"seq": 7, "op": "register", "cpid": "CN.31.CMCC/GPU.4K7Q9M2XH3PT-Z",
+    {"seq": 7, "op": "register", "cpid": "CN.31.CMCC/GPU.4K7Q9M2XH3PT-Z", "version": 1,
      "digest": "<sha256 hex of the envelope>", "time": 1700000000}
 
-(``"subject"`` instead of ``"cpid"`` for a revocation).  ``digest`` is the SHA-256 of
+(``"subject"`` instead of ``"cpid"`` for a revocation; ``"version"``, the record
+version the change produced, on register, update and renew).  ``digest`` is the SHA-256 of
 the envelope's compact JSON (:meth:`schemas.dsse.Envelope.to_json`), so it does not
 depend on etcd revisions and a later transparency log can recompute it.
 
@@ -77,11 +78,14 @@ class AuditEntry:
     time: int
     cpid: str | None = None
     subject: str | None = None
+    version: int | None = None
 
     def to_json(self) -> bytes:
         obj: dict[str, Any] = {"seq": self.seq, "op": self.op}
         if self.cpid is not None:
             obj["cpid"] = self.cpid
+        if self.version is not None:
+            obj["version"] = self.version
         if self.subject is not None:
             obj["subject"] = self.subject
         obj["digest"] = self.digest
@@ -98,6 +102,7 @@ class AuditEntry:
             time=int(obj["time"]),
             cpid=obj.get("cpid"),
             subject=obj.get("subject"),
+            version=obj.get("version"),
         )
 
 
@@ -108,6 +113,7 @@ def entry_ops(
     envelope: Envelope,
     cpid: str | None = None,
     subject: str | None = None,
+    version: int | None = None,
     now: int | None = None,
 ) -> tuple[list[Cmp], list[Op]]:
     """The compares and the put that append entry ``seq`` inside a caller's transaction.
@@ -128,6 +134,7 @@ def entry_ops(
         time=int(time.time()) if now is None else now,
         cpid=cpid,
         subject=subject,
+        version=version,
     )
     cmps = [Cmp.absent(Keys.audit(seq))]
     if seq > 1:
@@ -179,6 +186,7 @@ class _Pending:
     envelope: Envelope
     cpid: str | None
     subject: str | None
+    version: int | None
     result: asyncio.Future[TxnResult]
     lead: asyncio.Future[None]
     writes: frozenset[str]
@@ -241,6 +249,7 @@ class AuditStream:
         envelope: Envelope,
         cpid: str | None = None,
         subject: str | None = None,
+        version: int | None = None,
     ) -> TxnResult:
         """Run a transaction that also appends one audit entry.
 
@@ -261,6 +270,7 @@ class AuditStream:
             envelope=envelope,
             cpid=cpid,
             subject=subject,
+            version=version,
         )
         self._queue.append(p)
         while not p.result.done():
@@ -327,7 +337,13 @@ class AuditStream:
         puts = []
         for i, p in enumerate(batch):
             _, (put,) = entry_ops(
-                head + 1 + i, op=p.op, envelope=p.envelope, cpid=p.cpid, subject=p.subject, now=now
+                head + 1 + i,
+                op=p.op,
+                envelope=p.envelope,
+                cpid=p.cpid,
+                subject=p.subject,
+                version=p.version,
+                now=now,
             )
             puts.append(put)
         return cmps, puts

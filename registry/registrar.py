@@ -291,6 +291,7 @@ class Registrar:
                         op=_AUDIT_OP[outcome],
                         envelope=record_env,
                         cpid=cpid,
+                        version=version,
                     )
             if result.succeeded:
                 break

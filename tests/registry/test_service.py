@@ -507,6 +507,7 @@ async def test_audit_stream_has_one_entry_per_change_with_consecutive_seq(
     entries = await audit.read_entries(index)
     assert [e.seq for e in entries] == [1, 2, 3, 4, 5]
     assert [e.op for e in entries] == ["register"] * 3 + ["update", "deregister"]
+    assert [e.version for e in entries] == [1, 1, 1, 2, None]
     assert [e.cpid for e in entries] == [n.cpid for n in nodes] + [nodes[1].cpid, nodes[2].cpid]
 
 
