@@ -47,13 +47,16 @@ __all__ = [
     "MAX_DEPTH",
     "ChainResult",
     "Check",
+    "PreparedChain",
     "TrustAnchors",
     "open_self_signed",
     "open_signed",
+    "prepare_chain",
     "require_chain",
     "require_record",
     "verify_chain",
     "verify_record",
+    "verify_record_prepared",
 ]
 
 MAX_DEPTH = 8
@@ -315,6 +318,132 @@ def verify_chain(
     return ChainResult(tuple(w.checks), tuple(certs))
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedChain:
+    """A cert chain walked once (rules 2-4 for each cert), ready to check many records.
+
+    Build with :func:`prepare_chain`; :func:`verify_record_prepared` then checks a
+    record signed by the chain's leaf key without walking the chain again, and gives
+    exactly the :class:`ChainResult` that :func:`verify_record` gives (which is built on
+    it).  An auditor sweeping a whole index verifies each distinct chain once this way.
+    """
+
+    result: ChainResult
+    """The chain's own checks; ``result.ok`` is False when the chain itself failed."""
+    _ancestors: tuple[_Signer, ...]
+    _now: int
+    _skew: int
+    _revocations: Mapping[str, dsse.Envelope]
+
+    @property
+    def ok(self) -> bool:
+        return self.result.ok
+
+
+def prepare_chain(
+    chain: Sequence[dsse.Envelope],
+    *,
+    anchors: TrustAnchors,
+    revocations: Mapping[str, dsse.Envelope] | None = None,
+    now: int | None = None,
+    skew: int = CLOCK_SKEW,
+) -> PreparedChain:
+    """Walk ``chain`` (leaf first) from its anchor down once; see :class:`PreparedChain`."""
+    w = _make_walk(now, skew, revocations)
+    try:
+        certs = tuple(_walk_chain(chain, anchors, w))
+    except _Stop:
+        certs = ()
+    return PreparedChain(
+        ChainResult(tuple(w.checks), certs), tuple(w.ancestors), w.now, w.skew, w.revocations
+    )
+
+
+def _check_record(record: dsse.Envelope, w: _Walk) -> Record:
+    """Rules 1, 3, 4 and 5 for the record itself, under the last signer of ``w``."""
+    signer = w.ancestors[-1]
+    rec: Record | None = None
+    try:
+        v = dsse.verify(record, {signer.kid: signer.key}, payload_types=(Record.media_type(),))
+        rec = parse_payload(v.payload_type, v.payload, Record)
+        detail = ""
+    except (SignatureError, PayloadError) as exc:
+        detail = f"record is not validly signed by {signer.subject} ({signer.kid}): {exc}"
+    w.check(1, 0, f"record signed by {signer.subject}", rec is not None, detail)
+    assert rec is not None
+    try:
+        parsed: _cpid.CPID | None = _cpid.parse(rec.cpid)
+        cpid_error = ""
+    except InvalidCPIDError as exc:
+        parsed, cpid_error = None, str(exc)
+    w.check(
+        5,
+        0,
+        "CPID is well formed with the right check character",
+        parsed is not None,
+        cpid_error,
+    )
+    assert parsed is not None
+    w.check(
+        1,
+        0,
+        "signer's subject contains the CPID prefix",
+        _cpid.ns_contains(signer.subject, parsed.prefix),
+        f"CPID prefix {parsed.prefix!r} is outside signer subject {signer.subject!r}",
+    )
+    w.check(
+        1,
+        0,
+        "signer holds scope issue",
+        "issue" in signer.scopes,
+        f"signer {signer.subject!r} lacks scope 'issue' (has {sorted(signer.scopes)})",
+    )
+    w.check(
+        1,
+        0,
+        "record names its signer as issuer",
+        rec.issuer == signer.subject,
+        f"record names issuer {rec.issuer!r} but is signed by {signer.subject!r}",
+    )
+    w.window(0, f"record {rec.cpid}", rec.issued_at, rec.expires_at)
+    raw = _keys.b64url_decode(rec.public_key)
+    w.revoked(0, "record key", (_keys.kid(raw),), parsed.prefix)
+    w.check(
+        5,
+        0,
+        "CPID serial matches the record's key",
+        parsed.matches_key(raw),
+        f"serial {parsed.serial!r} does not match public_key (expected "
+        f"{_cpid.derive_serial(raw)!r})",
+    )
+    w.check(
+        5,
+        0,
+        "CPID kind matches the record's kind",
+        parsed.kind == rec.kind,
+        f"record kind {rec.kind!r} differs from CPID kind {parsed.kind!r}",
+    )
+    return rec
+
+
+def verify_record_prepared(record: dsse.Envelope, prepared: PreparedChain) -> ChainResult:
+    """Verify a record against a chain walked by :func:`prepare_chain`: all five rules."""
+    if not prepared.ok:
+        return ChainResult(prepared.result.checks)
+    w = _Walk(
+        prepared._now,
+        prepared._skew,
+        prepared._revocations,
+        list(prepared.result.checks),
+        list(prepared._ancestors),
+    )
+    try:
+        rec = _check_record(record, w)
+    except _Stop:
+        return ChainResult(tuple(w.checks), prepared.result.certs)
+    return ChainResult(tuple(w.checks), prepared.result.certs, rec)
+
+
 def verify_record(
     record: dsse.Envelope,
     chain: Sequence[dsse.Envelope],
@@ -330,75 +459,8 @@ def verify_record(
     (the ``/cpi/v1/revoked/`` keyspace); a revocation counts only when signed by a key
     above the revoked one in this chain.
     """
-    w = _make_walk(now, skew, revocations)
-    certs: list[Cert] = []
-    rec: Record | None = None
-    try:
-        certs = _walk_chain(chain, anchors, w)
-        signer = w.ancestors[-1]
-        try:
-            v = dsse.verify(record, {signer.kid: signer.key}, payload_types=(Record.media_type(),))
-            rec = parse_payload(v.payload_type, v.payload, Record)
-            detail = ""
-        except (SignatureError, PayloadError) as exc:
-            detail = f"record is not validly signed by {signer.subject} ({signer.kid}): {exc}"
-        w.check(1, 0, f"record signed by {signer.subject}", rec is not None, detail)
-        assert rec is not None
-        try:
-            parsed: _cpid.CPID | None = _cpid.parse(rec.cpid)
-            cpid_error = ""
-        except InvalidCPIDError as exc:
-            parsed, cpid_error = None, str(exc)
-        w.check(
-            5,
-            0,
-            "CPID is well formed with the right check character",
-            parsed is not None,
-            cpid_error,
-        )
-        assert parsed is not None
-        w.check(
-            1,
-            0,
-            "signer's subject contains the CPID prefix",
-            _cpid.ns_contains(signer.subject, parsed.prefix),
-            f"CPID prefix {parsed.prefix!r} is outside signer subject {signer.subject!r}",
-        )
-        w.check(
-            1,
-            0,
-            "signer holds scope issue",
-            "issue" in signer.scopes,
-            f"signer {signer.subject!r} lacks scope 'issue' (has {sorted(signer.scopes)})",
-        )
-        w.check(
-            1,
-            0,
-            "record names its signer as issuer",
-            rec.issuer == signer.subject,
-            f"record names issuer {rec.issuer!r} but is signed by {signer.subject!r}",
-        )
-        w.window(0, f"record {rec.cpid}", rec.issued_at, rec.expires_at)
-        raw = _keys.b64url_decode(rec.public_key)
-        w.revoked(0, "record key", (_keys.kid(raw),), parsed.prefix)
-        w.check(
-            5,
-            0,
-            "CPID serial matches the record's key",
-            parsed.matches_key(raw),
-            f"serial {parsed.serial!r} does not match public_key (expected "
-            f"{_cpid.derive_serial(raw)!r})",
-        )
-        w.check(
-            5,
-            0,
-            "CPID kind matches the record's kind",
-            parsed.kind == rec.kind,
-            f"record kind {rec.kind!r} differs from CPID kind {parsed.kind!r}",
-        )
-    except _Stop:
-        return ChainResult(tuple(w.checks), tuple(c for c in certs if c is not None))
-    return ChainResult(tuple(w.checks), tuple(certs), rec)
+    prepared = prepare_chain(chain, anchors=anchors, revocations=revocations, now=now, skew=skew)
+    return verify_record_prepared(record, prepared)
 
 
 def require_record(record: dsse.Envelope, chain: Sequence[dsse.Envelope], **kwargs: Any) -> Record:

@@ -16,6 +16,7 @@ from __future__ import annotations
 __all__ = [
     "CPIError",
     "ChainError",
+    "CheckpointError",
     "ConflictError",
     "EnvelopeError",
     "ExpiredError",
@@ -24,9 +25,11 @@ __all__ = [
     "InvalidCPIDError",
     "InvalidDataError",
     "KeyFileError",
+    "LogConsistencyError",
     "NotFoundError",
     "OutsideNamespaceError",
     "PayloadError",
+    "ProofError",
     "RetrievalError",
     "RevokedError",
     "SignatureError",
@@ -127,6 +130,34 @@ class NotFoundError(InvalidDataError):
     """The named thing does not exist."""
 
     code = "not_found"
+
+
+class ProofError(InvalidDataError):
+    """A Merkle inclusion or consistency proof does not verify (RFC 9162 section 2.1)."""
+
+    code = "bad_proof"
+
+
+class CheckpointError(InvalidDataError):
+    """A signed note or checkpoint is malformed or carries no valid trusted signature."""
+
+    code = "bad_checkpoint"
+
+
+class LogConsistencyError(InvalidDataError):
+    """The transparency log's history contradicts what was seen or signed before.
+
+    ``kind`` says how: ``"rewritten"`` (an entry below a signed size changed or
+    vanished), ``"rollback"`` (a smaller tree than one already seen), ``"split_view"``
+    (two different roots for one size, or no consistency between two checkpoints),
+    ``"gap"`` (the audit stream skips a sequence number).
+    """
+
+    code = "log_inconsistent"
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        self.kind = kind
+        super().__init__(message)
 
 
 # -- retrieval ----------------------------------------------------------------
