@@ -1,0 +1,278 @@
+"""Verification jobs for the replica, run inline or in worker processes.
+
+Every record is decided by the contract's own verifier:
+:func:`schemas.chain.verify_record_prepared` (all five rules) against the chain of its
+signing key, walked once per batch with :func:`schemas.chain.prepare_chain`; every
+status by :func:`schemas.chain.open_signed` under its record's key.  That is about
+0.15 ms per record, most of it Ed25519 verification, which holds the GIL.  At start-up
+(and after a re-list) there is a job per record in the index, so large batches go to a
+small process pool (``spawn``: safe beside gRPC's threads) in chunks whose results are
+handed back one by one, so the main process files chunk *n* while the workers verify
+chunk *n+1*; small batches (a watch event) run inline.
+
+A record job may carry the record's status envelope: the worker verifies the status
+under the key of the record it has just verified, which saves a second round.
+
+What comes back is compact: whether it verified (or the first failed check and the
+verifier's message) and the few :class:`RecordFacts` / :class:`StatusFacts` the
+replica indexes.  Full pydantic models are only returned by inline runs; for the rest
+the entry parses its (verified) payload the first time someone asks for the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import multiprocessing
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from schemas.chain import (
+    CLOCK_SKEW,
+    PreparedChain,
+    TrustAnchors,
+    open_signed,
+    prepare_chain,
+    verify_record_prepared,
+)
+from schemas.dsse import Envelope
+from schemas.errors import InvalidDataError
+from schemas.models import Anchor, Record, Status
+
+__all__ = [
+    "Context",
+    "Job",
+    "Outcome",
+    "RecordFacts",
+    "StatusFacts",
+    "Verifier",
+    "run_jobs",
+]
+
+_log = logging.getLogger("resolver.replica")
+
+POOL_MIN_JOBS: Final = 2000
+"""Batches smaller than this run inline (no process start-up, no pickling)."""
+CHUNK: Final = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class RecordFacts:
+    """What the replica indexes about a verified record."""
+
+    cpid: str
+    kind: str
+    public_key: str
+    version: int
+    expires_at: int
+    region: str
+    accelerators: tuple[str, ...]  # models, case-folded
+    labels: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, rec: Record) -> RecordFacts:
+        return cls(
+            rec.cpid,
+            rec.kind,
+            rec.public_key,
+            rec.version,
+            rec.expires_at,
+            rec.location.region,
+            tuple(sorted({a.model.casefold() for a in rec.attributes.accelerators})),
+            tuple(sorted(rec.labels.items())),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StatusFacts:
+    """What the replica needs from a verified status."""
+
+    cpid: str
+    state: str
+    accelerators_free: int
+    cpu_free: int | None
+
+    @classmethod
+    def of(cls, st: Status) -> StatusFacts:
+        return cls(st.cpid, st.state, st.capacity.accelerators_free, st.capacity.cpu_free)
+
+
+Job = (
+    tuple[Literal["record"], str, Envelope, Envelope | None]
+    | tuple[Literal["status"], str, Envelope]
+)
+"""``("record", signer_kid, envelope, status_envelope_or_None)`` or
+``("status", record_public_key, envelope)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Everything a batch of jobs is verified against."""
+
+    anchors: tuple[Anchor, ...]
+    chains: Mapping[str, tuple[Envelope, ...]]
+    revocations: Mapping[str, Envelope]
+    now: int
+    skew: int = CLOCK_SKEW
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The verdict on one job.
+
+    For a failure: the first failed check of the contract's verifier (for a status:
+    ``rule`` 0 and the error's code as ``what``) and its full message.  For a success:
+    the facts, and the parsed model when the job ran inline.  ``status`` is the outcome
+    of the status carried by a record job (None if there was none, or the record failed).
+    """
+
+    ok: bool
+    rule: int = 0
+    what: str = ""
+    detail: str = ""
+    message: str = ""
+    facts: RecordFacts | StatusFacts | None = None
+    document: Record | Status | None = field(default=None, compare=False)
+    status: Outcome | None = None
+
+
+def _status(env: Envelope, public_key: str, keep: bool) -> Outcome:
+    try:
+        st = open_signed(env, public_key=public_key, expected=Status)
+    except InvalidDataError as exc:
+        return Outcome(False, 0, exc.code, str(exc), str(exc))
+    return Outcome(True, facts=StatusFacts.of(st), document=st if keep else None)
+
+
+def run_jobs(ctx: Context, jobs: Sequence[Job], *, keep_documents: bool = True) -> list[Outcome]:
+    """Verify every job; the chain of each signing key is walked once per call."""
+    anchors = TrustAnchors(ctx.anchors)
+    prepared: dict[str, PreparedChain] = {}
+    out: list[Outcome] = []
+    for job in jobs:
+        if job[0] == "status":
+            _, public_key, env = job
+            out.append(_status(env, public_key, keep_documents))
+            continue
+        _, kid, env, status_env = job
+        chain = prepared.get(kid)
+        if chain is None:
+            chain = prepared[kid] = prepare_chain(
+                ctx.chains.get(kid, ()),
+                anchors=anchors,
+                revocations=ctx.revocations,
+                now=ctx.now,
+                skew=ctx.skew,
+            )
+        result = verify_record_prepared(env, chain)
+        f = result.failure
+        if f is not None:
+            out.append(Outcome(False, f.rule, f.what, f.detail, result.reason))
+            continue
+        rec = result.record
+        assert rec is not None
+        status = None if status_env is None else _status(status_env, rec.public_key, keep_documents)
+        out.append(
+            Outcome(
+                True,
+                facts=RecordFacts.of(rec),
+                document=rec if keep_documents else None,
+                status=status,
+            )
+        )
+    return out
+
+
+def _worker_run(ctx: Context, jobs: list[Job]) -> list[Outcome]:
+    return run_jobs(ctx, jobs, keep_documents=False)
+
+
+def _warm() -> int:
+    return os.getpid()
+
+
+def _ignore(fut: asyncio.Future[list[int]]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        _log.debug("verification worker warm-up failed: %s", fut.exception())
+
+
+class Verifier:
+    """Runs job batches inline, or on a process pool when they are large.
+
+    ``workers``: pool size (``None``: the number of CPUs; 0 or 1: never use a pool).
+    The pool starts on the first large batch, or ahead of time with :meth:`prepare`.
+    """
+
+    def __init__(self, *, workers: int | None = None, pool_min_jobs: int = POOL_MIN_JOBS) -> None:
+        n = (os.cpu_count() or 1) if workers is None else workers
+        self.workers = n if n > 1 else 0
+        self.pool_min_jobs = pool_min_jobs
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._warming: asyncio.Future[list[int]] | None = None
+        self.checked_inline = 0
+        self.checked_pool = 0
+
+    def prepare(self) -> None:
+        """Start the worker processes in the background (no-op without workers)."""
+        if self.workers == 0 or self._pool is not None:
+            return
+        ctx = multiprocessing.get_context("spawn")
+        self._pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx)
+        loop = asyncio.get_running_loop()
+        self._warming = asyncio.gather(
+            *(loop.run_in_executor(self._pool, _warm) for _ in range(self.workers))
+        )
+        self._warming.add_done_callback(_ignore)
+
+    def uses_pool(self, n: int) -> bool:
+        return self.workers > 0 and n >= self.pool_min_jobs
+
+    async def run(self, ctx: Context, jobs: Sequence[Job]) -> AsyncIterator[list[Outcome]]:
+        """Verify every job; yields outcome lists that, concatenated, follow the jobs.
+
+        Small batches run inline (one list); large ones in chunks on the pool, each
+        yielded as soon as it and the chunks before it are done.
+        """
+        if not self.uses_pool(len(jobs)):
+            self.checked_inline += len(jobs)
+            yield run_jobs(ctx, jobs)
+            return
+        self.prepare()
+        assert self._pool is not None
+        loop = asyncio.get_running_loop()
+        pool = self._pool
+        futures = [
+            loop.run_in_executor(pool, _worker_run, ctx, list(jobs[i : i + CHUNK]))
+            for i in range(0, len(jobs), CHUNK)
+        ]
+        try:
+            for i, fut in enumerate(futures):
+                try:
+                    part = await fut
+                except concurrent.futures.process.BrokenProcessPool:
+                    _log.warning("verification worker pool broke; verifying the rest inline")
+                    self._pool = None
+                    rest = jobs[i * CHUNK :]
+                    self.checked_inline += len(rest)
+                    yield run_jobs(ctx, rest)
+                    return
+                self.checked_pool += len(part)
+                yield part
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+    async def close(self) -> None:
+        """Stop the worker processes (a later large batch starts them again)."""
+        pool, self._pool = self._pool, None
+        if self._warming is not None:
+            self._warming.cancel()
+            self._warming = None
+        if pool is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(pool.shutdown, wait=True, cancel_futures=True)
+            )

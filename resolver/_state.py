@@ -1,0 +1,948 @@
+"""The replica's state: what the index holds, what verified, what is served.  No I/O.
+
+:class:`ReplicaState` is fed key changes (:class:`Change`, from a listing or a watch),
+one etcd revision at a time, through :meth:`ReplicaState.apply`; the clock drives
+:meth:`ReplicaState.sweep`.  Both return the resulting :class:`~resolver.events.Event`
+group and append it to the event ring.  Verification is the only expensive step;
+it is handed to a runner (inline or a process pool, :mod:`resolver._pool`) and
+awaited, which is the only place either method yields to the event loop.  Lookups in
+the meantime see the state as it was before the batch: an entry is replaced only
+after everything it depends on has been checked.
+
+What is kept per collection (DESIGN.md section 3):
+
+* ``/certs/``, ``/revoked/``: envelopes as stored; the chain of each signing key is
+  verified once (:func:`resolver._verify.verify_signer`) and re-verified when a cert or
+  revocation changes or a validity window closes;
+* ``/rec/``: every record, served or not, with the outcome of its verification by
+  :func:`schemas.chain.verify_record_prepared` (once per revision; again only when its
+  chain's verdict changes, a revocation names its key, or its validity window closes);
+* ``/live/``: statuses, verified under the record's key before use;
+* ``/alloc/``, ``/claim/``: claimed units per CPID and the claims themselves;
+* ``/ns/``: namespace entries (unsigned; shown with whether their key's chain verifies).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import math
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from registry.index import Prefix, parse_key
+from resolver._pool import Context, Job, Outcome, RecordFacts, StatusFacts
+from resolver._verify import SignerVerdict, label_of, pending_revocation, verify_signer
+from resolver.discovery import DiscoveryIndex, LatencyTable
+from resolver.entry import Entry
+from resolver.events import Event, EventLog
+from schemas import keys as _keys
+from schemas.chain import CLOCK_SKEW, TrustAnchors
+from schemas.cpid import CPID
+from schemas.dsse import Envelope
+from schemas.errors import EnvelopeError
+from schemas.models import Record, Status
+
+__all__ = ["Change", "MassExpiry", "NamespaceInfo", "ReplicaSettings", "ReplicaState", "Runner"]
+
+_log = logging.getLogger("resolver.replica")
+
+UNREADABLE_ALLOC: Final = 1 << 30
+"""Claimed units assumed when an ``/alloc/`` value cannot be read (nothing is free)."""
+
+Runner = Callable[[Context, Sequence[Job]], AsyncIterator[list[Outcome]]]
+"""Verifies a batch of jobs (:meth:`resolver._pool.Verifier.run`): yields outcome lists
+that, concatenated, follow the jobs."""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One key change: a put (value, its ``mod_revision`` and lease) or a delete."""
+
+    type: Literal["put", "delete"]
+    key: str
+    value: bytes = b""
+    revision: int = 0
+    lease: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaSettings:
+    """Tunables of the replica (see ``docs/resolver.md``)."""
+
+    mass_expiry_threshold: float = 0.5
+    mass_expiry_min_live: int = 4
+    mass_expiry_window_s: float = 10.0
+    mass_expiry_hold_s: float = 300.0
+    skew: int = CLOCK_SKEW
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceInfo:
+    """A ``/cpi/v1/ns/<prefix>`` entry and whether its key's chain verifies."""
+
+    prefix: str
+    kid: str
+    endpoints: tuple[str, ...]
+    revision: int
+    verified: bool
+
+
+@dataclass(slots=True)
+class MassExpiry:
+    """A namespace under mass-expiry protection."""
+
+    namespace: str
+    since: float
+    until: float
+    disappeared: int
+    live_before: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "namespace": self.namespace,
+            "since": int(self.since),
+            "until": int(self.until),
+            "disappeared": self.disappeared,
+            "live_before": self.live_before,
+        }
+
+
+@dataclass(slots=True)
+class _Rec:
+    """One ``/rec/`` key and what its verification found."""
+
+    cpid: str  # the CPID in the key
+    revision: int
+    envelope: Envelope | None
+    error: str = ""  # why the value is not an envelope
+    facts: RecordFacts | None = None  # set once it verified
+    record: Record | None = None  # the model, when verification ran inline
+    parsed: CPID | None = None
+    reason: str = "pending"  # "" when served
+    detail: str = ""
+    counted: str = ""  # reason already counted and logged for this revision
+    valid_until: float = math.inf
+
+    @property
+    def signer(self) -> str:
+        return self.envelope.keyid if self.envelope is not None else ""
+
+
+@dataclass(slots=True)
+class _Live:
+    """One ``/live/`` key and its verification."""
+
+    revision: int
+    lease: int
+    envelope: Envelope | None
+    error: str = ""
+    facts: StatusFacts | None = None  # set once verified under checked_key
+    status: Status | None = None  # the model, when verification ran inline
+    checked_key: str = ""
+    reason: str = ""
+    counted: bool = False
+
+
+@dataclass(slots=True)
+class _Batch:
+    """What one apply/sweep touched."""
+
+    revision: int
+    now: int
+    dirty_recs: set[str] = field(default_factory=set)
+    dirty_lives: set[str] = field(default_factory=set)
+    touched: dict[str, Entry | None] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    live_deleted: list[tuple[str, _Live]] = field(default_factory=list)
+    rec_deleted: set[str] = field(default_factory=set)
+
+
+def _split_cpid(canonical: str) -> CPID:
+    """A :class:`CPID` from text the verifier already accepted (rule 5), without re-checking."""
+    prefix, _, suffix = canonical.partition("/")
+    kind, _, rest = suffix.partition(".")
+    serial, _, check = rest.rpartition("-")
+    return CPID(prefix=prefix, kind=kind, serial=serial, check=check)
+
+
+_SERIAL: Final = 12
+
+
+def _serial_of(cpid: str) -> str:
+    """The serial part of a CPID in a key (``.../GPU.<serial>-<check>``), or ''."""
+    return cpid.rpartition(".")[2].rpartition("-")[0]
+
+
+def _namespace_of(cpid: str) -> str:
+    return cpid.partition("/")[0]
+
+
+def _read_units(value: bytes) -> int | None:
+    """Claimed units from an ``/alloc/`` value: ``N``, ``{"units": N}`` (or ``claimed``/``total``)."""
+    try:
+        obj = json.loads(value)
+    except ValueError:
+        return None
+    if isinstance(obj, dict):
+        obj = next((obj[k] for k in ("units", "claimed", "total") if k in obj), None)
+    if isinstance(obj, int) and not isinstance(obj, bool) and obj >= 0:
+        return obj
+    return None
+
+
+class ReplicaState:
+    """The verified replica.  Feed it changes; read :attr:`served` and :attr:`discovery`.
+
+    ``served`` maps canonical CPIDs to :class:`Entry`; nothing else is ever served.
+    """
+
+    def __init__(
+        self,
+        *,
+        anchors: TrustAnchors,
+        latency: LatencyTable | None = None,
+        settings: ReplicaSettings | None = None,
+        log: EventLog | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.anchors = anchors
+        self.settings = settings or ReplicaSettings()
+        self.log = log or EventLog()
+        self.clock = clock
+        self.served: dict[str, Entry] = {}
+        self.discovery = DiscoveryIndex(self.served, latency or LatencyTable())
+        self.revision = 0
+        self.generation = 0
+        self.certs: dict[str, tuple[Envelope, int]] = {}
+        self.revocations: dict[str, tuple[Envelope, int]] = {}
+        self.ns: dict[str, tuple[str, tuple[str, ...], int]] = {}
+        self.recs: dict[str, _Rec] = {}
+        self.lives: dict[str, _Live] = {}
+        self.allocs: dict[str, tuple[int, int]] = {}
+        self.claims: dict[str, dict[str, tuple[bytes, int, int]]] = {}
+        self.leases: dict[int, float] = {}
+        self.held: dict[str, tuple[_Live, int]] = {}
+        self.protected: dict[str, MassExpiry] = {}
+        self.listeners: list[Callable[[Event], None]] = []
+        self.failures: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.mass_expiry_events = 0
+        self._revocation_envs: dict[str, Envelope] = {}
+        self._signers: dict[str, SignerVerdict] = {}
+        self._by_signer: dict[str, set[str]] = {}
+        # records by the serial in their key: a node key's kid starts with its CPID's serial,
+        # so a revocation of kid K concerns the records whose serial is K[:12]
+        self._by_serial: dict[str, set[str]] = {}
+        self._revoked_serials: set[str] = set()
+        self._deadlines: list[tuple[float, str, int]] = []
+        self._live_count: Counter[str] = Counter()
+        self._lease_refs: Counter[int] = Counter()  # lease id -> live keys on it
+        self._windows: dict[str, deque[tuple[float, str, _Live]]] = {}
+        self._reported_signers: set[tuple[object, ...]] = set()
+
+    # ==================================================================================
+    # reading
+    # ==================================================================================
+
+    def get(self, cpid: str) -> Entry | None:
+        """The served entry for canonical ``cpid`` (None if absent or past its validity)."""
+        entry = self.served.get(cpid)
+        if entry is not None and entry.valid_until < self.clock():
+            return None
+        return entry
+
+    def rejection(self, cpid: str) -> tuple[str, str] | None:
+        """``(reason, detail)`` when the index holds a record for ``cpid`` that is not served."""
+        rs = self.recs.get(cpid)
+        if rs is None or not rs.reason:
+            return None
+        return rs.reason, rs.detail
+
+    def namespaces(self) -> list[NamespaceInfo]:
+        out = []
+        for prefix, (kid, endpoints, rev) in sorted(self.ns.items()):
+            v = self._signer(kid, int(self.clock()))
+            out.append(NamespaceInfo(prefix, kid, endpoints, rev, v.ok and v.subject == prefix))
+        return out
+
+    def live_leases(self) -> set[int]:
+        """Leases of the live keys held (their expiry feeds DNS TTLs)."""
+        return set(self._lease_refs)
+
+    def sizes(self) -> dict[str, int]:
+        return {
+            "served": len(self.served),
+            "records": len(self.recs),
+            "live": len(self.lives),
+            "certs": len(self.certs),
+            "revoked": len(self.revocations),
+            "ns": len(self.ns),
+            "alloc": len(self.allocs),
+            "claims": sum(len(c) for c in self.claims.values()),
+            "held": len(self.held),
+        }
+
+    def keys(self) -> dict[str, int]:
+        """Every key the replica tracks, with its ``mod_revision`` (for re-list diffs)."""
+        out: dict[str, int] = {}
+        for kid, (_, rev) in self.certs.items():
+            out[Prefix.CERTS + kid] = rev
+        for ident, (_, rev) in self.revocations.items():
+            out[Prefix.REVOKED + ident] = rev
+        for prefix, (_, _, rev) in self.ns.items():
+            out[Prefix.NS + prefix] = rev
+        for cpid, rs in self.recs.items():
+            out[Prefix.REC + cpid] = rs.revision
+        for cpid, lv in self.lives.items():
+            out[Prefix.LIVE + cpid] = lv.revision
+        for cpid, (_, rev) in self.allocs.items():
+            out[Prefix.ALLOC + cpid] = rev
+        for cpid, claims in self.claims.items():
+            for claim_id, (_, rev, _) in claims.items():
+                out[f"{Prefix.CLAIM}{cpid}/{claim_id}"] = rev
+        return out
+
+    def diff(self, snapshot: Mapping[str, tuple[bytes, int, int]], revision: int) -> list[Change]:
+        """Changes that turn the tracked keys into ``snapshot`` (key -> value, mod_revision, lease)."""
+        current = self.keys()
+        changes = [
+            Change("put", key, value, rev, lease)
+            for key, (value, rev, lease) in snapshot.items()
+            if current.get(key) != rev
+        ]
+        changes.extend(
+            Change("delete", key, revision=revision) for key in current if key not in snapshot
+        )
+        return changes
+
+    # ==================================================================================
+    # feeding
+    # ==================================================================================
+
+    async def apply(
+        self, changes: Sequence[Change], revision: int, *, check: Runner, emit: bool = True
+    ) -> list[Event]:
+        """Apply the changes of etcd ``revision`` (a watch batch or a re-list diff).
+
+        ``emit=False`` (the first listing) builds the state without events.
+        """
+        batch = _Batch(revision, int(self.clock()))
+        trust_changed = False
+        revoked_ids: set[str] = set()
+        for ch in changes:
+            try:
+                collection, name = parse_key(ch.key)
+            except ValueError:
+                continue
+            if collection is Prefix.CERTS:
+                trust_changed |= self._put_cert(name, ch)
+            elif collection is Prefix.REVOKED:
+                trust_changed |= self._put_revocation(name, ch)
+                revoked_ids.add(name)
+            elif collection is Prefix.NS:
+                self._put_ns(name, ch)
+            elif collection is Prefix.REC:
+                self._put_rec(name, ch, batch)
+            elif collection is Prefix.LIVE:
+                self._put_live(name, ch, batch)
+            elif collection is Prefix.ALLOC:
+                self._put_alloc(name, ch, batch)
+            elif collection is Prefix.CLAIM:
+                self._put_claim(name, ch)
+        if trust_changed:
+            self._trust_changed(batch, revoked_ids)
+        self.revision = max(self.revision, revision)
+        return await self._commit(batch, check=check, emit=emit)
+
+    async def sweep(self, *, check: Runner) -> list[Event]:
+        """Act on the clock: validity windows that closed (or opened), holds that ended."""
+        now = self.clock()
+        batch = _Batch(self.revision, int(now))
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, cpid, rev = heapq.heappop(self._deadlines)
+            rs = self.recs.get(cpid)
+            if rs is not None and rs.revision == rev:
+                batch.dirty_recs.add(cpid)
+        for kid, verdict in list(self._signers.items()):
+            if verdict.valid_until <= now:
+                del self._signers[kid]
+                new = self._signer(kid, batch.now)
+                if new.fingerprint() != verdict.fingerprint():
+                    batch.dirty_recs |= self._by_signer.get(kid, set())
+        for ns, prot in list(self.protected.items()):
+            if prot.until <= now:
+                dropped = [c for c in self.held if _namespace_of(c) == ns]
+                _log.warning(
+                    "mass-expiry hold of %s ended after %.0f s: %d held entries were not "
+                    "renewed and are no longer shown as live",
+                    ns,
+                    now - prot.since,
+                    len(dropped),
+                )
+                for cpid in dropped:
+                    del self.held[cpid]
+                    self._touch(batch, cpid, "mass_expiry", override=True)
+                del self.protected[ns]
+        for ns in list(self._windows):
+            self._prune_window(ns, now)
+        return await self._commit(batch, check=check, emit=True)
+
+    # -- per collection ---------------------------------------------------------------
+
+    def _put_cert(self, kid: str, ch: Change) -> bool:
+        if ch.type == "delete":
+            return self.certs.pop(kid, None) is not None
+        try:
+            env = Envelope.from_json(ch.value)
+        except EnvelopeError as exc:
+            _log.warning("ignoring %s%s at revision %d: %s", Prefix.CERTS, kid, ch.revision, exc)
+            return self.certs.pop(kid, None) is not None
+        self.certs[kid] = (env, ch.revision)
+        return True
+
+    def _put_revocation(self, ident: str, ch: Change) -> bool:
+        if ch.type == "delete":
+            self._revocation_envs.pop(ident, None)
+            self._revoked_serials = {k[:_SERIAL] for k in self._revocation_envs if k != ident}
+            return self.revocations.pop(ident, None) is not None
+        try:
+            env = Envelope.from_json(ch.value)
+        except EnvelopeError as exc:
+            _log.warning(
+                "ignoring %s%s at revision %d: %s", Prefix.REVOKED, ident, ch.revision, exc
+            )
+            self._revocation_envs.pop(ident, None)
+            return self.revocations.pop(ident, None) is not None
+        self.revocations[ident] = (env, ch.revision)
+        self._revocation_envs[ident] = env
+        self._revoked_serials.add(ident[:_SERIAL])
+        return True
+
+    def _put_ns(self, prefix: str, ch: Change) -> None:
+        if ch.type == "delete":
+            self.ns.pop(prefix, None)
+            return
+        try:
+            obj = json.loads(ch.value)
+            kid, endpoints = obj["kid"], obj.get("endpoints", [])
+            if not isinstance(kid, str) or not isinstance(endpoints, list):
+                raise TypeError("kid must be a string and endpoints a list")
+        except (ValueError, KeyError, TypeError) as exc:
+            _log.warning("ignoring %s%s: %s", Prefix.NS, prefix, exc)
+            self.ns.pop(prefix, None)
+            return
+        self.ns[prefix] = (kid, tuple(str(e) for e in endpoints), ch.revision)
+
+    def _put_rec(self, cpid: str, ch: Change, batch: _Batch) -> None:
+        old = self.recs.pop(cpid, None)
+        if old is not None:
+            self._forget_rec(old)
+        self._touch(batch, cpid, "record")
+        if ch.type == "delete":
+            batch.rec_deleted.add(cpid)
+            batch.reasons[cpid] = "deleted"
+            self.held.pop(cpid, None)
+            return
+        try:
+            env: Envelope | None = Envelope.from_json(ch.value)
+            error = ""
+        except EnvelopeError as exc:
+            env, error = None, str(exc)
+        rs = _Rec(cpid, ch.revision, env, error)
+        self.recs[cpid] = rs
+        self._by_signer.setdefault(rs.signer, set()).add(cpid)
+        self._by_serial.setdefault(_serial_of(cpid), set()).add(cpid)
+        batch.dirty_recs.add(cpid)
+        batch.dirty_lives.add(cpid)
+
+    def _forget_rec(self, rs: _Rec) -> None:
+        members = self._by_signer.get(rs.signer)
+        if members is not None:
+            members.discard(rs.cpid)
+            if not members:
+                del self._by_signer[rs.signer]
+        serial = _serial_of(rs.cpid)
+        owners = self._by_serial.get(serial)
+        if owners is not None:
+            owners.discard(rs.cpid)
+            if not owners:
+                del self._by_serial[serial]
+        if rs.reason and rs.reason != "pending":
+            self.rejected[rs.reason] -= 1
+
+    def _put_live(self, cpid: str, ch: Change, batch: _Batch) -> None:
+        old = self.lives.pop(cpid, None)
+        if old is not None and old.lease:
+            self._lease_refs[old.lease] -= 1
+            if not self._lease_refs[old.lease]:
+                del self._lease_refs[old.lease]
+        if ch.type == "put" and ch.lease:
+            self._lease_refs[ch.lease] += 1
+        self._touch(batch, cpid, "status")
+        batch.dirty_lives.add(cpid)
+        if ch.type == "delete":
+            if old is not None and old.facts is not None:
+                batch.live_deleted.append((cpid, old))
+            return
+        self.held.pop(cpid, None)
+        try:
+            env: Envelope | None = Envelope.from_json(ch.value)
+            error = ""
+        except EnvelopeError as exc:
+            env, error = None, str(exc)
+        lv = _Live(ch.revision, ch.lease, env, error)
+        if old is not None and env is not None and old.envelope == env:
+            # the same envelope re-written (e.g. on a new lease): already verified
+            lv.facts, lv.status = old.facts, old.status
+            lv.checked_key, lv.reason = old.checked_key, old.reason
+        self.lives[cpid] = lv
+
+    def _put_alloc(self, cpid: str, ch: Change, batch: _Batch) -> None:
+        self._touch(batch, cpid, "alloc")
+        if ch.type == "delete":
+            self.allocs.pop(cpid, None)
+            return
+        units = _read_units(ch.value)
+        if units is None:
+            _log.warning(
+                "%s%s holds %r, expected a number of units; nothing of it counts as free",
+                Prefix.ALLOC,
+                cpid,
+                ch.value[:64],
+            )
+            units = UNREADABLE_ALLOC
+        self.allocs[cpid] = (units, ch.revision)
+
+    def _put_claim(self, name: str, ch: Change) -> None:
+        cpid, _, claim_id = name.rpartition("/")
+        if ch.type == "delete":
+            claims = self.claims.get(cpid)
+            if claims is not None:
+                claims.pop(claim_id, None)
+                if not claims:
+                    del self.claims[cpid]
+            return
+        self.claims.setdefault(cpid, {})[claim_id] = (ch.value, ch.revision, ch.lease)
+
+    # -- trust ------------------------------------------------------------------------
+
+    def _signer(self, kid: str, now: int) -> SignerVerdict:
+        v = self._signers.get(kid)
+        if v is None:
+            certs = self.certs
+
+            def lookup(k: str) -> Envelope | None:
+                found = certs.get(k)
+                return None if found is None else found[0]
+
+            v = verify_signer(
+                kid,
+                lookup,
+                anchors=self.anchors,
+                revocations=self._revocation_envs,
+                now=now,
+                skew=self.settings.skew,
+            )
+            self._signers[kid] = v
+        return v
+
+    def _trust_changed(self, batch: _Batch, revoked_ids: set[str]) -> None:
+        old = self._signers
+        self._signers = {}
+        for kid, members in self._by_signer.items():
+            before = old.get(kid)
+            after = self._signer(kid, batch.now)
+            if before is None or before.fingerprint() != after.fingerprint():
+                batch.dirty_recs |= members
+        for ident in revoked_ids:
+            batch.dirty_recs |= self._by_serial.get(ident[:_SERIAL], set())
+
+    # -- commit -----------------------------------------------------------------------
+
+    def _touch(self, batch: _Batch, cpid: str, reason: str, *, override: bool = False) -> None:
+        """Note that ``cpid``'s entry may change in this batch, and why (first reason wins)."""
+        if cpid not in batch.touched:
+            batch.touched[cpid] = self.served.get(cpid)
+        if override:
+            batch.reasons[cpid] = reason
+        else:
+            batch.reasons.setdefault(cpid, reason)
+
+    async def _commit(self, batch: _Batch, *, check: Runner, emit: bool) -> list[Event]:
+        await self._verify_records(batch, check)
+        await self._verify_statuses(batch, check)
+        if emit:
+            self._mass_expiry(batch)
+        events = self._rebuild(batch, emit=emit)
+        for ns in [
+            ns for ns in self.protected if not any(_namespace_of(c) == ns for c in self.held)
+        ]:
+            prot = self.protected.pop(ns)
+            _log.warning(
+                "mass-expiry protection of %s ended: the live keys came back (held since %d)",
+                ns,
+                int(prot.since),
+            )
+        return events
+
+    async def _verify_records(self, batch: _Batch, check: Runner) -> None:
+        """Verify every dirty record with the contract's verifier, then decide on it.
+
+        A record whose status has not been verified yet takes it along in the same job.
+        """
+        now = batch.now
+        jobs: list[Job] = []
+        targets: list[_Rec] = []
+        decided: list[tuple[_Rec, Outcome | None]] = []
+        chains: dict[str, tuple[Envelope, ...]] = {}
+        for cpid in batch.dirty_recs:
+            rs = self.recs.get(cpid)
+            if rs is None:
+                continue
+            if rs.envelope is None:
+                decided.append((rs, None))
+                continue
+            v = self._signer(rs.signer, now)
+            if not v.ok:
+                # verify_record_prepared stops at the chain's own failure: same outcome
+                decided.append((rs, Outcome(False, v.rule, v.what, v.check_detail, v.detail)))
+                continue
+            chains[v.kid] = v.chain
+            lv = self.lives.get(cpid)
+            carry = lv.envelope if lv is not None and not lv.checked_key else None
+            jobs.append(("record", v.kid, rs.envelope, carry))
+            targets.append(rs)
+        for rs, outcome in decided:
+            self._evaluate(rs, outcome, batch)
+        if not jobs:
+            return
+        ctx = Context(
+            tuple(self.anchors), chains, dict(self._revocation_envs), now, self.settings.skew
+        )
+        i = 0
+        async for outcomes in check(ctx, jobs):
+            for outcome in outcomes:
+                rs = targets[i]
+                i += 1
+                if self.recs.get(rs.cpid) is not rs:
+                    continue
+                self._evaluate(rs, outcome, batch)
+                if outcome.status is not None and rs.facts is not None:
+                    lv = self.lives.get(rs.cpid)
+                    carried = jobs[i - 1][3]  # type: ignore[misc]
+                    if lv is not None and lv.envelope is carried:
+                        self._status_outcome(rs.cpid, lv, rs.facts.public_key, outcome.status)
+
+    def _evaluate(self, rs: _Rec, outcome: Outcome | None, batch: _Batch) -> None:
+        """Decide whether ``rs`` is served, from the verifier's ``outcome``."""
+        now = batch.now
+        skew = self.settings.skew
+        was = rs.reason
+        reason = detail = ""
+        valid_until = math.inf
+        retry_at: float | None = None
+        v: SignerVerdict | None = None
+        rs.facts = rs.record = rs.parsed = None
+        if rs.envelope is None or outcome is None:
+            reason, detail = "malformed", f"not a DSSE envelope: {rs.error}"
+        else:
+            v = self._signer(rs.signer, now)
+            if not outcome.ok:
+                reason = label_of(outcome.rule, outcome.what, outcome.detail)
+                detail = outcome.message
+                if reason == "not_yet_valid":
+                    retry_at = float(now + 60)
+            else:
+                facts = outcome.facts
+                assert isinstance(facts, RecordFacts)
+                canonical = facts.cpid.upper()  # verified well formed (rule 5): only case varies
+                if canonical != rs.cpid:
+                    reason = "wrong_key"
+                    detail = f"record for {canonical} is stored under the key of {rs.cpid}"
+                else:
+                    parsed = _split_cpid(canonical)
+                    rs.facts, rs.parsed = facts, parsed
+                    rs.record = outcome.document if isinstance(outcome.document, Record) else None
+                    valid_until = min(float(facts.expires_at + skew), v.valid_until)
+                    if parsed.serial in self._revoked_serials:  # rare: hash the key
+                        valid_until = min(
+                            valid_until,
+                            pending_revocation(
+                                _keys.kid(_keys.b64url_decode(facts.public_key)),
+                                parsed.prefix,
+                                v,
+                                self._revocation_envs,
+                                now=now,
+                                skew=skew,
+                            ),
+                        )
+        if reason:
+            rs.valid_until = -math.inf
+            if retry_at is not None:
+                heapq.heappush(self._deadlines, (retry_at, rs.cpid, rs.revision))
+        else:
+            rs.valid_until = valid_until
+            if valid_until < math.inf:
+                heapq.heappush(self._deadlines, (valid_until, rs.cpid, rs.revision))
+        rs.reason, rs.detail = reason, detail
+        if was != reason:
+            if was and was != "pending":
+                self.rejected[was] -= 1
+            if reason:
+                self.rejected[reason] += 1
+        # served or not, what is shown may change (a new revision, a new chain)
+        self._touch(batch, rs.cpid, reason or "verify")
+        batch.dirty_lives.add(rs.cpid)
+        if reason and rs.counted != reason:
+            rs.counted = reason
+            self.failures[reason] += 1
+            self._report(rs, v)
+
+    def _report(self, rs: _Rec, v: SignerVerdict | None) -> None:
+        """Log a rejected record once per (CPID, revision, reason); chain failures once per chain."""
+        if v is not None and not v.ok:
+            fp = (v.kid, v.fingerprint())
+            if fp not in self._reported_signers:
+                if len(self._reported_signers) > 10_000:
+                    self._reported_signers.clear()
+                self._reported_signers.add(fp)
+                _log.warning(
+                    "records signed by key %s are not served (%s): %s",
+                    v.kid or "<none>",
+                    v.reason,
+                    v.detail,
+                )
+            _log.debug(
+                "not serving %s (revision %d): %s: %s", rs.cpid, rs.revision, rs.reason, rs.detail
+            )
+            return
+        _log.warning(
+            "not serving %s (revision %d): %s: %s", rs.cpid, rs.revision, rs.reason, rs.detail
+        )
+
+    async def _verify_statuses(self, batch: _Batch, check: Runner) -> None:
+        """Verify every dirty status not yet verified under its (served) record's key."""
+        jobs: list[Job] = []
+        targets: list[tuple[str, _Live, str]] = []
+        for cpid in batch.dirty_lives:
+            lv = self.lives.get(cpid)
+            if lv is None:
+                continue
+            self._touch(batch, cpid, "status")
+            rs = self.recs.get(cpid)
+            if rs is None or rs.reason or rs.facts is None:
+                continue  # kept unverified until its record is served
+            key = rs.facts.public_key
+            if lv.checked_key == key:
+                continue
+            if lv.envelope is None:
+                self._status_failed(cpid, lv, key, "status_malformed", lv.error)
+                continue
+            jobs.append(("status", key, lv.envelope))
+            targets.append((cpid, lv, key))
+        if not jobs:
+            return
+        ctx = Context(tuple(self.anchors), {}, {}, batch.now, self.settings.skew)
+        i = 0
+        async for outcomes in check(ctx, jobs):
+            for o in outcomes:
+                cpid, lv, key = targets[i]
+                i += 1
+                if self.lives.get(cpid) is lv:
+                    self._status_outcome(cpid, lv, key, o)
+
+    def _status_outcome(self, cpid: str, lv: _Live, key: str, o: Outcome) -> None:
+        if not o.ok:
+            self._status_failed(cpid, lv, key, f"status_{o.what}", o.message)
+            return
+        facts = o.facts
+        assert isinstance(facts, StatusFacts)
+        if facts.cpid != cpid:
+            self._status_failed(
+                cpid,
+                lv,
+                key,
+                "status_wrong_key",
+                f"status is about {facts.cpid}, but is stored under the live key of {cpid}",
+            )
+            return
+        lv.facts, lv.checked_key, lv.reason = facts, key, ""
+        lv.status = o.document if isinstance(o.document, Status) else None
+
+    def _status_failed(self, cpid: str, lv: _Live, key: str, label: str, message: str) -> None:
+        lv.facts, lv.status, lv.checked_key, lv.reason = None, None, key, message
+        if not lv.counted:
+            lv.counted = True
+            self.failures[label] += 1
+            _log.warning("ignoring the status of %s (revision %d): %s", cpid, lv.revision, message)
+
+    # -- mass expiry ------------------------------------------------------------------
+
+    def _prune_window(self, ns: str, now: float) -> None:
+        win = self._windows.get(ns)
+        if win is None:
+            return
+        horizon = now - self.settings.mass_expiry_window_s
+        while win and win[0][0] < horizon:
+            win.popleft()
+        if not win:
+            del self._windows[ns]
+
+    def _mass_expiry(self, batch: _Batch) -> None:
+        """Hold the statuses of a namespace whose live keys vanish en masse."""
+        if not batch.live_deleted:
+            return
+        s = self.settings
+        now = self.clock()
+        by_ns: dict[str, list[tuple[str, _Live]]] = {}
+        for cpid, lv in batch.live_deleted:
+            rs = self.recs.get(cpid)
+            if cpid in batch.rec_deleted or rs is None or rs.reason or cpid in self.lives:
+                continue
+            by_ns.setdefault(_namespace_of(cpid), []).append((cpid, lv))
+        for ns, items in by_ns.items():
+            if ns in self.protected:
+                for cpid, lv in items:
+                    self.held[cpid] = (lv, batch.revision)
+                    self._touch(batch, cpid, "mass_expiry", override=True)
+                self.protected[ns].disappeared += len(items)
+                continue
+            self._prune_window(ns, now)
+            win = self._windows.setdefault(ns, deque())
+            earlier = len(win)
+            win.extend((now, cpid, lv) for cpid, lv in items)
+            # live when the window opened: still counted (this batch not yet removed) + earlier losses
+            live_before = self._live_count[ns] + earlier
+            if (
+                live_before < s.mass_expiry_min_live
+                or len(win) / live_before <= s.mass_expiry_threshold
+            ):
+                continue
+            prot = MassExpiry(ns, now, now + s.mass_expiry_hold_s, len(win), live_before)
+            self.protected[ns] = prot
+            self.mass_expiry_events += 1
+            for _, cpid, lv in win:
+                rs = self.recs.get(cpid)
+                if rs is not None and not rs.reason and cpid not in self.lives:
+                    self.held[cpid] = (lv, batch.revision)
+                    self._touch(batch, cpid, "mass_expiry", override=True)
+            del self._windows[ns]
+            _log.warning(
+                "mass expiry in %s: %d of %d live entries disappeared within %.0f s; keeping "
+                "their last verified status for up to %.0f s (until the live keys return)",
+                ns,
+                prot.disappeared,
+                live_before,
+                s.mass_expiry_window_s,
+                s.mass_expiry_hold_s,
+            )
+
+    # -- entries ----------------------------------------------------------------------
+
+    def _build(self, cpid: str, revision: int) -> Entry | None:
+        rs = self.recs.get(cpid)
+        if rs is None or rs.reason or rs.facts is None or rs.envelope is None:
+            return None
+        v = self._signers.get(rs.signer)
+        if v is None or not v.ok or rs.parsed is None:
+            return None
+        lv = self.lives.get(cpid)
+        live: _Live | None = None
+        held = False
+        held_until = 0.0
+        status_rev = 0
+        if lv is not None and lv.facts is not None:
+            live, status_rev = lv, lv.revision
+        elif cpid in self.held:
+            live, status_rev = self.held[cpid]
+            prot = self.protected.get(_namespace_of(cpid))
+            held, held_until = True, prot.until if prot is not None else 0.0
+        claimed, alloc_rev = self.allocs.get(cpid, (0, 0))
+        chain_rev = max((self.certs[k][1] for k in v.kids if k in self.certs), default=0)
+        return Entry(
+            cpid=cpid,
+            id=rs.parsed,
+            facts=rs.facts,
+            envelope=rs.envelope,
+            chain=v.chain,
+            kid=v.kid,
+            record_revision=rs.revision,
+            status_facts=live.facts if live is not None else None,
+            status_envelope=live.envelope if live is not None else None,
+            status_revision=status_rev,
+            lease=live.lease if live is not None else 0,
+            live_held=held,
+            held_until=held_until,
+            claimed=claimed,
+            revision=max(rs.revision, status_rev, alloc_rev, chain_rev),
+            generation=self.generation + 1,
+            valid_until=rs.valid_until,
+            leases=self.leases,
+            _record=rs.record,
+            _status=live.status if live is not None else None,
+        )
+
+    @staticmethod
+    def _same(a: Entry, b: Entry) -> bool:
+        return (
+            a.envelope is b.envelope
+            and a.status_envelope is b.status_envelope
+            and a.status_facts == b.status_facts
+            and a.claimed == b.claimed
+            and a.live_held == b.live_held
+            and a.lease == b.lease
+            and a.chain == b.chain
+        )
+
+    def _rebuild(self, batch: _Batch, *, emit: bool) -> list[Event]:
+        events: list[Event] = []
+        cursor = self.log.next_cursor(batch.revision) if emit else (batch.revision, 0)
+        for cpid, old in batch.touched.items():
+            new = self._build(cpid, batch.revision)
+            if new is not None and old is not None and self._same(old, new):
+                old.valid_until = new.valid_until
+                continue
+            if new is None and old is None:
+                continue
+            if old is not None:
+                self.discovery.remove(old)
+                if old.live and not old.live_held:
+                    self._live_count[old.namespace] -= 1
+            if new is not None:
+                self.generation += 1
+                self.served[cpid] = new
+                self.discovery.add(new)
+                if new.live and not new.live_held:
+                    self._live_count[new.namespace] += 1
+            else:
+                del self.served[cpid]
+            if emit:
+                reason = batch.reasons.get(cpid, "verify")
+                if new is None:
+                    rs = self.recs.get(cpid)
+                    if rs is not None and rs.reason:
+                        reason = rs.reason
+                    events.append(Event("delete", cpid, cursor, None, old, reason))
+                else:
+                    events.append(Event("put", cpid, cursor, new, old, reason))
+        if events:
+            events = [
+                Event(e.type, e.cpid, e.cursor, e.entry, e.prev, e.reason, i == len(events) - 1)
+                for i, e in enumerate(events)
+            ]
+            self.log.append(events)
+            for ev in events:
+                for listener in list(self.listeners):
+                    try:
+                        listener(ev)
+                    except Exception:
+                        _log.exception("replica listener %r failed", listener)
+        return events
+
+    def iter_entries(self) -> Iterable[Entry]:
+        return self.served.values()

@@ -1,0 +1,984 @@
+"""On-demand acquisition: atomic claims on verified, live capacity.  No HTTP here.
+
+A claim reserves ``units`` of one resource for ``ttl_s`` seconds on behalf of a
+*holder* (named by its claims token, :mod:`resolver.claim_tokens`).  Three kinds of
+keys (DESIGN.md section 3; built by :class:`registry.index.Keys` only):
+
+* ``/cpi/v1/claim/<cpid>/<claim-id>``: ``{"claim_id", "cpid", "holder", "units",
+  "created_at", "expires_at"}``, on the claim's **own lease** (TTL ``ttl_s``);
+* ``/cpi/v1/alloc/<cpid>``: ``{"units": N}``, the units claimed on the resource, the
+  compare-and-swap point of its capacity;
+* ``/cpi/v1/holders/<holder>``: ``{"units": N}``, the units the holder holds over all
+  resources, the compare-and-swap point of its quota.
+
+**Claim.**  The record comes from the resolver's replica (verified: chain, revocations,
+validity).  The live key, ``/alloc/`` and ``/holders/`` are read from etcd (the status
+envelope is verified under the record's key), capacity and quota are checked, and
+**one transaction** compares the ``mod_revision`` of all three, writes both new totals
+and puts the claim key on its lease.  A status change (the node starts draining,
+its live key expires), another claim on the resource or another claim by the holder
+between the read and the write fails the compare; the transaction's failure branch
+returns the fresh keys and the claim is re-checked and retried, up to
+``max_attempts`` times with jittered back-off, then refused with what is free.
+
+Within one process, claims on one CPID queue for that CPID's leader task, which
+checks them in order and commits up to :data:`_BATCH` of them in one such
+transaction (group commit: each claim still has its own key and lease).  The keys
+written last are remembered, so a claim costs one transaction in the common case,
+its lease is granted while it queues, and compares fail only against other
+processes.  A refusal is only ever based on values read from etcd during the
+request.
+
+**Release** compares the claim key, ``/alloc/`` and ``/holders/``, deletes the claim
+and writes both totals decreased, in one transaction, then revokes the claim's lease.
+
+**Expiry.**  A lease that runs out deletes the claim key but not the totals.  The
+reconciler (:meth:`ClaimService.reconcile`) reads ``/claim/``, ``/alloc/`` and
+``/holders/`` at one revision and sets every total that differs from the sum of the
+live claim keys with a compare-and-put (logged).  It runs at start, every
+``reconcile_interval_s`` and ``reconcile_delay_s`` after a watch on ``/claim/`` sees
+a claim key deleted.  Claims written by a process that died expire with their
+leases; any instance's reconciler then fixes the totals.
+
+**Free units** (:func:`available_units`): the node's verified status reports
+``accelerators_free`` (CPU cores for records without accelerators) *after*
+subtracting the units it knew to be claimed, reported as the metric
+``claimed_units``; so what a new claim may take is
+``reported free + claimed_units - /alloc/`` (never below 0, never above the record's
+hardware).  A node that does not subtract (no ``claimed_units`` metric) gives
+``reported free - /alloc/``.
+
+**Claim ids** are ``<prefix>~<suffix>~<random>`` (the CPID with ``~`` for ``/``, then
+16 random URL-safe characters), so a release finds the key without a lookup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+import time
+from collections import Counter as Tally
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from registry.index import KV, Cmp, Compacted, Index, Keys, Lease, Op, Prefix, parse_key
+from resolver import claim_tokens
+from resolver._claim_model import (
+    CLAIMED_METRIC,
+    ID_SEPARATOR,
+    MAX_UNITS,
+    Claim,
+    ClaimConflictError,
+    ClaimForbiddenError,
+    ClaimNotFoundError,
+    ClaimsMetrics,
+    ClaimsSettings,
+    ContentionError,
+    DrainingError,
+    InsufficientCapacityError,
+    InvalidClaimError,
+    NotLiveError,
+    QuotaExceededError,
+    ReconcileReport,
+    available_units,
+    new_claim_id,
+    parse_claim_id,
+    read_units,
+    reported_claimed,
+    units_json,
+)
+from resolver.core import Resolver
+from resolver.discovery import Query
+from resolver.entry import Entry
+from schemas.chain import open_signed
+from schemas.cpid import parse as parse_cpid
+from schemas.dsse import Envelope
+from schemas.errors import CPIError, InvalidDataError, NotFoundError, RetrievalError
+from schemas.models import Record, Status
+
+__all__ = [
+    "CLAIMED_METRIC",
+    "ID_SEPARATOR",
+    "MAX_UNITS",
+    "Claim",
+    "ClaimConflictError",
+    "ClaimForbiddenError",
+    "ClaimNotFoundError",
+    "ClaimService",
+    "ClaimsMetrics",
+    "ClaimsSettings",
+    "ContentionError",
+    "DrainingError",
+    "InsufficientCapacityError",
+    "InvalidClaimError",
+    "NotLiveError",
+    "QuotaExceededError",
+    "ReconcileReport",
+    "available_units",
+    "new_claim_id",
+    "parse_claim_id",
+    "reported_claimed",
+]
+
+_log = logging.getLogger("resolver.claims")
+
+_MAX_CACHED_KEYS: Final = 50_000
+
+
+# =============================================================================
+# Internals
+# =============================================================================
+
+
+class _KeyedLocks:
+    """One asyncio lock per name, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, list[Any]] = {}  # name -> [lock, users]
+
+    @contextlib.asynccontextmanager
+    async def hold(self, name: str) -> AsyncIterator[None]:
+        slot = self._locks.get(name)
+        if slot is None:
+            slot = self._locks[name] = [asyncio.Lock(), 0]
+        slot[1] += 1
+        try:
+            async with slot[0]:
+                yield
+        finally:
+            slot[1] -= 1
+            if slot[1] == 0:
+                del self._locks[name]
+
+
+@dataclass(slots=True)
+class _Snapshot:
+    """The live key, ``/alloc/`` and the ``/holders/`` keys of one claim attempt."""
+
+    live: KV | None
+    alloc: KV | None
+    holders: dict[str, KV | None]
+    """Holder name -> its ``/holders/`` key."""
+    fresh: bool
+    """Read from etcd during this attempt (a refusal needs that)."""
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    """One claim waiting in its CPID's queue (see :meth:`ClaimService._lead`)."""
+
+    claim_id: str
+    units: int
+    ttl: int
+    holder: str
+    max_units: int | None
+    future: asyncio.Future[Claim]
+    lease: Lease | None = None
+    started: int = 0
+
+
+_BATCH: Final = 40
+"""Claims committed in one transaction at most (etcd allows 128 operations in one)."""
+
+
+def _rev(kv: KV | None) -> int:
+    return 0 if kv is None else kv.mod_revision
+
+
+def _written(key: str, value: bytes, old: KV | None, revision: int) -> KV:
+    """The KV a successful put of ours left (for the cache of known keys)."""
+    return KV(
+        key=key,
+        value=value,
+        create_revision=old.create_revision if old is not None else revision,
+        mod_revision=revision,
+        version=(old.version if old is not None else 0) + 1,
+        lease=0,
+    )
+
+
+# =============================================================================
+# The service
+# =============================================================================
+
+
+class ClaimService:
+    """Claims over the index, with records and discovery from a :class:`Resolver`.
+
+    Use ``async with ClaimService(index=..., resolver=...) as claims:`` (that starts the
+    reconciler; ``start(reconcile=False)`` runs none), or :meth:`start` / :meth:`close`.
+    The resolver must be started (and ready before claims are answered).
+
+    Args:
+        index: the etcd index, connected (usually ``resolver.index``).
+        resolver: where verified records and discovery come from.
+        settings: bounds and timings.
+        metrics: counters (a private registry when not given).
+        clock: Unix time (tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        index: Index,
+        resolver: Resolver,
+        settings: ClaimsSettings | None = None,
+        metrics: ClaimsMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._index = index
+        self._resolver = resolver
+        self.settings = settings or ClaimsSettings()
+        self.metrics = metrics or ClaimsMetrics()
+        self._clock = clock
+        self._locks = _KeyedLocks()
+        self._pending: dict[str, int] = {}  # CPID -> units of claims in progress on it
+        self._queues: dict[str, list[_Request]] = {}  # CPID -> claims waiting for its leader
+        self._leaders: dict[str, asyncio.Task[None]] = {}  # CPID -> its leader task
+        self._background: set[asyncio.Task[None]] = set()  # lease revocations
+        self._known: dict[str, KV | None] = {}
+        self._statuses: dict[str, tuple[int, str, Status]] = {}
+        self._rng = random.Random()
+        self._trigger = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_prune = 0.0
+        self.passes = 0
+        """Reconciliation passes run so far."""
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def start(self, *, reconcile: bool = True) -> None:
+        """Start the reconciler (a pass now, then periodic and after claim expiries)."""
+        if reconcile and not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._reconcile_loop(), name="claims-reconciler"),
+                asyncio.create_task(self._watch_claims(), name="claims-watch"),
+            ]
+
+    async def close(self) -> None:
+        """Stop the reconciler; claims still queued are refused (503).  Claims made stay
+        (they expire with their leases)."""
+        tasks, self._tasks = [*self._tasks, *self._leaders.values()], []
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def __aenter__(self) -> ClaimService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- requests ---------------------------------------------------------------------
+
+    def check_request(self, *, units: object, ttl_s: object = None) -> tuple[int, int]:
+        """``(units, ttl_s)`` validated (default TTL filled in); InvalidClaimError otherwise."""
+        if not isinstance(units, int) or isinstance(units, bool):
+            raise InvalidClaimError(f"units must be an integer, got {units!r}")
+        if not 1 <= units <= MAX_UNITS:
+            raise InvalidClaimError(f"units must be between 1 and {MAX_UNITS}, got {units}")
+        s = self.settings
+        ttl = s.default_ttl_s if ttl_s is None else ttl_s
+        if not isinstance(ttl, int) or isinstance(ttl, bool):
+            raise InvalidClaimError(f"ttl_s must be an integer number of seconds, got {ttl!r}")
+        if not 1 <= ttl <= s.max_ttl_s:
+            raise InvalidClaimError(f"ttl_s must be between 1 and {s.max_ttl_s} s, got {ttl}")
+        return units, ttl
+
+    async def claim(
+        self,
+        cpid: str,
+        *,
+        units: int,
+        ttl_s: int | None = None,
+        holder: str,
+        max_units: int | None = None,
+        within: str | None = None,
+    ) -> Claim:
+        """Claim ``units`` of ``cpid`` for ``holder`` (see the module docstring).
+
+        ``max_units`` is the holder's quota, ``within`` the namespace its token covers.
+
+        Raises:
+            InvalidClaimError, InvalidCPIDError: bad units, TTL or CPID (400).
+            ClaimScopeError: the CPID is outside ``within`` (403).
+            NotFoundError: no verified record for the CPID (404).
+            QuotaExceededError: over the holder's quota (429).
+            ClaimConflictError: not live, draining, too few units, contention (409).
+            RetrievalError: etcd unreachable, or the replica not ready (503).
+        """
+        units, ttl = self.check_request(units=units, ttl_s=ttl_s)
+        claim_tokens.check_holder(holder)
+        parsed = parse_cpid(cpid)
+        if within is not None:
+            claim_tokens.check_scope(within, parsed.prefix, holder=holder)
+        return await self._counted(self._claim_one(parsed.to_text(), units, ttl, holder, max_units))
+
+    async def claim_query(
+        self,
+        query: Query,
+        *,
+        units: int,
+        ttl_s: int | None = None,
+        holder: str,
+        max_units: int | None = None,
+        within: str | None = None,
+    ) -> Claim:
+        """Claim ``units`` on the best-ranked live resource matching ``query`` that can
+        hold them all (no partial claims); the next candidate is tried when one fails.
+
+        ``query.limit`` (at most ``settings.max_candidates``) bounds the candidates.
+        Raises as :meth:`claim`; with no candidate left, InsufficientCapacityError
+        carrying the most units any candidate had free.
+        """
+        units, ttl = self.check_request(units=units, ttl_s=ttl_s)
+        claim_tokens.check_holder(holder)
+        if within is not None:
+            if query.within is None:
+                query = dataclasses.replace(query, within=within)
+            else:
+                claim_tokens.check_scope(within, query.within, holder=holder)
+        q = dataclasses.replace(
+            query,
+            min_free=max(query.min_free or 0, units),
+            live=True,
+            limit=min(query.limit, self.settings.max_candidates),
+        )
+        return await self._counted(self._claim_best(q, units, ttl, holder, max_units))
+
+    async def _counted(self, work: Awaitable[Claim]) -> Claim:
+        try:
+            claim = await work
+        except (InvalidDataError, RetrievalError) as exc:
+            self.metrics.claims.labels(exc.code).inc()
+            raise
+        self.metrics.claims.labels("created").inc()
+        return claim
+
+    async def _claim_best(
+        self, q: Query, units: int, ttl: int, holder: str, max_units: int | None
+    ) -> Claim:
+        found = self._resolver.discover(q).results
+        if not found:
+            raise InsufficientCapacityError(
+                f"no live resource matching the query has {units} units free",
+                cpid=None,
+                requested=units,
+                free=0,
+            )
+        best = 0
+        refused: list[str] = []
+        for match in found:
+            try:
+                return await self._claim_one(match.cpid, units, ttl, holder, max_units)
+            except ClaimConflictError as exc:
+                best = max(best, exc.free)
+                refused.append(f"{match.cpid} {exc.code} ({exc.free} free)")
+            except NotFoundError:
+                refused.append(f"{match.cpid} gone")
+        shown = "; ".join(refused[:3]) + ("; ..." if len(refused) > 3 else "")
+        raise InsufficientCapacityError(
+            f"none of the {len(found)} resources matching the query could take {units} units "
+            f"(at most {best} free): {shown}",
+            cpid=None,
+            requested=units,
+            free=best,
+        )
+
+    async def _claim_one(
+        self, cpid: str, units: int, ttl: int, holder: str, max_units: int | None
+    ) -> Claim:
+        """Queue a claim on ``cpid``; the CPID's leader commits it (see :meth:`_lead`)."""
+        self._resolver.resolve(cpid)  # 404 (503 before the first listing) before any write
+        ahead = self._pending.get(cpid, 0)
+        self._pending[cpid] = ahead + units
+        try:
+            loop = asyncio.get_running_loop()
+            req = _Request(new_claim_id(cpid), units, ttl, holder, max_units, loop.create_future())
+            if self._likely_fits(cpid, units, ahead, holder, max_units):
+                req.started = int(self._clock())  # granted before queueing: grants overlap
+                req.lease = await self._index.grant_lease(ttl, revoke_on_exit=False)
+            self._queues.setdefault(cpid, []).append(req)
+            if cpid not in self._leaders:
+                self._leaders[cpid] = asyncio.create_task(self._lead(cpid), name=f"claims {cpid}")
+            return await req.future  # cancelling this cancels the request (see _settle)
+        finally:
+            left = self._pending[cpid] - units
+            if left:
+                self._pending[cpid] = left
+            else:
+                del self._pending[cpid]
+
+    def _likely_fits(
+        self, cpid: str, units: int, ahead: int, holder: str, max_units: int | None
+    ) -> bool:
+        """Whether the remembered keys leave room for this claim after the ``ahead`` units
+        of claims queued before it on the same CPID.  Then its lease is granted before it
+        queues, overlapping with the others' transactions; a wrong guess costs a lease
+        grant and revoke, never correctness.  No I/O."""
+        snap = self._cached(cpid, [holder])
+        entry = self._resolver.get(cpid)
+        if snap is None or entry is None:
+            return False
+        status, _ = self._status(entry, snap.live)
+        allocated, held = read_units(snap.alloc), read_units(snap.holders[holder])
+        if status is None or allocated is None or held is None:
+            return False
+        if max_units is not None and held + units > max_units:
+            return False
+        return available_units(entry.record, status, allocated + ahead) >= units
+
+    async def _lead(self, cpid: str) -> None:
+        """Commit the queued claims on ``cpid``, up to :data:`_BATCH` per transaction,
+        until the queue is empty.  One leader task per CPID and process: claims on one
+        resource never race each other here, only against other processes."""
+        batch: list[_Request] = []
+        try:
+            while True:
+                queue = self._queues.get(cpid)
+                if not queue:
+                    return
+                batch, queue[:] = queue[:_BATCH], queue[_BATCH:]
+                try:
+                    await self._commit_batch(cpid, batch)
+                except (InvalidDataError, RetrievalError) as exc:
+                    for r in batch:
+                        self._fail(r, exc)
+                except Exception as exc:
+                    _log.exception("claims on %s failed", cpid)
+                    for r in batch:
+                        self._fail(r, RetrievalError(f"claims on {cpid} failed: {exc!r}"))
+        finally:
+            stopping = RetrievalError("the claims service is stopping; retry")
+            for r in [*batch, *self._queues.pop(cpid, [])]:
+                self._fail(r, stopping)
+            self._leaders.pop(cpid, None)
+
+    async def _commit_batch(self, cpid: str, batch: list[_Request]) -> None:
+        """Check ``batch`` in order against the index and commit what fits in one
+        transaction; answer every request (claim or refusal)."""
+        holders = sorted({r.holder for r in batch})
+        snap = self._cached(cpid, holders)
+        attempt = 0
+        while True:
+            batch = [r for r in batch if not self._dropped(r)]
+            if not batch:
+                return
+            entry = self._resolver.resolve(cpid)  # verified, or NotFoundError
+            if snap is None:
+                snap = await self._read(cpid, holders)
+            accepted, refused, allocated, held = self._evaluate(entry, snap, batch)
+            if refused and not snap.fresh:
+                snap = None  # refuse only on what etcd says now
+                continue
+            if accepted:
+                await self._grant([r for r in accepted if r.lease is None])
+                claims = [self._claim_of(cpid, r) for r in accepted]
+                done, snap = await self._commit(cpid, snap, claims, allocated, held)
+                if not done:
+                    attempt += 1
+                    self.metrics.retries.inc()
+                    if attempt >= self.settings.max_attempts:
+                        status, _ = self._status(entry, snap.live)
+                        free = available_units(entry.record, status, read_units(snap.alloc) or 0)
+                        for r in batch:
+                            self._fail(
+                                r,
+                                ContentionError(
+                                    f"{cpid}: gave up after {attempt} attempts, each lost to a "
+                                    f"concurrent claim or status change; {free} units were free "
+                                    "at the last attempt (retry)",
+                                    cpid=cpid,
+                                    requested=r.units,
+                                    free=free,
+                                ),
+                            )
+                        return
+                    await asyncio.sleep(self._backoff(attempt))
+                    continue  # every request of the batch again, on the fresh keys
+                for r, claim in zip(accepted, claims, strict=True):
+                    self._settle(r, claim)
+            for r, exc in refused:
+                self._fail(r, exc)
+            return
+
+    def _evaluate(
+        self, entry: Entry, snap: _Snapshot, batch: list[_Request]
+    ) -> tuple[list[_Request], list[tuple[_Request, CPIError]], int, dict[str, int]]:
+        """Requests in order against ``snap``, each after those accepted before it:
+        ``(accepted, refused, allocated after, held after by holder)``."""
+        cpid = entry.cpid
+        status, why = self._status(entry, snap.live)
+        allocated = read_units(snap.alloc)
+        held = {h: read_units(kv) for h, kv in snap.holders.items()}
+        accepted: list[_Request] = []
+        refused: list[tuple[_Request, CPIError]] = []
+        for r in batch:
+            try:
+                self._check(cpid, entry.record, status, why, allocated, held[r.holder], r)
+            except (ClaimConflictError, QuotaExceededError) as exc:
+                refused.append((r, exc))
+                continue
+            assert allocated is not None
+            accepted.append(r)
+            allocated += r.units
+            held[r.holder] = (held[r.holder] or 0) + r.units
+        return accepted, refused, allocated or 0, {h: u or 0 for h, u in held.items()}
+
+    def _check(
+        self,
+        cpid: str,
+        record: Record,
+        status: Status | None,
+        why: str,
+        allocated: int | None,
+        held: int | None,
+        r: _Request,
+    ) -> None:
+        """Liveness, quota and capacity for one request; raises the refusal."""
+        units = r.units
+        if status is None:
+            raise NotLiveError(
+                f"{cpid} cannot be claimed: {why}", cpid=cpid, requested=units, free=0
+            )
+        if status.state != "up":
+            cls = DrainingError if status.state == "draining" else NotLiveError
+            raise cls(
+                f"{cpid} cannot be claimed: its node reports state {status.state!r} "
+                "(claims need 'up')",
+                cpid=cpid,
+                requested=units,
+                free=0,
+            )
+        if allocated is None or held is None:
+            self._trigger.set()
+            bad = Keys.alloc(cpid) if allocated is None else Keys.holder(r.holder)
+            raise ContentionError(
+                f'{bad} does not hold {{"units": N}}; the reconciler rewrites it, retry shortly',
+                cpid=cpid,
+                requested=units,
+                free=0,
+            )
+        if r.max_units is not None and held + units > r.max_units:
+            raise QuotaExceededError(
+                f"holder {r.holder} holds {held} units and may hold at most {r.max_units}; "
+                f"{units} more would exceed its quota (release a claim, or use a token with "
+                "a larger --max-units)",
+                holder=r.holder,
+                max_units=r.max_units,
+                held=held,
+                requested=units,
+            )
+        free = available_units(record, status, allocated)
+        if units > free:
+            raise InsufficientCapacityError(
+                f"{cpid} has {free} units free ({allocated} claimed), {units} requested",
+                cpid=cpid,
+                requested=units,
+                free=free,
+            )
+
+    def _status(self, entry: Entry, live: KV | None) -> tuple[Status | None, str]:
+        """The verified status in ``live`` (under the record's key), or ``(None, why)``."""
+        if live is None:
+            return None, "it has no live status (its node is not heartbeating)"
+        if entry.status is not None and entry.status_revision == live.mod_revision:
+            return entry.status, ""
+        key = entry.record.public_key
+        cached = self._statuses.get(entry.cpid)
+        if cached is not None and cached[0] == live.mod_revision and cached[1] == key:
+            return cached[2], ""
+        try:
+            status = open_signed(Envelope.from_json(live.value), public_key=key, expected=Status)
+        except InvalidDataError as exc:
+            _log.warning(
+                "status of %s (revision %d) ignored: %s", entry.cpid, live.mod_revision, exc
+            )
+            return None, f"its status does not verify under the record's key ({exc})"
+        if status.cpid != entry.cpid:
+            return None, f"its live key holds a status about {status.cpid}"
+        if len(self._statuses) > _MAX_CACHED_KEYS:
+            self._statuses.clear()
+        self._statuses[entry.cpid] = (live.mod_revision, key, status)
+        return status, ""
+
+    async def _grant(self, requests: list[_Request]) -> None:
+        """A lease (TTL ``ttl``) for each request, granted concurrently."""
+        if not requests:
+            return
+        started = int(self._clock())
+        leases = await asyncio.gather(
+            *(self._index.grant_lease(r.ttl, revoke_on_exit=False) for r in requests),
+            return_exceptions=True,
+        )
+        failed: BaseException | None = None
+        for r, lease in zip(requests, leases, strict=True):
+            if isinstance(lease, BaseException):
+                failed = lease
+            else:
+                r.lease, r.started = lease, started
+        if failed is not None:
+            raise failed
+
+    @staticmethod
+    def _claim_of(cpid: str, r: _Request) -> Claim:
+        assert r.lease is not None
+        return Claim(
+            r.claim_id,
+            cpid,
+            r.holder,
+            r.units,
+            created_at=r.started,
+            expires_at=r.started + r.lease.ttl,
+            lease=r.lease.id,
+        )
+
+    async def _commit(
+        self,
+        cpid: str,
+        snap: _Snapshot,
+        claims: list[Claim],
+        allocated: int,
+        held: dict[str, int],
+    ) -> tuple[bool, _Snapshot]:
+        """The claim transaction: ``(True, snap)`` when it committed, else ``(False, fresh)``.
+
+        It compares the live key, ``/alloc/`` and the claiming holders' keys, and writes
+        both totals and every claim key (each on its own lease).
+        """
+        live_key, alloc_key = Keys.live(cpid), Keys.alloc(cpid)
+        writers = sorted({c.holder for c in claims})
+        assert snap.live is not None
+        new_alloc = units_json(allocated)
+        new_held = {h: units_json(held[h]) for h in writers}
+        try:
+            result = await self._index.txn(
+                compare=[
+                    Cmp.mod_revision(live_key, "==", snap.live.mod_revision),
+                    Cmp.mod_revision(alloc_key, "==", _rev(snap.alloc)),
+                    *(
+                        Cmp.mod_revision(Keys.holder(h), "==", _rev(snap.holders[h]))
+                        for h in writers
+                    ),
+                ],
+                success=[
+                    Op.put(alloc_key, new_alloc),
+                    *(Op.put(Keys.holder(h), new_held[h]) for h in writers),
+                    *(Op.put(c.key, c.to_json(), lease=c.lease) for c in claims),
+                ],
+                failure=self._reads(cpid, list(snap.holders)),
+            )
+        except RetrievalError:
+            # the outcome is unknown: our claim keys (fresh random names) tell
+            self._forget(alloc_key, *(Keys.holder(h) for h in writers))
+            kv = await self._index.get(claims[0].key)
+            if kv is None:
+                raise
+            _log.info("claims on %s: transaction outcome was unknown; they are in place", cpid)
+            return True, snap
+        if result.succeeded:
+            self._remember(alloc_key, _written(alloc_key, new_alloc, snap.alloc, result.revision))
+            for h in writers:
+                key = Keys.holder(h)
+                self._remember(key, _written(key, new_held[h], snap.holders[h], result.revision))
+            return True, snap
+        return False, self._snapshot(cpid, list(snap.holders), result.responses)
+
+    def _dropped(self, r: _Request) -> bool:
+        """True (and its lease revoked) when the requester went away before the commit."""
+        if not r.future.done():
+            return False
+        self._revoke_later(r)
+        return True
+
+    def _settle(self, r: _Request, claim: Claim) -> None:
+        if r.future.done():  # cancelled meanwhile: take the claim back
+            _log.info("claim %s: the requester went away; releasing it", claim.claim_id)
+            self._revoke_later(r)
+            self._trigger.set()
+            return
+        r.lease = None  # the claim key owns it now
+        r.future.set_result(claim)
+
+    def _fail(self, r: _Request, exc: BaseException) -> None:
+        if not r.future.done():
+            r.future.set_exception(exc)
+        self._revoke_later(r)
+
+    def _revoke_later(self, r: _Request) -> None:
+        lease, r.lease = r.lease, None
+        if lease is not None:
+            task = asyncio.create_task(self._revoke(lease.id), name=f"revoke {lease.id:x}")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    # -- release and listing ----------------------------------------------------------
+
+    async def release(self, claim_id: str, *, holder: str) -> Claim:
+        """Release a claim of ``holder`` at once (one transaction), then revoke its lease.
+
+        Raises InvalidClaimError (malformed id, 400), ClaimNotFoundError (404),
+        ClaimForbiddenError (another holder's claim, 403), ContentionError (409).
+        """
+        try:
+            claim = await self._release(claim_id, holder)
+        except (InvalidDataError, RetrievalError) as exc:
+            self.metrics.releases.labels(exc.code).inc()
+            raise
+        self.metrics.releases.labels("released").inc()
+        return claim
+
+    async def _release(self, claim_id: str, holder: str) -> Claim:
+        cpid = parse_claim_id(claim_id)
+        claim_key, alloc_key = Keys.claim(cpid, claim_id), Keys.alloc(cpid)
+        async with self._locks.hold(cpid):
+            kv = await self._index.get(claim_key)
+            for attempt in range(1, self.settings.max_attempts + 1):
+                if kv is None:
+                    raise ClaimNotFoundError(f"no claim {claim_id} (released, or expired)")
+                try:
+                    claim = Claim.from_kv(kv)
+                except (ValueError, InvalidDataError) as exc:
+                    raise ClaimNotFoundError(f"claim {claim_id} is unreadable: {exc}") from exc
+                if claim.holder != holder:
+                    raise ClaimForbiddenError(
+                        f"claim {claim_id} belongs to another holder, not to {holder}"
+                    )
+                holder_key = Keys.holder(claim.holder)
+                alloc_kv, holder_kv = await self._pair(alloc_key, holder_key)
+                allocated, held = read_units(alloc_kv), read_units(holder_kv)
+                new_alloc = units_json(max(0, (allocated or 0) - claim.units))
+                new_held = units_json(max(0, (held or 0) - claim.units))
+                result = await self._index.txn(
+                    compare=[
+                        Cmp.mod_revision(claim_key, "==", kv.mod_revision),
+                        Cmp.mod_revision(alloc_key, "==", _rev(alloc_kv)),
+                        Cmp.mod_revision(holder_key, "==", _rev(holder_kv)),
+                    ],
+                    success=[
+                        Op.delete(claim_key),
+                        Op.put(alloc_key, new_alloc),
+                        Op.put(holder_key, new_held),
+                    ],
+                    failure=[Op.get(claim_key), Op.get(alloc_key), Op.get(holder_key)],
+                )
+                if result.succeeded:
+                    self._remember(
+                        alloc_key, _written(alloc_key, new_alloc, alloc_kv, result.revision)
+                    )
+                    self._remember(
+                        holder_key, _written(holder_key, new_held, holder_kv, result.revision)
+                    )
+                    if allocated is None or held is None:
+                        self._trigger.set()  # a total was unreadable: let the reconciler fix it
+                    if claim.lease:
+                        await self._revoke(claim.lease)
+                    return dataclasses.replace(claim, revision=result.revision)
+                self.metrics.retries.inc()
+                got = [r.kvs[0] if r.kvs else None for r in result.responses]
+                kv = got[0]
+                self._remember(alloc_key, got[1])
+                self._remember(holder_key, got[2])
+                if attempt < self.settings.max_attempts:
+                    await asyncio.sleep(self._backoff(attempt))
+        raise ContentionError(
+            f"release of {claim_id}: gave up after {self.settings.max_attempts} attempts lost "
+            "to concurrent writers (retry)",
+            cpid=cpid,
+            requested=0,
+            free=0,
+        )
+
+    async def list_claims(self, holder: str | None = None) -> list[Claim]:
+        """Active claims (of ``holder``, or all), oldest first.  Reads every claim key."""
+        kvs, _ = await self._index.get_prefix(Prefix.CLAIM)
+        out: list[Claim] = []
+        for kv in kvs:
+            try:
+                c = Claim.from_kv(kv)
+            except (ValueError, InvalidDataError):
+                continue
+            if holder is None or c.holder == holder:
+                out.append(c)
+        out.sort(key=lambda c: (c.created_at, c.claim_id))
+        return out
+
+    # -- reconciliation ---------------------------------------------------------------
+
+    async def reconcile(self) -> ReconcileReport:
+        """One pass: set every ``/alloc/`` and ``/holders/`` total that differs from the
+        sum of the live claim keys (read at one revision) with a compare-and-put."""
+        rev = await self._index.revision()
+        claims, _ = await self._index.get_prefix(Prefix.CLAIM, revision=rev)
+        allocs, _ = await self._index.get_prefix(Prefix.ALLOC, revision=rev)
+        holders, _ = await self._index.get_prefix(Prefix.HOLDERS, revision=rev)
+        by_cpid: Tally[str] = Tally()
+        by_holder: Tally[str] = Tally()
+        for kv in claims:
+            try:
+                c = Claim.from_kv(kv)
+            except (ValueError, InvalidDataError) as exc:
+                _log.warning("claims reconciler: ignoring unreadable claim %s: %s", kv.key, exc)
+                continue
+            by_cpid[c.cpid] += c.units
+            by_holder[c.holder] += c.units
+        fixed: list[str] = []
+        lost = 0
+        for collection, kvs, want, key_of in (
+            ("alloc", allocs, by_cpid, Keys.alloc),
+            ("holders", holders, by_holder, Keys.holder),
+        ):
+            current: dict[str, KV] = {}
+            for kv in kvs:
+                try:
+                    current[parse_key(kv.key).name] = kv
+                except ValueError:
+                    _log.warning("claims reconciler: ignoring %s (not a key of the layout)", kv.key)
+            for name in sorted(set(current) | set(want)):
+                cur = current.get(name)
+                have, target = read_units(cur), want.get(name, 0)
+                if have == target or (cur is None and target == 0):
+                    continue
+                key = key_of(name)
+                value = units_json(target)
+                res = await self._index.compare_and_put(key, value, mod_revision=_rev(cur))
+                if not res.succeeded:
+                    lost += 1
+                    self._forget(key)
+                    _log.debug("claims reconciler: %s changed meanwhile; next pass", key)
+                    continue
+                self._remember(key, _written(key, value, cur, res.revision))
+                self.metrics.reconciled.labels(collection).inc()
+                was = "absent" if cur is None else ("unreadable" if have is None else str(have))
+                fixed.append(f"{key}: {was} -> {target}")
+                _log.info(
+                    "claims reconciler: %s said %s units, its live claims sum to %d; corrected "
+                    "(claims expired or were lost with a crashed writer)",
+                    key,
+                    was,
+                    target,
+                )
+        self.passes += 1
+        return ReconcileReport(rev, len(claims), fixed, lost)
+
+    def trigger_reconcile(self) -> None:
+        """Ask for a reconciliation pass soon (after ``reconcile_delay_s``)."""
+        self._trigger.set()
+
+    async def _reconcile_loop(self) -> None:
+        s = self.settings
+        while True:
+            try:
+                await self.reconcile()
+            except RetrievalError as exc:
+                _log.warning("claims reconciliation failed (retried): %s", exc)
+            except Exception:
+                _log.exception("claims reconciliation failed")
+            await self._maybe_prune()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(s.reconcile_interval_s):
+                    await self._trigger.wait()
+                    await asyncio.sleep(s.reconcile_delay_s)
+            self._trigger.clear()
+
+    async def _maybe_prune(self) -> None:
+        now = self._clock()
+        if now - self._last_prune < self.settings.token_prune_interval_s:
+            return
+        self._last_prune = now
+        try:
+            removed = await claim_tokens.prune(self._index)
+        except RetrievalError as exc:
+            _log.warning("claims token pruning failed: %s", exc)
+            return
+        if removed:
+            _log.info("pruned %d claims tokens expired for over a day", removed)
+
+    async def _watch_claims(self) -> None:
+        """Trigger a pass whenever a claim key is deleted (expiry, or a release elsewhere)."""
+        while True:
+            try:
+                start = await self._index.revision() + 1
+                self._trigger.set()  # whatever happened before this watch starts
+                async with self._index.watch_prefix(
+                    Prefix.CLAIM, start_revision=start, prev_kv=False
+                ) as watch:
+                    async for item in watch:
+                        if isinstance(item, Compacted) or item.type == "delete":
+                            self._trigger.set()
+            except RetrievalError as exc:
+                _log.warning("claims watch failed (restarting): %s", exc)
+                await asyncio.sleep(1.0)
+
+    # -- etcd helpers -----------------------------------------------------------------
+
+    @staticmethod
+    def _reads(cpid: str, holders: list[str]) -> list[Op]:
+        return [Op.get(Keys.live(cpid)), Op.get(Keys.alloc(cpid))] + [
+            Op.get(Keys.holder(h)) for h in holders
+        ]
+
+    def _snapshot(self, cpid: str, holders: list[str], responses: list[Any]) -> _Snapshot:
+        """A fresh snapshot from the answers to :meth:`_reads` (and remember the keys)."""
+        kvs = [r.kvs[0] if r.kvs else None for r in responses]
+        snap = _Snapshot(kvs[0], kvs[1], dict(zip(holders, kvs[2:], strict=True)), fresh=True)
+        self._remember(Keys.live(cpid), snap.live)
+        self._remember(Keys.alloc(cpid), snap.alloc)
+        for h, kv in snap.holders.items():
+            self._remember(Keys.holder(h), kv)
+        return snap
+
+    async def _read(self, cpid: str, holders: list[str]) -> _Snapshot:
+        """The keys at one revision (one round trip)."""
+        result = await self._index.txn(success=self._reads(cpid, holders))
+        return self._snapshot(cpid, holders, result.responses)
+
+    async def _pair(self, a: str, b: str) -> tuple[KV | None, KV | None]:
+        if a in self._known and b in self._known:
+            return self._known[a], self._known[b]
+        result = await self._index.txn(success=[Op.get(a), Op.get(b)])
+        kvs = [r.kvs[0] if r.kvs else None for r in result.responses]
+        self._remember(a, kvs[0])
+        self._remember(b, kvs[1])
+        return kvs[0], kvs[1]
+
+    def _cached(self, cpid: str, holders: list[str]) -> _Snapshot | None:
+        """A snapshot from remembered keys (not fresh), or None when one is unknown."""
+        known = self._known
+        keys = [Keys.live(cpid), Keys.alloc(cpid), *(Keys.holder(h) for h in holders)]
+        if not all(k in known for k in keys):
+            return None
+        return _Snapshot(
+            known[keys[0]],
+            known[keys[1]],
+            {h: known[k] for h, k in zip(holders, keys[2:], strict=True)},
+            fresh=False,
+        )
+
+    def _remember(self, key: str, kv: KV | None) -> None:
+        if len(self._known) >= _MAX_CACHED_KEYS:
+            self._known.clear()
+        self._known[key] = kv
+
+    def _forget(self, *keys: str) -> None:
+        for k in keys:
+            self._known.pop(k, None)
+
+    def _backoff(self, attempt: int) -> float:
+        s = self.settings
+        return self._rng.uniform(0, min(s.retry_backoff_max_s, s.retry_backoff_s * 2**attempt))
+
+    async def _revoke(self, lease_id: int) -> None:
+        try:
+            await self._index.revoke_lease(lease_id)
+        except RetrievalError as exc:  # it expires by itself
+            _log.debug("revoking lease %x failed (it expires by itself): %s", lease_id, exc)

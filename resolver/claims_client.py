@@ -1,0 +1,157 @@
+"""A small async client of the claims API (what ``cpi claim`` uses).
+
+::
+
+    async with ClaimsClient("http://127.0.0.1:8700", token=token) as client:
+        made = await client.claim(query=Query(kind="GPU", accelerator="H100", near="31"), units=8)
+        await client.release(made["claim_id"])
+
+Error answers become the project's errors: 4xx -> :class:`ClaimsAPIError` (an
+:class:`~schemas.errors.InvalidDataError` carrying ``status``, ``code`` and the error
+object), 404 -> :class:`ClaimsNotFoundError`; 5xx and connection failures ->
+:class:`~resolver.errors.ResolverUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import json
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from resolver.discovery import Query
+from resolver.errors import ResolverUnavailableError
+from schemas.errors import InvalidDataError, NotFoundError
+
+__all__ = ["ClaimsAPIError", "ClaimsClient", "ClaimsNotFoundError", "query_to_json"]
+
+
+class ClaimsAPIError(InvalidDataError):
+    """The resolver refused a claims request (4xx); ``code`` is its ``error.code``."""
+
+    def __init__(self, message: str, *, status: int, code: str, error: dict[str, Any]) -> None:
+        self.status = status
+        self.code = code
+        self.error = error
+        super().__init__(message)
+
+
+class ClaimsNotFoundError(ClaimsAPIError, NotFoundError):
+    """HTTP 404: no such CPID or claim."""
+
+
+def query_to_json(query: Query) -> dict[str, Any]:
+    """The ``"query"`` object of ``POST /v1/claims`` for ``query`` (``live`` is implied)."""
+    out: dict[str, Any] = {}
+    for name in ("kind", "within", "accelerator", "min_free", "near", "max_latency_ms"):
+        value = getattr(query, name)
+        if value is not None:
+            out[name] = value
+    if query.labels:
+        out["label"] = [f"{k}:{v}" for k, v in query.labels]
+    out["limit"] = query.limit
+    return out
+
+
+class ClaimsClient:
+    """Claims over HTTP; ``async with`` closes the session it opened."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str,
+        timeout: float = 15.0,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session = session
+        self._own = session is None
+
+    async def __aenter__(self) -> ClaimsClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._own and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self._session
+
+    async def _call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        url = self.base_url + path
+        headers = {"Authorization": f"Bearer {self._token}"}
+        try:
+            async with self._http().request(method, url, json=body, headers=headers) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ResolverUnavailableError(
+                f"{method} {url}: resolver unreachable ({exc or type(exc).__name__})"
+            ) from exc
+        try:
+            obj = json.loads(raw) if raw else None
+        except ValueError:
+            obj = None
+        if status >= 500:
+            detail = _message(obj) or raw[:200].decode("utf-8", "replace")
+            raise ResolverUnavailableError(f"{method} {url}: HTTP {status}: {detail}")
+        if status >= 400:
+            err = obj.get("error") if isinstance(obj, dict) else None
+            err = err if isinstance(err, dict) else {}
+            code = str(err.get("code", f"http_{status}"))
+            message = str(err.get("message", raw[:200].decode("utf-8", "replace")))
+            cls = ClaimsNotFoundError if status == 404 else ClaimsAPIError
+            raise cls(f"HTTP {status} {code}: {message}", status=status, code=code, error=err)
+        return status, obj
+
+    async def claim(
+        self,
+        *,
+        cpid: str | None = None,
+        query: Query | None = None,
+        units: int,
+        ttl_s: int | None = None,
+    ) -> dict[str, Any]:
+        """``POST /v1/claims``: ``{"claim_id", "cpid", "units", "expires_at"}``."""
+        if (cpid is None) == (query is None):
+            raise InvalidDataError("give a CPID or a query, not both")
+        body: dict[str, Any] = {"units": units}
+        if cpid is not None:
+            body["cpid"] = cpid
+        else:
+            assert query is not None
+            body["query"] = query_to_json(query)
+        if ttl_s is not None:
+            body["ttl_s"] = ttl_s
+        _, obj = await self._call("POST", "/v1/claims", body)
+        return dict(obj)
+
+    async def release(self, claim_id: str) -> None:
+        """``DELETE /v1/claims/{claim_id}``."""
+        await self._call("DELETE", f"/v1/claims/{claim_id}")
+
+    async def list(self) -> dict[str, Any]:
+        """``GET /v1/claims``: ``{"holder", "units", "claims": [...]}``."""
+        _, obj = await self._call("GET", "/v1/claims")
+        return dict(obj)
+
+
+def _message(obj: Any) -> str:
+    if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
+        return str(obj["error"].get("message", ""))
+    return ""

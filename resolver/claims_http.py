@@ -1,0 +1,339 @@
+"""HTTP routes of claims (DESIGN.md section 5), mountable on any aiohttp app.
+
+:func:`add_claim_routes` registers, next to whatever the app already serves:
+
+* ``POST /v1/claims`` (``Authorization: Bearer <claims token>``), body
+  ``{"cpid": ...} | {"query": {...}}`` with ``"units"`` and optional ``"ttl_s"``
+  -> ``201 {"claim_id", "cpid", "units", "expires_at"}``;
+* ``DELETE /v1/claims/{claim_id}`` by the claim's holder -> ``204``;
+* ``GET /v1/claims[?holder=NAME]`` -> ``{"holder", "units", "claims": [...]}``, the
+  token holder's active claims (``holder`` may only name the token's own holder).
+
+The routes map their own errors (:data:`STATUS_OF`), so they answer the same whatever
+middleware the host app has.  Errors are ``{"error": {"code", "message"}}``; a 409
+adds ``"free"`` and ``"requested"``, a 429 ``"max_units"``, ``"held"`` and
+``"requested"``.  The claims service (and its reconciler) start in the app's
+``cleanup_ctx``, after the resolver's.  See ``docs/claims.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Final
+
+from aiohttp import web
+
+from registry.index import Index
+from resolver.claim_tokens import (
+    ClaimsTokenError,
+    ClaimsTokenInfo,
+    TokenCache,
+    UnknownClaimsTokenError,
+)
+from resolver.claims import (
+    Claim,
+    ClaimConflictError,
+    ClaimForbiddenError,
+    ClaimService,
+    ClaimsMetrics,
+    ClaimsSettings,
+    InvalidClaimError,
+    QuotaExceededError,
+)
+from resolver.core import Resolver
+from resolver.discovery import Query
+from resolver.errors import QueryError
+from schemas._json import loads as strict_loads
+from schemas.errors import (
+    CPIError,
+    InvalidCPIDError,
+    InvalidDataError,
+    NotFoundError,
+    RetrievalError,
+)
+
+__all__ = ["CLAIMS", "STATUS_OF", "BodyTooLargeError", "add_claim_routes", "parse_query"]
+
+_log = logging.getLogger("resolver.claims_http")
+
+CLAIMS = web.AppKey("claims", ClaimService)
+"""The app's :class:`ClaimService` (set in ``cleanup_ctx``)."""
+_TOKENS = web.AppKey("claims_tokens", TokenCache)
+_SETTINGS = web.AppKey("claims_settings", ClaimsSettings)
+
+_JSON: Final = "application/json"
+_BODY_FIELDS: Final = frozenset({"cpid", "query", "units", "ttl_s"})
+_QUERY_FIELDS: Final[dict[str, tuple[type, ...]]] = {
+    "kind": (str,),
+    "within": (str,),
+    "accelerator": (str,),
+    "min_free": (int,),
+    "near": (str,),
+    "max_latency_ms": (int, float),
+    "label": (str, list),
+    "limit": (int,),
+}
+
+
+class BodyTooLargeError(InvalidClaimError):
+    """The request body is larger than ``max_body_bytes`` (HTTP 413)."""
+
+    code = "body_too_large"
+
+
+STATUS_OF: Final[tuple[tuple[type[CPIError], int], ...]] = (
+    (BodyTooLargeError, 413),
+    (UnknownClaimsTokenError, 401),
+    (ClaimsTokenError, 403),
+    (ClaimForbiddenError, 403),
+    (QuotaExceededError, 429),
+    (InvalidCPIDError, 400),
+    (QueryError, 400),
+    (NotFoundError, 404),
+    (ClaimConflictError, 409),
+    (InvalidDataError, 400),
+    (RetrievalError, 503),
+    (CPIError, 500),
+)
+"""Error class -> HTTP status; the first matching entry wins (most specific first)."""
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _status_of(exc: CPIError) -> int:
+    return next(status for cls, status in STATUS_OF if isinstance(exc, cls))
+
+
+def _error_response(exc: CPIError) -> web.Response:
+    status = _status_of(exc)
+    err: dict[str, Any] = {"code": exc.code, "message": str(exc)}
+    if isinstance(exc, ClaimConflictError):
+        err.update(free=exc.free, requested=exc.requested)
+        if exc.cpid is not None:
+            err["cpid"] = exc.cpid
+    elif isinstance(exc, QuotaExceededError):
+        err.update(max_units=exc.max_units, held=exc.held, requested=exc.requested)
+    headers = {"WWW-Authenticate": 'Bearer realm="cpi-claims"'} if status == 401 else None
+    return web.json_response({"error": err}, status=status, headers=headers)
+
+
+def _guarded(handler: Handler) -> Handler:
+    """Answer the project's errors as JSON with :data:`STATUS_OF` (independent of the app)."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except CPIError as exc:
+            if _status_of(exc) >= 500:
+                _log.warning("%s %s: %s", request.method, request.path, exc)
+            else:
+                _log.debug("%s %s refused (%s): %s", request.method, request.path, exc.code, exc)
+            return _error_response(exc)
+
+    return wrapped
+
+
+# -- request parsing ----------------------------------------------------------------------
+
+
+def _bearer(request: web.Request) -> str | None:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+async def _token(request: web.Request) -> ClaimsTokenInfo:
+    return await request.app[_TOKENS].lookup(_bearer(request))
+
+
+async def _body(request: web.Request, limit: int) -> dict[str, Any]:
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise BodyTooLargeError(f"request body is {declared} bytes, at most {limit} allowed")
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise BodyTooLargeError(f"request body is over {limit} bytes, at most {limit} allowed")
+    try:
+        obj = strict_loads(raw)
+    except ValueError as exc:
+        raise InvalidClaimError(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise InvalidClaimError(
+            f'body must be a JSON object {{"cpid" or "query", "units", "ttl_s"}}, '
+            f"got {type(obj).__name__}"
+        )
+    unknown = sorted(set(obj) - _BODY_FIELDS)
+    if unknown:
+        raise InvalidClaimError(
+            f"unknown field(s) {', '.join(map(repr, unknown))}; expected cpid or query, "
+            "units, ttl_s"
+        )
+    if ("cpid" in obj) == ("query" in obj):
+        raise InvalidClaimError('give exactly one of "cpid" and "query"')
+    if "units" not in obj:
+        raise InvalidClaimError('"units" is required (an integer, at least 1)')
+    return obj
+
+
+def parse_query(obj: object, *, default_limit: int) -> Query:
+    """A claim's ``"query"`` object -> :class:`Query` (strictly typed, unknown fields refused).
+
+    Fields as for ``GET /v1/discover``: ``kind``, ``within``, ``accelerator``,
+    ``min_free``, ``near``, ``max_latency_ms``, ``label`` (``"k:v"`` or a list of them),
+    ``limit`` (the number of candidates tried).
+    """
+    if not isinstance(obj, dict):
+        raise QueryError(f"query must be a JSON object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - set(_QUERY_FIELDS))
+    if unknown:
+        raise QueryError(
+            f"unknown query field(s) {', '.join(map(repr, unknown))}; known: "
+            f"{', '.join(_QUERY_FIELDS)}"
+        )
+    for name, value in obj.items():
+        types = _QUERY_FIELDS[name]
+        if isinstance(value, bool) or not isinstance(value, types):
+            expected = " or ".join("list" if t is list else t.__name__ for t in types)
+            raise QueryError(f"query field {name!r} must be {expected}, got {value!r}")
+    labels_raw = obj.get("label", [])
+    items = [labels_raw] if isinstance(labels_raw, str) else labels_raw
+    labels: list[tuple[str, str]] = []
+    for item in items:
+        if not isinstance(item, str) or ":" not in item:
+            raise QueryError(f"query label {item!r}: expected 'key:value'")
+        k, _, v = item.partition(":")
+        labels.append((k, v))
+    max_latency = obj.get("max_latency_ms")
+    kind = obj.get("kind")
+    return Query(
+        kind=kind.upper() if kind is not None else None,
+        within=obj.get("within"),
+        accelerator=obj.get("accelerator"),
+        min_free=obj.get("min_free"),
+        near=obj.get("near"),
+        max_latency_ms=float(max_latency) if max_latency is not None else None,
+        labels=tuple(labels),
+        limit=obj.get("limit", default_limit),
+    )
+
+
+def _created(claim: Claim) -> dict[str, Any]:
+    return {
+        "claim_id": claim.claim_id,
+        "cpid": claim.cpid,
+        "units": claim.units,
+        "expires_at": claim.expires_at,
+    }
+
+
+# -- handlers ---------------------------------------------------------------------------
+
+
+async def post_claim(request: web.Request) -> web.Response:
+    settings = request.app[_SETTINGS]
+    token = await _token(request)
+    body = await _body(request, settings.max_body_bytes)
+    service = request.app[CLAIMS]
+    units, ttl = service.check_request(units=body["units"], ttl_s=body.get("ttl_s"))
+    who: dict[str, Any] = {
+        "units": units,
+        "ttl_s": ttl,
+        "holder": token.holder,
+        "max_units": token.max_units,
+        "within": token.within,
+    }
+    if "cpid" in body:
+        cpid = body["cpid"]
+        if not isinstance(cpid, str):
+            raise InvalidClaimError(f'"cpid" must be a string, got {cpid!r}')
+        claim = await service.claim(cpid, **who)
+    else:
+        query = parse_query(body["query"], default_limit=settings.default_candidates)
+        claim = await service.claim_query(query, **who)
+    _log.info(
+        "claim %s: %d units of %s for %s until %d",
+        claim.claim_id,
+        claim.units,
+        claim.cpid,
+        claim.holder,
+        claim.expires_at,
+    )
+    return web.json_response(_created(claim), status=201)
+
+
+async def delete_claim(request: web.Request) -> web.Response:
+    token = await _token(request)
+    claim = await request.app[CLAIMS].release(request.match_info["claim_id"], holder=token.holder)
+    _log.info("claim %s released by %s (%d units)", claim.claim_id, claim.holder, claim.units)
+    return web.Response(status=204)
+
+
+def _only(params: Mapping[str, str], allowed: set[str]) -> None:
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise InvalidClaimError(
+            f"unknown query parameter(s) {', '.join(map(repr, unknown))}; "
+            f"known: {', '.join(sorted(allowed))}"
+        )
+
+
+async def get_claims(request: web.Request) -> web.Response:
+    token = await _token(request)
+    _only(request.query, {"holder"})
+    holder = request.query.get("holder", token.holder)
+    if holder != token.holder:
+        raise ClaimForbiddenError(
+            f"this token lists the claims of holder {token.holder}, not of {holder}"
+        )
+    claims = await request.app[CLAIMS].list_claims(holder)
+    return web.json_response(
+        {
+            "holder": holder,
+            "units": sum(c.units for c in claims),
+            "claims": [c.to_dict() for c in claims],
+        }
+    )
+
+
+# -- mounting ---------------------------------------------------------------------------
+
+
+def add_claim_routes(
+    app: web.Application,
+    *,
+    resolver: Resolver,
+    index: Index | None = None,
+    settings: ClaimsSettings | None = None,
+    reconcile: bool = True,
+) -> None:
+    """Register the claims routes on ``app`` and start the service in its ``cleanup_ctx``.
+
+    Call it after the resolver's own ``cleanup_ctx`` entry was appended (e.g. right
+    after :func:`resolver.http.create_app`): the service uses ``resolver.index`` (or
+    ``index``), connected by then.  ``reconcile=False`` runs no reconciler in this app
+    (another instance must run one).  Counters go to the resolver's metrics registry.
+    """
+    s = settings or ClaimsSettings()
+    app[_SETTINGS] = s
+    try:
+        metrics = ClaimsMetrics(resolver.metrics.registry)
+    except ValueError:  # the registry already has them (a second app on this resolver)
+        metrics = ClaimsMetrics()
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        idx = index if index is not None else resolver.index
+        service = ClaimService(index=idx, resolver=resolver, settings=s, metrics=metrics)
+        app[CLAIMS] = service
+        app[_TOKENS] = TokenCache(idx, ttl_s=s.token_cache_s)
+        await service.start(reconcile=reconcile)
+        try:
+            yield
+        finally:
+            await service.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_post("/v1/claims", _guarded(post_claim), name="claims-create")
+    app.router.add_get("/v1/claims", _guarded(get_claims), name="claims-list")
+    app.router.add_delete("/v1/claims/{claim_id}", _guarded(delete_claim), name="claims-release")

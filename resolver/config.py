@@ -1,0 +1,269 @@
+"""Configuration of a resolver (``cpi resolver serve``).
+
+Three layers, later ones winning: a JSON file, then the environment, then command-line
+flags (passed as ``overrides``).  The result is a frozen :class:`ResolverConfig`; every
+field is described in ``docs/resolver.md``.
+
+Environment variables:
+
+* ``CPI_ETCD_ENDPOINTS``: comma-separated etcd endpoints (replaces ``etcd.endpoints``);
+* ``CPI_ETCD_PASSWORD``: etcd password (so it need not sit in the file);
+* ``CPI_RESOLVER_LISTEN``: ``host:port`` for HTTP (``[::1]:8700`` for IPv6);
+* ``CPI_RESOLVER_ANCHOR``: anchor file(s), comma-separated (replaces ``anchor_files``);
+* ``CPI_RESOLVER_ZONE``: DNS zone (replaces ``zone``).
+
+Relative paths in the file (anchors, latency table, TLS material) are resolved against
+the directory of the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from registry.index import Index
+from resolver.errors import ConfigError
+from schemas.chain import TrustAnchors
+from schemas.errors import KeyFileError
+
+__all__ = [
+    "DEFAULT_LATENCY_TABLE",
+    "DEFAULT_PORT",
+    "ENV_ANCHOR",
+    "ENV_ETCD_ENDPOINTS",
+    "ENV_ETCD_PASSWORD",
+    "ENV_LISTEN",
+    "ENV_ZONE",
+    "EtcdSettings",
+    "ResolverConfig",
+    "load_anchor_files",
+    "load_config",
+    "parse_listen",
+]
+
+ENV_ETCD_ENDPOINTS = "CPI_ETCD_ENDPOINTS"
+ENV_ETCD_PASSWORD = "CPI_ETCD_PASSWORD"
+ENV_LISTEN = "CPI_RESOLVER_LISTEN"
+ENV_ANCHOR = "CPI_RESOLVER_ANCHOR"
+ENV_ZONE = "CPI_RESOLVER_ZONE"
+
+DEFAULT_PORT = 8700
+DEFAULT_LATENCY_TABLE = Path(__file__).resolve().parents[1] / "seeds" / "latency.json"
+"""The seeded region-to-region RTT table shipped in the repository (used when present)."""
+
+_ETCD_PATH_FIELDS = ("ca_cert", "cert_key", "cert_chain")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EtcdSettings(_Model):
+    """How to reach the national index."""
+
+    endpoints: list[str] = Field(default_factory=lambda: ["127.0.0.1:2379"], min_length=1)
+    timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    ca_cert: Path | None = None
+    cert_key: Path | None = None
+    cert_chain: Path | None = None
+    tls_server_name: str | None = None
+    user: str | None = None
+    password: SecretStr | None = None
+
+    def open_index(self) -> Index:
+        """An unconnected :class:`Index` for these settings (use as ``async with``)."""
+        try:
+            return Index(
+                endpoints=self.endpoints,
+                timeout=self.timeout_s,
+                ca_cert=self.ca_cert,
+                cert_key=self.cert_key,
+                cert_chain=self.cert_chain,
+                tls_server_name=self.tls_server_name,
+                user=self.user,
+                password=self.password.get_secret_value() if self.password else None,
+                watch_backoff_max=1.0,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"etcd settings: {exc}") from exc
+
+
+class ResolverConfig(_Model):
+    """Everything ``cpi resolver serve`` needs; ``docs/resolver.md`` describes each field."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = DEFAULT_PORT
+    etcd: EtcdSettings = Field(default_factory=EtcdSettings)
+    anchor_files: list[Path] = Field(min_length=1)
+    zone: str = "cpi."
+    dns_host: str = "127.0.0.1"
+    dns_port: Annotated[int, Field(ge=0, le=65535)] | None = None  # None: no DNS; 0: any free port
+    latency_table: Path | None = None
+    # replica
+    probe_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    probe_timeout_s: Annotated[float, Field(gt=0)] = 1.0
+    stale_after_s: Annotated[float, Field(gt=0)] = 5.0
+    sweep_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    verify_workers: Annotated[int, Field(ge=0, le=64)] | None = None
+    # mass-expiry protection
+    mass_expiry_threshold: Annotated[float, Field(gt=0, le=1)] = 0.5
+    mass_expiry_min_live: Annotated[int, Field(ge=1)] = 4
+    mass_expiry_window_s: Annotated[float, Field(ge=0)] = 10.0
+    mass_expiry_hold_s: Annotated[float, Field(gt=0)] = 300.0
+    # API
+    event_ring_size: Annotated[int, Field(ge=16)] = 10_000
+    discover_default_limit: Annotated[int, Field(ge=1)] = 20
+    discover_max_limit: Annotated[int, Field(ge=1, le=10_000)] = 500
+    watch_heartbeat_s: Annotated[float, Field(gt=0)] = 15.0
+    max_watchers: Annotated[int, Field(ge=1)] = 1024
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def latency_table_path(self) -> Path | None:
+        """``latency_table``, else the seeded table of the repository if it exists."""
+        if self.latency_table is not None:
+            return self.latency_table
+        return DEFAULT_LATENCY_TABLE if DEFAULT_LATENCY_TABLE.is_file() else None
+
+    def load_anchors(self) -> TrustAnchors:
+        return load_anchor_files(self.anchor_files)
+
+    def summary(self) -> str:
+        """One line for the log (no secrets)."""
+        return (
+            f"resolver at {self.url} (etcd {','.join(self.etcd.endpoints)}, anchors "
+            f"{', '.join(str(p) for p in self.anchor_files)}, zone {self.zone})"
+        )
+
+
+def load_anchor_files(paths: list[Path]) -> TrustAnchors:
+    """Every anchor in the given files (each holds one ``anchor.v1`` or a list)."""
+    items: list[Any] = []
+    for path in paths:
+        try:
+            obj = json.loads(Path(path).read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"anchor file {path}: {exc.strerror}") from exc
+        except ValueError as exc:
+            raise ConfigError(f"anchor file {path}: not valid JSON: {exc}") from exc
+        items.extend(obj if isinstance(obj, list) else [obj])
+    try:
+        return TrustAnchors.from_json(json.dumps(items))
+    except KeyFileError as exc:
+        raise ConfigError(f"anchor files {', '.join(map(str, paths))}: {exc}") from exc
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> ``(host, port)``."""
+    m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text.strip())
+    if not m:
+        raise ConfigError(f"listen address {text!r}: expected host:port (or [v6-address]:port)")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if port > 65535:
+        raise ConfigError(f"listen address {text!r}: port {port} is above 65535")
+    return host, port
+
+
+def _resolve(base: Path, value: Any) -> Any:
+    if isinstance(value, str | os.PathLike) and os.fspath(value):
+        p = Path(value)
+        return str(p if p.is_absolute() else base / p)
+    return value
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, last = dotted.split(".")
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[last] = value
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:8]:
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{where}: {msg.removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+def _split(text: str) -> list[str]:
+    return [e for e in re.split(r"[,\s]+", text) if e]
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    data: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ResolverConfig:
+    """Build a config from a JSON file (or ``data``), the environment and ``overrides``.
+
+    ``overrides`` are command-line flags keyed by field name, dotted for nested fields
+    (``{"port": 9000, "etcd.endpoints": [...]}``); ``None`` values are ignored.  ``env``
+    defaults to ``os.environ``.  Raises :class:`ConfigError` naming every bad field.
+    """
+    source = "config"
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        try:
+            loaded = json.loads(p.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{p}: cannot read config file: {exc.strerror}") from exc
+        except ValueError as exc:
+            raise ConfigError(f"{p}: not valid JSON: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a JSON object, got {type(loaded).__name__}")
+        raw = loaded
+        base = p.resolve().parent
+    if data is not None:
+        raw = {**raw, **copy.deepcopy(dict(data))}
+    if isinstance(raw.get("anchor_files"), list):
+        raw["anchor_files"] = [_resolve(base, a) for a in raw["anchor_files"]]
+    if "latency_table" in raw:
+        raw["latency_table"] = _resolve(base, raw["latency_table"])
+    if isinstance(raw.get("etcd"), dict):
+        raw["etcd"] = dict(raw["etcd"])
+        for name in _ETCD_PATH_FIELDS:
+            if name in raw["etcd"]:
+                raw["etcd"][name] = _resolve(base, raw["etcd"][name])
+
+    environ = os.environ if env is None else env
+    if environ.get(ENV_ETCD_ENDPOINTS):
+        _set_dotted(raw, "etcd.endpoints", _split(environ[ENV_ETCD_ENDPOINTS]))
+    if environ.get(ENV_ETCD_PASSWORD):
+        _set_dotted(raw, "etcd.password", environ[ENV_ETCD_PASSWORD])
+    if environ.get(ENV_LISTEN):
+        raw["host"], raw["port"] = parse_listen(environ[ENV_LISTEN])
+    if environ.get(ENV_ANCHOR):
+        raw["anchor_files"] = _split(environ[ENV_ANCHOR])
+    if environ.get(ENV_ZONE):
+        raw["zone"] = environ[ENV_ZONE]
+
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(raw, dotted, value)
+    try:
+        return ResolverConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: invalid resolver config: {_describe(exc)}") from exc

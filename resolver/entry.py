@@ -1,0 +1,224 @@
+"""What the resolver serves for one CPID: a verified record and its verified status.
+
+An :class:`Entry` exists only for a record whose chain verified (all five rules of
+DESIGN.md section 2, plus the resolver's own check that the record sits under the key
+of its own CPID).  Entries are replaced, never edited, when anything that a client can
+see changes (the record, its status, its claimed units, the mass-expiry hold), so an
+entry object -- or its :attr:`Entry.generation` -- is a safe cache key for anything
+rendered from it: the HTTP body is rendered once per entry and kept as bytes.
+
+To keep 100,000 entries small, an entry holds the envelopes as received plus a few
+indexed facts; the pydantic models (:attr:`Entry.record`, :attr:`Entry.status`) are
+parsed from the already verified payloads the first time they are asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from resolver._pool import RecordFacts, StatusFacts
+from schemas.cpid import CPID
+from schemas.dsse import Envelope
+from schemas.models import Endpoint, Record, Status, parse_payload
+
+__all__ = ["Entry", "free_units"]
+
+
+def free_units(facts: RecordFacts, status: StatusFacts | None, claimed: int) -> int:
+    """Free units a client can still claim: the status's free capacity minus claims.
+
+    Units are accelerators for records that list accelerators, CPU cores otherwise.
+    A node without a verified status, or whose state is not ``up``, has none.
+    """
+    if status is None or status.state != "up":
+        return 0
+    units = status.accelerators_free if facts.accelerators else (status.cpu_free or 0)
+    return max(0, units - claimed)
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    """One served CPID.  Treat as read-only; the replica builds a new one on every change.
+
+    Attributes:
+        cpid: canonical CPID text.
+        id: the parsed CPID.
+        facts: the record's indexed fields (kind, key, version, region, models, labels).
+        envelope: the record envelope as stored in etcd.
+        chain: cert envelopes from the signer's cert up to the anchor's issue.
+        kid: key id of the registry key that signed the record.
+        record_revision: etcd ``mod_revision`` of ``/rec/<cpid>``.
+        status_facts: the verified status's state and free capacity, or None.
+        status_envelope: the status envelope (signed by the record's key), or None.
+        status_revision: etcd ``mod_revision`` of ``/live/<cpid>`` (0 without status).
+        lease: etcd lease of the live key (0 without status).
+        live_held: the status is kept by mass-expiry protection although its live key
+            is gone (see ``docs/resolver.md``).
+        held_until: Unix time at which a held status is dropped (0 when not held).
+        claimed: units claimed (``/alloc/<cpid>``).
+        revision: etcd revision of the latest change that produced this entry.
+        generation: a number unique to this entry object, increasing over the life of
+            the resolver; a cache keyed by ``(name, generation)`` never serves stale data.
+        valid_until: Unix time after which the record (or a cert of its chain) is
+            outside its validity window; the entry is not served after it.
+    """
+
+    cpid: str
+    id: CPID
+    facts: RecordFacts
+    envelope: Envelope
+    chain: tuple[Envelope, ...]
+    kid: str
+    record_revision: int
+    status_facts: StatusFacts | None
+    status_envelope: Envelope | None
+    status_revision: int
+    lease: int
+    live_held: bool
+    held_until: float
+    claimed: int
+    revision: int
+    generation: int
+    valid_until: float
+    leases: Mapping[int, float] = field(repr=False)
+    free: int = field(init=False)
+    _record: Record | None = field(default=None, repr=False)
+    _status: Status | None = field(default=None, repr=False)
+    _body: bytes | None = field(default=None, init=False, repr=False)
+    _stale_body: bytes | None = field(default=None, init=False, repr=False)
+    _record_dict: dict[str, Any] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.free = free_units(self.facts, self.status_facts, self.claimed)
+
+    # -- what the DNS front end and other callers read ----------------------------------
+
+    @property
+    def record(self) -> Record:
+        """The verified ``record.v1`` payload (parsed on first use)."""
+        rec = self._record
+        if rec is None:
+            env = self.envelope
+            rec = self._record = parse_payload(env.payload_type, env.payload, Record)
+        return rec
+
+    @property
+    def status(self) -> Status | None:
+        """The verified ``status.v1`` (parsed on first use), or None."""
+        if self.status_envelope is None:
+            return None
+        st = self._status
+        if st is None:
+            env = self.status_envelope
+            st = self._status = parse_payload(env.payload_type, env.payload, Status)
+        return st
+
+    @property
+    def version(self) -> int:
+        """The record's ``version``."""
+        return self.facts.version
+
+    @property
+    def kind(self) -> str:
+        return self.id.kind
+
+    @property
+    def namespace(self) -> str:
+        """The CPID's prefix (the namespace of the registry that issued it)."""
+        return self.id.prefix
+
+    @property
+    def region(self) -> str:
+        return self.facts.region
+
+    @property
+    def accelerators(self) -> tuple[str, ...]:
+        """Accelerator models, case-folded."""
+        return self.facts.accelerators
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return self.record.endpoints
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(self.facts.labels)
+
+    @property
+    def live(self) -> bool:
+        """A verified status is present (or held) and its state is not ``down``."""
+        return self.status_facts is not None and self.status_facts.state != "down"
+
+    @property
+    def live_expires_at(self) -> float | None:
+        """Unix time by which liveness lapses unless renewed, or None if unknown/not live.
+
+        For a status in etcd this is the expiry of the lease its live key is attached to
+        (refreshed from etcd every probe interval); for a held status it is the end of
+        the hold.  DNS TTLs for live answers must not exceed it.
+        """
+        if not self.live:
+            return None
+        if self.live_held:
+            return self.held_until
+        return self.leases.get(self.lease)
+
+    def live_ttl(self, now: float | None = None, *, default: int = 0) -> int:
+        """Whole seconds until :attr:`live_expires_at` (``default`` when unknown)."""
+        expires = self.live_expires_at
+        if expires is None:
+            return default
+        t = time.time() if now is None else now
+        return max(0, int(expires - t))
+
+    # -- rendering ------------------------------------------------------------------------
+
+    def bundle(self) -> dict[str, Any]:
+        """The ``GET /v1/resources/{cpid}`` object: signed envelopes plus liveness."""
+        out: dict[str, Any] = {
+            "record": self.envelope.to_dict(),
+            "chain": [c.to_dict() for c in self.chain],
+            "status": self.status_envelope.to_dict() if self.status_envelope else None,
+            "live": self.live,
+            "revision": self.revision,
+        }
+        if self.live_held:
+            out["live_held"] = True
+        return out
+
+    def body(self, *, stale: bool = False) -> bytes:
+        """:meth:`bundle` as JSON bytes, rendered once per entry (``"stale": true`` added)."""
+        if stale:
+            if self._stale_body is None:
+                self._stale_body = self.body()[:-1] + b',"stale":true}'
+            return self._stale_body
+        if self._body is None:
+            self._body = json.dumps(self.bundle(), separators=(",", ":")).encode()
+        return self._body
+
+    def record_dict(self) -> dict[str, Any]:
+        """The record payload as a JSON-ready dict (cached)."""
+        d = self._record_dict
+        if d is None:
+            d = self._record_dict = self.record.model_dump(mode="json", exclude_none=True)
+        return d
+
+    def view(self) -> dict[str, Any]:
+        """A decoded summary (discovery results and watch events use it)."""
+        status = self.status
+        return {
+            "cpid": self.cpid,
+            "kid": self.kid,
+            "version": self.version,
+            "record": self.record_dict(),
+            "status": status.model_dump(mode="json", exclude_none=True) if status else None,
+            "live": self.live,
+            "live_held": self.live_held,
+            "free": self.free,
+            "claimed": self.claimed,
+            "revision": self.revision,
+        }

@@ -1,0 +1,294 @@
+"""The resolver's HTTP service (DESIGN.md section 5): lookups, discovery, watches.
+
+Routes (all ``GET``):
+
+* ``/v1/resources/{cpid}`` -> ``{"record", "chain", "status", "live", "revision"}``:
+  the signed record, its cert chain and the node-signed status, as envelopes, so a
+  client holding only the anchor can verify it.  The body is rendered once per entry
+  state and served as prepared bytes.  ``400 invalid_cpid``, ``404 not_found``.
+* ``/v1/discover?kind=&within=&accelerator=&min_free=&near=&max_latency_ms=&label=k:v&live=&limit=``
+  -> ``{"results": [{"cpid", "score", "free", "latency_ms", "record", ...}], "revision"}``.
+* ``/v1/watch?<same filters>`` -> ``text/event-stream``: ``put``/``delete`` events
+  (``id:`` = etcd revision), ``relist`` when the requested position is gone; resumable
+  with ``Last-Event-ID`` (or ``?since=``).  See ``docs/resolver.md``.
+* ``/healthz`` (the process runs), ``/readyz`` (503 until the first listing is applied,
+  and while etcd is unreachable), ``/metrics`` (Prometheus text).
+
+With ``dns_port`` set in the config, the DNS front end (:mod:`resolver.dns`, UDP and TCP)
+runs in the same process and starts and stops with the app (``docs/dns.md``).
+
+While etcd is unreachable, answers carry ``"stale": true`` and ``X-CPI-Stale: 1``.
+Errors are ``{"error": {"code", "message"}}``, mapped from :mod:`schemas.errors` in
+one middleware.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from resolver.claims_http import add_claim_routes
+from resolver.config import ResolverConfig
+from resolver.core import Resolver
+from resolver.discovery import Query
+from resolver.dns import DnsServer
+from resolver.errors import NotReadyError, QueryError
+from resolver.events import Event, parse_cursor
+from resolver.metrics import ResolverMetrics
+from resolver.translog import add_log_routes
+from schemas.errors import (
+    CPIError,
+    InvalidCPIDError,
+    InvalidDataError,
+    NotFoundError,
+    RetrievalError,
+)
+
+__all__ = ["CONFIG", "DNS", "RESOLVER", "STATUS_OF", "create_app", "render_event"]
+
+_log = logging.getLogger("resolver.http")
+
+CONFIG = web.AppKey("config", ResolverConfig)
+RESOLVER = web.AppKey("resolver", Resolver)
+DNS = web.AppKey("dns", DnsServer)
+"""The DNS front end, present when the config has a ``dns_port`` (its ``port`` once started)."""
+_METRICS = web.AppKey("metrics", ResolverMetrics)
+_STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams")
+
+STATUS_OF: Final[tuple[tuple[type[CPIError], int], ...]] = (
+    (InvalidCPIDError, 400),
+    (QueryError, 400),
+    (NotFoundError, 404),
+    (InvalidDataError, 400),
+    (NotReadyError, 503),
+    (RetrievalError, 503),
+    (CPIError, 500),
+)
+"""Error class -> HTTP status, first match wins."""
+
+STALE_HEADER: Final = "X-CPI-Stale"
+_JSON: Final = "application/json"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _status_of(exc: CPIError) -> int:
+    return next(status for cls, status in STATUS_OF if isinstance(exc, cls))
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    return web.Response(body=body, status=status, content_type=_JSON)
+
+
+def _json(obj: Any, *, status: int = 200, stale: bool = False) -> web.Response:
+    resp = web.Response(
+        body=json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode(),
+        status=status,
+        content_type=_JSON,
+    )
+    if stale:
+        resp.headers[STALE_HEADER] = "1"
+    return resp
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map the error tree (and aiohttp's own HTTP errors) to JSON error answers."""
+    try:
+        return await handler(request)
+    except CPIError as exc:
+        status = _status_of(exc)
+        route = request.match_info.route.name or "other"
+        request.app[_METRICS].errors.labels(route, exc.code).inc()
+        if isinstance(exc, NotFoundError):
+            request.app[_METRICS].not_found.inc()
+        if status >= 500:
+            _log.warning("%s %s: %s", request.method, request.path, exc)
+        return _error(status, exc.code, str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
+        return _error(exc.status, code, f"{request.method} {request.path}: {exc.reason}")
+
+
+# -- handlers ---------------------------------------------------------------------------
+
+
+async def get_resource(request: web.Request) -> web.Response:
+    """The hot path: a dictionary lookup and bytes rendered once per entry."""
+    resolver = request.app[RESOLVER]
+    entry = resolver.resolve(request.match_info["cpid"])
+    resolver.metrics.records_served += 1
+    if resolver.stale:
+        resp = web.Response(body=entry.body(stale=True), content_type=_JSON)
+        resp.headers[STALE_HEADER] = "1"
+        return resp
+    return web.Response(body=entry.body(), content_type=_JSON)
+
+
+def _query(request: web.Request, *, ignore: tuple[str, ...] = ()) -> Query:
+    config = request.app[CONFIG]
+    return Query.from_params(
+        [(k, v) for k, v in request.query.items() if k not in ignore],
+        default_limit=config.discover_default_limit,
+        max_limit=config.discover_max_limit,
+    )
+
+
+async def get_discover(request: web.Request) -> web.Response:
+    result = request.app[RESOLVER].discover(_query(request))
+    return _json(result.to_dict(), stale=result.stale)
+
+
+def render_event(event: Event) -> bytes:
+    """One SSE message.  ``id:`` is sent on the last event of each revision group only,
+    so a client's ``Last-Event-ID`` always names a fully delivered revision."""
+    if event.type == "progress":
+        return f": progress\nid: {event.id}\n\n".encode()
+    lines = [f"event: {event.type}"]
+    if event.final or event.type == "relist":
+        lines.append(f"id: {event.id}")
+    data = json.dumps(event.to_dict(), separators=(",", ":"), ensure_ascii=False)
+    lines.append(f"data: {data}")
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+async def get_watch(request: web.Request) -> web.StreamResponse:
+    resolver = request.app[RESOLVER]
+    config = request.app[CONFIG]
+    query = _query(request, ignore=("since",))
+    since_text = request.headers.get("Last-Event-ID") or request.query.get("since")
+    since = parse_cursor(since_text) if since_text else None
+    if not resolver.ready:
+        raise NotReadyError("the resolver has not finished listing the index yet")
+    streams = request.app[_STREAMS]
+    if len(streams) >= config.max_watchers:
+        raise RetrievalError(f"too many open watches ({len(streams)}); try again later")
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    if resolver.stale:
+        resp.headers[STALE_HEADER] = "1"
+    await resp.prepare(request)
+    task = asyncio.current_task()
+    assert task is not None
+    streams.add(task)
+    metrics = request.app[_METRICS]
+    metrics.watchers.inc()
+    try:
+        await resp.write(b"retry: 1000\n\n")
+        buffer: list[bytes] = []
+        async for event in resolver.watch(query, since=since, heartbeat=config.watch_heartbeat_s):
+            buffer.append(render_event(event))
+            if event.final or event.type in ("relist", "progress"):
+                await resp.write(b"".join(buffer))
+                buffer.clear()
+    except ConnectionResetError:
+        pass  # the client went away
+    finally:
+        streams.discard(task)
+        metrics.watchers.dec()
+    return resp
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    resolver = request.app[RESOLVER]
+    health = resolver.health()
+    if health["ready"]:
+        return _json(health, stale=False)
+    why = (
+        "etcd is unreachable; answers are stale"
+        if health["listed"]
+        else "first listing of the index not done yet"
+    )
+    health["error"] = {"code": "not_ready", "message": why}
+    return _json(health, status=503, stale=health["stale"])
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[_METRICS].render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+# -- life cycle -------------------------------------------------------------------------
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    resolver = app[RESOLVER]
+    await resolver.start()
+    try:
+        yield
+    finally:
+        await resolver.close()
+
+
+async def _dns_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """The DNS front end runs while the app does (after the resolver starts, closed before it)."""
+    server = app[DNS]
+    await server.start()
+    try:
+        yield
+    finally:
+        await server.close()
+
+
+async def _end_streams(app: web.Application) -> None:
+    """At shutdown: end every watch stream, so the server does not wait on them."""
+    app[RESOLVER].end_watches()
+    streams = app[_STREAMS]
+    tasks = [*streams]
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+def create_app(config: ResolverConfig, *, resolver: Resolver | None = None) -> web.Application:
+    """The resolver app for ``config``.
+
+    The resolver (built from ``config`` unless given) starts in ``cleanup_ctx``: the app
+    serves at once, answering 503 until the first listing of the index is applied.
+    The transparency-log routes (``/v1/log/...``, :mod:`resolver.translog`) and the
+    claims routes (``/v1/claims``, :mod:`resolver.claims_http`) are mounted too.
+    """
+    app = web.Application(middlewares=[error_middleware])
+    r = resolver or Resolver.from_config(config)
+    app[CONFIG] = config
+    app[RESOLVER] = r
+    app[_METRICS] = r.metrics
+    streams: set[asyncio.Task[Any]] = set()
+    app[_STREAMS] = streams
+    app.cleanup_ctx.append(_lifecycle)
+    if config.dns_port is not None:
+        app[DNS] = DnsServer(r, host=config.dns_host, port=config.dns_port, zone=config.zone)
+        app.cleanup_ctx.append(_dns_lifecycle)
+    app.on_shutdown.append(_end_streams)
+    app.router.add_get("/v1/resources/{cpid:.+}", get_resource, name="resource")
+    app.router.add_get("/v1/discover", get_discover, name="discover")
+    app.router.add_get("/v1/watch", get_watch, name="watch")
+    app.router.add_get("/healthz", healthz, name="healthz")
+    app.router.add_get("/readyz", readyz, name="readyz")
+    app.router.add_get("/metrics", get_metrics, name="metrics")
+    # after the resolver's cleanup_ctx entry: both use its index once it is connected
+    add_log_routes(app, index=lambda a: a[RESOLVER].index)
+    add_claim_routes(app, resolver=r)
+    return app

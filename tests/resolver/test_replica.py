@@ -1,0 +1,351 @@
+"""The verified replica against the real etcd: what is served, and what never is."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from registry import ca
+from registry.index import Index, Keys
+from resolver._state import ReplicaSettings
+from resolver.core import Resolver
+from resolver.discovery import Query
+from resolver.errors import NotReadyError
+from schemas import dsse, keys
+from schemas.errors import InvalidCPIDError, NotFoundError
+from tests.resolver.kit import FAST, Node, Pki, make_resolver, put_record, put_status, signed, until
+
+# -- what is served ----------------------------------------------------------------------
+
+
+async def test_resolve_after_a_record_is_written(
+    index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    node = Node()
+    rev = await put_record(index, pki, node)
+    await until(lambda: resolver.get(node.cpid) is not None, what="the record to be served")
+    entry = resolver.resolve(node.cpid.lower())  # any case
+    assert entry.cpid == node.cpid
+    assert entry.kid == pki.kid("CN.31.CMCC")
+    assert entry.version == 1 and entry.record_revision == rev and entry.revision == rev
+    assert [c.keyid for c in entry.chain] == [pki.kid("CN.31"), keys.kid_of(pki.root)]
+    assert entry.endpoints[0].port == 443
+    assert (entry.live, entry.status, entry.live_expires_at, entry.live_ttl()) == (
+        False,
+        None,
+        None,
+        0,
+    )
+    assert resolver.revision >= rev
+
+    # a status on a lease: live, with the lease's expiry as the bound for DNS TTLs
+    lease = await index.grant_lease(20)
+    rev2 = await put_status(index, node, free=5, lease=lease.id)
+    await until(lambda: resolver.resolve(node.cpid).live, what="the status")
+    await until(lambda: resolver.resolve(node.cpid).live_expires_at is not None, what="lease TTL")
+    entry2 = resolver.resolve(node.cpid)
+    assert entry2.status is not None and entry2.status.capacity.accelerators_free == 5
+    assert entry2.free == 5 and entry2.revision == rev2 and entry2.lease == lease.id
+    assert 15 <= entry2.live_ttl() <= 20
+    assert entry2.generation > entry.generation
+    await lease.revoke()
+
+
+async def test_lookups_of_malformed_and_unknown_cpids(resolver: Resolver) -> None:
+    with pytest.raises(InvalidCPIDError, match="check character is 'Y', expected 'Z'"):
+        resolver.get("CN.31.CMCC/GPU.4K7Q9M2XH3PT-Y")
+    assert resolver.get("CN.31.CMCC/GPU.4K7Q9M2XH3PT-Z") is None
+    with pytest.raises(NotFoundError, match="is not in the index"):
+        resolver.resolve("cn.31.cmcc/gpu.4k7q9m2xh3pt-z")
+
+
+async def test_lookups_before_the_first_listing_say_not_ready(index: Index, pki: Pki) -> None:
+    r = make_resolver(index, pki)
+    with pytest.raises(NotReadyError, match="not finished listing"):
+        r.get("CN.31.CMCC/GPU.4K7Q9M2XH3PT-Z")
+    with pytest.raises(NotReadyError):
+        r.discover(Query())
+
+
+# -- what is never served ------------------------------------------------------------------
+
+
+def _forged_with_kid(pki: Pki, rec: Any) -> dsse.Envelope:
+    """Signed by a stranger's key, but naming the registry's key id."""
+    env = ca.sign_document(rec, keys.generate())
+    return dsse.Envelope(
+        env.payload_type,
+        env.payload,
+        (dsse.Signature(pki.kid("CN.31.CMCC"), env.signatures[0].sig),),
+    )
+
+
+def _tampered(pki: Pki, rec: Any) -> dsse.Envelope:
+    env = signed(pki, rec)
+    return dsse.Envelope(
+        env.payload_type, env.payload.replace(b'"count":8', b'"count":9'), env.signatures
+    )
+
+
+def _status_doc(node: Node) -> Any:
+    from schemas.models import Status, parse_payload
+
+    env = node.status()
+    return parse_payload(env.payload_type, env.payload, Status)
+
+
+def _extra_field(pki: Pki, node: Node) -> dsse.Envelope:
+    payload = node.record().to_json()[:-1] + b',"extra":1}'
+    return dsse.sign("application/vnd.cpi.record.v1+json", payload, pki.key_of("CN.31.CMCC"))
+
+
+def _swapped_key(pki: Pki, node: Node) -> dsse.Envelope:
+    other = keys.generate()
+    return signed(pki, node.record(public_key=keys.public_to_b64url(other)))
+
+
+Case = Callable[[Pki, Node], "tuple[str, bytes] | Any"]
+
+NOW = int(time.time())
+BAD: list[tuple[str, str, Callable[[Pki, Node], dsse.Envelope | bytes]]] = [
+    (
+        "forged: a stranger's key",
+        "unsigned",
+        lambda p, n: ca.sign_document(n.record(), keys.generate()),
+    ),
+    (
+        "forged: a stranger's key naming the registry's kid",
+        "bad_signature",
+        lambda p, n: _forged_with_kid(p, n.record()),
+    ),
+    ("tampered payload", "bad_signature", lambda p, n: _tampered(p, n.record())),
+    (
+        "unsigned: signer's cert not in the index",
+        "unsigned",
+        lambda p, n: signed(p, n.record(issuer="CN.51"), "CN.51"),
+    ),
+    (
+        "expired",
+        "expired",
+        lambda p, n: signed(p, n.record(issued_at=NOW - 7200, expires_at=NOW - 3600)),
+    ),
+    ("not yet valid", "not_yet_valid", lambda p, n: signed(p, n.record(issued_at=NOW + 3600))),
+    (
+        "outside namespace: CN.3 signs a CN.31 CPID",
+        "outside_namespace",
+        lambda p, n: signed(p, n.record(issuer="CN.3"), "CN.3"),
+    ),
+    (
+        "issuer mismatch",
+        "issuer_mismatch",
+        lambda p, n: signed(p, n.record(issuer="CN.31"), "CN.31.CMCC"),
+    ),
+    ("serial/key mismatch", "key_mismatch", lambda p, n: _swapped_key(p, n)),
+    ("kind mismatch", "key_mismatch", lambda p, n: signed(p, n.record(kind="NPU"))),
+    (
+        "signer without scope issue",
+        "scope",
+        lambda p, n: signed(p, n.record(issuer="CN.31.DLG"), "CN.31.DLG"),
+    ),
+    ("not an envelope", "malformed", lambda p, n: b'{"payloadType": 1}'),
+    (
+        "a status signed by the registry",
+        "bad_payload",
+        lambda p, n: ca.sign_document(_status_doc(n), p.key_of("CN.31.CMCC")),
+    ),
+    ("unknown field in the signed record", "bad_payload", lambda p, n: _extra_field(p, n)),
+]
+
+
+@pytest.mark.parametrize(("case", "reason", "build"), BAD, ids=[c[0] for c in BAD])
+async def test_bad_records_are_never_served(
+    index: Index,
+    pki: Pki,
+    resolver: Resolver,
+    case: str,
+    reason: str,
+    build: Callable[[Pki, Node], dsse.Envelope | bytes],
+) -> None:
+    pki.delegate("CN", "CN.51", ["issue"], issuer_key=pki.root)  # never published
+    pki.delegate("CN.31", "CN.31.DLG", ["delegate"])
+    await pki.publish(index, "CN.31.DLG")
+    node = Node(namespace="CN.31.DLG") if reason == "scope" else Node()
+    value = build(pki, node)
+    rev = await index.put(
+        Keys.rec(node.cpid), value if isinstance(value, bytes) else value.to_json()
+    )
+    await until(lambda: resolver.revision >= rev, what="the write to be applied")
+    assert resolver.get(node.cpid) is None
+    with pytest.raises(NotFoundError, match=f"fails verification: {reason}"):
+        resolver.resolve(node.cpid)
+    assert resolver._state.failures[reason] == 1
+    assert resolver.health()["rejected"] == {reason: 1}
+    assert resolver.discover(Query()).results == []
+
+
+async def test_a_valid_record_under_another_cpids_key_is_not_served(
+    index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    a, b = Node(), Node()
+    rev = await index.put(Keys.rec(b.cpid), signed(pki, a.record()).to_json())
+    await until(lambda: resolver.revision >= rev, what="the write")
+    assert resolver.get(a.cpid) is None and resolver.get(b.cpid) is None
+    assert resolver._state.failures["wrong_key"] == 1
+
+
+async def test_a_forged_cert_in_the_index_serves_nothing(
+    index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    """A cert for CN.31.EVIL signed by a stranger claiming CN.31's key id."""
+    evil = keys.generate()
+    cert = ca.issue_cert(
+        issuer_key=keys.generate(),
+        issuer_subject="CN.31",
+        subject="CN.31.EVIL",
+        public_key=evil,
+        scopes=["issue"],
+    )
+    cert = dsse.Envelope(
+        cert.payload_type, cert.payload, (dsse.Signature(pki.kid("CN.31"), cert.signatures[0].sig),)
+    )
+    await index.put(Keys.cert(keys.kid_of(evil)), cert.to_json())
+    node = Node(namespace="CN.31.EVIL")
+    rev = await index.put(Keys.rec(node.cpid), ca.sign_document(node.record(), evil).to_json())
+    await until(lambda: resolver.revision >= rev, what="the write")
+    assert resolver.get(node.cpid) is None
+    assert resolver._state.failures["bad_signature"] == 1
+
+
+async def test_revocations_stop_serving_at_once(index: Index, pki: Pki, resolver: Resolver) -> None:
+    a, b = Node(), Node(namespace="CN.31")
+    await put_record(index, pki, a)
+    await put_record(index, pki, b)
+    await until(lambda: resolver.get(a.cpid) and resolver.get(b.cpid), what="both served")
+    events: list[Any] = []
+    resolver.add_listener(events.append)
+
+    # the node key of `a`, revoked by its registry
+    rev = ca.revoke(
+        issuer_key=pki.key_of("CN.31.CMCC"),
+        subject="CN.31.CMCC",
+        kid=keys.kid_of(a.key),
+        reason="stolen",
+    )
+    r1 = await index.put(Keys.revoked(keys.kid_of(a.key)), rev.to_json())
+    await until(lambda: resolver.revision >= r1, what="the revocation")
+    assert resolver.get(a.cpid) is None and resolver.get(b.cpid) is not None
+    assert [(e.type, e.cpid, e.reason, e.revision) for e in events] == [
+        ("delete", a.cpid, "revoked", r1)
+    ]
+
+    # CN.31's own cert, revoked by the root: everything below it goes
+    serial = ca_serial(pki.certs["CN.31"])
+    rev2 = ca.revoke(issuer_key=pki.root, subject="CN.31", serial=serial, reason="compromise")
+    r2 = await index.put(Keys.revoked(serial), rev2.to_json())
+    await until(lambda: resolver.revision >= r2, what="the second revocation")
+    assert resolver.get(b.cpid) is None
+    assert (
+        events[-1].type == "delete" and events[-1].cpid == b.cpid and events[-1].reason == "revoked"
+    )
+
+
+def ca_serial(cert: dsse.Envelope) -> str:
+    from schemas.models import Cert, parse_payload
+
+    return parse_payload(cert.payload_type, cert.payload, Cert).serial
+
+
+async def test_records_wait_for_their_cert(index: Index, pki: Pki) -> None:
+    """Records published before their registry's cert are served once the cert arrives."""
+    await pki.publish(index, "CN.31")  # not CN.31.CMCC yet
+    nodes = [Node() for _ in range(3)]
+    for n in nodes:
+        await put_record(index, pki, n)
+    async with make_resolver(index, pki) as r:
+        async with asyncio.timeout(10):
+            await r.wait_ready()
+        assert [r.get(n.cpid) for n in nodes] == [None] * 3
+        assert r.health()["rejected"] == {"unsigned": 3}
+        await pki.publish(index, "CN.31.CMCC")
+        await until(lambda: all(r.get(n.cpid) for n in nodes), what="the records after the cert")
+        assert r.health()["rejected"] == {}
+
+
+async def test_statuses_must_verify_under_the_records_key(
+    index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    node, stranger, other = Node(), Node(), Node()
+    await put_record(index, pki, node)
+    await put_record(index, pki, other)
+    await until(lambda: resolver.get(node.cpid) and resolver.get(other.cpid), what="served")
+    # signed by another node's key
+    r1 = await index.put(Keys.live(node.cpid), stranger.status(cpid=node.cpid).to_json())
+    await until(lambda: resolver.revision >= r1, what="the first status")
+    assert resolver.resolve(node.cpid).live is False
+    # the node's own signature, but about another CPID
+    r2 = await index.put(Keys.live(node.cpid), node.status(cpid=other.cpid).to_json())
+    await until(lambda: resolver.revision >= r2, what="the second status")
+    assert resolver.resolve(node.cpid).live is False
+    assert resolver._state.failures["status_bad_signature"] == 1
+    assert resolver._state.failures["status_wrong_key"] == 1
+    await put_status(index, node, free=4)
+    await until(lambda: resolver.resolve(node.cpid).live, what="the genuine status")
+
+
+async def test_records_expire_on_the_clock(index: Index, pki: Pki) -> None:
+    settings = dataclasses.replace(FAST, replica=ReplicaSettings(skew=0))
+    await pki.publish(index)
+    node, lasting = Node(), Node()
+    now = int(time.time())
+    await put_record(index, pki, node, issued_at=now - 5, expires_at=now + 2)
+    await put_record(index, pki, lasting)
+    async with make_resolver(index, pki, settings) as r:
+        async with asyncio.timeout(10):
+            await r.wait_ready()
+        assert r.get(node.cpid) is not None
+        events: list[Any] = []
+        r.add_listener(events.append)
+        await until(lambda: r.get(node.cpid) is None, within=6, what="expiry")
+        await until(lambda: events, what="the expiry event")
+        assert [(e.type, e.cpid, e.reason) for e in events] == [("delete", node.cpid, "expired")]
+        assert events[0].id == f"{r.revision}.1"
+        assert r.get(lasting.cpid) is not None
+
+
+# -- watch (library) -----------------------------------------------------------------------------
+
+
+async def test_watch_filters_and_reports_entries_leaving_the_query(
+    index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    node, elsewhere = Node(), Node(namespace="CN.32", region="32")
+    got: list[Any] = []
+
+    async def consume() -> None:
+        async for ev in resolver.watch(Query(within="CN.31", min_free=4)):
+            got.append(ev)
+
+    task = asyncio.create_task(consume())
+    await until(lambda: got, what="the start of the watch")
+    assert got[0].type == "progress"
+    await put_record(index, pki, node)
+    await put_record(index, pki, elsewhere)
+    await put_status(index, elsewhere, free=8)
+    r1 = await put_status(index, node, free=8)
+    r2 = await put_status(index, node, free=2)
+    r3 = await put_status(index, node, free=6)
+    r4 = await index.delete(Keys.rec(node.cpid)) and await index.revision()
+    await until(lambda: len(got) >= 5, what="four events")
+    await asyncio.sleep(0.2)
+    task.cancel()
+    assert [(e.type, e.cpid, e.reason, e.revision) for e in got[1:]] == [
+        ("put", node.cpid, "status", r1),
+        ("delete", node.cpid, "query", r2),
+        ("put", node.cpid, "status", r3),
+        ("delete", node.cpid, "deleted", r4),
+    ]
