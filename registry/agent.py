@@ -8,9 +8,12 @@ and speaks the registry's HTTP interface (DESIGN.md section 5):
   on network errors, 5xx and 429 (never sooner than ``Retry-After``), and gives up at
   once on other 4xx answers: 401/403 (:class:`RefusedError`: the token or namespace
   was refused) and the rest (:class:`RegistryRejectedError`).
-* :meth:`Agent.heartbeat` sends one ``status.v1`` (``seq`` increasing, free capacity
-  from the probe minus :attr:`Agent.claimed_units`); :class:`RecordGoneError` means the
-  registry no longer holds the record.
+* :meth:`Agent.heartbeat` sends one ``status.v1`` (``seq`` increasing, state
+  :attr:`Agent.state`, free capacity from the probe minus :attr:`Agent.claimed_units`,
+  which the registry's ``X-CPI-Claimed`` answer header keeps current, reported as the
+  metric ``claimed_units``); :class:`RecordGoneError` means the registry no longer
+  holds the record.  :meth:`Agent.set_state` (e.g. ``draining``: no new claims) takes
+  effect with a status sent at once by :meth:`Agent.run`.
 * :meth:`Agent.deregister` sends a ``deregister.v1``.
 * :meth:`Agent.run` does all of it: register, a status every ``heartbeat_s`` seconds,
   re-register when the record is gone or the hardware changed, deregister when
@@ -82,6 +85,12 @@ _log = logging.getLogger(__name__)
 
 USER_AGENT: Final = "cpi-agent/0.1"
 _JSON: Final = "application/json"
+CLAIMED_HEADER: Final = "X-CPI-Claimed"
+"""Header of the registry's status answer: units claimed on the node (the same name as
+``registry.claimed.CLAIMED_HEADER``, not imported: that module needs the etcd client)."""
+CLAIMED_METRIC: Final = "claimed_units"
+"""Status metric: the claimed units subtracted from the reported free capacity."""
+STATES: Final = ("up", "draining", "down")
 
 Prober = Callable[[], Awaitable[_probe.Probe]]
 """An async callable returning the node's current hardware readings."""
@@ -235,15 +244,6 @@ async def host_prober() -> _probe.Probe:
     return await asyncio.to_thread(_probe.probe)
 
 
-async def _wait(stop: asyncio.Event, seconds: float) -> bool:
-    """Sleep up to ``seconds``; ``True`` when ``stop`` was set meanwhile."""
-    if stop.is_set():
-        return True
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=max(0.0, seconds))
-    return stop.is_set()
-
-
 # =============================================================================
 # Agent
 # =============================================================================
@@ -320,8 +320,10 @@ class Agent:
         self.name = name or self.cpid
         self._rng = rng or random.Random()
         self.claimed_units = 0
-        """Accelerator units known to be claimed; subtracted from the free capacity."""
+        """Units known to be claimed (accelerators, CPU cores on nodes without any);
+        subtracted from the free capacity.  Set from the registry's ``X-CPI-Claimed``."""
         self.state: str = "up"
+        self._wake = asyncio.Event()
         self.registration: Registration | None = None
         self._registered_attributes: Attributes | None = None
         self.last_probe: _probe.Probe | None = None
@@ -387,14 +389,28 @@ class Agent:
         """The next ``status.v1`` (``seq`` advanced) from the last probe."""
         reading = self.last_probe or _probe.Probe(None, None, None)
         self.seq += 1
+        claimed = self.claimed_units
+        capacity = reading.capacity(claimed=claimed)
+        if not reading.gpus and capacity.cpu_free is not None:  # claims are in CPU cores
+            capacity = capacity.model_copy(update={"cpu_free": max(0, capacity.cpu_free - claimed)})
         return Status(
             cpid=self.cpid,
             seq=self.seq,
             observed_at=time.time_ns() // 1_000_000,
             state=self.state,  # type: ignore[arg-type]  # validated by the model
-            capacity=reading.capacity(claimed=self.claimed_units),
-            metrics=reading.metrics(),
+            capacity=capacity,
+            metrics={**reading.metrics(), CLAIMED_METRIC: claimed},
         )
+
+    def set_state(self, state: str) -> None:
+        """Report ``state`` (``up``, ``draining``: take no new claims, ``down``) from the
+        next status on; :meth:`run` sends that status at once."""
+        if state not in STATES:
+            raise InvalidDataError(f"state {state!r}: expected one of {', '.join(STATES)}")
+        if state != self.state:
+            _log.info("%s: state %s -> %s", self.name, self.state, state)
+        self.state = state
+        self._wake.set()
 
     def sign(self, doc: Document) -> dsse.Envelope:
         return dsse.sign(doc.media_type(), doc.to_json(), self._key)
@@ -567,6 +583,7 @@ class Agent:
         )
         if status not in (200, 204):
             self._raise_for(f"status of {self.cpid}", status, body, headers)
+        self._take_claimed(headers.get(CLAIMED_HEADER))
         self.heartbeats_sent += 1
         _log.debug(
             "%s: status seq %d sent (%d accelerators free)",
@@ -575,6 +592,21 @@ class Agent:
             doc.capacity.accelerators_free,
         )
         return doc
+
+    def _take_claimed(self, header: str | None) -> None:
+        """Remember the registry's count of claimed units (reported from the next status)."""
+        if header is None:
+            return  # a registry without claims support: keep what a library user set
+        try:
+            units = int(header)
+        except ValueError:
+            units = -1
+        if units < 0:
+            _log.warning("%s: ignoring %s: %r (not a count)", self.name, CLAIMED_HEADER, header)
+            return
+        if units != self.claimed_units:
+            _log.info("%s: %d units claimed (was %d)", self.name, units, self.claimed_units)
+            self.claimed_units = units
 
     # -- deregister ------------------------------------------------------------------
 
@@ -632,7 +664,7 @@ class Agent:
             return
         failing = False
         delay = 0.0  # the first status right after registering
-        while not await _wait(stop, delay):
+        while not await self._pause(stop, delay):
             assert self.registration is not None
             period = self.registration.heartbeat_s
             delay = period * self._rng.uniform(0.85, 1.0)
@@ -666,6 +698,21 @@ class Agent:
             except RegistryRejectedError as exc:
                 _log.error("%s: status refused: %s", self.name, exc)
         await self.deregister()
+
+    async def _pause(self, stop: asyncio.Event, seconds: float) -> bool:
+        """Sleep up to ``seconds``, less when :meth:`set_state` is called (a status is
+        due at once); ``True`` when ``stop`` was set."""
+        if not self._wake.is_set() and not stop.is_set():
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+            try:
+                await asyncio.wait(
+                    waits, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for w in waits:
+                    w.cancel()
+        self._wake.clear()
+        return stop.is_set()
 
     def _hardware_changed(self) -> bool:
         """The probe now reports other hardware than the last registration sent."""

@@ -121,6 +121,9 @@ class Prefix(StrEnum):
     TOKENS = "/cpi/v1/tokens/"
     NONCE = "/cpi/v1/nonce/"
     AUDIT = "/cpi/v1/audit/"
+    # claims (resolver/claims.py): API tokens and per-holder totals
+    CLAIM_TOKENS = "/cpi/v1/claimtokens/"
+    HOLDERS = "/cpi/v1/holders/"
 
 
 # Collections whose names are CPIDs (``<prefix>/<suffix>``), hence per-namespace ranges.
@@ -223,6 +226,20 @@ class Keys:
         return Prefix.TOKENS + sha256_hex
 
     @staticmethod
+    def claim_token(sha256_hex: str) -> str:
+        """``/cpi/v1/claimtokens/<sha256-hex>``: a claims API token, stored by hash only."""
+        if not isinstance(sha256_hex, str) or not _SHA256_HEX.fullmatch(sha256_hex):
+            raise ValueError(
+                f"claims token key must be 64 lower-case hex digits (a SHA-256), got {sha256_hex!r}"
+            )
+        return Prefix.CLAIM_TOKENS + sha256_hex
+
+    @staticmethod
+    def holder(name: str) -> str:
+        """``/cpi/v1/holders/<name>``: units a claims holder holds (the CAS point for quotas)."""
+        return Prefix.HOLDERS + _name(name, "holder name")
+
+    @staticmethod
     def nonce(kid: str, nonce: str) -> str:
         """``/cpi/v1/nonce/<kid>/<nonce>``: a used nonce (replay protection)."""
         return Keys.nonces(kid) + _name(nonce, "nonce")
@@ -294,6 +311,8 @@ _SHAPES: Final[dict[Prefix, int]] = {  # number of "/" in a well-formed name
     Prefix.TOKENS: 0,
     Prefix.NONCE: 1,
     Prefix.AUDIT: 0,
+    Prefix.CLAIM_TOKENS: 0,
+    Prefix.HOLDERS: 0,
 }
 
 

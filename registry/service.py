@@ -5,6 +5,7 @@ Routes (DESIGN.md §5; details and error codes in ``docs/registry.md``):
 ==========  ====================================  ==========================================
 POST        /v1/registrations                     register.v1 + Bearer join token -> 201/200
 PUT         /v1/resources/{cpid}/status           status.v1 signed by the node -> 204
+                                                  (header X-CPI-Claimed: units claimed)
 DELETE      /v1/resources/{cpid}                  deregister.v1 signed by the node -> 204
 GET/POST    /v1/admin/self-preservation           operator override (Bearer admin token)
 GET         /healthz, /readyz, /metrics
@@ -33,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from registry import tokens
 from registry.audit import AuditStream
+from registry.claimed import CLAIMED_HEADER, ClaimedUnits
 from registry.config import RegistryConfig
 from registry.errors import (
     AdminAuthError,
@@ -49,6 +51,7 @@ from registry.ratelimit import TokenBucket
 from registry.registrar import Registrar
 from registry.signers import Signers, load_signers
 from schemas.chain import TrustAnchors
+from schemas.cpid import parse as parse_cpid
 from schemas.errors import (
     ConflictError,
     CPIError,
@@ -97,6 +100,7 @@ class RegistryState:
     liveness: Liveness
     registrar: Registrar
     audit: AuditStream
+    claimed: ClaimedUnits | None = None
 
 
 CONFIG = web.AppKey("config", RegistryConfig)
@@ -200,8 +204,13 @@ async def post_registration(request: web.Request) -> web.Response:
 
 async def put_status(request: web.Request) -> web.Response:
     body = await _read_body(request, request.app[CONFIG].max_body_bytes)
-    await _state(request).registrar.status(request.match_info["cpid"], body)
-    return web.Response(status=204)
+    state = _state(request)
+    await state.registrar.status(request.match_info["cpid"], body)
+    resp = web.Response(status=204)
+    if state.claimed is not None:  # the CPID parsed in status(): tell the agent its claims
+        units = state.claimed.units(parse_cpid(request.match_info["cpid"]).to_text())
+        resp.headers[CLAIMED_HEADER] = str(units)
+    return resp
 
 
 async def delete_resource(request: web.Request) -> web.Response:
@@ -302,8 +311,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     index = config.etcd.open_index()
     await index.connect()
     liveness: Liveness | None = None
+    claimed: ClaimedUnits | None = None
     try:
         signers = await load_signers(index, config.namespaces, anchors)
+        claimed = ClaimedUnits(index, signers.namespaces)
+        await claimed.start()
         liveness = Liveness(
             index,
             heartbeat_s=config.heartbeat_s,
@@ -325,7 +337,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             record_ttl_s=int(config.record_ttl_days * 86_400),
             max_body_bytes=config.max_body_bytes,
         )
-        app[STATE] = RegistryState(index, signers, liveness, registrar, audit)
+        app[STATE] = RegistryState(index, signers, liveness, registrar, audit, claimed)
         pruner = asyncio.create_task(_prune_tokens(index), name="token-pruner")
         try:
             yield
@@ -334,6 +346,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await pruner
     finally:
+        if claimed is not None:
+            await claimed.stop()
         if liveness is not None:
             await liveness.stop()
         await index.close()

@@ -5,6 +5,9 @@ or ``--once``/``--dry-run`` finished); 1 the registry rejected a request (4xx) o
 the input is invalid; 2 the registry stayed unreachable; 3 the join token or
 namespace was refused (401/403; restarting will not help: see
 ``RestartPreventExitStatus=3`` in docs/agent.md).
+
+``--drain`` starts the node in state ``draining`` (no new claims); SIGUSR1 switches a
+running agent to ``draining``, SIGUSR2 back to ``up``; each sends a status at once.
 """
 
 from __future__ import annotations
@@ -82,6 +85,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--anchor", help="verify the returned record and chain against this anchor")
     run.add_argument("--once", action="store_true", help="register, send one status, exit")
     run.add_argument(
+        "--drain",
+        action="store_true",
+        help="report state draining (no new claims); SIGUSR1 drains a running agent, "
+        "SIGUSR2 returns it to up",
+    )
+    run.add_argument(
         "--dry-run",
         action="store_true",
         help="print the register.v1 payload and the CPID it would get; no network",
@@ -138,6 +147,16 @@ def _install_stop(stop: asyncio.Event) -> None:
         _log.debug("SIGTERM/SIGINT not handled here (%s)", exc)
 
 
+def _install_drain(agent: Agent) -> None:
+    """SIGUSR1: report ``draining`` (no new claims); SIGUSR2: back to ``up``."""
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGUSR1, agent.set_state, "draining")
+        loop.add_signal_handler(signal.SIGUSR2, agent.set_state, "up")
+    except (RuntimeError, ValueError, NotImplementedError, AttributeError) as exc:
+        _log.debug("SIGUSR1/SIGUSR2 not handled here (%s)", exc)
+
+
 def _targets(args: argparse.Namespace, token: str) -> list[Target]:
     if args.up:
         try:
@@ -165,6 +184,8 @@ async def _run(args: argparse.Namespace) -> int:
     if args.simulate is not None:
         if args.dry_run:
             raise InvalidDataError("--simulate and --dry-run do not go together")
+        if args.drain:
+            raise InvalidDataError("--simulate and --drain do not go together")
         _install_stop(stop)
         agent_log = logging.getLogger("registry.agent")
         level = agent_log.level
@@ -219,6 +240,9 @@ async def _run(args: argparse.Namespace) -> int:
             print_json(await agent.dry_run())
             return 0
         _install_stop(stop)
+        if args.drain:
+            agent.set_state("draining")
+        _install_drain(agent)
         try:
             await agent.run(stop, once=args.once)
         except RefusedError:

@@ -100,6 +100,8 @@ async def private_index(etcd_private: EtcdProcess) -> AsyncIterator[Index]:
         (Keys.token(SHA), Prefix.TOKENS, (SHA,)),
         (Keys.nonce("KID1", "n0nce"), Prefix.NONCE, ("KID1", "n0nce")),
         (Keys.audit(42), Prefix.AUDIT, ("00000000000000000042",)),
+        (Keys.claim_token(SHA), Prefix.CLAIM_TOKENS, (SHA,)),
+        (Keys.holder("lab-7@cmcc"), Prefix.HOLDERS, ("lab-7@cmcc",)),
     ],
 )
 def test_keys_round_trip(key: str, collection: Prefix, parts: tuple[str, ...]) -> None:
@@ -115,6 +117,14 @@ def test_exact_key_strings() -> None:
     assert Keys.claim(CPID, "x") == "/cpi/v1/claim/CN.31.CMCC/GPU.4K7Q9M2XH3PT-Z/x"
     assert Keys.claims(CPID) == "/cpi/v1/claim/CN.31.CMCC/GPU.4K7Q9M2XH3PT-Z/"
     assert Keys.nonces("K") == "/cpi/v1/nonce/K/"
+    assert Keys.claim_token(SHA) == "/cpi/v1/claimtokens/" + SHA
+    assert Keys.holder("lab") == "/cpi/v1/holders/lab"
+    with pytest.raises(ValueError, match="64 lower-case hex"):
+        Keys.claim_token("AB" * 32)
+    with pytest.raises(ValueError, match="holder name"):
+        Keys.holder("a/b")
+    assert not Keys.claim(CPID, "x").startswith(Prefix.CLAIM_TOKENS)
+    assert not Keys.claim_token(SHA).startswith(Prefix.CLAIM)
     assert str(Prefix.REC) == "/cpi/v1/rec/"
 
 

@@ -1,0 +1,253 @@
+"""``cpi claim`` (claim, release, list) and ``cpi claims token create``.
+
+``cpi claim`` talks to a resolver over HTTP: ``--resolver URL``, else ``$CPI_RESOLVER``,
+else ``http://127.0.0.1:8700``; the claims token comes from ``--token``,
+``--token-file`` or ``$CPI_CLAIMS_TOKEN``.  ``cpi claims token create`` writes the
+token's hash to etcd (``--etcd`` or ``$CPI_ETCD``) and prints the token once.
+See ``docs/claims.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+from cpi.commands._etcd import etcd_argument, open_index
+from cpi.commands._util import print_json
+from registry.tokens import parse_duration
+from resolver import claim_tokens
+from resolver.claims_client import ClaimsClient
+from resolver.client import default_url
+from resolver.discovery import Query
+from schemas.errors import InvalidDataError
+
+TOKEN_ENV = "CPI_CLAIMS_TOKEN"
+
+
+def _client_arguments(parser: argparse.ArgumentParser, *, sub: bool = False) -> None:
+    """``--resolver``, ``--token``, ``--token-file``, ``--json``; on a sub-command they do
+    not clobber what was given before it (``default=SUPPRESS``)."""
+    kw: dict[str, Any] = {"default": argparse.SUPPRESS} if sub else {}
+    parser.add_argument(
+        "--resolver",
+        metavar="URL",
+        help=f"resolver base URL (default: $CPI_RESOLVER or {default_url()})",
+        **kw,
+    )
+    parser.add_argument(
+        "--token",
+        help=f"claims token (prefer --token-file or ${TOKEN_ENV}: argv is visible in ps)",
+        **kw,
+    )
+    parser.add_argument("--token-file", help="file holding the claims token", **kw)
+    parser.add_argument("--json", action="store_true", help="print the resolver's JSON", **kw)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "claim",
+        help="claim units of a resource (by CPID or the best match of a query); release, list",
+        description=(
+            "Claim --units of one resource for --ttl: --cpid names it, or the filters (as "
+            "for cpi discover, or --query 'kind=GPU&near=31') pick the best-ranked live "
+            "resource that can hold all units. Prints the claim id. 'cpi claim release ID' "
+            "gives it back, 'cpi claim list' shows the token holder's claims."
+        ),
+    )
+    p.add_argument("--cpid", help="the resource to claim")
+    p.add_argument(
+        "--query", metavar="QS", help="discovery filters as a URL query, e.g. 'kind=GPU&near=31'"
+    )
+    p.add_argument("--kind", help="CPU, GPU, NPU, CLU, STO, NET or SVC")
+    p.add_argument("--within", metavar="NS", help="namespace, e.g. CN.31 (segment-wise)")
+    p.add_argument("--accelerator", metavar="MODEL", help="accelerator model, e.g. H100")
+    p.add_argument("--min-free", type=int, metavar="N", help="at least N free units")
+    p.add_argument("--near", metavar="REGION", help="GB/T 2260 region code, e.g. 31")
+    p.add_argument("--max-latency-ms", type=float, metavar="MS", help="needs --near")
+    p.add_argument(
+        "--label", action="append", default=[], metavar="K:V", help="label filter (repeatable)"
+    )
+    p.add_argument("--limit", type=int, metavar="N", help="candidates to try (server default 20)")
+    p.add_argument("--units", type=int, help="units to claim (accelerators, or CPU cores)")
+    p.add_argument("--ttl", help="how long to hold them: 90s, 10m, 2h (server default 10m)")
+    _client_arguments(p)
+    p.set_defaults(handler=run_claim)
+    actions = p.add_subparsers(dest="claim_command", metavar="ACTION")
+    rel = actions.add_parser("release", help="release a claim (by its id)")
+    rel.add_argument("claim_id")
+    _client_arguments(rel, sub=True)
+    rel.set_defaults(handler=run_release)
+    lst = actions.add_parser("list", help="list the token holder's active claims")
+    _client_arguments(lst, sub=True)
+    lst.set_defaults(handler=run_list)
+
+    t = sub.add_parser("claims", help="claims API tokens")
+    groups = t.add_subparsers(dest="claims_command", metavar="ACTION", required=True)
+    tok = groups.add_parser("token", help="claims tokens")
+    tok_actions = tok.add_subparsers(dest="token_command", metavar="ACTION", required=True)
+    create = tok_actions.add_parser(
+        "create",
+        help="create a claims token (printed once; only its SHA-256 is stored)",
+        description="Writes /cpi/v1/claimtokens/<sha256> and prints the token on stdout.",
+    )
+    create.add_argument("--holder", required=True, help="who holds the claims made with it")
+    create.add_argument(
+        "--max-units", type=int, help="quota: most units the holder may hold at once"
+    )
+    create.add_argument("--within", metavar="NS", help="only resources at or below NS")
+    create.add_argument("--ttl", required=True, help="token lifetime: 1h, 30d, ...")
+    create.add_argument("--json", action="store_true", help="print JSON with the token")
+    etcd_argument(create)
+    create.set_defaults(handler=run_token_create)
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _token(args: argparse.Namespace) -> str:
+    token, token_file = getattr(args, "token", None), getattr(args, "token_file", None)
+    if token and token_file:
+        raise InvalidDataError("give --token or --token-file, not both")
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise InvalidDataError(f"{token_file}: {exc.strerror}") from exc
+    token = token or os.environ.get(TOKEN_ENV, "")
+    if not token:
+        raise InvalidDataError(f"no claims token: give --token, --token-file or ${TOKEN_ENV}")
+    return str(token)
+
+
+def _client(args: argparse.Namespace) -> ClaimsClient:
+    return ClaimsClient(getattr(args, "resolver", None) or default_url(), token=_token(args))
+
+
+def _query(args: argparse.Namespace) -> Query | None:
+    flags = {
+        "kind": args.kind.upper() if args.kind else None,
+        "within": args.within,
+        "accelerator": args.accelerator,
+        "min_free": args.min_free,
+        "near": args.near,
+        "max_latency_ms": args.max_latency_ms,
+    }
+    given = {k: v for k, v in flags.items() if v is not None}
+    if args.query is not None:
+        if given or args.label:
+            raise InvalidDataError("give --query or the filter flags, not both")
+        try:
+            params = parse_qsl(args.query, keep_blank_values=True, strict_parsing=True)
+        except ValueError as exc:
+            raise InvalidDataError(f"--query {args.query!r}: {exc}") from exc
+        q = Query.from_params(params)
+        return q if args.limit is None else Query(**{**_fields(q), "limit": args.limit})
+    if not given and not args.label:
+        return None
+    labels = []
+    for item in args.label:
+        k, sep, v = item.partition(":")
+        if not sep:
+            raise InvalidDataError(f"--label {item!r}: expected key:value")
+        labels.append((k, v))
+    return Query(**given, labels=tuple(labels), limit=args.limit or 20)
+
+
+def _fields(q: Query) -> dict[str, object]:
+    return {name: getattr(q, name) for name in q.__dataclass_fields__}
+
+
+def _when(ts: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+# -- handlers -------------------------------------------------------------------------------
+
+
+def run_claim(args: argparse.Namespace) -> int:
+    if args.units is None:
+        raise InvalidDataError("--units is required (or an action: release, list)")
+    query = _query(args)
+    if (args.cpid is None) == (query is None):
+        raise InvalidDataError("give --cpid, or a query (--query or filter flags), not both")
+    ttl = parse_duration(args.ttl) if args.ttl else None
+
+    async def go() -> dict[str, object]:
+        async with _client(args) as client:
+            return await client.claim(cpid=args.cpid, query=query, units=args.units, ttl_s=ttl)
+
+    made = asyncio.run(go())
+    if args.json:
+        print_json(made)
+        return 0
+    print(made["claim_id"])
+    print(
+        f"claimed {made['units']} units of {made['cpid']} until "
+        f"{_when(int(str(made['expires_at'])))}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def run_release(args: argparse.Namespace) -> int:
+    async def go() -> None:
+        async with _client(args) as client:
+            await client.release(args.claim_id)
+
+    asyncio.run(go())
+    print(f"released {args.claim_id}", file=sys.stderr)
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    async def go() -> dict[str, object]:
+        async with _client(args) as client:
+            return await client.list()
+
+    found = asyncio.run(go())
+    if getattr(args, "json", False):
+        print_json(found)
+        return 0
+    claims = found["claims"]
+    assert isinstance(claims, list)
+    rows = [(c["claim_id"], c["cpid"], str(c["units"]), _when(c["expires_at"])) for c in claims]
+    header = ("CLAIM_ID", "CPID", "UNITS", "EXPIRES")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    print(
+        f"{found['holder']} holds {found['units']} units in {len(rows)} claim(s)", file=sys.stderr
+    )
+    return 0
+
+
+def run_token_create(args: argparse.Namespace) -> int:
+    ttl = parse_duration(args.ttl)
+
+    async def go() -> str:
+        async with open_index(args.etcd) as index:
+            return await claim_tokens.create_token(
+                index, holder=args.holder, ttl_s=ttl, max_units=args.max_units, within=args.within
+            )
+
+    token = asyncio.run(go())
+    if args.json:
+        print_json(
+            {
+                "token": token,
+                "holder": args.holder,
+                "max_units": args.max_units,
+                "within": args.within,
+                "expires_at": int(time.time()) + ttl,
+            }
+        )
+    else:
+        print(token)
+    return 0
