@@ -1,0 +1,307 @@
+"""``cpi audit verify|sweep|log``: verify records, the whole index, and the transparency log.
+
+Exit codes: 0 when everything verified, 1 when anything did not (or bad input),
+2 when etcd or the resolver could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from cpi.commands._etcd import etcd_argument, open_index
+from cpi.commands._util import print_json, read_input
+from registry.translog import LOG_VKEY_FILE, load_verifier
+from resolver.auditor import FAILURES, LogAuditor, LogReport, Sweeper, SweepReport, verify_bundle
+from schemas import chain, dsse
+from schemas.checkpoint import NoteVerifier
+from schemas.cpid import parse
+from schemas.errors import (
+    CheckpointError,
+    EnvelopeError,
+    InvalidDataError,
+    KeyFileError,
+    RetrievalError,
+)
+from schemas.models import Revocation, parse_payload
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("audit", help="auditor: verify a record, sweep the index, check the log")
+    acts = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+
+    v = acts.add_parser(
+        "verify",
+        help="verify one record bundle (file) or a CPID fetched from a resolver",
+        description=(
+            'TARGET is a bundle file {"record", "chain", "status"?} (\'-\' for stdin) or a CPID, '
+            "fetched from --resolver. Prints every check and the first that fails; exit 0/1."
+        ),
+    )
+    v.add_argument("target", help="bundle file, '-', or a CPID")
+    v.add_argument("--anchor", required=True, action="append", help="anchor file (repeatable)")
+    v.add_argument("--resolver", help="resolver base URL, to fetch a CPID")
+    v.add_argument("--revoked", help="JSON list of revocation.v1 envelopes to honour")
+    v.add_argument("--now", type=int, help="verify as of this Unix time (default: now)")
+    v.add_argument("--json", action="store_true", help="print the result as JSON")
+    v.set_defaults(handler=run_verify)
+
+    s = acts.add_parser(
+        "sweep",
+        help="verify every record, cert, status and revocation in the index",
+        description=(
+            "Read the whole index in pages at one revision and verify everything; report counts "
+            "by outcome, every failure and the rate. Exit 1 when anything is invalid."
+        ),
+    )
+    etcd_argument(s)
+    s.add_argument("--anchor", required=True, action="append", help="anchor file (repeatable)")
+    s.add_argument("--page-size", type=int, default=1000, help="keys per etcd read (default 1000)")
+    s.add_argument("--now", type=int, help="verify as of this Unix time (default: now)")
+    s.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="worker processes verifying records (default 0: one per CPU on large indexes)",
+    )
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    s.set_defaults(handler=run_sweep)
+
+    lg = acts.add_parser(
+        "log",
+        help="check the transparency log: signature, consistency with --state, inclusion",
+        description=(
+            "Fetch the latest checkpoint from the resolver, verify it with the log's verifier "
+            "key, check it is consistent with the checkpoint stored in --state (then store it), "
+            "and with --cpid verify that record's inclusion. A rollback or split view is "
+            "reported loudly and exits 1; the state file is then left as it was."
+        ),
+    )
+    lg.add_argument("--resolver", required=True, help="resolver base URL")
+    lg.add_argument("--anchor", required=True, help="anchor file; its directory holds log.vkey")
+    lg.add_argument(
+        "--log-key",
+        help=f"log verifier key: a file or the text itself (default: <anchor dir>/{LOG_VKEY_FILE})",
+    )
+    lg.add_argument("--state", required=True, help="file keeping the last accepted checkpoint")
+    lg.add_argument("--cpid", help="also verify this record's inclusion")
+    lg.add_argument("--version", type=int, help="record version (default: the current one)")
+    lg.add_argument("--json", action="store_true", help="print the result as JSON")
+    lg.set_defaults(handler=run_log)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _anchors(paths: list[str]) -> chain.TrustAnchors:
+    items: list[Any] = []
+    for path in paths:
+        try:
+            obj = json.loads(read_input(path))
+        except ValueError as exc:
+            raise KeyFileError(f"{path}: anchor file is not JSON: {exc}") from exc
+        items.extend(obj if isinstance(obj, list) else [obj])
+    return chain.TrustAnchors.from_json(json.dumps(items))
+
+
+def _revocations(path: str | None) -> dict[str, dsse.Envelope]:
+    out: dict[str, dsse.Envelope] = {}
+    if path:
+        for obj in json.loads(read_input(path)):
+            env = dsse.Envelope.from_dict(obj)
+            out[parse_payload(env.payload_type, env.payload, Revocation).target] = env
+    return out
+
+
+async def _fetch_bundle(resolver: str, cpid: str) -> dict[str, Any]:
+    url = f"{resolver.rstrip('/')}/v1/resources/{cpid}"
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
+            http.get(url) as resp,
+        ):
+            body = await resp.read()
+            status = resp.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise RetrievalError(f"GET {url} failed: {exc}") from exc
+    if status != 200:
+        raise InvalidDataError(
+            f"GET {url} answered {status}: {body[:300].decode('utf-8', 'replace')}"
+        )
+    doc = json.loads(body)
+    if not isinstance(doc, dict):
+        raise EnvelopeError(f"GET {url}: expected a JSON object")
+    return doc
+
+
+def _alarm(message: str) -> None:
+    bar = "!" * 78
+    print(f"\n{bar}\n!!! TRANSPARENCY LOG ALARM: {message}\n{bar}\n", file=sys.stderr)
+
+
+# -- verify ------------------------------------------------------------------------------------
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    anchors = _anchors(args.anchor)
+    if args.target == "-" or os.path.exists(args.target):
+        raw = read_input(args.target)
+        try:
+            bundle = json.loads(raw)
+        except ValueError as exc:
+            raise EnvelopeError(f"{args.target}: not valid JSON: {exc}") from exc
+    else:
+        cpid = parse(args.target).to_text()
+        if not args.resolver:
+            raise InvalidDataError(
+                f"{args.target!r} is not a file; to fetch CPID {cpid}, give --resolver URL"
+            )
+        bundle = asyncio.run(_fetch_bundle(args.resolver, cpid))
+    if not isinstance(bundle, dict):
+        raise EnvelopeError('expected a bundle {"record": <envelope>, "chain": [...]}')
+    result = verify_bundle(
+        bundle,
+        anchors=anchors,
+        revocations=_revocations(args.revoked),
+        now=args.now if args.now is not None else int(time.time()),
+    )
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        for c in result.checks:
+            where = "status" if c.rule == 0 else f"rule {c.rule} link {c.link}"
+            mark = "ok  " if c.ok else "FAIL"
+            print(f"{mark} {where}: {c.what}" + (f": {c.detail}" if c.detail else ""))
+        print("valid" if result.ok else f"invalid: {result.reason}")
+    return 0 if result.ok else 1
+
+
+# -- sweep -------------------------------------------------------------------------------------
+
+
+class _Bar:
+    """A one-line progress bar on stderr (only when stderr is a terminal)."""
+
+    def __init__(self) -> None:
+        self._t0 = time.perf_counter()
+        self._last = 0.0
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - self._last < 0.1 and done < total:
+            return
+        self._last = now
+        width = 30
+        frac = done / total if total else 1.0
+        filled = int(width * min(frac, 1.0))
+        rate = done / max(now - self._t0, 1e-9)
+        sys.stderr.write(
+            f"\r{phase:<12} [{'#' * filled}{'.' * (width - filled)}] {done:>9,}/{total:<9,} "
+            f"{rate:>9,.0f}/s "
+        )
+        sys.stderr.flush()
+        if done >= total:
+            sys.stderr.write("\n")
+            self._t0 = time.perf_counter()
+
+
+async def _sweep(args: argparse.Namespace) -> SweepReport:
+    anchors = _anchors(args.anchor)
+    progress = _Bar() if sys.stderr.isatty() else None
+    async with open_index(args.etcd, timeout=30.0) as index:
+        sweeper = Sweeper(
+            index,
+            anchors,
+            now=args.now,
+            page_size=args.page_size,
+            jobs=args.jobs,
+            progress=progress,
+        )
+        return await sweeper.run()
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    report = asyncio.run(_sweep(args))
+    if args.json:
+        print_json(report.to_dict())
+        return 0 if report.ok else 1
+    print(f"index at revision {report.revision}")
+    for kind, counts in sorted(report.counts.items()):
+        parts = ", ".join(
+            f"{o} {n}" for o, n in sorted(counts.items(), key=lambda x: x[0] != "valid")
+        )
+        print(f"  {kind:<11} {sum(counts.values()):>8}: {parts}")
+    if report.failures:
+        print(f"{len(report.failures)} failures:")
+        order = {name: i for i, name in enumerate(FAILURES)}
+        for f in sorted(report.failures, key=lambda f: (order.get(f.outcome, 99), f.key)):
+            print(f"  {f.outcome:<17} {f.key}: {f.detail}")
+    print(
+        f"{report.records} records in {report.record_seconds:.2f} s "
+        f"({report.records_per_s:,.0f} records/s, {report.jobs} process(es)); "
+        f"{report.chains_walked} chain walks; total {report.elapsed:.2f} s"
+    )
+    print("index is valid" if report.ok else "index has INVALID entries")
+    return 0 if report.ok else 1
+
+
+# -- log ---------------------------------------------------------------------------------------
+
+
+def _verifier(args: argparse.Namespace) -> NoteVerifier:
+    if args.log_key:
+        if os.path.exists(args.log_key):
+            return load_verifier(args.log_key)
+        try:
+            return NoteVerifier.from_vkey(args.log_key)
+        except CheckpointError as exc:
+            raise KeyFileError(f"--log-key is neither a file nor a verifier key: {exc}") from exc
+    return load_verifier(Path(args.anchor).resolve().parent / LOG_VKEY_FILE)
+
+
+def _write_state(path: Path, note: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(note)
+    os.replace(tmp, path)
+
+
+async def _log(
+    args: argparse.Namespace, verifier: NoteVerifier, state: bytes | None
+) -> tuple[LogReport, bytes | None]:
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+            auditor = LogAuditor(http, args.resolver, verifier, state=state)
+            cpid = parse(args.cpid).to_text() if args.cpid else None
+            report = await auditor.check(cpid=cpid, version=args.version)
+            return report, auditor.new_state
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise RetrievalError(f"resolver {args.resolver}: {exc}") from exc
+
+
+def run_log(args: argparse.Namespace) -> int:
+    _anchors([args.anchor])  # a readable anchor file, whatever else happens
+    verifier = _verifier(args)
+    state_path = Path(args.state)
+    state = state_path.read_bytes() if state_path.exists() else None
+    report, new_state = asyncio.run(_log(args, verifier, state))
+    if new_state is not None and new_state != state:
+        _write_state(state_path, new_state)
+    if report.alarm is not None:
+        failed = next(d for _, ok, d in report.checks if not ok)
+        _alarm(failed)
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        for what, ok, detail in report.checks:
+            print(f"{'ok  ' if ok else 'FAIL'} {what}" + (f": {detail}" if detail else ""))
+        print("log verified" if report.ok else "log check FAILED")
+    return 0 if report.ok else 1

@@ -1,0 +1,99 @@
+"""``cpi log init|sign``: the national node's transparency-log key and signer.
+
+``cpi log sign`` is a long-running process (``cpi up`` supervises it): it reads the
+audit stream, and every ``--interval`` seconds, when the audit head has moved, signs
+a checkpoint into ``/cpi/v1/log/``.  It stops on SIGTERM/SIGINT and exits non-zero,
+loudly, if the audit stream was rewritten (it never signs over a rewritten history).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+
+from cpi.commands._etcd import etcd_argument, open_index
+from registry.translog import DEFAULT_ORIGIN, LogSigner, init_log_key, vkey_path_for
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("log", help="national node: transparency-log key and checkpoint signer")
+    acts = p.add_subparsers(dest="log_command", metavar="ACTION", required=True)
+
+    init = acts.add_parser(
+        "init",
+        help="create the log key (0600) and its verifier key file (.vkey) if missing",
+        description=(
+            "Create KEY (Ed25519, 0600) unless it exists, and write KEY's verifier key "
+            "(<origin>+<key id>+<base64>, the C2SP/sumdb note form) to the same path with "
+            "suffix .vkey. Give the .vkey file to auditors with the anchor."
+        ),
+    )
+    init.add_argument("--key", required=True, help="log key file, e.g. national/log.key")
+    init.add_argument(
+        "--origin", default=DEFAULT_ORIGIN, help=f"log origin (default: {DEFAULT_ORIGIN})"
+    )
+    init.set_defaults(handler=run_init)
+
+    sign = acts.add_parser(
+        "sign",
+        help="sign checkpoints of the audit stream (long-running; --once for one)",
+        description=(
+            "Read the audit stream from etcd, check it extends the last signed checkpoint, and "
+            "sign a new checkpoint whenever the audit head moves. The key is created (0600, "
+            "with its .vkey) if missing."
+        ),
+    )
+    etcd_argument(sign)
+    sign.add_argument("--key", required=True, help="log key file (created if missing)")
+    sign.add_argument(
+        "--origin", default=DEFAULT_ORIGIN, help=f"log origin (default: {DEFAULT_ORIGIN})"
+    )
+    sign.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between checks (default: 2)"
+    )
+    sign.add_argument(
+        "--once", action="store_true", help="sign one checkpoint (if needed) and exit"
+    )
+    sign.set_defaults(handler=run_sign)
+
+
+def run_init(args: argparse.Namespace) -> int:
+    _, verifier, created = init_log_key(args.key, origin=args.origin)
+    print(f"{'created' if created else 'kept existing'} log key {args.key} (0600)")
+    print(f"verifier key {vkey_path_for(args.key)}: {verifier.to_vkey()}")
+    return 0
+
+
+async def _sign(args: argparse.Namespace) -> int:
+    key, verifier, created = init_log_key(args.key, origin=args.origin)
+    if created:
+        print(f"created log key {args.key}; verifier key {verifier.to_vkey()}", flush=True)
+    async with open_index(args.etcd) as index:
+        signer = LogSigner(index, key, origin=args.origin)
+        if args.once:
+            await signer.load()
+            result = await signer.sign()
+            cp = signer.signed
+            if result is not None:
+                print(
+                    f"signed checkpoint {cp.size if cp else 0} ({'new' if result.written else 'existing'})"
+                )
+            else:
+                print(f"nothing to sign: latest checkpoint is at size {cp.size if cp else 0}")
+            return 0
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        print(f"log signer {args.origin} running every {args.interval:g} s", flush=True)
+        await signer.run(interval=args.interval, stop=stop)
+    return 0
+
+
+def run_sign(args: argparse.Namespace) -> int:
+    if args.interval <= 0:
+        raise SystemExit("cpi log sign: --interval must be positive")
+    return asyncio.run(_sign(args))
