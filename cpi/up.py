@@ -32,6 +32,7 @@ from cpi.etcdproc import EtcdProcess
 from cpi.supervise import Child, Supervisor, http_ready, python_argv
 from registry import national, tokens
 from registry.index import Index, Keys
+from resolver import claim_tokens
 
 __all__ = ["UpOptions", "up"]
 
@@ -40,6 +41,8 @@ _log = logging.getLogger("cpi.up")
 SEEDS = Path(__file__).resolve().parents[1] / "seeds" / "namespaces.json"
 TOKEN_TTL_S = 30 * 86_400
 REGISTRY_GROUPS = ("regional", "industry")
+DEMO_HOLDER = "demo"
+DEMO_MAX_UNITS = 64
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ def _groups(seeds: Path) -> dict[str, list[str]]:
 
 async def _bootstrap(
     opts: UpOptions, etcd_endpoint: str, registry_urls: dict[str, str], groups: dict[str, list[str]]
-) -> tuple[Path, dict[str, Path], dict[str, str]]:
+) -> tuple[Path, dict[str, Path], dict[str, str], dict[str, str]]:
     """Root, delegations, ns entries and join tokens; all reused when already there."""
     national_dir = opts.data_dir / "national"
     root_key, _anchor = national.init_root(national_dir, "CN")
@@ -115,22 +118,37 @@ async def _bootstrap(
             root_key=root_key,
             endpoints_by_ns=endpoints,
         )
-        old = {}
-        up_path = opts.data_dir / "up.json"
-        if up_path.exists():
-            old = json.loads(up_path.read_text()).get("tokens", {})
+        old = _old_up(opts).get("tokens", {})
         join_tokens: dict[str, str] = {}
         for ns in endpoints:
             tok = old.get(ns)
-            if tok and await _token_alive(index, tok):
+            if tok and await _token_alive(index, Keys.token(tokens.hash_token(tok))):
                 join_tokens[ns] = tok
             else:
                 join_tokens[ns] = await tokens.create_token(index, namespace=ns, ttl_s=TOKEN_TTL_S)
-    return national_dir / "anchor.json", key_paths, join_tokens
+        claims = _old_up(opts).get("claims", {}).get("token")
+        if not (
+            claims and await _token_alive(index, Keys.claim_token(claim_tokens.hash_token(claims)))
+        ):
+            claims = await claim_tokens.create_token(
+                index, holder=DEMO_HOLDER, ttl_s=TOKEN_TTL_S, max_units=DEMO_MAX_UNITS
+            )
+    return (
+        national_dir / "anchor.json",
+        key_paths,
+        join_tokens,
+        {"holder": DEMO_HOLDER, "token": claims},
+    )
 
 
-async def _token_alive(index: Index, token: str) -> bool:
-    kv = await index.get(Keys.token(tokens.hash_token(token)))
+def _old_up(opts: UpOptions) -> dict[str, Any]:
+    path = opts.data_dir / "up.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+async def _token_alive(index: Index, key: str) -> bool:
+    """A stored token (join or claims) that is still valid for at least a day."""
+    kv = await index.get(key)
     if kv is None:
         return False
     info = json.loads(kv.value)
@@ -194,9 +212,15 @@ def up(opts: UpOptions) -> int:
 
         groups = _groups(opts.seeds)
         registry_urls = {g: f"http://127.0.0.1:{ports[f'registry_{g}']}" for g in REGISTRY_GROUPS}
-        anchor, key_paths, join_tokens = asyncio.run(
-            _bootstrap(opts, etcd.endpoint, registry_urls, groups)
-        )
+        quiet = logging.getLogger("registry.national")
+        level, quiet.level = quiet.level, logging.WARNING  # a line per namespace is noise here
+        try:
+            anchor, key_paths, join_tokens, claims = asyncio.run(
+                _bootstrap(opts, etcd.endpoint, registry_urls, groups)
+            )
+        finally:
+            quiet.setLevel(level)
+        _log.info("namespace tree ready: root CN and %d delegated namespaces", len(key_paths))
 
         for g in REGISTRY_GROUPS:
             cfg = _registry_config(
@@ -251,6 +275,8 @@ def up(opts: UpOptions) -> int:
             "resolver": resolver,
             "anchor": str(anchor),
             "tokens": join_tokens,
+            # not pinned by DESIGN.md: a claims API token for trying POST /v1/claims
+            "claims": claims,
         }
         up_path = data / "up.json"
         _write_private_json(up_path, up_json)

@@ -1,5 +1,35 @@
 """Command groups of the ``cpi`` CLI, in the order ``cpi --help`` lists them."""
 
-from cpi.commands import agent, ca, demo, ident, keygen, ns, registry, up, verify
+from cpi.commands import (
+    agent,
+    audit,
+    ca,
+    claim,
+    demo,
+    ident,
+    keygen,
+    log,
+    lookup,
+    ns,
+    registry,
+    resolver,
+    up,
+    verify,
+)
 
-COMMAND_MODULES = (up, demo, keygen, ident, verify, ca, ns, registry, agent)
+COMMAND_MODULES = (
+    up,
+    demo,
+    keygen,
+    ident,
+    verify,
+    ca,
+    ns,
+    registry,
+    agent,
+    resolver,
+    lookup,
+    claim,
+    log,
+    audit,
+)

@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,6 +147,26 @@ def test_up_runs_stack_registers_node_and_reuses_state(stack: Up, tmp_path: Path
     assert cpid.startswith("CN.31.CMCC/GPU.")
     assert keyfile.load_private(node_key)  # created 0600 and loadable
 
+    # the resolver serves it (verified) and it can be claimed with the demo claims token
+    resolver = up["resolver"]["http"]
+    for _ in range(100):
+        try:
+            status, body = _get(f"{resolver}/v1/resources/{cpid}")
+        except urllib.error.HTTPError:
+            time.sleep(0.1)
+            continue
+        break
+    assert status == 200 and json.loads(body)["record"]
+    claim = urllib.request.Request(
+        f"{resolver}/v1/claims",
+        data=json.dumps({"cpid": cpid, "units": 1, "ttl_s": 60}).encode(),
+        headers={"Authorization": f"Bearer {up['claims']['token']}"},
+        method="POST",
+    )
+    with urllib.request.urlopen(claim, timeout=5) as resp:
+        assert resp.status == 201
+        assert json.loads(resp.read())["cpid"] == cpid
+
     out = stack.stop()
     assert stack.proc is not None and stack.proc.returncode == 0, out
     assert "stopped" in out
@@ -157,6 +178,7 @@ def test_up_runs_stack_registers_node_and_reuses_state(stack: Up, tmp_path: Path
     up2 = stack.start()
     assert up2["registries"] == up["registries"]
     assert up2["tokens"] == up["tokens"]
+    assert up2["claims"] == up["claims"]
     assert Path(up2["anchor"]).read_bytes() == anchor_before
     again = subprocess.run(
         [
