@@ -18,7 +18,6 @@ prints as ``**********`` and is never logged.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import re
@@ -27,11 +26,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from registry.index import Index
+from registry.index import ENV_ETCD_ENDPOINTS, ENV_ETCD_PASSWORD, EtcdSettings
+from schemas._settings import (
+    apply_overrides,
+    config_object,
+    parse_listen,
+    resolve_path,
+    validate_config,
+)
 from schemas.cpid import parse_namespace
-from schemas.errors import InvalidCPIDError, InvalidDataError
+from schemas.errors import ConfigError, InvalidCPIDError
 
 __all__ = [
     "ENV_ETCD_ENDPOINTS",
@@ -45,18 +51,9 @@ __all__ = [
     "parse_listen",
 ]
 
-ENV_ETCD_ENDPOINTS = "CPI_ETCD_ENDPOINTS"
-ENV_ETCD_PASSWORD = "CPI_ETCD_PASSWORD"
 ENV_LISTEN = "CPI_REGISTRY_LISTEN"
 
 _PATH_FIELDS = ("anchor_file",)
-_ETCD_PATH_FIELDS = ("ca_cert", "cert_key", "cert_chain")
-
-
-class ConfigError(InvalidDataError):
-    """The configuration is missing, unreadable or invalid."""
-
-    code = "invalid_config"
 
 
 def _namespace(value: str) -> str:
@@ -74,33 +71,6 @@ def _sha256_hex(value: str) -> str:
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class EtcdSettings(_Model):
-    """How to reach the national index."""
-
-    endpoints: list[str] = Field(default_factory=lambda: ["127.0.0.1:2379"], min_length=1)
-    timeout_s: Annotated[float, Field(gt=0)] = 5.0
-    ca_cert: Path | None = None
-    cert_key: Path | None = None
-    cert_chain: Path | None = None
-    user: str | None = None
-    password: SecretStr | None = None
-
-    def open_index(self) -> Index:
-        """An unconnected :class:`Index` for these settings (use ``async with``)."""
-        try:
-            return Index(
-                endpoints=self.endpoints,
-                timeout=self.timeout_s,
-                ca_cert=self.ca_cert,
-                cert_key=self.cert_key,
-                cert_chain=self.cert_chain,
-                user=self.user,
-                password=self.password.get_secret_value() if self.password else None,
-            )
-        except ValueError as exc:
-            raise ConfigError(f"etcd settings: {exc}") from exc
 
 
 class NamespaceKey(_Model):
@@ -163,46 +133,6 @@ class RegistryConfig(_Model):
         )
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> ``(host, port)``."""
-    m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text.strip())
-    if not m:
-        raise ConfigError(f"listen address {text!r}: expected host:port (or [v6-address]:port)")
-    host = m.group(1) or m.group(3)
-    port = int(m.group(2) or m.group(4))
-    if port > 65535:
-        raise ConfigError(f"listen address {text!r}: port {port} is above 65535")
-    return host, port
-
-
-def _resolve(base: Path, value: Any) -> Any:
-    if isinstance(value, str | os.PathLike) and os.fspath(value):
-        p = Path(value)
-        return str(p if p.is_absolute() else base / p)
-    return value
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    node = data
-    *parents, last = dotted.split(".")
-    for part in parents:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[last] = value
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:8]:
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        parts.append(f"{where}: {msg.removeprefix('Value error, ')}")
-    return "; ".join(parts)
-
-
 def load_config(
     path: str | os.PathLike[str] | None = None,
     *,
@@ -217,53 +147,31 @@ def load_config(
     ``env`` defaults to ``os.environ``.  Raises :class:`ConfigError` naming the file and
     every bad field.
     """
-    source = "config"
+    source, base = "config", Path.cwd()
     raw: dict[str, Any] = {}
-    base = Path.cwd()
     if path is not None:
         p = Path(path)
-        source = str(p)
         try:
-            loaded = json.loads(p.read_text())
+            text = p.read_bytes()
         except OSError as exc:
             raise ConfigError(f"{p}: cannot read config file: {exc.strerror}") from exc
-        except ValueError as exc:
-            raise ConfigError(f"{p}: not valid JSON: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a JSON object, got {type(loaded).__name__}")
-        raw = loaded
-        base = p.resolve().parent
+        source, raw, base = str(p), config_object(text, source=str(p)), p.resolve().parent
     if data is not None:
         raw = {**raw, **copy.deepcopy(dict(data))}
     for name in _PATH_FIELDS:
         if name in raw:
-            raw[name] = _resolve(base, raw[name])
+            raw[name] = resolve_path(base, raw[name])
     if isinstance(raw.get("namespaces"), list):
         raw["namespaces"] = [
-            {**n, "key_file": _resolve(base, n["key_file"])}
+            {**n, "key_file": resolve_path(base, n["key_file"])}
             if isinstance(n, dict) and "key_file" in n
             else n
             for n in raw["namespaces"]
         ]
-    if isinstance(raw.get("etcd"), dict):
-        raw["etcd"] = dict(raw["etcd"])
-        for name in _ETCD_PATH_FIELDS:
-            if name in raw["etcd"]:
-                raw["etcd"][name] = _resolve(base, raw["etcd"][name])
 
     environ = os.environ if env is None else env
-    if environ.get(ENV_ETCD_ENDPOINTS):
-        endpoints = [e for e in re.split(r"[,\s]+", environ[ENV_ETCD_ENDPOINTS]) if e]
-        _set_dotted(raw, "etcd.endpoints", endpoints)
-    if environ.get(ENV_ETCD_PASSWORD):
-        _set_dotted(raw, "etcd.password", environ[ENV_ETCD_PASSWORD])
+    EtcdSettings.layer(raw, base=base, env=environ)
     if environ.get(ENV_LISTEN):
         raw["host"], raw["port"] = parse_listen(environ[ENV_LISTEN])
-
-    for dotted, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(raw, dotted, value)
-    try:
-        return RegistryConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"{source}: invalid registry config: {_describe(exc)}") from exc
+    apply_overrides(raw, overrides)
+    return validate_config(RegistryConfig, raw, source=source, what="registry config")

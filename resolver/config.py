@@ -21,15 +21,23 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from registry.index import Index
+from registry import index
+from registry.index import ENV_ETCD_ENDPOINTS, ENV_ETCD_PASSWORD, Index
 from resolver.errors import ConfigError
+from schemas._settings import (
+    apply_overrides,
+    config_object,
+    parse_listen,
+    resolve_path,
+    split_list,
+    validate_config,
+)
 from schemas.chain import TrustAnchors
 from schemas.errors import KeyFileError
 
@@ -48,8 +56,6 @@ __all__ = [
     "parse_listen",
 ]
 
-ENV_ETCD_ENDPOINTS = "CPI_ETCD_ENDPOINTS"
-ENV_ETCD_PASSWORD = "CPI_ETCD_PASSWORD"
 ENV_LISTEN = "CPI_RESOLVER_LISTEN"
 ENV_ANCHOR = "CPI_RESOLVER_ANCHOR"
 ENV_ZONE = "CPI_RESOLVER_ZONE"
@@ -58,41 +64,16 @@ DEFAULT_PORT = 8700
 DEFAULT_LATENCY_TABLE = Path(__file__).resolve().parents[1] / "seeds" / "latency.json"
 """The seeded region-to-region RTT table shipped in the repository (used when present)."""
 
-_ETCD_PATH_FIELDS = ("ca_cert", "cert_key", "cert_chain")
-
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class EtcdSettings(_Model):
-    """How to reach the national index."""
+class EtcdSettings(index.EtcdSettings):
+    """:class:`registry.index.EtcdSettings`; the index waits at most 1 s between watch reconnects."""
 
-    endpoints: list[str] = Field(default_factory=lambda: ["127.0.0.1:2379"], min_length=1)
-    timeout_s: Annotated[float, Field(gt=0)] = 5.0
-    ca_cert: Path | None = None
-    cert_key: Path | None = None
-    cert_chain: Path | None = None
-    tls_server_name: str | None = None
-    user: str | None = None
-    password: SecretStr | None = None
-
-    def open_index(self) -> Index:
-        """An unconnected :class:`Index` for these settings (use as ``async with``)."""
-        try:
-            return Index(
-                endpoints=self.endpoints,
-                timeout=self.timeout_s,
-                ca_cert=self.ca_cert,
-                cert_key=self.cert_key,
-                cert_chain=self.cert_chain,
-                tls_server_name=self.tls_server_name,
-                user=self.user,
-                password=self.password.get_secret_value() if self.password else None,
-                watch_backoff_max=1.0,
-            )
-        except ValueError as exc:
-            raise ConfigError(f"etcd settings: {exc}") from exc
+    def open_index(self, **options: Any) -> Index:
+        return super().open_index(**{"watch_backoff_max": 1.0, **options})
 
 
 class ResolverConfig(_Model):
@@ -163,50 +144,6 @@ def load_anchor_files(paths: list[Path]) -> TrustAnchors:
         raise ConfigError(f"anchor files {', '.join(map(str, paths))}: {exc}") from exc
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> ``(host, port)``."""
-    m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text.strip())
-    if not m:
-        raise ConfigError(f"listen address {text!r}: expected host:port (or [v6-address]:port)")
-    host = m.group(1) or m.group(3)
-    port = int(m.group(2) or m.group(4))
-    if port > 65535:
-        raise ConfigError(f"listen address {text!r}: port {port} is above 65535")
-    return host, port
-
-
-def _resolve(base: Path, value: Any) -> Any:
-    if isinstance(value, str | os.PathLike) and os.fspath(value):
-        p = Path(value)
-        return str(p if p.is_absolute() else base / p)
-    return value
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    node = data
-    *parents, last = dotted.split(".")
-    for part in parents:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[last] = value
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:8]:
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        parts.append(f"{where}: {msg.removeprefix('Value error, ')}")
-    return "; ".join(parts)
-
-
-def _split(text: str) -> list[str]:
-    return [e for e in re.split(r"[,\s]+", text) if e]
-
-
 def load_config(
     path: str | os.PathLike[str] | None = None,
     *,
@@ -220,50 +157,29 @@ def load_config(
     (``{"port": 9000, "etcd.endpoints": [...]}``); ``None`` values are ignored.  ``env``
     defaults to ``os.environ``.  Raises :class:`ConfigError` naming every bad field.
     """
-    source = "config"
+    source, base = "config", Path.cwd()
     raw: dict[str, Any] = {}
-    base = Path.cwd()
     if path is not None:
         p = Path(path)
-        source = str(p)
         try:
-            loaded = json.loads(p.read_text())
+            text = p.read_bytes()
         except OSError as exc:
             raise ConfigError(f"{p}: cannot read config file: {exc.strerror}") from exc
-        except ValueError as exc:
-            raise ConfigError(f"{p}: not valid JSON: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a JSON object, got {type(loaded).__name__}")
-        raw = loaded
-        base = p.resolve().parent
+        source, raw, base = str(p), config_object(text, source=str(p)), p.resolve().parent
     if data is not None:
         raw = {**raw, **copy.deepcopy(dict(data))}
     if isinstance(raw.get("anchor_files"), list):
-        raw["anchor_files"] = [_resolve(base, a) for a in raw["anchor_files"]]
+        raw["anchor_files"] = [resolve_path(base, a) for a in raw["anchor_files"]]
     if "latency_table" in raw:
-        raw["latency_table"] = _resolve(base, raw["latency_table"])
-    if isinstance(raw.get("etcd"), dict):
-        raw["etcd"] = dict(raw["etcd"])
-        for name in _ETCD_PATH_FIELDS:
-            if name in raw["etcd"]:
-                raw["etcd"][name] = _resolve(base, raw["etcd"][name])
+        raw["latency_table"] = resolve_path(base, raw["latency_table"])
 
     environ = os.environ if env is None else env
-    if environ.get(ENV_ETCD_ENDPOINTS):
-        _set_dotted(raw, "etcd.endpoints", _split(environ[ENV_ETCD_ENDPOINTS]))
-    if environ.get(ENV_ETCD_PASSWORD):
-        _set_dotted(raw, "etcd.password", environ[ENV_ETCD_PASSWORD])
+    EtcdSettings.layer(raw, base=base, env=environ)
     if environ.get(ENV_LISTEN):
         raw["host"], raw["port"] = parse_listen(environ[ENV_LISTEN])
     if environ.get(ENV_ANCHOR):
-        raw["anchor_files"] = _split(environ[ENV_ANCHOR])
+        raw["anchor_files"] = split_list(environ[ENV_ANCHOR])
     if environ.get(ENV_ZONE):
         raw["zone"] = environ[ENV_ZONE]
-
-    for dotted, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(raw, dotted, value)
-    try:
-        return ResolverConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"{source}: invalid resolver config: {_describe(exc)}") from exc
+    apply_overrides(raw, overrides)
+    return validate_config(ResolverConfig, raw, source=source, what="resolver config")

@@ -1,12 +1,13 @@
 """Errors of the resolver, as branches of the one tree in :mod:`schemas.errors`.
 
 Each class has a ``code`` (the ``error.code`` of an HTTP answer); :mod:`resolver.http`
-maps classes to status codes in one middleware.
+maps classes to status codes in one middleware.  :class:`ConfigError` is the one of
+:mod:`schemas.errors`, shared with the registry, re-exported here.
 """
 
 from __future__ import annotations
 
-from schemas.errors import InvalidDataError, RetrievalError
+from schemas.errors import ConfigError, InvalidDataError, RetrievalError
 
 __all__ = ["ConfigError", "NotReadyError", "QueryError", "ResolverUnavailableError"]
 
@@ -15,12 +16,6 @@ class QueryError(InvalidDataError):
     """A discovery or watch query is malformed (HTTP 400)."""
 
     code = "invalid_query"
-
-
-class ConfigError(InvalidDataError):
-    """The resolver configuration is missing, unreadable or invalid."""
-
-    code = "invalid_config"
 
 
 class NotReadyError(RetrievalError):

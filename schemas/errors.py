@@ -17,6 +17,7 @@ __all__ = [
     "CPIError",
     "ChainError",
     "CheckpointError",
+    "ConfigError",
     "ConflictError",
     "EnvelopeError",
     "ExpiredError",
@@ -118,6 +119,12 @@ class OutsideNamespaceError(InvalidDataError):
     """A name lies outside the namespace that was supposed to contain it."""
 
     code = "outside_namespace"
+
+
+class ConfigError(InvalidDataError):
+    """A service configuration (file, environment or flags) is missing, unreadable or invalid."""
+
+    code = "invalid_config"
 
 
 class ConflictError(InvalidDataError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import stat
@@ -22,13 +23,14 @@ from registry import keyfile
 
 
 def _free_base() -> int:
-    """A base port whose +0..+80 neighbours used by cpi up are free."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1] - 100
-        if not 20000 < base < 60000:
-            continue
+    """A base port whose +0..+80 neighbours used by cpi up are free.
+
+    Chosen below Linux's ephemeral range (32768+), so outgoing connections of other
+    processes cannot take one of them between this check and cpi up binding it.
+    """
+    rng = random.Random()
+    for _ in range(100):
+        base = rng.randrange(10_000, 32_000 - 100)
         ok = True
         for off in (0, 1, 2, 53, 79, 80):
             with socket.socket() as s:
