@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from cpi.commands._etcd import etcd_argument, open_index
-from cpi.commands._util import print_json
+from cpi.commands._util import add_filter_arguments, print_json
 from registry.tokens import parse_duration
 from resolver import claim_tokens
 from resolver.claims_client import ClaimsClient
@@ -64,15 +64,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--query", metavar="QS", help="discovery filters as a URL query, e.g. 'kind=GPU&near=31'"
     )
-    p.add_argument("--kind", help="CPU, GPU, NPU, CLU, STO, NET or SVC")
-    p.add_argument("--within", metavar="NS", help="namespace, e.g. CN.31 (segment-wise)")
-    p.add_argument("--accelerator", metavar="MODEL", help="accelerator model, e.g. H100")
-    p.add_argument("--min-free", type=int, metavar="N", help="at least N free units")
-    p.add_argument("--near", metavar="REGION", help="GB/T 2260 region code, e.g. 31")
-    p.add_argument("--max-latency-ms", type=float, metavar="MS", help="needs --near")
-    p.add_argument(
-        "--label", action="append", default=[], metavar="K:V", help="label filter (repeatable)"
-    )
+    add_filter_arguments(p, live=False)
     p.add_argument("--limit", type=int, metavar="N", help="candidates to try (server default 20)")
     p.add_argument("--units", type=int, help="units to claim (accelerators, or CPU cores)")
     p.add_argument("--ttl", help="how long to hold them: 90s, 10m, 2h (server default 10m)")

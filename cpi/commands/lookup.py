@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from cpi.commands._util import print_json
+from cpi.commands._util import add_filter_arguments, print_json
 from resolver.client import ResolverClient, decode_payload, default_url
 from resolver.config import load_anchor_files
 from resolver.discovery import Query
@@ -33,21 +33,6 @@ def _resolver_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def _filter_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kind", help="CPU, GPU, NPU, CLU, STO, NET or SVC")
-    parser.add_argument("--within", metavar="NS", help="namespace, e.g. CN.31 (segment-wise)")
-    parser.add_argument("--accelerator", metavar="MODEL", help="accelerator model, e.g. H100")
-    parser.add_argument("--min-free", type=int, metavar="N", help="at least N free units")
-    parser.add_argument("--near", metavar="REGION", help="GB/T 2260 region code, e.g. 31")
-    parser.add_argument("--max-latency-ms", type=float, metavar="MS", help="needs --near")
-    parser.add_argument(
-        "--label", action="append", default=[], metavar="K:V", help="label filter (repeatable)"
-    )
-    parser.add_argument(
-        "--live", action="store_true", default=None, help="only entries with a live status"
-    )
-
-
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     res = sub.add_parser(
         "resolve",
@@ -61,7 +46,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     res.set_defaults(handler=run_resolve)
 
     dis = sub.add_parser("discover", help="find resources by kind, namespace, accelerator, ...")
-    _filter_arguments(dis)
+    add_filter_arguments(dis)
     dis.add_argument("--limit", type=int, default=20, help="at most this many results (20)")
     _resolver_argument(dis)
     dis.set_defaults(handler=run_discover)
@@ -72,7 +57,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Print events as they arrive (reconnecting with Last-Event-ID after a "
         "dropped connection). --since ID replays from an event id.",
     )
-    _filter_arguments(wat)
+    add_filter_arguments(wat)
     wat.add_argument("--since", metavar="ID", help="resume after this event id")
     wat.add_argument("--count", type=int, metavar="N", help="exit after N put/delete events")
     _resolver_argument(wat)
