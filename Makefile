@@ -31,7 +31,6 @@ pytest: $(STAMP)
 test: lint typecheck pytest
 
 bench: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[bench]'
 	for b in bench/verify.py bench/register.py bench/claims.py bench/audit.py bench/resolve.py bench/dns.py; do $(BIN)/python $$b || exit 1; done
 
 clean:

@@ -27,6 +27,7 @@ import functools
 import logging
 import multiprocessing
 import os
+import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
@@ -40,10 +41,12 @@ from schemas.chain import (
     verify_record_prepared,
 )
 from schemas.dsse import Envelope
-from schemas.errors import InvalidDataError
+from schemas.errors import EnvelopeError, InvalidDataError
 from schemas.models import Anchor, Record, Status
 
 __all__ = [
+    "NO_CHAIN",
+    "NO_ENVELOPE",
     "Context",
     "Job",
     "Outcome",
@@ -73,6 +76,20 @@ class RecordFacts:
     accelerators: tuple[str, ...]  # models, case-folded
     labels: tuple[tuple[str, str], ...]
 
+    def __reduce__(self) -> tuple[type[RecordFacts], tuple[object, ...]]:
+        # pickled by value (a dataclass with slots would go through Python-level
+        # __getstate__/__setstate__, twice the cost): results cross process boundaries
+        return RecordFacts, (
+            self.cpid,
+            self.kind,
+            self.public_key,
+            self.version,
+            self.expires_at,
+            self.region,
+            self.accelerators,
+            self.labels,
+        )
+
     @classmethod
     def of(cls, rec: Record) -> RecordFacts:
         return cls(
@@ -96,6 +113,9 @@ class StatusFacts:
     accelerators_free: int
     cpu_free: int | None
 
+    def __reduce__(self) -> tuple[type[StatusFacts], tuple[object, ...]]:
+        return StatusFacts, (self.cpid, self.state, self.accelerators_free, self.cpu_free)
+
     @classmethod
     def of(cls, st: Status) -> StatusFacts:
         return cls(st.cpid, st.state, st.capacity.accelerators_free, st.capacity.cpu_free)
@@ -103,21 +123,41 @@ class StatusFacts:
 
 Job = (
     tuple[Literal["record"], str, Envelope, Envelope | None]
+    | tuple[Literal["raw"], bytes, Envelope | None]
     | tuple[Literal["status"], str, Envelope]
 )
-"""``("record", signer_kid, envelope, status_envelope_or_None)`` or
-``("status", record_public_key, envelope)``."""
+"""``("record", signer_kid, envelope, status_envelope_or_None)``,
+``("raw", record_value_as_stored, status_envelope_or_None)`` or
+``("status", record_public_key, envelope)``.
+
+A ``raw`` job is a record the replica has not parsed: the job parses the envelope
+(:attr:`Outcome.envelope` hands it back), finds the chain of its signing key in
+:attr:`Context.chains` (which then holds every signer whose chain verifies) and goes on
+as a ``record`` job.  Bulk loads send these, so that parsing is spread over the workers
+too and the main process hands out work at once."""
+
+NO_ENVELOPE: Final = "not_an_envelope"
+"""``Outcome.what`` of a raw job whose value is not a DSSE envelope (``message`` says why)."""
+NO_CHAIN: Final = "no_verified_chain"
+"""``Outcome.what`` of a raw job whose signing key has no chain in the context: the
+caller decides it from its own verdict on that key."""
 
 
 @dataclass(frozen=True, slots=True)
 class Context:
-    """Everything a batch of jobs is verified against."""
+    """Everything a batch of jobs is verified against.
+
+    ``token`` names this context: a worker process keeps the chains it prepared for
+    the chunks of one batch (one context) and walks each chain once per batch, not
+    once per chunk.  A new context (a new batch) gets a new token.
+    """
 
     anchors: tuple[Anchor, ...]
     chains: Mapping[str, tuple[Envelope, ...]]
     revocations: Mapping[str, Envelope]
     now: int
     skew: int = CLOCK_SKEW
+    token: bytes = field(default_factory=lambda: secrets.token_bytes(16), compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +168,8 @@ class Outcome:
     ``rule`` 0 and the error's code as ``what``) and its full message.  For a success:
     the facts, and the parsed model when the job ran inline.  ``status`` is the outcome
     of the status carried by a record job (None if there was none, or the record failed).
+    ``envelope`` is the parsed envelope of a ``raw`` job (None for other jobs, and when
+    the value is not an envelope: ``what`` is then :data:`NO_ENVELOPE`).
     """
 
     ok: bool
@@ -138,6 +180,20 @@ class Outcome:
     facts: RecordFacts | StatusFacts | None = None
     document: Record | Status | None = field(default=None, compare=False)
     status: Outcome | None = None
+    envelope: Envelope | None = None
+
+    def __reduce__(self) -> tuple[type[Outcome], tuple[object, ...]]:
+        return Outcome, (
+            self.ok,
+            self.rule,
+            self.what,
+            self.detail,
+            self.message,
+            self.facts,
+            self.document,
+            self.status,
+            self.envelope,
+        )
 
 
 def _status(env: Envelope, public_key: str, keep: bool) -> Outcome:
@@ -148,17 +204,38 @@ def _status(env: Envelope, public_key: str, keep: bool) -> Outcome:
     return Outcome(True, facts=StatusFacts.of(st), document=st if keep else None)
 
 
-def run_jobs(ctx: Context, jobs: Sequence[Job], *, keep_documents: bool = True) -> list[Outcome]:
-    """Verify every job; the chain of each signing key is walked once per call."""
+def run_jobs(
+    ctx: Context,
+    jobs: Sequence[Job],
+    *,
+    keep_documents: bool = True,
+    prepared: dict[str, PreparedChain] | None = None,
+) -> list[Outcome]:
+    """Verify every job; the chain of each signing key is walked once per call (or once
+    per ``prepared``: chains already walked against ``ctx``, filled in as needed)."""
     anchors = TrustAnchors(ctx.anchors)
-    prepared: dict[str, PreparedChain] = {}
+    if prepared is None:
+        prepared = {}
     out: list[Outcome] = []
     for job in jobs:
         if job[0] == "status":
             _, public_key, env = job
             out.append(_status(env, public_key, keep_documents))
             continue
-        _, kid, env, status_env = job
+        parsed: Envelope | None = None
+        if job[0] == "raw":
+            _, value, status_env = job
+            try:
+                env = parsed = Envelope.from_json(value)
+            except EnvelopeError as exc:
+                out.append(Outcome(False, 0, NO_ENVELOPE, str(exc), str(exc)))
+                continue
+            kid = env.keyid
+            if kid not in ctx.chains:
+                out.append(Outcome(False, 0, NO_CHAIN, envelope=env))
+                continue
+        else:
+            _, kid, env, status_env = job
         chain = prepared.get(kid)
         if chain is None:
             chain = prepared[kid] = prepare_chain(
@@ -168,10 +245,10 @@ def run_jobs(ctx: Context, jobs: Sequence[Job], *, keep_documents: bool = True) 
                 now=ctx.now,
                 skew=ctx.skew,
             )
-        result = verify_record_prepared(env, chain)
+        result = verify_record_prepared(env, chain, checks=False)
         f = result.failure
         if f is not None:
-            out.append(Outcome(False, f.rule, f.what, f.detail, result.reason))
+            out.append(Outcome(False, f.rule, f.what, f.detail, result.reason, envelope=parsed))
             continue
         rec = result.record
         assert rec is not None
@@ -182,13 +259,21 @@ def run_jobs(ctx: Context, jobs: Sequence[Job], *, keep_documents: bool = True) 
                 facts=RecordFacts.of(rec),
                 document=rec if keep_documents else None,
                 status=status,
+                envelope=parsed,
             )
         )
     return out
 
 
+_prepared: tuple[bytes, dict[str, PreparedChain]] = (b"", {})
+"""In a worker process: the chains prepared for the context (token) of the last chunk."""
+
+
 def _worker_run(ctx: Context, jobs: list[Job]) -> list[Outcome]:
-    return run_jobs(ctx, jobs, keep_documents=False)
+    global _prepared
+    if _prepared[0] != ctx.token:
+        _prepared = (ctx.token, {})
+    return run_jobs(ctx, jobs, keep_documents=False, prepared=_prepared[1])
 
 
 def _warm() -> int:

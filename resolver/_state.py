@@ -35,7 +35,16 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from registry.index import Prefix, parse_key
-from resolver._pool import Context, Job, Outcome, RecordFacts, StatusFacts
+from resolver._pool import (
+    NO_CHAIN,
+    NO_ENVELOPE,
+    Context,
+    Job,
+    Outcome,
+    RecordFacts,
+    StatusFacts,
+    run_jobs,
+)
 from resolver._verify import SignerVerdict, label_of, pending_revocation, verify_signer
 from resolver.discovery import DiscoveryIndex, LatencyTable
 from resolver.entry import Entry
@@ -127,6 +136,7 @@ class _Rec:
     detail: str = ""
     counted: str = ""  # reason already counted and logged for this revision
     valid_until: float = math.inf
+    raw: bytes | None = None  # the value, while a bulk load has not parsed it yet
 
     @property
     def signer(self) -> str:
@@ -160,6 +170,14 @@ class _Batch:
     reasons: dict[str, str] = field(default_factory=dict)
     live_deleted: list[tuple[str, _Live]] = field(default_factory=list)
     rec_deleted: set[str] = field(default_factory=set)
+    bulk: bool = False  # records are parsed by the verification jobs (see _put_rec)
+    emit: bool = True  # False: the first listing (no events; entries built as verified)
+    built: set[str] = field(default_factory=set)  # entries already final in this batch
+
+
+_BULK: Final = 2000
+"""Batches with at least this many changes leave record envelopes to the verification
+jobs to parse (``raw`` jobs, :mod:`resolver._pool`): in worker processes, in parallel."""
 
 
 def _split_cpid(canonical: str) -> CPID:
@@ -244,6 +262,8 @@ class ReplicaState:
         self._lease_refs: Counter[int] = Counter()  # lease id -> live keys on it
         self._windows: dict[str, deque[tuple[float, str, _Live]]] = {}
         self._reported_signers: set[tuple[object, ...]] = set()
+        self._context: Context | None = None  # of the last record batch
+        self._chain_revs: dict[str, tuple[SignerVerdict, int]] = {}
 
     # ==================================================================================
     # reading
@@ -331,7 +351,7 @@ class ReplicaState:
 
         ``emit=False`` (the first listing) builds the state without events.
         """
-        batch = _Batch(revision, int(self.clock()))
+        batch = _Batch(revision, int(self.clock()), bulk=len(changes) >= _BULK, emit=emit)
         trust_changed = False
         revoked_ids: set[str] = set()
         for ch in changes:
@@ -448,17 +468,27 @@ class ReplicaState:
             batch.reasons[cpid] = "deleted"
             self.held.pop(cpid, None)
             return
-        try:
-            env: Envelope | None = Envelope.from_json(ch.value)
-            error = ""
-        except EnvelopeError as exc:
-            env, error = None, str(exc)
-        rs = _Rec(cpid, ch.revision, env, error)
+        if batch.bulk:  # parsed by its verification job (_verify_records, _parsed)
+            rs = _Rec(cpid, ch.revision, None, raw=ch.value)
+        else:
+            try:
+                env: Envelope | None = Envelope.from_json(ch.value)
+                error = ""
+            except EnvelopeError as exc:
+                env, error = None, str(exc)
+            rs = _Rec(cpid, ch.revision, env, error)
+            self._by_signer.setdefault(rs.signer, set()).add(cpid)
         self.recs[cpid] = rs
-        self._by_signer.setdefault(rs.signer, set()).add(cpid)
         self._by_serial.setdefault(_serial_of(cpid), set()).add(cpid)
         batch.dirty_recs.add(cpid)
         batch.dirty_lives.add(cpid)
+
+    def _parsed(self, rs: _Rec, outcome: Outcome | None, error: str = "") -> None:
+        """File the envelope a ``raw`` job parsed (None and ``error`` when it is not one)."""
+        rs.raw = None
+        rs.envelope = outcome.envelope if outcome is not None else None
+        rs.error = error
+        self._by_signer.setdefault(rs.signer, set()).add(rs.cpid)
 
     def _forget_rec(self, rs: _Rec) -> None:
         members = self._by_signer.get(rs.signer)
@@ -594,15 +624,26 @@ class ReplicaState:
         """Verify every dirty record with the contract's verifier, then decide on it.
 
         A record whose status has not been verified yet takes it along in the same job.
+        Records a bulk load has not parsed go as ``raw`` jobs, with the chain of every
+        signer that verifies.  During the first listing, the entries of each chunk of
+        outcomes are built as it arrives, while the workers verify the next.
         """
         now = batch.now
         jobs: list[Job] = []
-        targets: list[_Rec] = []
+        targets: list[tuple[_Rec, Envelope | None]] = []  # and the status it carries
         decided: list[tuple[_Rec, Outcome | None]] = []
         chains: dict[str, tuple[Envelope, ...]] = {}
+        raw = False
         for cpid in batch.dirty_recs:
             rs = self.recs.get(cpid)
             if rs is None:
+                continue
+            lv = self.lives.get(cpid)
+            carry = lv.envelope if lv is not None and not lv.checked_key else None
+            if rs.raw is not None:
+                raw = True
+                jobs.append(("raw", rs.raw, carry))
+                targets.append((rs, carry))
                 continue
             if rs.envelope is None:
                 decided.append((rs, None))
@@ -613,30 +654,59 @@ class ReplicaState:
                 decided.append((rs, Outcome(False, v.rule, v.what, v.check_detail, v.detail)))
                 continue
             chains[v.kid] = v.chain
-            lv = self.lives.get(cpid)
-            carry = lv.envelope if lv is not None and not lv.checked_key else None
             jobs.append(("record", v.kid, rs.envelope, carry))
-            targets.append(rs)
+            targets.append((rs, carry))
         for rs, outcome in decided:
             self._evaluate(rs, outcome, batch)
         if not jobs:
             return
+        if raw:  # a raw job looks its signer up in the context: every chain that verifies
+            for kid in self.certs:
+                v = self._signer(kid, now)
+                if v.ok:
+                    chains[v.kid] = v.chain
         ctx = Context(
             tuple(self.anchors), chains, dict(self._revocation_envs), now, self.settings.skew
         )
+        if ctx == self._context:  # same chains, revocations and time: workers keep their
+            ctx = self._context  # walked chains (the token names them), e.g. a bulk load
+        self._context = ctx
         i = 0
         async for outcomes in check(ctx, jobs):
+            done: list[str] = []
             for outcome in outcomes:
-                rs = targets[i]
+                rs, carried = targets[i]
                 i += 1
                 if self.recs.get(rs.cpid) is not rs:
                     continue
-                self._evaluate(rs, outcome, batch)
-                if outcome.status is not None and rs.facts is not None:
+                decision = outcome if rs.raw is None else self._raw_outcome(rs, outcome, ctx)
+                self._evaluate(rs, decision, batch)
+                if decision is not None and decision.status is not None and rs.facts is not None:
                     lv = self.lives.get(rs.cpid)
-                    carried = jobs[i - 1][3]  # type: ignore[misc]
                     if lv is not None and lv.envelope is carried:
-                        self._status_outcome(rs.cpid, lv, rs.facts.public_key, outcome.status)
+                        self._status_outcome(rs.cpid, lv, rs.facts.public_key, decision.status)
+                done.append(rs.cpid)
+            if not batch.emit:
+                self._settle(batch, done)
+
+    def _raw_outcome(self, rs: _Rec, outcome: Outcome, ctx: Context) -> Outcome | None:
+        """File the envelope a ``raw`` job parsed; returns the outcome to decide ``rs`` by
+        (None when the value is not an envelope, as :meth:`_evaluate` takes it)."""
+        if outcome.envelope is None:
+            assert outcome.what == NO_ENVELOPE, outcome
+            self._parsed(rs, None, outcome.message)
+            return None
+        self._parsed(rs, outcome)
+        if outcome.ok or outcome.what != NO_CHAIN:
+            return outcome
+        v = self._signer(rs.signer, ctx.now)
+        if v.ok:  # not expected: the context holds the chain of every signer that verifies
+            assert rs.envelope is not None
+            job: Job = ("record", v.kid, rs.envelope, None)
+            alone = Context(ctx.anchors, {v.kid: v.chain}, ctx.revocations, ctx.now, ctx.skew)
+            return run_jobs(alone, [job])[0]
+        # verify_record_prepared stops at the chain's own failure: same outcome
+        return Outcome(False, v.rule, v.what, v.check_detail, v.detail)
 
     def _evaluate(self, rs: _Rec, outcome: Outcome | None, batch: _Batch) -> None:
         """Decide whether ``rs`` is served, from the verifier's ``outcome``."""
@@ -863,7 +933,7 @@ class ReplicaState:
             prot = self.protected.get(_namespace_of(cpid))
             held, held_until = True, prot.until if prot is not None else 0.0
         claimed, alloc_rev = self.allocs.get(cpid, (0, 0))
-        chain_rev = max((self.certs[k][1] for k in v.kids if k in self.certs), default=0)
+        chain_rev = self._chain_revision(v)
         return Entry(
             cpid=cpid,
             id=rs.parsed,
@@ -887,6 +957,15 @@ class ReplicaState:
             _status=live.status if live is not None else None,
         )
 
+    def _chain_revision(self, v: SignerVerdict) -> int:
+        """The latest ``mod_revision`` of the certs ``v`` looked at; kept per verdict (a
+        cert written or deleted always replaces the verdicts, see :meth:`_trust_changed`)."""
+        got = self._chain_revs.get(v.kid)
+        if got is None or got[0] is not v:
+            got = (v, max((self.certs[k][1] for k in v.kids if k in self.certs), default=0))
+            self._chain_revs[v.kid] = got
+        return got[1]
+
     @staticmethod
     def _same(a: Entry, b: Entry) -> bool:
         return (
@@ -899,37 +978,63 @@ class ReplicaState:
             and a.chain == b.chain
         )
 
+    def _replace(self, batch: _Batch, cpid: str, old: Entry | None) -> tuple[bool, Entry | None]:
+        """Serve what ``cpid``'s entry is now instead of ``old``: (whether anything a
+        client sees changed, the new entry or None when it is no longer served)."""
+        new = self._build(cpid, batch.revision)
+        if new is not None and old is not None and self._same(old, new):
+            old.valid_until = new.valid_until
+            return False, old
+        if new is None and old is None:
+            return False, None
+        if old is not None:
+            self.discovery.remove(old)
+            if old.live and not old.live_held:
+                self._live_count[old.namespace] -= 1
+        if new is not None:
+            self.generation += 1
+            self.served[cpid] = new
+            self.discovery.add(new)
+            if new.live and not new.live_held:
+                self._live_count[new.namespace] += 1
+        else:
+            del self.served[cpid]
+        return True, new
+
+    def _settle(self, batch: _Batch, cpids: Iterable[str]) -> None:
+        """First listing: serve the entries of records just decided whose status is
+        decided too (it rode along, or there is none), while the workers verify the next
+        chunk.  No event is emitted for the first listing, and nothing later in the batch
+        changes these entries (mass-expiry holds only follow events), so the final
+        :meth:`_rebuild` skips them."""
+        for cpid in cpids:
+            rs = self.recs.get(cpid)
+            lv = self.lives.get(cpid)
+            if rs is None or (
+                rs.facts is not None and lv is not None and lv.checked_key != rs.facts.public_key
+            ):
+                continue  # its status is verified after the records (_verify_statuses)
+            self._replace(batch, cpid, batch.touched.get(cpid))
+            batch.built.add(cpid)
+
     def _rebuild(self, batch: _Batch, *, emit: bool) -> list[Event]:
         events: list[Event] = []
         cursor = self.log.next_cursor(batch.revision) if emit else (batch.revision, 0)
+        built = batch.built
         for cpid, old in batch.touched.items():
-            new = self._build(cpid, batch.revision)
-            if new is not None and old is not None and self._same(old, new):
-                old.valid_until = new.valid_until
+            if cpid in built:
                 continue
-            if new is None and old is None:
+            changed, new = self._replace(batch, cpid, old)
+            if not changed or not emit:
                 continue
-            if old is not None:
-                self.discovery.remove(old)
-                if old.live and not old.live_held:
-                    self._live_count[old.namespace] -= 1
-            if new is not None:
-                self.generation += 1
-                self.served[cpid] = new
-                self.discovery.add(new)
-                if new.live and not new.live_held:
-                    self._live_count[new.namespace] += 1
+            reason = batch.reasons.get(cpid, "verify")
+            if new is None:
+                rs = self.recs.get(cpid)
+                if rs is not None and rs.reason:
+                    reason = rs.reason
+                events.append(Event("delete", cpid, cursor, None, old, reason))
             else:
-                del self.served[cpid]
-            if emit:
-                reason = batch.reasons.get(cpid, "verify")
-                if new is None:
-                    rs = self.recs.get(cpid)
-                    if rs is not None and rs.reason:
-                        reason = rs.reason
-                    events.append(Event("delete", cpid, cursor, None, old, reason))
-                else:
-                    events.append(Event("put", cpid, cursor, new, old, reason))
+                events.append(Event("put", cpid, cursor, new, old, reason))
         if events:
             events = [
                 Event(e.type, e.cpid, e.cursor, e.entry, e.prev, e.reason, i == len(events) - 1)

@@ -93,6 +93,8 @@ class ResolverConfig(_Model):
     stale_after_s: Annotated[float, Field(gt=0)] = 5.0
     sweep_interval_s: Annotated[float, Field(gt=0)] = 1.0
     verify_workers: Annotated[int, Field(ge=0, le=64)] | None = None
+    # HTTP worker processes sharing the port (SO_REUSEPORT), each with its own replica
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
     # mass-expiry protection
     mass_expiry_threshold: Annotated[float, Field(gt=0, le=1)] = 0.5
     mass_expiry_min_live: Annotated[int, Field(ge=1)] = 4

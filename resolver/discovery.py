@@ -340,20 +340,33 @@ class DiscoveryIndex:
         self._label: dict[tuple[str, str], set[str]] = {}
         # score groups: (region key, free units) -> CPIDs
         self._group: dict[tuple[str, int], set[str]] = {}
+        self._prefixes: dict[str, tuple[str, ...]] = {}
 
     def _region_key(self, entry: Entry) -> str:
         return self.table.key(entry.region) or entry.region
 
-    def _keys(self, entry: Entry) -> Iterable[tuple[dict[Any, set[str]], Any]]:
-        yield self._kind, entry.kind
-        for model in entry.accelerators:
-            yield self._accel, model
-        segs = entry.id.segments
-        for i in range(1, len(segs) + 1):
-            yield self._ns, ".".join(segs[:i])
-        for pair in entry.facts.labels:
-            yield self._label, pair
-        yield self._group, (self._region_key(entry), entry.free)
+    def _namespaces(self, prefix: str) -> tuple[str, ...]:
+        """Every namespace containing ``prefix`` (``CN``, ``CN.31``, ...), cached: few
+        namespaces hold many entries."""
+        found = self._prefixes.get(prefix)
+        if found is None:
+            segs = prefix.split(".")
+            found = tuple(".".join(segs[:i]) for i in range(1, len(segs) + 1))
+            if len(self._prefixes) < 100_000:
+                self._prefixes[prefix] = found
+        return found
+
+    def _keys(self, entry: Entry) -> list[tuple[dict[Any, set[str]], Any]]:
+        ns = self._ns
+        accel = self._accel
+        label = self._label
+        facts = entry.facts
+        keys: list[tuple[dict[Any, set[str]], Any]] = [(self._kind, entry.id.kind)]
+        keys += [(accel, model) for model in facts.accelerators]
+        keys += [(ns, name) for name in self._namespaces(entry.id.prefix)]
+        keys += [(label, pair) for pair in facts.labels]
+        keys.append((self._group, (self._region_key(entry), entry.free)))
+        return keys
 
     def add(self, entry: Entry) -> None:
         cpid = entry.cpid

@@ -18,14 +18,19 @@ With ``dns_port`` set in the config, the DNS front end (:mod:`resolver.dns`, UDP
 runs in the same process and starts and stops with the app (``docs/dns.md``).
 
 While etcd is unreachable, answers carry ``"stale": true`` and ``X-CPI-Stale: 1``.
-Errors are ``{"error": {"code", "message"}}``, mapped from :mod:`schemas.errors` in
-one middleware.
+Errors are ``{"error": {"code", "message"}}``, mapped from :mod:`schemas.errors` by one
+function (:func:`error_answer`).  It is not an aiohttp middleware: any middleware makes
+aiohttp wrap *every* request in two more coroutines (the middleware and its own
+``current_app`` fixer), a fifth of the cost of a cached lookup.  The lookup handler
+calls it itself; every other route is wrapped with :func:`json_errors`; a catch-all
+route answers unknown paths (404) and methods (405) the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -51,7 +56,16 @@ from schemas.errors import (
     RetrievalError,
 )
 
-__all__ = ["CONFIG", "DNS", "RESOLVER", "STATUS_OF", "create_app", "render_event"]
+__all__ = [
+    "CONFIG",
+    "DNS",
+    "RESOLVER",
+    "STATUS_OF",
+    "create_app",
+    "error_answer",
+    "json_errors",
+    "render_event",
+]
 
 _log = logging.getLogger("resolver.http")
 
@@ -99,40 +113,72 @@ def _json(obj: Any, *, status: int = 200, stale: bool = False) -> web.Response:
     return resp
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map the error tree (and aiohttp's own HTTP errors) to JSON error answers."""
-    try:
-        return await handler(request)
-    except CPIError as exc:
-        status = _status_of(exc)
-        route = request.match_info.route.name or "other"
-        request.app[_METRICS].errors.labels(route, exc.code).inc()
-        if isinstance(exc, NotFoundError):
-            request.app[_METRICS].not_found.inc()
-        if status >= 500:
-            _log.warning("%s %s: %s", request.method, request.path, exc)
-        return _error(status, exc.code, str(exc))
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
+def error_answer(request: web.Request, exc: CPIError | web.HTTPException) -> web.Response:
+    """The JSON answer for an error of the tree (counted per route and code, logged when
+    it is ours, 5xx) or for one of aiohttp's HTTP errors."""
+    if isinstance(exc, web.HTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
         return _error(exc.status, code, f"{request.method} {request.path}: {exc.reason}")
+    status = _status_of(exc)
+    route = request.match_info.route.name or "other"
+    request.app[_METRICS].errors.labels(route, exc.code).inc()
+    if isinstance(exc, NotFoundError):
+        request.app[_METRICS].not_found.inc()
+    if status >= 500:
+        _log.warning("%s %s: %s", request.method, request.path, exc)
+    return _error(status, exc.code, str(exc))
+
+
+def json_errors(handler: Handler) -> Handler:
+    """``handler`` answering the error tree and aiohttp's HTTP errors (>= 400) as JSON."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except CPIError as exc:
+            return error_answer(request, exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return error_answer(request, exc)
+
+    return wrapped
+
+
+async def _no_route(request: web.Request) -> web.Response:
+    """The catch-all route: 405 when another route has the path, else 404 (as JSON)."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        return error_answer(request, web.HTTPMethodNotAllowed(request.method, allowed))
+    return error_answer(request, web.HTTPNotFound())
 
 
 # -- handlers ---------------------------------------------------------------------------
 
 
-async def get_resource(request: web.Request) -> web.Response:
-    """The hot path: a dictionary lookup and bytes rendered once per entry."""
-    resolver = request.app[RESOLVER]
-    entry = resolver.resolve(request.match_info["cpid"])
-    resolver.metrics.records_served += 1
-    if resolver.stale:
-        resp = web.Response(body=entry.body(stale=True), content_type=_JSON)
-        resp.headers[STALE_HEADER] = "1"
-        return resp
-    return web.Response(body=entry.body(), content_type=_JSON)
+def _resource_handler(resolver: Resolver) -> Handler:
+    """``GET /v1/resources/{cpid}``, the hot path: a dictionary lookup and bytes rendered
+    once per entry.  The resolver is bound here rather than looked up per request, and
+    the error tree is answered here (no wrapper)."""
+    metrics = resolver.metrics
+
+    async def get_resource(request: web.Request) -> web.Response:
+        try:
+            entry = resolver.resolve(request.match_info["cpid"])
+        except CPIError as exc:
+            return error_answer(request, exc)
+        metrics.records_served += 1
+        if resolver.stale:
+            resp = web.Response(body=entry.body(stale=True), content_type=_JSON)
+            resp.headers[STALE_HEADER] = "1"
+            return resp
+        return web.Response(body=entry.body(), content_type=_JSON)
+
+    return get_resource
 
 
 def _query(request: web.Request, *, ignore: tuple[str, ...] = ()) -> Query:
@@ -262,15 +308,19 @@ async def _end_streams(app: web.Application) -> None:
             await task
 
 
-def create_app(config: ResolverConfig, *, resolver: Resolver | None = None) -> web.Application:
+def create_app(
+    config: ResolverConfig, *, resolver: Resolver | None = None, primary: bool = True
+) -> web.Application:
     """The resolver app for ``config``.
 
     The resolver (built from ``config`` unless given) starts in ``cleanup_ctx``: the app
     serves at once, answering 503 until the first listing of the index is applied.
     The transparency-log routes (``/v1/log/...``, :mod:`resolver.translog`) and the
     claims routes (``/v1/claims``, :mod:`resolver.claims_http`) are mounted too.
+    ``primary=False`` (the other processes of ``cpi resolver serve --workers N``) runs
+    neither the DNS front end nor the claims reconciler: one process of the group does.
     """
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application()
     r = resolver or Resolver.from_config(config)
     app[CONFIG] = config
     app[RESOLVER] = r
@@ -278,17 +328,19 @@ def create_app(config: ResolverConfig, *, resolver: Resolver | None = None) -> w
     streams: set[asyncio.Task[Any]] = set()
     app[_STREAMS] = streams
     app.cleanup_ctx.append(_lifecycle)
-    if config.dns_port is not None:
+    if config.dns_port is not None and primary:
         app[DNS] = DnsServer(r, host=config.dns_host, port=config.dns_port, zone=config.zone)
         app.cleanup_ctx.append(_dns_lifecycle)
     app.on_shutdown.append(_end_streams)
-    app.router.add_get("/v1/resources/{cpid:.+}", get_resource, name="resource")
-    app.router.add_get("/v1/discover", get_discover, name="discover")
-    app.router.add_get("/v1/watch", get_watch, name="watch")
-    app.router.add_get("/healthz", healthz, name="healthz")
-    app.router.add_get("/readyz", readyz, name="readyz")
-    app.router.add_get("/metrics", get_metrics, name="metrics")
-    # after the resolver's cleanup_ctx entry: both use its index once it is connected
+    app.router.add_get("/v1/resources/{cpid:.+}", _resource_handler(r), name="resource")
+    app.router.add_get("/v1/discover", json_errors(get_discover), name="discover")
+    app.router.add_get("/v1/watch", json_errors(get_watch), name="watch")
+    app.router.add_get("/healthz", json_errors(healthz), name="healthz")
+    app.router.add_get("/readyz", json_errors(readyz), name="readyz")
+    app.router.add_get("/metrics", json_errors(get_metrics), name="metrics")
+    # after the resolver's cleanup_ctx entry: both use its index once it is connected;
+    # their handlers answer the error tree themselves
     add_log_routes(app, index=lambda a: a[RESOLVER].index)
-    add_claim_routes(app, resolver=r)
+    add_claim_routes(app, resolver=r, reconcile=primary)
+    app.router.add_route("*", "/{path:.*}", _no_route, name="other")  # last: unknown routes
     return app

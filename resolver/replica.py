@@ -4,7 +4,10 @@
 
 * **list**: one consistent snapshot of ``/certs/``, ``/revoked/``, ``/ns/``, ``/rec/``,
   ``/live/``, ``/alloc/`` and ``/claim/`` (the first collection fixes the revision,
-  the others are read at it), applied as a diff against what the replica holds;
+  the others are read at it), applied as a diff against what the replica holds.  The
+  first listing (into an empty replica) is streamed: ``/rec/`` is read last, and
+  applied in batches as its pages arrive, so records are verified while the rest are
+  still being read;
 * **watch**: one watch over ``/cpi/v1/`` from the listing's revision + 1; events of
   other collections are skipped, the rest applied one etcd revision at a time (all
   events of one transaction together).  :class:`registry.index.Watch` resumes by
@@ -36,6 +39,7 @@ from typing import Final
 from registry.index import ROOT, Compacted, Index, IndexCompactedError, Prefix
 from resolver._pool import Verifier
 from resolver._state import Change, ReplicaState
+from resolver.events import Event
 from schemas.errors import RetrievalError
 
 __all__ = ["COLLECTIONS", "Replica", "SyncSettings"]
@@ -58,6 +62,10 @@ _MAX_LEASES_PER_PROBE: Final = 64
 _BULK_KEYS: Final = 10_000
 """Listings at least this large pause cyclic GC while they are applied (and the first one
 then freezes what it loaded, :func:`gc.freeze`)."""
+_LOAD_BATCH: Final = 10_000
+"""The first listing applies ``/rec/`` in batches as its pages arrive: the first as soon
+as this many keys are read, each later one with every key read in the meantime (at
+least this many, or all that is left)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +147,11 @@ class Replica:
 
     # -- listing ----------------------------------------------------------------------
 
-    async def _snapshot(self) -> tuple[dict[str, tuple[bytes, int, int]], int]:
-        """Every tracked key at one revision: key -> (value, mod_revision, lease)."""
+    async def _snapshot(
+        self, *, skip: Prefix | None = None
+    ) -> tuple[dict[str, tuple[bytes, int, int]], int]:
+        """Every tracked key (but those of ``skip``) at one revision:
+        key -> (value, mod_revision, lease)."""
         for attempt in range(1, 4):
             snapshot: dict[str, tuple[bytes, int, int]] = {}
             try:
@@ -151,6 +162,8 @@ class Replica:
                     if n >= self.verifier.pool_min_jobs:
                         self.verifier.prepare()  # start workers while the listing runs
                 for collection in COLLECTIONS[1:]:
+                    if collection is skip:
+                        continue
                     kvs, _ = await self.index.get_prefix(
                         collection, page_size=_PAGE, revision=revision
                     )
@@ -162,48 +175,130 @@ class Replica:
             return snapshot, revision
         raise AssertionError("unreachable")
 
+    async def _load(self) -> tuple[int, int, float]:
+        """The first listing into an empty replica, streamed (no events).
+
+        Every collection but ``/rec/`` is read at one revision and applied (certs,
+        revocations and statuses first, so that each record job finds its chain and
+        takes its status along); then ``/rec/`` is read at that revision page by page
+        while the pages already read are applied in batches (:data:`_LOAD_BATCH`):
+        verifying one batch overlaps reading the next.  If the listing fails
+        half-way, the next attempt is an ordinary listing, which applies the
+        difference.  Returns (revision, keys, seconds spent reading before the first
+        record batch could be applied).
+        """
+        started = time.monotonic()
+        snapshot, revision = await self._snapshot(skip=Prefix.REC)
+        keys = len(snapshot)
+        async with self._lock:
+            await self.state.apply(
+                self.state.diff(snapshot, revision), revision, check=self.verifier.run, emit=False
+            )
+        del snapshot
+        pages: asyncio.Queue[list[Change] | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for page in self.index.iter_prefix(
+                    Prefix.REC, page_size=_PAGE, revision=revision
+                ):
+                    self._contact()
+                    await pages.put(
+                        [
+                            Change("put", kv.key, kv.value, kv.mod_revision, kv.lease)
+                            for kv in page.kvs
+                        ]
+                    )
+            finally:
+                pages.put_nowait(None)  # the end, also when reading failed
+
+        reader = asyncio.create_task(read(), name="replica-load")
+        listed = 0.0
+        try:
+            done = False
+            while not done:
+                batch: list[Change] = []
+                while not done and (len(batch) < _LOAD_BATCH or not pages.empty()):
+                    page = await pages.get()
+                    if page is None:
+                        done = True
+                    else:
+                        batch += page
+                if not listed:
+                    listed = time.monotonic() - started
+                if batch:
+                    keys += len(batch)
+                    at = time.monotonic()
+                    async with self._lock:
+                        await self.state.apply(batch, revision, check=self.verifier.run, emit=False)
+                    _log.debug(
+                        "first listing: %d records, from %.2f s for %.2f s",
+                        len(batch),
+                        at - started,
+                        time.monotonic() - at,
+                    )
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({reader})
+        reader.result()  # what reading raised, if it failed half-way
+        return revision, keys, listed
+
     async def _list(self, cause: str) -> int:
         """List the index and apply the difference; returns the listing's revision."""
         started = time.monotonic()
-        snapshot, revision = await self._snapshot()
-        self._contact()
-        listed = time.monotonic()
         first = not self.ready.is_set()
-        # a bulk load allocates ~20 objects per record that all live on: cyclic garbage
-        # collection during it only rescans them, and after it only slows every later pass
-        bulk = len(snapshot) >= _BULK_KEYS
         gc_enabled = gc.isenabled()
-        if bulk:
+        events: list[Event] = []
+        if first and not self.state.keys():
+            # a bulk load allocates ~20 objects per record that all live on: cyclic garbage
+            # collection during it only rescans them, and after it only slows every later pass
             gc.disable()
-        try:
-            async with self._lock:
-                changes = self.state.diff(snapshot, revision)
-                del snapshot
-                events = await self.state.apply(
-                    changes, revision, check=self.verifier.run, emit=not first
-                )
-                if first:
-                    self.state.log.reset((revision, 0))
-        finally:
-            if gc_enabled:
-                gc.enable()
+            try:
+                revision, n, list_s = await self._load()
+            finally:
+                if gc_enabled:
+                    gc.enable()
+            bulk = n >= _BULK_KEYS
+            changes = n
+            self.state.log.reset((revision, 0))
+        else:
+            snapshot, revision = await self._snapshot()
+            self._contact()
+            list_s = time.monotonic() - started
+            bulk = len(snapshot) >= _BULK_KEYS
+            if bulk:
+                gc.disable()
+            try:
+                async with self._lock:
+                    diff = self.state.diff(snapshot, revision)
+                    changes = len(diff)
+                    del snapshot
+                    events = await self.state.apply(
+                        diff, revision, check=self.verifier.run, emit=not first
+                    )
+                    if first:
+                        self.state.log.reset((revision, 0))
+            finally:
+                if gc_enabled:
+                    gc.enable()
         if first and bulk:
             gc.freeze()  # the replica is long-lived: keep it out of future collections
         self.relists[cause] += 1
         sizes = self.state.sizes()
         _log.info(
             "listed the index at revision %d (%s): %d records (%d served), %d live, %d certs; "
-            "%d changes, %d events; list %.2f s, verify %.2f s",
+            "%d changes, %d events; %.2f s (reading before verifying %.2f s)",
             revision,
             cause,
             sizes["records"],
             sizes["served"],
             sizes["live"],
             sizes["certs"],
-            len(changes),
+            changes,
             len(events),
-            listed - started,
-            time.monotonic() - listed,
+            time.monotonic() - started,
+            list_s,
         )
         if first:
             self.ready_after_s = time.monotonic() - self._started
@@ -283,6 +378,11 @@ class Replica:
     async def _probe(self) -> None:
         s = self.settings
         while True:
+            # what was applied when the probe was sent: etcd's answer is at least that
+            # unless etcd went back in time (the watch may apply newer revisions while the
+            # probe is in flight, so comparing with the revision applied by the time the
+            # answer arrives would see a regression in every race with a write)
+            applied = self.state.revision
             try:
                 async with asyncio.timeout(s.probe_timeout):
                     revision = await self.index.revision()
@@ -304,12 +404,12 @@ class Replica:
                 self._contact()
                 self._update_stale()
                 self.store_revision = revision
-                if self.ready.is_set() and revision < self.state.revision:
+                if self.ready.is_set() and revision < applied:
                     _log.warning(
                         "etcd's revision %d is below the applied %d (restored from a backup?); "
                         "listing again",
                         revision,
-                        self.state.revision,
+                        applied,
                     )
                     self._relist.set()
                 await self._refresh_leases()

@@ -14,13 +14,16 @@ The chain is walked from the anchor down, so no payload is parsed before the
 signature over it has been verified.  :func:`verify_record` and :func:`verify_chain`
 return a :class:`ChainResult` (every check made, the first failure); the ``require_*``
 wrappers raise :class:`~schemas.errors.ChainError` instead.  Both share one walk.
+A caller that needs only the verdict (the resolver, per record) passes
+``checks=False`` to :func:`verify_record_prepared`: the same walk then keeps only the
+failed check, and formats no message for a check that passes.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -177,6 +180,14 @@ class _Stop(Exception):
     pass
 
 
+Text = str | Callable[[], str]
+"""A check's text, or a function that formats it (called only when the text is kept)."""
+
+
+def _text(t: Text) -> str:
+    return t if isinstance(t, str) else t()
+
+
 @dataclass(slots=True)
 class _Walk:
     now: int
@@ -184,22 +195,31 @@ class _Walk:
     revocations: Mapping[str, dsse.Envelope]
     checks: list[Check] = field(default_factory=list)
     # keys above the current position (anchor first); any may sign a revocation below it
-    ancestors: list[_Signer] = field(default_factory=list)
+    ancestors: Sequence[_Signer] = ()
+    keep: bool = True
+    """Keep passing checks too (False: only the failed one, and no text is formatted
+    for a check that passes)."""
 
-    def check(self, rule: int, link: int, what: str, ok: bool, detail: str = "") -> None:
-        self.checks.append(Check(rule, link, what, ok, "" if ok else detail))
-        if not ok:
-            raise _Stop
+    def check(self, rule: int, link: int, what: Text, ok: bool, detail: Text = "") -> None:
+        if ok:
+            if self.keep:
+                self.checks.append(Check(rule, link, _text(what), True))
+            return
+        self.checks.append(Check(rule, link, _text(what), False, _text(detail)))
+        raise _Stop
 
-    def window(self, link: int, what: str, start: int, end: int) -> None:
-        ok = start - self.skew <= self.now <= end + self.skew
-        if self.now < start - self.skew:
-            detail = f"{what} not valid before {start}, now is {self.now}"
-        else:
-            detail = f"{what} expired at {end}, now is {self.now}"
-        self.check(3, link, f"{what} validity window", ok, detail)
+    def window(self, link: int, what: Text, start: int, end: int) -> None:
+        now, skew = self.now, self.skew
+        ok = start - skew <= now <= end + skew
 
-    def revoked(self, link: int, what: str, idents: Sequence[str], subject: str) -> None:
+        def detail() -> str:
+            if now < start - skew:
+                return f"{_text(what)} not valid before {start}, now is {now}"
+            return f"{_text(what)} expired at {end}, now is {now}"
+
+        self.check(3, link, lambda: f"{_text(what)} validity window", ok, detail)
+
+    def revoked(self, link: int, what: Text, idents: Sequence[str], subject: str) -> None:
         for ident in idents:
             env = self.revocations.get(ident)
             if env is None:
@@ -211,11 +231,11 @@ class _Walk:
                 self.check(
                     4,
                     link,
-                    f"{what} not revoked",
+                    f"{_text(what)} not revoked",
                     False,
                     f"{ident} ({subject}) revoked at {rev.revoked_at}: {rev.reason}",
                 )
-        self.check(4, link, f"{what} not revoked", True)
+        self.check(4, link, lambda: f"{_text(what)} not revoked", True)
 
     def _valid_revocation(self, env: dsse.Envelope) -> Revocation | None:
         keys = {s.kid: s.key for s in self.ancestors}
@@ -243,7 +263,8 @@ def _walk_chain(chain: Sequence[dsse.Envelope], anchors: TrustAnchors, w: _Walk)
     assert found is not None
     anchor, anchor_key = found
     signer = _Signer(anchor.subject, anchor.kid, anchor_key, frozenset({"delegate", "issue"}), True)
-    w.ancestors = [signer]
+    ancestors = [signer]
+    w.ancestors = ancestors
     certs: list[Cert] = [None] * n  # type: ignore[list-item]
     for i in reversed(range(n)):
         link = i + 1
@@ -291,7 +312,7 @@ def _walk_chain(chain: Sequence[dsse.Envelope], anchors: TrustAnchors, w: _Walk)
             frozenset(cert.scopes),
             False,
         )
-        w.ancestors.append(signer)
+        ancestors.append(signer)
     return certs
 
 
@@ -369,7 +390,7 @@ def _check_record(record: dsse.Envelope, w: _Walk) -> Record:
         detail = ""
     except (SignatureError, PayloadError) as exc:
         detail = f"record is not validly signed by {signer.subject} ({signer.kid}): {exc}"
-    w.check(1, 0, f"record signed by {signer.subject}", rec is not None, detail)
+    w.check(1, 0, lambda: f"record signed by {signer.subject}", rec is not None, detail)
     assert rec is not None
     try:
         parsed: _cpid.CPID | None = _cpid.parse(rec.cpid)
@@ -384,58 +405,72 @@ def _check_record(record: dsse.Envelope, w: _Walk) -> Record:
         cpid_error,
     )
     assert parsed is not None
+    prefix = parsed.prefix
     w.check(
         1,
         0,
         "signer's subject contains the CPID prefix",
-        _cpid.ns_contains(signer.subject, parsed.prefix),
-        f"CPID prefix {parsed.prefix!r} is outside signer subject {signer.subject!r}",
+        _cpid.ns_contains(signer.subject, prefix),
+        lambda: f"CPID prefix {prefix!r} is outside signer subject {signer.subject!r}",
     )
     w.check(
         1,
         0,
         "signer holds scope issue",
         "issue" in signer.scopes,
-        f"signer {signer.subject!r} lacks scope 'issue' (has {sorted(signer.scopes)})",
+        lambda: f"signer {signer.subject!r} lacks scope 'issue' (has {sorted(signer.scopes)})",
     )
     w.check(
         1,
         0,
         "record names its signer as issuer",
         rec.issuer == signer.subject,
-        f"record names issuer {rec.issuer!r} but is signed by {signer.subject!r}",
+        lambda: f"record names issuer {rec.issuer!r} but is signed by {signer.subject!r}",
     )
-    w.window(0, f"record {rec.cpid}", rec.issued_at, rec.expires_at)
+    w.window(0, lambda: f"record {rec.cpid}", rec.issued_at, rec.expires_at)
     raw = _keys.b64url_decode(rec.public_key)
-    w.revoked(0, "record key", (_keys.kid(raw),), parsed.prefix)
+    w.revoked(0, "record key", (_keys.kid(raw),), prefix)
     w.check(
         5,
         0,
         "CPID serial matches the record's key",
         parsed.matches_key(raw),
-        f"serial {parsed.serial!r} does not match public_key (expected "
-        f"{_cpid.derive_serial(raw)!r})",
+        lambda: (
+            f"serial {parsed.serial!r} does not match public_key (expected "
+            f"{_cpid.derive_serial(raw)!r})"
+        ),
     )
     w.check(
         5,
         0,
         "CPID kind matches the record's kind",
         parsed.kind == rec.kind,
-        f"record kind {rec.kind!r} differs from CPID kind {parsed.kind!r}",
+        lambda: f"record kind {rec.kind!r} differs from CPID kind {parsed.kind!r}",
     )
     return rec
 
 
-def verify_record_prepared(record: dsse.Envelope, prepared: PreparedChain) -> ChainResult:
-    """Verify a record against a chain walked by :func:`prepare_chain`: all five rules."""
+def verify_record_prepared(
+    record: dsse.Envelope, prepared: PreparedChain, *, checks: bool = True
+) -> ChainResult:
+    """Verify a record against a chain walked by :func:`prepare_chain`: all five rules.
+
+    ``checks=False`` gives the same verdict -- ``ok``, ``failure``, ``reason``, ``record``
+    and ``certs`` are exactly those of ``checks=True`` -- but ``result.checks`` then holds
+    only the failed check (none when the record verifies), which saves building and
+    formatting a dozen checks per record (the resolver verifies every record this way;
+    the auditor, which prints every check, does not).
+    """
     if not prepared.ok:
-        return ChainResult(prepared.result.checks)
+        failed = prepared.result.failure
+        return ChainResult(prepared.result.checks if checks or failed is None else (failed,))
     w = _Walk(
         prepared._now,
         prepared._skew,
         prepared._revocations,
-        list(prepared.result.checks),
-        list(prepared._ancestors),
+        list(prepared.result.checks) if checks else [],
+        prepared._ancestors,
+        checks,
     )
     try:
         rec = _check_record(record, w)

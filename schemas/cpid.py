@@ -15,6 +15,7 @@ prefix, so ``CN.3`` does not contain ``CN.31``.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -45,6 +46,12 @@ _ALNUM_VALUE: Final = {c: i for i, c in enumerate(_ALNUM)}
 _CROCKFORD_SET: Final = frozenset(CROCKFORD)
 _ALPHA: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _KIND_SET: Final = frozenset(KINDS)
+# a well-formed canonical CPID, all parts at once (parse's fast path; any other text takes
+# the part-by-part checks, which name the first problem)
+_WELL_FORMED: Final = re.compile(
+    rf"([A-Z]{{2}}(?:\.[0-9A-Z]{{1,{MAX_SEGMENT}}})*)/({'|'.join(KINDS)})"
+    rf"\.([{CROCKFORD}]{{{SERIAL_LENGTH}}})-([0-9A-Z])"
+)
 
 
 def b32_digest(data: bytes, length: int) -> str:
@@ -188,6 +195,12 @@ def parse(text: str) -> CPID:
     Raises :class:`InvalidCPIDError` naming the first problem and where it is.
     """
     upper = _upper(text)
+    if len(upper) <= MAX_LENGTH:
+        m = _WELL_FORMED.fullmatch(upper)
+        if m is not None:
+            prefix, kind, serial, check = m.groups()
+            if check == check_character(prefix.replace(".", "") + kind + serial):
+                return CPID(prefix=prefix, kind=kind, serial=serial, check=check)
     if not upper:
         raise InvalidCPIDError(text, "empty")
     if len(upper) > MAX_LENGTH:

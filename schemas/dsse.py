@@ -62,6 +62,9 @@ class Signature:
     keyid: str
     sig: bytes
 
+    def __reduce__(self) -> tuple[type[Signature], tuple[str, bytes]]:
+        return Signature, (self.keyid, self.sig)
+
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
@@ -70,6 +73,11 @@ class Envelope:
     payload_type: str
     payload: bytes
     signatures: tuple[Signature, ...]
+
+    def __reduce__(self) -> tuple[type[Envelope], tuple[str, bytes, tuple[Signature, ...]]]:
+        # pickled by value, cheaper than a slotted dataclass's __getstate__/__setstate__
+        # (the resolver sends envelopes to verification worker processes)
+        return Envelope, (self.payload_type, self.payload, self.signatures)
 
     @classmethod
     def from_json(cls, data: bytes | str, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelope:

@@ -1,7 +1,10 @@
 """``cpi resolver serve``: run the resolver's HTTP service until SIGTERM or SIGINT.
 
 The command only loads the config (file, then environment, then flags) and runs the
-app of :mod:`resolver.http`.
+app of :mod:`resolver.http`.  With ``--workers N`` (N > 1) it runs N such processes on
+one port (``SO_REUSEPORT``: the kernel spreads connections over them), each with its
+own replica of the index; the first also runs the DNS front end and the claims
+reconciler.  The default is one process.
 """
 
 from __future__ import annotations
@@ -9,8 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import multiprocessing
+import multiprocessing.connection
 import re
 import signal
+from types import FrameType
 
 from aiohttp import web
 
@@ -22,6 +28,7 @@ from resolver.config import (
     load_config,
     parse_listen,
 )
+from resolver.errors import ConfigError
 from resolver.http import create_app
 
 _log = logging.getLogger("cpi.resolver")
@@ -51,6 +58,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     serve.add_argument("--zone", help="DNS zone the resolver answers for (e.g. cpi.)")
     serve.add_argument("--latency-table", metavar="FILE", help="region RTT table (JSON)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="HTTP worker processes sharing the port (SO_REUSEPORT), each with its own "
+        "replica of the index (default 1; needs a fixed port)",
+    )
     serve.set_defaults(handler=run_serve)
 
 
@@ -66,6 +80,7 @@ def run_serve(args: argparse.Namespace) -> int:
         "latency_table": args.latency_table,
         "dns_host": args.dns_host,
         "dns_port": args.dns_port,
+        "workers": args.workers,
     }
     if args.listen:
         overrides["host"], overrides["port"] = parse_listen(args.listen)
@@ -74,17 +89,97 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         overrides["port"] = args.port
     config = load_config(args.config, overrides=overrides)
+    if config.workers > 1:
+        return run_workers(config)
     asyncio.run(serve(config))
     return 0
 
 
-async def serve(config: ResolverConfig) -> None:
-    """Run the resolver until SIGTERM or SIGINT; stop cleanly."""
-    app = create_app(config)
+def _worker(config: ResolverConfig, number: int, verbose: bool) -> None:
+    """One process of ``--workers N`` (the target of a spawned process)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format=f"%(asctime)s %(levelname)s %(name)s[{number}]: %(message)s",
+    )
+    parent = multiprocessing.parent_process()
+    sentinel = parent.sentinel if parent is not None else None
+    asyncio.run(serve(config, reuse_port=True, primary=number == 0, parent_sentinel=sentinel))
+
+
+def _orphaned(stop: asyncio.Event) -> None:
+    if not stop.is_set():
+        _log.warning("the parent process is gone (killed?); stopping")
+        stop.set()
+
+
+def run_workers(config: ResolverConfig) -> int:
+    """Run ``config.workers`` resolver processes on one port until SIGTERM or SIGINT.
+
+    Each is a complete resolver (its own replica, verification and caches); the kernel
+    hands each new connection to one of them.  If one of them exits, the others are
+    stopped too and the exit code is 1.
+    """
+    if config.port == 0:
+        raise ConfigError("--workers N needs a fixed port: the processes share it")
+    ctx = multiprocessing.get_context("spawn")
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+    procs = [
+        ctx.Process(target=_worker, args=(config, i, verbose), name=f"resolver-{i}")
+        for i in range(config.workers)
+    ]
+    stopping = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs:
+            if p.is_alive():
+                p.terminate()  # SIGTERM: each stops cleanly
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for p in procs:
+            p.start()
+        _log.info("%d resolver processes on %s", len(procs), config.url)
+        multiprocessing.connection.wait([p.sentinel for p in procs])
+        if not stopping:
+            failed = [p for p in procs if p.exitcode is not None]
+            _log.error(
+                "resolver process %s exited (code %s); stopping the others",
+                failed[0].name,
+                failed[0].exitcode,
+            )
+            stop(signal.SIGTERM, None)
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0 if stopping else 1
+
+
+async def serve(
+    config: ResolverConfig,
+    *,
+    reuse_port: bool = False,
+    primary: bool = True,
+    parent_sentinel: int | None = None,
+) -> None:
+    """Run the resolver until SIGTERM or SIGINT; stop cleanly.
+
+    ``reuse_port``: bind with ``SO_REUSEPORT`` (one of several processes on the port);
+    ``primary``: run the DNS front end and the claims reconciler; ``parent_sentinel``:
+    also stop when this descriptor becomes readable, i.e. when the parent process is
+    gone (:attr:`multiprocessing.process.BaseProcess.sentinel`; see :func:`run_workers`).
+    """
+    app = create_app(config, primary=primary)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
     await runner.setup()  # starts the replica (the first listing runs in the background)
     try:
-        site = web.TCPSite(runner, config.host, config.port)
+        site = web.TCPSite(runner, config.host, config.port, reuse_port=reuse_port or None)
         await site.start()
         url = config.url
         if config.port == 0:
@@ -95,11 +190,15 @@ async def serve(config: ResolverConfig) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if parent_sentinel is not None:
+            loop.add_reader(parent_sentinel, _orphaned, stop)
         try:
             await stop.wait()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+            if parent_sentinel is not None:
+                loop.remove_reader(parent_sentinel)
         _log.info("resolver stopping")
     finally:
         await runner.cleanup()

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from cpi.etcdproc import EtcdProcess, free_port
@@ -162,3 +168,70 @@ def test_anchor_files_must_hold_anchors(tmp_path: Path) -> None:
         config.load_anchors()
     with pytest.raises(ConfigError, match=r"anchor file .*missing\.json"):
         load_config(data={"anchor_files": [str(tmp_path / "missing.json")]}, env={}).load_anchors()
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
+async def test_serve_with_two_processes_on_one_port(
+    index: Index,
+    pki: Pki,
+    anchor_file: Path,
+    etcd_server: EtcdProcess,
+    tmp_path: Path,
+    stop: str,
+) -> None:
+    """``cpi resolver serve --workers 2``: two resolvers share the port, each with its
+    own replica; SIGTERM stops both and the command exits 0; if the command is killed,
+    the two stop by themselves."""
+    await pki.publish(index)
+    node = Node()
+    await put_record(index, pki, node)
+    port = free_port()
+    log = tmp_path / "serve.log"
+
+    def spawn() -> subprocess.Popen[bytes]:
+        with open(log, "wb") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "cpi", "resolver", "serve", "--workers", "2",
+                 "--listen", f"127.0.0.1:{port}", "--etcd", etcd_server.endpoint,
+                 "--anchor", str(anchor_file)],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+
+    proc = await asyncio.to_thread(spawn)
+    try:
+
+        def listed() -> bool:
+            text = log.read_text()
+            return all(f"resolver.replica[{i}]: listed the index" in text for i in (0, 1))
+
+        await until(listed, within=30, what="both processes to list the index")
+        url = f"http://127.0.0.1:{port}/v1/resources/{node.cpid}"
+        connector = aiohttp.TCPConnector(force_close=True)  # a new connection each time
+        async with aiohttp.ClientSession(connector=connector) as s:
+            for _ in range(20):
+                async with s.get(url) as r:
+                    assert r.status == 200
+                    assert (await r.json())["record"]["signatures"]
+        proc.send_signal(getattr(signal, stop))
+        code = await asyncio.to_thread(proc.wait, 30)
+        assert code == (0 if stop == "SIGTERM" else -signal.SIGKILL)
+
+        def stopped() -> bool:
+            text = log.read_text()
+            return all(f"cpi.resolver[{i}]: resolver stopping" in text for i in (0, 1))
+
+        await until(stopped, within=30, what="both processes to stop")
+        if stop == "SIGKILL":
+            assert "the parent process is gone" in log.read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the command and every process it started
+        proc.wait()
+
+
+def test_serve_with_several_processes_needs_a_fixed_port(
+    anchor_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["resolver", "serve", "--workers", "2", "--port", "0", "--anchor", str(anchor_file)]
+    assert main(argv) == 1
+    assert "needs a fixed port" in capsys.readouterr().err

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
 from registry import ca
-from registry.index import Index, Keys
-from resolver._state import ReplicaSettings
+from registry.index import Index, Keys, KVPage
+from resolver import _state as resolver_state
+from resolver import replica as resolver_replica
+from resolver._pool import Verifier
+from resolver._state import ReplicaSettings, ReplicaState
 from resolver.core import Resolver
 from resolver.discovery import Query
 from resolver.errors import NotReadyError
+from resolver.replica import Replica, SyncSettings
 from schemas import dsse, keys
-from schemas.errors import InvalidCPIDError, NotFoundError
+from schemas.errors import InvalidCPIDError, NotFoundError, RetrievalError
 from tests.resolver.kit import FAST, Node, Pki, make_resolver, put_record, put_status, signed, until
 
 # -- what is served ----------------------------------------------------------------------
@@ -186,6 +191,131 @@ async def test_bad_records_are_never_served(
     assert resolver._state.failures[reason] == 1
     assert resolver.health()["rejected"] == {reason: 1}
     assert resolver.discover(Query()).results == []
+
+
+async def test_a_bulk_load_decides_exactly_like_small_batches(
+    index: Index, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first listing of a large index -- ``/rec/`` streamed in batches, envelopes
+    parsed by ``raw`` jobs in worker processes, statuses verified alongside, entries
+    built as chunks arrive -- serves and rejects exactly what small inline batches do."""
+    await pki.publish(index)
+    pki.delegate("CN", "CN.51", ["issue"], issuer_key=pki.root)  # never published
+    pki.delegate("CN.31", "CN.31.DLG", ["delegate"])
+    await pki.publish(index, "CN.31.DLG")
+    expected: dict[str, str] = {}
+    for _, reason, build in BAD:
+        node = Node(namespace="CN.31.DLG") if reason == "scope" else Node()
+        value = build(pki, node)
+        await index.put(Keys.rec(node.cpid), value if isinstance(value, bytes) else value.to_json())
+        await put_status(index, node)
+        expected[node.cpid] = reason
+    a, b = Node(), Node()
+    await index.put(Keys.rec(b.cpid), signed(pki, a.record()).to_json())
+    expected[b.cpid] = "wrong_key"
+    good = [Node(model=m) for m in ("H100", "H100", "910B", "A800", "L40S", "H200")]
+    for node in good:
+        await put_record(index, pki, node)
+    for node in good[:4]:
+        await put_status(index, node, free=3)
+    await index.put(Keys.live(good[4].cpid), good[4].status(cpid=good[0].cpid).to_json())
+
+    def seen(r: Resolver) -> tuple[dict[str, Any], dict[str, Any], dict[str, int], Any]:
+        served = {e.cpid: (e.body(), e.status_facts, e.free) for e in r.entries()}
+        rejected = {c: r._state.rejection(c) for c in expected}
+        return served, rejected, dict(r._state.failures), r.health()["rejected"]
+
+    results = []
+    for bulk in (False, True):
+        if bulk:
+            monkeypatch.setattr(resolver_state, "_BULK", 1)
+            monkeypatch.setattr(resolver_replica, "_LOAD_BATCH", 4)
+        r = make_resolver(index, pki, dataclasses.replace(FAST, verify_workers=2 if bulk else 0))
+        r._verifier.pool_min_jobs = 1 if bulk else 10**9
+        async with r:
+            async with asyncio.timeout(60):
+                await r.wait_ready()
+            results.append(seen(r))
+            assert r._verifier.checked_pool == (len(expected) + len(good) if bulk else 0)
+    assert results[0] == results[1]
+    served, rejected, _, _ = results[1]
+    assert set(served) == {n.cpid for n in good}
+    assert {c: why[0] for c, why in rejected.items()} == expected
+
+
+@pytest.mark.parametrize(("answer", "regressed"), [(1, False), (-1, True)])
+async def test_a_probe_sees_a_regression_only_below_what_was_applied_when_it_was_sent(
+    pki: Pki, answer: int, regressed: bool
+) -> None:
+    """While a probe is in flight the watch may apply newer revisions: etcd's answer is
+    compared with the revision applied when the probe was sent."""
+    state = ReplicaState(anchors=pki.anchors)
+    state.revision = 10
+
+    class Racing:  # the watch applies two writes while each probe is in flight
+        async def revision(self) -> int:
+            sent = state.revision
+            state.revision += 2
+            return sent + answer  # after the first write (or, restored: before the send)
+
+        async def lease_time_to_live(self, lease: int) -> int:
+            return 0
+
+    replica = Replica(
+        Racing(),  # type: ignore[arg-type]
+        state,
+        verifier=Verifier(workers=0),
+        settings=SyncSettings(probe_interval=0.01),
+    )
+    replica.ready.set()
+    task = asyncio.create_task(replica._probe())
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert state.revision > 14  # several probes ran
+    assert replica._relist.is_set() is regressed
+
+
+async def test_a_first_listing_that_fails_half_way_is_completed_by_the_next(
+    index: Index, pki: Pki
+) -> None:
+    """The streamed first listing applies ``/rec/`` page by page; when reading fails
+    after some pages, the next attempt lists everything and applies the difference."""
+    await pki.publish(index)
+    nodes = [Node() for _ in range(5)]
+    for node in nodes:
+        await put_record(index, pki, node)
+
+    class Flaky:  # the real index, but the first /rec/ listing breaks after one page
+        failures = 1
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(index, name)
+
+        async def iter_prefix(self, prefix: str, **kw: Any) -> AsyncIterator[KVPage]:
+            async for page in index.iter_prefix(prefix, **{**kw, "page_size": 2}):
+                yield page
+                if self.failures:
+                    self.failures -= 1
+                    raise RetrievalError("etcd went away")
+
+    state = ReplicaState(anchors=pki.anchors)
+    flaky = Flaky()
+    replica = Replica(
+        flaky,  # type: ignore[arg-type]
+        state,
+        verifier=Verifier(workers=0),
+        settings=SyncSettings(probe_interval=0.2, retry_backoff_max=0.2),
+    )
+    replica.start()
+    try:
+        async with asyncio.timeout(10):
+            await replica.ready.wait()
+        assert set(state.served) == {n.cpid for n in nodes}
+        assert flaky.failures == 0 and replica.relists["initial"] == 1
+    finally:
+        await replica.close()
 
 
 async def test_a_valid_record_under_another_cpids_key_is_not_served(

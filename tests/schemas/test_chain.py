@@ -23,10 +23,12 @@ from schemas.chain import (
     TrustAnchors,
     open_self_signed,
     open_signed,
+    prepare_chain,
     require_chain,
     require_record,
     verify_chain,
     verify_record,
+    verify_record_prepared,
 )
 from schemas.errors import (
     ChainError,
@@ -90,6 +92,21 @@ def test_case(case: gv.ChainCase) -> None:
     # the checks stop at the first failure
     assert result.checks[-1] is f
     assert all(c.ok for c in result.checks[:-1])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_verdict_only_gives_the_same_verdict(case: gv.ChainCase) -> None:
+    """``checks=False`` (what the resolver uses): the same result, minus passing checks."""
+    full = _verify(case)
+    prepared = prepare_chain(
+        case.chain, anchors=TrustAnchors(case.anchors), revocations=case.revocations, now=case.now
+    )
+    fast = verify_record_prepared(case.record, prepared, checks=False)
+    assert (fast.ok, fast.failure, fast.reason) == (full.ok, full.failure, full.reason)
+    assert (fast.record, fast.certs) == (full.record, full.certs)
+    assert fast.checks == (() if full.failure is None else (full.failure,))
+    assert fast.to_dict() == {**full.to_dict(), "checks": fast.to_dict()["checks"]}
+    assert verify_record_prepared(case.record, prepared).checks == full.checks
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
