@@ -25,6 +25,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import math
 import multiprocessing
 import os
 import secrets
@@ -112,13 +113,25 @@ class StatusFacts:
     state: str
     accelerators_free: int
     cpu_free: int | None
+    withheld: int = 0
+    """Units the node already left out of its free capacity for claims (its
+    ``claimed_units`` metric); discovery adds them back before subtracting ``/alloc/``."""
 
     def __reduce__(self) -> tuple[type[StatusFacts], tuple[object, ...]]:
-        return StatusFacts, (self.cpid, self.state, self.accelerators_free, self.cpu_free)
+        return StatusFacts, (
+            self.cpid, self.state, self.accelerators_free, self.cpu_free, self.withheld,
+        )  # fmt: skip
 
     @classmethod
     def of(cls, st: Status) -> StatusFacts:
-        return cls(st.cpid, st.state, st.capacity.accelerators_free, st.capacity.cpu_free)
+        withheld = st.metrics.get("claimed_units", 0)
+        return cls(
+            st.cpid,
+            st.state,
+            st.capacity.accelerators_free,
+            st.capacity.cpu_free,
+            int(withheld) if math.isfinite(withheld) and withheld > 0 else 0,
+        )
 
 
 Job = (

@@ -29,15 +29,18 @@ __all__ = ["Entry", "free_units"]
 
 
 def free_units(facts: RecordFacts, status: StatusFacts | None, claimed: int) -> int:
-    """Free units a client can still claim: the status's free capacity minus claims.
+    """Free units a client can still claim: reported free + units the node already
+    withheld for claims (``claimed_units``) - units claimed in ``/alloc/``.
 
-    Units are accelerators for records that list accelerators, CPU cores otherwise.
-    A node without a verified status, or whose state is not ``up``, has none.
+    The same arithmetic as :func:`resolver.claims.available_units`, so a node whose agent
+    subtracts its claims is not counted twice.  Units are accelerators for records that
+    list accelerators, CPU cores otherwise.  A node without a verified status, or whose
+    state is not ``up``, has none.
     """
     if status is None or status.state != "up":
         return 0
     units = status.accelerators_free if facts.accelerators else (status.cpu_free or 0)
-    return max(0, units - claimed)
+    return max(0, units + status.withheld - claimed)
 
 
 @dataclass(slots=True, eq=False)

@@ -239,3 +239,35 @@ def test_latency_table_lookups(tmp_path: Any) -> None:
     bad.write_text('{"rtt_ms": [1, 2]}')
     with pytest.raises(QueryError, match="expected"):
         LatencyTable.from_file(bad)
+
+
+def test_free_units_add_back_what_the_agent_already_withheld_for_claims() -> None:
+    """An agent that reports free minus claimed (metric claimed_units) is not counted twice."""
+    from resolver._pool import RecordFacts, StatusFacts
+    from resolver.entry import free_units
+    from schemas.cpid import derive
+    from schemas.keys import generate, public_raw, public_to_b64url
+    from schemas.models import Accelerator, Attributes, Capacity, Location, Record, Status
+
+    node = generate()
+    cpid = str(derive("CN.31", "GPU", public_raw(node)))
+    rec = Record(
+        cpid=cpid, kind="GPU", public_key=public_to_b64url(node), issuer="CN.31", version=1,
+        issued_at=1, expires_at=2, location=Location(region="31"),
+        attributes=Attributes(accelerators=[Accelerator(vendor="NVIDIA", model="H100", memory_gib=80, count=8)]),
+    )  # fmt: skip
+    facts = RecordFacts.of(rec)
+
+    def status(free: int, withheld: float | None) -> StatusFacts:
+        metrics = {} if withheld is None else {"claimed_units": withheld}
+        return StatusFacts.of(
+            Status(cpid=cpid, seq=1, observed_at=1, state="up",
+                   capacity=Capacity(accelerators_free=free), metrics=metrics)
+        )  # fmt: skip
+
+    # 8 cards, 3 claimed in /alloc/: an agent that knows reports 5 free and 3 withheld
+    assert free_units(facts, status(5, 3), claimed=3) == 5
+    # an agent that does not know yet reports 8 free: the same answer
+    assert free_units(facts, status(8, None), claimed=3) == 5
+    # nonsense metrics never add units
+    assert free_units(facts, status(5, -4), claimed=3) == 2
