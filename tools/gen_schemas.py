@@ -10,7 +10,6 @@ is missing or stale.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout without install
     sys.path.insert(0, str(ROOT))
 
 from schemas.jsonschema import json_schemas, render  # noqa: E402
+from tools._generate import write_or_check  # noqa: E402
 
 OUT_DIR = ROOT / "schemas" / "json"
 
@@ -29,24 +29,14 @@ def build() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="only report stale files")
-    args = ap.parse_args(argv)
-    stale = []
-    for name, text in build().items():
-        path = OUT_DIR / name
-        current = path.read_text(encoding="utf-8") if path.exists() else None
-        if current == text:
-            continue
-        stale.append(name)
-        if not args.check:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8", newline="\n")
-            print(f"wrote {path.relative_to(ROOT)}")
-    if args.check and stale:
-        print(f"stale: {', '.join(stale)}; run: python tools/gen_schemas.py", file=sys.stderr)
-        return 1
-    return 0
+    return write_or_check(
+        build(),
+        out_dir=OUT_DIR,
+        root=ROOT,
+        script="tools/gen_schemas.py",
+        doc=__doc__ or "",
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":

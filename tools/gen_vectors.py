@@ -15,7 +15,6 @@ are also what ``tests/schemas/test_chain.py`` uses to build its chains.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -41,6 +40,7 @@ from schemas.models import (  # noqa: E402
     Revocation,
     Status,
 )
+from tools._generate import write_or_check  # noqa: E402
 
 OUT_DIR = ROOT / "tests" / "vectors"
 SEED_DOMAIN = b"cpi test vectors v1 "
@@ -1276,24 +1276,14 @@ def build() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="only report stale files")
-    args = ap.parse_args(argv)
-    stale = []
-    for name, text in build().items():
-        path = OUT_DIR / name
-        current = path.read_text(encoding="utf-8") if path.exists() else None
-        if current == text:
-            continue
-        stale.append(name)
-        if not args.check:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8", newline="\n")
-            print(f"wrote {path.relative_to(ROOT)}")
-    if args.check and stale:
-        print(f"stale: {', '.join(stale)}; run: python tools/gen_vectors.py", file=sys.stderr)
-        return 1
-    return 0
+    return write_or_check(
+        build(),
+        out_dir=OUT_DIR,
+        root=ROOT,
+        script="tools/gen_vectors.py",
+        doc=__doc__ or "",
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":
