@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Iterable
 
-from registry.index import KV, Compacted, Index, Keys, Prefix
+from registry.index import KV, Compacted, Index, Keys, Prefix, read_units
 from schemas.cpid import ns_contains
-from schemas.errors import RetrievalError
+from schemas.errors import InvalidDataError, RetrievalError
 
 __all__ = ["CLAIMED_HEADER", "ClaimedUnits"]
 
@@ -32,17 +31,6 @@ _log = logging.getLogger(__name__)
 
 CLAIMED_HEADER = "X-CPI-Claimed"
 """Header of the ``204`` answer to a status: units claimed on the node (an integer)."""
-
-
-def _units(value: bytes) -> int:
-    """Units in an ``/alloc/`` value (``{"units": N}`` or ``N``); 0 when unreadable."""
-    try:
-        obj = json.loads(value)
-    except ValueError:
-        return 0
-    if isinstance(obj, dict):
-        obj = obj.get("units")
-    return obj if isinstance(obj, int) and not isinstance(obj, bool) and obj > 0 else 0
 
 
 class ClaimedUnits:
@@ -79,7 +67,12 @@ class ClaimedUnits:
 
     def _set(self, kv: KV) -> None:
         cpid = kv.key[len(Prefix.ALLOC) :]
-        units = _units(kv.value)
+        try:
+            units = read_units(kv.value)
+        except InvalidDataError as exc:
+            # shown to the node as a count: unreadable counts as nothing claimed
+            _log.warning("%s: %s; counted as 0 claimed", kv.key, exc)
+            units = 0
         if units:
             self._units[cpid] = units
         else:

@@ -22,10 +22,14 @@ async def test_lists_then_follows_the_held_namespaces_only(index: Index) -> None
         await index.put(Keys.alloc(B), "2")
         await index.put(Keys.alloc(A), '{"units":0}')
         await until(lambda: claimed.units(B) == 2 and claimed.units(A) == 0, what="the watch")
+        await index.put(Keys.alloc(A), "5")
+        await until(lambda: claimed.units(A) == 5, what="the watch")
         await index.put(Keys.alloc(A), "garbage")  # unreadable counts as nothing claimed
         await index.delete(Keys.alloc(B))
         await until(lambda: claimed.units(B) == 0, what="the delete")
-        assert claimed.units(A) == 0
+        assert claimed.units(A) == 0  # it was 5: the unreadable value replaced it
+        await index.put(Keys.alloc(A), "7")  # and the watch survived it
+        await until(lambda: claimed.units(A) == 7, what="the watch after garbage")
     finally:
         await claimed.stop()
 

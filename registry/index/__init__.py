@@ -1,0 +1,105 @@
+"""The national index: the one package that talks to etcd and the one that builds keys.
+
+Everything else in the project goes through it.  One module per job:
+
+* :mod:`~registry.index.layout`: the key layout of DESIGN.md section 3 (:class:`Prefix`,
+  :class:`Keys`, :func:`parse_key`) and the one reader and writer of ``/alloc/`` and
+  ``/holders/`` values (:func:`read_units`, :func:`units_json`);
+* :mod:`~registry.index.values`: what calls take and return (:class:`KV`,
+  :class:`Cmp`, :class:`Op`, :class:`TxnResult`, :class:`WatchEvent`,
+  :class:`Compacted`, ...) and the index's own errors;
+* :mod:`~registry.index.client`: :class:`Index`, a typed facade over etcd with a
+  timeout on every call, the connection (endpoints, TLS, auth) and the mapping of etcd
+  and gRPC errors onto :mod:`schemas.errors`;
+* :mod:`~registry.index.lease`: :class:`Lease`, a handle with a keep-alive task that
+  notices loss;
+* :mod:`~registry.index.watch`: :class:`Watch`, which resumes from the last delivered
+  revision and reports compaction;
+* :mod:`~registry.index.settings`: :class:`EtcdSettings`, the ``etcd`` section of the
+  service configs, and the environment that overrides it.
+
+``from registry.index import X`` works for every public name.  ``layout`` and
+``values`` import neither gRPC nor the etcd client, and neither does importing this
+package: the names of ``client``, ``lease``, ``watch`` and ``settings`` are loaded on
+first use (PEP 562).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from registry.index.layout import ROOT, Keys, ParsedKey, Prefix, parse_key, read_units, units_json
+from registry.index.values import (
+    KV,
+    CasResult,
+    Cmp,
+    Compacted,
+    IndexCompactedError,
+    IndexRejectedError,
+    KVPage,
+    Member,
+    MemberStatus,
+    Op,
+    OpResult,
+    TxnResult,
+    WatchEvent,
+)
+
+if TYPE_CHECKING:
+    from registry.index.client import Index
+    from registry.index.lease import Lease
+    from registry.index.settings import ENV_ETCD_ENDPOINTS, ENV_ETCD_PASSWORD, EtcdSettings
+    from registry.index.watch import Watch
+
+__all__ = [
+    "ENV_ETCD_ENDPOINTS",
+    "ENV_ETCD_PASSWORD",
+    "KV",
+    "ROOT",
+    "CasResult",
+    "Cmp",
+    "Compacted",
+    "EtcdSettings",
+    "Index",
+    "IndexCompactedError",
+    "IndexRejectedError",
+    "KVPage",
+    "Keys",
+    "Lease",
+    "Member",
+    "MemberStatus",
+    "Op",
+    "OpResult",
+    "ParsedKey",
+    "Prefix",
+    "TxnResult",
+    "Watch",
+    "WatchEvent",
+    "parse_key",
+    "read_units",
+    "units_json",
+]
+
+_LAZY: dict[str, str] = {
+    "Index": "client",
+    "Lease": "lease",
+    "Watch": "watch",
+    "EtcdSettings": "settings",
+    "ENV_ETCD_ENDPOINTS": "settings",
+    "ENV_ETCD_PASSWORD": "settings",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Load the names of the modules that import gRPC and the etcd client on first use."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,82 @@
+"""The ``etcd`` section of the service configs (:class:`EtcdSettings`) and the
+environment that overrides it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Final
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from registry.index.client import Index
+from schemas._settings import resolve_path, set_dotted, split_list
+from schemas.errors import ConfigError
+
+__all__ = ["ENV_ETCD_ENDPOINTS", "ENV_ETCD_PASSWORD", "EtcdSettings"]
+
+ENV_ETCD_ENDPOINTS: Final = "CPI_ETCD_ENDPOINTS"
+"""Comma-separated etcd endpoints; replaces ``etcd.endpoints`` of a service config."""
+ENV_ETCD_PASSWORD: Final = "CPI_ETCD_PASSWORD"
+"""The etcd password, so that it need not sit in a config file."""
+
+
+class EtcdSettings(BaseModel):
+    """How a service reaches the national index: the ``etcd`` section of its config.
+
+    The password is a :class:`pydantic.SecretStr`: it prints as ``**********`` and is
+    never logged.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("ca_cert", "cert_key", "cert_chain")
+    """Fields holding file paths, resolved against the directory of the config file."""
+
+    endpoints: list[str] = Field(default_factory=lambda: ["127.0.0.1:2379"], min_length=1)
+    timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    ca_cert: Path | None = None
+    cert_key: Path | None = None
+    cert_chain: Path | None = None
+    tls_server_name: str | None = None
+    user: str | None = None
+    password: SecretStr | None = None
+
+    def open_index(self, **options: Any) -> Index:
+        """An unconnected :class:`Index` for these settings (use as ``async with``).
+
+        *options* are further keyword arguments of the :class:`Index` constructor.
+        Settings that do not fit together raise :class:`~schemas.errors.ConfigError`.
+        """
+        try:
+            return Index(
+                endpoints=self.endpoints,
+                timeout=self.timeout_s,
+                ca_cert=self.ca_cert,
+                cert_key=self.cert_key,
+                cert_chain=self.cert_chain,
+                tls_server_name=self.tls_server_name,
+                user=self.user,
+                password=self.password.get_secret_value() if self.password else None,
+                **options,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"etcd settings: {exc}") from exc
+
+    @classmethod
+    def layer(cls, raw: dict[str, Any], *, base: Path, env: Mapping[str, str]) -> None:
+        """Prepare the ``etcd`` section of a config's raw data, in place.
+
+        Relative paths in it are resolved against *base* (the config file's directory);
+        then :data:`ENV_ETCD_ENDPOINTS` and :data:`ENV_ETCD_PASSWORD` from *env* replace
+        what the file says.
+        """
+        if isinstance(raw.get("etcd"), dict):
+            raw["etcd"] = dict(raw["etcd"])
+            for name in cls.PATH_FIELDS:
+                if name in raw["etcd"]:
+                    raw["etcd"][name] = resolve_path(base, raw["etcd"][name])
+        if env.get(ENV_ETCD_ENDPOINTS):
+            set_dotted(raw, "etcd.endpoints", split_list(env[ENV_ETCD_ENDPOINTS]))
+        if env.get(ENV_ETCD_PASSWORD):
+            set_dotted(raw, "etcd.password", env[ENV_ETCD_PASSWORD])
