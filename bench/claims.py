@@ -39,8 +39,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import etcd3aio  # noqa: F401  (makes etcd's generated ``etcd.api`` modules importable)
+from etcd.api.etcdserverpb.rpc_pb2 import Compare, PutRequest, RangeRequest, RequestOp
 from etcd3aio import Etcd3Client
-from etcd3aio._protobuf import Compare, PutRequest, RangeRequest, RequestOp
 
 from cpi.etcdproc import EtcdProcess
 from registry import ca

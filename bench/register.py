@@ -44,8 +44,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiohttp
+import etcd3aio  # noqa: F401  (makes etcd's generated ``etcd.api`` modules importable)
+from etcd.api.etcdserverpb.rpc_pb2 import Compare, PutRequest, RequestOp
 from etcd3aio import Etcd3Client
-from etcd3aio._protobuf import Compare, PutRequest, RequestOp
 
 from cpi.etcdproc import EtcdProcess, free_port
 from registry import ca, keyfile, tokens
