@@ -51,6 +51,31 @@ _CMP_TARGET: Final[dict[str, int]] = {
 }
 
 
+# etcd's own texts (rpctypes) for refused credentials or permissions; some of them come
+# with INVALID_ARGUMENT or FAILED_PRECONDITION, not PERMISSION_DENIED or UNAUTHENTICATED
+ACCESS_CODES: Final = frozenset(
+    {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}
+)
+_ACCESS_DETAILS: Final = (
+    "etcdserver: permission denied",
+    "etcdserver: user name is empty",
+    "etcdserver: user name not found",
+    "etcdserver: authentication failed",
+    "etcdserver: invalid auth token",
+    "etcdserver: authentication is not enabled",
+    "code = permissiondenied",
+    "code = unauthenticated",
+)
+
+
+def is_access_refusal(code: grpc.StatusCode | None, detail: str) -> bool:
+    """True if etcd refused the credentials or a permission (*detail* is etcd's text)."""
+    if code in ACCESS_CODES:
+        return True
+    text = detail.lower()
+    return any(marker in text for marker in _ACCESS_DETAILS)
+
+
 def cmp_to_pb(c: Cmp) -> Any:
     """The etcd ``Compare`` message for *c*."""
     cmp = Compare(result=_CMP_RESULT[c.op], target=_CMP_TARGET[c.target], key=_kb(c.key))

@@ -46,13 +46,21 @@ from etcd3aio.kv import KVService
 from etcd3aio.lease import LeaseService
 from etcd3aio.maintenance import MaintenanceService
 
-from registry.index._rpc import LeaseStub, WatchStub, cmp_to_pb, never_sent, op_to_pb
+from registry.index._rpc import (
+    LeaseStub,
+    WatchStub,
+    cmp_to_pb,
+    is_access_refusal,
+    never_sent,
+    op_to_pb,
+)
 from registry.index.layout import ROOT
 from registry.index.lease import Lease
 from registry.index.values import (
     KV,
     CasResult,
     Cmp,
+    IndexAccessDeniedError,
     IndexCompactedError,
     IndexRejectedError,
     KVPage,
@@ -372,7 +380,7 @@ class Index:
         if isinstance(exc, EtcdConnectionError):
             return IndexUnavailableError(f"{where} failed: etcd unreachable ({exc})")
         if isinstance(exc, EtcdUnauthenticatedError | EtcdPermissionDeniedError):
-            return IndexRejectedError(f"{where} refused: {exc}")
+            return IndexAccessDeniedError(f"{where} refused: {exc}")
         if isinstance(exc, grpc.aio.AioRpcError):
             code, detail = exc.code(), exc.details() or ""
             if code is grpc.StatusCode.UNAVAILABLE:
@@ -381,6 +389,8 @@ class Index:
                 return IndexTimeoutError(f"{where} did not finish within {self.timeout:g} s")
             if code is grpc.StatusCode.OUT_OF_RANGE and "compacted" in detail:
                 return IndexCompactedError(f"{where} failed: {detail}")
+            if is_access_refusal(code, detail):
+                return IndexAccessDeniedError(f"{where} refused: {code.name}: {detail}")
             return IndexRejectedError(f"{where} refused: {code.name}: {detail}")
         if isinstance(exc, grpc.aio.UsageError):
             return IndexUnavailableError(f"{where} failed: the channel is closed ({exc})")

@@ -23,6 +23,7 @@ __all__ = [
     "CmpOp",
     "CmpTarget",
     "Compacted",
+    "IndexAccessDeniedError",
     "IndexCompactedError",
     "IndexRejectedError",
     "KVPage",
@@ -255,6 +256,19 @@ class IndexCompactedError(RetrievalError):
 
 
 class IndexRejectedError(RetrievalError):
-    """etcd refused a request (bad credentials, permission, size limits, a cancelled watch)."""
+    """etcd refused a request (bad credentials, permission, size limits, a cancelled watch).
+
+    Never retried by the index: the same request would be refused again.
+    """
 
     code = "index_rejected"
+
+
+class IndexAccessDeniedError(IndexRejectedError):
+    """etcd refused the credentials or the permission: no user or password, a wrong one,
+    an invalid token, or a role without access to the keys.
+
+    Not a "retry may help" error (unlike :class:`~schemas.errors.IndexUnavailableError`):
+    the same request fails until the etcd user, password or roles are fixed.  A subclass
+    of :class:`IndexRejectedError`, with its ``code``, so existing handling is unchanged.
+    """

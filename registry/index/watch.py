@@ -13,8 +13,20 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 import grpc.aio
 
-from registry.index._rpc import StreamEnded, WatchCreateRequest, WatchRequest, exchange
-from registry.index.values import KV, Compacted, IndexRejectedError, WatchEvent
+from registry.index._rpc import (
+    StreamEnded,
+    WatchCreateRequest,
+    WatchRequest,
+    exchange,
+    is_access_refusal,
+)
+from registry.index.values import (
+    KV,
+    Compacted,
+    IndexAccessDeniedError,
+    IndexRejectedError,
+    WatchEvent,
+)
 
 if TYPE_CHECKING:
     from registry.index.client import Index
@@ -143,10 +155,13 @@ class Watch:
                         yield Compacted(int(resp.compact_revision))
                         return
                     if resp.canceled:
-                        raise IndexRejectedError(
-                            f"etcd cancelled the watch on {self._what}: "
-                            f"{resp.cancel_reason or 'no reason given'}"
+                        reason = resp.cancel_reason or "no reason given"
+                        refused = (
+                            IndexAccessDeniedError
+                            if is_access_refusal(None, reason)
+                            else IndexRejectedError
                         )
+                        raise refused(f"etcd cancelled the watch on {self._what}: {reason}")
                     events = self._convert(resp)
                     if events:
                         backoff = index.watch_backoff

@@ -11,10 +11,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import grpc
+import grpc.aio
 import pytest
+from etcd3aio import EtcdPermissionDeniedError, EtcdUnauthenticatedError, PermissionType
+from etcd3aio.auth import AuthService
 
 from cpi.etcdproc import EtcdProcess, find_etcd_binary, free_port
-from registry.index import KV, Cmp, Index, IndexRejectedError, Op
+from registry.index import KV, Cmp, Index, IndexAccessDeniedError, IndexRejectedError, Op
 from schemas.errors import IndexTimeoutError, IndexUnavailableError, RetrievalError
 from tests.registry.index.kit import events, put_many, take
 
@@ -344,3 +348,87 @@ async def test_token_auth(etcd_private: EtcdProcess) -> None:
     with pytest.raises(IndexRejectedError, match="authenticate as 'root'"):
         async with Index(endpoints=[etcd_private.endpoint], user="root", password="wrong"):
             pass
+
+
+def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        EtcdPermissionDeniedError("KV.Put failed: etcdserver: permission denied"),
+        EtcdUnauthenticatedError("KV.Range failed: etcdserver: invalid auth token"),
+        _rpc_error(grpc.StatusCode.PERMISSION_DENIED, "etcdserver: permission denied"),
+        _rpc_error(grpc.StatusCode.UNAUTHENTICATED, "etcdserver: invalid auth token"),
+        _rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: user name is empty"),
+        _rpc_error(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "etcdserver: authentication failed, invalid user ID or password",
+        ),
+    ],
+)
+def test_access_refusals_map_to_a_non_retryable_error(exc: Exception) -> None:
+    mapped = Index(endpoints=["127.0.0.1:2379"])._translate(exc, "get 'k'")
+    assert isinstance(mapped, IndexAccessDeniedError)
+    assert not isinstance(mapped, IndexUnavailableError | IndexTimeoutError)
+    assert "refused" in str(mapped)
+
+
+@pytest.mark.parametrize(
+    ("exc", "error"),
+    [
+        (_rpc_error(grpc.StatusCode.UNAVAILABLE, "failed to connect"), IndexUnavailableError),
+        (_rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, ""), IndexTimeoutError),
+        (_rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: request is too large"), None),
+    ],
+)
+def test_other_errors_are_not_access_refusals(
+    exc: Exception, error: type[Exception] | None
+) -> None:
+    mapped = Index(endpoints=["127.0.0.1:2379"])._translate(exc, "put 'k'")
+    assert not isinstance(mapped, IndexAccessDeniedError)
+    assert isinstance(mapped, error or IndexRejectedError)
+
+
+async def test_access_refusals_from_a_real_etcd_fail_at_once(etcd_private: EtcdProcess) -> None:
+    # auth set up over gRPC (etcd3aio's auth service): root, and "reader" who may read /r/ only
+    channel = grpc.aio.insecure_channel(etcd_private.endpoint)
+    try:
+        auth = AuthService(channel)
+        await auth.user_add("root", "s3cret")
+        await auth.user_grant_role("root", "root")
+        await auth.role_add("reader")
+        await auth.role_grant_permission("reader", b"/r/", b"/r0", perm_type=PermissionType.READ)
+        await auth.user_add("reader", "pw")
+        await auth.user_grant_role("reader", "reader")
+        await auth.auth_enable()
+    finally:
+        await channel.close()
+
+    timeout = 4.0
+    started = time.monotonic()
+    async with Index(endpoints=[etcd_private.endpoint], timeout=timeout) as anonymous:
+        with pytest.raises(IndexAccessDeniedError, match="user name is empty"):
+            await anonymous.get("/r/a")
+    with pytest.raises(IndexAccessDeniedError, match="authenticate as 'reader'"):
+        async with Index(
+            endpoints=[etcd_private.endpoint], timeout=timeout, user="reader", password="wrong"
+        ):
+            pass
+    async with Index(
+        endpoints=[etcd_private.endpoint], timeout=timeout, user="reader", password="pw"
+    ) as reader:
+        assert await reader.get("/r/a") is None  # allowed
+        with pytest.raises(IndexAccessDeniedError, match="permission denied"):
+            await reader.put("/r/a", b"1")
+        with pytest.raises(IndexAccessDeniedError, match="permission denied"):
+            await reader.put_if_absent("/r/a", b"1")
+        with pytest.raises(IndexAccessDeniedError, match="permission denied"):
+            await reader.get("/w/a")
+        watch = reader.watch_prefix("/w/", start_revision=1)
+        with pytest.raises(IndexAccessDeniedError, match="permission denied"):
+            await asyncio.wait_for(watch.__anext__(), timeout)
+        await watch.aclose()
+    # refused at once, not retried until the timeout as an unavailable etcd would be
+    assert time.monotonic() - started < timeout
