@@ -5,21 +5,25 @@ from __future__ import annotations
 import argparse
 import os
 
-from registry.index import Index
+from registry.index import ENV_ETCD_ENDPOINTS, ENV_ETCD_ENDPOINTS_ALIAS, Index, endpoints_from_env
 from schemas.errors import InvalidDataError
 
-ETCD_ENV = "CPI_ETCD"
-"""Environment variable read when ``--etcd`` is not given."""
+ETCD_ENV = ENV_ETCD_ENDPOINTS
+"""Environment variable read when ``--etcd`` is not given (``$CPI_ETCD`` also works)."""
 
 
 def etcd_argument(parser: argparse.ArgumentParser) -> None:
-    """Add ``--etcd URL[,URL...]``, defaulting to ``$CPI_ETCD``; required when that is unset."""
-    default = os.environ.get(ETCD_ENV)
+    """Add ``--etcd URL[,URL...]``, defaulting to ``$CPI_ETCD_ENDPOINTS`` (or its other
+    name ``$CPI_ETCD``); required when both are unset."""
+    default = endpoints_from_env(os.environ)
     parser.add_argument(
         "--etcd",
         default=default,
         required=default is None,
-        help=f"etcd endpoints, comma-separated (default: ${ETCD_ENV})",
+        help=(
+            "etcd endpoints, comma-separated "
+            f"(default: ${ENV_ETCD_ENDPOINTS} or ${ENV_ETCD_ENDPOINTS_ALIAS})"
+        ),
     )
 
 

@@ -21,8 +21,8 @@ from typing import Any
 from aiohttp import web
 
 from registry import tokens
-from registry.config import ENV_ETCD_ENDPOINTS, RegistryConfig, load_config
-from registry.index import Index
+from registry.config import RegistryConfig, load_config
+from registry.index import Index, endpoints_from_env
 from registry.service import create_app
 from schemas.errors import InvalidDataError
 
@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     create.add_argument("--config", help="registry config: its etcd and namespaces are used")
     create.add_argument(
         "--etcd",
-        default=os.environ.get(ENV_ETCD_ENDPOINTS) or os.environ.get("CPI_ETCD"),
+        default=endpoints_from_env(os.environ),
         help="etcd endpoints, comma-separated (default: $CPI_ETCD_ENDPOINTS or $CPI_ETCD)",
     )
     create.add_argument("--json", action="store_true", help="print token and scope as JSON")

@@ -50,11 +50,18 @@ from registry.index.values import (
 if TYPE_CHECKING:
     from registry.index.client import Index
     from registry.index.lease import Lease
-    from registry.index.settings import ENV_ETCD_ENDPOINTS, ENV_ETCD_PASSWORD, EtcdSettings
+    from registry.index.settings import (
+        ENV_ETCD_ENDPOINTS,
+        ENV_ETCD_ENDPOINTS_ALIAS,
+        ENV_ETCD_PASSWORD,
+        EtcdSettings,
+        endpoints_from_env,
+    )
     from registry.index.watch import Watch
 
 __all__ = [
     "ENV_ETCD_ENDPOINTS",
+    "ENV_ETCD_ENDPOINTS_ALIAS",
     "ENV_ETCD_PASSWORD",
     "KV",
     "ROOT",
@@ -78,6 +85,7 @@ __all__ = [
     "TxnResult",
     "Watch",
     "WatchEvent",
+    "endpoints_from_env",
     "parse_key",
     "read_units",
     "units_json",
@@ -89,7 +97,9 @@ _LAZY: dict[str, str] = {
     "Watch": "watch",
     "EtcdSettings": "settings",
     "ENV_ETCD_ENDPOINTS": "settings",
+    "ENV_ETCD_ENDPOINTS_ALIAS": "settings",
     "ENV_ETCD_PASSWORD": "settings",
+    "endpoints_from_env": "settings",
 }
 
 

@@ -13,12 +13,27 @@ from registry.index.client import Index
 from schemas._settings import resolve_path, set_dotted, split_list
 from schemas.errors import ConfigError
 
-__all__ = ["ENV_ETCD_ENDPOINTS", "ENV_ETCD_PASSWORD", "EtcdSettings"]
+__all__ = [
+    "ENV_ETCD_ENDPOINTS",
+    "ENV_ETCD_ENDPOINTS_ALIAS",
+    "ENV_ETCD_PASSWORD",
+    "EtcdSettings",
+    "endpoints_from_env",
+]
 
 ENV_ETCD_ENDPOINTS: Final = "CPI_ETCD_ENDPOINTS"
 """Comma-separated etcd endpoints; replaces ``etcd.endpoints`` of a service config."""
+ENV_ETCD_ENDPOINTS_ALIAS: Final = "CPI_ETCD"
+"""Another name of :data:`ENV_ETCD_ENDPOINTS`, read when that is unset or empty."""
 ENV_ETCD_PASSWORD: Final = "CPI_ETCD_PASSWORD"
 """The etcd password, so that it need not sit in a config file."""
+
+
+def endpoints_from_env(env: Mapping[str, str]) -> str | None:
+    """The etcd endpoints the environment names: ``$CPI_ETCD_ENDPOINTS``, else
+    ``$CPI_ETCD`` (the same setting under the name the command line used first), else
+    ``None``.  The text is a comma- or space-separated list."""
+    return env.get(ENV_ETCD_ENDPOINTS) or env.get(ENV_ETCD_ENDPOINTS_ALIAS) or None
 
 
 class EtcdSettings(BaseModel):
@@ -68,15 +83,16 @@ class EtcdSettings(BaseModel):
         """Prepare the ``etcd`` section of a config's raw data, in place.
 
         Relative paths in it are resolved against *base* (the config file's directory);
-        then :data:`ENV_ETCD_ENDPOINTS` and :data:`ENV_ETCD_PASSWORD` from *env* replace
-        what the file says.
+        then the endpoints from *env* (:func:`endpoints_from_env`) and
+        :data:`ENV_ETCD_PASSWORD` replace what the file says.
         """
         if isinstance(raw.get("etcd"), dict):
             raw["etcd"] = dict(raw["etcd"])
             for name in cls.PATH_FIELDS:
                 if name in raw["etcd"]:
                     raw["etcd"][name] = resolve_path(base, raw["etcd"][name])
-        if env.get(ENV_ETCD_ENDPOINTS):
-            set_dotted(raw, "etcd.endpoints", split_list(env[ENV_ETCD_ENDPOINTS]))
+        endpoints = endpoints_from_env(env)
+        if endpoints:
+            set_dotted(raw, "etcd.endpoints", split_list(endpoints))
         if env.get(ENV_ETCD_PASSWORD):
             set_dotted(raw, "etcd.password", env[ENV_ETCD_PASSWORD])
