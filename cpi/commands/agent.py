@@ -23,15 +23,16 @@ from pathlib import Path
 import aiohttp
 
 from cpi.commands._util import print_json
-from registry import keyfile, national, probe
+from registry import keyfile, national
 from registry.agent import (
     USER_AGENT,
     Agent,
     RefusedError,
     parse_endpoint,
     parse_label,
+    probe,
 )
-from registry.simulate import Target, run_simulation, targets_from_up
+from registry.agent.simulate import Target, run_simulation, targets_from_up
 from schemas.cpid import KINDS
 from schemas.errors import InvalidDataError
 
@@ -187,7 +188,7 @@ async def _run(args: argparse.Namespace) -> int:
         if args.drain:
             raise InvalidDataError("--simulate and --drain do not go together")
         _install_stop(stop)
-        agent_log = logging.getLogger("registry.agent")
+        agent_log = logging.getLogger("registry.agent.agent")
         level = agent_log.level
         if not args.verbose:  # one line per node and event is too much for N nodes
             agent_log.setLevel(logging.WARNING)

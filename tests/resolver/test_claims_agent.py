@@ -18,9 +18,9 @@ from cpi.etcdproc import EtcdProcess
 from cpi.main import main
 from registry import keyfile, national, tokens
 from registry.agent import Agent, Backoff
+from registry.agent.probe import GpuReading, Probe
 from registry.config import load_config
 from registry.index import Index, Keys
-from registry.probe import GpuReading, Probe
 from registry.service import create_app
 from resolver import claim_tokens
 from resolver.claims import ClaimService, DrainingError, InsufficientCapacityError

@@ -1,4 +1,4 @@
-"""Simulated nodes for demos and load tests: many :class:`~registry.agent.Agent`\\ s, one process.
+"""Simulated nodes for demos and load tests: many :class:`~registry.agent.agent.Agent`\\ s, one process.
 
 Each simulated node has a plausible inventory (1-8 cards of H100, H800, H200, H20,
 A800, A100, L20, L40S or Huawei Ascend 910B; a matching CPU and memory), its own
@@ -27,8 +27,8 @@ from typing import Any, Final
 import aiohttp
 
 from registry import keyfile
-from registry.agent import Agent, Backoff, RefusedError, region_of
-from registry.probe import GpuReading, Probe
+from registry.agent.agent import Agent, Backoff, RefusedError, region_of
+from registry.agent.probe import GpuReading, Probe
 from schemas import chain, keys
 from schemas.cpid import parse_namespace
 from schemas.errors import InvalidDataError
@@ -270,7 +270,7 @@ async def run_simulation(
 
     Start times are spread over ``ramp_s`` seconds.  With ``once`` every node
     registers, sends one status and the call returns (records stay).  When every
-    node was refused (bad token), :class:`~registry.agent.RefusedError` is raised.
+    node was refused (bad token), :class:`~registry.agent.agent.RefusedError` is raised.
     """
     connector = aiohttp.TCPConnector(limit=256)
     async with aiohttp.ClientSession(connector=connector) as session:

@@ -28,27 +28,28 @@ from aiohttp.test_utils import TestServer
 
 from cpi.etcdproc import EtcdProcess
 from cpi.main import main
-from registry import ca, keyfile, national, simulate, tokens
+from registry import ca, keyfile, national, tokens
 from registry.agent import (
     Agent,
     Backoff,
     RefusedError,
     RegistryRejectedError,
     RegistryUnavailableError,
-    _retry_after,
     parse_endpoint,
     parse_label,
     region_of,
+    simulate,
 )
+from registry.agent.agent import _retry_after
+from registry.agent.probe import GpuReading, Probe
 from registry.config import load_config
 from registry.index import Index, Keys
-from registry.probe import GpuReading, Probe
 from registry.service import create_app
 from schemas import chain, cpid, dsse, keys
 from schemas.errors import CPIError, InvalidDataError, PayloadError
 from schemas.models import CpuInfo, Deregister, Endpoint, Record, Register, Status, parse_payload
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TOKEN = "cpi_jt_test-token-never-to-be-logged"
 NS = "CN.31.CMCC"
 

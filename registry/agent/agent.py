@@ -1,6 +1,6 @@
 """The node agent: register a compute node with its registry and keep it live.
 
-An :class:`Agent` holds the node's key, probes its hardware (:mod:`registry.probe`)
+An :class:`Agent` holds the node's key, probes its hardware (:mod:`registry.agent.probe`)
 and speaks the registry's HTTP interface (DESIGN.md section 5):
 
 * :meth:`Agent.register` sends a ``register.v1`` signed by the node's key (proof of
@@ -44,7 +44,7 @@ from typing import Any, Final
 import aiohttp
 from yarl import URL
 
-from registry import probe as _probe
+from registry.agent import probe as _probe
 from schemas import chain, cpid, dsse, keys
 from schemas.errors import (
     EnvelopeError,

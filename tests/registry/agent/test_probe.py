@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from registry import probe
+from registry.agent import probe
 from schemas.models import Accelerator, CpuInfo
 
-SHARED = Path(os.environ.get("CPI_SHARED_DIR") or Path(__file__).resolve().parents[3] / "shared")
+SHARED = Path(os.environ.get("CPI_SHARED_DIR") or Path(__file__).resolve().parents[4] / "shared")
 H200 = SHARED / "fixtures" / "hardware" / "h200-x1"
 UUID = "GPU-b6a3fff4-1d8c-3369-288e-1899770b0306"
 
