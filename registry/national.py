@@ -23,7 +23,7 @@ Index writes:
   URLs of its registries.  Written together with the cert, in one transaction, and
   only after the cert's chain has verified up to a trust anchor.
 * ``/cpi/v1/revoked/<serial-or-kid>`` holds a revocation; created once, never replaced,
-  with its ``revoke`` entry in the audit stream (:mod:`registry.audit`) in the same
+  with its ``revoke`` entry in the audit stream (:mod:`registry.changes`) in the same
   transaction.
 """
 
@@ -40,7 +40,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from registry import ca, keyfile
-from registry.audit import AuditStream
+from registry.changes import AuditStream
 from registry.index import Cmp, Index, Keys, Op, Prefix, parse_key
 from schemas import chain, dsse, keys
 from schemas.cpid import ns_contains, parse_namespace

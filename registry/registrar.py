@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from registry import tokens
-from registry.audit import AuditOp, AuditStream
 from registry.ca import sign_document
+from registry.changes import AuditOp, AuditStream
 from registry.errors import (
     ReplayedNonceError,
     StaleSequenceError,

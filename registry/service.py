@@ -33,7 +33,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from registry import tokens
-from registry.audit import AuditStream
+from registry.changes import AuditStream
 from registry.claimed import CLAIMED_HEADER, ClaimedUnits
 from registry.config import RegistryConfig
 from registry.errors import (

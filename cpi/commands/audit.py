@@ -19,7 +19,7 @@ import aiohttp
 
 from cpi.commands._etcd import etcd_argument, open_index
 from cpi.commands._util import print_json, read_input
-from registry.translog import LOG_VKEY_FILE, load_verifier
+from registry.logsigner import LOG_VKEY_FILE, load_verifier
 from resolver.auditor import FAILURES, LogAuditor, LogReport, Sweeper, SweepReport, verify_bundle
 from schemas import chain, dsse
 from schemas.checkpoint import NoteVerifier

@@ -14,7 +14,7 @@ import contextlib
 import signal
 
 from cpi.commands._etcd import etcd_argument, open_index
-from registry.translog import DEFAULT_ORIGIN, LogSigner, init_log_key, vkey_path_for
+from registry.logsigner import DEFAULT_ORIGIN, LogSigner, init_log_key, vkey_path_for
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from cpi.etcdproc import EtcdProcess
 from cpi.main import main
-from registry import audit, ca, keyfile, national
+from registry import ca, changes, keyfile, national
 from registry.index import KV, Index, Keys, Prefix
 from schemas import chain, cpid, dsse, keys
 from schemas.errors import (
@@ -419,9 +419,9 @@ async def test_ca_revoke_is_published_audited_and_honoured(
     assert kv is not None
     rev = dsse.Envelope.from_json(kv.value)
     assert rev.keyid == keys.kid_of(t.r31)
-    entries = await audit.read_entries(index)
+    entries = await changes.read_entries(index)
     assert [(e.op, e.subject, e.digest) for e in entries] == [
-        ("revoke", "CN.31.CMCC", audit.digest(rev))
+        ("revoke", "CN.31.CMCC", changes.digest(rev))
     ]
 
     result = chain.verify_record(

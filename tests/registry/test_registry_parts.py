@@ -17,7 +17,7 @@ import pytest
 
 from cpi.etcdproc import EtcdProcess
 from cpi.main import main
-from registry import audit, ca, tokens
+from registry import ca, changes, tokens
 from registry.config import ConfigError, load_config, parse_listen
 from registry.errors import (
     RateLimitedError,
@@ -47,9 +47,9 @@ def _env(i: int) -> dsse.Envelope:
 
 
 async def test_concurrent_appenders_never_fork_or_skip(index: Index) -> None:
-    streams = [audit.AuditStream(index) for _ in range(4)]
+    streams = [changes.AuditStream(index) for _ in range(4)]
 
-    async def append(stream: audit.AuditStream, i: int) -> None:
+    async def append(stream: changes.AuditStream, i: int) -> None:
         res = await stream.commit(
             success=[Op.put(Keys.rec(f"CN.31/GPU.{i:012d}-X"), b"r")],
             op="register",
@@ -59,16 +59,16 @@ async def test_concurrent_appenders_never_fork_or_skip(index: Index) -> None:
         assert res.succeeded
 
     await asyncio.gather(*(append(streams[i % 4], i) for i in range(40)))
-    entries = await audit.read_entries(index)
+    entries = await changes.read_entries(index)
     assert [e.seq for e in entries] == list(range(1, 41))
     assert len({e.cpid for e in entries}) == 40
     assert sum(s.races for s in streams) > 0  # they did race, and recovered
-    assert await audit.find_head(index) == 40
-    assert await audit.find_head(index, hint=7) == 40
+    assert await changes.find_head(index) == 40
+    assert await changes.find_head(index, hint=7) == 40
 
 
 async def test_commit_reports_the_callers_failed_compare(index: Index) -> None:
-    stream = audit.AuditStream(index)
+    stream = changes.AuditStream(index)
     await index.put("/cpi/v1/ns/CN.31", b"x")
     res = await stream.commit(
         compare=[Cmp.absent(Keys.ns("CN.31"))],
@@ -80,25 +80,25 @@ async def test_commit_reports_the_callers_failed_compare(index: Index) -> None:
     )
     assert not res.succeeded
     assert res.responses[0].kvs[0].value == b"x"
-    assert await audit.read_entries(index) == []
+    assert await changes.read_entries(index) == []
 
 
 def test_entry_ops_validate() -> None:
     with pytest.raises(ValueError, match="exactly one of cpid or subject"):
-        audit.entry_ops(1, op="register", envelope=_env(1))
+        changes.entry_ops(1, op="register", envelope=_env(1))
     with pytest.raises(ValueError, match="start at 1"):
-        audit.entry_ops(0, op="register", envelope=_env(1), cpid="x/y")
-    cmps, ops = audit.entry_ops(3, op="revoke", envelope=_env(1), subject="CN.31", now=5)
+        changes.entry_ops(0, op="register", envelope=_env(1), cpid="x/y")
+    cmps, ops = changes.entry_ops(3, op="revoke", envelope=_env(1), subject="CN.31", now=5)
     assert [c.key for c in cmps] == [Keys.audit(3), Keys.audit(2)]
     entry = json.loads(ops[0].value)
     assert entry == {
         "seq": 3,
         "op": "revoke",
         "subject": "CN.31",
-        "digest": audit.digest(_env(1)),
+        "digest": changes.digest(_env(1)),
         "time": 5,
     }
-    assert len(entry["digest"]) == 64 and entry["digest"] != audit.digest(_env(2))
+    assert len(entry["digest"]) == 64 and entry["digest"] != changes.digest(_env(2))
 
 
 # -- tokens -------------------------------------------------------------------------------

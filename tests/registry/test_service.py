@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from cpi.etcdproc import EtcdProcess
-from registry import audit
+from registry import changes
 from registry.index import Index, Keys, Prefix
 from registry.service import STATE, RegistryState, create_app
 from registry.tokens import TokenInfo, hash_token
@@ -106,9 +106,9 @@ async def test_full_registration_verifies_from_the_anchor(
     assert kv is not None and kv.value == env.to_json()
     tok = await index.get(Keys.token(hash_token(token)))
     assert tok is not None and TokenInfo.from_json(tok.value).uses_left == 4
-    entries = await audit.read_entries(index)
+    entries = await changes.read_entries(index)
     assert [(e.seq, e.op, e.cpid) for e in entries] == [(1, "register", node.cpid)]
-    assert entries[0].digest == audit.digest(env)
+    assert entries[0].digest == changes.digest(env)
 
 
 async def test_the_broader_namespace_signs_what_the_narrower_does_not_cover(
@@ -152,7 +152,7 @@ async def test_reregistration_is_idempotent_and_versions_changes(
     assert status == 200, updated
     rec = record_of(updated)
     assert (rec.cpid, rec.version, rec.labels) == (node.cpid, 2, {"tier": "gold"})
-    assert [e.op for e in await audit.read_entries(index)] == ["register", "update"]
+    assert [e.op for e in await changes.read_entries(index)] == ["register", "update"]
     assert state(client).registrar.metrics.registrations.labels("unchanged")._value.get() == 1
 
 
@@ -486,9 +486,9 @@ async def test_deregistration_removes_record_and_live_key(
     resp = await client.delete(url, data=dereg)
     assert resp.status == 404
 
-    entries = await audit.read_entries(index)
+    entries = await changes.read_entries(index)
     assert [(e.seq, e.op) for e in entries] == [(1, "register"), (2, "deregister")]
-    assert entries[1].digest == audit.digest(dsse.Envelope.from_json(dereg))
+    assert entries[1].digest == changes.digest(dsse.Envelope.from_json(dereg))
 
 
 async def test_audit_stream_has_one_entry_per_change_with_consecutive_seq(
@@ -504,7 +504,7 @@ async def test_audit_stream_has_one_entry_per_change_with_consecutive_seq(
     assert (
         await client.delete(f"/v1/resources/{nodes[2].cpid}", data=nodes[2].deregister())
     ).status == 204
-    entries = await audit.read_entries(index)
+    entries = await changes.read_entries(index)
     assert [e.seq for e in entries] == [1, 2, 3, 4, 5]
     assert [e.op for e in entries] == ["register"] * 3 + ["update", "deregister"]
     assert [e.version for e in entries] == [1, 1, 1, 2, None]

@@ -4,7 +4,7 @@
 (delegate, issue) and ``CN.31.CMCC`` (issue), publishes both certs under
 ``/cpi/v1/certs/`` and their ``/ns/`` entries, and signs records the way a registry
 does: each record and its audit entry go into etcd in one transaction
-(:class:`registry.audit.AuditStream`).
+(:class:`registry.changes.AuditStream`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from registry import ca
-from registry.audit import AuditStream
+from registry.changes import AuditStream
 from registry.index import Index, Keys, Op
 from schemas import dsse, keys
 from schemas.bundle import bundle_dict

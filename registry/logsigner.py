@@ -1,6 +1,6 @@
 """The transparency-log signer: the national node's log key signs checkpoints of the audit stream.
 
-The log's leaves are the audit stream (:mod:`registry.audit`): leaf ``i`` is the exact
+The log's leaves are the audit stream (:mod:`registry.changes`): leaf ``i`` is the exact
 bytes stored at ``/cpi/v1/audit/<i + 1>`` (audit sequence numbers start at 1, leaf
 indices at 0).  Nothing is copied: the tree is rebuilt from those entries, and the
 log stores only its signed checkpoints (C2SP tlog-checkpoint, :mod:`schemas.checkpoint`):

@@ -1,4 +1,4 @@
-"""The append-only audit stream: one entry per state change, under ``/cpi/v1/audit/<seq>``.
+"""The change stream: one append-only audit entry per state change, under ``/cpi/v1/audit/<seq>``.
 
 Every register, update, renew, deregister and revoke appends one entry **in the same
 etcd transaction as the change itself**, so the stream and the index never disagree.
