@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -15,21 +14,10 @@ from schemas import dsse
 from schemas.errors import EnvelopeError, SignatureError
 from schemas.keys import Ed25519PublicKey, kid_of, private_from_seed, public_raw, verify_raw
 
+SUITE_PATH = Path(__file__).resolve().parents[1] / "vectors" / "dsse.json"
+"""The public DSSE test suite, copied into tests/vectors/ (see the README there)."""
 
-def _suite_path() -> Path:
-    """``shared/`` beside the checkout (how CI lays it out), or ``$CPI_SHARED_DIR``."""
-    shared = os.environ.get("CPI_SHARED_DIR")
-    base = Path(shared) if shared else Path(__file__).parents[3] / "shared"
-    path = base / "vectors" / "dsse.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"DSSE test suite not found at {path}: put shared/ beside the checkout "
-            "or set CPI_SHARED_DIR to its location"
-        )
-    return path
-
-
-SUITE: dict[str, Any] = json.loads(_suite_path().read_text(encoding="utf-8"))
+SUITE: dict[str, Any] = json.loads(SUITE_PATH.read_text(encoding="utf-8"))
 VECTORS: list[dict[str, Any]] = SUITE["vectors"]
 SUITE_KEYS = {
     name: private_from_seed(bytes.fromhex(k["seed"])) for name, k in SUITE["keys"].items()
