@@ -30,6 +30,7 @@ from registry.index import (
     parse_key,
 )
 from schemas.errors import IndexTimeoutError, IndexUnavailableError, RetrievalError
+from tests.until import until
 
 CPID = "CN.31.CMCC/GPU.4K7Q9M2XH3PT-Z"
 SHA = "ab" * 32
@@ -65,14 +66,6 @@ async def take(watch: Watch, n: int, within: float = 10.0) -> list[WatchEvent | 
 def events(items: list[WatchEvent | Compacted]) -> list[WatchEvent]:
     assert all(isinstance(i, WatchEvent) for i in items), items
     return [i for i in items if isinstance(i, WatchEvent)]
-
-
-async def until(predicate: Callable[[], Any], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not await predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within} s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture

@@ -12,12 +12,9 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from registry import ca
 from registry.index import Index, Keys, Op
@@ -50,20 +47,6 @@ FAST = ResolverSettings(
     event_ring_size=1000,
     verify_workers=0,
 )
-
-
-async def until(predicate: Callable[[], Any], within: float = 10.0, what: str = "it") -> None:
-    """Poll ``predicate`` (sync or async) every 20 ms until it is true."""
-    deadline = time.monotonic() + within
-    while True:
-        value = predicate()
-        if isinstance(value, Awaitable):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @dataclass
