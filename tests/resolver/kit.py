@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import seeds
 from registry import ca
 from registry.index import Index, Keys, Op
 from resolver._state import ReplicaSettings
@@ -38,8 +39,7 @@ from schemas.models import (
     Status,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-LATENCY = ROOT / "seeds" / "latency.json"
+LATENCY = seeds.path(seeds.LATENCY)
 
 FAST = ResolverSettings(
     replica=ReplicaSettings(mass_expiry_window_s=5.0, mass_expiry_hold_s=30.0),
