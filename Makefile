@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy schemas registry resolver cpi
+	$(BIN)/mypy schemas registry resolver cpi seeds
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiohttp
 
+import seeds
 from cpi.etcdproc import EtcdProcess, free_port
 from registry import ca
 from registry.index import Index, Keys, Op
@@ -68,7 +69,7 @@ from schemas.chain import TrustAnchors
 from schemas.models import Cert, Record, Status, parse_payload
 
 ROOT = Path(__file__).resolve().parents[1]
-LATENCY = ROOT / "seeds" / "latency.json"
+LATENCY = seeds.path(seeds.LATENCY)
 REGIONS = ["11", "13", "1307", "15", "31", "32", "3205", "34", "42", "50", "51", "52", "62"]
 OPERATORS = ["CMCC", "CTCC", "CUCC", "ALIYUN"]
 MODELS = [

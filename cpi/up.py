@@ -24,10 +24,11 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import seeds as seed_files
 from cpi.etcdproc import EtcdProcess
 from cpi.supervise import Child, Supervisor, http_ready, python_argv
 from registry import national, tokens
@@ -38,7 +39,6 @@ __all__ = ["UpOptions", "up"]
 
 _log = logging.getLogger("cpi.up")
 
-SEEDS = Path(__file__).resolve().parents[1] / "seeds" / "namespaces.json"
 TOKEN_TTL_S = 30 * 86_400
 REGISTRY_GROUPS = ("regional", "industry")
 DEMO_HOLDER = "demo"
@@ -52,7 +52,7 @@ class UpOptions:
     demo: bool = False
     nodes: int = 60
     heartbeat_s: float = 10.0
-    seeds: Path = SEEDS
+    seeds: Path = field(default_factory=lambda: seed_files.path(seed_files.NAMESPACES))
     zone: str = "cpi."
 
 
@@ -190,6 +190,7 @@ def _have(module: str) -> bool:
 
 def up(opts: UpOptions) -> int:
     """Start the stack and block until interrupted (see the module docstring)."""
+    seed_files.require(opts.seeds, "namespace seeds")
     data = opts.data_dir.resolve()
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
     opts = UpOptions(**{**opts.__dict__, "data_dir": data})

@@ -27,6 +27,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+import seeds
 from registry import index
 from registry.index import ENV_ETCD_ENDPOINTS, ENV_ETCD_PASSWORD, Index
 from resolver.errors import ConfigError
@@ -42,7 +43,6 @@ from schemas.chain import TrustAnchors
 from schemas.errors import KeyFileError
 
 __all__ = [
-    "DEFAULT_LATENCY_TABLE",
     "DEFAULT_PORT",
     "ENV_ANCHOR",
     "ENV_ETCD_ENDPOINTS",
@@ -61,8 +61,6 @@ ENV_ANCHOR = "CPI_RESOLVER_ANCHOR"
 ENV_ZONE = "CPI_RESOLVER_ZONE"
 
 DEFAULT_PORT = 8700
-DEFAULT_LATENCY_TABLE = Path(__file__).resolve().parents[1] / "seeds" / "latency.json"
-"""The seeded region-to-region RTT table shipped in the repository (used when present)."""
 
 
 class _Model(BaseModel):
@@ -112,11 +110,14 @@ class ResolverConfig(_Model):
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    def latency_table_path(self) -> Path | None:
-        """``latency_table``, else the seeded table of the repository if it exists."""
+    def latency_table_path(self) -> Path:
+        """``latency_table``, else the table shipped in the ``seeds`` package.
+
+        Either must exist: a missing file is a :class:`ConfigError` naming it.
+        """
         if self.latency_table is not None:
-            return self.latency_table
-        return DEFAULT_LATENCY_TABLE if DEFAULT_LATENCY_TABLE.is_file() else None
+            return seeds.require(self.latency_table, "latency table")
+        return seeds.path(seeds.LATENCY)
 
     def load_anchors(self) -> TrustAnchors:
         return load_anchor_files(self.anchor_files)

@@ -135,11 +135,11 @@ class Resolver:
         cls, config: ResolverConfig, *, metrics: ResolverMetrics | None = None
     ) -> Resolver:
         """A resolver for ``config`` that owns its etcd connection."""
-        path = config.latency_table_path()
+        latency = LatencyTable.from_file(config.latency_table_path())  # before any connection
         return cls(
             index=config.etcd.open_index(),
             anchors=config.load_anchors(),
-            latency=LatencyTable.from_file(path) if path is not None else None,
+            latency=latency,
             settings=ResolverSettings.from_config(config),
             own_index=True,
             metrics=metrics,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cpi.up import SEEDS, UpOptions, up
+import seeds
+from cpi.up import UpOptions, up
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -35,7 +36,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--heartbeat", type=float, default=10.0, help="heartbeat interval for nodes, seconds"
     )
     p.add_argument(
-        "--seeds", default=str(SEEDS), help="namespace tree (default: seeds/namespaces.json)"
+        "--seeds",
+        metavar="FILE",
+        help="namespace tree (default: namespaces.json of the installed seeds package)",
     )
     p.set_defaults(handler=run)
 
@@ -48,6 +51,6 @@ def run(args: argparse.Namespace) -> int:
             demo=args.demo,
             nodes=args.nodes,
             heartbeat_s=args.heartbeat,
-            seeds=Path(args.seeds),
+            seeds=Path(args.seeds) if args.seeds else seeds.path(seeds.NAMESPACES),
         )
     )

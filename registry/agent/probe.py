@@ -1,7 +1,7 @@
 """Hardware probe for the node agent: CPU, memory, disks, GPUs (nvidia-smi).
 
 The parsers are pure functions over the text the tools print, tested against output
-captured on a real H200 server (shared/fixtures/hardware); :func:`probe` runs them on
+captured on a real H200 server (tests/fixtures/hardware); :func:`probe` runs them on
 this machine.  An NPU probe can be added as another ``_probe_*`` function once real
 ``npu-smi`` output is available to test it against.
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from registry.claimed import ClaimedUnits
 from registry.index import Index, Keys
-from tests.resolver.kit import until
+from tests.until import until
 
 A = "CN.31.CMCC/GPU.4K7Q9M2XH3PT-Z"
 B = "CN.31/CPU.4K7Q9M2XH3PT-Z"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import seeds
 from cpi.etcdproc import EtcdProcess
 from cpi.main import main
 from registry import ca, changes, keyfile, national
@@ -27,7 +28,7 @@ from schemas.errors import (
 )
 from schemas.models import Cert, Location, Record, parse_payload
 
-SEEDS = Path(__file__).resolve().parents[2] / "seeds" / "namespaces.json"
+SEEDS = seeds.path(seeds.NAMESPACES)
 
 Cli = Callable[..., Awaitable[tuple[int, str, str]]]
 

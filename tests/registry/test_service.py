@@ -20,6 +20,7 @@ from schemas import dsse, keys
 from schemas.chain import TrustAnchors, verify_record
 from schemas.models import Record, Status, parse_payload
 from tests.registry.service_kit import ADMIN_TOKEN, Node, World, bearer, dump, sign_raw
+from tests.until import until
 
 Start = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 
@@ -62,14 +63,6 @@ async def register(
 def record_of(body: dict[str, Any]) -> Record:
     env = dsse.Envelope.from_dict(body["record"])
     return parse_payload(env.payload_type, env.payload, Record)
-
-
-async def until(predicate: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not await predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 # -- registration -----------------------------------------------------------------------

@@ -12,13 +12,11 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-
+import seeds
 from registry import ca
 from registry.index import Index, Keys, Op
 from resolver._state import ReplicaSettings
@@ -41,8 +39,7 @@ from schemas.models import (
     Status,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-LATENCY = ROOT / "seeds" / "latency.json"
+LATENCY = seeds.path(seeds.LATENCY)
 
 FAST = ResolverSettings(
     replica=ReplicaSettings(mass_expiry_window_s=5.0, mass_expiry_hold_s=30.0),
@@ -50,20 +47,6 @@ FAST = ResolverSettings(
     event_ring_size=1000,
     verify_workers=0,
 )
-
-
-async def until(predicate: Callable[[], Any], within: float = 10.0, what: str = "it") -> None:
-    """Poll ``predicate`` (sync or async) every 20 ms until it is true."""
-    deadline = time.monotonic() + within
-    while True:
-        value = predicate()
-        if isinstance(value, Awaitable):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @dataclass

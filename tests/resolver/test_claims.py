@@ -40,7 +40,8 @@ from resolver.core import Discovery, Resolver
 from resolver.discovery import Query
 from schemas.models import Capacity, Status
 from tests.registry.service_kit import dump
-from tests.resolver.kit import Node, Pki, make_resolver, put_record, put_status, until
+from tests.resolver.kit import Node, Pki, make_resolver, put_record, put_status
+from tests.until import until
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST_CLAIMS = ClaimsSettings(reconcile_delay_s=0.05, reconcile_interval_s=5.0)

@@ -29,7 +29,8 @@ from resolver.core import Resolver
 from schemas import chain, dsse, keys
 from schemas.cpid import derive
 from schemas.models import CpuInfo, Status
-from tests.resolver.kit import FAST, until
+from tests.resolver.kit import FAST
+from tests.until import until
 
 NS = "CN.31.CMCC"
 SEEDS = {

@@ -22,7 +22,8 @@ from registry.index import Index, Keys
 from resolver.config import load_config
 from resolver.errors import ConfigError
 from resolver.http import RESOLVER, create_app
-from tests.resolver.kit import Node, Pki, put_record, put_status, resolver_config, until
+from tests.resolver.kit import Node, Pki, put_record, put_status, resolver_config
+from tests.until import until
 
 
 @pytest.fixture

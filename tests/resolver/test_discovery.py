@@ -19,7 +19,8 @@ from resolver.discovery import (
     latency_score,
 )
 from resolver.errors import QueryError
-from tests.resolver.kit import LATENCY, Node, Pki, put_record, put_status, signed, until
+from tests.resolver.kit import LATENCY, Node, Pki, put_record, put_status, signed
+from tests.until import until
 
 
 async def inline(ctx: Context, jobs: Sequence[Job]) -> AsyncIterator[list[Outcome]]:

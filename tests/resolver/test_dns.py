@@ -32,7 +32,8 @@ from schemas import dsse, keys
 from schemas.cpid import derive
 from schemas.cpid import parse as parse_cpid
 from schemas.models import Endpoint
-from tests.resolver.kit import Node, Pki, put_record, put_status, resolver_config, signed, until
+from tests.resolver.kit import Node, Pki, put_record, put_status, resolver_config, signed
+from tests.until import until
 
 HOST = "127.0.0.1"
 ZONE = "cpi."

@@ -21,8 +21,8 @@ from tests.resolver.kit import (
     put_status,
     resolver_config,
     signed,
-    until,
 )
+from tests.until import until
 
 Client = TestClient  # type: ignore[type-arg]
 

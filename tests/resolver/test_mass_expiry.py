@@ -10,7 +10,8 @@ from registry.index import Index, Keys
 from resolver._state import ReplicaSettings
 from resolver.core import Resolver
 from resolver.discovery import Query
-from tests.resolver.kit import FAST, Node, Pki, make_resolver, put_record, put_status, until
+from tests.resolver.kit import FAST, Node, Pki, make_resolver, put_record, put_status
+from tests.until import until
 
 
 async def _live_nodes(

@@ -21,8 +21,8 @@ from tests.resolver.kit import (
     put_record,
     put_status,
     resolver_config,
-    until,
 )
+from tests.until import until
 
 
 @pytest.fixture

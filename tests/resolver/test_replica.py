@@ -23,7 +23,8 @@ from resolver.errors import NotReadyError
 from resolver.replica import Replica, SyncSettings
 from schemas import dsse, keys
 from schemas.errors import InvalidCPIDError, NotFoundError, RetrievalError
-from tests.resolver.kit import FAST, Node, Pki, make_resolver, put_record, put_status, signed, until
+from tests.resolver.kit import FAST, Node, Pki, make_resolver, put_record, put_status, signed
+from tests.until import until
 
 # -- what is served ----------------------------------------------------------------------
 

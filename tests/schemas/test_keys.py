@@ -9,7 +9,6 @@ alone refuses.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,8 @@ from schemas import dsse, keys
 
 VECTOR_DIR = Path(__file__).resolve().parents[1] / "vectors"
 ENVELOPES: dict[str, Any] = json.loads((VECTOR_DIR / "envelopes.json").read_text("utf-8"))
-# the public DSSE suite, found as test_dsse.py finds it
-_SHARED = os.environ.get("CPI_SHARED_DIR") or Path(__file__).parents[3] / "shared"
-DSSE_SUITE: dict[str, Any] = json.loads(
-    (Path(_SHARED) / "vectors" / "dsse.json").read_text("utf-8")
-)
+# the public DSSE suite (copied into tests/vectors/, see the README there)
+DSSE_SUITE: dict[str, Any] = json.loads((VECTOR_DIR / "dsse.json").read_text("utf-8"))
 
 needs_sodium = pytest.mark.skipif(keys.VERIFY_BACKEND == "openssl", reason="PyNaCl missing")
 

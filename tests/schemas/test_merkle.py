@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +22,10 @@ from schemas.merkle import (
     verify_inclusion,
 )
 
+VECTORS_PATH = Path(__file__).resolve().parents[1] / "vectors" / "rfc6962.json"
+"""RFC 6962 vectors, copied into tests/vectors/ (see the README there)."""
 
-def _vectors_path() -> Path:
-    """``shared/`` beside the checkout (how CI lays it out), or ``$CPI_SHARED_DIR``."""
-    shared = os.environ.get("CPI_SHARED_DIR")
-    base = Path(shared) if shared else Path(__file__).parents[3] / "shared"
-    path = base / "vectors" / "rfc6962.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"RFC 6962 vectors not found at {path}: put shared/ beside the checkout "
-            "or set CPI_SHARED_DIR to its location"
-        )
-    return path
-
-
-V: dict[str, Any] = json.loads(_vectors_path().read_text(encoding="utf-8"))
+V: dict[str, Any] = json.loads(VECTORS_PATH.read_text(encoding="utf-8"))
 LEAVES = [bytes.fromhex(x) for x in V["leaves_hex"]]
 TREE = MerkleTree.from_leaves(LEAVES)
 

@@ -48,6 +48,7 @@ from registry.service import create_app
 from schemas import chain, cpid, dsse, keys
 from schemas.errors import CPIError, InvalidDataError, PayloadError
 from schemas.models import CpuInfo, Deregister, Endpoint, Record, Register, Status, parse_payload
+from tests.until import until
 
 ROOT = Path(__file__).resolve().parents[3]
 TOKEN = "cpi_jt_test-token-never-to-be-logged"
@@ -407,11 +408,11 @@ async def test_run_reregisters_when_the_record_is_gone_and_deregisters_on_stop(
     stop = asyncio.Event()
     async with agent_for(url) as agent:
         task = asyncio.create_task(agent.run(stop))
-        await _until(lambda: len(reg.statuses.get(agent.cpid, [])) >= 2)
+        await until(lambda: len(reg.statuses.get(agent.cpid, [])) >= 2)
         reg.records.clear()  # the registry lost the record
-        await _until(lambda: agent.registrations == 2 and agent.cpid in reg.records)
+        await until(lambda: agent.registrations == 2 and agent.cpid in reg.records)
         n = len(reg.statuses[agent.cpid])
-        await _until(lambda: len(reg.statuses[agent.cpid]) > n)
+        await until(lambda: len(reg.statuses[agent.cpid]) > n)
         stop.set()
         await asyncio.wait_for(task, 5)
     assert reg.deregistered == [agent.cpid]
@@ -428,7 +429,7 @@ async def test_run_reregisters_when_the_hardware_changes(fake: tuple[FakeRegistr
     stop = asyncio.Event()
     async with agent_for(url, prober=prober) as agent:
         task = asyncio.create_task(agent.run(stop))
-        await _until(lambda: agent.registrations == 2)
+        await until(lambda: agent.registrations == 2)
         rec, _ = reg.records[agent.cpid]
         assert rec.version == 2 and rec.attributes.accelerators[0].count == 7
         stop.set()
@@ -444,7 +445,7 @@ async def test_stop_during_registration_retries_returns_quietly(
     stop = asyncio.Event()
     async with agent_for(url, backoff=Backoff(base=0.05, cap=0.1)) as agent:
         task = asyncio.create_task(agent.run(stop))
-        await _until(lambda: reg.count("POST") >= 3)
+        await until(lambda: reg.count("POST") >= 3)
         stop.set()
         await asyncio.wait_for(task, 2)
     assert reg.count("DELETE") == 0
@@ -552,7 +553,7 @@ async def test_simulation_runs_until_stopped_then_deregisters(
             churn=1.0,
         )
     )  # fmt: skip
-    await _until(lambda: len(reg.statuses) == 6 and all(len(s) >= 3 for s in reg.statuses.values()))
+    await until(lambda: len(reg.statuses) == 6 and all(len(s) >= 3 for s in reg.statuses.values()))
     stop.set()
     report = await asyncio.wait_for(task, 10)
     assert report.deregistered == 6 and reg.records == {}
@@ -571,14 +572,6 @@ async def test_simulate_through_the_cli(
     assert await asyncio.to_thread(main, argv) == 0
     assert "simulated 4 nodes: 4 registered, 4 status sent" in capsys.readouterr().out
     assert {(r.kind, r.location.region) for r, _ in reg.records.values()} == {("NPU", "1307")}
-
-
-async def _until(cond: Callable[[], bool], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 # =============================================================================
@@ -662,10 +655,10 @@ async def test_service_record_gone_reregisters(stack: Stack) -> None:
     stop = asyncio.Event()
     async with agent_for(stack.url, token=stack.token, prober=hw) as agent:
         task = asyncio.create_task(agent.run(stop))
-        await _until(lambda: agent.heartbeats_sent >= 2)
+        await until(lambda: agent.heartbeats_sent >= 2)
         assert await stack.index.delete(Keys.rec(agent.cpid))  # e.g. an operator removed it
-        await _until(lambda: agent.registrations == 2)
-        await _until(lambda: agent.heartbeats_sent >= 4)
+        await until(lambda: agent.registrations == 2)
+        await until(lambda: agent.heartbeats_sent >= 4)
         assert await stack.index.get(Keys.rec(agent.cpid)) is not None
         stop.set()
         await asyncio.wait_for(task, 5)

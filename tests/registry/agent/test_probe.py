@@ -1,4 +1,4 @@
-"""The hardware probe against output captured on a real H200 server (shared/fixtures)."""
+"""The hardware probe against output captured on a real H200 server (tests/fixtures/hardware)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import pytest
 from registry.agent import probe
 from schemas.models import Accelerator, CpuInfo
 
-SHARED = Path(os.environ.get("CPI_SHARED_DIR") or Path(__file__).resolve().parents[4] / "shared")
-H200 = SHARED / "fixtures" / "hardware" / "h200-x1"
+H200 = Path(__file__).resolve().parents[2] / "fixtures" / "hardware" / "h200-x1"
 UUID = "GPU-b6a3fff4-1d8c-3369-288e-1899770b0306"
 
 

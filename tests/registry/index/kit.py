@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 
@@ -39,11 +36,3 @@ async def take(watch: Watch, n: int, within: float = 10.0) -> list[WatchEvent | 
 def events(items: list[WatchEvent | Compacted]) -> list[WatchEvent]:
     assert all(isinstance(i, WatchEvent) for i in items), items
     return [i for i in items if isinstance(i, WatchEvent)]
-
-
-async def until(predicate: Callable[[], Any], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not await predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within} s waiting for {what}")
-        await asyncio.sleep(0.1)

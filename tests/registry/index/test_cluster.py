@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ import pytest
 from cpi.etcdproc import EtcdProcess, start_cluster
 from registry.index import Compacted, Index, Watch, WatchEvent
 from schemas.errors import RetrievalError
+from tests.until import until
 
 pytestmark = pytest.mark.cluster
 
@@ -26,15 +27,6 @@ def cluster(tmp_path: Path) -> Iterator[list[EtcdProcess]]:
     finally:
         for member in members:
             member.stop()
-
-
-async def eventually(condition: Callable[[], bool], within: float, what: str) -> None:
-    """Wait until *condition()* holds, failing after *within* seconds."""
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def put_acknowledged(index: Index, key: str, value: bytes) -> int:
@@ -80,9 +72,7 @@ async def test_watch_and_writes_survive_losing_the_leader(cluster: list[EtcdProc
 
         # every watch is mid-stream when the leader dies
         before_rev = max(acked)
-        await eventually(
-            lambda: all(caught_up(out, before_rev) for out in items), 10.0, "first events"
-        )
+        await until(lambda: all(caught_up(out, before_rev) for out in items), 10.0, "first events")
         status = await index.status()
         old_leader = status.leader_id
         assert old_leader != 0
@@ -97,7 +87,7 @@ async def test_watch_and_writes_survive_losing_the_leader(cluster: list[EtcdProc
             assert kv is not None and kv.value == b"after"
 
         final, final_rev = await index.get_prefix("/t/ha/")
-        await eventually(
+        await until(
             lambda: all(caught_up(out, final_rev) for out in items), 15.0, "watches to catch up"
         )
         for consumer in consumers:

@@ -10,7 +10,7 @@ import pytest
 
 from cpi.etcdproc import EtcdProcess
 from registry.index import Index
-from tests.registry.index.kit import until
+from tests.until import until
 
 
 async def test_revoking_a_lease_deletes_its_keys(index: Index) -> None:

@@ -9,7 +9,8 @@ import pytest
 
 from cpi.etcdproc import EtcdProcess
 from registry.index import Compacted, Index, IndexCompactedError, Op
-from tests.registry.index.kit import events, take, until
+from tests.registry.index.kit import events, take
+from tests.until import until
 
 
 async def test_watch_sees_puts_and_deletes_in_order(index: Index) -> None:
