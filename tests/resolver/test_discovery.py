@@ -205,6 +205,14 @@ def test_query_round_trips_through_url_parameters() -> None:
     assert Query.from_params({}).limit == 20
 
 
+@pytest.mark.parametrize("ms", [12.345678901, 0.1 + 0.2, 1e-7, 123456789.125, 2.0])
+def test_max_latency_keeps_every_digit_through_url_parameters(ms: float) -> None:
+    q = Query(near="31", max_latency_ms=ms)
+    sent = dict(q.to_params())["max_latency_ms"]
+    assert float(sent) == ms
+    assert Query.from_params(q.to_params()).max_latency_ms == ms
+
+
 @pytest.mark.parametrize(
     ("params", "match"),
     [
