@@ -15,13 +15,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from resolver.core import Discovery, Resolver, ResolverSettings
+    from resolver.core import DiscoveryResult, Resolver, ResolverSettings
     from resolver.discovery import LatencyTable, Match, Query
     from resolver.entry import Entry
     from resolver.events import Event
 
 __all__ = [
-    "Discovery",
+    "DiscoveryResult",
     "Entry",
     "Event",
     "LatencyTable",
@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 _HOME = {
-    "Discovery": "resolver.core",
+    "DiscoveryResult": "resolver.core",
     "Resolver": "resolver.core",
     "ResolverSettings": "resolver.core",
     "LatencyTable": "resolver.discovery",

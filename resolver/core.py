@@ -43,7 +43,7 @@ from schemas.cpid import CPID
 from schemas.cpid import parse as parse_cpid
 from schemas.errors import NotFoundError
 
-__all__ = ["Discovery", "Resolver", "ResolverSettings"]
+__all__ = ["DiscoveryResult", "Resolver", "ResolverSettings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +76,8 @@ class ResolverSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class Discovery:
-    """Discovery results (best first) and the replica revision they reflect."""
+class DiscoveryResult:
+    """The result of a discovery: matches (best first) and the replica revision they reflect."""
 
     results: list[Match]
     revision: int
@@ -282,13 +282,13 @@ class Resolver:
         """The ``/ns/`` entries of the index, each with whether its key's chain verifies."""
         return self._state.namespaces()
 
-    def discover(self, query: Query) -> Discovery:
+    def discover(self, query: Query) -> DiscoveryResult:
         """The best ``query.limit`` entries for ``query``, best first (see :mod:`resolver.discovery`)."""
         self._check_ready()
         started = time.perf_counter()
         results = self._state.discovery.search(query)
         self.metrics.discover_seconds.observe(time.perf_counter() - started)
-        return Discovery(results, self.revision, self.stale)
+        return DiscoveryResult(results, self.revision, self.stale)
 
     # -- change notification -------------------------------------------------------------
 

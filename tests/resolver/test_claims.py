@@ -36,7 +36,7 @@ from resolver.claims import (
     parse_claim_id,
 )
 from resolver.claims_http import CLAIMS, add_claim_routes
-from resolver.core import Discovery, Resolver
+from resolver.core import DiscoveryResult, Resolver
 from resolver.discovery import Query
 from schemas.models import Capacity, Status
 from tests.registry.service_kit import dump
@@ -331,11 +331,11 @@ async def test_query_tries_the_next_candidate_when_one_is_refused(
     await put_status(idx, first, free=16, state="draining")  # the replica may not know yet
     real = r.discover
 
-    def stale(q: Query) -> Discovery:
+    def stale(q: Query) -> DiscoveryResult:
         found = real(dataclass_replace(q, min_free=None, live=None))
         order = {first.cpid: 0, second.cpid: 1}
         results = sorted((m for m in found.results if m.cpid in order), key=lambda m: order[m.cpid])
-        return Discovery(results, found.revision, False)
+        return DiscoveryResult(results, found.revision, False)
 
     monkeypatch.setattr(r, "discover", stale)
     claim = await stack.service.claim_query(Query(kind="GPU"), units=8, holder="alice")
