@@ -5,7 +5,7 @@ The library's front door is :class:`resolver.core.Resolver`; the HTTP service is
 See ``docs/resolver.md``.
 
 The names below are imported on first use, so that importing one submodule (the
-verification workers import only :mod:`resolver._pool`) does not import the etcd client
+verification workers import only :mod:`resolver.verify`) does not import the etcd client
 and the rest of the package.
 """
 

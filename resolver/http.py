@@ -39,15 +39,15 @@ from typing import Any, Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from resolver.claims_http import add_claim_routes
+from resolver.audit.log import add_log_routes
+from resolver.claims.http import add_claim_routes
 from resolver.config import ResolverConfig
 from resolver.core import Resolver
 from resolver.discovery import Query
-from resolver.dns import DnsServer
+from resolver.dns.server import DnsServer
 from resolver.errors import NotReadyError, QueryError
 from resolver.events import Event, parse_cursor
 from resolver.metrics import ResolverMetrics
-from resolver.translog import add_log_routes
 from schemas.errors import (
     CPIError,
     InvalidCPIDError,
@@ -315,8 +315,8 @@ def create_app(
 
     The resolver (built from ``config`` unless given) starts in ``cleanup_ctx``: the app
     serves at once, answering 503 until the first listing of the index is applied.
-    The transparency-log routes (``/v1/log/...``, :mod:`resolver.translog`) and the
-    claims routes (``/v1/claims``, :mod:`resolver.claims_http`) are mounted too.
+    The transparency-log routes (``/v1/log/...``, :mod:`resolver.audit.log`) and the
+    claims routes (``/v1/claims``, :mod:`resolver.claims.http`) are mounted too.
     ``primary=False`` (the other processes of ``cpi resolver serve --workers N``) runs
     neither the DNS front end nor the claims reconciler: one process of the group does.
     """

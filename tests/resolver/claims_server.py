@@ -16,7 +16,7 @@ from pathlib import Path
 from aiohttp import web
 
 from registry.index import Index
-from resolver.claims_http import add_claim_routes
+from resolver.claims.http import add_claim_routes
 from resolver.config import load_anchor_files
 from resolver.core import Resolver
 from tests.resolver.kit import FAST

@@ -22,8 +22,9 @@ from aiohttp.test_utils import TestClient
 
 from cpi.etcdproc import EtcdProcess
 from registry.index import Index, Keys, Prefix
-from resolver import claim_tokens
-from resolver.claims import (
+from resolver.claims import tokens as claim_tokens
+from resolver.claims.http import CLAIMS, add_claim_routes
+from resolver.claims.service import (
     Claim,
     ClaimService,
     ClaimsSettings,
@@ -35,7 +36,6 @@ from resolver.claims import (
     new_claim_id,
     parse_claim_id,
 )
-from resolver.claims_http import CLAIMS, add_claim_routes
 from resolver.core import DiscoveryResult, Resolver
 from resolver.discovery import Query
 from schemas.models import Capacity, Status

@@ -9,8 +9,6 @@ from typing import Any
 import pytest
 
 from registry.index import Index, Keys
-from resolver._pool import Context, Job, Outcome, run_jobs
-from resolver._state import Change, ReplicaState
 from resolver.core import Resolver
 from resolver.discovery import (
     LatencyTable,
@@ -19,6 +17,8 @@ from resolver.discovery import (
     latency_score,
 )
 from resolver.errors import QueryError
+from resolver.state import Change, ReplicaState
+from resolver.verify import Context, Job, Outcome, run_jobs
 from tests.resolver.kit import LATENCY, Node, Pki, put_record, put_status, signed, until
 
 
@@ -251,8 +251,8 @@ def test_latency_table_lookups(tmp_path: Any) -> None:
 
 def test_free_units_add_back_what_the_agent_already_withheld_for_claims() -> None:
     """An agent that reports free minus claimed (metric claimed_units) is not counted twice."""
-    from resolver._pool import RecordFacts, StatusFacts
     from resolver.entry import free_units
+    from resolver.verify import RecordFacts, StatusFacts
     from schemas.cpid import derive
     from schemas.keys import generate, public_raw, public_to_b64url
     from schemas.models import Accelerator, Attributes, Capacity, Location, Record, Status

@@ -14,7 +14,7 @@ import pytest
 from cpi.main import main
 from registry.index import Index, Keys, Prefix
 from registry.translog import LATEST_KEY, LogSigner, init_log_key, load_verifier, vkey_path_for
-from resolver.translog import LogView, record_digest
+from resolver.audit.log import LogView, record_digest
 from schemas.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
 from schemas.errors import LogConsistencyError
 from schemas.keys import Ed25519PrivateKey

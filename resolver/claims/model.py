@@ -1,6 +1,6 @@
 """What a claim is, what it may take, and how it can be refused.  No I/O.
 
-The values behind :mod:`resolver.claims` (which re-exports them): the error tree of
+The values behind :mod:`resolver.claims.service` (which re-exports them): the error tree of
 claims, :class:`Claim` as stored at ``/cpi/v1/claim/<cpid>/<claim-id>``, claim ids,
 the totals' value format (``{"units": N}``), the free-units rule
 (:func:`available_units`), the service's settings and counters.
@@ -58,7 +58,7 @@ _ID_RANDOM: Final = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 
 # =============================================================================
-# Errors (one tree: schemas.errors; resolver.claims_http maps them to statuses)
+# Errors (one tree: schemas.errors; resolver.claims.http maps them to statuses)
 # =============================================================================
 
 

@@ -25,13 +25,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from registry.index import Index
-from resolver.claim_tokens import (
-    ClaimsTokenError,
-    ClaimsTokenInfo,
-    TokenCache,
-    UnknownClaimsTokenError,
-)
-from resolver.claims import (
+from resolver.claims.service import (
     Claim,
     ClaimConflictError,
     ClaimForbiddenError,
@@ -40,6 +34,12 @@ from resolver.claims import (
     ClaimsSettings,
     InvalidClaimError,
     QuotaExceededError,
+)
+from resolver.claims.tokens import (
+    ClaimsTokenError,
+    ClaimsTokenInfo,
+    TokenCache,
+    UnknownClaimsTokenError,
 )
 from resolver.core import Resolver
 from resolver.discovery import Query
