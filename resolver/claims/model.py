@@ -108,6 +108,7 @@ class QuotaExceededError(InvalidDataError):
     """The holder would hold more than its token's ``max_units`` (HTTP 429)."""
 
     code = "quota_exceeded"
+    http_status = 429
 
     def __init__(
         self, message: str, *, holder: str, max_units: int, held: int, requested: int
@@ -123,6 +124,7 @@ class ClaimForbiddenError(InvalidDataError):
     """The claim belongs to another holder (HTTP 403)."""
 
     code = "forbidden"
+    http_status = 403
 
 
 class ClaimNotFoundError(NotFoundError):
