@@ -13,7 +13,8 @@ import pytest
 from cpi.main import main
 from registry import ca, national
 from registry.index import Index, Keys
-from resolver.audit.sweep import Sweeper, classify, verify_bundle
+from resolver.audit.bundle import classify, verify_bundle
+from resolver.audit.sweep import Sweeper
 from schemas import dsse, keys
 from schemas.chain import verify_record
 from schemas.cpid import derive
