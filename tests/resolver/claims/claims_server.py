@@ -1,6 +1,6 @@
 """A resolver with only the claims routes, for the crash test (run in a subprocess).
 
-``python -m tests.resolver.claims_server ETCD_ENDPOINT ANCHOR_FILE`` starts a
+``python -m tests.resolver.claims.claims_server ETCD_ENDPOINT ANCHOR_FILE`` starts a
 :class:`~resolver.core.Resolver` on that etcd, mounts :func:`add_claim_routes` on a
 bare aiohttp app on a free loopback port, prints ``port <n>`` once the replica is
 ready, and serves until it is killed.

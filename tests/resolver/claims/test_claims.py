@@ -42,7 +42,7 @@ from schemas.models import Capacity, Status
 from tests.registry.service_kit import dump
 from tests.resolver.kit import Node, Pki, make_resolver, put_record, put_status, until
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 FAST_CLAIMS = ClaimsSettings(reconcile_delay_s=0.05, reconcile_interval_s=5.0)
 UNKNOWN_CPID = "CN.31.CMCC/GPU.AAAAAAAAAAAA-A"
 
@@ -495,7 +495,7 @@ async def test_nothing_leaks_when_a_claims_server_is_killed_mid_burst(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "tests.resolver.claims_server",
+        "tests.resolver.claims.claims_server",
         etcd_server.endpoint,
         str(anchor_file),
         cwd=ROOT,

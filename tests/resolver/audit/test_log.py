@@ -19,7 +19,7 @@ from schemas.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
 from schemas.errors import LogConsistencyError
 from schemas.keys import Ed25519PrivateKey
 from schemas.merkle import MerkleTree, leaf_hash, verify_consistency, verify_inclusion
-from tests.resolver.audit_kit import Kit, resolver_app
+from tests.resolver.audit.audit_kit import Kit, resolver_app
 
 ORIGIN = "test.cpi/log"
 

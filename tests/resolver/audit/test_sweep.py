@@ -18,7 +18,7 @@ from resolver.audit.sweep import Sweeper
 from schemas import dsse, keys
 from schemas.chain import verify_record
 from schemas.cpid import derive
-from tests.resolver.audit_kit import Kit, resolver_app
+from tests.resolver.audit.audit_kit import Kit, resolver_app
 
 
 @pytest.fixture
