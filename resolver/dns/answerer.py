@@ -39,7 +39,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import dns.exception
 import dns.flags
@@ -59,7 +59,6 @@ from dns.rdtypes.IN.A import A
 from dns.rdtypes.IN.AAAA import AAAA
 from dns.rdtypes.IN.SRV import SRV
 
-from resolver.core import Resolver
 from resolver.discovery import Query
 from resolver.entry import Entry
 from resolver.errors import NotReadyError
@@ -67,6 +66,9 @@ from resolver.events import Event
 from schemas.cpid import CPID, KINDS, parse_namespace
 from schemas.cpid import parse as parse_cpid
 from schemas.errors import InvalidCPIDError
+
+if TYPE_CHECKING:
+    from resolver.core import DiscoveryResult
 
 __all__ = [
     "CACHE_SIZE",
@@ -76,6 +78,7 @@ __all__ = [
     "MAX_TTL",
     "NEGATIVE_TTL",
     "DnsAnswerer",
+    "ResolverView",
 ]
 
 _log = logging.getLogger("resolver.dns")
@@ -112,6 +115,22 @@ _new_ptr: Callable[..., Rdata] = PTR
 _new_soa: Callable[..., Rdata] = SOA
 _new_srv: Callable[..., Rdata] = SRV
 _new_txt: Callable[..., Rdata] = TXT
+
+
+class ResolverView(Protocol):
+    """What the answerer reads of a :class:`~resolver.core.Resolver` (which it usually is)."""
+
+    @property
+    def revision(self) -> int: ...
+
+    @property
+    def generation(self) -> int: ...
+
+    def get(self, cpid: str | CPID) -> Entry | None: ...
+
+    def discover(self, query: Query) -> DiscoveryResult: ...
+
+    def add_listener(self, callback: Callable[[Event], None]) -> Callable[[], None]: ...
 
 
 @dataclass(slots=True)
@@ -188,7 +207,7 @@ class DnsAnswerer:
 
     def __init__(
         self,
-        resolver: Resolver,
+        resolver: ResolverView,
         *,
         zone: str = DEFAULT_ZONE,
         max_ttl: int = MAX_TTL,
@@ -196,12 +215,16 @@ class DnsAnswerer:
         discovery_limit: int = DISCOVERY_LIMIT,
         max_udp: int = EDNS_PAYLOAD,
         cache_size: int = CACHE_SIZE,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_ttl < 0 or negative_ttl < 0:
             raise ValueError("TTLs must not be negative")
         if discovery_limit < 1 or cache_size < 16 or not 512 <= max_udp <= 65535:
             raise ValueError("discovery_limit >= 1, cache_size >= 16, 512 <= max_udp <= 65535")
         self._resolver = resolver
+        self._clock = clock
+        self._monotonic = monotonic
         self.zone = dns.name.from_text(zone)
         self._zone_text = self.zone.to_text()
         self._zone_dns = "" if self.zone == dns.name.root else self._zone_text
@@ -242,7 +265,7 @@ class DnsAnswerer:
         hit = self._caches[tcp].get(key)
         if hit is not None:
             expires = hit.expires
-            if expires == _INF or expires > time.monotonic():
+            if expires == _INF or expires > self._monotonic():
                 self.hits += 1
                 return wire[:2] + hit.body
         return self._render(wire, key, tcp)
@@ -371,7 +394,7 @@ class DnsAnswerer:
         if query.ednsflags & dns.flags.DO:
             response.use_edns(0, dns.flags.DO, self.max_udp, query.payload, pad=response.pad)
         response.flags |= dns.flags.AA
-        now = time.time()
+        now = self._clock()
         found = self._lookup(q.name, now)
         node = found.node
         if node is None:
@@ -392,7 +415,7 @@ class DnsAnswerer:
                 response.authority.append(self._soa())
         expires = _INF
         if found.valid_until != _INF:
-            expires = time.monotonic() + max(0.0, found.valid_until - now)
+            expires = self._monotonic() + max(0.0, found.valid_until - now)
         return response, found.tags, expires, True
 
     def _soa(self) -> dns.rrset.RRset:

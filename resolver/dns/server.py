@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 from collections.abc import Callable
@@ -126,13 +127,14 @@ class DnsServer:
         self.zone = zone
         self.tcp_idle_s = tcp_idle_s
         self.max_tcp_clients = max_tcp_clients
-        self._answerer_args = {
-            "max_ttl": max_ttl,
-            "negative_ttl": negative_ttl,
-            "discovery_limit": discovery_limit,
-            "max_udp": max_udp,
-            "cache_size": cache_size,
-        }
+        self._new_answerer = functools.partial(
+            DnsAnswerer,
+            max_ttl=max_ttl,
+            negative_ttl=negative_ttl,
+            discovery_limit=discovery_limit,
+            max_udp=max_udp,
+            cache_size=cache_size,
+        )
         self._answerer: DnsAnswerer | None = None
         self._udp: _UdpEndpoint | None = None
         self._tcp: asyncio.Server | None = None
@@ -148,7 +150,7 @@ class DnsServer:
         """Bind UDP and TCP and start answering (SERVFAIL until the resolver is ready)."""
         if self._answerer is not None:
             return
-        answerer = DnsAnswerer(self._resolver, zone=self.zone, **self._answerer_args)
+        answerer = self._new_answerer(self._resolver, zone=self.zone)
         attempts = 5 if self.port == 0 else 1
         for attempt in range(attempts):
             udp = await _UdpEndpoint.bind(self.host, self.port, answerer.answer)
