@@ -30,15 +30,11 @@ from resolver.claims.service import (
     ClaimsSettings,
     DrainingError,
     InsufficientCapacityError,
-    InvalidClaimError,
     NotLiveError,
-    available_units,
     new_claim_id,
-    parse_claim_id,
 )
 from resolver.core import DiscoveryResult, Resolver
 from resolver.discovery import Query
-from schemas.models import Capacity, Status
 from tests.registry.service_kit import dump
 from tests.resolver.kit import Node, Pki, make_resolver, put_record, put_status, until
 
@@ -118,48 +114,6 @@ async def stack(
     add_claim_routes(app, resolver=resolver, settings=FAST_CLAIMS)
     client = await aiohttp_client(app)
     yield Stack(client, index, resolver, pki)
-
-
-# -- pure helpers ---------------------------------------------------------------------------
-
-
-def test_claim_ids_carry_their_cpid() -> None:
-    cpid = Node().cpid
-    cid = new_claim_id(cpid)
-    assert parse_claim_id(cid) == cpid and Keys.claim(cpid, cid).endswith("/" + cid)
-    for bad in ("x", f"{cid}~more", cid.lower(), cid.replace("~", "/", 1), cid[:-10]):
-        with pytest.raises(InvalidClaimError, match="claim id"):
-            parse_claim_id(bad)
-
-
-@pytest.mark.parametrize(
-    ("free", "metric", "state", "allocated", "expected"),
-    [
-        (10, None, "up", 0, 10),
-        (10, None, "up", 4, 6),
-        (10, None, "up", 12, 0),
-        (6, 4, "up", 4, 6),  # the node already subtracted the 4 claimed units
-        (6, 4, "up", 6, 4),  # two more claimed since its last status
-        (6, 4, "up", 2, 8),  # two released since its last status
-        (6, 1000, "up", 0, 16),  # never more than the record's hardware
-        (10, None, "draining", 0, 0),
-        (10, None, "down", 0, 0),
-    ],
-)
-def test_available_units(
-    free: int, metric: int | None, state: str, allocated: int, expected: int
-) -> None:
-    node = Node(count=16)
-    status = Status(
-        cpid=node.cpid,
-        seq=1,
-        observed_at=1,
-        state=state,  # type: ignore[arg-type]
-        capacity=Capacity(accelerators_free=free),
-        metrics={} if metric is None else {"claimed_units": metric},
-    )
-    assert available_units(node.record(), status, allocated) == expected
-    assert available_units(node.record(), None, 0) == 0
 
 
 # -- atomicity -----------------------------------------------------------------------------
