@@ -13,16 +13,16 @@ from resolver.verify import Context, Job, Outcome, run_jobs
 from schemas.chain import CLOCK_SKEW
 from tests.resolver.kit import Node, Pki, signed
 
-T0 = int(time.time())  # the certs of the kit's PKI are valid around now
-
 
 async def inline(ctx: Context, jobs: Sequence[Job]) -> AsyncIterator[list[Outcome]]:
     yield run_jobs(ctx, jobs)
 
 
 class Clock:
+    """Starts at the real time (the kit's certs and default records are valid around it)."""
+
     def __init__(self) -> None:
-        self.now = float(T0)
+        self.now = float(int(time.time()))
 
     def __call__(self) -> float:
         return self.now
@@ -32,6 +32,7 @@ class World:
     def __init__(self, pki: Pki) -> None:
         self.pki = pki
         self.clock = Clock()
+        self.t0 = int(self.clock.now)
         self.state = ReplicaState(anchors=pki.anchors, clock=self.clock)
         self.rev = 1
 
@@ -67,7 +68,8 @@ async def test_a_record_is_served_only_inside_its_window(
     world: World, issued: int, expires: int, served: bool, reason: str | None
 ) -> None:
     node = Node()
-    rec = node.record(issued_at=T0 + issued, expires_at=T0 + expires)
+    t0 = world.t0
+    rec = node.record(issued_at=t0 + issued, expires_at=t0 + expires)
     await world.put(Keys.rec(node.cpid), signed(world.pki, rec).to_json())
     assert (world.state.get(node.cpid) is not None) is served
     if reason is not None:
@@ -78,11 +80,12 @@ async def test_a_record_is_served_only_inside_its_window(
 
 async def test_the_clock_sweep_drops_a_record_when_its_window_closes(world: World) -> None:
     node = Node()
-    rec = node.record(issued_at=T0 - 10, expires_at=T0 + 100)
+    t0 = world.t0
+    rec = node.record(issued_at=t0 - 10, expires_at=t0 + 100)
     await world.put(Keys.rec(node.cpid), signed(world.pki, rec).to_json())
     assert world.state.get(node.cpid) is not None
     assert await world.state.sweep(check=inline) == []  # nothing is due yet
-    world.clock.now = T0 + 100 + CLOCK_SKEW + 1
+    world.clock.now = t0 + 100 + CLOCK_SKEW + 1
     events = await world.state.sweep(check=inline)
     assert [(e.type, e.cpid) for e in events] == [("delete", node.cpid)]
     assert world.state.get(node.cpid) is None
