@@ -4,7 +4,7 @@
 
 1. Starts a throwaway etcd, publishes a CN -> CN.31 -> CN.31.CMCC delegation and writes
    ``--records`` signed records (plus a status for every other one) with batched
-   transactions.  Then runs the full :class:`resolver.auditor.Sweeper` over the index
+   transactions.  Then runs the full :class:`resolver.audit.sweep.Sweeper` over the index
    (paged reads at one revision, every record, cert, status and revocation verified)
    and reports records verified per second, next to raw Ed25519 verifications per
    second of the same record bytes measured in the same run (before and after the
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cpi.etcdproc import EtcdProcess
 from registry import ca
 from registry.index import Index, Keys, Op
-from resolver.auditor import Sweeper
+from resolver.audit.sweep import Sweeper
 from schemas import cpid, dsse, keys
 from schemas.chain import TrustAnchors
 from schemas.merkle import MerkleTree, verify_consistency, verify_inclusion

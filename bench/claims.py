@@ -4,7 +4,7 @@
 
 Starts its own etcd (``cpi.etcdproc``) in a temporary directory, writes signed records
 and statuses for ``--resources`` GPU nodes (plus one big pool), starts a
-:class:`~resolver.core.Resolver` on it and a :class:`~resolver.claims.ClaimService`
+:class:`~resolver.core.Resolver` on it and a :class:`~resolver.claims.service.ClaimService`
 (reconciler off: it is not on the claim path) in this process.
 
 Two scenarios, each ``--clients`` concurrent clients making ``--per-round`` claims of
@@ -46,7 +46,7 @@ from etcd3aio import Etcd3Client
 from cpi.etcdproc import EtcdProcess
 from registry import ca
 from registry.index import Index, Keys, Op
-from resolver.claims import ClaimService, ClaimsSettings, new_claim_id
+from resolver.claims.service import ClaimService, ClaimsSettings, new_claim_id
 from resolver.core import Resolver, ResolverSettings
 from resolver.replica import SyncSettings
 from schemas import cpid as cpid_mod

@@ -109,7 +109,7 @@ def naive_server(zone_file: Path, port: int) -> None:
 
     async def serve() -> None:
         # the same UDP front end as ours, so only the answering differs
-        from resolver.dns import _UdpEndpoint
+        from resolver.dns.server import _UdpEndpoint
 
         await _UdpEndpoint.bind(HOST, port, lambda wire, tcp: answer(wire))
         await asyncio.Event().wait()

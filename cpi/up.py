@@ -33,7 +33,7 @@ from cpi.etcdproc import EtcdProcess
 from cpi.supervise import Child, Supervisor, http_ready, python_argv
 from registry import national, tokens
 from registry.index import Index, Keys
-from resolver import claim_tokens
+from resolver.claims import tokens as claim_tokens
 
 __all__ = ["UpOptions", "up"]
 

@@ -1,12 +1,13 @@
 """Errors of the registry service, as branches of the one tree in :mod:`schemas.errors`.
 
-Each class has a ``code`` (the ``error.code`` of the HTTP answer); the service maps
-classes to HTTP status codes in one middleware (:mod:`registry.service`).
+Each class has a ``code`` (the ``error.code`` of the HTTP answer) and an
+``http_status`` (the status the service answers it with, :mod:`registry.service`).
+:class:`BodyTooLargeError` is the one of :mod:`schemas.errors`, re-exported here.
 """
 
 from __future__ import annotations
 
-from schemas.errors import ConflictError, CPIError, InvalidDataError
+from schemas.errors import BodyTooLargeError, ConflictError, CPIError, InvalidDataError
 
 __all__ = [
     "AdminAuthError",
@@ -24,22 +25,18 @@ __all__ = [
 ]
 
 
-class BodyTooLargeError(InvalidDataError):
-    """The request body is larger than ``max_body_bytes`` (HTTP 413)."""
-
-    code = "body_too_large"
-
-
 class TokenError(InvalidDataError):
     """A join token problem; subclasses say which."""
 
     code = "invalid_token"
+    http_status = 403
 
 
 class UnknownTokenError(TokenError):
     """No ``Authorization: Bearer`` token, or one the index does not know (HTTP 401)."""
 
     code = "invalid_token"
+    http_status = 401
 
 
 class TokenExpiredError(TokenError):
@@ -64,6 +61,7 @@ class AdminAuthError(InvalidDataError):
     """A missing or wrong admin token on an operator endpoint (HTTP 401)."""
 
     code = "unauthorized"
+    http_status = 401
 
 
 class StaleTimestampError(InvalidDataError):
@@ -88,6 +86,7 @@ class RateLimitedError(CPIError):
     """Too many registrations; retry after ``retry_after`` seconds (HTTP 429)."""
 
     code = "rate_limited"
+    http_status = 429
 
     def __init__(self, message: str, *, retry_after: int) -> None:
         self.retry_after = retry_after

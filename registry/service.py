@@ -12,7 +12,7 @@ GET         /healthz, /readyz, /metrics
 ==========  ====================================  ==========================================
 
 Errors are ``{"error": {"code", "message"}}``; one middleware maps the
-:mod:`schemas.errors` tree to status codes (:data:`STATUS_OF`).  The index, the
+:mod:`schemas.errors` tree to status codes (each class's ``http_status``).  The index, the
 instance lease and the liveness sweeper live in ``cleanup_ctx``.
 """
 
@@ -41,8 +41,6 @@ from registry.errors import (
     BodyTooLargeError,
     RateLimitedError,
     StartupError,
-    TokenError,
-    UnknownTokenError,
 )
 from registry.index import Index
 from registry.liveness import Liveness
@@ -53,40 +51,22 @@ from registry.signers import Signers, load_signers
 from schemas.chain import TrustAnchors
 from schemas.cpid import parse as parse_cpid
 from schemas.errors import (
-    ConflictError,
     CPIError,
     InvalidDataError,
     KeyFileError,
-    NotFoundError,
-    OutsideNamespaceError,
     RetrievalError,
 )
+from schemas.http import bearer_token
 
 __all__ = [
     "CONFIG",
     "METRICS",
     "STATE",
-    "STATUS_OF",
     "RegistryState",
     "create_app",
 ]
 
 _log = logging.getLogger(__name__)
-
-STATUS_OF: tuple[tuple[type[CPIError], int], ...] = (
-    (BodyTooLargeError, 413),
-    (UnknownTokenError, 401),
-    (TokenError, 403),
-    (AdminAuthError, 401),
-    (RateLimitedError, 429),
-    (OutsideNamespaceError, 403),
-    (NotFoundError, 404),
-    (ConflictError, 409),
-    (InvalidDataError, 400),
-    (RetrievalError, 503),
-    (CPIError, 500),
-)
-"""Error class -> HTTP status; the first matching entry wins (most specific first)."""
 
 _TOKEN_PRUNE_S = 3600.0
 
@@ -120,16 +100,8 @@ def _error(status: int, code: str, message: str, **headers: str) -> web.Response
     )
 
 
-def status_of(exc: CPIError) -> int:
-    return next(status for cls, status in STATUS_OF if isinstance(exc, cls))
-
-
 def _bearer(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        return None
-    return value.strip()
+    return bearer_token(request.headers.get("Authorization", ""))
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
@@ -164,7 +136,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except CPIError as exc:
-        status = status_of(exc)
+        status = exc.http_status
         headers: dict[str, str] = {}
         if isinstance(exc, RateLimitedError):
             headers["Retry-After"] = str(exc.retry_after)

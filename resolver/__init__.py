@@ -2,10 +2,11 @@
 
 The library's front door is :class:`resolver.core.Resolver`; the HTTP service is
 :func:`resolver.http.create_app`, its client :class:`resolver.client.ResolverClient`.
-See ``docs/resolver.md``.
+Sub-packages: :mod:`resolver.dns` (DNS front end), :mod:`resolver.claims` (claims) and
+:mod:`resolver.audit` (auditing).  See ``docs/resolver.md``.
 
 The names below are imported on first use, so that importing one submodule (the
-verification workers import only :mod:`resolver._pool`) does not import the etcd client
+verification workers import only :mod:`resolver.verify`) does not import the etcd client
 and the rest of the package.
 """
 
@@ -15,24 +16,30 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from resolver.core import Discovery, Resolver, ResolverSettings
+    from resolver.client import ResolverClient
+    from resolver.config import ResolverConfig
+    from resolver.core import DiscoveryResult, Resolver, ResolverSettings
     from resolver.discovery import LatencyTable, Match, Query
     from resolver.entry import Entry
     from resolver.events import Event
 
 __all__ = [
-    "Discovery",
+    "DiscoveryResult",
     "Entry",
     "Event",
     "LatencyTable",
     "Match",
     "Query",
     "Resolver",
+    "ResolverClient",
+    "ResolverConfig",
     "ResolverSettings",
 ]
 
 _HOME = {
-    "Discovery": "resolver.core",
+    "ResolverClient": "resolver.client",
+    "ResolverConfig": "resolver.config",
+    "DiscoveryResult": "resolver.core",
     "Resolver": "resolver.core",
     "ResolverSettings": "resolver.core",
     "LatencyTable": "resolver.discovery",

@@ -12,7 +12,7 @@ Use::
 :meth:`Resolver.get`, :meth:`Resolver.resolve` and :meth:`Resolver.discover` are plain
 (synchronous) methods: they read in-memory dictionaries and never wait on etcd, so an
 asyncio protocol callback (the DNS front end) can call them directly.  Everything they
-return has been verified (see :mod:`resolver._verify`); a record that fails is never
+return has been verified (see :mod:`resolver.signers`); a record that fails is never
 returned, whatever etcd holds.
 
 Front ends that cache rendered answers key them by :attr:`Entry.generation` (unique per
@@ -29,8 +29,6 @@ from types import TracebackType
 from typing import Any
 
 from registry.index import Index
-from resolver._pool import Verifier
-from resolver._state import MassExpiry, NamespaceInfo, ReplicaSettings, ReplicaState
 from resolver.config import ResolverConfig
 from resolver.discovery import LatencyTable, Match, Query
 from resolver.entry import Entry
@@ -38,12 +36,14 @@ from resolver.errors import NotReadyError
 from resolver.events import Cursor, Event, EventLog, parse_cursor
 from resolver.metrics import ResolverMetrics
 from resolver.replica import Replica, SyncSettings
+from resolver.state import MassExpiry, NamespaceInfo, ReplicaSettings, ReplicaState
+from resolver.verify import Verifier
 from schemas.chain import TrustAnchors
 from schemas.cpid import CPID
 from schemas.cpid import parse as parse_cpid
 from schemas.errors import NotFoundError
 
-__all__ = ["Discovery", "Resolver", "ResolverSettings"]
+__all__ = ["DiscoveryResult", "Resolver", "ResolverSettings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +76,8 @@ class ResolverSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class Discovery:
-    """Discovery results (best first) and the replica revision they reflect."""
+class DiscoveryResult:
+    """The result of a discovery: matches (best first) and the replica revision they reflect."""
 
     results: list[Match]
     revision: int
@@ -282,13 +282,13 @@ class Resolver:
         """The ``/ns/`` entries of the index, each with whether its key's chain verifies."""
         return self._state.namespaces()
 
-    def discover(self, query: Query) -> Discovery:
+    def discover(self, query: Query) -> DiscoveryResult:
         """The best ``query.limit`` entries for ``query``, best first (see :mod:`resolver.discovery`)."""
         self._check_ready()
         started = time.perf_counter()
         results = self._state.discovery.search(query)
         self.metrics.discover_seconds.observe(time.perf_counter() - started)
-        return Discovery(results, self.revision, self.stale)
+        return DiscoveryResult(results, self.revision, self.stale)
 
     # -- change notification -------------------------------------------------------------
 

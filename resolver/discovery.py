@@ -263,7 +263,9 @@ class Query:
         for name in ("kind", "within", "accelerator", "min_free", "near", "max_latency_ms"):
             value = getattr(self, name)
             if value is not None:
-                out.append((name, f"{value:g}" if isinstance(value, float) else str(value)))
+                # repr() of a float is the shortest string that parses back to the same
+                # float, so the server sees exactly the max_latency_ms it was given.
+                out.append((name, repr(value) if isinstance(value, float) else str(value)))
         out.extend(("label", f"{k}:{v}") for k, v in self.labels)
         if self.live is not None:
             out.append(("live", "true" if self.live else "false"))

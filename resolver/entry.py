@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from resolver._pool import RecordFacts, StatusFacts
+from resolver.verify import RecordFacts, StatusFacts
 from schemas.cpid import CPID
 from schemas.dsse import Envelope
 from schemas.models import Endpoint, Record, Status, parse_payload
@@ -32,7 +32,7 @@ def free_units(facts: RecordFacts, status: StatusFacts | None, claimed: int) -> 
     """Free units a client can still claim: reported free + units the node already
     withheld for claims (``claimed_units``) - units claimed in ``/alloc/``.
 
-    The same arithmetic as :func:`resolver.claims.available_units`, so a node whose agent
+    The same arithmetic as :func:`resolver.claims.service.available_units`, so a node whose agent
     subtracts its claims is not counted twice.  Units are accelerators for records that
     list accelerators, CPU cores otherwise.  A node without a verified status, or whose
     state is not ``up``, has none.

@@ -1,7 +1,7 @@
 """Errors of the resolver, as branches of the one tree in :mod:`schemas.errors`.
 
-Each class has a ``code`` (the ``error.code`` of an HTTP answer); :mod:`resolver.http`
-maps classes to status codes in one middleware.  :class:`ConfigError` is the one of
+Each class has a ``code`` (the ``error.code`` of an HTTP answer) and an ``http_status``;
+the services answer it with that status.  :class:`ConfigError` is the one of
 :mod:`schemas.errors`, shared with the registry, re-exported here.
 """
 

@@ -39,19 +39,17 @@ from typing import Any, Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from resolver.claims_http import add_claim_routes
+from resolver.audit.log import add_log_routes
+from resolver.claims.http import add_claim_routes
 from resolver.config import ResolverConfig
 from resolver.core import Resolver
 from resolver.discovery import Query
-from resolver.dns import DnsServer
-from resolver.errors import NotReadyError, QueryError
+from resolver.dns.server import DnsServer
+from resolver.errors import NotReadyError
 from resolver.events import Event, parse_cursor
 from resolver.metrics import ResolverMetrics
-from resolver.translog import add_log_routes
 from schemas.errors import (
     CPIError,
-    InvalidCPIDError,
-    InvalidDataError,
     NotFoundError,
     RetrievalError,
 )
@@ -60,7 +58,6 @@ __all__ = [
     "CONFIG",
     "DNS",
     "RESOLVER",
-    "STATUS_OF",
     "create_app",
     "error_answer",
     "json_errors",
@@ -76,25 +73,10 @@ DNS = web.AppKey("dns", DnsServer)
 _METRICS = web.AppKey("metrics", ResolverMetrics)
 _STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams")
 
-STATUS_OF: Final[tuple[tuple[type[CPIError], int], ...]] = (
-    (InvalidCPIDError, 400),
-    (QueryError, 400),
-    (NotFoundError, 404),
-    (InvalidDataError, 400),
-    (NotReadyError, 503),
-    (RetrievalError, 503),
-    (CPIError, 500),
-)
-"""Error class -> HTTP status, first match wins."""
-
 STALE_HEADER: Final = "X-CPI-Stale"
 _JSON: Final = "application/json"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _status_of(exc: CPIError) -> int:
-    return next(status for cls, status in STATUS_OF if isinstance(exc, cls))
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -119,7 +101,7 @@ def error_answer(request: web.Request, exc: CPIError | web.HTTPException) -> web
     if isinstance(exc, web.HTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
         return _error(exc.status, code, f"{request.method} {request.path}: {exc.reason}")
-    status = _status_of(exc)
+    status = exc.http_status
     route = request.match_info.route.name or "other"
     request.app[_METRICS].errors.labels(route, exc.code).inc()
     if isinstance(exc, NotFoundError):
@@ -315,8 +297,8 @@ def create_app(
 
     The resolver (built from ``config`` unless given) starts in ``cleanup_ctx``: the app
     serves at once, answering 503 until the first listing of the index is applied.
-    The transparency-log routes (``/v1/log/...``, :mod:`resolver.translog`) and the
-    claims routes (``/v1/claims``, :mod:`resolver.claims_http`) are mounted too.
+    The transparency-log routes (``/v1/log/...``, :mod:`resolver.audit.log`) and the
+    claims routes (``/v1/claims``, :mod:`resolver.claims.http`) are mounted too.
     ``primary=False`` (the other processes of ``cpi resolver serve --workers N``) runs
     neither the DNS front end nor the claims reconciler: one process of the group does.
     """

@@ -1,6 +1,6 @@
 """The verified local replica of the index, kept by list-then-watch.
 
-:class:`Replica` is the I/O around :class:`resolver._state.ReplicaState`:
+:class:`Replica` is the I/O around :class:`resolver.state.ReplicaState`:
 
 * **list**: one consistent snapshot of ``/certs/``, ``/revoked/``, ``/ns/``, ``/rec/``,
   ``/live/``, ``/alloc/`` and ``/claim/`` (the first collection fixes the revision,
@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from registry.index import ROOT, Compacted, Index, IndexCompactedError, Prefix
-from resolver._pool import Verifier
-from resolver._state import Change, ReplicaState
 from resolver.events import Event
+from resolver.state import Change, ReplicaState
+from resolver.verify import Verifier
 from schemas.errors import RetrievalError
 
 __all__ = ["COLLECTIONS", "Replica", "SyncSettings"]

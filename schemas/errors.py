@@ -9,11 +9,16 @@ Two branches that callers must never confuse:
   down, a call timed out).  Retrying may help; services answer 503.
 
 Messages say what was found and what was expected.
+
+Each class carries ``code`` (the ``error.code`` of an HTTP answer) and ``http_status``
+(the status every service answers it with); a subclass inherits both unless it says
+otherwise, so the most specific class decides.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "BodyTooLargeError",
     "CPIError",
     "ChainError",
     "CheckpointError",
@@ -41,6 +46,7 @@ class CPIError(Exception):
     """Root of every error this project raises on purpose."""
 
     code = "error"
+    http_status = 500
 
 
 # -- bad data -----------------------------------------------------------------
@@ -50,6 +56,7 @@ class InvalidDataError(CPIError):
     """The input is wrong; retrying the same input cannot succeed."""
 
     code = "invalid"
+    http_status = 400
 
 
 class InvalidCPIDError(InvalidDataError, ValueError):
@@ -119,6 +126,7 @@ class OutsideNamespaceError(InvalidDataError):
     """A name lies outside the namespace that was supposed to contain it."""
 
     code = "outside_namespace"
+    http_status = 403
 
 
 class ConfigError(InvalidDataError):
@@ -131,12 +139,21 @@ class ConflictError(InvalidDataError):
     """The request contradicts existing state (e.g. a serial collision)."""
 
     code = "conflict"
+    http_status = 409
 
 
 class NotFoundError(InvalidDataError):
     """The named thing does not exist."""
 
     code = "not_found"
+    http_status = 404
+
+
+class BodyTooLargeError(InvalidDataError):
+    """A request body is larger than the service accepts (``max_body_bytes``)."""
+
+    code = "body_too_large"
+    http_status = 413
 
 
 class ProofError(InvalidDataError):
@@ -174,6 +191,7 @@ class RetrievalError(CPIError):
     """Data could not be read or written; the same call may succeed later."""
 
     code = "unavailable"
+    http_status = 503
 
 
 class IndexUnavailableError(RetrievalError):

@@ -20,7 +20,9 @@ import aiohttp
 from cpi.commands._etcd import etcd_argument, open_index
 from cpi.commands._util import print_json, read_input
 from registry.logsigner import LOG_VKEY_FILE, load_verifier
-from resolver.auditor import FAILURES, LogAuditor, LogReport, Sweeper, SweepReport, verify_bundle
+from resolver.audit.bundle import FAILURES, verify_bundle
+from resolver.audit.logcheck import LogAuditor, LogReport
+from resolver.audit.sweep import Sweeper, SweepReport
 from schemas import chain, dsse
 from schemas.checkpoint import NoteVerifier
 from schemas.cpid import parse

@@ -21,8 +21,8 @@ from urllib.parse import parse_qsl
 from cpi.commands._etcd import etcd_argument, open_index
 from cpi.commands._util import add_filter_arguments, print_json
 from registry.tokens import parse_duration
-from resolver import claim_tokens
-from resolver.claims_client import ClaimsClient
+from resolver.claims import tokens as claim_tokens
+from resolver.claims.client import ClaimsClient
 from resolver.client import default_url
 from resolver.discovery import Query
 from schemas.errors import InvalidDataError

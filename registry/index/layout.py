@@ -291,7 +291,7 @@ def read_units(value: bytes | None) -> int:
         return 0
     try:
         obj = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: hostile nesting
         obj = None
     if isinstance(obj, dict):
         obj = obj.get("units")

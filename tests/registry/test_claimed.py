@@ -37,7 +37,7 @@ async def test_lists_then_follows_the_held_namespaces_only(index: Index) -> None
 def test_the_agent_and_the_resolver_use_the_registry_s_names() -> None:
     # the agent does not import registry.claimed (it would pull the etcd client in)
     from registry import agent, claimed
-    from resolver import claims
+    from resolver.claims import service as claims
 
     assert agent.CLAIMED_HEADER == claimed.CLAIMED_HEADER
     assert agent.CLAIMED_METRIC == claims.CLAIMED_METRIC

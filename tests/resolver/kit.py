@@ -19,10 +19,10 @@ from typing import Any
 import seeds
 from registry import ca
 from registry.index import Index, Keys, Op
-from resolver._state import ReplicaSettings
 from resolver.core import Resolver, ResolverSettings
 from resolver.discovery import LatencyTable
 from resolver.replica import SyncSettings
+from resolver.state import ReplicaSettings
 from schemas import keys
 from schemas.chain import TrustAnchors
 from schemas.cpid import derive

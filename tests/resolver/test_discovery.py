@@ -9,8 +9,6 @@ from typing import Any
 import pytest
 
 from registry.index import Index, Keys
-from resolver._pool import Context, Job, Outcome, run_jobs
-from resolver._state import Change, ReplicaState
 from resolver.core import Resolver
 from resolver.discovery import (
     LatencyTable,
@@ -19,6 +17,8 @@ from resolver.discovery import (
     latency_score,
 )
 from resolver.errors import QueryError
+from resolver.state import Change, ReplicaState
+from resolver.verify import Context, Job, Outcome, run_jobs
 from tests.resolver.kit import LATENCY, Node, Pki, put_record, put_status, signed
 from tests.until import until
 
@@ -206,6 +206,14 @@ def test_query_round_trips_through_url_parameters() -> None:
     assert Query.from_params({}).limit == 20
 
 
+@pytest.mark.parametrize("ms", [12.345678901, 0.1 + 0.2, 1e-7, 123456789.125, 2.0])
+def test_max_latency_keeps_every_digit_through_url_parameters(ms: float) -> None:
+    q = Query(near="31", max_latency_ms=ms)
+    sent = dict(q.to_params())["max_latency_ms"]
+    assert float(sent) == ms
+    assert Query.from_params(q.to_params()).max_latency_ms == ms
+
+
 @pytest.mark.parametrize(
     ("params", "match"),
     [
@@ -244,8 +252,8 @@ def test_latency_table_lookups(tmp_path: Any) -> None:
 
 def test_free_units_add_back_what_the_agent_already_withheld_for_claims() -> None:
     """An agent that reports free minus claimed (metric claimed_units) is not counted twice."""
-    from resolver._pool import RecordFacts, StatusFacts
     from resolver.entry import free_units
+    from resolver.verify import RecordFacts, StatusFacts
     from schemas.cpid import derive
     from schemas.keys import generate, public_raw, public_to_b64url
     from schemas.models import Accelerator, Attributes, Capacity, Location, Record, Status

@@ -7,9 +7,9 @@ import dataclasses
 from typing import Any
 
 from registry.index import Index, Keys
-from resolver._state import ReplicaSettings
 from resolver.core import Resolver
 from resolver.discovery import Query
+from resolver.state import ReplicaSettings
 from tests.resolver.kit import FAST, Node, Pki, make_resolver, put_record, put_status
 from tests.until import until
 

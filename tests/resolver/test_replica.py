@@ -13,14 +13,14 @@ import pytest
 
 from registry import ca
 from registry.index import Index, Keys, KVPage
-from resolver import _state as resolver_state
 from resolver import replica as resolver_replica
-from resolver._pool import Verifier
-from resolver._state import ReplicaSettings, ReplicaState
+from resolver import state as resolver_state
 from resolver.core import Resolver
 from resolver.discovery import Query
 from resolver.errors import NotReadyError
 from resolver.replica import Replica, SyncSettings
+from resolver.state import ReplicaSettings, ReplicaState
+from resolver.verify import Verifier
 from schemas import dsse, keys
 from schemas.errors import InvalidCPIDError, NotFoundError, RetrievalError
 from tests.resolver.kit import FAST, Node, Pki, make_resolver, put_record, put_status, signed

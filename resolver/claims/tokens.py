@@ -58,12 +58,14 @@ class ClaimsTokenError(InvalidDataError):
     """A claims token problem; subclasses say which."""
 
     code = "invalid_token"
+    http_status = 403
 
 
 class UnknownClaimsTokenError(ClaimsTokenError):
     """No ``Authorization: Bearer`` token, or one the index does not know (HTTP 401)."""
 
     code = "invalid_token"
+    http_status = 401
 
 
 class ClaimsTokenExpiredError(ClaimsTokenError):

@@ -1,6 +1,6 @@
 """A resolver with only the claims routes, for the crash test (run in a subprocess).
 
-``python -m tests.resolver.claims_server ETCD_ENDPOINT ANCHOR_FILE`` starts a
+``python -m tests.resolver.claims.claims_server ETCD_ENDPOINT ANCHOR_FILE`` starts a
 :class:`~resolver.core.Resolver` on that etcd, mounts :func:`add_claim_routes` on a
 bare aiohttp app on a free loopback port, prints ``port <n>`` once the replica is
 ready, and serves until it is killed.
@@ -16,7 +16,7 @@ from pathlib import Path
 from aiohttp import web
 
 from registry.index import Index
-from resolver.claims_http import add_claim_routes
+from resolver.claims.http import add_claim_routes
 from resolver.config import load_anchor_files
 from resolver.core import Resolver
 from tests.resolver.kit import FAST

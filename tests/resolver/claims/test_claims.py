@@ -22,28 +22,24 @@ from aiohttp.test_utils import TestClient
 
 from cpi.etcdproc import EtcdProcess
 from registry.index import Index, Keys, Prefix
-from resolver import claim_tokens
-from resolver.claims import (
+from resolver.claims import tokens as claim_tokens
+from resolver.claims.http import CLAIMS, add_claim_routes
+from resolver.claims.service import (
     Claim,
     ClaimService,
     ClaimsSettings,
     DrainingError,
     InsufficientCapacityError,
-    InvalidClaimError,
     NotLiveError,
-    available_units,
     new_claim_id,
-    parse_claim_id,
 )
-from resolver.claims_http import CLAIMS, add_claim_routes
-from resolver.core import Discovery, Resolver
+from resolver.core import DiscoveryResult, Resolver
 from resolver.discovery import Query
-from schemas.models import Capacity, Status
 from tests.registry.service_kit import dump
 from tests.resolver.kit import Node, Pki, make_resolver, put_record, put_status
 from tests.until import until
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 FAST_CLAIMS = ClaimsSettings(reconcile_delay_s=0.05, reconcile_interval_s=5.0)
 UNKNOWN_CPID = "CN.31.CMCC/GPU.AAAAAAAAAAAA-A"
 
@@ -119,48 +115,6 @@ async def stack(
     add_claim_routes(app, resolver=resolver, settings=FAST_CLAIMS)
     client = await aiohttp_client(app)
     yield Stack(client, index, resolver, pki)
-
-
-# -- pure helpers ---------------------------------------------------------------------------
-
-
-def test_claim_ids_carry_their_cpid() -> None:
-    cpid = Node().cpid
-    cid = new_claim_id(cpid)
-    assert parse_claim_id(cid) == cpid and Keys.claim(cpid, cid).endswith("/" + cid)
-    for bad in ("x", f"{cid}~more", cid.lower(), cid.replace("~", "/", 1), cid[:-10]):
-        with pytest.raises(InvalidClaimError, match="claim id"):
-            parse_claim_id(bad)
-
-
-@pytest.mark.parametrize(
-    ("free", "metric", "state", "allocated", "expected"),
-    [
-        (10, None, "up", 0, 10),
-        (10, None, "up", 4, 6),
-        (10, None, "up", 12, 0),
-        (6, 4, "up", 4, 6),  # the node already subtracted the 4 claimed units
-        (6, 4, "up", 6, 4),  # two more claimed since its last status
-        (6, 4, "up", 2, 8),  # two released since its last status
-        (6, 1000, "up", 0, 16),  # never more than the record's hardware
-        (10, None, "draining", 0, 0),
-        (10, None, "down", 0, 0),
-    ],
-)
-def test_available_units(
-    free: int, metric: int | None, state: str, allocated: int, expected: int
-) -> None:
-    node = Node(count=16)
-    status = Status(
-        cpid=node.cpid,
-        seq=1,
-        observed_at=1,
-        state=state,  # type: ignore[arg-type]
-        capacity=Capacity(accelerators_free=free),
-        metrics={} if metric is None else {"claimed_units": metric},
-    )
-    assert available_units(node.record(), status, allocated) == expected
-    assert available_units(node.record(), None, 0) == 0
 
 
 # -- atomicity -----------------------------------------------------------------------------
@@ -332,11 +286,11 @@ async def test_query_tries_the_next_candidate_when_one_is_refused(
     await put_status(idx, first, free=16, state="draining")  # the replica may not know yet
     real = r.discover
 
-    def stale(q: Query) -> Discovery:
+    def stale(q: Query) -> DiscoveryResult:
         found = real(dataclass_replace(q, min_free=None, live=None))
         order = {first.cpid: 0, second.cpid: 1}
         results = sorted((m for m in found.results if m.cpid in order), key=lambda m: order[m.cpid])
-        return Discovery(results, found.revision, False)
+        return DiscoveryResult(results, found.revision, False)
 
     monkeypatch.setattr(r, "discover", stale)
     claim = await stack.service.claim_query(Query(kind="GPU"), units=8, holder="alice")
@@ -496,7 +450,7 @@ async def test_nothing_leaks_when_a_claims_server_is_killed_mid_burst(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "tests.resolver.claims_server",
+        "tests.resolver.claims.claims_server",
         etcd_server.endpoint,
         str(anchor_file),
         cwd=ROOT,

@@ -1,7 +1,7 @@
 """On-demand acquisition: atomic claims on verified, live capacity.  No HTTP here.
 
 A claim reserves ``units`` of one resource for ``ttl_s`` seconds on behalf of a
-*holder* (named by its claims token, :mod:`resolver.claim_tokens`).  Three kinds of
+*holder* (named by its claims token, :mod:`resolver.claims.tokens`).  Three kinds of
 keys (DESIGN.md section 3; built by :class:`registry.index.Keys` only):
 
 * ``/cpi/v1/claim/<cpid>/<claim-id>``: ``{"claim_id", "cpid", "holder", "units",
@@ -66,8 +66,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from registry.index import KV, Cmp, Compacted, Index, Keys, Lease, Op, Prefix, parse_key
-from resolver import claim_tokens
-from resolver._claim_model import (
+from resolver.claims import tokens as claim_tokens
+from resolver.claims.model import (
     CLAIMED_METRIC,
     ID_SEPARATOR,
     MAX_UNITS,

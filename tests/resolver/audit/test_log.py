@@ -14,12 +14,12 @@ import pytest
 from cpi.main import main
 from registry.index import Index, Keys, Prefix
 from registry.logsigner import LATEST_KEY, LogSigner, init_log_key, load_verifier, vkey_path_for
-from resolver.translog import LogView, record_digest
+from resolver.audit.log import LogView, record_digest
 from schemas.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
 from schemas.errors import LogConsistencyError
 from schemas.keys import Ed25519PrivateKey
 from schemas.merkle import MerkleTree, leaf_hash, verify_consistency, verify_inclusion
-from tests.resolver.audit_kit import Kit, resolver_app
+from tests.resolver.audit.audit_kit import Kit, resolver_app
 
 ORIGIN = "test.cpi/log"
 

@@ -9,7 +9,7 @@
 * ``GET /v1/claims[?holder=NAME]`` -> ``{"holder", "units", "claims": [...]}``, the
   token holder's active claims (``holder`` may only name the token's own holder).
 
-The routes map their own errors (:data:`STATUS_OF`), so they answer the same whatever
+The routes map their own errors (each class's ``http_status``), so they answer the same whatever
 middleware the host app has.  Errors are ``{"error": {"code", "message"}}``; a 409
 adds ``"free"`` and ``"requested"``, a 429 ``"max_units"``, ``"held"`` and
 ``"requested"``.  The claims service (and its reconciler) start in the app's
@@ -25,13 +25,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from registry.index import Index
-from resolver.claim_tokens import (
-    ClaimsTokenError,
-    ClaimsTokenInfo,
-    TokenCache,
-    UnknownClaimsTokenError,
-)
-from resolver.claims import (
+from resolver.claims.service import (
     Claim,
     ClaimConflictError,
     ClaimForbiddenError,
@@ -41,19 +35,21 @@ from resolver.claims import (
     InvalidClaimError,
     QuotaExceededError,
 )
+from resolver.claims.tokens import (
+    ClaimsTokenInfo,
+    TokenCache,
+)
 from resolver.core import Resolver
 from resolver.discovery import Query
 from resolver.errors import QueryError
 from schemas._json import loads as strict_loads
 from schemas.errors import (
+    BodyTooLargeError,
     CPIError,
-    InvalidCPIDError,
-    InvalidDataError,
-    NotFoundError,
-    RetrievalError,
 )
+from schemas.http import bearer_token
 
-__all__ = ["CLAIMS", "STATUS_OF", "BodyTooLargeError", "add_claim_routes", "parse_query"]
+__all__ = ["CLAIMS", "add_claim_routes", "parse_query"]
 
 _log = logging.getLogger("resolver.claims_http")
 
@@ -76,37 +72,11 @@ _QUERY_FIELDS: Final[dict[str, tuple[type, ...]]] = {
 }
 
 
-class BodyTooLargeError(InvalidClaimError):
-    """The request body is larger than ``max_body_bytes`` (HTTP 413)."""
-
-    code = "body_too_large"
-
-
-STATUS_OF: Final[tuple[tuple[type[CPIError], int], ...]] = (
-    (BodyTooLargeError, 413),
-    (UnknownClaimsTokenError, 401),
-    (ClaimsTokenError, 403),
-    (ClaimForbiddenError, 403),
-    (QuotaExceededError, 429),
-    (InvalidCPIDError, 400),
-    (QueryError, 400),
-    (NotFoundError, 404),
-    (ClaimConflictError, 409),
-    (InvalidDataError, 400),
-    (RetrievalError, 503),
-    (CPIError, 500),
-)
-"""Error class -> HTTP status; the first matching entry wins (most specific first)."""
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _status_of(exc: CPIError) -> int:
-    return next(status for cls, status in STATUS_OF if isinstance(exc, cls))
-
-
 def _error_response(exc: CPIError) -> web.Response:
-    status = _status_of(exc)
+    status = exc.http_status
     err: dict[str, Any] = {"code": exc.code, "message": str(exc)}
     if isinstance(exc, ClaimConflictError):
         err.update(free=exc.free, requested=exc.requested)
@@ -119,13 +89,13 @@ def _error_response(exc: CPIError) -> web.Response:
 
 
 def _guarded(handler: Handler) -> Handler:
-    """Answer the project's errors as JSON with :data:`STATUS_OF` (independent of the app)."""
+    """Answer the project's errors as JSON with their ``http_status`` (independent of the app)."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
         except CPIError as exc:
-            if _status_of(exc) >= 500:
+            if exc.http_status >= 500:
                 _log.warning("%s %s: %s", request.method, request.path, exc)
             else:
                 _log.debug("%s %s refused (%s): %s", request.method, request.path, exc.code, exc)
@@ -137,15 +107,8 @@ def _guarded(handler: Handler) -> Handler:
 # -- request parsing ----------------------------------------------------------------------
 
 
-def _bearer(request: web.Request) -> str | None:
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
-        return None
-    return value.strip()
-
-
 async def _token(request: web.Request) -> ClaimsTokenInfo:
-    return await request.app[_TOKENS].lookup(_bearer(request))
+    return await request.app[_TOKENS].lookup(bearer_token(request.headers.get("Authorization", "")))
 
 
 async def _body(request: web.Request, limit: int) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Transparency log, read side: the latest checkpoint, inclusion and consistency proofs.
 
 The log's leaves are the audit stream (leaf ``i`` = the exact bytes of
-``/cpi/v1/audit/<i + 1>``); the national node's log signer (:mod:`registry.translog`)
+``/cpi/v1/audit/<i + 1>``); the national node's log signer (:mod:`registry.logsigner`)
 stores signed checkpoints under ``/cpi/v1/log/``.  :class:`LogView` follows both
 through :mod:`registry.index` alone: it keeps a :class:`~schemas.merkle.MerkleTree` of
 the leaf hashes (64 bytes a leaf) and, per CPID, the indices of its leaves; leaf bytes
@@ -43,6 +43,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from registry.index import Index, Keys, Prefix, parse_key
+from resolver.errors import QueryError
 from schemas.checkpoint import Checkpoint, Note
 from schemas.cpid import parse as parse_cpid
 from schemas.dsse import Envelope
@@ -300,15 +301,11 @@ def _int(request: web.Request, name: str, *, required: bool = False) -> int | No
     raw = request.query.get(name)
     if raw is None or raw == "":
         if required:
-            raise _BadQuery(f"query parameter {name!r} is required")
+            raise QueryError(f"query parameter {name!r} is required")
         return None
     if not raw.isdigit() or len(raw) > 20:
-        raise _BadQuery(f"query parameter {name}={raw!r} must be a non-negative integer")
+        raise QueryError(f"query parameter {name}={raw!r} must be a non-negative integer")
     return int(raw)
-
-
-class _BadQuery(Exception):
-    pass
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -321,14 +318,8 @@ def _handler(fn: Callable[[LogView, web.Request], Awaitable[web.StreamResponse]]
             if view.tree.size == 0 and view.checkpoint is None:
                 await view.refresh()
             return await fn(view, request)
-        except _BadQuery as exc:
-            return _error(400, "invalid_query", str(exc))
-        except NotFoundError as exc:
-            return _error(404, exc.code, str(exc))
-        except RetrievalError as exc:
-            return _error(503, exc.code, str(exc))
         except CPIError as exc:
-            return _error(500, exc.code, str(exc))
+            return _error(exc.http_status, exc.code, str(exc))
 
     return handle
 
@@ -347,15 +338,15 @@ async def _inclusion(view: LogView, request: web.Request) -> web.StreamResponse:
     if index is None:
         cpid = request.query.get("cpid")
         if not cpid:
-            raise _BadQuery("give index=, or cpid= with digest= or version=")
+            raise QueryError("give index=, or cpid= with digest= or version=")
         digest = request.query.get("digest") or None
         version = _int(request, "version")
         if digest is None and version is None:
-            raise _BadQuery("cpid= needs digest= (sha256 hex of the record envelope) or version=")
+            raise QueryError("cpid= needs digest= (sha256 hex of the record envelope) or version=")
         try:
             cpid = parse_cpid(cpid).to_text()
         except CPIError as exc:
-            raise _BadQuery(str(exc)) from exc
+            raise QueryError(str(exc)) from exc
         if view.tree.size < (tree_size or 0) or (
             view.checkpoint is not None and view.tree.size < view.checkpoint.size
         ):

@@ -1,6 +1,6 @@
 """What a claim is, what it may take, and how it can be refused.  No I/O.
 
-The values behind :mod:`resolver.claims` (which re-exports them): the error tree of
+The values behind :mod:`resolver.claims.service` (which re-exports them): the error tree of
 claims, :class:`Claim` as stored at ``/cpi/v1/claim/<cpid>/<claim-id>``, claim ids,
 the totals' value format (``{"units": N}``), the free-units rule
 (:func:`available_units`), the service's settings and counters.
@@ -17,7 +17,9 @@ from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter
 
-from registry.index import KV, Keys, Prefix, parse_key
+from registry.index import layout
+from registry.index.layout import Keys, Prefix, parse_key, units_json
+from registry.index.values import KV
 from schemas.cpid import parse as parse_cpid
 from schemas.errors import ConflictError, InvalidCPIDError, InvalidDataError, NotFoundError
 from schemas.models import Record, Status
@@ -58,7 +60,7 @@ _ID_RANDOM: Final = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 
 # =============================================================================
-# Errors (one tree: schemas.errors; resolver.claims_http maps them to statuses)
+# Errors (one tree: schemas.errors; resolver.claims.http maps them to statuses)
 # =============================================================================
 
 
@@ -108,6 +110,7 @@ class QuotaExceededError(InvalidDataError):
     """The holder would hold more than its token's ``max_units`` (HTTP 429)."""
 
     code = "quota_exceeded"
+    http_status = 429
 
     def __init__(
         self, message: str, *, holder: str, max_units: int, held: int, requested: int
@@ -123,6 +126,7 @@ class ClaimForbiddenError(InvalidDataError):
     """The claim belongs to another holder (HTTP 403)."""
 
     code = "forbidden"
+    http_status = 403
 
 
 class ClaimNotFoundError(NotFoundError):
@@ -174,24 +178,13 @@ def available_units(record: Record, status: Status | None, allocated: int) -> in
     return max(0, min(free, hardware) if hardware else free)
 
 
-def units_json(units: int) -> bytes:
-    return b'{"units":%d}' % units
-
-
 def read_units(kv: KV | None) -> int | None:
-    """Units in an ``/alloc/`` or ``/holders/`` value (``{"units": N}`` or ``N``); 0 when
-    absent, ``None`` when unreadable."""
-    if kv is None:
-        return 0
+    """Units in an ``/alloc/`` or ``/holders/`` key (:func:`registry.index.layout.read_units`):
+    0 when absent, ``None`` when unreadable (the claims service then refuses to count on it)."""
     try:
-        obj = json.loads(kv.value)
-    except ValueError:
+        return layout.read_units(None if kv is None else kv.value)
+    except InvalidDataError:
         return None
-    if isinstance(obj, dict):
-        obj = obj.get("units")
-    if isinstance(obj, int) and not isinstance(obj, bool) and obj >= 0:
-        return obj
-    return None
 
 
 def new_claim_id(cpid: str) -> str:

@@ -13,11 +13,12 @@ import pytest
 from cpi.main import main
 from registry import ca, national
 from registry.index import Index, Keys
-from resolver.auditor import Sweeper, classify, verify_bundle
+from resolver.audit.bundle import classify, verify_bundle
+from resolver.audit.sweep import Sweeper
 from schemas import dsse, keys
 from schemas.chain import verify_record
 from schemas.cpid import derive
-from tests.resolver.audit_kit import Kit, resolver_app
+from tests.resolver.audit.audit_kit import Kit, resolver_app
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Verification jobs for the replica, run inline or in worker processes.
+"""Verification jobs, run inline or in worker processes: the replica's and the auditor's.
 
 Every record is decided by the contract's own verifier:
 :func:`schemas.chain.verify_record_prepared` (all five rules) against the chain of its
@@ -17,11 +17,15 @@ What comes back is compact: whether it verified (or the first failed check and t
 verifier's message) and the few :class:`RecordFacts` / :class:`StatusFacts` the
 replica indexes.  Full pydantic models are only returned by inline runs; for the rest
 the entry parses its (verified) payload the first time someone asks for the model.
+
+The auditor's sweep (:mod:`resolver.audit.sweep`) uses the same jobs, outcomes and
+pool: :meth:`Verifier.stream` verifies pages as they are read from the index.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import functools
 import logging
@@ -137,11 +141,11 @@ class StatusFacts:
 Job = (
     tuple[Literal["record"], str, Envelope, Envelope | None]
     | tuple[Literal["raw"], bytes, Envelope | None]
-    | tuple[Literal["status"], str, Envelope]
+    | tuple[Literal["status"], str, Envelope | bytes]
 )
 """``("record", signer_kid, envelope, status_envelope_or_None)``,
 ``("raw", record_value_as_stored, status_envelope_or_None)`` or
-``("status", record_public_key, envelope)``.
+``("status", record_public_key, envelope_or_value_as_stored)``.
 
 A ``raw`` job is a record the replica has not parsed: the job parses the envelope
 (:attr:`Outcome.envelope` hands it back), finds the chain of its signing key in
@@ -232,8 +236,13 @@ def run_jobs(
     out: list[Outcome] = []
     for job in jobs:
         if job[0] == "status":
-            _, public_key, env = job
-            out.append(_status(env, public_key, keep_documents))
+            _, public_key, stored = job
+            try:
+                st_env = Envelope.from_json(stored) if isinstance(stored, bytes) else stored
+            except EnvelopeError as exc:
+                out.append(Outcome(False, 0, exc.code, str(exc), str(exc)))
+                continue
+            out.append(_status(st_env, public_key, keep_documents))
             continue
         parsed: Envelope | None = None
         if job[0] == "raw":
@@ -282,11 +291,14 @@ _prepared: tuple[bytes, dict[str, PreparedChain]] = (b"", {})
 """In a worker process: the chains prepared for the context (token) of the last chunk."""
 
 
-def _worker_run(ctx: Context, jobs: list[Job]) -> list[Outcome]:
+def _worker_run(ctx: Context, jobs: list[Job]) -> tuple[list[Outcome], int]:
+    """Run ``jobs`` in a worker; also says how many chains it walked for them."""
     global _prepared
     if _prepared[0] != ctx.token:
         _prepared = (ctx.token, {})
-    return run_jobs(ctx, jobs, keep_documents=False, prepared=_prepared[1])
+    before = len(_prepared[1])
+    out = run_jobs(ctx, jobs, keep_documents=False, prepared=_prepared[1])
+    return out, len(_prepared[1]) - before
 
 
 def _warm() -> int:
@@ -313,6 +325,8 @@ class Verifier:
         self._warming: asyncio.Future[list[int]] | None = None
         self.checked_inline = 0
         self.checked_pool = 0
+        self.chains_walked_pool = 0
+        """Chains walked in the worker processes (each worker walks a chain once per context)."""
 
     def prepare(self) -> None:
         """Start the worker processes in the background (no-op without workers)."""
@@ -350,7 +364,7 @@ class Verifier:
         try:
             for i, fut in enumerate(futures):
                 try:
-                    part = await fut
+                    part, walked = await fut
                 except concurrent.futures.process.BrokenProcessPool:
                     _log.warning("verification worker pool broke; verifying the rest inline")
                     self._pool = None
@@ -359,9 +373,55 @@ class Verifier:
                     yield run_jobs(ctx, rest)
                     return
                 self.checked_pool += len(part)
+                self.chains_walked_pool += walked
                 yield part
         finally:
             for fut in futures:
+                fut.cancel()
+
+    async def stream(
+        self,
+        ctx: Context,
+        batches: AsyncIterator[Sequence[Job]],
+        *,
+        chunk: int = CHUNK,
+        prepared: dict[str, PreparedChain] | None = None,
+    ) -> AsyncIterator[list[Outcome]]:
+        """Verify batches as they arrive (pages of a listing); yields outcome lists that,
+        concatenated, follow the jobs of all batches.
+
+        Without workers every batch runs inline against ``prepared`` (chains already
+        walked against ``ctx``, filled in as needed).  With workers, batches are cut into
+        ``chunk``-sized pieces for the pool while the next batches are being read, at
+        most two pieces per worker in flight; documents are not kept either way.
+        """
+        if self.workers == 0:
+            async for batch in batches:
+                self.checked_inline += len(batch)
+                yield run_jobs(ctx, batch, keep_documents=False, prepared=prepared)
+            return
+        self.prepare()
+        assert self._pool is not None
+        loop = asyncio.get_running_loop()
+        pool = self._pool
+        pending: collections.deque[asyncio.Future[tuple[list[Outcome], int]]] = collections.deque()
+
+        def take(part: list[Outcome], walked: int) -> list[Outcome]:
+            self.checked_pool += len(part)
+            self.chains_walked_pool += walked
+            return part
+
+        try:
+            async for batch in batches:
+                for i in range(0, len(batch), chunk):
+                    piece = list(batch[i : i + chunk])
+                    pending.append(loop.run_in_executor(pool, _worker_run, ctx, piece))
+                while len(pending) >= 2 * self.workers:
+                    yield take(*await pending.popleft())
+            while pending:
+                yield take(*await pending.popleft())
+        finally:
+            for fut in pending:
                 fut.cancel()
 
     async def close(self) -> None:

@@ -125,7 +125,7 @@ def resolver_app(index: Index, kit: Kit) -> Any:
     """A stand-in resolver: ``/v1/resources/{cpid}`` from the index, plus the log routes."""
     from aiohttp import web
 
-    from resolver.translog import add_log_routes
+    from resolver.audit.log import add_log_routes
 
     async def resource(request: web.Request) -> web.Response:
         cpid = request.match_info["cpid"]

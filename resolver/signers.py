@@ -1,6 +1,6 @@
 """What the replica knows about the chain of each signing key, and failure labels.
 
-Records are verified by the contract's verifier (:mod:`resolver._pool`).  Around it,
+Records are verified by the contract's verifier (:mod:`resolver.verify`).  Around it,
 the replica needs to know, per signing key id, whether its chain verifies *now* and
 until when (:class:`SignerVerdict`, from :func:`schemas.chain.verify_chain`), so that
 it re-verifies exactly the records affected when a cert or revocation changes or a

@@ -22,9 +22,9 @@ from registry.agent.probe import GpuReading, Probe
 from registry.config import load_config
 from registry.index import Index, Keys
 from registry.service import create_app
-from resolver import claim_tokens
-from resolver.claims import ClaimService, DrainingError, InsufficientCapacityError
-from resolver.claims_http import add_claim_routes
+from resolver.claims import tokens as claim_tokens
+from resolver.claims.http import add_claim_routes
+from resolver.claims.service import ClaimService, DrainingError, InsufficientCapacityError
 from resolver.core import Resolver
 from schemas import chain, dsse, keys
 from schemas.cpid import derive

@@ -26,7 +26,8 @@ from registry import ca
 from registry.index import Index, Keys
 from resolver.core import Resolver
 from resolver.discovery import Query
-from resolver.dns import DISCOVERY_LIMIT, MAX_TTL, NEGATIVE_TTL, DnsAnswerer, DnsServer, start_dns
+from resolver.dns.answerer import DISCOVERY_LIMIT, MAX_TTL, NEGATIVE_TTL, DnsAnswerer
+from resolver.dns.server import DnsServer, start_dns
 from resolver.http import DNS, RESOLVER, create_app
 from schemas import dsse, keys
 from schemas.cpid import derive

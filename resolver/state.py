@@ -4,7 +4,7 @@
 one etcd revision at a time, through :meth:`ReplicaState.apply`; the clock drives
 :meth:`ReplicaState.sweep`.  Both return the resulting :class:`~resolver.events.Event`
 group and append it to the event ring.  Verification is the only expensive step;
-it is handed to a runner (inline or a process pool, :mod:`resolver._pool`) and
+it is handed to a runner (inline or a process pool, :mod:`resolver.verify`) and
 awaited, which is the only place either method yields to the event loop.  Lookups in
 the meantime see the state as it was before the batch: an entry is replaced only
 after everything it depends on has been checked.
@@ -12,7 +12,7 @@ after everything it depends on has been checked.
 What is kept per collection (DESIGN.md section 3):
 
 * ``/certs/``, ``/revoked/``: envelopes as stored; the chain of each signing key is
-  verified once (:func:`resolver._verify.verify_signer`) and re-verified when a cert or
+  verified once (:func:`resolver.signers.verify_signer`) and re-verified when a cert or
   revocation changes or a validity window closes;
 * ``/rec/``: every record, served or not, with the outcome of its verification by
   :func:`schemas.chain.verify_record_prepared` (once per revision; again only when its
@@ -34,8 +34,12 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from registry.index import Prefix, parse_key
-from resolver._pool import (
+from registry.index.layout import Prefix, parse_key, read_units
+from resolver.discovery import DiscoveryIndex, LatencyTable
+from resolver.entry import Entry
+from resolver.events import Event, EventLog
+from resolver.signers import SignerVerdict, label_of, pending_revocation, verify_signer
+from resolver.verify import (
     NO_CHAIN,
     NO_ENVELOPE,
     Context,
@@ -45,15 +49,11 @@ from resolver._pool import (
     StatusFacts,
     run_jobs,
 )
-from resolver._verify import SignerVerdict, label_of, pending_revocation, verify_signer
-from resolver.discovery import DiscoveryIndex, LatencyTable
-from resolver.entry import Entry
-from resolver.events import Event, EventLog
 from schemas import keys as _keys
 from schemas.chain import CLOCK_SKEW, TrustAnchors
 from schemas.cpid import CPID
 from schemas.dsse import Envelope
-from schemas.errors import EnvelopeError
+from schemas.errors import EnvelopeError, InvalidDataError
 from schemas.models import Record, Status
 
 __all__ = ["Change", "MassExpiry", "NamespaceInfo", "ReplicaSettings", "ReplicaState", "Runner"]
@@ -64,7 +64,7 @@ UNREADABLE_ALLOC: Final = 1 << 30
 """Claimed units assumed when an ``/alloc/`` value cannot be read (nothing is free)."""
 
 Runner = Callable[[Context, Sequence[Job]], AsyncIterator[list[Outcome]]]
-"""Verifies a batch of jobs (:meth:`resolver._pool.Verifier.run`): yields outcome lists
+"""Verifies a batch of jobs (:meth:`resolver.verify.Verifier.run`): yields outcome lists
 that, concatenated, follow the jobs."""
 
 
@@ -177,7 +177,7 @@ class _Batch:
 
 _BULK: Final = 2000
 """Batches with at least this many changes leave record envelopes to the verification
-jobs to parse (``raw`` jobs, :mod:`resolver._pool`): in worker processes, in parallel."""
+jobs to parse (``raw`` jobs, :mod:`resolver.verify`): in worker processes, in parallel."""
 
 
 def _split_cpid(canonical: str) -> CPID:
@@ -198,19 +198,6 @@ def _serial_of(cpid: str) -> str:
 
 def _namespace_of(cpid: str) -> str:
     return cpid.partition("/")[0]
-
-
-def _read_units(value: bytes) -> int | None:
-    """Claimed units from an ``/alloc/`` value: ``N``, ``{"units": N}`` (or ``claimed``/``total``)."""
-    try:
-        obj = json.loads(value)
-    except ValueError:
-        return None
-    if isinstance(obj, dict):
-        obj = next((obj[k] for k in ("units", "claimed", "total") if k in obj), None)
-    if isinstance(obj, int) and not isinstance(obj, bool) and obj >= 0:
-        return obj
-    return None
 
 
 class ReplicaState:
@@ -537,8 +524,9 @@ class ReplicaState:
         if ch.type == "delete":
             self.allocs.pop(cpid, None)
             return
-        units = _read_units(ch.value)
-        if units is None:
+        try:
+            units = read_units(ch.value)
+        except InvalidDataError:
             _log.warning(
                 "%s%s holds %r, expected a number of units; nothing of it counts as free",
                 Prefix.ALLOC,

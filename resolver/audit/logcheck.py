@@ -1,0 +1,266 @@
+"""The auditor's check of the transparency log, as a resolver serves it.
+
+Trusts nothing but the log's verifier key and the last checkpoint stored locally.
+:func:`check_transition` checks a fetched checkpoint against the stored one (rollback,
+split view, consistency proof); :class:`LogAuditor` does that over HTTP and checks a
+record's inclusion proof.  The serving side is :mod:`resolver.audit.log`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from schemas import dsse
+from schemas.checkpoint import Checkpoint, NoteVerifier, open_checkpoint
+from schemas.errors import (
+    CheckpointError,
+    CPIError,
+    LogConsistencyError,
+    ProofError,
+    SignatureError,
+)
+from schemas.merkle import leaf_hash, verify_consistency, verify_inclusion
+
+__all__ = ["LogAuditor", "LogReport", "check_transition"]
+
+
+def _hashes(values: Sequence[Any], what: str) -> list[bytes]:
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(base64.b64decode(v, validate=True))
+        except (ValueError, TypeError) as exc:
+            raise ProofError(f"{what} element {i} is not base64: {v!r}") from exc
+    return out
+
+
+def check_transition(old: Checkpoint | None, new: Checkpoint, proof: Sequence[bytes] | None) -> str:
+    """Check that ``new`` extends ``old`` (the last checkpoint this auditor accepted).
+
+    Returns a one-line description.  Raises :class:`LogConsistencyError` with kind
+    ``rollback`` (a smaller tree), ``split_view`` (another root for the same size, or a
+    consistency proof that fails); ``proof`` is the consistency proof from
+    ``old.size`` to ``new.size`` (unused when the sizes are equal).
+    """
+    if old is None:
+        return f"first checkpoint seen: size {new.size} (trust on first use)"
+    if new.origin != old.origin:
+        raise CheckpointError(f"checkpoint origin is {new.origin!r}, the stored one {old.origin!r}")
+    if new.size < old.size:
+        raise LogConsistencyError(
+            f"ROLLBACK: the log shows tree size {new.size}, but size {old.size} (root "
+            f"{old.root_hash.hex()}) was already seen",
+            kind="rollback",
+        )
+    if new.size == old.size:
+        if new.root_hash != old.root_hash:
+            raise LogConsistencyError(
+                f"SPLIT VIEW: two signed roots for tree size {new.size}: {old.root_hash.hex()} "
+                f"(stored) and {new.root_hash.hex()} (now)",
+                kind="split_view",
+            )
+        return f"unchanged at size {new.size}"
+    try:
+        verify_consistency(
+            first=old.size,
+            second=new.size,
+            first_root=old.root_hash,
+            second_root=new.root_hash,
+            proof=list(proof or []),
+        )
+    except ProofError as exc:
+        raise LogConsistencyError(
+            f"SPLIT VIEW: the checkpoint at size {new.size} is not consistent with the stored "
+            f"one at size {old.size}: {exc}",
+            kind="split_view",
+        ) from exc
+    return f"consistent: size {old.size} -> {new.size}"
+
+
+@dataclass(slots=True)
+class LogReport:
+    """What ``cpi audit log`` checked, in order."""
+
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)
+    checkpoint: Checkpoint | None = None
+    alarm: str | None = None
+    """``rollback`` or ``split_view`` when the log contradicted the stored checkpoint."""
+
+    @property
+    def ok(self) -> bool:
+        return all(ok for _, ok, _ in self.checks)
+
+    def add(self, what: str, ok: bool, detail: str = "") -> None:
+        self.checks.append((what, ok, detail))
+
+    def to_dict(self) -> dict[str, Any]:
+        cp = self.checkpoint
+        return {
+            "ok": self.ok,
+            "alarm": self.alarm,
+            "checkpoint": None
+            if cp is None
+            else {
+                "origin": cp.origin,
+                "size": cp.size,
+                "root": cp.root_hash.hex(),
+                "timestamp": cp.timestamp,
+            },
+            "checks": [{"what": w, "ok": ok, "detail": d} for w, ok, d in self.checks],
+        }
+
+
+class LogAuditor:
+    """Checks a resolver's view of the log against the last checkpoint stored locally.
+
+    ``state`` is the stored checkpoint note (or ``None`` the first time); after a
+    successful :meth:`check`, :attr:`new_state` holds the note to store.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        verifier: NoteVerifier,
+        *,
+        state: bytes | None = None,
+    ) -> None:
+        self._http = session
+        self._base = base_url.rstrip("/")
+        self._verifier = verifier
+        self._state = state
+        self.new_state: bytes | None = None
+
+    async def _get(self, path: str, params: Mapping[str, Any] | None = None) -> tuple[int, bytes]:
+        async with self._http.get(self._base + path, params=params) as resp:
+            return resp.status, await resp.read()
+
+    async def _json(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
+        status, body = await self._get(path, params)
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = None
+        if status != 200:
+            msg = (
+                doc.get("error", {}).get("message")
+                if isinstance(doc, dict)
+                else body[:200].decode("utf-8", "replace")
+            )
+            raise _HTTPError(f"GET {path} answered {status}: {msg}")
+        return doc
+
+    async def check(
+        self,
+        *,
+        cpid: str | None = None,
+        version: int | None = None,
+        report: LogReport | None = None,
+    ) -> LogReport:
+        rep = report or LogReport()
+        status, note = await self._get("/v1/log/checkpoint")
+        if status != 200:
+            rep.add("fetch the latest checkpoint", False, f"answered {status}: {note[:200]!r}")
+            return rep
+        try:
+            new = open_checkpoint(note, self._verifier, origin=self._verifier.name)
+        except (CheckpointError, SignatureError) as exc:
+            rep.add("checkpoint signed by the log key", False, str(exc))
+            return rep
+        rep.checkpoint = new
+        rep.add(
+            "checkpoint signed by the log key",
+            True,
+            f"{new.origin} size {new.size} root {new.root_hash.hex()[:16]}...",
+        )
+        old: Checkpoint | None = None
+        if self._state is not None:
+            old = open_checkpoint(self._state, self._verifier, origin=self._verifier.name)
+        proof: list[bytes] | None = None
+        try:
+            if old is not None and 0 < old.size < new.size:
+                doc = await self._json(
+                    "/v1/log/proof/consistency", {"first": old.size, "second": new.size}
+                )
+                proof = _hashes(doc.get("proof", []), "consistency proof")
+            detail = check_transition(old, new, proof)
+            rep.add("consistent with the stored checkpoint", True, detail)
+        except LogConsistencyError as exc:
+            rep.alarm = exc.kind
+            rep.add("consistent with the stored checkpoint", False, str(exc))
+            return rep
+        except (_HTTPError, ProofError) as exc:
+            rep.add("consistent with the stored checkpoint", False, str(exc))
+            return rep
+        self.new_state = note
+        if cpid is not None:
+            await self._inclusion(rep, new, cpid, version)
+        return rep
+
+    async def _inclusion(
+        self, rep: LogReport, cp: Checkpoint, cpid: str, version: int | None
+    ) -> None:
+        what = f"record {cpid}" + (f" version {version}" if version is not None else "")
+        digest: str | None = None
+        try:
+            bundle = await self._json(f"/v1/resources/{cpid}")
+            env = dsse.Envelope.from_dict(bundle["record"])
+            rec = json.loads(env.payload)
+            if version is None or rec.get("version") == version:
+                digest = hashlib.sha256(env.to_json()).hexdigest()
+                version = rec.get("version")
+        except (_HTTPError, CPIError, KeyError, TypeError, ValueError) as exc:
+            if version is None:
+                rep.add(f"fetch {what}", False, str(exc))
+                return
+        params: dict[str, Any] = {"cpid": cpid, "tree_size": cp.size}
+        if digest is not None:
+            params["digest"] = digest
+        else:
+            params["version"] = version
+        try:
+            doc = await self._json("/v1/log/proof/inclusion", params)
+            leaf = base64.b64decode(doc["leaf"], validate=True)
+            index, size = int(doc["leaf_index"]), int(doc["tree_size"])
+            proof = _hashes(doc["proof"], "inclusion proof")
+        except (_HTTPError, KeyError, TypeError, ValueError) as exc:
+            rep.add(f"inclusion of {what}", False, str(exc))
+            return
+        try:
+            entry = json.loads(leaf)
+        except ValueError:
+            entry = {}
+        problems = []
+        if size != cp.size:
+            problems.append(f"proof is for tree size {size}, the checkpoint's is {cp.size}")
+        if entry.get("cpid") != cpid:
+            problems.append(f"leaf names {entry.get('cpid')!r}, expected {cpid}")
+        if digest is not None and entry.get("digest") != digest:
+            problems.append(f"leaf digest {entry.get('digest')!r}, the record's is {digest}")
+        if problems:
+            rep.add(f"inclusion of {what}", False, "; ".join(problems))
+            return
+        try:
+            verify_inclusion(
+                leaf=leaf_hash(leaf), index=index, tree_size=cp.size, proof=proof, root=cp.root_hash
+            )
+        except ProofError as exc:
+            rep.add(f"inclusion of {what}", False, str(exc))
+            return
+        how = "its envelope digest matches" if digest is not None else "by version only"
+        rep.add(
+            f"inclusion of {what}",
+            True,
+            f"leaf {index} ({entry.get('op')}) of {cp.size}; {how}",
+        )
+
+
+class _HTTPError(Exception):
+    pass

@@ -1,0 +1,246 @@
+"""The DNS front end's I/O: a :class:`~resolver.dns.answerer.DnsAnswerer` over UDP and TCP.
+
+:class:`DnsServer` (or :func:`start_dns`) runs the answerer over asyncio: a UDP
+endpoint that drains a burst of datagrams per wake-up, and a TCP server (2-byte length
+framing, several queries per connection, idle timeout), both on the same port.  What
+is answered is the answerer's business (``docs/dns.md``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import socket
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Final
+
+from resolver.core import Resolver
+from resolver.dns.answerer import (
+    CACHE_SIZE,
+    DEFAULT_ZONE,
+    DISCOVERY_LIMIT,
+    EDNS_PAYLOAD,
+    MAX_TTL,
+    NEGATIVE_TTL,
+    DnsAnswerer,
+)
+
+__all__ = ["DEFAULT_PORT", "MAX_TCP_CLIENTS", "TCP_IDLE_S", "DnsServer", "start_dns"]
+
+_log = logging.getLogger("resolver.dns")
+
+DEFAULT_PORT: Final = 8753
+TCP_IDLE_S: Final = 10.0
+MAX_TCP_CLIENTS: Final = 256
+
+
+class _UdpEndpoint:
+    """A UDP socket on the event loop that drains up to ``burst`` datagrams per wake-up.
+
+    asyncio's datagram transport hands over one datagram per loop iteration, so at high
+    rates most of the time goes into the loop itself; reading a burst per readiness
+    event and sending each answer straight from the socket triples the rate (see
+    ``bench/dns.py``).  An answer that cannot be sent at once (socket buffer full) is
+    dropped, as a kernel or router would drop it; the client asks again.
+    """
+
+    def __init__(
+        self, sock: socket.socket, answer: Callable[[bytes, bool], bytes | None], burst: int = 64
+    ) -> None:
+        self.sock = sock
+        self._answer = answer
+        self._burst = burst
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._ready)
+
+    @classmethod
+    async def bind(
+        cls, host: str, port: int, answer: Callable[[bytes, bool], bytes | None]
+    ) -> _UdpEndpoint:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
+        family, _, proto, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_DGRAM, proto)
+        try:
+            sock.setblocking(False)
+            sock.bind(addr)
+        except OSError:
+            sock.close()
+            raise
+        return cls(sock, answer)
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def _ready(self) -> None:
+        recvfrom, sendto, answer = self.sock.recvfrom, self.sock.sendto, self._answer
+        for _ in range(self._burst):
+            try:
+                data, addr = recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # e.g. an ICMP error for an earlier answer
+                continue
+            try:
+                out = answer(data, False)
+                if out is not None:
+                    sendto(out, addr)
+            except (BlockingIOError, InterruptedError, ConnectionError):
+                pass  # dropped, like any UDP datagram can be
+            except Exception:  # never let one datagram stop the endpoint
+                _log.exception("DNS/UDP: failed to answer a query from %s", addr)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+class DnsServer:
+    """The DNS front end over UDP and TCP on one port; start with :meth:`start`.
+
+    ``port=0`` picks a free port (the same for UDP and TCP); read it from :attr:`port`
+    after start.  Other keyword arguments go to :class:`DnsAnswerer`.
+    """
+
+    def __init__(
+        self,
+        resolver: Resolver,
+        *,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        zone: str = DEFAULT_ZONE,
+        tcp_idle_s: float = TCP_IDLE_S,
+        max_tcp_clients: int = MAX_TCP_CLIENTS,
+        max_ttl: int = MAX_TTL,
+        negative_ttl: int = NEGATIVE_TTL,
+        discovery_limit: int = DISCOVERY_LIMIT,
+        max_udp: int = EDNS_PAYLOAD,
+        cache_size: int = CACHE_SIZE,
+    ) -> None:
+        self._resolver = resolver
+        self.host = host
+        self.port = port
+        self.zone = zone
+        self.tcp_idle_s = tcp_idle_s
+        self.max_tcp_clients = max_tcp_clients
+        self._new_answerer = functools.partial(
+            DnsAnswerer,
+            max_ttl=max_ttl,
+            negative_ttl=negative_ttl,
+            discovery_limit=discovery_limit,
+            max_udp=max_udp,
+            cache_size=cache_size,
+        )
+        self._answerer: DnsAnswerer | None = None
+        self._udp: _UdpEndpoint | None = None
+        self._tcp: asyncio.Server | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+
+    @property
+    def answerer(self) -> DnsAnswerer:
+        if self._answerer is None:
+            raise RuntimeError("the DNS server is not running")
+        return self._answerer
+
+    async def start(self) -> None:
+        """Bind UDP and TCP and start answering (SERVFAIL until the resolver is ready)."""
+        if self._answerer is not None:
+            return
+        answerer = self._new_answerer(self._resolver, zone=self.zone)
+        attempts = 5 if self.port == 0 else 1
+        for attempt in range(attempts):
+            udp = await _UdpEndpoint.bind(self.host, self.port, answerer.answer)
+            port = udp.port
+            try:
+                tcp = await asyncio.start_server(self._client, self.host, port, backlog=128)
+            except OSError:
+                udp.close()
+                if attempt == attempts - 1:
+                    answerer.close()
+                    raise
+                continue
+            break
+        self._answerer, self._udp, self._tcp, self.port = answerer, udp, tcp, port
+        _log.info("DNS for zone %s on %s port %d (UDP, TCP)", answerer.zone, self.host, port)
+
+    async def close(self) -> None:
+        """Stop listening, end open TCP connections, drop the cache."""
+        if self._tcp is not None:
+            self._tcp.close()
+        clients = [*self._clients]
+        for task in clients:
+            task.cancel()
+        for task in clients:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._tcp is not None:
+            await self._tcp.wait_closed()
+            self._tcp = None
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
+        if self._answerer is not None:
+            self._answerer.close()
+            self._answerer = None
+
+    async def __aenter__(self) -> DnsServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One TCP connection: length-prefixed queries answered in order until idle."""
+        task = asyncio.current_task()
+        if task is None or len(self._clients) >= self.max_tcp_clients or self._answerer is None:
+            writer.close()
+            return
+        self._clients.add(task)
+        answer = self._answerer.answer
+        try:
+            while True:
+                async with asyncio.timeout(self.tcp_idle_s):
+                    head = await reader.readexactly(2)
+                    size = int.from_bytes(head, "big")
+                    if size == 0:
+                        break
+                    wire = await reader.readexactly(size)
+                out = answer(wire, True)
+                if out is None:
+                    break
+                writer.write(len(out).to_bytes(2, "big") + out)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            pass
+        finally:
+            self._clients.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+async def start_dns(
+    resolver: Resolver,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    zone: str = DEFAULT_ZONE,
+    **options: Any,
+) -> DnsServer:
+    """Start a :class:`DnsServer` for ``resolver``; stop it with ``await server.close()``.
+
+    ``options`` are the other keyword arguments of :class:`DnsServer`.
+    """
+    server = DnsServer(resolver, host=host, port=port, zone=zone, **options)
+    await server.start()
+    return server
