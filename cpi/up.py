@@ -276,7 +276,7 @@ def up(opts: UpOptions) -> int:
             "resolver": resolver,
             "anchor": str(anchor),
             "tokens": join_tokens,
-            # not pinned by DESIGN.md: a claims API token for trying POST /v1/claims
+            # not pinned by the protocol: a claims API token for trying POST /v1/claims
             "claims": claims,
         }
         up_path = data / "up.json"

@@ -7,7 +7,7 @@
 Everything a client needs is spelled out here with the standard library and
 ``cryptography`` only: Ed25519 keys, the ``register.v1`` payload, the DSSE signature
 over PAE, the HTTP call with the join token.  Endpoints, join tokens and the trust
-anchor come from the ``up.json`` that ``cpi up`` writes (DESIGN.md section 5).  The
+anchor come from the ``up.json`` that ``cpi up`` writes (docs/protocol.md §8).  The
 answers are then verified against the anchor with ``schemas.chain`` -- the same
 offline check any auditor makes -- so a registry that signed the wrong thing, or
 with a key outside its delegation, is caught.

@@ -5,7 +5,7 @@ The registry answers every accepted status with the units claimed on that node
 can subtract them from the free capacity it reports and publish them as the metric
 ``claimed_units``.
 
-Reading etcd on every heartbeat would put each heartbeat on etcd, which DESIGN.md
+Reading etcd on every heartbeat would put each heartbeat on etcd, which the protocol
 section 3 rules out.  Instead the ``/alloc/`` keys of the registry's own namespaces
 are listed once at start-up and kept current by a watch (re-listed after a
 compaction): answering costs a dictionary lookup, and etcd load grows with the

@@ -13,7 +13,7 @@ Registration (``register.v1``), in order:
    (400 ``bad_signature``), and the payload is a valid ``register.v1``
    (400 ``invalid_payload``, e.g. unknown fields);
 4. the token admits the namespace and kind (403 ``token_scope``); these come after
-   step 3 because the payload is read only once its signature holds (DESIGN.md §2);
+   step 3 because the payload is read only once its signature holds (docs/protocol.md §2–5);
 5. ``timestamp`` within ±60 s (400 ``stale_timestamp``);
 6. the namespace lies inside one the registry is certified for (403
    ``outside_namespace``);

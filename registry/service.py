@@ -1,6 +1,6 @@
 """The regional / industry registry: an aiohttp app (``create_app(config)``).
 
-Routes (DESIGN.md §5; details and error codes in ``docs/registry.md``):
+Routes (docs/protocol.md §8; details and error codes in ``docs/registry.md``):
 
 ==========  ====================================  ==========================================
 POST        /v1/registrations                     register.v1 + Bearer join token -> 201/200

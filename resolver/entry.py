@@ -1,7 +1,7 @@
 """What the resolver serves for one CPID: a verified record and its verified status.
 
 An :class:`Entry` exists only for a record whose chain verified (all five rules of
-DESIGN.md section 2, plus the resolver's own check that the record sits under the key
+docs/protocol.md §2–5, plus the resolver's own check that the record sits under the key
 of its own CPID).  Entries are replaced, never edited, when anything that a client can
 see changes (the record, its status, its claimed units, the mass-expiry hold), so an
 entry object -- or its :attr:`Entry.generation` -- is a safe cache key for anything

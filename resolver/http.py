@@ -1,4 +1,4 @@
-"""The resolver's HTTP service (DESIGN.md section 5): lookups, discovery, watches.
+"""The resolver's HTTP service (docs/protocol.md §8): lookups, discovery, watches.
 
 Routes (all ``GET``):
 

@@ -9,7 +9,7 @@ awaited, which is the only place either method yields to the event loop.  Lookup
 the meantime see the state as it was before the batch: an entry is replaced only
 after everything it depends on has been checked.
 
-What is kept per collection (DESIGN.md section 3):
+What is kept per collection (docs/protocol.md §6):
 
 * ``/certs/``, ``/revoked/``: envelopes as stored; the chain of each signing key is
   verified once (:func:`resolver.signers.verify_signer`) and re-verified when a cert or

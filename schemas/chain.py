@@ -1,4 +1,4 @@
-"""Trust-chain verification (DESIGN.md section 2, the five rules). No I/O.
+"""Trust-chain verification (docs/protocol.md §2–5, the five rules). No I/O.
 
 A record is valid when, checked segment by segment:
 

@@ -21,7 +21,7 @@ A checkpoint (https://c2sp.org/tlog-checkpoint) is a note whose text is::
     [<extension line>\\n ...]
 
 Our log adds one extension line, ``cpi-timestamp <unix seconds>``: when the log
-signed the checkpoint (integer Unix seconds, like every timestamp in DESIGN.md).
+signed the checkpoint (integer Unix seconds, like every timestamp in the protocol).
 Parsers here accept any non-empty extension lines and expose ours as
 :attr:`Checkpoint.timestamp`.
 

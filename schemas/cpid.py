@@ -1,4 +1,4 @@
-"""CPID: the hierarchical, self-certifying resource identifier (DESIGN.md section 1).
+"""CPID: the hierarchical, self-certifying resource identifier (docs/protocol.md §1).
 
     CN.31.CMCC/GPU.4K7Q9M2XH3PT-Z
     ^^^^^^^^^^ ^^^ ^^^^^^^^^^^^ ^

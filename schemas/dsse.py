@@ -1,4 +1,4 @@
-"""DSSE envelopes (Dead Simple Signing Envelope), as pinned in DESIGN.md section 2.
+"""DSSE envelopes (Dead Simple Signing Envelope), as pinned in docs/protocol.md §2–5.
 
 The signature covers PAE(payloadType, payload):
 

@@ -47,6 +47,8 @@ class CPIError(Exception):
 
     code = "error"
     http_status = 500
+    retryable = False
+    """Whether the same call may succeed later without anything being fixed first."""
 
 
 # -- bad data -----------------------------------------------------------------
@@ -60,7 +62,7 @@ class InvalidDataError(CPIError):
 
 
 class InvalidCPIDError(InvalidDataError, ValueError):
-    """A CPID (or one of its parts) does not follow DESIGN.md section 1."""
+    """A CPID (or one of its parts) does not follow docs/protocol.md §1."""
 
     code = "invalid_cpid"
 
@@ -95,7 +97,7 @@ class PayloadError(InvalidDataError):
 
 
 class ChainError(InvalidDataError):
-    """A record or certificate chain failed one of the five rules of DESIGN.md section 2.
+    """A record or certificate chain failed one of the five rules of docs/protocol.md §2–5.
 
     ``rule`` is the rule number (1-5) and ``link`` the position in the chain
     (0 = the record itself, 1 = the signer's certificate, ...).
@@ -192,6 +194,7 @@ class RetrievalError(CPIError):
 
     code = "unavailable"
     http_status = 503
+    retryable = True
 
 
 class IndexUnavailableError(RetrievalError):

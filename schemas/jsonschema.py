@@ -63,7 +63,7 @@ _EXTRA: Final[dict[Callable[..., Any], dict[str, Any]]] = {
     _models._check_cpid: {
         "pattern": CPID_PATTERN,
         "maxLength": _cpid.MAX_LENGTH,
-        "description": "CPID (DESIGN.md section 1); the check character must also be right",
+        "description": "CPID (docs/protocol.md §1); the check character must also be right",
     },
     _models._check_ns: {
         "pattern": NAMESPACE_PATTERN,

@@ -1,4 +1,4 @@
-"""Payload models for every signed document (DESIGN.md section 2).
+"""Payload models for every signed document (docs/protocol.md §2–5).
 
 All models are frozen, strict and reject unknown fields.  Each payload carries a
 ``type`` equal to the ``<type>`` of its payloadType ``application/vnd.cpi.<type>+json``.

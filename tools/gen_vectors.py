@@ -796,7 +796,7 @@ def cpid_vectors() -> dict[str, Any]:
         ]
     ]
     valid = [
-        _cpid_entry(EXAMPLE, "the example of DESIGN.md section 1"),
+        _cpid_entry(EXAMPLE, "the example of docs/protocol.md §1"),
         _cpid_entry(EXAMPLE.lower(), "any case is accepted and normalised to upper case"),
         _cpid_entry("Cn.31.CmCc/GpU.4k7Q9m2Xh3pT-z", "mixed case"),
         *[_cpid_entry(t) for t in derived],
@@ -956,7 +956,7 @@ def cpid_vectors() -> dict[str, Any]:
     ]
     bodies = ["CN31CMCCGPU4K7Q9M2XH3PT", "A", "0", "CN", "ZZZZZZZZZZZZ", "CN31MCMCCGPU4K7Q9M2XH3PT"]
     return {
-        "description": "CPID vectors (DESIGN.md section 1). 'valid': inputs with their canonical "
+        "description": "CPID vectors (docs/protocol.md §1). 'valid': inputs with their canonical "
         "form, parts and DNS names; 'invalid': inputs every parser must reject, with this "
         "implementation's reason; 'check_character': ISO/IEC 7064 MOD 37,36 over the body "
         "(prefix segments + kind + serial, separators removed); 'ns_contains': segment-wise "
@@ -1245,7 +1245,7 @@ def chain_vectors() -> dict[str, Any]:
             }
         )
     return {
-        "description": "Record verification cases (DESIGN.md section 2, the five rules). "
+        "description": "Record verification cases (docs/protocol.md §2–5, the five rules). "
         "Verify 'record' with 'chain' (signer's cert first) against 'anchors', with "
         "'revocations' (cert serial or kid -> revocation.v1 envelope) at time 'now' (Unix "
         f"seconds) and a clock skew of {SKEW} s. 'expect' is ok, or the rule (1-5) and link "

@@ -1,7 +1,7 @@
 """The node agent: register a compute node with its registry and keep it live.
 
 An :class:`Agent` holds the node's key, probes its hardware (:mod:`registry.agent.probe`)
-and speaks the registry's HTTP interface (DESIGN.md section 5):
+and speaks the registry's HTTP interface (docs/protocol.md §8):
 
 * :meth:`Agent.register` sends a ``register.v1`` signed by the node's key (proof of
   possession) with a join token; it retries with exponential back-off and full jitter
@@ -168,7 +168,7 @@ def parse_endpoint(text: str) -> Endpoint:
 
 
 def parse_label(text: str) -> tuple[str, str]:
-    """``k=v`` -> ``(k, v)``; keys follow DESIGN.md's ``[a-z0-9._/-]{1,63}``."""
+    """``k=v`` -> ``(k, v)``; keys follow the protocol's ``[a-z0-9._/-]{1,63}``."""
     k, sep, v = text.partition("=")
     if not sep or not re.fullmatch(r"[a-z0-9._/-]{1,63}", k) or len(v) > 256:
         raise InvalidDataError(

@@ -143,7 +143,7 @@ class Target:
 
 
 def targets_from_up(up: Mapping[str, Any], namespaces: Sequence[str] | None = None) -> list[Target]:
-    """Targets from an ``up.json`` object (DESIGN.md section 5, "Embedded stack").
+    """Targets from an ``up.json`` object (docs/protocol.md §8, "Embedded stack").
 
     Every namespace with both a registry URL and a token, or only ``namespaces``.
     """

@@ -2,7 +2,7 @@
 
 Everything else in the project goes through it.  One module per job:
 
-* :mod:`~registry.index.layout`: the key layout of DESIGN.md section 3 (:class:`Prefix`,
+* :mod:`~registry.index.layout`: the key layout of docs/protocol.md §6 (:class:`Prefix`,
   :class:`Keys`, :func:`parse_key`) and the one reader and writer of ``/alloc/`` and
   ``/holders/`` values (:func:`read_units`, :func:`units_json`);
 * :mod:`~registry.index.values`: what calls take and return (:class:`KV`,

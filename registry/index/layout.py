@@ -1,4 +1,4 @@
-"""The key layout of DESIGN.md section 3, and the one reader of ``/alloc/`` and ``/holders/``.
+"""The key layout of docs/protocol.md §6, and the one reader of ``/alloc/`` and ``/holders/``.
 
 Every key the project stores is built here (:class:`Keys`) and split back here
 (:func:`parse_key`).  Prefix listings are plain string prefixes: ``/cpi/v1/rec/CN.3``
@@ -51,7 +51,7 @@ class Prefix(StrEnum):
     TOKENS = "/cpi/v1/tokens/"
     NONCE = "/cpi/v1/nonce/"
     AUDIT = "/cpi/v1/audit/"
-    # claims (resolver/claims.py): API tokens and per-holder totals
+    # claims (resolver/claims/): API tokens and per-holder totals
     CLAIM_TOKENS = "/cpi/v1/claimtokens/"
     HOLDERS = "/cpi/v1/holders/"
 

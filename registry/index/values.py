@@ -258,10 +258,14 @@ class IndexCompactedError(RetrievalError):
 class IndexRejectedError(RetrievalError):
     """etcd refused a request (bad credentials, permission, size limits, a cancelled watch).
 
-    Never retried by the index: the same request would be refused again.
+    Never retried by the index: the same request would be refused again, so it is not a
+    "retry may help" error: services answer it with 502 (the index behind them refused),
+    not 503.
     """
 
     code = "index_rejected"
+    http_status = 502
+    retryable = False
 
 
 class IndexAccessDeniedError(IndexRejectedError):

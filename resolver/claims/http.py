@@ -1,4 +1,4 @@
-"""HTTP routes of claims (DESIGN.md section 5), mountable on any aiohttp app.
+"""HTTP routes of claims (docs/protocol.md §8), mountable on any aiohttp app.
 
 :func:`add_claim_routes` registers, next to whatever the app already serves:
 

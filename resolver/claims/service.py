@@ -2,7 +2,7 @@
 
 A claim reserves ``units`` of one resource for ``ttl_s`` seconds on behalf of a
 *holder* (named by its claims token, :mod:`resolver.claims.tokens`).  Three kinds of
-keys (DESIGN.md section 3; built by :class:`registry.index.Keys` only):
+keys (docs/protocol.md §6; built by :class:`registry.index.Keys` only):
 
 * ``/cpi/v1/claim/<cpid>/<claim-id>``: ``{"claim_id", "cpid", "holder", "units",
   "created_at", "expires_at"}``, on the claim's **own lease** (TTL ``ttl_s``);

@@ -1,4 +1,4 @@
-"""Chain verification: the five rules of DESIGN.md section 2, each failing on its own.
+"""Chain verification: the five rules of docs/protocol.md §2–5, each failing on its own.
 
 The chains are real: fixed-seed Ed25519 keys, CN -> CN.31 -> CN.31.CMCC (and SG ->
 SG.01), built by ``tools/gen_vectors.py`` whose case table also feeds

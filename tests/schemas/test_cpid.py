@@ -127,7 +127,7 @@ def test_longest_cpid_is_128_characters() -> None:
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
-        # the check character (DESIGN.md's own example)
+        # the check character (the protocol's own example)
         ("CN.31.CMCC/GPU.4K7Q9M2XH3PT-Y", "check character is 'Y', expected 'Z'"),
         ("cn.31.cmcc/gpu.4k7q9m2xh3pt-y", "check character is 'Y', expected 'Z'"),
         ("CN.31.CMCC/GPU.4K7Q9M2XH3PT-", "check must be one character of [0-9A-Z], got ''"),
@@ -345,7 +345,7 @@ def test_derive_invalid(namespace: str, kind: str, key: bytes, match: str) -> No
 @pytest.mark.parametrize(
     ("body", "check"),
     [
-        ("CN31CMCCGPU4K7Q9M2XH3PT", "Z"),  # DESIGN.md's example
+        ("CN31CMCCGPU4K7Q9M2XH3PT", "Z"),  # the protocol's example
         ("A", "H"),
         ("0", "2"),
     ],
@@ -546,7 +546,7 @@ def test_every_single_substitution_of_the_example() -> None:
 
 
 def test_known_limitation_merged_segments_can_pass_the_check() -> None:
-    """The check character is computed with separators removed (DESIGN.md pins this), so
+    """The check character is computed with separators removed (the protocol pins this), so
     a '.' typed as a letter or digit inserts that character into the checked body.  For
     every position exactly one of the 36 characters leaves the check unchanged; found by
     brute force over the example: 'M' in place of the second '.'."""

@@ -58,7 +58,7 @@ ServerFactory = Callable[..., Awaitable[TestServer]]
 
 
 # =============================================================================
-# A minimal registry that implements DESIGN.md §5 and verifies every envelope
+# A minimal registry that implements docs/protocol.md §8 and verifies every envelope
 # =============================================================================
 
 

@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 import pytest
 
-from registry.index import Cmp
+from registry.index import Cmp, IndexAccessDeniedError, IndexRejectedError
+from schemas.errors import CPIError, IndexTimeoutError, IndexUnavailableError
 
 
 @pytest.mark.parametrize(
@@ -21,3 +22,19 @@ from registry.index import Cmp
 def test_cmp_rejects_nonsense(build: Callable[[], Cmp], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         build()
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "retryable"),
+    [
+        (IndexRejectedError("refused"), 502, False),
+        (IndexAccessDeniedError("permission denied"), 502, False),
+        (IndexUnavailableError("no member reachable"), 503, True),
+        (IndexTimeoutError("deadline"), 503, True),
+    ],
+)
+def test_an_index_refusal_is_not_a_retry_may_help_error(
+    error: CPIError, status: int, retryable: bool
+) -> None:
+    assert error.http_status == status
+    assert error.retryable is retryable
