@@ -7,14 +7,12 @@ decode base64, build PAE, verify the Ed25519 signature, parse the record payload
 its model.  "raw" = one Ed25519 verify of the identical PAE bytes and signature, by
 cryptography (OpenSSL) or by PyNaCl (libsodium).
 
-``schemas.keys.verify_raw`` asks libsodium first when PyNaCl is importable (OpenSSL
-decides only what libsodium rejects), so the envelope path is measured twice: with
-that backend, and with OpenSSL alone (PyNaCl hidden).  Ratios printed:
+``schemas.keys.verify_raw`` is libsodium's verdict alone (docs/verification.md), so the
+envelope path is measured once.  Ratios printed:
 
-* envelope (libsodium) / raw OpenSSL -- the target (>= 0.7): the envelope path as the
-  resolver runs it against the raw verify it started from;
-* envelope (libsodium) / raw libsodium -- the overhead around the faster primitive;
-* envelope (OpenSSL only) / raw OpenSSL -- the same without PyNaCl.
+* envelope / raw OpenSSL -- the target (>= 0.7): the envelope path as the resolver runs
+  it against the raw verify it started from;
+* envelope / raw libsodium -- the overhead around the primitive it uses.
 """
 
 from __future__ import annotations
@@ -85,27 +83,17 @@ def main() -> None:
         v = dsse.verify(env, trusted, payload_types=(Record.media_type(),))
         parse_payload(v.payload_type, v.payload, Record)
 
-    def envelope_openssl() -> None:
-        sodium, keys._SODIUM = keys._SODIUM, None
-        try:
-            envelope()
-        finally:
-            keys._SODIUM = sodium
-
     def raw() -> None:
         pub.verify(sig, message)
 
+    import nacl.signing
+
+    nacl_key = nacl.signing.VerifyKey(keys.public_raw(pub))
     cases = {
         "raw ed25519 (OpenSSL)": raw,
-        "envelope verify + parse (OpenSSL only)": envelope_openssl,
+        "raw ed25519 (libsodium)": lambda: nacl_key.verify(message, sig),
+        "envelope verify + parse (libsodium)": envelope,
     }
-    have_sodium = keys.VERIFY_BACKEND != "openssl"
-    if have_sodium:
-        import nacl.signing
-
-        nacl_key = nacl.signing.VerifyKey(keys.public_raw(pub))
-        cases["raw ed25519 (libsodium)"] = lambda: nacl_key.verify(message, sig)
-        cases["envelope verify + parse (libsodium)"] = envelope
 
     rates = interleaved(cases, args.n, args.rounds)
     base = rates["raw ed25519 (OpenSSL)"]
@@ -115,17 +103,11 @@ def main() -> None:
     )
     for name, r in rates.items():
         print(f"  {name:<40} {r:>10,.0f} /s   {r / base:5.2f} x raw OpenSSL")
-    solo = rates["envelope verify + parse (OpenSSL only)"] / base
-    if have_sodium:
-        env_rate = rates["envelope verify + parse (libsodium)"]
-        print(f"envelope (libsodium) / raw OpenSSL:    {env_rate / base:.2f}   (target >= 0.7)")
-        print(
-            f"envelope (libsodium) / raw libsodium:  "
-            f"{env_rate / rates['raw ed25519 (libsodium)']:.2f}"
-        )
-        print(f"envelope (OpenSSL only) / raw OpenSSL: {solo:.2f}")
-    else:
-        print(f"envelope (OpenSSL only) / raw OpenSSL: {solo:.2f}   (target >= 0.7; no PyNaCl)")
+    env_rate = rates["envelope verify + parse (libsodium)"]
+    print(f"envelope (libsodium) / raw OpenSSL:    {env_rate / base:.2f}   (target >= 0.7)")
+    print(
+        f"envelope (libsodium) / raw libsodium:  {env_rate / rates['raw ed25519 (libsodium)']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -3,23 +3,26 @@
 Reading and writing key files (with their 0600 permission rules) lives in
 ``registry.keyfile``; this module only turns keys into bytes and back.
 
-Keys are ``cryptography`` objects.  Signature checks (:func:`verify_raw`) ask libsodium
-(through PyNaCl) first when it is importable, about twice as fast as OpenSSL here, and
-leave every rejection to OpenSSL, so what verifies is exactly what OpenSSL accepts (see
-``docs/architecture.md``, "Ed25519 backends").
+Keys are ``cryptography`` objects.  Whether a signature is valid is libsodium's verdict
+alone (:func:`verify_raw`, through PyNaCl), and whether 32 bytes are an acceptable public
+key is libsodium's too (:func:`check_public_raw`); see ``docs/verification.md`` and
+``docs/architecture.md``, "Ed25519 backends".
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import stat
-from collections.abc import Callable
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+import nacl.bindings
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from nacl.exceptions import CryptoError
 
+from schemas import _edwards
 from schemas.cpid import b32_digest
 from schemas.errors import KeyFileError
 
@@ -30,6 +33,7 @@ __all__ = [
     "b64url_decode",
     "b64url_encode",
     "check_private_mode",
+    "check_public_raw",
     "generate",
     "kid",
     "kid_of",
@@ -37,6 +41,7 @@ __all__ = [
     "private_from_seed",
     "private_to_pem",
     "public_from_b64url",
+    "public_from_raw",
     "public_from_text",
     "public_raw",
     "public_to_b64url",
@@ -80,11 +85,42 @@ def public_to_b64url(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
     return b64url_encode(public_raw(key))
 
 
-def public_from_b64url(text: str) -> Ed25519PublicKey:
-    raw = b64url_decode(text)
+@functools.lru_cache(maxsize=4096)
+def _valid_point(raw: bytes) -> bool:
+    # a cache: certs and anchors come back again and again, and the subgroup check
+    # costs about as much as a signature check
+    return bool(nacl.bindings.crypto_core_ed25519_is_valid_point(raw))
+
+
+def check_public_raw(raw: bytes) -> bytes:
+    """``raw`` if it is an acceptable Ed25519 public key, else KeyFileError saying why.
+
+    Acceptable is what libsodium's ``crypto_core_ed25519_is_valid_point`` accepts: 32
+    bytes that canonically encode a curve point which is not of small order and lies
+    in the prime-order subgroup.  Honest key generation only ever produces such keys;
+    the refused ones are the small-order points (with them anyone can make signatures
+    that hold for any message under a cofactorless check), their non-canonical
+    encodings, and points with a small-order component (refused too, so that a key
+    has exactly one meaning under every verification equation).
+    """
     if len(raw) != 32:
         raise KeyFileError(f"an Ed25519 public key is 32 bytes, got {len(raw)}")
-    return Ed25519PublicKey.from_public_bytes(raw)
+    if not _valid_point(bytes(raw)):
+        found = _edwards.describe_public_key(raw) or "refused by libsodium"
+        raise KeyFileError(
+            f"public key {b64url_encode(raw)} is {found}; expected the canonical encoding "
+            "of a point of the prime-order subgroup, as Ed25519 key generation makes"
+        )
+    return raw
+
+
+def public_from_raw(raw: bytes) -> Ed25519PublicKey:
+    """A public key object from 32 raw bytes, checked by :func:`check_public_raw`."""
+    return Ed25519PublicKey.from_public_bytes(check_public_raw(raw))
+
+
+def public_from_b64url(text: str) -> Ed25519PublicKey:
+    return public_from_raw(b64url_decode(text))
 
 
 def kid(raw_public_key: bytes) -> str:
@@ -131,6 +167,10 @@ def public_from_text(data: bytes, *, source: str = "key") -> Ed25519PublicKey:
             raise KeyFileError(f"{source}: malformed PEM public key ({exc})") from exc
         if not isinstance(pub, Ed25519PublicKey):
             raise KeyFileError(f"{source}: expected an Ed25519 key, got {type(pub).__name__}")
+        try:
+            check_public_raw(pub.public_bytes_raw())
+        except KeyFileError as exc:
+            raise KeyFileError(f"{source}: {exc}") from exc
         return pub
     if text.startswith(b"-----BEGIN"):
         return private_from_pem(text, source=source).public_key()
@@ -152,54 +192,53 @@ def check_private_mode(mode: int, *, source: str) -> None:
         )
 
 
-def _openssl_verify(public_key: Ed25519PublicKey, signature: bytes, data: bytes) -> bool:
-    """OpenSSL's verdict (through ``cryptography``): the reference for :func:`verify_raw`."""
+def _self_test() -> None:
+    """Refuse to run on a libsodium that does not give the rule's verdicts (DESIGN.md
+    section 8 asks for 1.0.18 or later): the identity key with ``R`` = identity and
+    ``S`` = 0 must be refused, an honest signature accepted."""
+    if not nacl.bindings.has_crypto_core_ed25519:
+        raise ImportError("PyNaCl is built without crypto_core_ed25519 (a minimal libsodium)")
+    identity = bytes([1]) + bytes(31)
+    seed = bytes(range(32))
+    pk, sk = nacl.bindings.crypto_sign_seed_keypair(seed)
+    signed = nacl.bindings.crypto_sign(b"self-test", sk)
+    if _sodium_verify(identity, identity + bytes(32), b"x") or not _sodium_verify(
+        pk, signed[:64], b"self-test"
+    ):
+        raise ImportError("the libsodium under PyNaCl does not verify Ed25519 as 1.0.18+ does")
+    if nacl.bindings.crypto_core_ed25519_is_valid_point(identity):
+        raise ImportError("the libsodium under PyNaCl accepts the identity point as a key")
+
+
+def _sodium_verify(public_raw: bytes, signature: bytes, data: bytes) -> bool:
+    if len(signature) != 64 or len(public_raw) != 32:
+        return False
     try:
-        public_key.verify(signature, data)
-    except InvalidSignature:
+        # crypto_sign_open(sig || m) is crypto_sign_verify_detached(sig, m) plus a copy:
+        # the same checks, the same verdict
+        nacl.bindings.crypto_sign_open(signature + data, public_raw)
+    except CryptoError:
         return False
     return True
 
 
-def _load_sodium() -> tuple[Callable[[bytes, bytes], bytes], type[Exception]] | None:
-    try:
-        from nacl.bindings import crypto_sign_open
-        from nacl.exceptions import CryptoError
-    except ImportError:  # pragma: no cover - PyNaCl is a dependency; kept optional on purpose
-        return None
-    return crypto_sign_open, CryptoError
+VERIFY_BACKEND = "libsodium"
+"""Who decides signatures in :func:`verify_raw`: libsodium (through PyNaCl), alone."""
 
 
-_SODIUM = _load_sodium()
-VERIFY_BACKEND = "libsodium+openssl" if _SODIUM is not None else "openssl"
-"""Who decides signatures in :func:`verify_raw`: ``libsodium+openssl`` (libsodium
-accepts, OpenSSL confirms every rejection) or ``openssl`` (PyNaCl not importable)."""
-
-
-def _sodium_verify(public_key: Ed25519PublicKey, signature: bytes, data: bytes) -> bool:
-    """libsodium's verdict alone.  It is stricter than OpenSSL's (it also refuses
-    small-order and non-canonical points).  Raises RuntimeError without PyNaCl."""
-    if _SODIUM is None:
-        raise RuntimeError("PyNaCl is not importable")
-    crypto_sign_open, error = _SODIUM
-    if len(signature) != 64:
-        return False
-    try:
-        crypto_sign_open(signature + data, public_key.public_bytes_raw())
-    except error:
-        return False
-    return True
-
-
-def verify_raw(public_key: Ed25519PublicKey, signature: bytes, data: bytes) -> bool:
+def verify_raw(public_key: Ed25519PublicKey | bytes, signature: bytes, data: bytes) -> bool:
     """True when ``signature`` is ``public_key``'s Ed25519 signature over ``data``.
 
-    The answer is OpenSSL's.  With PyNaCl importable, libsodium is asked first: what it
-    accepts, OpenSSL accepts too (libsodium makes every check OpenSSL makes, and refuses
-    small-order and non-canonical points besides), so its acceptance is final and only
-    its rejections are passed on to OpenSSL.  A valid signature -- every one in normal
-    operation -- costs one libsodium check, about half of OpenSSL's.
+    The one verdict of the protocol (DESIGN.md section 8): exactly what libsodium's
+    ``crypto_sign_verify_detached`` (1.0.18 or later) accepts -- ``S`` below the group
+    order ``L``; ``A`` and ``R`` canonically encoded and neither of small order; and the
+    cofactorless equation ``[S]B = R + [k]A`` holding, checked as the encoding of
+    ``[S]B - [k]A`` equal to ``R`` byte for byte.  No other library is asked.
+    ``public_key`` is a key object or its 32 raw bytes (not checked beyond what the
+    verification itself checks: see :func:`check_public_raw` for parsing keys).
     """
-    if _SODIUM is not None and _sodium_verify(public_key, signature, data):
-        return True
-    return _openssl_verify(public_key, signature, data)
+    raw = public_key if isinstance(public_key, bytes) else public_key.public_bytes_raw()
+    return _sodium_verify(raw, signature, data)
+
+
+_self_test()
