@@ -111,7 +111,7 @@ class NoteVerifier:
     def from_public_key(
         cls, name: str, public_key: Ed25519PublicKey | Ed25519PrivateKey
     ) -> NoteVerifier:
-        raw = _keys.public_raw(public_key)
+        raw = _keys.check_public_raw(_keys.public_raw(public_key))
         pub = public_key.public_key() if isinstance(public_key, Ed25519PrivateKey) else public_key
         return cls(name, key_id(name, raw), pub)
 

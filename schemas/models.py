@@ -73,8 +73,6 @@ def _check_ns(value: str) -> str:
 
 
 def _check_pubkey(value: str) -> str:
-    # the bytes only: any 32 bytes load as an Ed25519 public key (loading checks the
-    # length alone), so building the key object here would only cost time
     try:
         raw = _keys.b64url_decode(value)
     except KeyFileError as exc:
@@ -88,6 +86,12 @@ def _check_pubkey(value: str) -> str:
         raise ValueError(
             f"public key {value!r} is not canonical base64url (no padding); expected {canonical!r}"
         )
+    try:
+        # small-order points, non-canonical point encodings and points outside the
+        # prime-order subgroup are refused wherever a key is parsed (DESIGN.md section 8)
+        _keys.check_public_raw(raw)
+    except KeyFileError as exc:
+        raise ValueError(str(exc)) from exc
     return value
 
 

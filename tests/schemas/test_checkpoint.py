@@ -18,8 +18,8 @@ from schemas.checkpoint import (
     sign_checkpoint,
     sign_note,
 )
-from schemas.errors import CheckpointError, SignatureError
-from schemas.keys import Ed25519PrivateKey, private_from_seed, public_raw
+from schemas.errors import CheckpointError, KeyFileError, SignatureError
+from schemas.keys import Ed25519PrivateKey, Ed25519PublicKey, private_from_seed, public_raw
 from schemas.merkle import EMPTY_ROOT
 
 # The example of golang.org/x/mod/sumdb/note (its package documentation and tests):
@@ -123,6 +123,26 @@ def test_vkey_round_trip() -> None:
 def test_bad_vkeys(vkey: str, match: str) -> None:
     with pytest.raises(CheckpointError, match=match):
         NoteVerifier.from_vkey(vkey)
+
+
+@pytest.mark.parametrize(
+    ("raw", "found"),
+    [
+        (bytes([1]) + bytes(31), "a small-order point (order 1)"),
+        ((2**255 - 18).to_bytes(32, "little"), "a non-canonical encoding (y = p + 1"),
+    ],
+)
+def test_vkey_with_small_order_or_non_canonical_key(raw: bytes, found: str) -> None:
+    """A log key that is the identity point (or another small-order or non-canonical
+    encoding) is refused as a verifier key, named as what it is."""
+    name = "evil.log"
+    blob = base64.b64encode(bytes([1]) + raw).decode()
+    vkey = f"{name}+{key_id(name, raw):08x}+{blob}"
+    with pytest.raises(CheckpointError) as info:
+        NoteVerifier.from_vkey(vkey)
+    assert found in str(info.value)
+    with pytest.raises(KeyFileError, match=r"small-order|non-canonical"):
+        NoteVerifier.from_public_key(name, Ed25519PublicKey.from_public_bytes(raw))
 
 
 def _note(size: int = 5) -> bytes:

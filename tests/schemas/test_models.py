@@ -469,6 +469,12 @@ def test_revocation_by_kid() -> None:
 # -- public keys ----------------------------------------------------------------------------------
 
 _RAW = public_raw(NODE)
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
 BAD_KEYS = [
     ("", r"an Ed25519 public key is 32 bytes, got 0"),
     (base64.urlsafe_b64encode(_RAW[:31]).decode().rstrip("="), r"32 bytes, got 31"),
@@ -485,6 +491,25 @@ _SAME_BYTES = PK[:-1] + _LAST[_LAST.index(PK[-1]) + 1]
 BAD_KEYS.append((_SAME_BYTES, r"is not canonical base64url"))
 if "+" in base64.b64encode(_RAW).decode() or "/" in base64.b64encode(_RAW).decode():
     BAD_KEYS.append((base64.b64encode(_RAW).decode().rstrip("="), r"is not canonical"))
+_P = 2**255 - 19
+_EXPECTED_POINT = r"; expected the canonical encoding of a point of the prime-order subgroup"
+BAD_KEYS += [
+    # (DESIGN.md section 8) small-order points and non-canonical point encodings
+    (_b64url(bytes([1]) + bytes(31)), r"is a small-order point \(order 1\)" + _EXPECTED_POINT),
+    (_b64url(bytes(32)), r"is a small-order point \(order 4\)"),
+    (_b64url((_P - 1).to_bytes(32, "little")), r"is a small-order point \(order 2\)"),
+    (
+        _b64url(bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05")),
+        r"is a small-order point \(order 8\)",
+    ),
+    (_b64url((_P + 1).to_bytes(32, "little")), r"is a non-canonical encoding \(y = p \+ 1,"),
+    (_b64url(bytes([2]) + bytes(31)), r"is not a point on the curve"),
+    # the base point plus a point of order 2: outside the prime-order subgroup
+    (
+        _b64url(bytes.fromhex("9599999999999999999999999999999999999999999999999999999999999999")),
+        r"is a point outside the prime-order subgroup",
+    ),
+]
 
 
 @pytest.mark.parametrize("doc_type", ["cert.v1", "register.v1", "record.v1"])
@@ -540,3 +565,9 @@ def test_anchor() -> None:
 def test_anchor_invalid(obj: dict[str, Any], match: str) -> None:
     with pytest.raises(ValidationError, match=match):
         Anchor.model_validate(obj)
+
+
+@pytest.mark.parametrize(("value", "match"), BAD_KEYS[-7:])
+def test_anchor_refuses_small_order_and_non_canonical_keys(value: str, match: str) -> None:
+    with pytest.raises(ValidationError, match=match):
+        Anchor.model_validate({"type": "anchor.v1", "subject": "CN", "public_key": value})
