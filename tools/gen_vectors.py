@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from schemas import _edwards as _ed  # noqa: E402
 from schemas import cpid as _cpid  # noqa: E402
 from schemas import dsse, keys  # noqa: E402
 from schemas.keys import Ed25519PrivateKey  # noqa: E402
@@ -1256,6 +1257,439 @@ def chain_vectors() -> dict[str, Any]:
     }
 
 
+# -- Ed25519 edge cases ------------------------------------------------------------------------
+#
+# Built here from the curve arithmetic of schemas/_edwards.py: the 8 small-order points and
+# their 6 other encodings as A and as R, S >= L, points with a small-order component, bytes
+# that are no point.  Each case's faults and verdicts are written by hand below; build time
+# recomputes the faults and both verification equations in pure Python and refuses to write
+# a case whose hand-written faults differ (tests/schemas/test_vectors.py then checks that
+# libsodium, i.e. schemas.keys.verify_raw, gives exactly the recorded verdicts).
+
+ED_FAULTS = (
+    "S not below L",
+    "A non-canonical",
+    "A small order",
+    "A not on curve",
+    "R non-canonical",
+    "R small order",
+    "R not on curve",
+    "equation",
+)
+"""Everything the rule refuses, by name; 'equation': [S]B != R + [k]A on the decoded points."""
+
+KEY_REASONS = {
+    "non-canonical": "a non-canonical encoding",
+    "small-order": "a small-order point",
+    "not-on-curve": "not a point on the curve",
+    "mixed-order": "a point outside the prime-order subgroup",
+}
+"""Key refusal reason code -> the phrase this implementation's error message contains."""
+
+
+def _ed_scalar(name: str) -> int:
+    """A fixed secret scalar, from the vector seed domain."""
+    return int.from_bytes(hashlib.sha512(SEED_DOMAIN + name.encode()).digest(), "little") % _ed.L
+
+
+def _hram(r: bytes, a: bytes, m: bytes) -> int:
+    """k = SHA-512(R || A || M) mod L, as libsodium computes it (reduced mod L)."""
+    return int.from_bytes(hashlib.sha512(r + a + m).digest(), "little") % _ed.L
+
+
+def _enc(n: int) -> bytes:
+    return n.to_bytes(32, "little")
+
+
+def _small_order_encodings() -> list[tuple[str, bytes]]:
+    """The 8 small-order points (canonical) and the 6 other encodings of some of them."""
+    t8 = _ed.decode(
+        bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05")
+    )
+    assert t8 is not None and _ed.order_of_small(t8) == 8
+    out = []
+    for j in range(8):
+        pt = _ed.mul(j, t8)
+        out.append((f"order {_ed.order_of_small(pt)}, canonical ({j}T)", _ed.encode(pt)))
+    sign = 1 << 255
+    out += [
+        ("order 4, y = p (non-canonical y)", _enc(_ed.P)),
+        ("order 4, y = p, x negative (non-canonical y)", _enc(_ed.P | sign)),
+        ("identity, y = p + 1 (non-canonical y)", _enc(_ed.P + 1)),
+        ("identity, y = p + 1, sign bit set (non-canonical y and x)", _enc((_ed.P + 1) | sign)),
+        ("identity, y = 1, sign bit set (x = 0 marked negative)", _enc(1 | sign)),
+        ("order 2, y = p - 1, sign bit set (x = 0 marked negative)", _enc((_ed.P - 1) | sign)),
+    ]
+    return out
+
+
+def _torsion8() -> _ed.Point:
+    t8 = _ed.decode(
+        bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05")
+    )
+    assert t8 is not None
+    return t8
+
+
+def _off_curve_y() -> bytes:
+    """The smallest y (from 2) with no curve point: 32 bytes that decode to nothing."""
+    y = 2
+    while _ed.decode(_enc(y)) is not None:
+        y += 1
+    return _enc(y)
+
+
+def _non_canonical_big() -> bytes:
+    """y = p + y0 for the smallest y0 whose point exists and is not of small order."""
+    for y0 in range(2, 19):
+        pt = _ed.decode(_enc(y0))
+        if pt is not None and _ed.order_of_small(pt) is None:
+            return _enc(_ed.P + y0)
+    raise AssertionError("no such y0")  # pragma: no cover
+
+
+def _search_message(label: str, r: bytes, a: bytes, ok: Callable[[int], bool]) -> bytes:
+    """The first message ``label #i`` whose k = H(R || A || M) mod L satisfies ``ok``."""
+    i = 0
+    while True:
+        m = f"cpi ed25519 vector {label} #{i}".encode()
+        if ok(_hram(r, a, m)):
+            return m
+        i += 1
+
+
+def _point_faults(data: bytes, which: str) -> list[str]:
+    n = int.from_bytes(data, "little")
+    y, sign = n & ((1 << 255) - 1), n >> 255
+    pt = _ed.decode(data)
+    if pt is None:
+        return [f"{which} not on curve"]
+    out = []
+    if y >= _ed.P or (pt[0] == 0 and sign):
+        out.append(f"{which} non-canonical")
+    if _ed.order_of_small(pt) is not None:
+        out.append(f"{which} small order")
+    return out
+
+
+def _equations(pk: bytes, sig: bytes, msg: bytes) -> tuple[bool | None, bool | None]:
+    """(cofactorless, cofactored) equation on the leniently decoded points; None: no point."""
+    a, r = _ed.decode(pk), _ed.decode(sig[:32])
+    if a is None or r is None:
+        return None, None
+    s = int.from_bytes(sig[32:], "little")
+    k = _hram(sig[:32], pk, msg)
+    left = _ed.mul(s, _ed.BASE)
+    right = _ed.add(r, _ed.mul(k, a))
+    return _ed.equal(left, right), _ed.equal(_ed.mul(8, left), _ed.mul(8, right))
+
+
+def _computed_faults(pk: bytes, sig: bytes, msg: bytes) -> list[str]:
+    faults = []
+    if int.from_bytes(sig[32:], "little") >= _ed.L:
+        faults.append("S not below L")
+    faults += _point_faults(pk, "A") + _point_faults(sig[:32], "R")
+    if _equations(pk, sig, msg)[0] is False:
+        faults.append("equation")
+    return sorted(faults, key=ED_FAULTS.index)
+
+
+@dataclass(frozen=True)
+class EdCase:
+    id: str
+    description: str
+    public_key: bytes
+    signature: bytes
+    message: bytes
+    faults: tuple[str, ...]
+    """Hand-written: every property the rule refuses (empty: the signature is valid)."""
+    key_reason: str | None
+    """Hand-written: why the key parser refuses the public key (None: it accepts it)."""
+
+
+def ed25519_cases() -> list[EdCase]:
+    b = _ed.BASE
+    t8 = _torsion8()
+    a = _ed_scalar("edge A")
+    honest = _ed.encode(_ed.mul(a, b))
+    mixed_a = _ed.add(_ed.mul(a, b), t8)
+    mixed = _ed.encode(mixed_a)
+    cases: list[EdCase] = []
+
+    def add(
+        id: str,
+        description: str,
+        pk: bytes,
+        r: bytes,
+        s: int,
+        msg: bytes,
+        faults: Sequence[str],
+        key_reason: str | None,
+    ) -> None:
+        cases.append(EdCase(id, description, pk, r + _enc(s), msg, tuple(faults), key_reason))
+
+    # -- valid --------------------------------------------------------------------------------
+    rfc = keys.private_from_seed(bytes.fromhex(RFC8032_TEST1_SEED))
+    sig = rfc.sign(b"")
+    add(
+        "valid-rfc8032-test1",
+        "RFC 8032 section 7.1 TEST 1: empty message",
+        raw(rfc),
+        sig[:32],
+        int.from_bytes(sig[32:], "little"),
+        b"",
+        [],
+        None,
+    )
+    signer = key("ed25519 signer")
+    msg = b"cpi ed25519 vectors: an honest signature"
+    sig = signer.sign(msg)
+    s_honest = int.from_bytes(sig[32:], "little")
+    add(
+        "valid", "an honest signature, for contrast", raw(signer), sig[:32], s_honest, msg, [], None
+    )
+
+    # -- S --------------------------------------------------------------------------------------
+    add(
+        "s-plus-l",
+        "the honest signature with S + L in place of S: the same S mod L, the equation holds",
+        raw(signer),
+        sig[:32],
+        s_honest + _ed.L,
+        msg,
+        ["S not below L"],
+        None,
+    )
+
+    # -- the forgery that OpenSSL accepts ------------------------------------------------------
+    identity = _enc(1)
+    add(
+        "identity-key-forgery",
+        "A = identity, R = identity, S = 0: the cofactorless equation holds for ANY message",
+        identity,
+        identity,
+        0,
+        b"any message",
+        ["A small order", "R small order"],
+        "small-order",
+    )
+
+    # -- small-order A: R = [r]B, S = r, a message with [k]A = identity -----------------------
+    for i, (what, enc) in enumerate(_small_order_encodings()):
+        pt = _ed.decode(enc)
+        assert pt is not None
+        r = _ed_scalar(f"R for small-order A {i}")
+        r_enc = _ed.encode(_ed.mul(r, b))
+        m = _search_message(
+            f"small-order-a-{i}",
+            r_enc,
+            enc,
+            lambda k, pt=pt: _ed.equal(_ed.mul(k % 8, pt), _ed.IDENTITY),  # type: ignore[misc]
+        )
+        non_canonical = "non-canonical" in what or "negative" in what
+        add(
+            f"small-order-a-{i}",
+            f"A is a small-order point: {what}; R = [r]B, S = r, [k]A = identity, so the "
+            "cofactorless equation holds",
+            enc,
+            r_enc,
+            r,
+            m,
+            (["A non-canonical"] if non_canonical else []) + ["A small order"],
+            "non-canonical" if non_canonical else "small-order",
+        )
+
+    # -- small-order R: S = k*a, with A = [a]B (R = identity) or A = [a]B + T (else) ----------
+    for i, (what, enc) in enumerate(_small_order_encodings()):
+        pt = _ed.decode(enc)
+        assert pt is not None
+        non_canonical = "non-canonical" in what or "negative" in what
+        extra = ["R non-canonical"] if non_canonical else []
+        if _ed.equal(pt, _ed.IDENTITY):
+            m = f"cpi ed25519 vector small-order-r-{i}".encode()
+            k = _hram(enc, honest, m)
+            add(
+                f"small-order-r-{i}",
+                f"R is a small-order point: {what}; A = [a]B, S = k*a: the equation holds",
+                honest,
+                enc,
+                k * a % _ed.L,
+                m,
+                [*extra, "R small order"],
+                None,
+            )
+            continue
+        neg = _ed.neg(pt)
+        m = _search_message(
+            f"small-order-r-{i}",
+            enc,
+            mixed,
+            lambda k, neg=neg: _ed.equal(_ed.mul(k % 8, t8), neg),  # type: ignore[misc]
+        )
+        k = _hram(enc, mixed, m)
+        add(
+            f"small-order-r-{i}",
+            f"R is a small-order point: {what}; A = [a]B + T (T of order 8) with [k]T = -R, "
+            "S = k*a: the equation holds",
+            mixed,
+            enc,
+            k * a % _ed.L,
+            m,
+            [*extra, "R small order"],
+            "mixed-order",
+        )
+
+    # -- points with a small-order component ---------------------------------------------------
+    r = _ed_scalar("R for mixed-order A")
+    r_enc = _ed.encode(_ed.mul(r, b))
+    m = _search_message("mixed-order-a", r_enc, mixed, lambda k: k % 8 == 0)
+    k = _hram(r_enc, mixed, m)
+    add(
+        "mixed-order-a",
+        "A = [a]B + T (T of order 8), R = [r]B, [k]T = identity: the cofactorless equation "
+        "holds, so the signature is valid; the key parser refuses A",
+        mixed,
+        r_enc,
+        (r + k * a) % _ed.L,
+        m,
+        [],
+        "mixed-order",
+    )
+    m = _search_message("mixed-order-a-cofactored", r_enc, mixed, lambda k: k % 8 != 0)
+    k = _hram(r_enc, mixed, m)
+    add(
+        "mixed-order-a-cofactored-only",
+        "A = [a]B + T, R = [r]B, [k]T != identity: only the cofactored equation holds",
+        mixed,
+        r_enc,
+        (r + k * a) % _ed.L,
+        m,
+        ["equation"],
+        "mixed-order",
+    )
+    r_mixed = _ed.encode(_ed.add(_ed.mul(r, b), t8))
+    m = b"cpi ed25519 vector mixed-order-r"
+    k = _hram(r_mixed, honest, m)
+    add(
+        "mixed-order-r-cofactored-only",
+        "A = [a]B, R = [r]B + T (T of order 8), S = r + k*a: only the cofactored equation holds",
+        honest,
+        r_mixed,
+        (r + k * a) % _ed.L,
+        m,
+        ["equation"],
+        None,
+    )
+    r_mixed3 = _ed.encode(_ed.add(_ed.mul(r, b), _ed.mul(3, t8)))
+    m = _search_message("mixed-order-a-r", r_mixed3, mixed, lambda k: (k + 3) % 8 == 0)
+    k = _hram(r_mixed3, mixed, m)
+    add(
+        "mixed-order-a-and-r",
+        "A = [a]B + T, R = [r]B + [3]T, [k]T = -[3]T: the small-order components cancel, the "
+        "cofactorless equation holds and the signature is valid; the key parser refuses A",
+        mixed,
+        r_mixed3,
+        (r + k * a) % _ed.L,
+        m,
+        [],
+        "mixed-order",
+    )
+
+    # -- bytes that are no point, non-canonical encodings of ordinary points ---------------------
+    off = _off_curve_y()
+    add(
+        "a-not-on-curve",
+        f"A's y ({int.from_bytes(off, 'little')}) has no x on the curve",
+        off,
+        sig[:32],
+        s_honest,
+        msg,
+        ["A not on curve"],
+        "not-on-curve",
+    )
+    add(
+        "r-not-on-curve",
+        f"R's y ({int.from_bytes(off, 'little')}) has no x on the curve",
+        raw(signer),
+        off,
+        s_honest,
+        msg,
+        ["R not on curve"],
+        None,
+    )
+    big = _non_canonical_big()
+    y0 = int.from_bytes(big, "little") - _ed.P
+    add(
+        "a-non-canonical",
+        f"A is encoded with y = p + {y0} (a point that is not of small order)",
+        big,
+        sig[:32],
+        s_honest,
+        msg,
+        ["A non-canonical", "equation"],
+        "non-canonical",
+    )
+    add(
+        "r-non-canonical",
+        f"R is encoded with y = p + {y0} (a point that is not of small order)",
+        raw(signer),
+        big,
+        s_honest,
+        msg,
+        ["R non-canonical", "equation"],
+        None,
+    )
+    for c in cases:
+        computed = _computed_faults(c.public_key, c.signature, c.message)
+        if list(c.faults) != computed:
+            raise AssertionError(
+                f"ed25519 case {c.id}: written {list(c.faults)}, computed {computed}"
+            )
+        found = _ed.describe_public_key(c.public_key)
+        if (found is None) != (c.key_reason is None) or (
+            c.key_reason is not None and KEY_REASONS[c.key_reason] not in str(found)
+        ):
+            raise AssertionError(f"ed25519 case {c.id}: key reason {c.key_reason}, found {found}")
+    return cases
+
+
+def ed25519_vectors() -> dict[str, Any]:
+    out = []
+    for c in ed25519_cases():
+        cofactorless, cofactored = _equations(c.public_key, c.signature, c.message)
+        out.append(
+            {
+                "id": c.id,
+                "description": c.description,
+                "message_hex": c.message.hex(),
+                "public_key_hex": c.public_key.hex(),
+                "signature_hex": c.signature.hex(),
+                "equations": {"cofactorless": cofactorless, "cofactored": cofactored},
+                "faults": list(c.faults),
+                "verify": "reject" if c.faults else "accept",
+                "key": {
+                    "verdict": "accept" if c.key_reason is None else "reject",
+                    "reason": c.key_reason,
+                },
+            }
+        )
+    return {
+        "description": "Ed25519 edge cases against the one verification rule of this protocol "
+        "(libsodium's crypto_sign_verify_detached, 1.0.18 or later: S < L, canonical A and R, "
+        "neither of small order, cofactorless equation) and its key rule (a canonical "
+        "encoding of a point of the prime-order subgroup, not of small order). 'verify': "
+        "accept or reject the signature_hex over message_hex under public_key_hex, as raw "
+        "bytes; 'faults': every property the rule refuses (the verdict does not depend on the "
+        "order of the checks); 'equations': [S]B = R + [k]A, and the same times 8, on the "
+        "points as decoded leniently (y mod p), k = SHA-512(R || A || M) mod L, null when "
+        "a point does not decode; 'key': what parsing public_key_hex as a key gives. "
+        "See docs/vectors.md and docs/verification.md.",
+        "faults": list(ED_FAULTS),
+        "key_reasons": sorted(KEY_REASONS),
+        "cases": out,
+    }
+
+
 # -- output ------------------------------------------------------------------------------------
 
 FILES: dict[str, Callable[[], dict[str, Any]]] = {
@@ -1263,6 +1697,7 @@ FILES: dict[str, Callable[[], dict[str, Any]]] = {
     "keys.json": key_vectors,
     "envelopes.json": envelope_vectors,
     "chains.json": chain_vectors,
+    "ed25519.json": ed25519_vectors,
 }
 
 

@@ -14,7 +14,7 @@ from schemas import cpid as cpidmod
 from schemas import dsse, keys
 from schemas.chain import TrustAnchors, verify_record
 from schemas.cpid import CPID, check_character, derive, ns_contains, parse
-from schemas.errors import InvalidCPIDError, InvalidDataError
+from schemas.errors import InvalidCPIDError, InvalidDataError, KeyFileError
 from schemas.models import DOCUMENT_TYPES, Anchor, media_type, parse_payload
 from tools import gen_vectors
 
@@ -31,6 +31,7 @@ CPIDS = _load("cpid.json")
 KEYS = _load("keys.json")
 ENVELOPES = _load("envelopes.json")
 CHAINS = _load("chains.json")
+ED25519 = _load("ed25519.json")
 SEEDS = {k["name"]: bytes.fromhex(k["seed_hex"]) for k in KEYS["keys"]}
 
 
@@ -42,7 +43,7 @@ EXTERNAL = {"dsse.json", "rfc6962.json"}
 
 
 def test_every_vector_file_is_generated_or_external() -> None:
-    assert set(FRESH) == {"cpid.json", "keys.json", "envelopes.json", "chains.json"}
+    assert set(FRESH) == {"cpid.json", "keys.json", "envelopes.json", "chains.json", "ed25519.json"}
     assert not set(FRESH) & EXTERNAL
     assert {p.name for p in VECTOR_DIR.glob("*.json")} == set(FRESH) | EXTERNAL
 
@@ -204,3 +205,53 @@ def test_chain_case(case: dict[str, Any]) -> None:
     if not expect["ok"]:
         assert result.failure is not None
         assert (result.failure.rule, result.failure.link) == (expect["rule"], expect["link"])
+
+
+# -- ed25519.json --------------------------------------------------------------------------------------
+
+
+def test_ed25519_cases_cover_the_edge_cases() -> None:
+    cases = ED25519["cases"]
+    faults = {f for c in cases for f in c["faults"]}
+    assert faults == set(ED25519["faults"])  # every fault the rule names is exercised
+    assert {c["verify"] for c in cases} == {"accept", "reject"}
+    assert {c["key"]["reason"] for c in cases} == {None, *ED25519["key_reasons"]}
+    small_a = {c["public_key_hex"] for c in cases if "A small order" in c["faults"]}
+    small_r = {c["signature_hex"][:64] for c in cases if "R small order" in c["faults"]}
+    assert len(small_a) == len(small_r) == 14  # 8 points, 6 more encodings
+    # the forgery OpenSSL accepted: identity key, R = identity, S = 0
+    forgery = next(c for c in cases if c["id"] == "identity-key-forgery")
+    assert forgery["public_key_hex"] == "01" + "00" * 31
+    assert forgery["signature_hex"] == "01" + "00" * 63
+    assert forgery["verify"] == "reject"
+
+
+@pytest.mark.parametrize("case", ED25519["cases"], ids=lambda c: c["id"])
+def test_ed25519_verify_verdict(case: dict[str, Any]) -> None:
+    pk = bytes.fromhex(case["public_key_hex"])
+    sig = bytes.fromhex(case["signature_hex"])
+    msg = bytes.fromhex(case["message_hex"])
+    assert (case["verify"] == "accept") is (not case["faults"])
+    assert keys.verify_raw(pk, sig, msg) is (case["verify"] == "accept")
+    # through a key object too, as every caller passes it
+    pub = keys.Ed25519PublicKey.from_public_bytes(pk)
+    assert keys.verify_raw(pub, sig, msg) is (case["verify"] == "accept")
+    # and through a DSSE-style check: a signature over exactly these bytes
+    if case["verify"] == "accept":
+        assert keys.verify_raw(pub, sig, msg + b"x") is False
+
+
+@pytest.mark.parametrize("case", ED25519["cases"], ids=lambda c: c["id"])
+def test_ed25519_key_verdict(case: dict[str, Any]) -> None:
+    pk = bytes.fromhex(case["public_key_hex"])
+    text = keys.b64url_encode(pk)
+    if case["key"]["verdict"] == "accept":
+        assert keys.public_raw(keys.public_from_b64url(text)) == pk
+        Anchor.model_validate({"type": "anchor.v1", "subject": "CN", "public_key": text})
+        return
+    phrase = gen_vectors.KEY_REASONS[case["key"]["reason"]]
+    with pytest.raises(KeyFileError) as info:
+        keys.public_from_b64url(text)
+    assert phrase in str(info.value)
+    with pytest.raises(ValueError, match=phrase):
+        Anchor.model_validate({"type": "anchor.v1", "subject": "CN", "public_key": text})
