@@ -8,7 +8,6 @@ every problem into a :class:`~schemas.errors.ConfigError`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -17,6 +16,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from schemas import _json
 from schemas.errors import ConfigError
 
 __all__ = [
@@ -35,7 +35,7 @@ M = TypeVar("M", bound=BaseModel)
 def config_object(data: bytes, *, source: str) -> dict[str, Any]:
     """The JSON object in a config file's bytes (*source* names the file in errors)."""
     try:
-        loaded = json.loads(data.decode())
+        loaded = _json.loads(data)  # the same strict, depth-bounded reader as documents
     except ValueError as exc:
         raise ConfigError(f"{source}: not valid JSON: {exc}") from exc
     if not isinstance(loaded, dict):

@@ -21,7 +21,6 @@ failed check, and formats no message for a check that passes.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -147,7 +146,7 @@ class TrustAnchors:
     def from_json(cls, data: bytes | str) -> TrustAnchors:
         """Parse an anchor file: one ``anchor.v1`` object or a list of them."""
         try:
-            obj = json.loads(data)
+            obj = _json.loads(data)
         except ValueError as exc:
             raise KeyFileError(f"anchor file is not valid JSON: {exc}") from exc
         items = obj if isinstance(obj, list) else [obj]
