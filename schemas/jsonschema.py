@@ -3,9 +3,12 @@
 The pydantic models are the source of truth; :func:`json_schemas` turns them into
 schemas other implementations can validate against, and adds what pydantic cannot see
 inside the models' Python validators: the syntax of CPIDs, namespaces, public keys,
-label keys, metric names and region codes.  Some rules stay outside any JSON Schema
-and are named in each schema's ``description``: the CPID check character, a cert's
-``not_after`` > ``not_before``, a revocation's "exactly one of serial or kid".
+label keys, metric names and region codes.  The bounds of DESIGN.md section 8 (integers
+up to 2^53 - 1, list, map and string lengths) come from the models' field constraints.
+Some rules stay outside any JSON Schema and are named in each schema's
+``description``: the CPID check character, a cert's ``not_after`` > ``not_before``, a
+revocation's "exactly one of serial or kid", the 4 KiB payload bound of records and
+registrations, a public key being a valid curve point.
 
 ``tools/gen_schemas.py`` writes the result to ``schemas/json/<type>.json``;
 ``tests/schemas/test_jsonschema.py`` fails when those files are stale.
@@ -72,7 +75,9 @@ _EXTRA: Final[dict[Callable[..., Any], dict[str, Any]]] = {
     },
     _models._check_pubkey: {
         "pattern": PUBLIC_KEY_PATTERN,
-        "description": "Ed25519 public key: base64url of the 32 raw bytes, no padding",
+        "description": "Ed25519 public key: base64url of the 32 raw bytes, no padding; the "
+        "bytes must also be the canonical encoding of a point of the prime-order subgroup "
+        "(small-order and non-canonical points are refused; docs/verification.md)",
     },
     _models._check_kind: {"enum": list(_cpid.KINDS)},
     _models._check_labels: {
@@ -97,10 +102,11 @@ SCHEMA_TYPES: Final = tuple(_MODELS)
 _DESCRIPTIONS: Final = {
     "cert.v1": "Delegation certificate for a namespace, signed by the issuer namespace's "
     "key. Also: not_after > not_before; scopes do not repeat.",
-    "register.v1": "Registration request, signed by the node's own key (proof of possession).",
+    "register.v1": "Registration request, signed by the node's own key (proof of possession). "
+    "Also: the payload is at most 4096 bytes.",
     "record.v1": "Resource record, signed by the registry's certified namespace key. The "
     "cpid's syntax, check character and binding to public_key are checked by chain "
-    "verification (rule 5), not by this schema.",
+    "verification (rule 5), not by this schema. Also: the payload is at most 4096 bytes.",
     "status.v1": "Live status, signed by the node's own key; observed_at is in milliseconds.",
     "deregister.v1": "Deregistration request, signed by the node's own key.",
     "revocation.v1": "Revocation of a cert serial or a key id, signed by the revoked cert's "

@@ -25,6 +25,13 @@ from schemas.errors import InvalidCPIDError, KeyFileError, PayloadError
 
 __all__ = [
     "DOCUMENT_TYPES",
+    "MAX_ACCELERATORS",
+    "MAX_ENDPOINTS",
+    "MAX_INT",
+    "MAX_LABELS",
+    "MAX_METRICS",
+    "MAX_RECORD_BYTES",
+    "MAX_STRING",
     "Accelerator",
     "Anchor",
     "Attributes",
@@ -43,6 +50,18 @@ __all__ = [
     "parse_payload",
     "type_of_media",
 ]
+
+MAX_INT: Final = 2**53 - 1
+"""Largest integer in any payload (DESIGN.md section 8): exact in every JSON parser,
+including those that read numbers as IEEE doubles."""
+MAX_RECORD_BYTES: Final = 4096
+"""A ``record.v1`` payload (and the ``register.v1`` it is made from) is at most 4 KiB."""
+MAX_ENDPOINTS: Final = 16
+MAX_ACCELERATORS: Final = 16
+MAX_LABELS: Final = 32
+MAX_METRICS: Final = 32
+MAX_STRING: Final = 256
+"""Longest free-text string (characters); fields with a syntax of their own are shorter."""
 
 _MEDIA_PREFIX = "application/vnd.cpi."
 _MEDIA_SUFFIX = "+json"
@@ -105,8 +124,10 @@ def _check_labels(value: dict[str, str]) -> dict[str, str]:
     for k, v in value.items():
         if not _LABEL_KEY.match(k):
             raise ValueError(f"label key {k!r} must match [a-z0-9._/-]{{1,63}}")
-        if len(v) > 256:
-            raise ValueError(f"label {k!r} value is {len(v)} characters, at most 256 allowed")
+        if len(v) > MAX_STRING:
+            raise ValueError(
+                f"label {k!r} value is {len(v)} characters, at most {MAX_STRING} allowed"
+            )
     return value
 
 
@@ -132,8 +153,13 @@ PublicKey = Annotated[str, AfterValidator(_check_pubkey)]
 Kind = Annotated[str, AfterValidator(_check_kind)]
 Labels = Annotated[dict[str, str], AfterValidator(_check_labels)]
 Metrics = Annotated[dict[str, float], AfterValidator(_check_metrics)]
-Timestamp = Annotated[int, Field(ge=0)]
-Text = Annotated[str, Field(max_length=256)]
+Count = Annotated[int, Field(ge=0, le=MAX_INT)]
+"""A non-negative integer: seq, counts, free units."""
+Timestamp = Annotated[int, Field(ge=0, le=MAX_INT)]
+Text = Annotated[str, Field(max_length=MAX_STRING)]
+Serial = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z_-]+$")]
+Kid = Annotated[str, Field(pattern=r"^[0-9A-HJKMNP-TV-Z]{16}$")]
+"""A key id: 16 Crockford base32 characters (DESIGN.md section 1)."""
 Nonce = Annotated[str, Field(min_length=16, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
@@ -157,20 +183,20 @@ class Location(_Model):
 
 class CpuInfo(_Model):
     model: Text
-    cores: Annotated[int, Field(ge=1)]
+    cores: Annotated[int, Field(ge=1, le=MAX_INT)]
 
 
 class Accelerator(_Model):
     vendor: Text
     model: Text
     memory_gib: Annotated[float, Field(ge=0)]
-    count: Annotated[int, Field(ge=1)]
+    count: Annotated[int, Field(ge=1, le=MAX_INT)]
 
 
 class Attributes(_Model):
     cpu: CpuInfo | None = None
     memory_gib: Annotated[float, Field(ge=0)] | None = None
-    accelerators: list[Accelerator] = Field(default_factory=list, max_length=64)
+    accelerators: list[Accelerator] = Field(default_factory=list, max_length=MAX_ACCELERATORS)
     storage_tib: Annotated[float, Field(ge=0)] | None = None
     network_gbps: Annotated[float, Field(ge=0)] | None = None
 
@@ -180,8 +206,8 @@ class Attributes(_Model):
 
 
 class Capacity(_Model):
-    accelerators_free: Annotated[int, Field(ge=0)]
-    cpu_free: Annotated[int, Field(ge=0)] | None = None
+    accelerators_free: Count
+    cpu_free: Count | None = None
     memory_free_gib: Annotated[float, Field(ge=0)] | None = None
 
 
@@ -189,13 +215,18 @@ class Document(_Model):
     """Base of signed payloads; ``TYPE`` is the ``<type>`` of the payloadType."""
 
     TYPE: ClassVar[str] = ""
+    MAX_BYTES: ClassVar[int | None] = None
+    """Largest payload of this type, in bytes (None: only the envelope bound applies)."""
 
     @classmethod
     def media_type(cls) -> str:
         return media_type(cls.TYPE)
 
     def to_json(self) -> bytes:
-        return self.model_dump_json(exclude_none=True).encode("utf-8")
+        """The payload bytes; PayloadError when they exceed :attr:`MAX_BYTES`."""
+        data = self.model_dump_json(exclude_none=True).encode("utf-8")
+        _check_size(type(self), data)
+        return data
 
 
 class Cert(Document):
@@ -205,7 +236,7 @@ class Cert(Document):
     issuer: Namespace
     public_key: PublicKey
     scopes: list[Literal["delegate", "issue"]] = Field(min_length=1, max_length=2)
-    serial: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z_-]+$")]
+    serial: Serial
     not_before: Timestamp
     not_after: Timestamp
 
@@ -222,16 +253,17 @@ class Cert(Document):
 
 class Register(Document):
     TYPE: ClassVar[str] = "register.v1"
+    MAX_BYTES: ClassVar[int | None] = MAX_RECORD_BYTES
     type: Literal["register.v1"] = "register.v1"
     namespace: Namespace
     kind: Kind
     public_key: PublicKey
     nonce: Nonce
     timestamp: Timestamp
-    endpoints: list[Endpoint] = Field(default_factory=list, max_length=16)
+    endpoints: list[Endpoint] = Field(default_factory=list, max_length=MAX_ENDPOINTS)
     location: Location
     attributes: Attributes = Field(default_factory=Attributes)
-    labels: Labels = Field(default_factory=dict, max_length=64)
+    labels: Labels = Field(default_factory=dict, max_length=MAX_LABELS)
 
 
 class Record(Document):
@@ -243,29 +275,30 @@ class Record(Document):
     """
 
     TYPE: ClassVar[str] = "record.v1"
+    MAX_BYTES: ClassVar[int | None] = MAX_RECORD_BYTES
     type: Literal["record.v1"] = "record.v1"
     cpid: Annotated[str, Field(min_length=1, max_length=_cpid.MAX_LENGTH)]
     kind: Kind
     public_key: PublicKey
     issuer: Namespace
-    version: Annotated[int, Field(ge=1)]
+    version: Annotated[int, Field(ge=1, le=MAX_INT)]
     issued_at: Timestamp
     expires_at: Timestamp
-    endpoints: list[Endpoint] = Field(default_factory=list, max_length=16)
+    endpoints: list[Endpoint] = Field(default_factory=list, max_length=MAX_ENDPOINTS)
     location: Location
     attributes: Attributes = Field(default_factory=Attributes)
-    labels: Labels = Field(default_factory=dict, max_length=64)
+    labels: Labels = Field(default_factory=dict, max_length=MAX_LABELS)
 
 
 class Status(Document):
     TYPE: ClassVar[str] = "status.v1"
     type: Literal["status.v1"] = "status.v1"
     cpid: CPIDStr
-    seq: Annotated[int, Field(ge=0)]
-    observed_at: Annotated[int, Field(ge=0, description="Unix time in milliseconds")]
+    seq: Count
+    observed_at: Annotated[int, Field(ge=0, le=MAX_INT, description="Unix time in milliseconds")]
     state: Literal["up", "draining", "down"]
     capacity: Capacity
-    metrics: Metrics = Field(default_factory=dict, max_length=64)
+    metrics: Metrics = Field(default_factory=dict, max_length=MAX_METRICS)
 
 
 class Deregister(Document):
@@ -280,8 +313,8 @@ class Revocation(Document):
     TYPE: ClassVar[str] = "revocation.v1"
     type: Literal["revocation.v1"] = "revocation.v1"
     subject: Namespace
-    serial: str | None = None
-    kid: str | None = None
+    serial: Serial | None = None
+    kid: Kid | None = None
     reason: Text
     revoked_at: Timestamp
 
@@ -330,6 +363,13 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _check_size(model: type[Document], payload: bytes) -> None:
+    if model.MAX_BYTES is not None and len(payload) > model.MAX_BYTES:
+        raise PayloadError(
+            f"{model.TYPE} payload is {len(payload)} bytes, at most {model.MAX_BYTES} allowed"
+        )
+
+
 def parse_payload(payload_type: str, payload: bytes, expected: type[D]) -> D:
     """Parse verified payload bytes into ``expected``, checking the type field.
 
@@ -339,6 +379,7 @@ def parse_payload(payload_type: str, payload: bytes, expected: type[D]) -> D:
     doc_type = type_of_media(payload_type)
     if doc_type != expected.TYPE:
         raise PayloadError(f"payloadType is for {doc_type!r}, expected {expected.TYPE!r}")
+    _check_size(expected, payload)
     try:
         obj = _json.loads(payload)  # refuses duplicate names and NaN/Infinity
     except ValueError as exc:  # includes UnicodeDecodeError

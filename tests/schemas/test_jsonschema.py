@@ -77,11 +77,84 @@ def test_contract_syntax_is_in_the_schemas() -> None:
     labels = _props("register.v1")["labels"]
     assert labels["propertyNames"]["pattern"] == r"^[a-z0-9._/-]{1,63}$"
     assert labels["additionalProperties"] == {"type": "string", "maxLength": 256}
-    assert labels["maxProperties"] == 64
+    assert labels["maxProperties"] == 32
     assert _props("status.v1")["metrics"]["propertyNames"]["pattern"] == r"^[a-z][a-z0-9_]{0,63}$"
     assert _props("status.v1")["observed_at"]["description"] == "Unix time in milliseconds"
     # record.v1 leaves its cpid to chain rule 5, like the model
     assert "pattern" not in _props("record.v1")["cpid"]
+
+
+# -- bounds (DESIGN.md section 8): the schemas carry the models' bounds -------------------------
+
+MAX_INT = 2**53 - 1
+
+
+def _resolve(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    ref = node.get("$ref")
+    if ref is None:
+        return node
+    out: dict[str, Any] = schema["$defs"][ref.removeprefix("#/$defs/")]
+    return out
+
+
+def _walk(
+    schema: dict[str, Any], node: Any, path: str, seen: list[tuple[str, dict[str, Any]]]
+) -> None:
+    if not isinstance(node, dict):
+        return
+    node = _resolve(schema, node)
+    seen.append((path, node))
+    for key in ("anyOf", "oneOf", "allOf"):
+        for i, sub in enumerate(node.get(key, [])):
+            _walk(schema, sub, f"{path}|{i}", seen)
+    for name, sub in node.get("properties", {}).items():
+        _walk(schema, sub, f"{path}.{name}", seen)
+    if isinstance(node.get("items"), dict):
+        _walk(schema, node["items"], f"{path}[]", seen)
+    if isinstance(node.get("additionalProperties"), dict):
+        _walk(schema, node["additionalProperties"], f"{path}{{}}", seen)
+
+
+@pytest.mark.parametrize("doc_type", jsonschema.SCHEMA_TYPES)
+def test_every_integer_list_map_and_string_is_bounded(doc_type: str) -> None:
+    schema = jsonschema.json_schema(doc_type)
+    seen: list[tuple[str, dict[str, Any]]] = []
+    _walk(schema, schema, doc_type, seen)
+    kinds = set()
+    for path, node in seen:
+        t = node.get("type")
+        kinds.add(t)
+        if t == "integer":
+            assert node.get("minimum", -1) >= 0, path
+            assert node.get("maximum", MAX_INT + 1) <= MAX_INT, path
+        elif t == "array":
+            assert "maxItems" in node, path
+        elif t == "object" and isinstance(node.get("additionalProperties"), dict):
+            assert "maxProperties" in node, path  # a map (labels, metrics)
+        elif t == "string" and "const" not in node and "enum" not in node:
+            # a length bound, or a pattern that bounds the length
+            pattern = node.get("pattern", "")
+            assert "maxLength" in node or (pattern.endswith("$") and "*" not in pattern), path
+    assert "integer" in kinds or doc_type == "anchor.v1"
+
+
+def test_bounds_have_the_designs_values() -> None:
+    rec = jsonschema.json_schema("record.v1")
+    assert rec["properties"]["endpoints"]["maxItems"] == 16
+    assert rec["properties"]["labels"]["maxProperties"] == 32
+    assert rec["properties"]["version"]["maximum"] == MAX_INT
+    assert rec["$defs"]["Attributes"]["properties"]["accelerators"]["maxItems"] == 16
+    assert "4096 bytes" in rec["description"]
+    assert "4096 bytes" in jsonschema.json_schema("register.v1")["description"]
+    status = jsonschema.json_schema("status.v1")
+    assert status["properties"]["seq"]["maximum"] == MAX_INT
+    assert status["properties"]["metrics"]["maxProperties"] == 32
+    rev = jsonschema.json_schema("revocation.v1")["properties"]
+    assert any(o.get("pattern") == "^[0-9A-HJKMNP-TV-Z]{16}$" for o in rev["kid"]["anyOf"])
+    assert (
+        "small-order"
+        in jsonschema.json_schema("cert.v1")["properties"]["public_key"]["description"]
+    )
 
 
 # -- the patterns agree with the implementation, on the shared vectors ---------------------------

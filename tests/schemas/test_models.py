@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import re
 from typing import Any
 
 import pytest
@@ -385,8 +386,8 @@ INVALID: list[tuple[str, str, Any, str]] = [
     (
         "register.v1",
         "labels",
-        {f"k{i}": "v" for i in range(65)},
-        r"labels: Dictionary should have at most 64 items",
+        {f"k{i}": "v" for i in range(33)},
+        r"labels: Dictionary should have at most 32 items",
     ),
     ("record.v1", "labels", {"Tier": "gold"}, r"label key 'Tier' must match"),
     (
@@ -571,3 +572,146 @@ def test_anchor_invalid(obj: dict[str, Any], match: str) -> None:
 def test_anchor_refuses_small_order_and_non_canonical_keys(value: str, match: str) -> None:
     with pytest.raises(ValidationError, match=match):
         Anchor.model_validate({"type": "anchor.v1", "subject": "CN", "public_key": value})
+
+
+# -- bounds (DESIGN.md section 8) -------------------------------------------------------------------
+
+MAX_INT = 2**53 - 1
+INTEGER_FIELDS = [
+    ("status.v1", "seq"),
+    ("status.v1", "observed_at"),
+    ("status.v1", "capacity.accelerators_free"),
+    ("status.v1", "capacity.cpu_free"),
+    ("record.v1", "version"),
+    ("record.v1", "issued_at"),
+    ("record.v1", "expires_at"),
+    ("record.v1", "attributes.cpu.cores"),
+    ("record.v1", "attributes.accelerators.0.count"),
+    ("register.v1", "timestamp"),
+    ("register.v1", "attributes.accelerators.0.count"),
+    ("cert.v1", "not_after"),
+    ("deregister.v1", "timestamp"),
+    ("revocation.v1", "revoked_at"),
+]
+
+
+@pytest.mark.parametrize(("doc_type", "path"), INTEGER_FIELDS)
+def test_integers_are_at_most_2_to_the_53_minus_1(doc_type: str, path: str) -> None:
+    _parse(doc_type, _changed(doc_type, path, MAX_INT))
+    with pytest.raises(
+        PayloadError,
+        match=rf"^invalid {doc_type}: {re.escape(path)}: Input should be less than or equal "
+        rf"to {MAX_INT}",
+    ):
+        _parse(doc_type, _changed(doc_type, path, MAX_INT + 1))
+    with pytest.raises(PayloadError, match=rf"{re.escape(path)}: Input should be less than"):
+        _parse(doc_type, _changed(doc_type, path, 2**63))
+
+
+def _many(n: int, item: Any) -> list[Any]:
+    return [copy.deepcopy(item) for _ in range(n)]
+
+
+LIST_BOUNDS = [
+    ("register.v1", "endpoints", _many(16, ENDPOINTS[0]), _many(17, ENDPOINTS[0])),
+    ("record.v1", "endpoints", _many(16, ENDPOINTS[0]), _many(17, ENDPOINTS[0])),
+    (
+        "register.v1",
+        "attributes.accelerators",
+        _many(16, ATTRIBUTES["accelerators"][0]),  # type: ignore[index]
+        _many(17, ATTRIBUTES["accelerators"][0]),  # type: ignore[index]
+    ),
+    (
+        "record.v1",
+        "attributes.accelerators",
+        _many(8, ATTRIBUTES["accelerators"][0]),  # type: ignore[index]
+        _many(17, ATTRIBUTES["accelerators"][0]),  # type: ignore[index]
+    ),
+    (
+        "register.v1",
+        "labels",
+        {f"k{i}": "v" for i in range(32)},
+        {f"k{i}": "v" for i in range(33)},
+    ),
+    ("record.v1", "labels", {f"k{i}": "v" for i in range(32)}, {f"k{i}": "v" for i in range(33)}),
+    (
+        "status.v1",
+        "metrics",
+        {f"m{i}": 1.0 for i in range(32)},
+        {f"m{i}": 1.0 for i in range(33)},
+    ),
+]
+
+
+@pytest.mark.parametrize(("doc_type", "path", "ok", "too_many"), LIST_BOUNDS)
+def test_lists_and_maps_are_bounded(doc_type: str, path: str, ok: Any, too_many: Any) -> None:
+    _parse(doc_type, _changed(doc_type, path, ok))
+    with pytest.raises(PayloadError, match=rf"^invalid {doc_type}: {re.escape(path)}: .*at most"):
+        _parse(doc_type, _changed(doc_type, path, too_many))
+
+
+STRING_FIELDS = [
+    ("record.v1", "location.site"),
+    ("record.v1", "attributes.cpu.model"),
+    ("record.v1", "attributes.accelerators.0.vendor"),
+    ("record.v1", "attributes.accelerators.0.model"),
+    ("record.v1", "labels.tier"),
+    ("register.v1", "endpoints.0.purpose"),
+    ("revocation.v1", "reason"),
+]
+
+
+@pytest.mark.parametrize(("doc_type", "path"), STRING_FIELDS)
+def test_strings_are_at_most_256_characters(doc_type: str, path: str) -> None:
+    with pytest.raises(PayloadError, match=r"at most (256|64)( characters| allowed)"):
+        _parse(doc_type, _changed(doc_type, path, "x" * 257))
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ("A" * 17, r"kid: String should match pattern"),
+        ("ABCDEFGHJKMNPQRI", r"kid: String should match pattern"),  # I is not Crockford
+        ("x" * 10_000, r"kid: String should match pattern"),
+    ],
+)
+def test_revocation_kid_is_a_key_id(value: str, match: str) -> None:
+    doc = _changed("revocation.v1", "serial", DELETE)
+    doc["kid"] = value
+    with pytest.raises(PayloadError, match=match):
+        _parse("revocation.v1", doc)
+
+
+def test_revocation_serial_is_bounded_like_a_cert_serial() -> None:
+    with pytest.raises(PayloadError, match=r"serial: String should have at most 64 characters"):
+        _parse("revocation.v1", _changed("revocation.v1", "serial", "s" * 65))
+
+
+def _big_record(labels: int, value_len: int) -> dict[str, Any]:
+    return _changed(
+        "record.v1", "labels", {f"label-{i:02d}": "v" * value_len for i in range(labels)}
+    )
+
+
+def test_record_payload_is_at_most_4_kib() -> None:
+    fits = _big_record(16, 200)
+    assert len(_payload(fits)) <= 4096
+    _parse("record.v1", fits)
+    big = _big_record(32, 200)  # every field within its own bound, 7 KiB in all
+    payload = _payload(big)
+    assert len(payload) > 4096
+    with pytest.raises(
+        PayloadError, match=rf"record\.v1 payload is {len(payload)} bytes, at most 4096"
+    ):
+        parse_payload(media_type("record.v1"), payload, Record)
+    # and a registry cannot sign one: to_json refuses to emit it
+    rec = Record.model_validate(big)
+    with pytest.raises(PayloadError, match=r"record\.v1 payload is \d+ bytes, at most 4096"):
+        rec.to_json()
+
+
+def test_register_payload_is_at_most_4_kib() -> None:
+    big = _changed("register.v1", "labels", {f"label-{i:02d}": "v" * 200 for i in range(32)})
+    payload = _payload(big)
+    with pytest.raises(PayloadError, match=r"register\.v1 payload is \d+ bytes, at most 4096"):
+        parse_payload(media_type("register.v1"), payload, Register)
