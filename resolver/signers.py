@@ -65,7 +65,7 @@ def label_of(rule: int, what: str, detail: str) -> str:
             return "unsigned"
         if what.startswith("record signed by"):
             return "bad_signature" if "signatures verify" in detail else "bad_payload"
-        if "contains the CPID prefix" in what:
+        if what == "signer's subject is the CPID prefix":
             return "outside_namespace"
         if "scope" in what:
             return "scope"

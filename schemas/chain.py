@@ -2,8 +2,9 @@
 
 A record is valid when, checked segment by segment:
 
-1. its signature verifies under the key of a cert whose subject contains the CPID's
-   prefix (and that cert holds scope ``issue``);
+1. its signature verifies under the key of a cert whose subject *is* the CPID's prefix
+   (DESIGN.md section 8: a record is signed by its own namespace's certified key; a
+   parent does not issue into a namespace below it), and that cert holds ``issue``;
 2. each cert is signed by its issuer, the issuer's subject contains the cert's subject,
    the issuer holds ``delegate``, the chain ends at a configured anchor, depth <= 8;
 3. every cert and the record are inside their validity windows (+-60 s skew);
@@ -65,7 +66,7 @@ MAX_DEPTH = 8
 CLOCK_SKEW = 60
 
 RULES = {
-    1: "record signed by a cert whose subject contains the CPID's prefix",
+    1: "record signed by a cert whose subject is the CPID's prefix, holding scope issue",
     2: "each cert signed by its issuer, inside it, issuer holds delegate, ends at an anchor, depth <= 8",
     3: "every cert and the record inside their validity windows",
     4: "no cert serial or key in the chain revoked",
@@ -408,9 +409,17 @@ def _check_record(record: dsse.Envelope, w: _Walk) -> Record:
     w.check(
         1,
         0,
-        "signer's subject contains the CPID prefix",
-        _cpid.ns_contains(signer.subject, prefix),
-        lambda: f"CPID prefix {prefix!r} is outside signer subject {signer.subject!r}",
+        "signer's subject is the CPID prefix",
+        # both canonical (upper case, parsed): equal text is equal segments
+        signer.subject == prefix,
+        lambda: (
+            f"CPID prefix {prefix!r} is not the signer's subject {signer.subject!r}"
+            + (
+                " (a record is signed by its own namespace's key, not a parent's)"
+                if _cpid.ns_contains(signer.subject, prefix)
+                else ""
+            )
+        ),
     )
     w.check(
         1,

@@ -295,11 +295,13 @@ def chain_cases() -> list[ChainCase]:
         record(t["CN.31"], node_key("2"), kind="CPU"),
         t["CN.31"].chain,
     )
+    cmcc_d = delegate(t["CN.31"], "CN.31.CMCC")
+    lg01 = delegate(cmcc_d, "CN.31.CMCC.LG01", scopes=("issue",))
     add(
-        "ok-record-below-signer",
-        "CN.31.CMCC signs a record for CN.31.CMCC.LG01 (subject contains the prefix)",
-        record(cmcc, node_key("3"), namespace="CN.31.CMCC.LG01"),
-        cmcc.chain,
+        "ok-sub-namespace-own-key",
+        "CN.31.CMCC.LG01, certified by CN.31.CMCC, signs a record in its own namespace",
+        record(lg01, node_key("3")),
+        lg01.chain,
     )
     add(
         "ok-two-anchors",
@@ -420,13 +422,32 @@ def chain_cases() -> list[ChainCase]:
         match=r"signer 'CN\.31\.CMCC' lacks scope 'issue'",
     )
     add(
+        "record-below-signer",
+        "CN.31.CMCC signs a record for CN.31.CMCC.LG01: a record is signed by its own "
+        "namespace's key, not by a parent's",
+        record(cmcc, node_key("3"), namespace="CN.31.CMCC.LG01"),
+        cmcc.chain,
+        rule=1,
+        link=0,
+        match=r"CPID prefix 'CN\.31\.CMCC\.LG01' is not the signer's subject 'CN\.31\.CMCC'",
+    )
+    add(
+        "parent-issues-into-delegated",
+        "CN.31 (delegate+issue) signs a record for CN.31.CMCC, a namespace it delegated",
+        record(t["CN.31"], n1, namespace="CN.31.CMCC", issuer="CN.31"),
+        t["CN.31"].chain,
+        rule=1,
+        link=0,
+        match=r"CPID prefix 'CN\.31\.CMCC' is not the signer's subject 'CN\.31'",
+    )
+    add(
         "cpid-outside-signer",
         "CN.31.CMCC signs a record for CN.31.CUCC",
         record(cmcc, n1, namespace="CN.31.CUCC", issuer="CN.31.CMCC"),
         cmcc.chain,
         rule=1,
         link=0,
-        match=r"CPID prefix 'CN\.31\.CUCC' is outside signer subject 'CN\.31\.CMCC'",
+        match=r"CPID prefix 'CN\.31\.CUCC' is not the signer's subject 'CN\.31\.CMCC'",
     )
     cn3 = delegate(t["CN"], "CN.3")
     add(
@@ -436,7 +457,7 @@ def chain_cases() -> list[ChainCase]:
         cn3.chain,
         rule=1,
         link=0,
-        match=r"CPID prefix 'CN\.31' is outside signer subject 'CN\.3'",
+        match=r"CPID prefix 'CN\.31' is not the signer's subject 'CN\.3'",
     )
     add(
         "record-issuer-mismatch",

@@ -61,7 +61,7 @@ def classify_check(rule: int, what: str) -> str:
         return "forged"
     if what.startswith("record signed by"):
         return "tampered"
-    if what in ("signer's subject contains the CPID prefix", "issuer contains subject"):
+    if what in ("signer's subject is the CPID prefix", "issuer contains subject"):
         return "outside_namespace"
     if what in ("signer holds scope issue", "issuer holds delegate"):
         return "unauthorized"

@@ -166,7 +166,7 @@ def test_string_prefix_traps() -> None:
     r = verify_record(gv.record(cn3, NODE, namespace="CN.31.CMCC"), cn3.chain, anchors=CN, now=NOW)
     assert r.failure is not None
     assert (r.failure.rule, r.failure.link) == (1, 0)
-    assert "CPID prefix 'CN.31.CMCC' is outside signer subject 'CN.3'" in r.failure.detail
+    assert "CPID prefix 'CN.31.CMCC' is not the signer's subject 'CN.3'" in r.failure.detail
     # CN.3 delegating CN.31
     cn31 = gv.delegate(cn3, "CN.31")
     r = verify_record(gv.record(cn31, NODE), cn31.chain, anchors=CN, now=NOW)
