@@ -21,7 +21,6 @@ from registry.index import Index, Keys
 from schemas import keys
 from schemas.bundle import assemble_chain
 from schemas.chain import MAX_DEPTH, TrustAnchors, verify_chain
-from schemas.cpid import ns_contains
 from schemas.dsse import Envelope
 from schemas.errors import InvalidDataError
 from schemas.keys import Ed25519PrivateKey
@@ -60,9 +59,10 @@ class Signers:
         return sorted(s.namespace for s in self._all)
 
     def pick(self, namespace: str) -> Signer | None:
-        """The signer of the most specific held namespace containing ``namespace``."""
-        for s in self._all:  # most segments first
-            if ns_contains(s.namespace, namespace):
+        """The signer of ``namespace`` itself: a record is signed by its own namespace's
+        key, never a parent's (DESIGN.md section 8, chain rule 1)."""
+        for s in self._all:
+            if s.namespace == namespace:
                 return s
         return None
 

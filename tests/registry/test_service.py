@@ -104,20 +104,18 @@ async def test_full_registration_verifies_from_the_anchor(
     assert entries[0].digest == changes.digest(env)
 
 
-async def test_the_broader_namespace_signs_what_the_narrower_does_not_cover(
+async def test_a_parent_namespace_does_not_sign_below_itself(
     start: Start, index: Index, world: World
 ) -> None:
+    """DESIGN.md section 8: a record is signed by its own namespace's key.  The registry
+    holds CN.31 and CN.31.CMCC; a node in CN.31.CUCC is refused, not signed by CN.31."""
     client = await start()
     token = await world.token(index, namespace="CN.31")
     node = Node(namespace="CN.31.CUCC", kind="CPU")
     status, body = await register(client, node, token)
-    assert status == 201, body
-    assert record_of(body).issuer == "CN.31"
-    chain = [dsse.Envelope.from_dict(c) for c in body["chain"]]
-    assert len(chain) == 1
-    assert verify_record(
-        dsse.Envelope.from_dict(body["record"]), chain, anchors=TrustAnchors([world.anchor])
-    ).ok
+    assert status == 403, body
+    assert body["error"]["code"] == "outside_namespace"
+    assert "CN.31.CUCC is outside this registry's certified namespaces" in body["error"]["message"]
 
 
 async def test_reregistration_is_idempotent_and_versions_changes(

@@ -83,7 +83,7 @@ class FakeRegistry:
         self.cert = ca.issue_cert(
             issuer_key=self.root,
             issuer_subject="CN",
-            subject="CN.31",
+            subject=NS,  # a record is signed by its own namespace's key
             public_key=self.key,
             scopes=["delegate", "issue"],
         )
@@ -136,7 +136,7 @@ class FakeRegistry:
             cpid=c,
             kind=reg.kind,
             public_key=reg.public_key,
-            issuer="CN.31",
+            issuer=NS,
             version=known[0].version + 1 if known else 1,
             issued_at=now,
             expires_at=now + 86400,
