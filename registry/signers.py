@@ -60,7 +60,7 @@ class Signers:
 
     def pick(self, namespace: str) -> Signer | None:
         """The signer of ``namespace`` itself: a record is signed by its own namespace's
-        key, never a parent's (DESIGN.md section 8, chain rule 1)."""
+        key, never a parent's (docs/verification.md, chain rule 1)."""
         for s in self._all:
             if s.namespace == namespace:
                 return s

@@ -6,7 +6,7 @@ meaning open: some parsers keep the first, most the last, some refuse) and the
 non-standard constants ``NaN``/``Infinity`` are exactly where parsers disagree, so
 they are refused here.
 
-Nesting is bounded too (DESIGN.md section 8): at most :data:`MAX_DEPTH` levels of arrays
+Nesting is bounded too (docs/verification.md): at most :data:`MAX_DEPTH` levels of arrays
 and objects.  Deeper input is a ValueError naming its depth, never the RecursionError
 that Python's parser raises at about a thousand levels.  A document with at most 16
 brackets cannot be deeper than 16 and is not scanned; only larger ones are.

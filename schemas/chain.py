@@ -3,7 +3,7 @@
 A record is valid when, checked segment by segment:
 
 1. its signature verifies under the key of a cert whose subject *is* the CPID's prefix
-   (DESIGN.md section 8: a record is signed by its own namespace's certified key; a
+   (docs/verification.md: a record is signed by its own namespace's certified key; a
    parent does not issue into a namespace below it), and that cert holds ``issue``;
 2. each cert is signed by its issuer, the issuer's subject contains the cert's subject,
    the issuer holds ``delegate``, the chain ends at a configured anchor, depth <= 8;

@@ -3,7 +3,7 @@
 The pydantic models are the source of truth; :func:`json_schemas` turns them into
 schemas other implementations can validate against, and adds what pydantic cannot see
 inside the models' Python validators: the syntax of CPIDs, namespaces, public keys,
-label keys, metric names and region codes.  The bounds of DESIGN.md section 8 (integers
+label keys, metric names and region codes.  The bounds of docs/verification.md (integers
 up to 2^53 - 1, list, map and string lengths) come from the models' field constraints.
 Some rules stay outside any JSON Schema and are named in each schema's
 ``description``: the CPID check character, a cert's ``not_after`` > ``not_before``, a

@@ -193,8 +193,8 @@ def check_private_mode(mode: int, *, source: str) -> None:
 
 
 def _self_test() -> None:
-    """Refuse to run on a libsodium that does not give the rule's verdicts (DESIGN.md
-    section 8 asks for 1.0.18 or later): the identity key with ``R`` = identity and
+    """Refuse to run on a libsodium that does not give the rule's verdicts (docs/verification.md
+    asks for 1.0.18 or later): the identity key with ``R`` = identity and
     ``S`` = 0 must be refused, an honest signature accepted."""
     if not nacl.bindings.has_crypto_core_ed25519:
         raise ImportError("PyNaCl is built without crypto_core_ed25519 (a minimal libsodium)")
@@ -229,7 +229,7 @@ VERIFY_BACKEND = "libsodium"
 def verify_raw(public_key: Ed25519PublicKey | bytes, signature: bytes, data: bytes) -> bool:
     """True when ``signature`` is ``public_key``'s Ed25519 signature over ``data``.
 
-    The one verdict of the protocol (DESIGN.md section 8): exactly what libsodium's
+    The one verdict of the protocol (docs/verification.md): exactly what libsodium's
     ``crypto_sign_verify_detached`` (1.0.18 or later) accepts -- ``S`` below the group
     order ``L``; ``A`` and ``R`` canonically encoded and neither of small order; and the
     cofactorless equation ``[S]B = R + [k]A`` holding, checked as the encoding of

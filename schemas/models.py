@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 MAX_INT: Final = 2**53 - 1
-"""Largest integer in any payload (DESIGN.md section 8): exact in every JSON parser,
+"""Largest integer in any payload (docs/verification.md): exact in every JSON parser,
 including those that read numbers as IEEE doubles."""
 MAX_RECORD_BYTES: Final = 4096
 """A ``record.v1`` payload (and the ``register.v1`` it is made from) is at most 4 KiB."""
@@ -107,7 +107,7 @@ def _check_pubkey(value: str) -> str:
         )
     try:
         # small-order points, non-canonical point encodings and points outside the
-        # prime-order subgroup are refused wherever a key is parsed (DESIGN.md section 8)
+        # prime-order subgroup are refused wherever a key is parsed (docs/verification.md)
         _keys.check_public_raw(raw)
     except KeyFileError as exc:
         raise ValueError(str(exc)) from exc
@@ -159,7 +159,7 @@ Timestamp = Annotated[int, Field(ge=0, le=MAX_INT)]
 Text = Annotated[str, Field(max_length=MAX_STRING)]
 Serial = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z_-]+$")]
 Kid = Annotated[str, Field(pattern=r"^[0-9A-HJKMNP-TV-Z]{16}$")]
-"""A key id: 16 Crockford base32 characters (DESIGN.md section 1)."""
+"""A key id: 16 Crockford base32 characters (docs/protocol.md §1)."""
 Nonce = Annotated[str, Field(min_length=16, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 
 

@@ -107,7 +107,7 @@ async def test_full_registration_verifies_from_the_anchor(
 async def test_a_parent_namespace_does_not_sign_below_itself(
     start: Start, index: Index, world: World
 ) -> None:
-    """DESIGN.md section 8: a record is signed by its own namespace's key.  The registry
+    """docs/verification.md: a record is signed by its own namespace's key.  The registry
     holds CN.31 and CN.31.CMCC; a node in CN.31.CUCC is refused, not signed by CN.31."""
     client = await start()
     token = await world.token(index, namespace="CN.31")

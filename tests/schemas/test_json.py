@@ -1,4 +1,4 @@
-"""schemas._json.loads: strict JSON with a nesting bound (DESIGN.md section 8: at most 16)."""
+"""schemas._json.loads: strict JSON with a nesting bound (docs/verification.md: at most 16)."""
 
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ def test_contract_syntax_is_in_the_schemas() -> None:
     assert "pattern" not in _props("record.v1")["cpid"]
 
 
-# -- bounds (DESIGN.md section 8): the schemas carry the models' bounds -------------------------
+# -- bounds (docs/verification.md): the schemas carry the models' bounds -------------------------
 
 MAX_INT = 2**53 - 1
 

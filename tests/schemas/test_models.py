@@ -495,7 +495,7 @@ if "+" in base64.b64encode(_RAW).decode() or "/" in base64.b64encode(_RAW).decod
 _P = 2**255 - 19
 _EXPECTED_POINT = r"; expected the canonical encoding of a point of the prime-order subgroup"
 BAD_KEYS += [
-    # (DESIGN.md section 8) small-order points and non-canonical point encodings
+    # (docs/verification.md) small-order points and non-canonical point encodings
     (_b64url(bytes([1]) + bytes(31)), r"is a small-order point \(order 1\)" + _EXPECTED_POINT),
     (_b64url(bytes(32)), r"is a small-order point \(order 4\)"),
     (_b64url((_P - 1).to_bytes(32, "little")), r"is a small-order point \(order 2\)"),
@@ -574,7 +574,7 @@ def test_anchor_refuses_small_order_and_non_canonical_keys(value: str, match: st
         Anchor.model_validate({"type": "anchor.v1", "subject": "CN", "public_key": value})
 
 
-# -- bounds (DESIGN.md section 8) -------------------------------------------------------------------
+# -- bounds (docs/verification.md) -------------------------------------------------------------------
 
 MAX_INT = 2**53 - 1
 INTEGER_FIELDS = [
