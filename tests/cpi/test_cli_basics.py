@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,3 +160,18 @@ def test_verify_malformed_input(tmp_path: Path, capsys: pytest.CaptureFixture[st
     bad.write_text("{not json")
     assert main(["verify", str(bad), "--anchor", str(anchor)]) == 1
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_up_without_a_usable_etcd_says_how_to_get_one(tmp_path: Path) -> None:
+    # a clean message and exit 1, not a traceback, when $CPI_ETCD_BINARY is not a program
+    env = {**os.environ, "CPI_ETCD_BINARY": str(tmp_path / "missing-etcd")}
+    done = subprocess.run(
+        [sys.executable, "-m", "cpi", "up", "--data-dir", str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "CPI_ETCD_BINARY" in done.stderr and "not an executable file" in done.stderr
