@@ -76,7 +76,17 @@ class RateLimiter:
     few float operations.
     """
 
-    __slots__ = ("_buckets", "_slip_count", "limited", "max_prefixes", "rate", "slip", "slipped")
+    __slots__ = (
+        "_buckets",
+        "_last_bucket",
+        "_last_host",
+        "_slip_count",
+        "limited",
+        "max_prefixes",
+        "rate",
+        "slip",
+        "slipped",
+    )
 
     def __init__(
         self,
@@ -92,6 +102,9 @@ class RateLimiter:
         self.max_prefixes = max_prefixes
         self._buckets: dict[str | bytes, list[float]] = {}  # prefix -> [tokens, last refill]
         self._slip_count = 0
+        # the bucket of the last host asked about: floods come from few addresses
+        self._last_host = ""
+        self._last_bucket: list[float] = []
         self.limited = 0
         """Responses over the limit (slipped or dropped)."""
         self.slipped = 0
@@ -102,14 +115,20 @@ class RateLimiter:
 
     def check(self, host: str, now: float) -> int:
         """:data:`SEND`, :data:`DROP` or :data:`SLIP` for a response to ``host`` at ``now``."""
-        key = prefix_of(host)
-        bucket = self._buckets.get(key)
         rate = self.rate
-        if bucket is None:
-            if len(self._buckets) >= self.max_prefixes:
-                self._prune(now)
-            self._buckets[key] = [rate - 1.0, now]
-            return SEND
+        if host == self._last_host:
+            bucket = self._last_bucket
+        else:
+            key = prefix_of(host)
+            found = self._buckets.get(key)
+            if found is None:
+                if len(self._buckets) >= self.max_prefixes:
+                    self._prune(now)
+                found = self._buckets[key] = [rate - 1.0, now]
+                self._last_host, self._last_bucket = host, found
+                return SEND
+            bucket = found
+            self._last_host, self._last_bucket = host, bucket
         tokens = bucket[0] + (now - bucket[1]) * rate
         if tokens > rate:
             tokens = rate
@@ -133,6 +152,7 @@ class RateLimiter:
             del self._buckets[k]
         if len(self._buckets) >= self.max_prefixes:
             self._buckets.clear()
+        self._last_host = ""  # its bucket may be gone
 
     def stats(self) -> dict[str, int]:
         return {

@@ -32,7 +32,7 @@ from resolver.dns.answerer import (
     DnsAnswerer,
     truncated,
 )
-from resolver.dns.rrl import DROP, RRL_RESPONSES_PER_S, RRL_SLIP, SEND, RateLimiter
+from resolver.dns.rrl import DROP, RRL_RESPONSES_PER_S, RRL_SLIP, RateLimiter
 
 __all__ = [
     "DEFAULT_PORT",
@@ -133,7 +133,7 @@ class _UdpEndpoint:
                 continue
             try:
                 verdict = check(addr[0], now)
-                if verdict == SEND:
+                if not verdict:  # SEND
                     out = answer(data, False)
                 elif verdict == DROP:
                     continue
