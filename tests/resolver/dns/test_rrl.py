@@ -81,3 +81,15 @@ def test_the_table_is_bounded() -> None:
 def test_bad_settings(rate: int, slip: int) -> None:
     with pytest.raises(ValueError):
         RateLimiter(rate, slip)
+
+
+def test_the_last_clients_bucket_is_forgotten_with_the_table() -> None:
+    rrl = RateLimiter(1, 0, max_prefixes=2)
+    assert rrl.check("10.0.0.1", 0.0) == S
+    assert rrl.check("10.0.0.1", 0.0) == D  # the fast path: same host as last time
+    assert rrl.check("10.0.1.1", 0.0) == S
+    assert rrl.check("10.0.2.1", 0.0) == S  # full and all busy: cleared
+    assert len(rrl) == 1
+    assert rrl.check("10.0.2.1", 0.0) == D
+    assert rrl.check("10.0.0.1", 0.0) == S  # a new bucket, not the one cleared away
+    assert len(rrl) == 2
