@@ -7,7 +7,12 @@ What it does, in one run, all traffic on 127.0.0.1:
 1. starts a bench etcd and writes ``--records`` signed records and, attached to one
    lease, a signed status for each (the way registries do);
 2. starts ``cpi resolver serve --dns-port P`` as a process (HTTP and DNS in one
-   process, as deployed) and waits for ``/readyz``;
+   process, as deployed) and waits for ``/readyz``.  Its config file sets
+   ``dns_rrl_responses_per_s`` to ``--rrl`` (default 1,000,000: rate limiting on, so
+   its cost is measured, but too high to limit; 0 turns it off): the limit is per
+   client prefix and the load comes from one address, so at the default (50/s) nearly
+   every query would be limited.  A second resolver with the default limit is measured
+   once at the end, and printed as such;
 3. builds a query list: TXT of CPID names, SRV of their endpoints, discovery PTR names
    (kind and accelerator within namespaces) and unknown names (NXDOMAIN);
 4. asks our server for every name over TCP and writes the answers as a zone file, so
@@ -20,7 +25,9 @@ What it does, in one run, all traffic on 127.0.0.1:
    ``dnsperf`` (Debian package ``dnsperf``; EDNS0 on, 100 queries outstanding, one
    thread) -- or, if it is missing, an in-process dnspython/asyncio load generator
    (printed as such) -- and prints the ratios: ours / naive (target >= 10) and
-   ours / NSD (target >= 0.5).
+   ours / NSD (target >= 0.5);
+6. prints the largest UDP amplification (response bytes / query bytes) of our server
+   over the query list plus ANY queries, EDNS0 with a 4096-byte payload.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ sys.path.insert(0, str(_HERE.parent))
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
@@ -343,7 +351,7 @@ async def wait_ready(proc: Proc, url: str, within: float = 120.0) -> None:
 
 async def prepare(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> tuple[int, Any]:
     from bench.resolve import MODELS, World, namespaces
-    from cpi.etcdproc import EtcdProcess, free_port
+    from cpi.etcdproc import EtcdProcess
     from registry.index import Index
 
     etcd = EtcdProcess(data_dir=tmp / "etcd")
@@ -357,17 +365,56 @@ async def prepare(args: argparse.Namespace, tmp: Path, procs: list[Proc]) -> tup
         print(
             f"wrote {len(cpids):,} signed records + live statuses in {time.perf_counter() - t0:.1f} s"
         )
+    dns_port = await start_resolver(etcd.endpoint, world.anchor_file, tmp, procs, args.rrl)
+    queries = query_list(cpids, [ns for ns, _ in namespaces()], [m for _, m in MODELS])
+    return dns_port, (etcd, queries, world.anchor_file)
+
+
+async def start_resolver(
+    etcd: str, anchor: Path, tmp: Path, procs: list[Proc], rrl: int | None
+) -> int:
+    """``cpi resolver serve`` with DNS; ``rrl`` sets ``dns_rrl_responses_per_s`` (None: default)."""
+    from cpi.etcdproc import free_port
+
     dns_port, http_port = free_udp_tcp_port(), free_port()
-    cmd = [sys.executable, "-m", "cpi", "resolver", "serve", "--etcd", etcd.endpoint,
-           "--anchor", str(world.anchor_file), "--listen", f"{HOST}:{http_port}",
+    conf = tmp / f"resolver-{dns_port}.json"
+    settings: dict[str, Any] = {"anchor_files": [str(anchor)]}
+    if rrl is not None:
+        settings["dns_rrl_responses_per_s"] = rrl
+    conf.write_text(json.dumps(settings))
+    cmd = [sys.executable, "-m", "cpi", "resolver", "serve", "--config", str(conf),
+           "--etcd", etcd, "--listen", f"{HOST}:{http_port}",
            "--dns-port", str(dns_port), "--zone", ZONE]  # fmt: skip
-    ours = Proc("cpi resolver serve", cmd, tmp / "resolver.log")
+    ours = Proc("cpi resolver serve", cmd, tmp / f"resolver-{dns_port}.log")
     procs.append(ours)
     t0 = time.perf_counter()
     await wait_ready(ours, f"http://{HOST}:{http_port}")
-    print(f"resolver ready in {time.perf_counter() - t0:.1f} s (DNS on {HOST}:{dns_port})")
-    queries = query_list(cpids, [ns for ns, _ in namespaces()], [m for _, m in MODELS])
-    return dns_port, (etcd, queries)
+    limit = (
+        "default (50/s per prefix, slip 2)"
+        if rrl is None
+        else f"{rrl:,}/s per prefix (on, not limiting this load)"
+        if rrl
+        else "off"
+    )
+    print(
+        f"resolver ready in {time.perf_counter() - t0:.1f} s (DNS on {HOST}:{dns_port}; "
+        f"response rate limiting {limit})"
+    )
+    return dns_port
+
+
+def amplification(port: int, queries: list[tuple[str, str]]) -> tuple[float, str]:
+    """The largest response/query size ratio over UDP (EDNS0, 4096), and for which query."""
+    names = sorted({n for n, t in queries if t == "TXT"})[:50]
+    asked = sorted(set(queries)) + [(n, "ANY") for n in names] + [(ZONE, "ANY")]
+    worst, which = 0.0, ""
+    for name, rdtype in asked:
+        wire = dns.message.make_query(name, rdtype, use_edns=0, payload=4096).to_wire()
+        out = dns.query.udp(dns.message.from_wire(wire), HOST, port=port, timeout=2).to_wire()
+        ratio = len(out) / len(wire)
+        if ratio > worst:
+            worst, which = ratio, f"{name} {rdtype}: {len(wire)} -> {len(out)} bytes"
+    return worst, which
 
 
 def main() -> None:
@@ -377,6 +424,14 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=5000)
     ap.add_argument("--duration", type=float, default=3.0, help="seconds per load run")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
+    ap.add_argument(
+        "--rrl",
+        type=int,
+        default=1_000_000,
+        help="dns_rrl_responses_per_s of the measured server (default 1,000,000: on but "
+        "never limiting, as the load comes from one client prefix; 0: off); the "
+        "default limit (50) is measured once at the end",
+    )
     ap.add_argument(
         "--naive-server", nargs=2, metavar=("ZONE_FILE", "PORT"), help=argparse.SUPPRESS
     )
@@ -392,7 +447,7 @@ def main() -> None:
     etcd: Any = None
     try:
         print(f"temp dir {tmp}; {os.cpu_count()} CPUs; all traffic on {HOST}")
-        our_port, (etcd, queries) = asyncio.run(prepare(args, tmp, procs))
+        our_port, (etcd, queries, anchor) = asyncio.run(prepare(args, tmp, procs))
         qfile = tmp / "queries.txt"
         qfile.write_text("".join(f"{n} {t}\n" for n, t in queries))
         zone_file = tmp / "cpi.zone"
@@ -468,6 +523,16 @@ def main() -> None:
             print(
                 f"ours / NSD             = {r2:.2f} (target >= 0.5) {'OK' if r2 >= 0.5 else 'BELOW TARGET'}"
             )
+        worst, which = amplification(our_port, queries)
+        print(f"largest UDP amplification of ours: {worst:.1f}x ({which})")
+        print()
+        print("with response rate limiting at its default (one client prefix, so it is limited):")
+        rrl_port = asyncio.run(start_resolver(etcd.endpoint, anchor, tmp, procs, None))
+        qps, lost = rate(rrl_port, args.duration)
+        print(
+            f"  ours, RRL default: {qps:,.0f} answers/s (lost {lost}: dropped by the limit; "
+            "the rest are mostly slipped TC=1 answers)"
+        )
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -484,6 +549,8 @@ def check_same_answers(targets: dict[str, int], queries: list[tuple[str, str]]) 
         for server, port in targets.items():
             q = dns.message.make_query(name, rdtype, use_edns=0)
             resp = dns.query.udp(q, HOST, port=port, timeout=2)
+            if resp.flags & dns.flags.TC:  # ours: more than 10x the query; as a client would
+                resp = dns.query.tcp(q, HOST, port=port, timeout=2)
             seen[server] = (
                 resp.rcode(),
                 sorted(sorted(r.to_text() for r in rrset) for rrset in resp.answer),

@@ -84,6 +84,13 @@ class ResolverConfig(_Model):
     zone: str = "cpi."
     dns_host: str = "127.0.0.1"
     dns_port: Annotated[int, Field(ge=0, le=65535)] | None = None  # None: no DNS; 0: any free port
+    # DNS abuse limits (docs/dns.md): UDP response rate limiting per client prefix, TCP caps
+    dns_rrl_responses_per_s: Annotated[int, Field(ge=0)] = 50  # 0: no rate limiting
+    dns_rrl_slip: Annotated[int, Field(ge=0)] = 2
+    dns_max_udp_ratio: Annotated[int, Field(ge=0)] = 10  # 0: no bound; else >= 2
+    dns_tcp_idle_s: Annotated[float, Field(gt=0)] = 10.0
+    dns_tcp_max_per_client: Annotated[int, Field(ge=1)] = 16
+    dns_tcp_max_clients: Annotated[int, Field(ge=1)] = 256
     latency_table: Path | None = None
     # replica
     probe_interval_s: Annotated[float, Field(gt=0)] = 1.0

@@ -311,7 +311,18 @@ def create_app(
     app[_STREAMS] = streams
     app.cleanup_ctx.append(_lifecycle)
     if config.dns_port is not None and primary:
-        app[DNS] = DnsServer(r, host=config.dns_host, port=config.dns_port, zone=config.zone)
+        app[DNS] = DnsServer(
+            r,
+            host=config.dns_host,
+            port=config.dns_port,
+            zone=config.zone,
+            rrl_responses_per_s=config.dns_rrl_responses_per_s,
+            rrl_slip=config.dns_rrl_slip,
+            max_udp_ratio=config.dns_max_udp_ratio,
+            tcp_idle_s=config.dns_tcp_idle_s,
+            max_tcp_per_client=config.dns_tcp_max_per_client,
+            max_tcp_clients=config.dns_tcp_max_clients,
+        )
         app.cleanup_ctx.append(_dns_lifecycle)
     app.on_shutdown.append(_end_streams)
     app.router.add_get("/v1/resources/{cpid:.+}", _resource_handler(r), name="resource")

@@ -49,6 +49,9 @@ class ResolverMetrics:
         """Lookups answered 200 (a plain int: the hot path runs on one event loop, and a
         prometheus Counter takes a lock per increment); exported at scrape time."""
         self._collector: _ReplicaCollector | None = None
+        self.dns_stats: Callable[[], dict[str, int]] | None = None
+        """The DNS front end's counters (``DnsServer.stats``), set when it starts;
+        exported at scrape time as ``cpi_resolver_dns_*``."""
 
     def bind(self, resolver: Resolver) -> None:
         """Report the figures of ``resolver``'s replica at every scrape."""
@@ -169,3 +172,20 @@ class _ReplicaCollector(Collector):
         checks.add_metric(["inline"], r._verifier.checked_inline)
         checks.add_metric(["pool"], r._verifier.checked_pool)
         yield checks
+        yield from _dns_metrics(r.metrics.dns_stats)
+
+
+_DNS_GAUGES = frozenset({"cached", "rrl_prefixes", "tcp_open"})
+
+
+def _dns_metrics(stats: Callable[[], dict[str, int]] | None) -> Iterator[Metric]:
+    """``cpi_resolver_dns_<counter>`` for each of the DNS front end's counters."""
+    if stats is None:
+        return
+    for key, value in sorted(stats().items()):
+        name = f"cpi_resolver_dns_{key}"
+        text = f"DNS front end: {key.replace('_', ' ')} (docs/dns.md)"
+        if key in _DNS_GAUGES:
+            yield GaugeMetricFamily(name, text, value=value)
+        else:
+            yield CounterMetricFamily(name, text, value=value)

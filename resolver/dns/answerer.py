@@ -51,6 +51,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 from dns.rdata import Rdata
+from dns.rdtypes.ANY.HINFO import HINFO
 from dns.rdtypes.ANY.NS import NS
 from dns.rdtypes.ANY.PTR import PTR
 from dns.rdtypes.ANY.SOA import SOA
@@ -76,9 +77,11 @@ __all__ = [
     "DISCOVERY_LIMIT",
     "EDNS_PAYLOAD",
     "MAX_TTL",
+    "MAX_UDP_RATIO",
     "NEGATIVE_TTL",
     "DnsAnswerer",
     "ResolverView",
+    "truncated",
 ]
 
 _log = logging.getLogger("resolver.dns")
@@ -92,6 +95,9 @@ DISCOVERY_LIMIT: Final = 20
 """PTR records in a discovery answer, best first."""
 EDNS_PAYLOAD: Final = 1232
 """Largest UDP response sent (and the payload size advertised), DNS Flag Day 2020."""
+MAX_UDP_RATIO: Final = 10
+"""A UDP response is at most this many times the size of its query (0: no such bound);
+a larger answer is sent empty with TC set, so the client asks again over TCP."""
 CACHE_SIZE: Final = 50_000
 """Rendered answers kept per transport; the oldest eighth goes when full."""
 SLACK_S: Final = 1.0
@@ -109,6 +115,7 @@ Rcode = dns.rcode.Rcode
 
 # dnspython's rdata constructors are not annotated; these typed names keep mypy checking
 _new_a: Callable[..., Rdata] = A
+_new_hinfo: Callable[..., Rdata] = HINFO
 _new_aaaa: Callable[..., Rdata] = AAAA
 _new_ns: Callable[..., Rdata] = NS
 _new_ptr: Callable[..., Rdata] = PTR
@@ -190,6 +197,35 @@ def _header_only(wire: bytes, rcode: Rcode) -> bytes | None:
     return wire[:2] + struct.pack("!HHHHH", out, 0, 0, 0, 0)
 
 
+def truncated(wire: bytes) -> bytes | None:
+    """An empty answer with TC set for the query ``wire``: its header and question only.
+
+    What a rate-limited client gets when its response is slipped (``resolver.dns.rrl``):
+    never larger than the query, built without parsing more than the question.  None
+    when ``wire`` is not a query with one plain question (then nothing is sent).
+    """
+    if len(wire) < 17:
+        return None
+    flags, qdcount = struct.unpack_from("!HH", wire, 2)
+    if flags & dns.flags.QR or qdcount != 1:
+        return None
+    i, end = 12, len(wire)
+    while True:
+        if i >= end:
+            return None
+        n = wire[i]
+        if n == 0:
+            break
+        if n > 63:  # a compression pointer or a reserved label type
+            return None
+        i += n + 1
+    i += 5  # the root label, type, class
+    if i > end:
+        return None
+    out = dns.flags.QR | dns.flags.TC | (flags & (0x7800 | dns.flags.RD))
+    return wire[:2] + struct.pack("!HHHHH", out, 1, 0, 0, 0) + wire[12:i]
+
+
 class DnsAnswerer:
     """Answers DNS queries about the resolver's verified entries; no I/O.
 
@@ -200,6 +236,7 @@ class DnsAnswerer:
         negative_ttl: SOA minimum, the TTL of NXDOMAIN/NODATA answers.
         discovery_limit: PTR records per discovery answer.
         max_udp: largest UDP response sent, whatever a client's EDNS payload size.
+        max_udp_ratio: largest UDP response as a multiple of its query's size (0: none).
         cache_size: rendered answers kept per transport.
 
     :meth:`answer` is the whole interface; :meth:`close` removes the resolver listener.
@@ -214,6 +251,7 @@ class DnsAnswerer:
         negative_ttl: int = NEGATIVE_TTL,
         discovery_limit: int = DISCOVERY_LIMIT,
         max_udp: int = EDNS_PAYLOAD,
+        max_udp_ratio: int = MAX_UDP_RATIO,
         cache_size: int = CACHE_SIZE,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -222,6 +260,8 @@ class DnsAnswerer:
             raise ValueError("TTLs must not be negative")
         if discovery_limit < 1 or cache_size < 16 or not 512 <= max_udp <= 65535:
             raise ValueError("discovery_limit >= 1, cache_size >= 16, 512 <= max_udp <= 65535")
+        if max_udp_ratio != 0 and max_udp_ratio < 2:
+            raise ValueError("max_udp_ratio is 0 (no bound) or at least 2")
         self._resolver = resolver
         self._clock = clock
         self._monotonic = monotonic
@@ -232,6 +272,7 @@ class DnsAnswerer:
         self.negative_ttl = negative_ttl
         self.discovery_limit = discovery_limit
         self.max_udp = max_udp
+        self.max_udp_ratio = max_udp_ratio
         self.cache_size = cache_size
         self._caches: tuple[dict[bytes, _Cached], dict[bytes, _Cached]] = ({}, {})
         self._tagged: dict[str, set[tuple[int, bytes]]] = {}
@@ -256,8 +297,9 @@ class DnsAnswerer:
         """The response to the query ``wire`` (None: not a query, send nothing).
 
         ``tcp`` selects the size limit (65535) instead of the UDP limit (the client's
-        EDNS payload size, 512 without EDNS, at most ``max_udp``); an answer that does
-        not fit over UDP is sent empty with the TC bit set.
+        EDNS payload size, 512 without EDNS, at most ``max_udp`` and at most
+        ``max_udp_ratio`` times the query's size); an answer that does not fit over UDP
+        is sent empty with the TC bit set.
         """
         if self._resolver.generation != self._generation:
             self._flush()
@@ -356,6 +398,8 @@ class DnsAnswerer:
             limit = min(max(query.payload, 512), self.max_udp)
         else:
             limit = 512
+        if not tcp and self.max_udp_ratio:
+            limit = min(limit, self.max_udp_ratio * len(wire))
         try:
             # records in the order given (discovery rank), not shuffled
             out = response.to_wire(max_size=limit, want_shuffle=False)
@@ -364,7 +408,11 @@ class DnsAnswerer:
             response.authority.clear()
             response.additional.clear()
             response.flags |= dns.flags.TC
-            out = response.to_wire(max_size=limit)
+            try:
+                out = response.to_wire(max_size=limit)
+            except dns.exception.TooBig:  # e.g. EDNS padding past a small limit
+                response.use_edns(False)
+                out = response.to_wire(max_size=limit)
         self._count(response.rcode())
         if cacheable:
             self._store(tcp, key, out[2:], expires, tags)
@@ -402,7 +450,7 @@ class DnsAnswerer:
             response.authority.append(self._soa())
         else:
             if q.rdtype == dns.rdatatype.ANY:
-                rrsets = list(node.rrsets.values())
+                rrsets = [self._any(q.name, node)] if node.rrsets else []
             else:
                 one = node.rrsets.get(q.rdtype)
                 rrsets = [] if one is None else [one]
@@ -410,13 +458,24 @@ class DnsAnswerer:
             # client's spelling (case may be randomised, draft-vixie-dnsext-dns0x20)
             response.answer.extend(rrsets)
             if rrsets:
-                response.additional.extend(node.additional)
+                if q.rdtype != dns.rdatatype.ANY:
+                    response.additional.extend(node.additional)
             else:
                 response.authority.append(self._soa())
         expires = _INF
         if found.valid_until != _INF:
             expires = self._monotonic() + max(0.0, found.valid_until - now)
         return response, found.tags, expires, True
+
+    @staticmethod
+    def _any(name: dns.name.Name, node: _Node) -> dns.rrset.RRset:
+        """RFC 8482: one synthesised HINFO record stands for all of a name's RRsets.
+
+        Its TTL is the smallest of theirs, so it never outlives what it stands for.
+        """
+        ttl = min(rrset.ttl for rrset in node.rrsets.values())
+        hinfo = _new_hinfo(_IN, dns.rdatatype.HINFO, b"RFC8482", b"")
+        return dns.rrset.from_rdata(name, ttl, hinfo)
 
     def _soa(self) -> dns.rrset.RRset:
         serial = self._resolver.revision & 0xFFFFFFFF

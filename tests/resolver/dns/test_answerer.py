@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from registry.index import Keys
 from resolver.core import DiscoveryResult
 from resolver.discovery import Query
-from resolver.dns.answerer import MAX_TTL, NEGATIVE_TTL, DnsAnswerer
+from resolver.dns.answerer import MAX_TTL, NEGATIVE_TTL, DnsAnswerer, truncated
 from resolver.entry import Entry
 from resolver.errors import NotReadyError
 from resolver.events import Event
@@ -227,3 +227,111 @@ async def test_mutated_queries_never_raise(world: World, data: st.DataObject) ->
     cut = data.draw(st.integers(0, len(wire)))
     out = world.answerer.answer(bytes(wire[:cut]), data.draw(st.booleans()))
     assert out is None or isinstance(out, bytes)
+
+
+# -- amplification ------------------------------------------------------------------------
+
+
+async def big_world(world: World) -> list[Node]:
+    """25 GPU nodes with 8 IPv4 and 8 IPv6 endpoints each: large TXT/A/AAAA/SRV/PTR answers."""
+    from schemas.models import Endpoint
+
+    nodes = []
+    for i in range(25):
+        node = Node()
+        eps = [Endpoint(proto="https", host=f"10.0.{i}.{j}", port=443, purpose="inference")
+               for j in range(8)]  # fmt: skip
+        eps += [Endpoint(proto="https", host=f"fd00::{i}:{j}", port=443, purpose="inference")
+                for j in range(8)]  # fmt: skip
+        await world.put(
+            Keys.rec(node.cpid), signed(world.pki, node.record(endpoints=eps)).to_json()
+        )
+        nodes.append(node)
+    return nodes
+
+
+def amplification_queries(cpid: str) -> list[tuple[str, str]]:
+    name = name_of(cpid)
+    return [
+        (name, "TXT"),
+        (name, "ANY"),
+        (name, "A"),
+        (name, "AAAA"),
+        (f"ep0.{name}", "A"),
+        (f"_inference._https.{name}", "SRV"),
+        ("_gpu._cpi.cpi.", "PTR"),
+        ("_gpu._cpi.cpi.", "ANY"),
+        ("_h100._gpu._cpi.cpi.", "PTR"),
+        ("cpi.", "ANY"),
+        ("cpi.", "SOA"),
+        ("cpi.", "NS"),
+        ("x.cpi.", "A"),
+        ("nothing-here.gpu.cmcc.31.cn.cpi.", "TXT"),
+    ]
+
+
+async def test_udp_answers_are_at_most_ten_times_their_query(world: World) -> None:
+    nodes = await big_world(world)
+    worst = 0.0
+    for name, rdtype in amplification_queries(nodes[0].cpid):
+        for edns in (-1, 0):
+            wire = dns.message.make_query(name, rdtype, use_edns=edns, payload=4096).to_wire()
+            out = world.answerer.answer(wire)
+            assert out is not None
+            worst = max(worst, len(out) / len(wire))
+            if len(out) > 10 * len(wire) - 11:  # would not fit: truncated instead
+                raise AssertionError(f"{name} {rdtype}: {len(wire)} -> {len(out)} bytes")
+            # over TCP the whole answer comes, whatever its size
+            full = world.answerer.answer(wire, True)
+            assert full is not None and not dns.message.from_wire(full).flags & dns.flags.TC
+    assert worst <= 10
+    # the big answers did not fit: TC, the question only
+    q = dns.message.make_query("_gpu._cpi.cpi.", "PTR", use_edns=0)
+    r = dns.message.from_wire(world.answerer.answer(q.to_wire()) or b"")
+    assert r.flags & dns.flags.TC and r.answer == [] and r.question == q.question
+
+
+async def test_any_is_answered_with_one_hinfo_record(world: World) -> None:
+    nodes = await big_world(world)
+    name = name_of(nodes[0].cpid)
+    for tcp in (False, True):
+        q = dns.message.make_query(name.upper(), "ANY")
+        r = dns.message.from_wire(world.answerer.answer(q.to_wire(), tcp) or b"")
+        [rrset] = r.answer
+        assert rrset.rdtype == dns.rdatatype.HINFO and len(rrset) == 1
+        assert (rrset[0].cpu, rrset[0].os) == (b"RFC8482", b"")
+        assert rrset.name == q.question[0].name and rrset.ttl == MAX_TTL
+        assert r.additional == [] and r.authority == []
+    # a name without records: NODATA; no name: NXDOMAIN (as for other types)
+    assert world.ask("31.cn.cpi.", "ANY").answer == []
+    assert world.ask("nothing-here.gpu.cmcc.31.cn.cpi.", "ANY").rcode() == dns.rcode.NXDOMAIN
+
+
+@pytest.mark.parametrize("edns", [-1, 0])
+@pytest.mark.parametrize("name", ["cpi.", "x.y.cpi.", "example.com.", "."])
+def test_a_slipped_answer_is_the_question_with_tc(name: str, edns: int) -> None:
+    q = dns.message.make_query(name, "TXT", use_edns=edns)
+    q.flags |= dns.flags.CD
+    wire = q.to_wire()
+    out = truncated(wire)
+    assert out is not None and len(out) <= len(wire)
+    r = dns.message.from_wire(out)
+    assert r.id == q.id and r.flags & dns.flags.QR and r.flags & dns.flags.TC
+    assert r.flags & dns.flags.RD and r.rcode() == dns.rcode.NOERROR
+    assert r.question == q.question and r.answer == [] and r.additional == []
+
+
+def test_no_slipped_answer_to_what_is_not_a_query() -> None:
+    q = dns.message.make_query("cpi.", "A")
+    wire = q.to_wire()
+    assert truncated(wire[:14]) is None  # cut short
+    assert truncated(dns.message.make_response(q).to_wire()) is None  # a response
+    assert truncated(wire[:4] + b"\x00\x02" + wire[6:]) is None  # two questions
+    assert truncated(wire[:12] + b"\xc0\x0c" + wire[-4:]) is None  # a pointer
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_slipping_random_bytes_never_raises_nor_grows(wire: bytes) -> None:
+    out = truncated(wire)
+    assert out is None or len(out) <= len(wire)

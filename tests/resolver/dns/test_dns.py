@@ -172,9 +172,12 @@ async def test_srv_and_address_records_for_endpoints(
         assert resp.rcode() == Rcode.NXDOMAIN, qname
         soa_in_authority(resp)
 
-    any_resp = await ask(server, name, "ANY", tcp=True)
-    types = {r.rdtype for r in any_resp.answer}
-    assert types == {dns.rdatatype.TXT, dns.rdatatype.A, dns.rdatatype.AAAA}
+    # ANY: one synthesised HINFO (RFC 8482), over UDP and TCP alike
+    for tcp in (False, True):
+        any_resp = await ask(server, name, "ANY", tcp=tcp)
+        [rrset] = any_resp.answer
+        assert rrset.rdtype == dns.rdatatype.HINFO and rrset[0].cpu == b"RFC8482"
+        assert any_resp.additional == []
 
 
 # -- discovery ----------------------------------------------------------------------------
@@ -346,15 +349,22 @@ async def test_truncation_over_udp_then_the_full_answer_over_tcp(
     assert plain.flags & dns.flags.TC and plain.answer == [] and plain.edns == -1
     assert plain.rcode() == Rcode.NOERROR and plain.question == full.question
 
+    # more than 10 times the query's size: truncated whatever the EDNS payload size
+    query_size = len(dns.message.make_query(qname, "PTR", use_edns=0).to_wire())
+    assert size + 11 > 10 * query_size
+    big = await ask(server, qname, "PTR", edns=0, payload=4096)
+    assert big.flags & dns.flags.TC and big.answer == [] and big.edns == 0
+
     # EDNS: the client's payload size is honoured, and our OPT comes back
     size_edns = size + 11  # the OPT record
-    small = await ask(server, qname, "PTR", edns=0, payload=size_edns - 1)
-    assert small.flags & dns.flags.TC and small.answer == []
-    assert small.edns == 0 and small.payload == 1232
-    fits = await ask(server, qname, "PTR", edns=0, payload=size_edns)
-    assert not fits.flags & dns.flags.TC
-    assert [r.target for r in fits.answer[0]] == [r.target for r in full.answer[0]]
-    assert fits.edns == 0 and fits.payload == 1232
+    async with DnsServer(resolver, host=HOST, port=0, zone=ZONE, max_udp_ratio=0) as unbound:
+        small = await ask(unbound, qname, "PTR", edns=0, payload=size_edns - 1)
+        assert small.flags & dns.flags.TC and small.answer == []
+        assert small.edns == 0 and small.payload == 1232
+        fits = await ask(unbound, qname, "PTR", edns=0, payload=size_edns)
+        assert not fits.flags & dns.flags.TC
+        assert [r.target for r in fits.answer[0]] == [r.target for r in full.answer[0]]
+        assert fits.edns == 0 and fits.payload == 1232
     # the DO bit is copied
     do = dns.message.make_query(qname, "PTR", want_dnssec=True)
     resp = await dns.asyncquery.tcp(do, HOST, timeout=3, port=server.port)
@@ -539,6 +549,134 @@ async def test_tcp_answers_several_queries_per_connection_and_closes_when_idle(
             writer.close()
 
 
+async def _connect_from(
+    source: str, port: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(HOST, port, local_addr=(source, 0))
+
+
+async def _closed(reader: asyncio.StreamReader, within: float) -> bool:
+    try:
+        async with asyncio.timeout(within):
+            return await reader.read() == b""
+    except ConnectionError:
+        return True
+    except TimeoutError:
+        return False
+
+
+async def test_idle_tcp_connections_do_not_lock_out_other_clients(
+    index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    node = Node()
+    await publish(index, pki, resolver, node)
+    async with DnsServer(resolver, host=HOST, port=0, zone=ZONE, tcp_idle_s=1.5) as srv:
+        conns = []
+        for _ in range(6):  # in batches, within the listen backlog
+            conns += await asyncio.gather(*(_connect_from(HOST, srv.port) for _ in range(50)))
+        try:
+            # over the per-address cap (16): closed at once
+            await until(lambda: srv.stats()["tcp_refused"] == 284, what="284 refused")
+            closed = await asyncio.gather(*(_closed(r, 0.5) for r, _ in conns))
+            assert sum(closed) == 300 - 16
+            assert srv.stats()["tcp_open"] == 16 and srv.stats()["tcp_refused"] == 284
+            # another client address is answered
+            query = dns.message.make_query(name_of(node.cpid), "TXT")
+            resp = await dns.asyncquery.tcp(
+                query, HOST, port=srv.port, source="127.0.0.2", timeout=3
+            )
+            assert txt(resp)[0] == f"cpid={node.cpid}"
+            # the 16 idle ones are closed after the idle timeout
+            kept = [r for (r, _), c in zip(conns, closed, strict=True) if not c]
+            assert len(kept) == 16
+            assert all(await asyncio.gather(*(_closed(r, 3.0) for r in kept)))
+            await until(lambda: srv.stats()["tcp_open"] == 0, what="all closed")
+            assert srv.stats()["tcp_idle_closed"] >= 16
+            # and then the first address is served again
+            resp = await dns.asyncquery.tcp(query, HOST, port=srv.port, timeout=3)
+            assert resp.rcode() == Rcode.NOERROR
+        finally:
+            for _, w in conns:
+                w.close()
+
+
+async def test_the_total_tcp_cap_closes_further_connections(resolver: Resolver) -> None:
+    async with DnsServer(
+        resolver, host=HOST, port=0, zone=ZONE, max_tcp_clients=4, max_tcp_per_client=3
+    ) as srv:
+        conns = [await _connect_from(f"127.0.0.{i}", srv.port) for i in (1, 1, 1, 1, 2, 3)]
+        try:
+            closed = await asyncio.gather(*(_closed(r, 0.5) for r, _ in conns))
+            # 3 from .1 (the 4th over the per-address cap), 1 from .2, then the total cap
+            assert closed == [False, False, False, True, False, True]
+        finally:
+            for _, w in conns:
+                w.close()
+
+
+# -- response rate limiting ---------------------------------------------------------------
+
+
+async def _udp_burst(port: int, source: str, wires: list[bytes], wait: float = 0.5) -> list[bytes]:
+    """Send ``wires`` from one socket bound to ``source``; the answers received by ``wait``."""
+    loop = asyncio.get_running_loop()
+    got: list[bytes] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((source, 0))
+        s.setblocking(False)
+        await loop.sock_connect(s, (HOST, port))
+        for wire in wires:
+            await loop.sock_sendall(s, wire)
+        try:
+            async with asyncio.timeout(wait):
+                while len(got) < len(wires):
+                    got.append(await loop.sock_recv(s, 65535))
+        except TimeoutError:
+            pass
+    return got
+
+
+async def test_udp_responses_are_rate_limited_per_prefix_with_slip(
+    index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    node = Node()
+    await publish(index, pki, resolver, node)
+    async with DnsServer(
+        resolver, host=HOST, port=0, zone=ZONE, rrl_responses_per_s=5, rrl_slip=2
+    ) as srv:
+        queries = [dns.message.make_query(name_of(node.cpid), "TXT") for _ in range(25)]
+        got = [
+            dns.message.from_wire(w)
+            for w in await _udp_burst(srv.port, "127.0.0.1", [q.to_wire() for q in queries])
+        ]
+        full = [r for r in got if not r.flags & dns.flags.TC]
+        slipped = [r for r in got if r.flags & dns.flags.TC]
+        # 5 from the bucket (maybe one more if a refill lands), then every 2nd of the rest
+        assert 5 <= len(full) <= 6 and all(txt(r)[0] == f"cpid={node.cpid}" for r in full)
+        assert 9 <= len(slipped) <= 10
+        assert all(r.answer == [] and r.question == queries[0].question for r in slipped)
+        stats = srv.stats()
+        assert stats["rrl_limited"] == 25 - len(full)
+        assert stats["rrl_slipped"] == len(slipped)
+        assert stats["rrl_dropped"] == stats["rrl_limited"] - len(slipped)
+        # another /24 has its own bucket (127.0.0.2 would share 127.0.0.1's)
+        other = await _udp_burst(srv.port, "127.0.1.1", [q.to_wire() for q in queries[:3]])
+        assert len(other) == 3 and not any(
+            dns.message.from_wire(w).flags & dns.flags.TC for w in other
+        )
+        # TCP is not rate limited: the slipped client gets its answer there
+        resp = await ask(srv, name_of(node.cpid), tcp=True)
+        assert txt(resp)[0] == f"cpid={node.cpid}"
+    # 0 turns rate limiting off
+    async with DnsServer(resolver, host=HOST, port=0, zone=ZONE, rrl_responses_per_s=0) as srv:
+        got_all = await _udp_burst(
+            srv.port, "127.0.0.1", [q.to_wire() for q in queries] * 4, wait=2.0
+        )
+        assert len(got_all) == 100
+        assert not any(dns.message.from_wire(w).flags & dns.flags.TC for w in got_all)
+        assert srv.stats()["rrl_limited"] == 0
+
+
 # -- in the service -----------------------------------------------------------------------
 
 
@@ -556,6 +694,12 @@ async def test_the_resolver_service_runs_dns_when_configured(
     await served(client.app[RESOLVER], node.cpid)
     resp = await ask(srv, name_of(node.cpid))
     assert txt(resp)[0] == f"cpid={node.cpid}"
+    assert srv.rrl_responses_per_s == 50 and srv.max_tcp_per_client == 16
+    # the DNS counters are in /metrics
+    metrics = await (await client.get("/metrics")).text()
+    for counter in ("rrl_limited", "rrl_slipped", "tcp_refused", "tcp_idle_closed"):
+        assert f"cpi_resolver_dns_{counter}_total 0.0" in metrics, counter
+    assert "cpi_resolver_dns_cache_hits_total" in metrics
     # without a DNS port there is no DNS front end
     plain = create_app(resolver_config(etcd_server.endpoint, anchor_file))
     assert DNS not in plain
@@ -581,3 +725,9 @@ def test_cpi_resolver_serve_flags_reach_the_config(monkeypatch: pytest.MonkeyPat
     [config] = seen
     assert (config.dns_port, config.dns_host, config.zone) == (8853, "127.0.0.1", "cpi.")
     assert load_config(data={"anchor_files": ["a.json"]}, env={}).dns_port is None
+    limits = load_config(
+        data={"anchor_files": ["a.json"], "dns_rrl_responses_per_s": 0, "dns_tcp_idle_s": 2.5},
+        env={},
+    )
+    assert (limits.dns_rrl_responses_per_s, limits.dns_rrl_slip) == (0, 2)
+    assert (limits.dns_tcp_idle_s, limits.dns_tcp_max_per_client) == (2.5, 16)
