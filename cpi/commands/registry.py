@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from cpi.commands._etcd import credential_arguments, credentials
 from registry import tokens
 from registry.config import RegistryConfig, load_config
 from registry.index import Index, endpoints_from_env
@@ -65,6 +66,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=endpoints_from_env(os.environ),
         help="etcd endpoints, comma-separated (default: $CPI_ETCD_ENDPOINTS or $CPI_ETCD)",
     )
+    credential_arguments(create)
     create.add_argument("--json", action="store_true", help="print token and scope as JSON")
     create.set_defaults(handler=run_token_create)
 
@@ -140,8 +142,9 @@ async def _create_token(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             raise InvalidDataError(
                 "no etcd endpoints: give --etcd, --config or set CPI_ETCD_ENDPOINTS"
             )
+        user, password = credentials(args)
         try:
-            index = Index.from_url_list(args.etcd)
+            index = Index.from_url_list(args.etcd, user=user, password=password)
         except ValueError as exc:
             raise InvalidDataError(f"--etcd {args.etcd!r}: {exc}") from exc
         within = None
