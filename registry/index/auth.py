@@ -69,18 +69,11 @@ REGISTRY_ROLE: Final = RoleSpec(
 )
 RESOLVER_READ_ROLE: Final = RoleSpec(
     "cpi-resolver-read",
-    read=(
-        Prefix.NS,
-        Prefix.CERTS,
-        Prefix.REC,
-        Prefix.LIVE,
-        Prefix.REVOKED,
-        Prefix.CLAIM,
-        Prefix.ALLOC,
-        Prefix.AUDIT,
-        Prefix.LOG,
-    ),
-    why="the replica and the audit/log routes: read-only",
+    read=(ROOT,),
+    read_keys=(),
+    why="the replica, the audit sweep and the log routes: read-only, the whole tree, "
+    "because the replica follows all of /cpi/v1/ with one watch (one revision order) and "
+    "etcd checks a watch's whole range; tokens are stored only as SHA-256",
 )
 RESOLVER_CLAIMS_ROLE: Final = RoleSpec(
     "cpi-resolver-claims",

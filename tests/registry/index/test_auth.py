@@ -3,10 +3,12 @@ component roles of registry.index.auth keep each component inside its prefixes."
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from cpi.etcdproc import EtcdProcess
-from registry.index import Index, IndexAccessDeniedError, Keys
+from registry.index import Index, IndexAccessDeniedError, Keys, WatchEvent
 from registry.index.auth import (
     LOGSIGNER_ROLE,
     REGISTRY_ROLE,
@@ -70,7 +72,12 @@ async def test_component_users_stay_inside_their_prefixes(etcd_private: EtcdProc
         with pytest.raises(IndexAccessDeniedError, match="permission denied"):
             await res.put(Keys.rec("CN.X/CPU.2"), b"r")
         with pytest.raises(IndexAccessDeniedError, match="permission denied"):
-            await res.get(Keys.token("ab" * 32))
+            await res.put(Keys.audit(2), b"a")
+        # the replica's one watch over the whole tree is allowed (read-only role)
+        watch = res.watch_prefix("/cpi/v1/", start_revision=1)
+        first = await asyncio.wait_for(watch.__anext__(), 5.0)
+        await watch.aclose()
+        assert isinstance(first, WatchEvent)
 
     async with _as(ep, "logsigner") as log:
         assert await log.get(Keys.audit(1)) is not None
