@@ -227,7 +227,8 @@ def _check_etcd_auth(up: dict[str, Any], data_dir: Path) -> None:
         text += cfg.read_text()
     for log in (data_dir / "logs").glob("*.log"):
         logged = log.read_text(errors="replace")
-        assert "permission denied" not in logged.lower(), f"{log}: {logged[-2000:]}"
+        if log.name != "etcd.log":  # etcd logs the refusals this test provokes
+            assert "permission denied" not in logged.lower(), f"{log}: {logged[-2000:]}"
         text += logged
     assert not any(pw in text for pw in passwords)
 
