@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "serve",
         help="serve registrations, status and deregistrations (until SIGTERM/SIGINT)",
         description="Config comes from --config, then the environment "
-        "(CPI_ETCD_ENDPOINTS, CPI_REGISTRY_LISTEN, CPI_ETCD_PASSWORD), then these flags.",
+        "(CPI_ETCD_ENDPOINTS, CPI_REGISTRY_LISTEN, CPI_ETCD_USER, CPI_ETCD_PASSWORD[_FILE]), then these flags.",
     )
     serve.add_argument("--config", required=True, help="registry config file (JSON)")
     serve.add_argument("--host", help="listen address (overrides the config)")
