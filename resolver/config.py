@@ -8,6 +8,8 @@ Environment variables:
 
 * ``CPI_ETCD_ENDPOINTS``: comma-separated etcd endpoints (replaces ``etcd.endpoints``);
 * ``CPI_ETCD_PASSWORD``: etcd password (so it need not sit in the file);
+* ``CPI_ETCD_USER``, ``CPI_ETCD_PASSWORD_FILE``: etcd user, and a file (0600) whose
+  first line is its password (replace ``etcd.user`` and ``etcd.password_file``);
 * ``CPI_RESOLVER_LISTEN``: ``host:port`` for HTTP (``[::1]:8700`` for IPv6);
 * ``CPI_RESOLVER_ANCHOR``: anchor file(s), comma-separated (replaces ``anchor_files``);
 * ``CPI_RESOLVER_ZONE``: DNS zone (replaces ``zone``).

@@ -1,11 +1,20 @@
-"""The ``--etcd`` option shared by commands that read or write the index."""
+"""The ``--etcd`` option shared by commands that read or write the index, and the etcd
+credentials that go with it (``--user``, ``--password-file``)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 
-from registry.index import ENV_ETCD_ENDPOINTS, ENV_ETCD_ENDPOINTS_ALIAS, Index, endpoints_from_env
+from registry.index import (
+    ENV_ETCD_ENDPOINTS,
+    ENV_ETCD_ENDPOINTS_ALIAS,
+    ENV_ETCD_PASSWORD,
+    ENV_ETCD_PASSWORD_FILE,
+    ENV_ETCD_USER,
+    Index,
+    endpoints_from_env,
+)
 from schemas.errors import InvalidDataError
 
 ETCD_ENV = ENV_ETCD_ENDPOINTS
@@ -14,7 +23,8 @@ ETCD_ENV = ENV_ETCD_ENDPOINTS
 
 def etcd_argument(parser: argparse.ArgumentParser) -> None:
     """Add ``--etcd URL[,URL...]``, defaulting to ``$CPI_ETCD_ENDPOINTS`` (or its other
-    name ``$CPI_ETCD``); required when both are unset."""
+    name ``$CPI_ETCD``); required when both are unset.  Also adds the credentials
+    (:func:`credential_arguments`)."""
     default = endpoints_from_env(os.environ)
     parser.add_argument(
         "--etcd",
@@ -25,11 +35,61 @@ def etcd_argument(parser: argparse.ArgumentParser) -> None:
             f"(default: ${ENV_ETCD_ENDPOINTS} or ${ENV_ETCD_ENDPOINTS_ALIAS})"
         ),
     )
+    credential_arguments(parser)
 
 
-def open_index(urls: str, *, timeout: float = 5.0) -> Index:
-    """An :class:`Index` on the comma-separated ``urls``; use as ``async with``."""
+def credential_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--user`` (default ``$CPI_ETCD_USER``) and ``--password-file`` (default
+    ``$CPI_ETCD_PASSWORD_FILE``); without a file the password is ``$CPI_ETCD_PASSWORD``.
+    The password itself is never a flag (it would show in the process list)."""
+    parser.add_argument(
+        "--user",
+        default=os.environ.get(ENV_ETCD_USER) or None,
+        help=f"etcd user when etcd has auth on (default: ${ENV_ETCD_USER}); `cpi up` "
+        "writes the users' password files under DATA_DIR/etcd-auth/",
+    )
+    parser.add_argument(
+        "--password-file",
+        default=os.environ.get(ENV_ETCD_PASSWORD_FILE) or None,
+        metavar="FILE",
+        help=f"file whose first line is the etcd password (default: ${ENV_ETCD_PASSWORD_FILE}; "
+        f"else the password is ${ENV_ETCD_PASSWORD})",
+    )
+
+
+def credentials(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """``(user, password)`` from the parsed ``--user``/``--password-file`` and the
+    environment; ``(None, None)`` without a user."""
+    user = getattr(args, "user", None) or os.environ.get(ENV_ETCD_USER) or None
+    if user is None:
+        return None, None
+    path = getattr(args, "password_file", None) or os.environ.get(ENV_ETCD_PASSWORD_FILE)
+    if path:
+        try:
+            with open(path) as f:
+                password = f.readline().rstrip("\r\n")
+        except OSError as exc:
+            raise InvalidDataError(f"--password-file {path}: {exc.strerror}") from exc
+        if not password:
+            raise InvalidDataError(f"--password-file {path} is empty")
+        return user, password
+    from_env = os.environ.get(ENV_ETCD_PASSWORD)
+    if not from_env:
+        raise InvalidDataError(
+            f"etcd user {user!r} needs a password: give --password-file or set "
+            f"${ENV_ETCD_PASSWORD_FILE} or ${ENV_ETCD_PASSWORD}"
+        )
+    return user, from_env
+
+
+def open_index(urls: str, *, timeout: float = 5.0, args: argparse.Namespace | None = None) -> Index:
+    """An :class:`Index` on the comma-separated ``urls``; use as ``async with``.
+
+    With *args*, the credentials of :func:`credentials` are used; without, those of the
+    environment (``$CPI_ETCD_USER`` and its password), if any.
+    """
+    user, password = credentials(args if args is not None else argparse.Namespace())
     try:
-        return Index.from_url_list(urls, timeout=timeout)
+        return Index.from_url_list(urls, timeout=timeout, user=user, password=password)
     except ValueError as exc:
         raise InvalidDataError(f"--etcd {urls!r}: {exc}") from exc

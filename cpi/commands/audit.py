@@ -218,7 +218,7 @@ class _Bar:
 async def _sweep(args: argparse.Namespace) -> SweepReport:
     anchors = _anchors(args.anchor)
     progress = _Bar() if sys.stderr.isatty() else None
-    async with open_index(args.etcd, timeout=30.0) as index:
+    async with open_index(args.etcd, timeout=30.0, args=args) as index:
         sweeper = Sweeper(
             index,
             anchors,

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from cpi.commands._etcd import etcd_argument, open_index
+from cpi.commands._etcd import credential_arguments, etcd_argument, open_index
 from registry import keyfile, national
 from schemas import dsse, keys
 from schemas.models import Cert, parse_payload
@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--etcd",
         help="look the issuer's cert up in this index when --issuer-cert is not given",
     )
+    credential_arguments(dele)
     dele.add_argument("--out", help="write the cert here (default: stdout)")
     dele.set_defaults(handler=run_delegate)
 
@@ -83,8 +84,10 @@ def run_init(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _issuer_cert_from_index(urls: str, kid: str) -> dsse.Envelope | None:
-    async with open_index(urls) as index:
+async def _issuer_cert_from_index(
+    urls: str, kid: str, args: argparse.Namespace
+) -> dsse.Envelope | None:
+    async with open_index(urls, args=args) as index:
         return await national.get_cert(index, kid)
 
 
@@ -93,7 +96,7 @@ def run_delegate(args: argparse.Namespace) -> int:
     pub = keyfile.load_public(args.pubkey)
     issuer_cert = national.read_cert(args.issuer_cert) if args.issuer_cert else None
     if issuer_cert is None and args.etcd:
-        issuer_cert = asyncio.run(_issuer_cert_from_index(args.etcd, keys.kid_of(issuer_key)))
+        issuer_cert = asyncio.run(_issuer_cert_from_index(args.etcd, keys.kid_of(issuer_key), args))
     env = national.delegate(
         issuer_key=issuer_key,
         issuer=args.issuer,
@@ -120,7 +123,7 @@ def run_delegate(args: argparse.Namespace) -> int:
 
 async def _revoke(args: argparse.Namespace) -> int:
     issuer_key = keyfile.load_private(args.issuer_key)
-    async with open_index(args.etcd) as index:
+    async with open_index(args.etcd, args=args) as index:
         env, created = await national.revoke(
             index,
             issuer_key=issuer_key,

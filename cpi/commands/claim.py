@@ -224,7 +224,7 @@ def run_token_create(args: argparse.Namespace) -> int:
     ttl = parse_duration(args.ttl)
 
     async def go() -> str:
-        async with open_index(args.etcd) as index:
+        async with open_index(args.etcd, args=args) as index:
             return await claim_tokens.create_token(
                 index, holder=args.holder, ttl_s=ttl, max_units=args.max_units, within=args.within
             )

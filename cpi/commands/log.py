@@ -70,7 +70,7 @@ async def _sign(args: argparse.Namespace) -> int:
     key, verifier, created = init_log_key(args.key, origin=args.origin)
     if created:
         print(f"created log key {args.key}; verifier key {verifier.to_vkey()}", flush=True)
-    async with open_index(args.etcd) as index:
+    async with open_index(args.etcd, args=args) as index:
         signer = LogSigner(index, key, origin=args.origin)
         if args.once:
             await signer.load()

@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 async def _publish(args: argparse.Namespace) -> int:
     anchors = national.load_anchors(args.anchor)
     cert = national.read_cert(args.cert) if args.cert else None
-    async with open_index(args.etcd) as index:
+    async with open_index(args.etcd, args=args) as index:
         result = await national.publish_ns(
             index, namespace=args.namespace, cert=cert, endpoints=args.endpoint, anchors=anchors
         )
@@ -64,7 +64,7 @@ def run_publish(args: argparse.Namespace) -> int:
 
 
 async def _list(args: argparse.Namespace) -> int:
-    async with open_index(args.etcd) as index:
+    async with open_index(args.etcd, args=args) as index:
         kvs, _ = await index.get_prefix(Prefix.NS)
     for kv in kvs:
         entry = national.NsEntry.from_json(kv.value)

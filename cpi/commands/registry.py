@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from cpi.commands._etcd import credential_arguments, credentials
 from registry import tokens
 from registry.config import RegistryConfig, load_config
 from registry.index import Index, endpoints_from_env
@@ -37,7 +38,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "serve",
         help="serve registrations, status and deregistrations (until SIGTERM/SIGINT)",
         description="Config comes from --config, then the environment "
-        "(CPI_ETCD_ENDPOINTS, CPI_REGISTRY_LISTEN, CPI_ETCD_PASSWORD), then these flags.",
+        "(CPI_ETCD_ENDPOINTS, CPI_REGISTRY_LISTEN, CPI_ETCD_USER, CPI_ETCD_PASSWORD[_FILE]), then these flags.",
     )
     serve.add_argument("--config", required=True, help="registry config file (JSON)")
     serve.add_argument("--host", help="listen address (overrides the config)")
@@ -65,6 +66,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=endpoints_from_env(os.environ),
         help="etcd endpoints, comma-separated (default: $CPI_ETCD_ENDPOINTS or $CPI_ETCD)",
     )
+    credential_arguments(create)
     create.add_argument("--json", action="store_true", help="print token and scope as JSON")
     create.set_defaults(handler=run_token_create)
 
@@ -140,8 +142,9 @@ async def _create_token(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             raise InvalidDataError(
                 "no etcd endpoints: give --etcd, --config or set CPI_ETCD_ENDPOINTS"
             )
+        user, password = credentials(args)
         try:
-            index = Index.from_url_list(args.etcd)
+            index = Index.from_url_list(args.etcd, user=user, password=password)
         except ValueError as exc:
             raise InvalidDataError(f"--etcd {args.etcd!r}: {exc}") from exc
         within = None

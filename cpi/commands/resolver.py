@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="serve lookups, discovery and watches over HTTP (until SIGTERM/SIGINT)",
         description=(
             f"Config comes from --config, then the environment ({ENV_ETCD_ENDPOINTS}, "
-            f"{ENV_LISTEN}, {ENV_ANCHOR}, CPI_ETCD_PASSWORD, CPI_RESOLVER_ZONE), then these "
+            f"{ENV_LISTEN}, {ENV_ANCHOR}, CPI_ETCD_USER, CPI_ETCD_PASSWORD[_FILE], CPI_RESOLVER_ZONE), then these "
             "flags. Without --config, --anchor (or $CPI_RESOLVER_ANCHOR) is required."
         ),
     )

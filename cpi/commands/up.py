@@ -14,9 +14,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "up",
         help="start the whole stack locally (etcd, registries, resolver), each as its own process",
         description=(
-            "Start etcd, create the national root and the seeded 1+M+N delegations, start the "
-            "registries, the log signer and the resolver, write DATA_DIR/up.json, and supervise "
-            "them until Ctrl-C. A second run on the same data dir reuses keys, tokens and index."
+            "Start etcd with authentication on (one etcd user per component, passwords in "
+            "DATA_DIR/etcd-auth/, 0600), create the national root and the seeded 1+M+N "
+            "delegations, start the registries, the log signer and the resolver, write "
+            "DATA_DIR/up.json, and supervise them until Ctrl-C. A second run on the same data "
+            "dir reuses keys, tokens, etcd passwords and index."
         ),
     )
     p.add_argument("--data-dir", default=".cpi", help="state directory (default: ./.cpi)")

@@ -16,7 +16,9 @@ Everything else in the project goes through it.  One module per job:
 * :mod:`~registry.index.watch`: :class:`Watch`, which resumes from the last delivered
   revision and reports compaction;
 * :mod:`~registry.index.settings`: :class:`EtcdSettings`, the ``etcd`` section of the
-  service configs, and the environment that overrides it.
+  service configs, and the environment that overrides it;
+* :mod:`~registry.index.auth`: the etcd roles of the components (who may read and
+  write which prefixes); :class:`Index` has the calls that set users and roles up.
 
 ``from registry.index import X`` works for every public name.  ``layout`` and
 ``values`` import neither gRPC nor the etcd client, and neither does importing this
@@ -54,6 +56,8 @@ if TYPE_CHECKING:
         ENV_ETCD_ENDPOINTS,
         ENV_ETCD_ENDPOINTS_ALIAS,
         ENV_ETCD_PASSWORD,
+        ENV_ETCD_PASSWORD_FILE,
+        ENV_ETCD_USER,
         EtcdSettings,
         endpoints_from_env,
     )
@@ -63,6 +67,8 @@ __all__ = [
     "ENV_ETCD_ENDPOINTS",
     "ENV_ETCD_ENDPOINTS_ALIAS",
     "ENV_ETCD_PASSWORD",
+    "ENV_ETCD_PASSWORD_FILE",
+    "ENV_ETCD_USER",
     "KV",
     "ROOT",
     "CasResult",
@@ -99,6 +105,8 @@ _LAZY: dict[str, str] = {
     "ENV_ETCD_ENDPOINTS": "settings",
     "ENV_ETCD_ENDPOINTS_ALIAS": "settings",
     "ENV_ETCD_PASSWORD": "settings",
+    "ENV_ETCD_PASSWORD_FILE": "settings",
+    "ENV_ETCD_USER": "settings",
     "endpoints_from_env": "settings",
 }
 

@@ -37,6 +37,7 @@ from etcd3aio import (
     EtcdPermissionDeniedError,
     EtcdTransientError,
     EtcdUnauthenticatedError,
+    PermissionType,
     TokenRefresher,
     prefix_range_end,
 )
@@ -733,3 +734,160 @@ class Index:
             )
             for m in resp.members
         ]
+
+    # -- auth administration (cpi up; needs root once auth is on) ---------------------------
+
+    async def auth_enabled(self) -> bool:
+        """Whether etcd's authentication is on (asked with or without credentials).
+
+        etcd refuses the question to a client without a token once auth is on; that
+        refusal is the answer "on".
+        """
+        try:
+            resp = await self._call(
+                "auth status", lambda t: self._c.auth.auth_status(timeout=t, max_attempts=1)
+            )
+        except IndexAccessDeniedError:
+            if self._user is None:
+                return True
+            raise
+        return bool(resp.enabled)
+
+    async def enable_auth(self) -> None:
+        """Turn authentication on; a no-op when it is already on.
+
+        etcd refuses it unless a user ``root`` with the role ``root`` exists.
+        """
+        if await self.auth_enabled():
+            return
+        await self._call(
+            "enable auth",
+            lambda t: self._c.auth.auth_enable(timeout=t, max_attempts=1),
+            idempotent=False,
+        )
+
+    async def ensure_user(self, name: str, password: str) -> bool:
+        """Make user *name* exist with *password*; ``True`` if it was created.
+
+        An existing user whose password is not *password* gets it set (so a lost
+        password file can be replaced by re-running the set-up); one whose password
+        already is *password* is left alone (a change would invalidate its tokens).
+        The password is never logged.
+        """
+        if not name or not password:
+            raise ValueError("a user needs a name and a non-empty password")
+        resp = await self._call(
+            "list users", lambda t: self._c.auth.user_list(timeout=t, max_attempts=1)
+        )
+        if name in set(resp.users):
+            if await self._password_works(name, password):
+                return False  # changing it anyway would invalidate the user's tokens
+            await self._call(
+                f"set the password of user {name!r}",
+                lambda t: self._c.auth.user_change_password(
+                    name, password, timeout=t, max_attempts=1
+                ),
+            )
+            return False
+        await self._call(
+            f"add user {name!r}",
+            lambda t: self._c.auth.user_add(name, password, timeout=t, max_attempts=1),
+            idempotent=False,
+        )
+        return True
+
+    async def _password_works(self, name: str, password: str) -> bool:
+        try:
+            await self._call(
+                f"check the password of user {name!r}",
+                lambda t: self._c.auth.authenticate(name, password, timeout=t, max_attempts=1),
+            )
+        except IndexAccessDeniedError:
+            return False
+        return True
+
+    async def grant_role(self, user: str, role: str) -> None:
+        """Give *role* to *user* (a no-op if the user has it already)."""
+        resp = await self._call(
+            f"get user {user!r}", lambda t: self._c.auth.user_get(user, timeout=t, max_attempts=1)
+        )
+        if role in set(resp.roles):
+            return
+        await self._call(
+            f"grant role {role!r} to user {user!r}",
+            lambda t: self._c.auth.user_grant_role(user, role, timeout=t, max_attempts=1),
+        )
+
+    async def ensure_role(
+        self,
+        name: str,
+        *,
+        read: Sequence[str] = (),
+        write: Sequence[str] = (),
+        readwrite: Sequence[str] = (),
+        read_keys: Sequence[str] = (),
+    ) -> None:
+        """Make role *name* exist with exactly these key permissions.
+
+        *read*, *write* and *readwrite* are key prefixes (a prefix in both *read* and
+        *write* is read-write); *read_keys* are single keys that may be read.  Any other
+        permission the role had is revoked, so running this again with a new table
+        leaves the role as the table says.  Not for etcd's built-in ``root`` role.
+        """
+        if name == "root":
+            raise ValueError("the root role is etcd's own; grant it, do not define it")
+        wanted: dict[tuple[bytes, bytes], PermissionType] = {}
+
+        def want(key: bytes, end: bytes, perm: PermissionType) -> None:
+            if not key:
+                raise ValueError("a permission needs a non-empty key or prefix")
+            old = wanted.get((key, end))
+            wanted[(key, end)] = perm if old in (None, perm) else PermissionType.READWRITE
+
+        for prefixes, perm in (
+            (read, PermissionType.READ),
+            (write, PermissionType.WRITE),
+            (readwrite, PermissionType.READWRITE),
+        ):
+            for p in prefixes:
+                want(_kb(p), prefix_range_end(_kb(p)), perm)
+        for k in read_keys:
+            want(_kb(k), b"", PermissionType.READ)
+
+        roles = await self._call(
+            "list roles", lambda t: self._c.auth.role_list(timeout=t, max_attempts=1)
+        )
+        have: dict[tuple[bytes, bytes], int] = {}
+        if name in set(roles.roles):
+            resp = await self._call(
+                f"get role {name!r}",
+                lambda t: self._c.auth.role_get(name, timeout=t, max_attempts=1),
+            )
+            have = {(bytes(p.key), bytes(p.range_end)): int(p.permType) for p in resp.perm}
+        else:
+            await self._call(
+                f"add role {name!r}",
+                lambda t: self._c.auth.role_add(name, timeout=t, max_attempts=1),
+                idempotent=False,
+            )
+        auth = self._c.auth
+
+        def grant(
+            key: bytes, end: bytes, perm: PermissionType
+        ) -> Callable[[float], Awaitable[Any]]:
+            return lambda t: auth.role_grant_permission(
+                name, key, end or None, perm_type=perm, timeout=t, max_attempts=1
+            )
+
+        def revoke(key: bytes, end: bytes) -> Callable[[float], Awaitable[Any]]:
+            return lambda t: auth.role_revoke_permission(
+                name, key, end or None, timeout=t, max_attempts=1
+            )
+
+        for (key, end), perm in wanted.items():
+            if have.get((key, end)) != int(perm):
+                await self._call(
+                    f"grant {perm.name} on {key!r} to role {name!r}", grant(key, end, perm)
+                )
+        for key, end in sorted(have.keys() - wanted.keys()):
+            await self._call(f"revoke {key!r} from role {name!r}", revoke(key, end))

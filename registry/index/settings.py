@@ -17,6 +17,8 @@ __all__ = [
     "ENV_ETCD_ENDPOINTS",
     "ENV_ETCD_ENDPOINTS_ALIAS",
     "ENV_ETCD_PASSWORD",
+    "ENV_ETCD_PASSWORD_FILE",
+    "ENV_ETCD_USER",
     "EtcdSettings",
     "endpoints_from_env",
 ]
@@ -27,6 +29,10 @@ ENV_ETCD_ENDPOINTS_ALIAS: Final = "CPI_ETCD"
 """Another name of :data:`ENV_ETCD_ENDPOINTS`, read when that is unset or empty."""
 ENV_ETCD_PASSWORD: Final = "CPI_ETCD_PASSWORD"
 """The etcd password, so that it need not sit in a config file."""
+ENV_ETCD_PASSWORD_FILE: Final = "CPI_ETCD_PASSWORD_FILE"
+"""A file holding the etcd password (its first line); replaces ``etcd.password_file``."""
+ENV_ETCD_USER: Final = "CPI_ETCD_USER"
+"""The etcd user; replaces ``etcd.user``."""
 
 
 def endpoints_from_env(env: Mapping[str, str]) -> str | None:
@@ -40,12 +46,13 @@ class EtcdSettings(BaseModel):
     """How a service reaches the national index: the ``etcd`` section of its config.
 
     The password is a :class:`pydantic.SecretStr`: it prints as ``**********`` and is
-    never logged.
+    never logged.  Instead of ``password``, ``password_file`` may name a file (mode
+    0600) whose first line is the password; it is read when the index is opened.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("ca_cert", "cert_key", "cert_chain")
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("ca_cert", "cert_key", "cert_chain", "password_file")
     """Fields holding file paths, resolved against the directory of the config file."""
 
     endpoints: list[str] = Field(default_factory=lambda: ["127.0.0.1:2379"], min_length=1)
@@ -56,6 +63,26 @@ class EtcdSettings(BaseModel):
     tls_server_name: str | None = None
     user: str | None = None
     password: SecretStr | None = None
+    password_file: Path | None = None
+
+    def password_value(self) -> str | None:
+        """The password: ``password``, else the first line of ``password_file``, else ``None``.
+
+        An unreadable or empty password file raises :class:`~schemas.errors.ConfigError`.
+        """
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is None:
+            return None
+        try:
+            lines = self.password_file.read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(
+                f"etcd settings: cannot read password_file {self.password_file}: {exc.strerror}"
+            ) from exc
+        if not lines or not lines[0]:
+            raise ConfigError(f"etcd settings: password_file {self.password_file} is empty")
+        return lines[0]
 
     def open_index(self, **options: Any) -> Index:
         """An unconnected :class:`Index` for these settings (use as ``async with``).
@@ -72,7 +99,7 @@ class EtcdSettings(BaseModel):
                 cert_chain=self.cert_chain,
                 tls_server_name=self.tls_server_name,
                 user=self.user,
-                password=self.password.get_secret_value() if self.password else None,
+                password=self.password_value(),
                 **options,
             )
         except ValueError as exc:
@@ -83,8 +110,9 @@ class EtcdSettings(BaseModel):
         """Prepare the ``etcd`` section of a config's raw data, in place.
 
         Relative paths in it are resolved against *base* (the config file's directory);
-        then the endpoints from *env* (:func:`endpoints_from_env`) and
-        :data:`ENV_ETCD_PASSWORD` replace what the file says.
+        then the endpoints from *env* (:func:`endpoints_from_env`), :data:`ENV_ETCD_USER`,
+        :data:`ENV_ETCD_PASSWORD` and :data:`ENV_ETCD_PASSWORD_FILE` replace what the
+        file says (a password from the environment wins over any password file).
         """
         if isinstance(raw.get("etcd"), dict):
             raw["etcd"] = dict(raw["etcd"])
@@ -94,5 +122,12 @@ class EtcdSettings(BaseModel):
         endpoints = endpoints_from_env(env)
         if endpoints:
             set_dotted(raw, "etcd.endpoints", split_list(endpoints))
+        if env.get(ENV_ETCD_USER):
+            set_dotted(raw, "etcd.user", env[ENV_ETCD_USER])
+        if env.get(ENV_ETCD_PASSWORD_FILE):
+            set_dotted(
+                raw, "etcd.password_file", resolve_path(Path.cwd(), env[ENV_ETCD_PASSWORD_FILE])
+            )
+            raw["etcd"].pop("password", None)
         if env.get(ENV_ETCD_PASSWORD):
             set_dotted(raw, "etcd.password", env[ENV_ETCD_PASSWORD])

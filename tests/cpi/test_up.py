@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from registry import keyfile
+from registry.index import Index, IndexAccessDeniedError, Keys
 
 
 def _free_base() -> int:
@@ -133,6 +135,9 @@ def test_up_runs_stack_registers_node_and_reuses_state(stack: Up, tmp_path: Path
     # each component is its own process
     assert len(_procs_mentioning(str(stack.data_dir))) >= 3
 
+    # etcd has auth on: passwords are in 0600 files named by up.json, never in it
+    _check_etcd_auth(up, stack.data_dir)
+
     # a node registers through the real registry process with the token from up.json
     node_key = tmp_path / "node.key"
     agent = subprocess.run(
@@ -193,4 +198,64 @@ def test_up_runs_stack_registers_node_and_reuses_state(stack: Up, tmp_path: Path
     )  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip().splitlines()[-1] == cpid
+    assert up2["etcd_auth"] == up["etcd_auth"]
+    _check_etcd_auth(up2, stack.data_dir)
+    # a cpi command on the running stack, as root through its password file
+    ns = subprocess.run(
+        [
+            sys.executable, "-m", "cpi", "ns", "list", "--etcd", up2["etcd"][0],
+            "--user", "root", "--password-file", up2["etcd_auth"]["users"]["root"],
+        ],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert ns.returncode == 0, ns.stderr
+    assert "CN.31.CMCC" in ns.stdout
     stack.stop()
+
+
+def _check_etcd_auth(up: dict[str, Any], data_dir: Path) -> None:
+    auth = up["etcd_auth"]
+    users = auth["users"]
+    assert set(users) >= {"root", "cpi-resolver", "cpi-logsigner", "cpi-registry-regional"}
+    assert stat.S_IMODE(Path(auth["dir"]).stat().st_mode) == 0o700
+    passwords = []
+    for path in users.values():
+        assert stat.S_IMODE(Path(path).stat().st_mode) == 0o600
+        passwords.append(Path(path).read_text().strip())
+    text = (data_dir / "up.json").read_text()
+    for cfg in (data_dir / "registries").glob("*.json"):
+        text += cfg.read_text()
+    for log in (data_dir / "logs").glob("*.log"):
+        logged = log.read_text(errors="replace")
+        if log.name != "etcd.log":  # etcd logs the refusals this test provokes
+            assert "permission denied" not in logged.lower(), f"{log}: {logged[-2000:]}"
+        text += logged
+    assert not any(pw in text for pw in passwords)
+
+    def password(user: str) -> str:
+        return Path(users[user]).read_text().strip()
+
+    async def probe() -> None:
+        ep = up["etcd"]
+        async with Index(endpoints=ep, timeout=3.0) as anonymous:
+            with pytest.raises(IndexAccessDeniedError):
+                await anonymous.put(Keys.token("00" * 32), b"{}")
+            with pytest.raises(IndexAccessDeniedError):
+                await anonymous.get(Keys.alloc("CN.31.CMCC/GPU.X"))
+        resolver = Index(
+            endpoints=ep, timeout=3.0, user="cpi-resolver", password=password("cpi-resolver")
+        )
+        async with resolver:
+            with pytest.raises(IndexAccessDeniedError, match="permission denied"):
+                await resolver.put(Keys.token("00" * 32), b"{}")
+        registry = Index(
+            endpoints=ep,
+            timeout=3.0,
+            user="cpi-registry-regional",
+            password=password("cpi-registry-regional"),
+        )
+        async with registry:
+            with pytest.raises(IndexAccessDeniedError, match="permission denied"):
+                await registry.put(Keys.alloc("CN.31.CMCC/GPU.X"), b'{"units":1}')
+
+    asyncio.run(probe())

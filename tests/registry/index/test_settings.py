@@ -68,3 +68,39 @@ def test_the_etcd_flag_is_required_without_either_name(
     with pytest.raises(SystemExit):
         parser.parse_args([])
     assert "--etcd" in capsys.readouterr().err
+
+
+def test_password_file_and_user_from_the_environment(tmp_path: Path) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    raw: dict[str, Any] = {"etcd": {"endpoints": ["a:1"], "password": "in-file"}}
+    EtcdSettings.layer(
+        raw, base=tmp_path, env={"CPI_ETCD_USER": "bob", "CPI_ETCD_PASSWORD_FILE": str(pw)}
+    )
+    s = EtcdSettings.model_validate(raw["etcd"])
+    assert s.user == "bob" and s.password is None and s.password_value() == "s3cret"
+    raw = {"etcd": {"user": "u", "password_file": "pw"}}
+    EtcdSettings.layer(raw, base=tmp_path, env={"CPI_ETCD_PASSWORD": "env"})
+    assert EtcdSettings.model_validate(raw["etcd"]).password_value() == "env"
+    raw = {"etcd": {"user": "u", "password_file": "pw"}}
+    EtcdSettings.layer(raw, base=tmp_path, env={})
+    s = EtcdSettings.model_validate(raw["etcd"])
+    assert s.password_file == pw and s.password_value() == "s3cret"
+    assert "s3cret" not in repr(s)
+
+
+def test_credentials_of_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cpi.commands._etcd import credentials
+
+    for name in ("CPI_ETCD_USER", "CPI_ETCD_PASSWORD", "CPI_ETCD_PASSWORD_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CPI_ETCD_ENDPOINTS", "a:1")
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    parser = argparse.ArgumentParser()
+    etcd_argument(parser)
+    assert credentials(parser.parse_args([])) == (None, None)
+    args = parser.parse_args(["--user", "root", "--password-file", str(pw)])
+    assert credentials(args) == ("root", "s3cret")
+    monkeypatch.setenv("CPI_ETCD_PASSWORD", "from-env")
+    assert credentials(parser.parse_args(["--user", "root"])) == ("root", "from-env")
