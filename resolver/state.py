@@ -425,8 +425,7 @@ class ReplicaState:
                 collection, name = parse_key(ch.key)
             except ValueError:
                 continue
-            if ch.key in self.bad:
-                del self.bad[ch.key]  # this change decides anew
+            was_bad = self.bad.get(ch.key)
             try:
                 trust_changed |= self._put(collection, name, ch, batch, revoked_ids)
             except Exception as exc:  # whatever a value can cause costs that key alone
@@ -437,6 +436,8 @@ class ReplicaState:
                 except Exception:
                     _log.exception("could not forget %s after a bad value", ch.key)
                 trust_changed |= collection in (Prefix.CERTS, Prefix.REVOKED)
+            if was_bad is not None and self.bad.get(ch.key) is was_bad:
+                del self.bad[ch.key]  # deleted, or overwritten with a usable value
         if trust_changed:
             self._trust_changed(batch, revoked_ids)
         self.revision = max(self.revision, revision)

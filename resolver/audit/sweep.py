@@ -390,7 +390,11 @@ class Sweeper:
         valid: dict[str, Cert] = {}
         for kid in sorted(self._certs):
             key = f"{Prefix.CERTS}{kid}"
-            prepared = self._chain_for(kid)
+            try:
+                prepared = self._chain_for(kid)
+            except Exception as exc:  # a hostile cert in the chain: this key alone
+                self._report.add("cert", key, UNREADABLE, _describe(exc))
+                continue
             outcome = classify(prepared.result)
             if outcome != "valid":
                 self._report.add("cert", key, outcome, prepared.result.reason)
@@ -436,6 +440,9 @@ class Sweeper:
                 continue
             except InvalidDataError as exc:
                 self._report.add("revocation", key, "invalid", str(exc))
+                continue
+            except Exception as exc:  # whatever a hostile value raises: this key alone
+                self._report.add("revocation", key, UNREADABLE, _describe(exc))
                 continue
             if not ns_contains(subject, rev.subject):
                 self._report.add(
