@@ -361,11 +361,10 @@ class ReplicaState:
     def bad_values(self, limit: int = 10) -> dict[str, Any]:
         """What ``/readyz`` shows of :attr:`bad`: the count, the count by collection and
         the first ``limit`` keys (sorted)."""
-        by_prefix: Counter[str] = Counter(b.prefix for b in self.bad.values())
         return {
             "count": len(self.bad),
-            "by_prefix": dict(sorted(by_prefix.items())),
-            "keys": sorted(self.bad)[:limit],
+            "by_prefix": dict(sorted(self.bad_by_prefix().items())),
+            "keys": heapq.nsmallest(limit, self.bad),
         }
 
     def bad_by_prefix(self) -> Counter[str]:
