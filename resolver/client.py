@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import os
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import aiohttp
 
 from resolver.discovery import Query
 from resolver.errors import ResolverUnavailableError
+from schemas import _json
 from schemas.errors import InvalidDataError, NotFoundError
 
 __all__ = [
@@ -63,7 +63,10 @@ class ResolverAPIError(InvalidDataError):
 def decode_payload(envelope: dict[str, Any]) -> dict[str, Any]:
     """The JSON payload of an envelope dict, decoded but NOT verified (for display)."""
     raw = base64.b64decode(envelope["payload"] + "=" * (-len(envelope["payload"]) % 4))
-    obj = json.loads(raw)
+    try:
+        obj = _json.loads(raw)
+    except ValueError as exc:
+        raise InvalidDataError(f"envelope payload is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise InvalidDataError("envelope payload is not a JSON object")
     return obj
@@ -124,7 +127,7 @@ class ResolverClient:
             return
         text = await resp.text()
         try:
-            err = json.loads(text)["error"]
+            err = _json.loads(text)["error"]
             code, message = str(err["code"]), str(err["message"])
         except (ValueError, KeyError, TypeError):
             code, message = "http_error", f"HTTP {resp.status}: {text[:200]}"
@@ -143,7 +146,7 @@ class ResolverClient:
                 url, params=params, timeout=aiohttp.ClientTimeout(total=self.timeout)
             ) as resp:
                 await self._raise_for(resp)
-                body: dict[str, Any] = await resp.json()
+                body = await _json_body(resp, url)
                 if resp.headers.get("X-CPI-Stale") == "1":
                     body.setdefault("stale", True)
                 return body
@@ -171,8 +174,7 @@ class ResolverClient:
             async with self.session.get(
                 url, timeout=aiohttp.ClientTimeout(total=self.timeout)
             ) as resp:
-                body: dict[str, Any] = await resp.json()
-                return body
+                return await _json_body(resp, url)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ResolverUnavailableError(f"cannot reach the resolver at {url}: {exc}") from exc
 
@@ -213,6 +215,20 @@ class ResolverClient:
             await asyncio.sleep(retry_s)
 
 
+async def _json_body(resp: aiohttp.ClientResponse, url: str) -> dict[str, Any]:
+    """The JSON object a response carries (strict, bounded nesting)."""
+    raw = await resp.read()
+    try:
+        body = _json.loads(raw)
+    except ValueError as exc:
+        raise ResolverUnavailableError(
+            f"the resolver at {url} answered invalid JSON: {exc}"
+        ) from exc
+    if not isinstance(body, dict):
+        raise ResolverUnavailableError(f"the resolver at {url} answered {type(body).__name__}")
+    return body
+
+
 async def _read_sse(resp: aiohttp.ClientResponse) -> AsyncIterator[WatchMessage]:
     """Parse ``text/event-stream`` (the subset the resolver sends)."""
     event, ident = "", None
@@ -221,7 +237,7 @@ async def _read_sse(resp: aiohttp.ClientResponse) -> AsyncIterator[WatchMessage]
         line = raw.decode("utf-8").rstrip("\r\n")
         if not line:
             if data:
-                payload = json.loads("\n".join(data))
+                payload = _json.loads("\n".join(data))
                 yield WatchMessage(event or "message", ident, payload)
             elif ident is not None:
                 yield WatchMessage("progress", ident)

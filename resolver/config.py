@@ -33,6 +33,7 @@ import seeds
 from registry import index
 from registry.index import ENV_ETCD_ENDPOINTS, ENV_ETCD_PASSWORD, Index
 from resolver.errors import ConfigError
+from schemas import _json
 from schemas._settings import (
     apply_overrides,
     config_object,
@@ -144,7 +145,7 @@ def load_anchor_files(paths: list[Path]) -> TrustAnchors:
     items: list[Any] = []
     for path in paths:
         try:
-            obj = json.loads(Path(path).read_bytes())
+            obj = _json.loads(Path(path).read_bytes())
         except OSError as exc:
             raise ConfigError(f"anchor file {path}: {exc.strerror}") from exc
         except ValueError as exc:

@@ -226,6 +226,8 @@ class Resolver:
             "served": sizes["served"],
             "records": sizes["records"],
             "rejected": {k: v for k, v in sorted(self._state.rejected.items()) if v},
+            # keys whose value cannot be used: each costs itself alone (docs/resolver.md)
+            "bad_values": self._state.bad_values(),
             "mass_expiry": [m.to_dict() for m in self.mass_expiry],
             "held": sizes["held"],
             "last_contact_s": None if age is None else round(age, 3),

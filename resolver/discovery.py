@@ -24,7 +24,6 @@ soon as ``limit`` results are certain, so it rarely looks at more than a few gro
 from __future__ import annotations
 
 import heapq
-import json
 import math
 import re
 from collections.abc import Collection, Iterable, Mapping
@@ -34,6 +33,7 @@ from typing import Any, Final
 
 from resolver.entry import Entry
 from resolver.errors import QueryError
+from schemas import _json
 from schemas.cpid import KINDS, ns_contains, parse_namespace
 from schemas.errors import InvalidCPIDError
 
@@ -91,7 +91,7 @@ class LatencyTable:
     def from_file(cls, path: str | Path) -> LatencyTable:
         """Read a table like ``seeds/latency.json`` (``{"rtt_ms": {a: {b: ms}}}``)."""
         try:
-            obj = json.loads(Path(path).read_text())
+            obj = _json.loads(Path(path).read_text())
             table = obj["rtt_ms"] if isinstance(obj, dict) and "rtt_ms" in obj else obj
             if not isinstance(table, dict) or not all(isinstance(r, dict) for r in table.values()):
                 raise TypeError("expected {region: {region: milliseconds}}")

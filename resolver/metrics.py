@@ -96,6 +96,22 @@ class _ReplicaCollector(Collector):
             if n:
                 rejected.add_metric([reason], n)
         yield rejected
+        bad = GaugeMetricFamily(
+            "cpi_resolver_bad_values",
+            "Index keys whose value cannot be used (ignored, each alone), by collection",
+            labels=["prefix"],
+        )
+        for prefix, n in sorted(state.bad_by_prefix().items()):
+            bad.add_metric([prefix], n)
+        yield bad
+        found = CounterMetricFamily(
+            "cpi_resolver_bad_values_found",
+            "Unusable index values found, by collection; each key revision counted once",
+            labels=["prefix"],
+        )
+        for prefix, n in sorted(state.bad_found.items()):
+            found.add_metric([prefix], n)
+        yield found
         size = GaugeMetricFamily(
             "cpi_resolver_replica_size", "Keys held by the replica, by collection", labels=["what"]
         )

@@ -22,7 +22,6 @@ from schemas import dsse
 from schemas import keys as _keys
 from schemas.bundle import assemble_chain
 from schemas.chain import CLOCK_SKEW, TrustAnchors, verify_chain
-from schemas.errors import InvalidDataError
 from schemas.models import Revocation, parse_payload
 
 __all__ = [
@@ -135,7 +134,7 @@ def _revocation(
     try:
         v = dsse.verify(env, signers, payload_types=(Revocation.media_type(),))
         return parse_payload(v.payload_type, v.payload, Revocation)
-    except InvalidDataError:
+    except Exception:  # InvalidDataError, or whatever a hostile value raises
         return None
 
 

@@ -20,12 +20,19 @@ What is kept per collection (docs/protocol.md §6):
 * ``/live/``: statuses, verified under the record's key before use;
 * ``/alloc/``, ``/claim/``: claimed units per CPID and the claims themselves;
 * ``/ns/``: namespace entries (unsigned; shown with whether their key's chain verifies).
+
+The index is not trusted input (docs/resolver.md, "Bad values"): a value that cannot be
+read (not JSON, nested too deep, not a DSSE envelope, the wrong shape) or whose handling
+raises costs that key alone.  It is filed in :attr:`ReplicaState.bad` by etcd key
+(counted and logged once per key and revision), the key is treated as absent, and the
+entry is cleared when the key is deleted or overwritten with a readable value.  No
+exception a value can cause leaves :meth:`ReplicaState.apply`, so a bad value never
+makes the replica list the index again.
 """
 
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import math
 import time
@@ -49,6 +56,7 @@ from resolver.verify import (
     StatusFacts,
     run_jobs,
 )
+from schemas import _json
 from schemas import keys as _keys
 from schemas.chain import CLOCK_SKEW, TrustAnchors
 from schemas.cpid import CPID
@@ -56,7 +64,15 @@ from schemas.dsse import Envelope
 from schemas.errors import EnvelopeError, InvalidDataError
 from schemas.models import Record, Status
 
-__all__ = ["Change", "MassExpiry", "NamespaceInfo", "ReplicaSettings", "ReplicaState", "Runner"]
+__all__ = [
+    "BadValue",
+    "Change",
+    "MassExpiry",
+    "NamespaceInfo",
+    "ReplicaSettings",
+    "ReplicaState",
+    "Runner",
+]
 
 _log = logging.getLogger("resolver.replica")
 
@@ -77,6 +93,49 @@ class Change:
     value: bytes = b""
     revision: int = 0
     lease: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BadValue:
+    """An etcd key whose value the replica cannot use (docs/resolver.md, "Bad values")."""
+
+    key: str
+    prefix: str  # the collection: rec, live, alloc, certs, revoked, ns, claim
+    revision: int
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "prefix": self.prefix,
+            "revision": self.revision,
+            "detail": self.detail,
+        }
+
+
+_DETAIL_MAX: Final = 200
+"""Longest detail kept (and logged) for a bad value: messages may quote the value."""
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if not isinstance(exc, EnvelopeError | InvalidDataError | ValueError):
+        text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= _DETAIL_MAX else text[: _DETAIL_MAX - 3] + "..."
+
+
+def _claim_problem(value: bytes) -> str:
+    """Why a ``/claim/`` value is not a claim (what :class:`resolver.claims.model.Claim`
+    reads), or ''."""
+    obj = _json.loads(value)
+    if not isinstance(obj, dict):
+        return f"a claim must be a JSON object, got {type(obj).__name__}"
+    units = obj.get("units")
+    if not isinstance(units, int) or isinstance(units, bool) or units < 1:
+        return "claim units must be a positive integer"
+    if not isinstance(obj.get("holder"), str):
+        return "claim holder must be a string"
+    return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +295,11 @@ class ReplicaState:
         self.listeners: list[Callable[[Event], None]] = []
         self.failures: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
+        self.bad: dict[str, BadValue] = {}
+        """Keys whose value cannot be used, by etcd key (cleared when the key is deleted
+        or overwritten with a readable value)."""
+        self.bad_found: Counter[str] = Counter()
+        """Bad values found, by collection; each (key, revision) counted once."""
         self.mass_expiry_events = 0
         self._revocation_envs: dict[str, Envelope] = {}
         self._signers: dict[str, SignerVerdict] = {}
@@ -294,9 +358,23 @@ class ReplicaState:
             "held": len(self.held),
         }
 
+    def bad_values(self, limit: int = 10) -> dict[str, Any]:
+        """What ``/readyz`` shows of :attr:`bad`: the count, the count by collection and
+        the first ``limit`` keys (sorted)."""
+        return {
+            "count": len(self.bad),
+            "by_prefix": dict(sorted(self.bad_by_prefix().items())),
+            "keys": heapq.nsmallest(limit, self.bad),
+        }
+
+    def bad_by_prefix(self) -> Counter[str]:
+        return Counter(b.prefix for b in self.bad.values())
+
     def keys(self) -> dict[str, int]:
-        """Every key the replica tracks, with its ``mod_revision`` (for re-list diffs)."""
-        out: dict[str, int] = {}
+        """Every key the replica tracks, with its ``mod_revision`` (for re-list diffs).
+
+        Bad values are tracked too, so that a re-list does not deliver them again."""
+        out: dict[str, int] = {key: b.revision for key, b in self.bad.items()}
         for kid, (_, rev) in self.certs.items():
             out[Prefix.CERTS + kid] = rev
         for ident, (_, rev) in self.revocations.items():
@@ -346,21 +424,19 @@ class ReplicaState:
                 collection, name = parse_key(ch.key)
             except ValueError:
                 continue
-            if collection is Prefix.CERTS:
-                trust_changed |= self._put_cert(name, ch)
-            elif collection is Prefix.REVOKED:
-                trust_changed |= self._put_revocation(name, ch)
-                revoked_ids.add(name)
-            elif collection is Prefix.NS:
-                self._put_ns(name, ch)
-            elif collection is Prefix.REC:
-                self._put_rec(name, ch, batch)
-            elif collection is Prefix.LIVE:
-                self._put_live(name, ch, batch)
-            elif collection is Prefix.ALLOC:
-                self._put_alloc(name, ch, batch)
-            elif collection is Prefix.CLAIM:
-                self._put_claim(name, ch)
+            was_bad = self.bad.get(ch.key)
+            try:
+                trust_changed |= self._put(collection, name, ch, batch, revoked_ids)
+            except Exception as exc:  # whatever a value can cause costs that key alone
+                self._mark_bad(collection, ch.key, ch.revision, _describe(exc))
+                gone = Change("delete", ch.key, revision=ch.revision)
+                try:
+                    self._put(collection, name, gone, batch, revoked_ids)
+                except Exception:
+                    _log.exception("could not forget %s after a bad value", ch.key)
+                trust_changed |= collection in (Prefix.CERTS, Prefix.REVOKED)
+            if was_bad is not None and self.bad.get(ch.key) is was_bad:
+                del self.bad[ch.key]  # deleted, or overwritten with a usable value
         if trust_changed:
             self._trust_changed(batch, revoked_ids)
         self.revision = max(self.revision, revision)
@@ -399,7 +475,40 @@ class ReplicaState:
             self._prune_window(ns, now)
         return await self._commit(batch, check=check, emit=True)
 
+    # -- bad values -------------------------------------------------------------------
+
+    def _mark_bad(self, collection: Prefix, key: str, revision: int, detail: str) -> None:
+        """File ``key`` as a bad value; counted and logged once per (key, revision)."""
+        old = self.bad.get(key)
+        prefix = collection.name.lower()
+        self.bad[key] = BadValue(key, prefix, revision, detail)
+        if old is not None and old.revision == revision:
+            return
+        self.bad_found[prefix] += 1
+        _log.warning("ignoring %s at revision %d, an unusable value: %s", key, revision, detail)
+
     # -- per collection ---------------------------------------------------------------
+
+    def _put(
+        self, collection: Prefix, name: str, ch: Change, batch: _Batch, revoked_ids: set[str]
+    ) -> bool:
+        """Apply one change; True when the trust (certs, revocations) changed."""
+        if collection is Prefix.CERTS:
+            return self._put_cert(name, ch)
+        if collection is Prefix.REVOKED:
+            revoked_ids.add(name)
+            return self._put_revocation(name, ch)
+        if collection is Prefix.NS:
+            self._put_ns(name, ch)
+        elif collection is Prefix.REC:
+            self._put_rec(name, ch, batch)
+        elif collection is Prefix.LIVE:
+            self._put_live(name, ch, batch)
+        elif collection is Prefix.ALLOC:
+            self._put_alloc(name, ch, batch)
+        elif collection is Prefix.CLAIM:
+            self._put_claim(name, ch)
+        return False
 
     def _put_cert(self, kid: str, ch: Change) -> bool:
         if ch.type == "delete":
@@ -407,7 +516,7 @@ class ReplicaState:
         try:
             env = Envelope.from_json(ch.value)
         except EnvelopeError as exc:
-            _log.warning("ignoring %s%s at revision %d: %s", Prefix.CERTS, kid, ch.revision, exc)
+            self._mark_bad(Prefix.CERTS, ch.key, ch.revision, _describe(exc))
             return self.certs.pop(kid, None) is not None
         self.certs[kid] = (env, ch.revision)
         return True
@@ -420,10 +529,9 @@ class ReplicaState:
         try:
             env = Envelope.from_json(ch.value)
         except EnvelopeError as exc:
-            _log.warning(
-                "ignoring %s%s at revision %d: %s", Prefix.REVOKED, ident, ch.revision, exc
-            )
+            self._mark_bad(Prefix.REVOKED, ch.key, ch.revision, _describe(exc))
             self._revocation_envs.pop(ident, None)
+            self._revoked_serials = {k[:_SERIAL] for k in self._revocation_envs}
             return self.revocations.pop(ident, None) is not None
         self.revocations[ident] = (env, ch.revision)
         self._revocation_envs[ident] = env
@@ -435,15 +543,19 @@ class ReplicaState:
             self.ns.pop(prefix, None)
             return
         try:
-            obj = json.loads(ch.value)
+            obj = _json.loads(ch.value)
+            if not isinstance(obj, dict):
+                raise TypeError(f"expected a JSON object, got {type(obj).__name__}")
             kid, endpoints = obj["kid"], obj.get("endpoints", [])
             if not isinstance(kid, str) or not isinstance(endpoints, list):
                 raise TypeError("kid must be a string and endpoints a list")
-        except (ValueError, KeyError, TypeError) as exc:
-            _log.warning("ignoring %s%s: %s", Prefix.NS, prefix, exc)
+            if not all(isinstance(e, str) for e in endpoints):
+                raise TypeError("endpoints must be strings")
+        except Exception as exc:
+            self._mark_bad(Prefix.NS, ch.key, ch.revision, _describe(exc))
             self.ns.pop(prefix, None)
             return
-        self.ns[prefix] = (kid, tuple(str(e) for e in endpoints), ch.revision)
+        self.ns[prefix] = (kid, tuple(endpoints), ch.revision)
 
     def _put_rec(self, cpid: str, ch: Change, batch: _Batch) -> None:
         old = self.recs.pop(cpid, None)
@@ -463,6 +575,7 @@ class ReplicaState:
                 error = ""
             except EnvelopeError as exc:
                 env, error = None, str(exc)
+                self._mark_bad(Prefix.REC, ch.key, ch.revision, _describe(exc))
             rs = _Rec(cpid, ch.revision, env, error)
             self._by_signer.setdefault(rs.signer, set()).add(cpid)
         self.recs[cpid] = rs
@@ -512,6 +625,7 @@ class ReplicaState:
             error = ""
         except EnvelopeError as exc:
             env, error = None, str(exc)
+            self._mark_bad(Prefix.LIVE, ch.key, ch.revision, _describe(exc))
         lv = _Live(ch.revision, ch.lease, env, error)
         if old is not None and env is not None and old.envelope == env:
             # the same envelope re-written (e.g. on a new lease): already verified
@@ -525,13 +639,14 @@ class ReplicaState:
             self.allocs.pop(cpid, None)
             return
         try:
+            _json.loads(ch.value)  # bounded nesting, before read_units parses it
             units = read_units(ch.value)
-        except InvalidDataError:
-            _log.warning(
-                "%s%s holds %r, expected a number of units; nothing of it counts as free",
+        except Exception as exc:
+            self._mark_bad(
                 Prefix.ALLOC,
-                cpid,
-                ch.value[:64],
+                ch.key,
+                ch.revision,
+                f"{_describe(exc)} (nothing of {cpid} counts as free)",
             )
             units = UNREADABLE_ALLOC
         self.allocs[cpid] = (units, ch.revision)
@@ -544,6 +659,14 @@ class ReplicaState:
                 claims.pop(claim_id, None)
                 if not claims:
                     del self.claims[cpid]
+            return
+        try:
+            problem = _claim_problem(ch.value)
+        except Exception as exc:
+            problem = _describe(exc)
+        if problem:
+            self._mark_bad(Prefix.CLAIM, ch.key, ch.revision, problem)
+            self._put_claim(name, Change("delete", ch.key, revision=ch.revision))
             return
         self.claims.setdefault(cpid, {})[claim_id] = (ch.value, ch.revision, ch.lease)
 
@@ -558,14 +681,18 @@ class ReplicaState:
                 found = certs.get(k)
                 return None if found is None else found[0]
 
-            v = verify_signer(
-                kid,
-                lookup,
-                anchors=self.anchors,
-                revocations=self._revocation_envs,
-                now=now,
-                skew=self.settings.skew,
-            )
+            try:
+                v = verify_signer(
+                    kid,
+                    lookup,
+                    anchors=self.anchors,
+                    revocations=self._revocation_envs,
+                    now=now,
+                    skew=self.settings.skew,
+                )
+            except Exception as exc:  # a hostile cert or revocation: this chain fails
+                _log.warning("the chain of key %s cannot be checked: %s", kid, _describe(exc))
+                v = SignerVerdict(kid, (), False, "unreadable", _describe(exc), 2, "chain readable")
             self._signers[kid] = v
         return v
 
@@ -683,6 +810,10 @@ class ReplicaState:
         if outcome.envelope is None:
             assert outcome.what == NO_ENVELOPE, outcome
             self._parsed(rs, None, outcome.message)
+            detail = outcome.message
+            if len(detail) > _DETAIL_MAX:
+                detail = detail[: _DETAIL_MAX - 3] + "..."
+            self._mark_bad(Prefix.REC, Prefix.REC + rs.cpid, rs.revision, detail)
             return None
         self._parsed(rs, outcome)
         if outcome.ok or outcome.what != NO_CHAIN:

@@ -52,6 +52,7 @@ from schemas.models import Anchor, Record, Status
 __all__ = [
     "NO_CHAIN",
     "NO_ENVELOPE",
+    "UNVERIFIABLE",
     "Context",
     "Job",
     "Outcome",
@@ -155,6 +156,9 @@ too and the main process hands out work at once."""
 
 NO_ENVELOPE: Final = "not_an_envelope"
 """``Outcome.what`` of a raw job whose value is not a DSSE envelope (``message`` says why)."""
+UNVERIFIABLE: Final = "unverifiable"
+"""``Outcome.what`` of a job whose verification raised (a hostile value): it fails alone,
+``message`` says what was raised."""
 NO_CHAIN: Final = "no_verified_chain"
 """``Outcome.what`` of a raw job whose signing key has no chain in the context: the
 caller decides it from its own verdict on that key."""
@@ -218,6 +222,9 @@ def _status(env: Envelope, public_key: str, keep: bool) -> Outcome:
         st = open_signed(env, public_key=public_key, expected=Status)
     except InvalidDataError as exc:
         return Outcome(False, 0, exc.code, str(exc), str(exc))
+    except Exception as exc:  # a hostile status costs itself alone
+        message = f"cannot verify: {type(exc).__name__}: {str(exc)[:200]}"
+        return Outcome(False, 0, UNVERIFIABLE, message, message)
     return Outcome(True, facts=StatusFacts.of(st), document=st if keep else None)
 
 
@@ -235,56 +242,66 @@ def run_jobs(
         prepared = {}
     out: list[Outcome] = []
     for job in jobs:
-        if job[0] == "status":
-            _, public_key, stored = job
-            try:
-                st_env = Envelope.from_json(stored) if isinstance(stored, bytes) else stored
-            except EnvelopeError as exc:
-                out.append(Outcome(False, 0, exc.code, str(exc), str(exc)))
-                continue
-            out.append(_status(st_env, public_key, keep_documents))
-            continue
-        parsed: Envelope | None = None
-        if job[0] == "raw":
-            _, value, status_env = job
-            try:
-                env = parsed = Envelope.from_json(value)
-            except EnvelopeError as exc:
-                out.append(Outcome(False, 0, NO_ENVELOPE, str(exc), str(exc)))
-                continue
-            kid = env.keyid
-            if kid not in ctx.chains:
-                out.append(Outcome(False, 0, NO_CHAIN, envelope=env))
-                continue
-        else:
-            _, kid, env, status_env = job
-        chain = prepared.get(kid)
-        if chain is None:
-            chain = prepared[kid] = prepare_chain(
-                ctx.chains.get(kid, ()),
-                anchors=anchors,
-                revocations=ctx.revocations,
-                now=ctx.now,
-                skew=ctx.skew,
-            )
-        result = verify_record_prepared(env, chain, checks=False)
-        f = result.failure
-        if f is not None:
-            out.append(Outcome(False, f.rule, f.what, f.detail, result.reason, envelope=parsed))
-            continue
-        rec = result.record
-        assert rec is not None
-        status = None if status_env is None else _status(status_env, rec.public_key, keep_documents)
-        out.append(
-            Outcome(
-                True,
-                facts=RecordFacts.of(rec),
-                document=rec if keep_documents else None,
-                status=status,
-                envelope=parsed,
-            )
-        )
+        try:
+            out.append(_run_job(ctx, job, anchors, prepared, keep_documents))
+        except Exception as exc:  # a hostile value costs its job alone
+            message = f"cannot verify: {type(exc).__name__}: {str(exc)[:200]}"
+            _log.debug("job failed: %s", message, exc_info=True)
+            what = NO_ENVELOPE if job[0] == "raw" else UNVERIFIABLE
+            out.append(Outcome(False, 0, what, message, message))
     return out
+
+
+def _run_job(
+    ctx: Context,
+    job: Job,
+    anchors: TrustAnchors,
+    prepared: dict[str, PreparedChain],
+    keep_documents: bool,
+) -> Outcome:
+    """One job of :func:`run_jobs` (which contains what it raises)."""
+    if job[0] == "status":
+        _, public_key, stored = job
+        try:
+            st_env = Envelope.from_json(stored) if isinstance(stored, bytes) else stored
+        except EnvelopeError as exc:
+            return Outcome(False, 0, exc.code, str(exc), str(exc))
+        return _status(st_env, public_key, keep_documents)
+    parsed: Envelope | None = None
+    if job[0] == "raw":
+        _, value, status_env = job
+        try:
+            env = parsed = Envelope.from_json(value)
+        except EnvelopeError as exc:
+            return Outcome(False, 0, NO_ENVELOPE, str(exc), str(exc))
+        kid = env.keyid
+        if kid not in ctx.chains:
+            return Outcome(False, 0, NO_CHAIN, envelope=env)
+    else:
+        _, kid, env, status_env = job
+    chain = prepared.get(kid)
+    if chain is None:
+        chain = prepared[kid] = prepare_chain(
+            ctx.chains.get(kid, ()),
+            anchors=anchors,
+            revocations=ctx.revocations,
+            now=ctx.now,
+            skew=ctx.skew,
+        )
+    result = verify_record_prepared(env, chain, checks=False)
+    f = result.failure
+    if f is not None:
+        return Outcome(False, f.rule, f.what, f.detail, result.reason, envelope=parsed)
+    rec = result.record
+    assert rec is not None
+    status = None if status_env is None else _status(status_env, rec.public_key, keep_documents)
+    return Outcome(
+        True,
+        facts=RecordFacts.of(rec),
+        document=rec if keep_documents else None,
+        status=status,
+        envelope=parsed,
+    )
 
 
 _prepared: tuple[bytes, dict[str, PreparedChain]] = (b"", {})

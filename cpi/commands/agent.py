@@ -33,6 +33,7 @@ from registry.agent import (
     probe,
 )
 from registry.agent.simulate import Target, run_simulation, targets_from_up
+from schemas import _json
 from schemas.cpid import KINDS
 from schemas.errors import InvalidDataError
 
@@ -161,7 +162,7 @@ def _install_drain(agent: Agent) -> None:
 def _targets(args: argparse.Namespace, token: str) -> list[Target]:
     if args.up:
         try:
-            up = json.loads(Path(args.up).read_text())
+            up = _json.loads(Path(args.up).read_text())
         except (OSError, ValueError) as exc:
             raise InvalidDataError(f"{args.up}: cannot read up.json: {exc}") from exc
         return targets_from_up(up, [args.namespace] if args.namespace else None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ from registry.logsigner import LOG_VKEY_FILE, load_verifier
 from resolver.audit.bundle import FAILURES, verify_bundle
 from resolver.audit.logcheck import LogAuditor, LogReport
 from resolver.audit.sweep import Sweeper, SweepReport
-from schemas import chain, dsse
+from schemas import _json, chain, dsse
 from schemas.checkpoint import NoteVerifier
 from schemas.cpid import parse
 from schemas.errors import (
@@ -107,7 +108,7 @@ def _anchors(paths: list[str]) -> chain.TrustAnchors:
     items: list[Any] = []
     for path in paths:
         try:
-            obj = json.loads(read_input(path))
+            obj = _json.loads(read_input(path))
         except ValueError as exc:
             raise KeyFileError(f"{path}: anchor file is not JSON: {exc}") from exc
         items.extend(obj if isinstance(obj, list) else [obj])
@@ -117,7 +118,7 @@ def _anchors(paths: list[str]) -> chain.TrustAnchors:
 def _revocations(path: str | None) -> dict[str, dsse.Envelope]:
     out: dict[str, dsse.Envelope] = {}
     if path:
-        for obj in json.loads(read_input(path)):
+        for obj in _json.loads(read_input(path)):
             env = dsse.Envelope.from_dict(obj)
             out[parse_payload(env.payload_type, env.payload, Revocation).target] = env
     return out
@@ -138,7 +139,10 @@ async def _fetch_bundle(resolver: str, cpid: str) -> dict[str, Any]:
         raise InvalidDataError(
             f"GET {url} answered {status}: {body[:300].decode('utf-8', 'replace')}"
         )
-    doc = json.loads(body)
+    try:
+        doc = _json.loads(body)
+    except ValueError as exc:
+        raise EnvelopeError(f"GET {url}: not valid JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise EnvelopeError(f"GET {url}: expected a JSON object")
     return doc
@@ -157,7 +161,7 @@ def run_verify(args: argparse.Namespace) -> int:
     if args.target == "-" or os.path.exists(args.target):
         raw = read_input(args.target)
         try:
-            bundle = json.loads(raw)
+            bundle = _json.loads(raw)
         except ValueError as exc:
             raise EnvelopeError(f"{args.target}: not valid JSON: {exc}") from exc
     else:
@@ -231,7 +235,14 @@ async def _sweep(args: argparse.Namespace) -> SweepReport:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    report = asyncio.run(_sweep(args))
+    try:
+        report = asyncio.run(_sweep(args))
+    except (InvalidDataError, RetrievalError, KeyboardInterrupt):
+        raise  # what cpi.main reports itself
+    except Exception as exc:  # the index is not trusted input: no traceback, ever
+        logging.getLogger("cpi.audit").debug("sweep failed", exc_info=True)
+        print(f"cpi: the sweep failed: {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
+        return 2
     if args.json:
         print_json(report.to_dict())
         return 0 if report.ok else 1

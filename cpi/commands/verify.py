@@ -8,8 +8,8 @@ import time
 from typing import Any
 
 from cpi.commands._util import print_json, read_input
-from schemas import chain, dsse
-from schemas.errors import EnvelopeError
+from schemas import _json, chain, dsse
+from schemas.errors import EnvelopeError, KeyFileError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,7 +33,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _anchors(paths: list[str]) -> chain.TrustAnchors:
     items: list[Any] = []
     for path in paths:
-        obj = json.loads(read_input(path))
+        try:
+            obj = _json.loads(read_input(path))
+        except ValueError as exc:
+            raise KeyFileError(f"{path}: anchor file is not JSON: {exc}") from exc
         items.extend(obj if isinstance(obj, list) else [obj])
     return chain.TrustAnchors.from_json(json.dumps(items))
 
@@ -44,7 +47,7 @@ def _revocations(path: str | None) -> dict[str, dsse.Envelope]:
     from schemas.models import Revocation, parse_payload
 
     out = {}
-    for obj in json.loads(read_input(path)):
+    for obj in _json.loads(read_input(path)):
         env = dsse.Envelope.from_dict(obj)
         rev = parse_payload(env.payload_type, env.payload, Revocation)  # index by target only
         out[rev.target] = env
@@ -54,7 +57,7 @@ def _revocations(path: str | None) -> dict[str, dsse.Envelope]:
 def run(args: argparse.Namespace) -> int:
     raw = read_input(args.envelope)
     try:
-        doc = json.loads(raw)
+        doc = _json.loads(raw)
     except ValueError as exc:
         raise EnvelopeError(f"{args.envelope}: not valid JSON: {exc}") from exc
     anchors = _anchors(args.anchor)

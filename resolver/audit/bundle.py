@@ -10,7 +10,8 @@ not verify under the key they name, or unreadable), ``expired``, ``revoked``,
 ``outside_namespace``, ``unauthorized`` (a scope is missing), ``key_mismatch`` (CPID
 serial or kind vs the record's key, a cert stored under another key's kid),
 ``misfiled`` (a valid document under another name's key), ``orphan``, ``invalid``
-(anything else).  :func:`classify` maps a failed check of the verifier to one of them.
+(anything else), ``unreadable`` (an index value that cannot be read at all: not JSON,
+nested too deep, not an envelope, the wrong shape; the sweep's, never a bundle's).  :func:`classify` maps a failed check of the verifier to one of them.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ FAILURES: Final = (
     "misfiled",
     "orphan",
     "invalid",
+    "unreadable",
 )
 
 

@@ -34,7 +34,6 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from aiohttp import web
 
 from registry.index import Index, Keys, Prefix, parse_key
 from resolver.errors import QueryError
+from schemas import _json
 from schemas.checkpoint import Checkpoint, Note
 from schemas.cpid import parse as parse_cpid
 from schemas.dsse import Envelope
@@ -89,7 +89,7 @@ class AuditLeaf:
     @classmethod
     def parse(cls, data: bytes) -> AuditLeaf:
         try:
-            obj = json.loads(data)
+            obj = _json.loads(data)
             if not isinstance(obj, dict):
                 raise TypeError("not a JSON object")
             version = obj.get("version")

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
-from schemas import dsse
+from schemas import _json, dsse
 from schemas.checkpoint import Checkpoint, NoteVerifier, open_checkpoint
 from schemas.errors import (
     CheckpointError,
@@ -145,7 +144,7 @@ class LogAuditor:
     async def _json(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
         status, body = await self._get(path, params)
         try:
-            doc = json.loads(body)
+            doc = _json.loads(body)
         except ValueError:
             doc = None
         if status != 200:
@@ -212,7 +211,7 @@ class LogAuditor:
         try:
             bundle = await self._json(f"/v1/resources/{cpid}")
             env = dsse.Envelope.from_dict(bundle["record"])
-            rec = json.loads(env.payload)
+            rec = _json.loads(env.payload)
             if version is None or rec.get("version") == version:
                 digest = hashlib.sha256(env.to_json()).hexdigest()
                 version = rec.get("version")
@@ -234,7 +233,7 @@ class LogAuditor:
             rep.add(f"inclusion of {what}", False, str(exc))
             return
         try:
-            entry = json.loads(leaf)
+            entry = _json.loads(leaf)
         except ValueError:
             entry = {}
         problems = []

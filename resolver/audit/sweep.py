@@ -10,12 +10,15 @@ Ed25519 verification and one payload parse.
 Outcomes (``SweepReport.counts[kind][outcome]``): ``valid``, the failures of
 :data:`resolver.audit.bundle.FAILURES`, and ``skipped`` for a status whose record
 already failed (counted once, at the record).
+
+The index is not trusted input: a value that cannot be read (not JSON, nested deeper
+than 16 levels, not a DSSE envelope, the wrong shape), or whose checking raises, is
+an ``unreadable`` finding for that key alone; the sweep goes on with the others.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import os
 import time
 from collections import Counter, defaultdict
@@ -23,11 +26,12 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from registry.index import KV, Index, Prefix, parse_key
+from registry.index import KV, Index, Prefix, parse_key, read_units
 from resolver.audit.bundle import classify, classify_check
 from resolver.verify import (
     NO_CHAIN,
     NO_ENVELOPE,
+    UNVERIFIABLE,
     Context,
     Job,
     Outcome,
@@ -36,14 +40,38 @@ from resolver.verify import (
     Verifier,
     run_jobs,
 )
-from schemas import dsse, keys
+from schemas import _json, dsse, keys
 from schemas.bundle import assemble_chain
 from schemas.chain import PreparedChain, TrustAnchors, prepare_chain
 from schemas.cpid import ns_contains
 from schemas.errors import EnvelopeError, InvalidDataError, SignatureError
 from schemas.models import Cert, Revocation, parse_payload
 
-__all__ = ["PARALLEL_FROM", "Finding", "Progress", "SweepReport", "Sweeper"]
+__all__ = ["PARALLEL_FROM", "UNREADABLE", "Finding", "Progress", "SweepReport", "Sweeper"]
+
+UNREADABLE: Final = "unreadable"
+"""The outcome of a key whose value cannot be read (or whose checking raised)."""
+_DETAIL_MAX: Final = 300
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if not isinstance(exc, ValueError | InvalidDataError):
+        text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= _DETAIL_MAX else text[: _DETAIL_MAX - 3] + "..."
+
+
+def _claim_problem(value: bytes) -> str:
+    """Why a ``/claim/`` value is not a claim, or ''."""
+    obj = _json.loads(value)
+    if not isinstance(obj, dict):
+        return f"a claim must be a JSON object, got {type(obj).__name__}"
+    units = obj.get("units")
+    if not isinstance(units, int) or isinstance(units, bool) or units < 1:
+        return "claim units must be a positive integer"
+    if not isinstance(obj.get("holder"), str):
+        return "claim holder must be a string"
+    return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +109,8 @@ class SweepReport:
         return self.records / self.record_seconds if self.record_seconds > 0 else 0.0
 
     def add(self, kind: str, key: str, outcome: str, detail: str = "") -> None:
+        if len(detail) > _DETAIL_MAX:
+            detail = detail[: _DETAIL_MAX - 3] + "..."
         self.counts[kind][outcome] += 1
         if outcome not in ("valid", "skipped"):
             self.failures.append(Finding(kind, key, outcome, detail))
@@ -196,14 +226,16 @@ class Sweeper:
             for kv in kvs:
                 try:
                     self._revocations[parse_key(kv.key).name] = dsse.Envelope.from_json(kv.value)
-                except (ValueError, EnvelopeError) as exc:
-                    r.add("revocation", kv.key, "tampered", f"unreadable envelope: {exc}")
+                except Exception as exc:
+                    r.add(
+                        "revocation", kv.key, UNREADABLE, f"unreadable envelope: {_describe(exc)}"
+                    )
         async for kvs in self._list(Prefix.CERTS, "certs"):
             for kv in kvs:
                 try:
                     self._certs[parse_key(kv.key).name] = dsse.Envelope.from_json(kv.value)
-                except (ValueError, EnvelopeError) as exc:
-                    r.add("cert", kv.key, "tampered", f"unreadable envelope: {exc}")
+                except Exception as exc:
+                    r.add("cert", kv.key, UNREADABLE, f"unreadable envelope: {_describe(exc)}")
         valid_certs = self._check_certs()
         self._check_revocations(valid_certs)
         if self._jobs == 0:
@@ -220,16 +252,34 @@ class Sweeper:
         for prefix, kind in ((Prefix.ALLOC, "alloc"), (Prefix.CLAIM, "claim")):
             async for kvs in self._list(prefix, kind):
                 for kv in kvs:
-                    parts = parse_key(kv.key).parts
-                    if parts[0] in record_keys:
+                    try:
+                        problem = self._unreadable(prefix, kv.value)
+                        cpid = parse_key(kv.key).parts[0]
+                    except Exception as exc:
+                        problem = _describe(exc)
+                    if problem:
+                        r.add(kind, kv.key, UNREADABLE, problem)
+                    elif cpid in record_keys:
                         r.add(kind, kv.key, "valid")
                     else:
-                        r.add(kind, kv.key, "orphan", f"no record at /cpi/v1/rec/{parts[0]}")
+                        r.add(kind, kv.key, "orphan", f"no record at /cpi/v1/rec/{cpid}")
         async for kvs in self._list(Prefix.NS, "ns"):
             for kv in kvs:
-                self._check_ns(parse_key(kv.key).name, kv.key, kv.value, valid_certs)
+                try:
+                    self._check_ns(parse_key(kv.key).name, kv.key, kv.value, valid_certs)
+                except Exception as exc:
+                    r.add("ns", kv.key, UNREADABLE, _describe(exc))
         r.elapsed = time.perf_counter() - t0
         return r
+
+    @staticmethod
+    def _unreadable(prefix: Prefix, value: bytes) -> str:
+        """Why an ``/alloc/`` or ``/claim/`` value cannot be read, or ''."""
+        if prefix is Prefix.CLAIM:
+            return _claim_problem(value)
+        _json.loads(value)  # bounded nesting first: read_units uses the stdlib parser
+        read_units(value)
+        return ""
 
     async def _stream(
         self, pages: AsyncIterator[list[tuple[str, Job]]]
@@ -252,6 +302,12 @@ class Sweeper:
 
     def _record_outcome(self, key: str, o: Outcome) -> tuple[str, str, str | None]:
         """``(outcome, detail, public key of a valid record or None)`` of a record job."""
+        try:
+            return self._record_verdict(key, o)
+        except Exception as exc:
+            return UNREADABLE, _describe(exc), None
+
+    def _record_verdict(self, key: str, o: Outcome) -> tuple[str, str, str | None]:
         name = parse_key(key).name
         if o.what == NO_CHAIN:
             # signed by a key with no stored cert: verify it against its (empty) chain here
@@ -260,7 +316,9 @@ class Sweeper:
             job: Job = ("record", env.keyid, env, None)
             o = run_jobs(self._context(), [job], keep_documents=False, prepared=self._prepared)[0]
         if o.what == NO_ENVELOPE:
-            return "tampered", f"unreadable envelope: {o.message}", None
+            return UNREADABLE, f"unreadable envelope: {o.message}", None
+        if o.what == UNVERIFIABLE:
+            return UNREADABLE, o.message, None
         if not o.ok:
             return classify_check(o.rule, o.what), o.message, None
         facts = o.facts
@@ -273,6 +331,8 @@ class Sweeper:
     def _status_outcome(key: str, o: Outcome) -> tuple[str, str]:
         """``(outcome, detail)`` of a status job."""
         cpid = parse_key(key).name
+        if not o.ok and o.what in (EnvelopeError.code, UNVERIFIABLE):
+            return UNREADABLE, o.message
         if not o.ok:
             if o.what == SignatureError.code:
                 return "forged", f"not signed by the record's key: {o.message}"
@@ -308,7 +368,11 @@ class Sweeper:
             async for kvs in self._list(Prefix.LIVE, "live"):
                 items: list[tuple[str, Job]] = []
                 for kv in kvs:
-                    cpid = parse_key(kv.key).name
+                    try:
+                        cpid = parse_key(kv.key).name
+                    except ValueError as exc:
+                        r.add("status", kv.key, UNREADABLE, _describe(exc))
+                        continue
                     if cpid not in record_keys:
                         r.add("status", kv.key, "orphan", f"no record at /cpi/v1/rec/{cpid}")
                     elif (pub := record_keys[cpid]) is None:
@@ -326,7 +390,11 @@ class Sweeper:
         valid: dict[str, Cert] = {}
         for kid in sorted(self._certs):
             key = f"{Prefix.CERTS}{kid}"
-            prepared = self._chain_for(kid)
+            try:
+                prepared = self._chain_for(kid)
+            except Exception as exc:  # a hostile cert in the chain: this key alone
+                self._report.add("cert", key, UNREADABLE, _describe(exc))
+                continue
             outcome = classify(prepared.result)
             if outcome != "valid":
                 self._report.add("cert", key, outcome, prepared.result.reason)
@@ -373,6 +441,9 @@ class Sweeper:
             except InvalidDataError as exc:
                 self._report.add("revocation", key, "invalid", str(exc))
                 continue
+            except Exception as exc:  # whatever a hostile value raises: this key alone
+                self._report.add("revocation", key, UNREADABLE, _describe(exc))
+                continue
             if not ns_contains(subject, rev.subject):
                 self._report.add(
                     "revocation",
@@ -394,11 +465,16 @@ class Sweeper:
         self, prefix: str, key: str, value: bytes, valid_certs: Mapping[str, Cert]
     ) -> None:
         try:
-            obj = json.loads(value)
-            kid = obj["kid"]
-        except (ValueError, KeyError, TypeError) as exc:
-            self._report.add("ns", key, "invalid", f'not {{"kid", "endpoints"}}: {exc}')
+            obj = _json.loads(value)
+        except ValueError as exc:
+            self._report.add("ns", key, UNREADABLE, _describe(exc))
             return
+        if not isinstance(obj, dict) or "kid" not in obj:
+            self._report.add(
+                "ns", key, UNREADABLE, f'not {{"kid", "endpoints"}}: a {type(obj).__name__}'
+            )
+            return
+        kid = obj["kid"]
         anchor = self._anchors.get(kid) if isinstance(kid, str) else None
         if anchor is not None and anchor[0].subject == prefix:
             self._report.add("ns", key, "valid")

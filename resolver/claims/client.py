@@ -14,7 +14,6 @@ object), 404 -> :class:`ClaimsNotFoundError`; 5xx and connection failures ->
 
 from __future__ import annotations
 
-import json
 from types import TracebackType
 from typing import Any
 
@@ -22,6 +21,7 @@ import aiohttp
 
 from resolver.discovery import Query
 from resolver.errors import ResolverUnavailableError
+from schemas import _json
 from schemas.errors import InvalidDataError, NotFoundError
 
 __all__ = ["ClaimsAPIError", "ClaimsClient", "ClaimsNotFoundError", "query_to_json"]
@@ -104,7 +104,7 @@ class ClaimsClient:
                 f"{method} {url}: resolver unreachable ({exc or type(exc).__name__})"
             ) from exc
         try:
-            obj = json.loads(raw) if raw else None
+            obj = _json.loads(raw) if raw else None
         except ValueError:
             obj = None
         if status >= 500:

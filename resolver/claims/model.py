@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter
 from registry.index import layout
 from registry.index.layout import Keys, Prefix, parse_key, units_json
 from registry.index.values import KV
+from schemas import _json
 from schemas.cpid import parse as parse_cpid
 from schemas.errors import ConflictError, InvalidCPIDError, InvalidDataError, NotFoundError
 from schemas.models import Record, Status
@@ -140,6 +141,13 @@ class ClaimNotFoundError(NotFoundError):
 # =============================================================================
 
 
+def _int(value: object, name: str) -> int:
+    """An integer field of a stored claim (ValueError for anything else)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"claim {name} {value!r:.40} is not an integer")
+    return value
+
+
 def reported_claimed(status: Status, record: Record | None = None) -> int:
     """Units the node says it already withheld for claims (metric ``claimed_units``).
 
@@ -250,7 +258,7 @@ class Claim:
         if parsed.collection is not Prefix.CLAIM:
             raise ValueError(f"{kv.key} is not a claim key")
         cpid, claim_id = parsed.parts
-        obj = json.loads(kv.value)
+        obj = _json.loads(kv.value)  # ValueError on any unreadable value, however deep
         if not isinstance(obj, dict):
             raise ValueError("claim value is not a JSON object")
         units = obj.get("units")
@@ -264,8 +272,8 @@ class Claim:
             cpid=cpid,
             holder=holder,
             units=units,
-            created_at=int(obj.get("created_at", 0)),
-            expires_at=int(obj.get("expires_at", 0)),
+            created_at=_int(obj.get("created_at", 0), "created_at"),
+            expires_at=_int(obj.get("expires_at", 0), "expires_at"),
             lease=kv.lease,
             revision=kv.mod_revision,
         )

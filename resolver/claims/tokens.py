@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from registry.index import Index, Keys, Prefix
+from schemas import _json
 from schemas.cpid import ns_contains, parse_namespace
 from schemas.errors import InvalidDataError
 
@@ -119,7 +120,7 @@ class ClaimsTokenInfo:
 
     @classmethod
     def from_json(cls, data: bytes) -> ClaimsTokenInfo:
-        obj: Any = json.loads(data)
+        obj: Any = _json.loads(data)
         max_units = obj.get("max_units")
         within = obj.get("within")
         return cls(

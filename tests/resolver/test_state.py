@@ -109,3 +109,62 @@ async def test_deleting_the_record_stops_serving(world: World) -> None:
     await world.delete(Keys.rec(node.cpid))
     assert world.state.get(node.cpid) is None
     assert world.state.revision == rev + 1
+
+
+async def test_any_exception_a_value_causes_costs_its_key_alone(
+    world: World, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per-key containment: whatever a handler raises (here a RecursionError, as deep
+    nesting did through the stdlib parser) files the key as bad; the batch goes on."""
+    from schemas.chain import verify_record_prepared
+    from schemas.dsse import Envelope
+
+    real = Envelope.from_json
+
+    def from_json(data: bytes | str, **kw: object) -> object:
+        if data == b"boom":
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(data, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Envelope, "from_json", staticmethod(from_json))
+    a, b = Node(), Node()
+    world.rev += 1
+    changes = [
+        Change("put", Keys.live(a.cpid), b"boom", world.rev),
+        Change("put", Keys.rec(b.cpid), signed(pki, b.record()).to_json(), world.rev),
+    ]
+    await world.state.apply(changes, world.rev, check=inline)
+    assert world.state.get(b.cpid) is not None
+    assert world.state.bad_values()["keys"] == [Keys.live(a.cpid)]
+    assert world.state.bad_found == {"live": 1}
+    tracked = world.state.keys()  # with its revision: a re-list does not deliver it again
+    assert tracked[Keys.live(a.cpid)] == world.rev
+
+    # a job whose verification raises fails alone; the next job is still verified
+    calls = 0
+    real_verify = verify_record_prepared
+
+    def verify(env: object, chain: object, **kw: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise TypeError("hostile")
+        return real_verify(env, chain, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("resolver.verify.verify_record_prepared", verify)
+    c, d = Node(), Node()
+    world.rev += 1
+    changes = [
+        Change("put", Keys.rec(n.cpid), signed(pki, n.record()).to_json(), world.rev)
+        for n in (c, d)
+    ]
+    await world.state.apply(changes, world.rev, check=inline)
+    served = [world.state.get(n.cpid) is not None for n in (c, d)]
+    assert sorted(served) == [False, True]
+    unserved = c if not served[0] else d
+    got = world.state.rejection(unserved.cpid)
+    assert got is not None and "TypeError: hostile" in got[1]
+
+    # deleted: cleared
+    await world.delete(Keys.live(a.cpid))
+    assert world.state.bad_values()["count"] == 0

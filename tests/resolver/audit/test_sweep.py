@@ -294,3 +294,70 @@ def test_classify_covers_the_chain_rules(kit: Kit) -> None:
     assert (
         classify(verify_record(env, [no_issue, kit.cert31], anchors=kit.anchors)) == "unauthorized"
     )
+
+
+# -- hostile values (DESIGN.md section 8: the index is not trusted input) ------------------------
+
+
+def _hostile_values(kit: Kit, live_cpid: str) -> dict[str, bytes]:
+    """A bad value under every collection the sweep reads, by key."""
+    deep = b"[" * 10_000
+    kid = keys.kid_of(keys.generate())
+    other = kit.record()[0]
+    return {
+        Keys.rec(other): deep,
+        Keys.rec(kit.record()[0]): b"[]",
+        Keys.rec(kit.record()[0]): b"\xff\xfe\x00",
+        Keys.rec(kit.record()[0]): b"[" * (1 << 20),
+        Keys.live(live_cpid): deep,
+        Keys.alloc(live_cpid): b'{"units": true}',
+        Keys.claim(live_cpid, "c1" + kid): deep,
+        Keys.cert(kid): deep,
+        Keys.revoked(kid): b"1e999",
+        Keys.ns("CN.99"): deep,
+        Keys.ns("CN.98"): b'"x"',
+    }
+
+
+async def test_sweep_names_every_unreadable_key(index: Index, kit: Kit) -> None:
+    clean = await _clean(index, kit, n=3)
+    planted = _hostile_values(kit, clean[0])
+    for key, value in planted.items():
+        await index.put(key, value)
+    report = await Sweeper(index, kit.anchors).run()
+    found = {f.key: f.outcome for f in report.failures}
+    assert found == dict.fromkeys(planted, "unreadable"), found
+    for f in report.failures:
+        assert f.detail and len(f.detail) < 400, f
+    assert not report.ok
+    # the good keys are still checked
+    assert report.counts["record"]["valid"] == 3
+
+
+async def test_sweep_cli_on_hostile_values_exits_1_without_a_traceback(
+    index: Index, kit: Kit, etcd_server: Any
+) -> None:
+    import subprocess
+    import sys
+
+    clean = await _clean(index, kit, n=2)
+    planted = _hostile_values(kit, clean[0])
+    for key, value in planted.items():
+        await index.put(key, value)
+    base = [sys.executable, "-m", "cpi", "audit", "sweep", "--etcd", etcd_server.endpoint]
+    base += ["--anchor", str(kit.anchor_path)]
+    for extra in ([], ["--json"]):
+        proc = await asyncio.to_thread(
+            subprocess.run, base + extra, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 1, (proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+        for key in planted:
+            assert key in proc.stdout, key
+        if extra:
+            doc = json.loads(proc.stdout)
+            assert {f["key"] for f in doc["failures"] if f["outcome"] == "unreadable"} == set(
+                planted
+            )
+        else:
+            assert "unreadable" in proc.stdout

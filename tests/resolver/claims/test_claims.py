@@ -378,6 +378,8 @@ async def test_bad_input_is_refused_and_changes_nothing(stack: Stack) -> None:
         ("malformed JSON", "POST", "/v1/claims", alice, b'{"cpid": ', 400, "invalid_claim"),
         ("duplicate names", "POST", "/v1/claims", alice, b'{"units": 1, "units": 5}', 400, "invalid_claim"),
         ("not an object", "POST", "/v1/claims", alice, b"[1]", 400, "invalid_claim"),
+        ("8000 nested arrays", "POST", "/v1/claims", alice, b"[" * 8000, 400, "invalid_claim"),
+        ("nested in a field", "POST", "/v1/claims", alice, b'{"cpid": ' + b"[" * 8000, 400, "invalid_claim"),
         ("too large", "POST", "/v1/claims", alice, big, 413, "body_too_large"),
         ("capacity short", "POST", "/v1/claims", alice, {"cpid": cpid, "units": 10}, 409, "insufficient_capacity"),
         ("no token", "POST", "/v1/claims", None, {"cpid": cpid, "units": 1}, 401, "invalid_token"),
