@@ -88,9 +88,14 @@ T = TypeVar("T")
 _DEFAULT_PORT: Final = 2379
 _CHANNEL_OPTIONS: Final[list[tuple[str, str | int | bool]]] = [
     ("grpc.lb_policy_name", "round_robin"),
+    # etcd enforces keepalive like grpc-go servers do: pings closer than
+    # --grpc-keepalive-min-time (default 5 s) or sent while no call is active count as
+    # strikes, and a few strikes get GOAWAY ENHANCE_YOUR_CALM "too_many_pings".  So ping
+    # every 10 s, and only while a call (a watch, a lease keep-alive, a request) is open:
+    # an idle channel is checked by its next call's deadline instead.
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", True),
+    ("grpc.keepalive_permit_without_calls", False),
     # reconnect to a restarted member quickly (gRPC's default backs off to 120 s).  Not
     # grpc.min_reconnect_backoff_ms: that is also the connect timeout (default 20 s).
     ("grpc.initial_reconnect_backoff_ms", 100),
