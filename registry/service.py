@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from registry.metrics import RegistryMetrics
 from registry.ratelimit import TokenBucket
 from registry.registrar import Registrar
 from registry.signers import Signers, load_signers
+from schemas import _json
 from schemas.chain import TrustAnchors
 from schemas.cpid import parse as parse_cpid
 from schemas.errors import (
@@ -222,7 +222,7 @@ async def post_self_preservation(request: web.Request) -> web.Response:
     _check_admin(request)
     body = await _read_body(request, request.app[CONFIG].max_body_bytes)
     try:
-        obj = json.loads(body)
+        obj = _json.loads(body)
     except ValueError as exc:
         raise InvalidDataError(f"body is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict) or set(obj) != {"enabled"} or not isinstance(obj["enabled"], bool):

@@ -35,6 +35,7 @@ from registry.errors import (
     UnknownTokenError,
 )
 from registry.index import KV, Cmp, Index, Keys, Op, Prefix
+from schemas import _json
 from schemas.cpid import KINDS, ns_contains, parse_namespace
 from schemas.dsse import Envelope
 from schemas.errors import InvalidDataError, OutsideNamespaceError
@@ -86,7 +87,7 @@ class TokenInfo:
 
     @classmethod
     def from_json(cls, data: bytes) -> TokenInfo:
-        obj: Any = json.loads(data)
+        obj: Any = _json.loads(data)
         return cls(
             namespace=str(obj["namespace"]),
             kind=obj.get("kind"),

@@ -16,11 +16,11 @@ tools import it without pulling a network stack in.
 
 from __future__ import annotations
 
-import json
 import re
 from enum import StrEnum
 from typing import Final, NamedTuple
 
+from schemas import _json
 from schemas.errors import InvalidDataError
 
 __all__ = [
@@ -290,8 +290,8 @@ def read_units(value: bytes | None) -> int:
     if value is None:
         return 0
     try:
-        obj = json.loads(value)
-    except (ValueError, RecursionError):  # RecursionError: hostile nesting
+        obj = _json.loads(value)
+    except ValueError:  # includes nesting deeper than 16 levels
         obj = None
     if isinstance(obj, dict):
         obj = obj.get("units")
