@@ -6,8 +6,10 @@ The index holds ``/cpi/v1/tokens/<sha256 hex of the token>`` with::
     {"namespace": "CN.31.CMCC", "kind": "GPU" | null, "uses_left": 5 | null,
      "expires_at": 1700086400, "created_at": 1700000000}
 
-``namespace`` scopes the token: it admits registrations at or below that namespace
-(segment-wise).  ``kind`` (when set) admits only that kind.  ``uses_left`` (when set)
+``namespace`` scopes the token: it admits registrations into exactly that namespace.
+A namespace below it is refused too (403 ``token_scope``, :meth:`Token.check_delegated`,
+checked once the registry knows it holds the namespace): records are signed by their
+own namespace's key, and a parent does not issue into a namespace it delegated.  ``kind`` (when set) admits only that kind.  ``uses_left`` (when set)
 counts the **new CPIDs** the token may still create; re-registering an existing CPID
 with its own key uses none, so an agent that restarts with a single-use token gets
 its CPID back.  A use is consumed inside the registration's own transaction, which
@@ -121,6 +123,17 @@ class Token:
         """Refuse a token with no uses left (403)."""
         if self.info.uses_left is not None and self.info.uses_left <= 0:
             raise TokenUsedUpError("join token has no uses left; ask for a new one")
+
+    def check_delegated(self, *, namespace: str) -> None:
+        """Refuse a registration below the token's namespace (403): a namespace below
+        it is a namespace of its own, signed by its own key, and a parent does not issue
+        into a namespace it delegated (docs/protocol.md, the namespace rule)."""
+        if self.info.namespace != namespace:
+            raise TokenScopeError(
+                f"join token is for namespace {self.info.namespace}, the registration asks "
+                f"for {namespace}, a namespace of its own: ask the registry of {namespace} "
+                "for a token"
+            )
 
     def check_scope(self, *, namespace: str, kind: str) -> None:
         """Refuse a registration outside the token's namespace or kind (403)."""
