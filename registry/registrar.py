@@ -15,12 +15,20 @@ Registration (``register.v1``), in order:
 4. the token admits the namespace and kind (403 ``token_scope``); these come after
    step 3 because the payload is read only once its signature holds (docs/protocol.md §2–5);
 5. ``timestamp`` within ±60 s (400 ``stale_timestamp``);
-6. the namespace lies inside one the registry is certified for (403
-   ``outside_namespace``);
+6. the registry holds the namespace itself (403 ``outside_namespace``), the token is
+   for that namespace and not a parent of it (403 ``token_scope``), its key is not
+   revoked (403 ``revoked``), and the namespace is published under that key's kid
+   (403 ``unpublished_namespace`` / ``outside_namespace``; the ``/ns/`` key's
+   ``mod_revision`` is compared in the transaction);
 7. an existing record for the derived CPID carries the same key (409 ``conflict``);
 8. a new CPID needs a token use left (403 ``token_used_up``);
-9. the nonce is fresh for this key (409 ``replayed_nonce``): checked by the
+9. the node key is not revoked (403 ``revoked``, :mod:`registry.revocations`);
+10. the nonce is fresh for this key (409 ``replayed_nonce``): checked by the
    transaction's compare, so there is no separate read for it.
+
+A status is accepted only by the registry whose key signed the node's record (403
+``outside_namespace``); its ``seq`` is checked against memory and the index
+(:mod:`registry.liveness`).
 
 Then the record, the token's use count, the nonce and an audit entry are written in
 one etcd transaction whose compares (token ``mod_revision``, nonce absent, record
