@@ -435,7 +435,9 @@ class Registrar:
                 f"it (its URL is under {Keys.ns(parsed.prefix)})"
             )
         self._check_signer(signer)
-        if self.revocations is not None and self.revocations.envelopes:
+        node_kid = keys.kid(keys.b64url_decode(node.public_key))
+        if self.revocations is not None and node_kid in self.revocations.envelopes:
+            # rare: a revocation names this node's key; verify it against the record
             rec_kv = await self._get(Keys.rec(cpid), "get-rec")
             if rec_kv is not None:
                 self._check_node_key(_record_of(rec_kv)[0], node.public_key)
