@@ -325,3 +325,37 @@ async def test_deeply_nested_bodies_are_400(start: Start, index: Index, world: W
         headers=bearer(ADMIN_TOKEN),
     )
     assert resp.status == 400, await resp.text()
+
+
+async def test_unchanged_heartbeats_cost_no_etcd_call_even_with_revocations(
+    start: Start, index: Index, world: World
+) -> None:
+    client = await start()
+    token = await world.token(index)
+    node = Node()
+    assert (await register(client, node, token))[0] == 201
+    await national.revoke(
+        index,
+        issuer_key=world.cmcc,
+        subject="CN.31.CMCC",
+        kid=keys.kid_of(keys.generate()),
+        reason="another node",
+        now=int(time.time()) - 5,
+    )
+    revocations = state(client).revocations
+    assert revocations is not None
+    await until(lambda: bool(revocations.envelopes), what="the revocation seen")
+    assert (await put_status(client, node, node.status()))[0] == 204
+    calls: list[str] = []
+    idx = state(client).index
+    for name in ("get", "txn", "put"):
+        real = getattr(idx, name)
+
+        def spy(*args: Any, _real: Any = real, _name: str = name, **kw: Any) -> Any:
+            calls.append(_name)
+            return _real(*args, **kw)
+
+        setattr(idx, name, spy)
+    for _ in range(5):
+        assert (await put_status(client, node, node.status()))[0] == 204
+    assert calls == []
