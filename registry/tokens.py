@@ -215,7 +215,8 @@ async def create_token(
     """Create a join token, store its hash and return the token (shown once).
 
     ``within``: the namespaces the issuing registry holds; the token's namespace must
-    lie at or below one of them (segment-wise), else :class:`OutsideNamespaceError`.
+    be one of them (a namespace below is delegated to its own key), else
+    :class:`OutsideNamespaceError`.
     ``None`` skips that check (the caller has checked otherwise).
     """
     ns = parse_namespace(namespace)
@@ -229,10 +230,16 @@ async def create_token(
         raise InvalidDataError(f"token TTL must be at least 1 s, got {ttl_s}")
     if within is not None:
         held = [parse_namespace(h) for h in within]
-        if not any(ns_contains(h, ns) for h in held):
+        if ns not in held:
+            below = [h for h in held if ns_contains(h, ns)]
             raise OutsideNamespaceError(
                 f"namespace {ns} is outside the registry's namespaces "
-                f"({', '.join(held) or 'none'}); a token must be at or below one of them"
+                f"({', '.join(held) or 'none'}); a token must be for one of them"
+                + (
+                    f" ({ns} is delegated to its own key: its own registry makes its tokens)"
+                    if below
+                    else ""
+                )
             )
     t = int(time.time()) if now is None else now
     info = TokenInfo(namespace=ns, kind=kind, uses_left=uses, expires_at=t + ttl_s, created_at=t)

@@ -6,6 +6,7 @@ import json
 import time
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 from registry import ca, keyfile, national
@@ -359,3 +360,14 @@ async def test_unchanged_heartbeats_cost_no_etcd_call_even_with_revocations(
     for _ in range(5):
         assert (await put_status(client, node, node.status()))[0] == 204
     assert calls == []
+
+
+async def test_a_registry_makes_no_tokens_for_namespaces_below_its_own(index: Index) -> None:
+    from registry import tokens
+    from schemas.errors import OutsideNamespaceError
+
+    before = await dump(index)
+    with pytest.raises(OutsideNamespaceError, match=r"CN\.31\.CMCC is delegated"):
+        await tokens.create_token(index, namespace="CN.31.CMCC", ttl_s=60, within=["CN.31"])
+    assert await dump(index) == before
+    assert await tokens.create_token(index, namespace="CN.31", ttl_s=60, within=["CN.31"])
