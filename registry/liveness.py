@@ -240,16 +240,20 @@ class Liveness:
         previous = (node.written_at, node.written_state, node.written_capacity)
         node.written_at, node.written_state = now, status.state
         node.written_capacity = status.capacity
+        previous_seq, node.seq = node.seq, status.seq  # a concurrent status must be above it
         try:
             ok = await self._write(node, status, data, reason=reason)
+        except StaleSequenceError:
+            node.written_at, node.written_state, node.written_capacity = previous
+            raise
         except BaseException:
             node.written_at, node.written_state, node.written_capacity = previous
+            if node.seq == status.seq:
+                node.seq = previous_seq
             raise
         if not ok:
             self.forget(node.cpid)
             raise NotFoundError(f"no record for {node.cpid}: register again")
-        if node.seq is None or status.seq > node.seq:
-            node.seq = status.seq
         node.envelope = data
         return True
 
@@ -318,9 +322,13 @@ class Liveness:
             if not result.responses[0].kvs:
                 return False
             # another writer (instance) stored a seq since: decide again against it
-            seq_kvs = result.responses[1].kvs
-            self._saw_seq(node, seq_kvs[0] if seq_kvs else None)
-            self._require_newer(node, status.seq)
+            seq_kv = result.responses[1].kvs[0] if result.responses[1].kvs else None
+            stored = None if seq_kv is None else _stored_seq(seq_kv)
+            self._saw_seq(node, seq_kv)
+            if stored is not None and status.seq <= stored:
+                raise StaleSequenceError(
+                    f"status seq {status.seq} is not above the last accepted seq {stored}"
+                )
             if attempt >= 8:
                 raise StaleSequenceError(
                     f"status seq {status.seq} of {cpid} kept racing with other writers; retry"

@@ -371,3 +371,21 @@ async def test_a_registry_makes_no_tokens_for_namespaces_below_its_own(index: In
         await tokens.create_token(index, namespace="CN.31.CMCC", ttl_s=60, within=["CN.31"])
     assert await dump(index) == before
     assert await tokens.create_token(index, namespace="CN.31", ttl_s=60, within=["CN.31"])
+
+
+async def test_an_instance_behind_another_refuses_an_older_status_on_its_compare(
+    start: Start, index: Index, world: World
+) -> None:
+    a = await start()
+    b = await start(instance_id="twin")
+    token = await world.token(index)
+    node = Node()
+    assert (await register(a, node, token))[0] == 201
+    assert (await put_status(a, node, node.status(seq=10)))[0] == 204
+    newer = node.status(seq=15, free=4)
+    assert (await put_status(b, node, newer))[0] == 204  # b read 10, wrote 15
+    older = node.status(seq=13, state="down")  # a remembers 10: only the compare knows
+    assert code(await put_status(a, node, older)) == (409, "stale_seq")
+    kv = await index.get(Keys.live(node.cpid))
+    assert kv is not None and kv.value == newer
+    assert (await put_status(a, node, node.status(seq=16, state="down")))[0] == 204
