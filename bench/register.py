@@ -290,6 +290,8 @@ async def run(args: argparse.Namespace) -> None:
             )
             async with Index(endpoints=[etcd.endpoint]) as index:
                 await index.put(Keys.cert(keys.kid_of(regkey)), cert.to_json())
+                ns_entry = {"kid": keys.kid_of(regkey), "endpoints": []}
+                await index.put(Keys.ns(NAMESPACE), json.dumps(ns_entry))  # a published ns
                 token = await tokens.create_token(index, namespace=NAMESPACE, ttl_s=3600)
                 token_kv = await index.get(Keys.token(tokens.hash_token(token)))
                 assert token_kv is not None

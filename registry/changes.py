@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from registry.index import Cmp, Index, Keys, Op, OpResult, Prefix, TxnResult
+from schemas import _json
 from schemas.dsse import Envelope
 from schemas.errors import RetrievalError
 
@@ -94,7 +95,7 @@ class AuditEntry:
 
     @classmethod
     def from_json(cls, data: bytes) -> AuditEntry:
-        obj = json.loads(data)
+        obj = _json.loads(data)
         return cls(
             seq=int(obj["seq"]),
             op=str(obj["op"]),

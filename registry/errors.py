@@ -7,13 +7,19 @@ Each class has a ``code`` (the ``error.code`` of the HTTP answer) and an
 
 from __future__ import annotations
 
-from schemas.errors import BodyTooLargeError, ConflictError, CPIError, InvalidDataError
+from schemas.errors import (
+    BodyTooLargeError,
+    ConflictError,
+    CPIError,
+    InvalidDataError,
+)
 
 __all__ = [
     "AdminAuthError",
     "BodyTooLargeError",
     "RateLimitedError",
     "ReplayedNonceError",
+    "RevokedKeyError",
     "StaleSequenceError",
     "StaleTimestampError",
     "StartupError",
@@ -22,6 +28,7 @@ __all__ = [
     "TokenScopeError",
     "TokenUsedUpError",
     "UnknownTokenError",
+    "UnpublishedNamespaceError",
 ]
 
 
@@ -80,6 +87,21 @@ class StaleSequenceError(ConflictError):
     """A status ``seq`` that does not increase (HTTP 409)."""
 
     code = "stale_seq"
+
+
+class RevokedKeyError(InvalidDataError):
+    """A revoked key: the registry's own signing key (or a cert above it), or the
+    node's record key (HTTP 403)."""
+
+    code = "revoked"
+    http_status = 403
+
+
+class UnpublishedNamespaceError(InvalidDataError):
+    """A registration into a namespace that is not published under ``/cpi/v1/ns/`` (403)."""
+
+    code = "unpublished_namespace"
+    http_status = 403
 
 
 class RateLimitedError(CPIError):

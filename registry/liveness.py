@@ -13,6 +13,16 @@ written only when
 
 Other heartbeats only update memory, so etcd load grows with changes, not nodes.
 
+**Freshness is in the index** (docs/protocol.md §3): ``/cpi/v1/seq/<cpid>`` holds the
+``seq`` (and ``observed_at``) of the last status written for the CPID.  It is put in
+the same transaction as every live write, which compares its ``mod_revision`` with
+the one this instance last saw (a compare-and-swap; a failed one reads it again and
+decides again).  The first status of a node this instance has not seen since it
+started (or since the node expired) is checked against the stored value; later ones
+against the highest ``seq`` accepted in memory, which re-registration does not reset.
+So no instance, restarted or not, accepts a ``seq`` at or below one written to the
+index; heartbeats that change nothing still cost no etcd write.
+
 A node silent for ``expire_after_heartbeats * heartbeat_s`` is made not-live: its
 live key is deleted (only if it is still on this instance's lease, so an instance
 never deletes what another instance wrote since).
@@ -40,8 +50,10 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from registry.index import Cmp, Index, IndexRejectedError, Keys, Lease, Op
+from registry.errors import StaleSequenceError
+from registry.index import KV, Cmp, Index, IndexRejectedError, Keys, Lease, Op
 from registry.metrics import RegistryMetrics
+from schemas import _json
 from schemas.dsse import Envelope
 from schemas.errors import NotFoundError, RetrievalError
 from schemas.models import Capacity, Status
@@ -83,6 +95,11 @@ class NodeState:
     public_key: str
     last_seen: float
     seq: int | None = None
+    """The highest ``seq`` accepted for the node (memory or index); never lowered."""
+    seq_rev: int | None = None
+    """``mod_revision`` of ``/cpi/v1/seq/<cpid>`` as last seen (0: absent); ``None``: not read yet."""
+    signer_kid: str = ""
+    """Key id of the registry key that signed the node's record."""
     envelope: bytes | None = None
     written_at: float | None = None
     """Clock time of the last live write on the current lease; ``None``: no live key of ours."""
@@ -172,16 +189,17 @@ class Liveness:
     def live_count(self, group: str | None = None) -> int:
         return sum(1 for n in self._nodes.values() if n.live and group in (None, n.group))
 
-    def track(self, cpid: str, *, group: str, public_key: str) -> NodeState:
-        """Remember a node (after it registered); its next status may carry any seq."""
+    def track(self, cpid: str, *, group: str, public_key: str, signer_kid: str = "") -> NodeState:
+        """Remember a node (after it registered).  Its next status must carry a ``seq``
+        above the highest one accepted so far: re-registration does not reset it."""
         self._to_delete.pop(cpid, None)
         node = self._nodes.get(cpid)
         if node is None or node.public_key != public_key:
-            node = NodeState(cpid, group, public_key, self._clock())
+            node = NodeState(cpid, group, public_key, self._clock(), signer_kid=signer_kid)
             self._nodes[cpid] = node
         else:
             node.group = group
-            node.seq = None
+            node.signer_kid = signer_kid or node.signer_kid
             node.last_seen = self._clock()
         return node
 
@@ -200,11 +218,12 @@ class Liveness:
         (the agent should register again).
         """
         now = self._clock()
+        if node.seq_rev is None:
+            await self.load_seq(node)
+        self._require_newer(node, status.seq)
         self.counters.heartbeats += 1
         self.metrics.heartbeats.inc()
         node.last_seen = now
-        node.seq = status.seq
-        node.envelope = envelope.to_json()
         if node.written_at is None:
             reason = "first"
         elif status.state != node.written_state or capacity_changed(
@@ -214,45 +233,106 @@ class Liveness:
         elif now - node.written_at >= self.live_refresh_s:
             reason = "refresh"
         else:
+            node.seq = status.seq
+            node.envelope = envelope.to_json()
             return False
+        data = envelope.to_json()
         previous = (node.written_at, node.written_state, node.written_capacity)
         node.written_at, node.written_state = now, status.state
         node.written_capacity = status.capacity
+        previous_seq, node.seq = node.seq, status.seq  # a concurrent status must be above it
         try:
-            ok = await self._write(node.cpid, node.envelope, reason=reason)
+            ok = await self._write(node, status, data, reason=reason)
+        except StaleSequenceError:
+            node.written_at, node.written_state, node.written_capacity = previous
+            raise
         except BaseException:
             node.written_at, node.written_state, node.written_capacity = previous
+            if node.seq == status.seq:
+                node.seq = previous_seq
             raise
         if not ok:
             self.forget(node.cpid)
             raise NotFoundError(f"no record for {node.cpid}: register again")
+        node.envelope = data
         return True
 
     def check_seq(self, node: NodeState, seq: int) -> bool:
-        """True when ``seq`` is newer than the last status accepted for the node."""
+        """True when ``seq`` is newer than the last status accepted for the node (in
+        memory; :meth:`heartbeat` also checks the index on first contact)."""
         return node.seq is None or seq > node.seq
 
-    async def _write(self, cpid: str, envelope: bytes, *, reason: str) -> bool:
-        """Put the live key on our lease if the record still exists."""
-        for attempt in (1, 2):
+    def _require_newer(self, node: NodeState, seq: int) -> None:
+        if not self.check_seq(node, seq):
+            raise StaleSequenceError(
+                f"status seq {seq} is not above the last accepted seq {node.seq}"
+            )
+
+    def _saw_seq(self, node: NodeState, kv: KV | None) -> None:
+        """Take the stored ``/seq/`` value into memory (the highest seq wins)."""
+        node.seq_rev = 0 if kv is None else kv.mod_revision
+        if kv is None:
+            return
+        stored = _stored_seq(kv)
+        if stored is not None and (node.seq is None or stored > node.seq):
+            node.seq = stored
+
+    async def load_seq(self, node: NodeState) -> None:
+        """Read the node's last accepted ``seq`` from the index (first contact)."""
+        async with self.metrics.etcd("get-seq"):
+            kv = await self._index.get(Keys.seq(node.cpid))
+        self._saw_seq(node, kv)
+
+    async def _write(
+        self, node: NodeState, status: Status, envelope: bytes, *, reason: str
+    ) -> bool:
+        """Put the live key on our lease and the seq key beside it, if the record still
+        exists and nobody wrote the seq key since we last saw it; False: no record."""
+        cpid = node.cpid
+        seq_key = Keys.seq(cpid)
+        seq_value = b'{"seq":%d,"observed_at":%d}' % (status.seq, status.observed_at)
+        attempt = 0
+        while True:
+            attempt += 1
             lease = await self._ensure_lease()
             try:
                 async with self.metrics.etcd("txn-live"):
                     result = await self._index.txn(
-                        compare=[Cmp.exists(Keys.rec(cpid))],
-                        success=[Op.put(Keys.live(cpid), envelope, lease=lease.id)],
+                        compare=[
+                            Cmp.exists(Keys.rec(cpid)),
+                            Cmp.mod_revision(seq_key, "==", node.seq_rev or 0),
+                        ],
+                        success=[
+                            Op.put(Keys.live(cpid), envelope, lease=lease.id),
+                            Op.put(seq_key, seq_value),
+                        ],
+                        failure=[Op.get(Keys.rec(cpid)), Op.get(seq_key)],
                     )
             except IndexRejectedError as exc:
-                if "lease not found" not in str(exc) or attempt == 2:
+                if "lease not found" not in str(exc) or attempt >= 2:
                     raise
                 self._lease_gone(lease, "etcd says the lease is not found")
                 continue
             if result.succeeded:
+                node.seq_rev = result.revision
                 self.counters.writes += 1
                 self.counters.by_reason[reason] += 1
                 self.metrics.live_writes.labels(reason).inc()
-            return result.succeeded
-        return False  # pragma: no cover - the loop returns or raises
+                return True
+            if not result.responses[0].kvs:
+                return False
+            # another writer (instance) stored a seq since: decide again against it
+            seq_kv = result.responses[1].kvs[0] if result.responses[1].kvs else None
+            stored = None if seq_kv is None else _stored_seq(seq_kv)
+            self._saw_seq(node, seq_kv)
+            if stored is not None and status.seq <= stored:
+                raise StaleSequenceError(
+                    f"status seq {status.seq} is not above the last accepted seq {stored}"
+                )
+            if attempt >= 8:
+                raise StaleSequenceError(
+                    f"status seq {status.seq} of {cpid} kept racing with other writers; retry"
+                )
 
     # -- the lease --------------------------------------------------------------------
 
@@ -426,3 +506,16 @@ class Liveness:
                 _log.warning("liveness sweep failed: %s", exc)
             except Exception:
                 _log.exception("liveness sweep failed")
+
+
+def _stored_seq(kv: KV) -> int | None:
+    """The ``seq`` of a ``/seq/`` value; ``None`` (logged) when it is unreadable."""
+    try:
+        obj = _json.loads(kv.value)
+        seq = obj["seq"]
+        if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0:
+            return seq
+    except (ValueError, KeyError, TypeError):
+        pass
+    _log.warning("ignoring unreadable %s = %r", kv.key, bytes(kv.value[:64]))
+    return None

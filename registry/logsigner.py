@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
@@ -37,6 +36,7 @@ from typing import Final
 
 from registry import keyfile
 from registry.index import Cmp, Compacted, Index, Keys, Op, Prefix, WatchEvent, parse_key
+from schemas import _json
 from schemas import checkpoint as cpmod
 from schemas.checkpoint import Checkpoint, NoteVerifier
 from schemas.errors import CheckpointError, KeyFileError, LogConsistencyError, SignatureError
@@ -132,7 +132,7 @@ def _entry_seq(key: str) -> int:
 def check_entry(seq: int, value: bytes) -> None:
     """An audit entry must be a JSON object whose ``seq`` is its key's sequence number."""
     try:
-        obj = json.loads(value)
+        obj = _json.loads(value)
         got = obj.get("seq") if isinstance(obj, dict) else None
     except ValueError:
         got = "<not JSON>"

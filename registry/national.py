@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 from registry import ca, keyfile
 from registry.changes import AuditStream
 from registry.index import Cmp, Index, Keys, Op, Prefix, parse_key
-from schemas import chain, dsse, keys
+from schemas import _json, chain, dsse, keys
 from schemas.cpid import ns_contains, parse_namespace
 from schemas.errors import (
     ChainError,
@@ -357,7 +357,7 @@ class NsEntry:
     @classmethod
     def from_json(cls, data: bytes) -> NsEntry:
         try:
-            obj = json.loads(data)
+            obj = _json.loads(data)
             kid, endpoints = obj["kid"], obj["endpoints"]
             if not isinstance(kid, str) or not isinstance(endpoints, list):
                 raise TypeError("kid must be a string and endpoints a list")
@@ -652,7 +652,7 @@ def load_seeds(path: str | os.PathLike[str]) -> tuple[str, list[SeedNode]]:
     """
     p = Path(path)
     try:
-        obj: Any = json.loads(p.read_bytes())
+        obj: Any = _json.loads(p.read_bytes())
         root = parse_namespace(obj["root"]["prefix"])
         items = [(r, "region") for r in obj.get("regions", [])] + [
             (i, "industry") for i in obj.get("industry", [])

@@ -15,12 +15,20 @@ Registration (``register.v1``), in order:
 4. the token admits the namespace and kind (403 ``token_scope``); these come after
    step 3 because the payload is read only once its signature holds (docs/protocol.md §2–5);
 5. ``timestamp`` within ±60 s (400 ``stale_timestamp``);
-6. the namespace lies inside one the registry is certified for (403
-   ``outside_namespace``);
+6. the registry holds the namespace itself (403 ``outside_namespace``), the token is
+   for that namespace and not a parent of it (403 ``token_scope``), its key is not
+   revoked (403 ``revoked``), and the namespace is published under that key's kid
+   (403 ``unpublished_namespace`` / ``outside_namespace``; the ``/ns/`` key's
+   ``mod_revision`` is compared in the transaction);
 7. an existing record for the derived CPID carries the same key (409 ``conflict``);
 8. a new CPID needs a token use left (403 ``token_used_up``);
-9. the nonce is fresh for this key (409 ``replayed_nonce``): checked by the
+9. the node key is not revoked (403 ``revoked``, :mod:`registry.revocations`);
+10. the nonce is fresh for this key (409 ``replayed_nonce``): checked by the
    transaction's compare, so there is no separate read for it.
+
+A status is accepted only by the registry whose key signed the node's record (403
+``outside_namespace``); its ``seq`` is checked against memory and the index
+(:mod:`registry.liveness`).
 
 Then the record, the token's use count, the nonce and an audit entry are written in
 one etcd transaction whose compares (token ``mod_revision``, nonce absent, record
@@ -39,13 +47,16 @@ from registry.ca import sign_document
 from registry.changes import AuditOp, AuditStream
 from registry.errors import (
     ReplayedNonceError,
-    StaleSequenceError,
+    RevokedKeyError,
     StaleTimestampError,
     UnknownTokenError,
+    UnpublishedNamespaceError,
 )
 from registry.index import KV, Cmp, Index, Keys, Lease, Op
 from registry.liveness import Liveness, NodeState
 from registry.metrics import RegistryMetrics
+from registry.national import NsEntry
+from registry.revocations import Revocations
 from registry.signers import Signer, Signers
 from schemas import keys
 from schemas.chain import CLOCK_SKEW, open_self_signed, open_signed
@@ -135,6 +146,7 @@ class Registrar:
         metrics: RegistryMetrics,
         record_ttl_s: int,
         max_body_bytes: int,
+        revocations: Revocations | None = None,
     ) -> None:
         self._index = index
         self.signers = signers
@@ -145,6 +157,8 @@ class Registrar:
         self.max_body_bytes = max_body_bytes
         self._nonces = _NonceLease(index, metrics)
         self._tokens: dict[str, tuple[tokens.Token, float]] = {}
+        self._ns: dict[str, tuple[KV | None, float]] = {}
+        self.revocations = revocations
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -165,6 +179,58 @@ class Registrar:
                 f"{namespace} (its URL is under /cpi/v1/ns/)"
             )
         return signer
+
+    def _check_signer(self, signer: Signer) -> None:
+        """Refuse to sign (or vouch) with a key whose cert, or a cert above it, is revoked."""
+        reason = self.revocations.signer_revoked(signer) if self.revocations else None
+        if reason is not None:
+            raise RevokedKeyError(
+                f"this registry's key for namespace {signer.namespace} (kid {signer.kid}) is "
+                f"revoked ({reason}); it can no longer sign records of {signer.namespace}"
+            )
+
+    def _check_node_key(self, record: Envelope, public_key: str) -> None:
+        """Refuse anything from a node whose record key is revoked."""
+        if self.revocations is None:
+            return
+        reason = self.revocations.record_key_revoked(record, public_key)
+        if reason is not None:
+            node_kid = keys.kid(keys.b64url_decode(public_key))
+            raise RevokedKeyError(f"the node key {node_kid} is revoked ({reason})")
+
+    async def _namespace(self, namespace: str, *, fresh: bool = False) -> KV | None:
+        """The ``/ns/`` entry of ``namespace``, from a short-lived cache unless ``fresh``;
+        the registration's transaction compares its ``mod_revision``."""
+        hit = self._ns.get(namespace)
+        now = time.monotonic()
+        if hit is not None and not fresh and now - hit[1] < _TOKEN_CACHE_S:
+            return hit[0]
+        kv = await self._get(Keys.ns(namespace), "get-ns")
+        if len(self._ns) >= _TOKEN_CACHE_SIZE:
+            self._ns.clear()
+        self._ns[namespace] = (kv, now)
+        return kv
+
+    def _check_published(self, namespace: str, kv: KV | None, signer: Signer) -> None:
+        """A namespace gets records only once published, and only from its own key."""
+        if kv is None:
+            raise UnpublishedNamespaceError(
+                f"namespace {namespace} is not published (no {Keys.ns(namespace)}); "
+                "a namespace gets records only after its delegation is published "
+                "(cpi ns publish)"
+            )
+        try:
+            entry = NsEntry.from_json(kv.value)
+        except PayloadError as exc:
+            raise UnpublishedNamespaceError(
+                f"namespace {namespace}: {Keys.ns(namespace)} is unreadable ({exc})"
+            ) from exc
+        if entry.kid != signer.kid:
+            where = ", ".join(entry.endpoints) or f"the registry listed at {Keys.ns(namespace)}"
+            raise OutsideNamespaceError(
+                f"namespace {namespace} is held by key {entry.kid}, not by this registry's "
+                f"key {signer.kid}; register with the registry of {namespace} ({where})"
+            )
 
     async def _get(self, key: str, op: str) -> KV | None:
         async with self.metrics.etcd(op):
@@ -232,6 +298,15 @@ class Registrar:
         token.check_scope(namespace=reg.namespace, kind=reg.kind)
         _check_time("timestamp", reg.timestamp, now)
         signer = self._signer_for(reg.namespace, "namespace")
+        token.check_delegated(namespace=reg.namespace)
+        self._check_signer(signer)
+        ns_kv = await self._namespace(reg.namespace)
+        try:
+            self._check_published(reg.namespace, ns_kv, signer)
+        except (UnpublishedNamespaceError, OutsideNamespaceError):
+            # refuse on a fresh read only, not on a cached one
+            ns_kv = await self._namespace(reg.namespace, fresh=True)
+            self._check_published(reg.namespace, ns_kv, signer)
         raw = keys.b64url_decode(reg.public_key)
         node_kid = keys.kid(raw)
         cpid = derive(reg.namespace, reg.kind, raw).to_text()
@@ -267,22 +342,29 @@ class Registrar:
             if outcome == "created":
                 token.check_uses()
             t_cmps, t_ops = tokens.consume_ops(token, consume=outcome == "created")
+            ns_key = Keys.ns(reg.namespace)
             compare = [
                 *t_cmps,
                 Cmp.absent(nonce_key),
                 Cmp.mod_revision(rec_key, "==", rec_kv.mod_revision if rec_kv else 0),
+                Cmp.mod_revision(ns_key, "==", ns_kv.mod_revision if ns_kv else 0),
             ]
-            nonce_op = Op.put(nonce_key, str(reg.timestamp), lease=await self._nonces.id())
-            failure = [Op.get(nonce_key), Op.get(token.key)]
+            failure = [Op.get(nonce_key), Op.get(token.key), Op.get(ns_key)]
             if outcome == "unchanged":
                 assert old_env is not None
                 record_env = old_env
+            else:
+                record_env = self._sign_record(reg, cpid, signer, version, now)
+            if old_env is not None:
+                self._check_node_key(old_env, reg.public_key)
+            self._check_node_key(record_env, reg.public_key)
+            nonce_op = Op.put(nonce_key, str(reg.timestamp), lease=await self._nonces.id())
+            if outcome == "unchanged":
                 async with self.metrics.etcd("txn-register"):
                     result = await self._index.txn(
                         compare=compare, success=[*t_ops, nonce_op], failure=failure
                     )
             else:
-                record_env = self._sign_record(reg, cpid, signer, version, now)
                 async with self.metrics.etcd("txn-register"):
                     result = await self._audit.commit(
                         compare=compare,
@@ -307,10 +389,16 @@ class Registrar:
             if token_kvs[0].mod_revision != token.kv.mod_revision:
                 token = await self._token(token_text, fresh=True)
                 token.check_valid(now=now)
+            ns_kvs = result.responses[2].kvs
+            if (ns_kvs[0].mod_revision if ns_kvs else 0) != (ns_kv.mod_revision if ns_kv else 0):
+                ns_kv = await self._namespace(reg.namespace, fresh=True)
+                self._check_published(reg.namespace, ns_kv, signer)
             # else the record changed under us: decide again
         else:
             raise ConflictError(f"registration of {cpid} kept racing with concurrent writes; retry")
-        self.liveness.track(cpid, group=signer.namespace, public_key=reg.public_key)
+        self.liveness.track(
+            cpid, group=signer.namespace, public_key=reg.public_key, signer_kid=record_env.keyid
+        )
         self.metrics.registrations.labels(outcome).inc()
         if outcome != "unchanged":
             _log.info("%s %s (version %d, issuer %s)", outcome, cpid, version, signer.namespace)
@@ -327,8 +415,10 @@ class Registrar:
         kv = await self._get(Keys.rec(cpid), "get-rec")
         if kv is None:
             raise NotFoundError(f"no record for {cpid}: register (again) before sending status")
-        _, rec = _record_of(kv)
-        return self.liveness.track(cpid, group=rec.issuer, public_key=rec.public_key)
+        env, rec = _record_of(kv)
+        return self.liveness.track(
+            cpid, group=rec.issuer, public_key=rec.public_key, signer_kid=env.keyid
+        )
 
     async def status(self, cpid_text: str, body: bytes) -> bool:
         """Check and apply a ``status.v1`` envelope; return whether etcd was written."""
@@ -337,6 +427,20 @@ class Registrar:
         self._signer_for(parsed.prefix, "CPID namespace")
         env = self._envelope(body, Status)
         node = await self._node(cpid)
+        signer = self.signers.by_kid(node.signer_kid)
+        if signer is None:
+            raise OutsideNamespaceError(
+                f"the record of {cpid} is signed by key {node.signer_kid}, which is not this "
+                f"registry's: send its status to the registry of {parsed.prefix} that signed "
+                f"it (its URL is under {Keys.ns(parsed.prefix)})"
+            )
+        self._check_signer(signer)
+        node_kid = keys.kid(keys.b64url_decode(node.public_key))
+        if self.revocations is not None and node_kid in self.revocations.envelopes:
+            # rare: a revocation names this node's key; verify it against the record
+            rec_kv = await self._get(Keys.rec(cpid), "get-rec")
+            if rec_kv is not None:
+                self._check_node_key(_record_of(rec_kv)[0], node.public_key)
         st = open_signed(env, public_key=node.public_key, expected=Status)
         if st.cpid != cpid:
             raise PayloadError(f"status is for {st.cpid} but was sent to the URL of {cpid}")
@@ -346,10 +450,6 @@ class Registrar:
             raise StaleTimestampError(
                 f"observed_at {st.observed_at} ms is {skew_s:+.1f} s from the registry's clock "
                 f"({now_ms} ms); at most ±{CLOCK_SKEW} s allowed (check the node's clock)"
-            )
-        if not self.liveness.check_seq(node, st.seq):
-            raise StaleSequenceError(
-                f"status seq {st.seq} is not above the last accepted seq {node.seq}"
             )
         self.metrics.heartbeat_lag.observe(max(0, now_ms - st.observed_at) / 1000)
         return await self.liveness.heartbeat(node, st, env)
@@ -367,8 +467,9 @@ class Registrar:
             kv = await self._get(rec_key, "get-rec")
             if kv is None:
                 raise NotFoundError(f"no record for {cpid}")
-            _, rec = _record_of(kv)
+            rec_env, rec = _record_of(kv)
             d = open_signed(env, public_key=rec.public_key, expected=Deregister)
+            self._check_node_key(rec_env, rec.public_key)
             if d.cpid != cpid:
                 raise PayloadError(
                     f"deregistration is for {d.cpid} but was sent to the URL of {cpid}"
@@ -386,6 +487,7 @@ class Registrar:
                     success=[
                         Op.delete(rec_key),
                         Op.delete(Keys.live(cpid)),
+                        Op.delete(Keys.seq(cpid)),
                         Op.put(nonce_key, str(d.timestamp), lease=await self._nonces.id()),
                     ],
                     failure=[Op.get(nonce_key)],

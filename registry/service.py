@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -47,7 +46,9 @@ from registry.liveness import Liveness
 from registry.metrics import RegistryMetrics
 from registry.ratelimit import TokenBucket
 from registry.registrar import Registrar
+from registry.revocations import Revocations
 from registry.signers import Signers, load_signers
+from schemas import _json
 from schemas.chain import TrustAnchors
 from schemas.cpid import parse as parse_cpid
 from schemas.errors import (
@@ -81,6 +82,7 @@ class RegistryState:
     registrar: Registrar
     audit: AuditStream
     claimed: ClaimedUnits | None = None
+    revocations: Revocations | None = None
 
 
 CONFIG = web.AppKey("config", RegistryConfig)
@@ -222,7 +224,7 @@ async def post_self_preservation(request: web.Request) -> web.Response:
     _check_admin(request)
     body = await _read_body(request, request.app[CONFIG].max_body_bytes)
     try:
-        obj = json.loads(body)
+        obj = _json.loads(body)
     except ValueError as exc:
         raise InvalidDataError(f"body is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict) or set(obj) != {"enabled"} or not isinstance(obj["enabled"], bool):
@@ -247,6 +249,14 @@ async def readyz(request: web.Request) -> web.Response:
         return _error(503, "not_ready", f"etcd unreachable: {exc}")
     if not state.liveness.lease_alive:
         return _error(503, "not_ready", "the instance lease is lost; re-granting")
+    if state.revocations is not None:
+        revoked = state.revocations.revoked_signers()
+        if revoked:
+            detail = "; ".join(
+                f"namespace {s.namespace}: signing key {s.kid} revoked ({reason})"
+                for s, reason in revoked
+            )
+            return _error(503, "not_ready", f"cannot sign any more: {detail}")
     lease = state.liveness.lease
     return web.json_response(
         {
@@ -284,8 +294,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await index.connect()
     liveness: Liveness | None = None
     claimed: ClaimedUnits | None = None
+    revocations: Revocations | None = None
     try:
         signers = await load_signers(index, config.namespaces, anchors)
+        revocations = Revocations(index, signers, anchors)
+        await revocations.start()
         claimed = ClaimedUnits(index, signers.namespaces)
         await claimed.start()
         liveness = Liveness(
@@ -308,8 +321,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             metrics=app[METRICS],
             record_ttl_s=int(config.record_ttl_days * 86_400),
             max_body_bytes=config.max_body_bytes,
+            revocations=revocations,
         )
-        app[STATE] = RegistryState(index, signers, liveness, registrar, audit, claimed)
+        app[STATE] = RegistryState(index, signers, liveness, registrar, audit, claimed, revocations)
         pruner = asyncio.create_task(_prune_tokens(index), name="token-pruner")
         try:
             yield
@@ -318,6 +332,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await pruner
     finally:
+        if revocations is not None:
+            await revocations.stop()
         if claimed is not None:
             await claimed.stop()
         if liveness is not None:

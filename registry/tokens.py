@@ -6,8 +6,10 @@ The index holds ``/cpi/v1/tokens/<sha256 hex of the token>`` with::
     {"namespace": "CN.31.CMCC", "kind": "GPU" | null, "uses_left": 5 | null,
      "expires_at": 1700086400, "created_at": 1700000000}
 
-``namespace`` scopes the token: it admits registrations at or below that namespace
-(segment-wise).  ``kind`` (when set) admits only that kind.  ``uses_left`` (when set)
+``namespace`` scopes the token: it admits registrations into exactly that namespace.
+A namespace below it is refused too (403 ``token_scope``, :meth:`Token.check_delegated`,
+checked once the registry knows it holds the namespace): records are signed by their
+own namespace's key, and a parent does not issue into a namespace it delegated.  ``kind`` (when set) admits only that kind.  ``uses_left`` (when set)
 counts the **new CPIDs** the token may still create; re-registering an existing CPID
 with its own key uses none, so an agent that restarts with a single-use token gets
 its CPID back.  A use is consumed inside the registration's own transaction, which
@@ -35,6 +37,7 @@ from registry.errors import (
     UnknownTokenError,
 )
 from registry.index import KV, Cmp, Index, Keys, Op, Prefix
+from schemas import _json
 from schemas.cpid import KINDS, ns_contains, parse_namespace
 from schemas.dsse import Envelope
 from schemas.errors import InvalidDataError, OutsideNamespaceError
@@ -86,7 +89,7 @@ class TokenInfo:
 
     @classmethod
     def from_json(cls, data: bytes) -> TokenInfo:
-        obj: Any = json.loads(data)
+        obj: Any = _json.loads(data)
         return cls(
             namespace=str(obj["namespace"]),
             kind=obj.get("kind"),
@@ -120,6 +123,17 @@ class Token:
         """Refuse a token with no uses left (403)."""
         if self.info.uses_left is not None and self.info.uses_left <= 0:
             raise TokenUsedUpError("join token has no uses left; ask for a new one")
+
+    def check_delegated(self, *, namespace: str) -> None:
+        """Refuse a registration below the token's namespace (403): a namespace below
+        it is a namespace of its own, signed by its own key, and a parent does not issue
+        into a namespace it delegated (docs/protocol.md, the namespace rule)."""
+        if self.info.namespace != namespace:
+            raise TokenScopeError(
+                f"join token is for namespace {self.info.namespace}, the registration asks "
+                f"for {namespace}, a namespace of its own: ask the registry of {namespace} "
+                "for a token"
+            )
 
     def check_scope(self, *, namespace: str, kind: str) -> None:
         """Refuse a registration outside the token's namespace or kind (403)."""
@@ -201,7 +215,8 @@ async def create_token(
     """Create a join token, store its hash and return the token (shown once).
 
     ``within``: the namespaces the issuing registry holds; the token's namespace must
-    lie at or below one of them (segment-wise), else :class:`OutsideNamespaceError`.
+    be one of them (a namespace below is delegated to its own key), else
+    :class:`OutsideNamespaceError`.
     ``None`` skips that check (the caller has checked otherwise).
     """
     ns = parse_namespace(namespace)
@@ -215,10 +230,16 @@ async def create_token(
         raise InvalidDataError(f"token TTL must be at least 1 s, got {ttl_s}")
     if within is not None:
         held = [parse_namespace(h) for h in within]
-        if not any(ns_contains(h, ns) for h in held):
+        if ns not in held:
+            below = [h for h in held if ns_contains(h, ns)]
             raise OutsideNamespaceError(
                 f"namespace {ns} is outside the registry's namespaces "
-                f"({', '.join(held) or 'none'}); a token must be at or below one of them"
+                f"({', '.join(held) or 'none'}); a token must be for one of them"
+                + (
+                    f" ({ns} is delegated to its own key: its own registry makes its tokens)"
+                    if below
+                    else ""
+                )
             )
     t = int(time.time()) if now is None else now
     info = TokenInfo(namespace=ns, kind=kind, uses_left=uses, expires_at=t + ttl_s, created_at=t)

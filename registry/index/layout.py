@@ -16,11 +16,11 @@ tools import it without pulling a network stack in.
 
 from __future__ import annotations
 
-import json
 import re
 from enum import StrEnum
 from typing import Final, NamedTuple
 
+from schemas import _json
 from schemas.errors import InvalidDataError
 
 __all__ = [
@@ -51,13 +51,16 @@ class Prefix(StrEnum):
     TOKENS = "/cpi/v1/tokens/"
     NONCE = "/cpi/v1/nonce/"
     AUDIT = "/cpi/v1/audit/"
+    SEQ = "/cpi/v1/seq/"
     # claims (resolver/claims/): API tokens and per-holder totals
     CLAIM_TOKENS = "/cpi/v1/claimtokens/"
     HOLDERS = "/cpi/v1/holders/"
 
 
 # Collections whose names are CPIDs (``<prefix>/<suffix>``), hence per-namespace ranges.
-_CPID_COLLECTIONS: Final = frozenset({Prefix.REC, Prefix.LIVE, Prefix.CLAIM, Prefix.ALLOC})
+_CPID_COLLECTIONS: Final = frozenset(
+    {Prefix.REC, Prefix.LIVE, Prefix.CLAIM, Prefix.ALLOC, Prefix.SEQ}
+)
 _BAD_CHARS: Final = re.compile(r"[\x00-\x20\x7f]")
 _SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
 _SEQ_DIGITS: Final = 20  # enough for any unsigned 64-bit number; keeps keys sortable
@@ -108,6 +111,12 @@ class Keys:
     def live(cpid: str) -> str:
         """``/cpi/v1/live/<cpid>``: the latest status envelope (on the registry's lease)."""
         return Prefix.LIVE + _name(cpid, "CPID", slashes=1)
+
+    @staticmethod
+    def seq(cpid: str) -> str:
+        """``/cpi/v1/seq/<cpid>``: the last accepted status ``seq`` of a CPID, as
+        ``{"seq": N, "observed_at": ms}`` (permanent; deleted with the record)."""
+        return Prefix.SEQ + _name(cpid, "CPID", slashes=1)
 
     @staticmethod
     def claim(cpid: str, claim_id: str) -> str:
@@ -191,7 +200,7 @@ class Keys:
         ``(f"{collection}{ns}/", f"{collection}{ns}.")``: the first holds names of exactly
         *namespace* (``CN.3/...``), the second every sub-namespace (``CN.3.X/...``), and
         neither matches a sibling such as ``CN.31``.  *collection* must be one whose names
-        are CPIDs (REC, LIVE, CLAIM, ALLOC).
+        are CPIDs (REC, LIVE, CLAIM, ALLOC, SEQ).
         """
         if collection not in _CPID_COLLECTIONS:
             raise ValueError(f"collection {collection.name} is not keyed by CPID")
@@ -241,6 +250,7 @@ _SHAPES: Final[dict[Prefix, int]] = {  # number of "/" in a well-formed name
     Prefix.TOKENS: 0,
     Prefix.NONCE: 1,
     Prefix.AUDIT: 0,
+    Prefix.SEQ: 1,
     Prefix.CLAIM_TOKENS: 0,
     Prefix.HOLDERS: 0,
 }
@@ -290,8 +300,8 @@ def read_units(value: bytes | None) -> int:
     if value is None:
         return 0
     try:
-        obj = json.loads(value)
-    except (ValueError, RecursionError):  # RecursionError: hostile nesting
+        obj = _json.loads(value)
+    except ValueError:  # includes nesting deeper than 16 levels
         obj = None
     if isinstance(obj, dict):
         obj = obj.get("units")

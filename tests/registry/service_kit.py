@@ -2,7 +2,8 @@
 
 ``World`` builds a national root ``CN`` (anchor file), delegates ``CN.31`` (delegate,
 issue) and ``CN.31.CMCC`` (issue), publishes both certs under ``/cpi/v1/certs/`` and
-writes a registry config serving both namespaces.
+publishes both namespaces under ``/cpi/v1/ns/`` and writes a registry config serving
+both namespaces.
 """
 
 from __future__ import annotations
@@ -139,6 +140,9 @@ class World:
     async def publish(self, index: Index) -> None:
         await index.put(Keys.cert(keys.kid_of(self.r31)), self.cert31.to_json())
         await index.put(Keys.cert(keys.kid_of(self.cmcc)), self.cert_cmcc.to_json())
+        for ns, key in (("CN.31", self.r31), ("CN.31.CMCC", self.cmcc)):
+            entry = {"kid": keys.kid_of(key), "endpoints": ["http://registry.test"]}
+            await index.put(Keys.ns(ns), json.dumps(entry))
 
     def config_data(self, endpoint: str, **changes: Any) -> dict[str, Any]:
         import hashlib

@@ -24,6 +24,7 @@ SHA = "ab" * 32
         (Keys.cert("ABCDEFGH12345678"), Prefix.CERTS, ("ABCDEFGH12345678",)),
         (Keys.rec(CPID), Prefix.REC, (CPID,)),
         (Keys.live(CPID), Prefix.LIVE, (CPID,)),
+        (Keys.seq(CPID), Prefix.SEQ, (CPID,)),
         (Keys.claim(CPID, "c-0001"), Prefix.CLAIM, (CPID, "c-0001")),
         (Keys.alloc(CPID), Prefix.ALLOC, (CPID,)),
         (Keys.revoked("SERIAL42"), Prefix.REVOKED, ("SERIAL42",)),
