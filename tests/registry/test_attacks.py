@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from typing import Any
@@ -389,3 +390,55 @@ async def test_an_instance_behind_another_refuses_an_older_status_on_its_compare
     kv = await index.get(Keys.live(node.cpid))
     assert kv is not None and kv.value == newer
     assert (await put_status(a, node, node.status(seq=16, state="down")))[0] == 204
+
+
+# -- 0. small-order keys forge ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw_key",
+    [
+        b"\x01" + b"\x00" * 31,  # the identity point
+        (2**255 - 19 + 1).to_bytes(32, "little"),  # the identity, non-canonically (y = p + 1)
+        b"\xec" + b"\xff" * 30 + b"\x7f",  # the point of order 2 (y = -1)
+    ],
+    ids=["identity", "identity-y=p+1", "order-2"],
+)
+async def test_a_small_order_key_cannot_register_with_a_forged_signature(
+    start: Start, index: Index, world: World, raw_key: bytes
+) -> None:
+    # R = identity, S = 0 satisfies the bare cofactorless equation under these keys for
+    # every message: OpenSSL accepted it, the contract's one verdict (libsodium) does not
+    client = await start()
+    token = await world.token(index)
+    payload = {
+        "type": "register.v1",
+        "namespace": "CN.31.CMCC",
+        "kind": "GPU",
+        "public_key": keys.b64url_encode(raw_key),
+        "nonce": "n" * 22,
+        "timestamp": int(time.time()),
+        "endpoints": [],
+        "location": {"region": "31"},
+        "attributes": {},
+        "labels": {},
+    }
+    forged = {
+        "payloadType": "application/vnd.cpi.register.v1+json",
+        "payload": base64.b64encode(json.dumps(payload).encode()).decode(),
+        "signatures": [
+            {
+                "keyid": keys.kid(raw_key),
+                "sig": base64.b64encode(b"\x01" + b"\x00" * 63).decode(),
+            }
+        ],
+    }
+    before = await dump(index)
+    resp = await client.post(
+        "/v1/registrations", data=json.dumps(forged).encode(), headers=bearer(token)
+    )
+    answer = await resp.json()
+    assert resp.status == 400, answer
+    assert answer["error"]["code"] == "invalid_envelope", answer
+    assert "public key" in answer["error"]["message"], answer
+    assert await dump(index) == before
