@@ -94,6 +94,7 @@ from resolver.claims.model import (
 from resolver.core import Resolver
 from resolver.discovery import Query
 from resolver.entry import Entry
+from resolver.events import Event
 from schemas.chain import open_signed
 from schemas.cpid import parse as parse_cpid
 from schemas.dsse import Envelope
@@ -246,6 +247,7 @@ class ClaimService:
         self._trigger = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_prune = 0.0
+        self._unlisten: Callable[[], None] | None = None
         self.passes = 0
         """Reconciliation passes run so far."""
 
@@ -254,6 +256,7 @@ class ClaimService:
     async def start(self, *, reconcile: bool = True) -> None:
         """Start the reconciler (a pass now, then periodic and after claim expiries)."""
         if reconcile and not self._tasks:
+            self._unlisten = self._resolver.add_listener(self._on_event)
             self._tasks = [
                 asyncio.create_task(self._reconcile_loop(), name="claims-reconciler"),
                 asyncio.create_task(self._watch_claims(), name="claims-watch"),
@@ -263,6 +266,9 @@ class ClaimService:
         """Stop the reconciler; claims still queued are refused (503).  Claims made stay
         (they expire with their leases)."""
         tasks, self._tasks = [*self._tasks, *self._leaders.values()], []
+        if self._unlisten is not None:
+            self._unlisten()
+            self._unlisten = None
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -941,6 +947,7 @@ class ClaimService:
             by_cpid[c.cpid] += c.units
             by_holder[c.holder] += c.units
         fixed: list[str] = []
+        allocs = await self._drop_leftover_allocs(allocs, by_cpid, fixed)
         lost = 0
         for collection, kvs, want, key_of in (
             ("alloc", allocs, by_cpid, Keys.alloc),
@@ -979,6 +986,51 @@ class ClaimService:
         await self._purge_listed(claims)
         self.passes += 1
         return ReconcileReport(rev, len(claims), fixed, lost)
+
+    async def _drop_leftover_allocs(
+        self, allocs: list[KV], claimed: Tally[str], fixed: list[str]
+    ) -> list[KV]:
+        """Delete the ``/alloc/`` keys of resources whose record is gone and that no claim
+        key names (a release leaves ``{"units": 0}``, an expiry a total the reconciler
+        would lower), each in a transaction comparing it unchanged and the record absent
+        (a claim in flight writes ``/alloc/``, so it fails that compare, or ours fails).
+        Returns the ``allocs`` still in place; adds ``"<key>: <was> -> 0"`` to ``fixed``
+        for each removed (an absent total reads as 0)."""
+        kept: list[KV] = []
+        for kv in allocs:
+            try:
+                cpid = parse_key(kv.key).name
+            except ValueError:
+                kept.append(kv)
+                continue
+            if claimed.get(cpid) or self._resolver.get(cpid) is not None:
+                kept.append(kv)
+                continue
+            result = await self._index.txn(
+                compare=[
+                    Cmp.mod_revision(kv.key, "==", kv.mod_revision),
+                    Cmp.version(Keys.rec(cpid), "==", 0),
+                ],
+                success=[Op.delete(kv.key)],
+            )
+            if not result.succeeded:
+                kept.append(kv)
+                continue
+            self._forget(kv.key)
+            self.metrics.reconciled.labels("alloc").inc()
+            have = read_units(kv)
+            fixed.append(f"{kv.key}: {'unreadable' if have is None else have} -> 0")
+            _log.info(
+                "claims reconciler: removed %s (%r): its record is gone and no claim names it",
+                kv.key,
+                kv.value[:64],
+            )
+        return kept
+
+    def _on_event(self, event: Event) -> None:
+        """A record no longer served (deregistered, ...): a pass removes its ``/alloc/``."""
+        if event.type == "delete":
+            self._trigger.set()
 
     async def _purge_listed(self, kvs: list[KV]) -> None:
         """Remove the listed claims past their ``expires_at`` (the totals above counted
