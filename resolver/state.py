@@ -560,6 +560,17 @@ class ReplicaState:
             _, cpid = heapq.heappop(self._claim_deadlines)
             if cpid in self.recs:
                 batch.dirty_recs.add(cpid)
+        if len(self._claim_deadlines) > 4096:  # released claims leave theirs behind
+            held = sum(len(c) for c in self.claims.values())
+            if len(self._claim_deadlines) > 2 * held:
+                live = [
+                    (exp, cpid)
+                    for cpid, claims in self.claims.items()
+                    for value, _, _ in claims.values()
+                    if (exp := _claim_expiry(value)) > now
+                ]
+                heapq.heapify(live)
+                self._claim_deadlines = live
 
     def _expired_claim_units(self, cpid: str) -> int:
         """Units of the claims on ``cpid`` whose ``expires_at`` has passed but whose keys
