@@ -147,7 +147,7 @@ class Supervisor:
         self.children: list[Child] = []
         self._stopping = False
         self.on_change = on_change
-        """Called with :meth:`components` when a child dies, is restarted or gives out."""
+        """Called with :meth:`components` when a child is started, restarted or dead."""
 
     def components(self) -> dict[str, dict[str, object]]:
         """``{name: {"state", "restarts", "log"}}`` for every child."""
@@ -166,6 +166,7 @@ class Supervisor:
         self.children.append(child)
         child.wait_ready(ready_timeout)
         _log.info("%s ready (pid %s)", child.name, child.proc.pid if child.proc else "?")
+        self._changed()
         return child
 
     def _on_signal(self, signum: int, _frame: object) -> None:

@@ -96,3 +96,34 @@ def test_the_restart_budget_is_renewed_after_a_stable_period(tmp_path: Path) -> 
         assert (tmp_path / "flaky.log").read_text().count("starting flaky") >= 4
     finally:
         sup.stop_all()
+
+
+def test_cpi_up_writes_components_to_up_json(tmp_path: Path) -> None:
+    import json
+    import stat
+
+    from cpi.up import _report_components
+
+    sup = Supervisor()
+    path = tmp_path / "up.json"
+    up_json: dict[str, object] = {"etcd": ["http://127.0.0.1:1"]}
+    try:
+        sup.start(_child(tmp_path, "etcd", "import time; time.sleep(60)"))
+        _report_components(sup, up_json, path)
+        sup.start(
+            _child(tmp_path, "demo", "import time; time.sleep(0.3)", max_restarts=0, required=False)
+        )
+        doc = json.loads(path.read_text())
+        assert doc["etcd"] == ["http://127.0.0.1:1"]
+        assert doc["components"]["etcd"]["state"] == "running"
+        assert set(doc["components"]) == {"etcd", "demo"}
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert _run_for(sup, 1.0) == 0
+        doc = json.loads(path.read_text())
+        assert doc["components"]["demo"] == {
+            "state": "dead",
+            "restarts": 0,
+            "log": str(tmp_path / "demo.log"),
+        }
+    finally:
+        sup.stop_all()
