@@ -38,7 +38,12 @@ reconciler (:meth:`ClaimService.reconcile`) reads ``/claim/``, ``/alloc/`` and
 live claim keys with a compare-and-put (logged).  It runs at start, every
 ``reconcile_interval_s`` and ``reconcile_delay_s`` after a watch on ``/claim/`` sees
 a claim key deleted.  Claims written by a process that died expire with their
-leases; any instance's reconciler then fixes the totals.
+leases; any instance's reconciler then fixes the totals.  A claim whose ``expires_at``
+has passed never counts, even while its key remains (etcd re-arms leases to their full
+TTL when it restarts): listings leave it out, a capacity or quota refusal first removes
+such claims and reads again, and every pass removes those it lists, each in a
+release-like transaction.  A pass also deletes the ``/alloc/`` keys of records that are
+gone and that no claim names.
 
 **Free units** (:func:`available_units`): the node's verified status reports
 ``accelerators_free`` (CPU cores for records without accelerators) *after*
