@@ -373,6 +373,7 @@ def up(opts: UpOptions) -> int:
                     ),
                     logs / "log-signer.log",
                     env=creds[LOGSIGNER_USER].env(),
+                    required=False,
                 )
             )
 
@@ -411,7 +412,7 @@ def up(opts: UpOptions) -> int:
             "claims": claims,
         }
         up_path = data / "up.json"
-        _write_private_json(up_path, up_json)
+        _report_components(sup, up_json, up_path)
 
         if opts.demo:
             sup.start(
@@ -430,14 +431,27 @@ def up(opts: UpOptions) -> int:
                         "7",
                     ),
                     logs / "demo-nodes.log",
+                    required=False,
                 )
             )
         _summary(up_json, up_path, logs, sup, opts)
-        sup.run()
-        print("\nstopping ...", flush=True)
-        return 0
+        code = sup.run()
+        print("\nstopping ..." if code == 0 else "\na component is dead; stopping ...", flush=True)
+        return code
     finally:
         sup.stop_all()
+
+
+def _report_components(sup: Supervisor, up_json: dict[str, Any], up_path: Path) -> None:
+    """Write ``up.json`` with ``"components"`` (state, restarts, log of each child), and
+    again whenever the supervisor sees one die, restart or give out."""
+
+    def write(components: dict[str, dict[str, object]]) -> None:
+        up_json["components"] = components
+        _write_private_json(up_path, up_json)
+
+    sup.on_change = write
+    write(sup.components())
 
 
 def _resolver_args(opts: UpOptions, etcd: str, anchor: Path, ports: dict[str, int]) -> list[str]:

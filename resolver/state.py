@@ -32,6 +32,7 @@ makes the replica list the index again.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import math
@@ -309,6 +310,7 @@ class ReplicaState:
         self._by_serial: dict[str, set[str]] = {}
         self._revoked_serials: set[str] = set()
         self._deadlines: list[tuple[float, str, int]] = []
+        self._claim_deadlines: list[tuple[float, str]] = []  # (expires_at, cpid)
         self._live_count: Counter[str] = Counter()
         self._lease_refs: Counter[int] = Counter()  # lease id -> live keys on it
         self._windows: dict[str, deque[tuple[float, str, _Live]]] = {}
@@ -451,6 +453,7 @@ class ReplicaState:
             rs = self.recs.get(cpid)
             if rs is not None and rs.revision == rev:
                 batch.dirty_recs.add(cpid)
+        self._claims_expired(now, batch)
         for kid, verdict in list(self._signers.items()):
             if verdict.valid_until <= now:
                 del self._signers[kid]
@@ -669,6 +672,42 @@ class ReplicaState:
             self._put_claim(name, Change("delete", ch.key, revision=ch.revision))
             return
         self.claims.setdefault(cpid, {})[claim_id] = (ch.value, ch.revision, ch.lease)
+        expires_at = _claim_expiry(ch.value)
+        if expires_at:
+            heapq.heappush(self._claim_deadlines, (expires_at, cpid))
+
+    def _claims_expired(self, now: float, batch: _Batch) -> None:
+        """Rebuild the entries of CPIDs whose claims reached ``expires_at`` (their units
+        stop counting then, even while the key remains: see :meth:`_expired_claim_units`)."""
+        while self._claim_deadlines and self._claim_deadlines[0][0] <= now:
+            _, cpid = heapq.heappop(self._claim_deadlines)
+            if cpid in self.recs:
+                batch.dirty_recs.add(cpid)
+        if len(self._claim_deadlines) > 4096:  # released claims leave theirs behind
+            held = sum(len(c) for c in self.claims.values())
+            if len(self._claim_deadlines) > 2 * held:
+                live = [
+                    (exp, cpid)
+                    for cpid, claims in self.claims.items()
+                    for value, _, _ in claims.values()
+                    if (exp := _claim_expiry(value)) > now
+                ]
+                heapq.heapify(live)
+                self._claim_deadlines = live
+
+    def _expired_claim_units(self, cpid: str) -> int:
+        """Units of the claims on ``cpid`` whose ``expires_at`` has passed but whose keys
+        remain (a lease re-armed by an etcd restart): ``/alloc/`` still counts them."""
+        now = self.clock()
+        total = 0
+        for value, _, _ in self.claims.get(cpid, {}).values():
+            expires_at = _claim_expiry(value)
+            if expires_at and expires_at <= now:
+                with _suppress_bad_claim():
+                    units = json.loads(value)["units"]
+                    if isinstance(units, int) and not isinstance(units, bool) and units > 0:
+                        total += units
+        return total
 
     # -- trust ------------------------------------------------------------------------
 
@@ -1052,6 +1091,7 @@ class ReplicaState:
             prot = self.protected.get(_namespace_of(cpid))
             held, held_until = True, prot.until if prot is not None else 0.0
         claimed, alloc_rev = self.allocs.get(cpid, (0, 0))
+        claimed = max(0, claimed - self._expired_claim_units(cpid))
         chain_rev = self._chain_revision(v)
         return Entry(
             cpid=cpid,
@@ -1170,3 +1210,17 @@ class ReplicaState:
 
     def iter_entries(self) -> Iterable[Entry]:
         return self.served.values()
+
+
+def _claim_expiry(value: bytes) -> float:
+    """A claim value's ``expires_at`` (0 when unreadable: such a claim is not expired)."""
+    with _suppress_bad_claim():
+        obj = json.loads(value)
+        exp = obj.get("expires_at") if isinstance(obj, dict) else None
+        if isinstance(exp, int | float) and not isinstance(exp, bool):
+            return float(exp)
+    return 0.0
+
+
+def _suppress_bad_claim() -> contextlib.suppress:
+    return contextlib.suppress(ValueError, TypeError, KeyError, UnicodeDecodeError)

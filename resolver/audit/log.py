@@ -118,6 +118,10 @@ class LogView:
         self.checkpoint: Checkpoint | None = None
         self.note: bytes | None = None
         self._by_cpid: dict[str, list[int]] = {}
+        self._by_digest: dict[tuple[str, str], int] = {}
+        """(cpid, digest) -> index of the last register/update/renew leaf with that digest."""
+        self._by_version: dict[tuple[str, int], int] = {}
+        """(cpid, version) -> index of the last record leaf that carries that version."""
         self._lock = asyncio.Lock()
         self.consistent = True
         """False when our tree's root at the checkpoint's size differs from the checkpoint."""
@@ -133,6 +137,16 @@ class LogView:
             return
         if leaf.cpid is not None:
             self._by_cpid.setdefault(leaf.cpid, []).append(i)
+            self._index_record_leaf(leaf, i)
+
+    def _index_record_leaf(self, leaf: AuditLeaf, i: int) -> None:
+        """Remember a record leaf by digest (and version), so a lookup reads no etcd key."""
+        if leaf.cpid is None or leaf.op not in RECORD_OPS:
+            return
+        if leaf.digest:
+            self._by_digest[(leaf.cpid, leaf.digest.lower())] = i
+        if leaf.version is not None:
+            self._by_version[(leaf.cpid, leaf.version)] = i
 
     async def _initial(self) -> None:
         async for page in self._index.iter_prefix(Prefix.AUDIT, page_size=_PAGE):
@@ -220,7 +234,11 @@ class LogView:
     async def find_leaf(
         self, cpid: str, *, digest: str | None = None, version: int | None = None
     ) -> int:
-        """The leaf index of the record version of ``cpid`` with this digest or version."""
+        """The leaf index of the record version of ``cpid`` with this digest or version.
+
+        From maps built while following the audit stream: no etcd read per version (only
+        ``/rec/<cpid>`` for a lookup by version, to learn the current version's digest).
+        """
         candidates = self._by_cpid.get(cpid, [])
         if not candidates:
             raise NotFoundError(f"the log has no entry for {cpid}")
@@ -236,14 +254,14 @@ class LogView:
                     rec = None
                 if rec is not None and rec.version == version:
                     want, current = record_digest(env), rec.version
-        for i in reversed(candidates):
-            leaf = AuditLeaf.parse(await self.leaf_bytes(i))
-            if leaf.op not in RECORD_OPS or leaf.cpid != cpid:
-                continue
-            if want is not None and leaf.digest == want:
-                return i
-            if want is None and version is not None and leaf.version == version:
-                return i
+        if want is not None:
+            found = self._by_digest.get((cpid, want))
+            if found is not None:
+                return found
+        elif version is not None:
+            found = self._by_version.get((cpid, version))
+            if found is not None:
+                return found
         if want is not None:
             what = f"version {current}" if current is not None else f"digest {want}"
             raise NotFoundError(f"the log has no register/update/renew of {cpid} with {what}")

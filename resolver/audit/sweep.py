@@ -94,6 +94,8 @@ class SweepReport:
     revision: int = 0
     counts: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     failures: list[Finding] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+    """``leftover`` keys: harmless remains of normal operation, not failures."""
     records: int = 0
     elapsed: float = 0.0
     record_seconds: float = 0.0
@@ -112,7 +114,9 @@ class SweepReport:
         if len(detail) > _DETAIL_MAX:
             detail = detail[: _DETAIL_MAX - 3] + "..."
         self.counts[kind][outcome] += 1
-        if outcome not in ("valid", "skipped"):
+        if outcome in WARNINGS:
+            self.warnings.append(Finding(kind, key, outcome, detail))
+        elif outcome not in ("valid", "skipped"):
             self.failures.append(Finding(kind, key, outcome, detail))
 
     def by_outcome(self, outcome: str) -> list[Finding]:
@@ -124,6 +128,7 @@ class SweepReport:
             "revision": self.revision,
             "counts": {k: dict(sorted(v.items())) for k, v in sorted(self.counts.items())},
             "failures": [f.to_dict() for f in self.failures],
+            "warnings": [f.to_dict() for f in self.warnings],
             "records": self.records,
             "chains_walked": self.chains_walked,
             "jobs": self.jobs,
@@ -131,6 +136,11 @@ class SweepReport:
             "records_per_s": round(self.records_per_s, 1),
         }
 
+
+WARNINGS: Final = frozenset({"leftover"})
+"""Outcomes reported but not failures: ``leftover``, an ``/alloc/`` without a record that
+claims nothing (``{"units": 0}``), which a release before a deregistration leaves until
+the claims reconciler removes it."""
 
 PARALLEL_FROM: Final = 5000
 """``jobs=0`` uses worker processes from this many records on."""
@@ -261,6 +271,13 @@ class Sweeper:
                         r.add(kind, kv.key, UNREADABLE, problem)
                     elif cpid in record_keys:
                         r.add(kind, kv.key, "valid")
+                    elif kind == "alloc" and _claims_nothing(kv.value):
+                        r.add(
+                            kind,
+                            kv.key,
+                            "leftover",
+                            f"0 units; no record at /cpi/v1/rec/{parts[0]}",
+                        )
                     else:
                         r.add(kind, kv.key, "orphan", f"no record at /cpi/v1/rec/{cpid}")
         async for kvs in self._list(Prefix.NS, "ns"):
@@ -486,3 +503,11 @@ class Sweeper:
             self._report.add("ns", key, "misfiled", f"names key {kid} certified for {cert.subject}")
         else:
             self._report.add("ns", key, "valid")
+
+
+def _claims_nothing(value: bytes) -> bool:
+    """An ``/alloc/`` value that reads as 0 units (a leftover, not a forgery)."""
+    try:
+        return read_units(value) == 0
+    except InvalidDataError:
+        return False

@@ -251,6 +251,11 @@ class Claim:
     def key(self) -> str:
         return Keys.claim(self.cpid, self.claim_id)
 
+    def expired(self, now: float) -> bool:
+        """Whether ``expires_at`` has passed: such a claim counts as gone even while its
+        key still exists (a lease re-armed by an etcd restart outlives the claim)."""
+        return 0 < self.expires_at <= now
+
     @classmethod
     def from_kv(cls, kv: KV) -> Claim:
         """Parse a claim key; ``ValueError`` when the key or value is not a claim."""

@@ -38,7 +38,12 @@ reconciler (:meth:`ClaimService.reconcile`) reads ``/claim/``, ``/alloc/`` and
 live claim keys with a compare-and-put (logged).  It runs at start, every
 ``reconcile_interval_s`` and ``reconcile_delay_s`` after a watch on ``/claim/`` sees
 a claim key deleted.  Claims written by a process that died expire with their
-leases; any instance's reconciler then fixes the totals.
+leases; any instance's reconciler then fixes the totals.  A claim whose ``expires_at``
+has passed never counts, even while its key remains (etcd re-arms leases to their full
+TTL when it restarts): listings leave it out, a capacity or quota refusal first removes
+such claims and reads again, and every pass removes those it lists, each in a
+release-like transaction.  A pass also deletes the ``/alloc/`` keys of records that are
+gone and that no claim names.
 
 **Free units** (:func:`available_units`): the node's verified status reports
 ``accelerators_free`` (CPU cores for records without accelerators) *after*
@@ -94,6 +99,7 @@ from resolver.claims.model import (
 from resolver.core import Resolver
 from resolver.discovery import Query
 from resolver.entry import Entry
+from resolver.events import Event
 from schemas.chain import open_signed
 from schemas.cpid import parse as parse_cpid
 from schemas.dsse import Envelope
@@ -246,6 +252,7 @@ class ClaimService:
         self._trigger = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_prune = 0.0
+        self._unlisten: Callable[[], None] | None = None
         self.passes = 0
         """Reconciliation passes run so far."""
 
@@ -254,6 +261,7 @@ class ClaimService:
     async def start(self, *, reconcile: bool = True) -> None:
         """Start the reconciler (a pass now, then periodic and after claim expiries)."""
         if reconcile and not self._tasks:
+            self._unlisten = self._resolver.add_listener(self._on_event)
             self._tasks = [
                 asyncio.create_task(self._reconcile_loop(), name="claims-reconciler"),
                 asyncio.create_task(self._watch_claims(), name="claims-watch"),
@@ -263,6 +271,9 @@ class ClaimService:
         """Stop the reconciler; claims still queued are refused (503).  Claims made stay
         (they expire with their leases)."""
         tasks, self._tasks = [*self._tasks, *self._leaders.values()], []
+        if self._unlisten is not None:
+            self._unlisten()
+            self._unlisten = None
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -469,6 +480,7 @@ class ClaimService:
         holders = sorted({r.holder for r in batch})
         snap = self._cached(cpid, holders)
         attempt = 0
+        purged = False
         while True:
             batch = [r for r in batch if not self._dropped(r)]
             if not batch:
@@ -480,6 +492,11 @@ class ClaimService:
             if refused and not snap.fresh:
                 snap = None  # refuse only on what etcd says now
                 continue
+            if refused and not purged:
+                purged = True  # claims past expires_at count as gone: remove them, look again
+                if await self._purge_refusal(cpid, refused):
+                    snap = None
+                    continue
             if accepted:
                 await self._grant([r for r in accepted if r.lease is None])
                 claims = [self._claim_of(cpid, r) for r in accepted]
@@ -801,16 +818,119 @@ class ClaimService:
     async def list_claims(self, holder: str | None = None) -> list[Claim]:
         """Active claims (of ``holder``, or all), oldest first.  Reads every claim key."""
         kvs, _ = await self._index.get_prefix(Prefix.CLAIM)
+        now = self._clock()
         out: list[Claim] = []
+        expired: list[Claim] = []
         for kv in kvs:
             try:
                 c = Claim.from_kv(kv)
             except (ValueError, InvalidDataError):
                 continue
-            if holder is None or c.holder == holder:
+            if c.expired(now):
+                expired.append(c)
+            elif holder is None or c.holder == holder:
                 out.append(c)
+        if expired:
+            self._purge_later(expired)
         out.sort(key=lambda c: (c.created_at, c.claim_id))
         return out
+
+    # -- claims past their expires_at -------------------------------------------------
+
+    async def _purge_refusal(self, cpid: str, refused: list[tuple[_Request, CPIError]]) -> bool:
+        """Before refusing for capacity or quota: remove the claims on ``cpid`` (and, for a
+        quota refusal, of the holder) whose ``expires_at`` has passed.  True when it looked
+        (the totals must then be read again: a removal elsewhere may have raced the read)."""
+        capacity = any(isinstance(e, InsufficientCapacityError) for _, e in refused)
+        holders = {r.holder for r, e in refused if isinstance(e, QuotaExceededError)}
+        if not capacity and not holders:
+            return False
+        prefix = Prefix.CLAIM if holders else Keys.claims(cpid)
+        kvs, _ = await self._index.get_prefix(prefix)
+        now = self._clock()
+        stale: list[Claim] = []
+        for kv in kvs:
+            try:
+                c = Claim.from_kv(kv)
+            except (ValueError, InvalidDataError):
+                continue
+            if c.expired(now) and (c.cpid == cpid or c.holder in holders):
+                stale.append(c)
+        await self.purge_expired(stale)
+        return True  # expired claims may have gone meanwhile (here or elsewhere): read again
+
+    def _purge_later(self, claims: list[Claim]) -> None:
+        task = asyncio.create_task(self._purge_quietly(claims), name="claims purge")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _purge_quietly(self, claims: list[Claim]) -> None:
+        try:
+            await self.purge_expired(claims)
+        except RetrievalError as exc:
+            _log.warning("removing expired claims failed (the reconciler retries): %s", exc)
+
+    async def purge_expired(self, claims: list[Claim]) -> int:
+        """Delete the claim keys of ``claims`` whose ``expires_at`` has passed, each in one
+        transaction that also decreases ``/alloc/`` and ``/holders/`` (as a release does);
+        returns how many were removed."""
+        now = self._clock()
+        removed = 0
+        for c in claims:
+            if c.expired(now) and await self._purge_one(c):
+                removed += 1
+        return removed
+
+    async def _purge_one(self, claim: Claim) -> bool:
+        claim_key, alloc_key = claim.key, Keys.alloc(claim.cpid)
+        holder_key = Keys.holder(claim.holder)
+        async with self._locks.hold(claim.cpid):
+            for _ in range(self.settings.max_attempts):
+                result = await self._index.txn(
+                    success=[Op.get(claim_key), Op.get(alloc_key), Op.get(holder_key)]
+                )
+                kv, alloc_kv, holder_kv = (r.kvs[0] if r.kvs else None for r in result.responses)
+                if kv is None:
+                    return False  # gone meanwhile (lease, release, another instance)
+                try:
+                    current = Claim.from_kv(kv)
+                except (ValueError, InvalidDataError):
+                    return False
+                if not current.expired(self._clock()):
+                    return False  # re-written with a later expiry
+                allocated, held = read_units(alloc_kv), read_units(holder_kv)
+                new_alloc = units_json(max(0, (allocated or 0) - current.units))
+                new_held = units_json(max(0, (held or 0) - current.units))
+                done = await self._index.txn(
+                    compare=[
+                        Cmp.mod_revision(claim_key, "==", kv.mod_revision),
+                        Cmp.mod_revision(alloc_key, "==", _rev(alloc_kv)),
+                        Cmp.mod_revision(holder_key, "==", _rev(holder_kv)),
+                    ],
+                    success=[
+                        Op.delete(claim_key),
+                        Op.put(alloc_key, new_alloc),
+                        Op.put(holder_key, new_held),
+                    ],
+                )
+                self._forget(alloc_key, holder_key)
+                if not done.succeeded:
+                    self.metrics.retries.inc()
+                    continue
+                if allocated is None or held is None:
+                    self._trigger.set()
+                _log.info(
+                    "claim %s of %s expired at %d but its key remained (a lease re-armed by an "
+                    "etcd restart?); removed it and returned its %d units",
+                    current.claim_id,
+                    current.holder,
+                    current.expires_at,
+                    current.units,
+                )
+                if current.lease:
+                    await self._revoke(current.lease)
+                return True
+        return False
 
     # -- reconciliation ---------------------------------------------------------------
 
@@ -832,6 +952,7 @@ class ClaimService:
             by_cpid[c.cpid] += c.units
             by_holder[c.holder] += c.units
         fixed: list[str] = []
+        allocs = await self._drop_leftover_allocs(allocs, by_cpid, fixed)
         lost = 0
         for collection, kvs, want, key_of in (
             ("alloc", allocs, by_cpid, Keys.alloc),
@@ -867,8 +988,67 @@ class ClaimService:
                     was,
                     target,
                 )
+        await self._purge_listed(claims)
         self.passes += 1
         return ReconcileReport(rev, len(claims), fixed, lost)
+
+    async def _drop_leftover_allocs(
+        self, allocs: list[KV], claimed: Tally[str], fixed: list[str]
+    ) -> list[KV]:
+        """Delete the ``/alloc/`` keys of resources whose record is gone and that no claim
+        key names (a release leaves ``{"units": 0}``, an expiry a total the reconciler
+        would lower), each in a transaction comparing it unchanged and the record absent
+        (a claim in flight writes ``/alloc/``, so it fails that compare, or ours fails).
+        Returns the ``allocs`` still in place; adds ``"<key>: <was> -> 0"`` to ``fixed``
+        for each removed (an absent total reads as 0)."""
+        kept: list[KV] = []
+        for kv in allocs:
+            try:
+                cpid = parse_key(kv.key).name
+            except ValueError:
+                kept.append(kv)
+                continue
+            if claimed.get(cpid) or self._resolver.get(cpid) is not None:
+                kept.append(kv)
+                continue
+            result = await self._index.txn(
+                compare=[
+                    Cmp.mod_revision(kv.key, "==", kv.mod_revision),
+                    Cmp.version(Keys.rec(cpid), "==", 0),
+                ],
+                success=[Op.delete(kv.key)],
+            )
+            if not result.succeeded:
+                kept.append(kv)
+                continue
+            self._forget(kv.key)
+            self.metrics.reconciled.labels("alloc").inc()
+            have = read_units(kv)
+            fixed.append(f"{kv.key}: {'unreadable' if have is None else have} -> 0")
+            _log.info(
+                "claims reconciler: removed %s (%r): its record is gone and no claim names it",
+                kv.key,
+                kv.value[:64],
+            )
+        return kept
+
+    def _on_event(self, event: Event) -> None:
+        """A record no longer served (deregistered, ...): a pass removes its ``/alloc/``."""
+        if event.type == "delete":
+            self._trigger.set()
+
+    async def _purge_listed(self, kvs: list[KV]) -> None:
+        """Remove the listed claims past their ``expires_at`` (the totals above counted
+        their keys; each removal decreases them with the key)."""
+        now = self._clock()
+        stale: list[Claim] = []
+        for kv in kvs:
+            with contextlib.suppress(ValueError, InvalidDataError):
+                c = Claim.from_kv(kv)
+                if c.expired(now):
+                    stale.append(c)
+        if stale:
+            await self.purge_expired(stale)
 
     def trigger_reconcile(self) -> None:
         """Ask for a reconciliation pass soon (after ``reconcile_delay_s``)."""

@@ -450,3 +450,42 @@ async def test_mounted_in_the_resolver_app(
     assert (
         f"ok   inclusion of record {cpids[1]}: leaf 1 (register) of 3; its envelope digest" in out
     )
+
+
+async def test_inclusion_lookup_by_digest_reads_no_key_per_version(
+    index: Index, kit: Kit, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A record with 300 versions: finding its first version by digest reads no audit key
+    (the view indexes record leaves by digest as it follows the stream)."""
+    await kit.publish(index)
+    cpid, env, node = kit.record()
+    await kit.register(index, cpid, env)
+    first = record_digest(env)
+    for v in range(2, 301):
+        _, envv, _ = kit.record(node, cpid=cpid, version=v)
+        await kit.register(index, cpid, envv, op="update")
+    view = LogView(index)
+    await view.refresh()
+    assert view.tree.size == 300
+
+    reads = 0
+    real_get = index.get
+
+    async def counting_get(key: str, *args: Any, **kw: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await real_get(key, *args, **kw)
+
+    index.get = counting_get  # type: ignore[method-assign]
+    try:
+        t0 = asyncio.get_running_loop().time()
+        for _ in range(10):
+            assert await view.find_leaf(cpid, digest=first) == 0
+        elapsed = (asyncio.get_running_loop().time() - t0) / 10
+        assert await view.find_leaf(cpid, digest=first.upper()) == 0
+        assert await view.find_leaf(cpid, version=300) == 299  # reads /rec/<cpid> only
+    finally:
+        del index.get
+    with capsys.disabled():
+        print(f"\nfind_leaf by digest at 300 versions: {elapsed * 1000:.3f} ms, {reads} reads")
+    assert reads == 1
