@@ -704,7 +704,7 @@ class ReplicaState:
             expires_at = _claim_expiry(value)
             if expires_at and expires_at <= now:
                 with _suppress_bad_claim():
-                    units = json.loads(value)["units"]
+                    units = _json.loads(value)["units"]
                     if isinstance(units, int) and not isinstance(units, bool) and units > 0:
                         total += units
         return total
@@ -1215,7 +1215,7 @@ class ReplicaState:
 def _claim_expiry(value: bytes) -> float:
     """A claim value's ``expires_at`` (0 when unreadable: such a claim is not expired)."""
     with _suppress_bad_claim():
-        obj = json.loads(value)
+        obj = _json.loads(value)
         exp = obj.get("expires_at") if isinstance(obj, dict) else None
         if isinstance(exp, int | float) and not isinstance(exp, bool):
             return float(exp)

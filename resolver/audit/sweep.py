@@ -276,7 +276,7 @@ class Sweeper:
                             kind,
                             kv.key,
                             "leftover",
-                            f"0 units; no record at /cpi/v1/rec/{parts[0]}",
+                            f"0 units; no record at /cpi/v1/rec/{cpid}",
                         )
                     else:
                         r.add(kind, kv.key, "orphan", f"no record at /cpi/v1/rec/{cpid}")
