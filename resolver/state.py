@@ -118,14 +118,18 @@ _DETAIL_MAX: Final = 200
 """Longest detail kept (and logged) for a bad value: messages may quote the value."""
 
 
-def _describe(exc: BaseException) -> str:
+def describe_bad_value(exc: BaseException, limit: int = _DETAIL_MAX) -> str:
+    """What is wrong with a value, from what reading it raised (at most *limit* characters)."""
     text = str(exc) or type(exc).__name__
     if not isinstance(exc, EnvelopeError | InvalidDataError | ValueError):
         text = f"{type(exc).__name__}: {text}"
-    return text if len(text) <= _DETAIL_MAX else text[: _DETAIL_MAX - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _claim_problem(value: bytes) -> str:
+_describe = describe_bad_value
+
+
+def claim_problem(value: bytes) -> str:
     """Why a ``/claim/`` value is not a claim (what :class:`resolver.claims.model.Claim`
     reads), or ''."""
     obj = _json.loads(value)
@@ -664,7 +668,7 @@ class ReplicaState:
                     del self.claims[cpid]
             return
         try:
-            problem = _claim_problem(ch.value)
+            problem = claim_problem(ch.value)
         except Exception as exc:
             problem = _describe(exc)
         if problem:

@@ -28,6 +28,7 @@ from typing import Any, Final
 
 from registry.index import KV, Index, Prefix, parse_key, read_units
 from resolver.audit.bundle import classify, classify_check
+from resolver.state import claim_problem, describe_bad_value
 from resolver.verify import (
     NO_CHAIN,
     NO_ENVELOPE,
@@ -55,23 +56,7 @@ _DETAIL_MAX: Final = 300
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    if not isinstance(exc, ValueError | InvalidDataError):
-        text = f"{type(exc).__name__}: {text}"
-    return text if len(text) <= _DETAIL_MAX else text[: _DETAIL_MAX - 3] + "..."
-
-
-def _claim_problem(value: bytes) -> str:
-    """Why a ``/claim/`` value is not a claim, or ''."""
-    obj = _json.loads(value)
-    if not isinstance(obj, dict):
-        return f"a claim must be a JSON object, got {type(obj).__name__}"
-    units = obj.get("units")
-    if not isinstance(units, int) or isinstance(units, bool) or units < 1:
-        return "claim units must be a positive integer"
-    if not isinstance(obj.get("holder"), str):
-        return "claim holder must be a string"
-    return ""
+    return describe_bad_value(exc, _DETAIL_MAX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +278,7 @@ class Sweeper:
     def _unreadable(prefix: Prefix, value: bytes) -> str:
         """Why an ``/alloc/`` or ``/claim/`` value cannot be read, or ''."""
         if prefix is Prefix.CLAIM:
-            return _claim_problem(value)
+            return claim_problem(value)
         _json.loads(value)  # bounded nesting first: read_units uses the stdlib parser
         read_units(value)
         return ""

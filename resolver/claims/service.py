@@ -195,6 +195,47 @@ def _rev(kv: KV | None) -> int:
     return 0 if kv is None else kv.mod_revision
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Return:
+    """The transaction that deletes a claim and gives its units back to the resource's
+    ``/alloc/`` total and the holder's ``/holders/`` total, all compared unchanged."""
+
+    compare: list[Cmp]
+    success: list[Op]
+    new_alloc: bytes
+    new_held: bytes
+    readable: bool
+    """False when a total was unreadable (written as if it were 0: the reconciler fixes it)."""
+
+
+def _return_units(
+    claim_key: str,
+    claim_kv: KV,
+    units: int,
+    alloc: tuple[str, KV | None],
+    holder: tuple[str, KV | None],
+) -> _Return:
+    (alloc_key, alloc_kv), (holder_key, holder_kv) = alloc, holder
+    allocated, held = read_units(alloc_kv), read_units(holder_kv)
+    new_alloc = units_json(max(0, (allocated or 0) - units))
+    new_held = units_json(max(0, (held or 0) - units))
+    return _Return(
+        compare=[
+            Cmp.mod_revision(claim_key, "==", claim_kv.mod_revision),
+            Cmp.mod_revision(alloc_key, "==", _rev(alloc_kv)),
+            Cmp.mod_revision(holder_key, "==", _rev(holder_kv)),
+        ],
+        success=[
+            Op.delete(claim_key),
+            Op.put(alloc_key, new_alloc),
+            Op.put(holder_key, new_held),
+        ],
+        new_alloc=new_alloc,
+        new_held=new_held,
+        readable=allocated is not None and held is not None,
+    )
+
+
 def _written(key: str, value: bytes, old: KV | None, revision: int) -> KV:
     """The KV a successful put of ours left (for the cache of known keys)."""
     return KV(
@@ -772,30 +813,22 @@ class ClaimService:
                     )
                 holder_key = Keys.holder(claim.holder)
                 alloc_kv, holder_kv = await self._pair(alloc_key, holder_key)
-                allocated, held = read_units(alloc_kv), read_units(holder_kv)
-                new_alloc = units_json(max(0, (allocated or 0) - claim.units))
-                new_held = units_json(max(0, (held or 0) - claim.units))
+                ret = _return_units(
+                    claim_key, kv, claim.units, (alloc_key, alloc_kv), (holder_key, holder_kv)
+                )
                 result = await self._index.txn(
-                    compare=[
-                        Cmp.mod_revision(claim_key, "==", kv.mod_revision),
-                        Cmp.mod_revision(alloc_key, "==", _rev(alloc_kv)),
-                        Cmp.mod_revision(holder_key, "==", _rev(holder_kv)),
-                    ],
-                    success=[
-                        Op.delete(claim_key),
-                        Op.put(alloc_key, new_alloc),
-                        Op.put(holder_key, new_held),
-                    ],
+                    compare=ret.compare,
+                    success=ret.success,
                     failure=[Op.get(claim_key), Op.get(alloc_key), Op.get(holder_key)],
                 )
                 if result.succeeded:
                     self._remember(
-                        alloc_key, _written(alloc_key, new_alloc, alloc_kv, result.revision)
+                        alloc_key, _written(alloc_key, ret.new_alloc, alloc_kv, result.revision)
                     )
                     self._remember(
-                        holder_key, _written(holder_key, new_held, holder_kv, result.revision)
+                        holder_key, _written(holder_key, ret.new_held, holder_kv, result.revision)
                     )
-                    if allocated is None or held is None:
+                    if not ret.readable:
                         self._trigger.set()  # a total was unreadable: let the reconciler fix it
                     if claim.lease:
                         await self._revoke(claim.lease)
@@ -898,26 +931,15 @@ class ClaimService:
                     return False
                 if not current.expired(self._clock()):
                     return False  # re-written with a later expiry
-                allocated, held = read_units(alloc_kv), read_units(holder_kv)
-                new_alloc = units_json(max(0, (allocated or 0) - current.units))
-                new_held = units_json(max(0, (held or 0) - current.units))
-                done = await self._index.txn(
-                    compare=[
-                        Cmp.mod_revision(claim_key, "==", kv.mod_revision),
-                        Cmp.mod_revision(alloc_key, "==", _rev(alloc_kv)),
-                        Cmp.mod_revision(holder_key, "==", _rev(holder_kv)),
-                    ],
-                    success=[
-                        Op.delete(claim_key),
-                        Op.put(alloc_key, new_alloc),
-                        Op.put(holder_key, new_held),
-                    ],
+                ret = _return_units(
+                    claim_key, kv, current.units, (alloc_key, alloc_kv), (holder_key, holder_kv)
                 )
+                done = await self._index.txn(compare=ret.compare, success=ret.success)
                 self._forget(alloc_key, holder_key)
                 if not done.succeeded:
                     self.metrics.retries.inc()
                     continue
-                if allocated is None or held is None:
+                if not ret.readable:
                     self._trigger.set()
                 _log.info(
                     "claim %s of %s expired at %d but its key remained (a lease re-armed by an "
