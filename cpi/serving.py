@@ -14,7 +14,9 @@ listening socket of its own, wrapping every connection in a small guard that:
   connection idle between requests, or one whose next request head does not complete
   in that time.
 
-Body reads are bounded by the apps themselves (``body_timeout_s``: ``408``).
+Body reads are bounded by the apps themselves (``body_timeout_s``: ``408``); after an
+answer that left part of a body unread, aiohttp drains the rest for at most 1 s
+(``lingering_time``), then closes the connection.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from aiohttp import web
 __all__ = ["ServerLimits", "Serving"]
 
 _REFUSAL_WAIT_S = 2.0  # how long a refused connection may take to send its head
+_LINGERING_S = 1.0  # after an answer, the unread rest of a body is drained this long, then closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +184,7 @@ class Serving:
             handle_signals=False,
             access_log=None,
             keepalive_timeout=self.limits.keepalive_timeout_s,
+            lingering_time=_LINGERING_S,
             shutdown_timeout=shutdown_timeout,
         )
         self._server: asyncio.Server | None = None

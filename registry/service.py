@@ -111,7 +111,7 @@ class Limits:
                 rate=config.address_registrations_per_s or config.registrations_per_s,
                 burst=config.address_registration_burst or config.registration_burst,
                 max_keys=keys,
-                what="registration rate limit of this client address:",
+                what="per-address registration",
             ),
             unauthenticated=BucketTable(
                 rate=config.unauthenticated_per_s,

@@ -202,9 +202,7 @@ async def test_an_idle_connection_is_closed_after_the_keepalive_timeout(start: S
 
 
 async def test_connections_per_address_are_limited(start: Start) -> None:
-    serving = await start(
-        limits=ServerLimits(header_timeout_s=10.0, max_connections_per_address=4)
-    )
+    serving = await start(limits=ServerLimits(header_timeout_s=10.0, max_connections_per_address=4))
     idle = [await _connect(serving, "127.0.0.1") for _ in range(4)]
     await until(lambda: serving.connections == 4, what="4 connections counted")
     reader, writer = await _connect(serving, "127.0.0.1")
