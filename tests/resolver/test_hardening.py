@@ -264,3 +264,36 @@ async def test_ascii_numbers_still_work(start: Start) -> None:
         for path in ("/v1/discover?limit=5&min_free=1", "/v1/discover?near=31&max_latency_ms=12.5"):
             async with session.get(serving.url + path) as resp:
                 assert resp.status == 200, await resp.text()
+
+
+# -- claims bodies ----------------------------------------------------------------------------
+
+
+async def test_claim_bodies_are_utf8_and_arrive_in_time(start: Start, index: Index) -> None:
+    from resolver.claims import tokens as claim_tokens
+
+    serving = await start(body_timeout_s=1.0)
+    token = await claim_tokens.create_token(index, holder="hardening", ttl_s=600)
+    doc = json.dumps({"cpid": Node().cpid, "units": 1})
+    auth = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession() as session:
+        for data, why in (
+            (doc.encode("utf-16"), "UTF-16"),
+            (b"\xef\xbb\xbf" + doc.encode(), "BOM"),
+        ):
+            async with session.post(f"{serving.url}/v1/claims", data=data, headers=auth) as resp:
+                body = await resp.json()
+            assert resp.status == 400, body
+            assert body["error"]["code"] == "invalid_claim"
+            assert "must be UTF-8" in body["error"]["message"], (why, body)
+    reader, writer = await _connect(serving)
+    writer.write(
+        b"POST /v1/claims HTTP/1.1\r\nHost: resolver\r\n"
+        + f"Authorization: Bearer {token}\r\nContent-Length: {len(doc) + 50}\r\n\r\n".encode()
+        + doc.encode()
+    )
+    status, body = await _answer(reader, within=5)
+    assert status == 408 and body["error"]["code"] == "request_timeout", body
+    async with asyncio.timeout(3):
+        assert await reader.read() == b""
+    writer.close()
