@@ -242,7 +242,7 @@ class Query:
             max_latency = parse_number(seen["max_latency_ms"])
             if max_latency is None:
                 raise QueryError(
-                    f"max_latency_ms={seen['max_latency_ms']!r}: expected a number "
+                    f"max_latency_ms={seen['max_latency_ms']!r}: expected a positive number "
                     "(ASCII digits 0-9 in JSON's number form, e.g. 12 or 12.5)"
                 )
         limit = integer("limit")
