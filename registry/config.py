@@ -101,9 +101,22 @@ class RegistryConfig(_Model):
     record_ttl_days: Annotated[float, Field(gt=0)] = 30.0
     self_preservation_threshold: Annotated[float, Field(gt=0, le=1)] = 0.5
     self_preservation_min_nodes: Annotated[int, Field(ge=1)] = 3
+    # rate limits (docs/registry.md "Limits"): per join token and per client address for
+    # requests with a valid token; a small per-address bucket for the rest
     registrations_per_s: Annotated[float, Field(gt=0)] = 50.0
     registration_burst: Annotated[int, Field(ge=1)] = 100
+    address_registrations_per_s: Annotated[float, Field(gt=0)] | None = None  # None: as per token
+    address_registration_burst: Annotated[int, Field(ge=1)] | None = None
+    unauthenticated_per_s: Annotated[float, Field(gt=0)] = 1.0
+    unauthenticated_burst: Annotated[int, Field(ge=1)] = 10
+    rate_limit_keys: Annotated[int, Field(ge=16)] = 10_000
     max_body_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 64 * 1024
+    # HTTP serving (docs/registry.md "Limits")
+    body_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    header_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    keepalive_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    max_connections: Annotated[int, Field(ge=1)] = 10_000
+    max_connections_per_address: Annotated[int, Field(ge=1)] = 256
     admin_token_hash: Annotated[str, AfterValidator(_sha256_hex)] | None = None
 
     @property

@@ -1,19 +1,25 @@
-"""A token bucket for registrations: bursts after an outage get a clear 429.
+"""Token buckets for registrations: bursts after an outage get a clear 429.
 
-The bucket holds up to ``burst`` tokens and refills at ``rate`` tokens per second;
-each registration takes one.  When it is empty the caller is told how long until the
-next token (the ``Retry-After`` header, whole seconds, at least 1).
+A bucket holds up to ``burst`` tokens and refills at ``rate`` tokens per second; each
+registration takes one.  When it is empty the caller is told how long until the next
+token (the ``Retry-After`` header, whole seconds, at least 1).
+
+:class:`BucketTable` keeps one bucket per key (a join token's hash, a client address),
+at most ``max_keys`` of them: the least recently used is dropped first, and a bucket
+that is full again carries no state, so dropping it changes nothing.  A flood of new
+addresses or made-up tokens therefore cannot grow memory without bound.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from registry.errors import RateLimitedError
 
-__all__ = ["TokenBucket"]
+__all__ = ["BucketTable", "TokenBucket"]
 
 
 class TokenBucket:
@@ -59,3 +65,45 @@ class TokenBucket:
                 f"retry after {retry} s",
                 retry_after=retry,
             )
+
+
+class BucketTable:
+    """One :class:`TokenBucket` per key, at most ``max_keys`` (least recently used dropped)."""
+
+    def __init__(
+        self,
+        *,
+        rate: float,
+        burst: int,
+        max_keys: int = 10_000,
+        what: str = "registration",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_keys < 1:
+            raise ValueError(f"max_keys must be at least 1, got {max_keys}")
+        TokenBucket(rate=rate, burst=burst, clock=clock)  # checks rate and burst
+        self.rate = rate
+        self.burst = burst
+        self.max_keys = max_keys
+        self.what = what
+        self._clock = clock
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def bucket(self, key: str) -> TokenBucket:
+        """The bucket of ``key`` (a new, full one if it has none), now the most recent."""
+        b = self._buckets.get(key)
+        if b is None:
+            b = TokenBucket(rate=self.rate, burst=self.burst, clock=self._clock)
+            self._buckets[key] = b
+            while len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+        return b
+
+    def take(self, key: str, what: str | None = None) -> None:
+        """Take one token from ``key``'s bucket or raise :class:`RateLimitedError`."""
+        self.bucket(key).take(what or self.what)

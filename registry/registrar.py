@@ -254,6 +254,13 @@ class Registrar:
         self._tokens[sha] = (token, now)
         return token
 
+    async def authenticate(self, text: str) -> tokens.Token:
+        """The join token ``text`` if it is known and still valid, else a
+        :class:`~registry.errors.TokenError` (used to pick the rate-limit bucket)."""
+        token = await self._token(text)
+        token.check_valid(now=int(time.time()))
+        return token
+
     async def _nonce_used(self, kid: str, nonce: str) -> None:
         if await self._get(Keys.nonce(kid, nonce), "get-nonce") is not None:
             raise ReplayedNonceError(

@@ -40,11 +40,12 @@ from registry.errors import (
     BodyTooLargeError,
     RateLimitedError,
     StartupError,
+    TokenError,
 )
 from registry.index import Index
 from registry.liveness import Liveness
 from registry.metrics import RegistryMetrics
-from registry.ratelimit import TokenBucket
+from registry.ratelimit import BucketTable
 from registry.registrar import Registrar
 from registry.revocations import Revocations
 from registry.signers import Signers, load_signers
@@ -53,11 +54,13 @@ from schemas.chain import TrustAnchors
 from schemas.cpid import parse as parse_cpid
 from schemas.errors import (
     CPIError,
+    EnvelopeError,
     InvalidDataError,
     KeyFileError,
+    RequestTimeoutError,
     RetrievalError,
 )
-from schemas.http import bearer_token
+from schemas.http import bearer_token, check_utf8_json
 
 __all__ = [
     "CONFIG",
@@ -85,9 +88,45 @@ class RegistryState:
     revocations: Revocations | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The registration rate limits (docs/registry.md "Limits").
+
+    A request with a valid join token takes one token from its token's bucket and one
+    from its client address's bucket; any other request (no token, an unknown, expired
+    or used-up one) takes one from its address's small ``unauthenticated`` bucket, so a
+    flood of refused requests cannot starve valid tokens.
+    """
+
+    per_token: BucketTable
+    per_address: BucketTable
+    unauthenticated: BucketTable
+
+    @classmethod
+    def from_config(cls, config: RegistryConfig) -> Limits:
+        keys = config.rate_limit_keys
+        return cls(
+            per_token=BucketTable(
+                rate=config.registrations_per_s, burst=config.registration_burst, max_keys=keys
+            ),
+            per_address=BucketTable(
+                rate=config.address_registrations_per_s or config.registrations_per_s,
+                burst=config.address_registration_burst or config.registration_burst,
+                max_keys=keys,
+                what="per-address registration",
+            ),
+            unauthenticated=BucketTable(
+                rate=config.unauthenticated_per_s,
+                burst=config.unauthenticated_burst,
+                max_keys=keys,
+                what="unauthenticated request",
+            ),
+        )
+
+
 CONFIG = web.AppKey("config", RegistryConfig)
 METRICS = web.AppKey("metrics", RegistryMetrics)
-LIMITER = web.AppKey("limiter", TokenBucket)
+LIMITS = web.AppKey("limits", Limits)
 STATE = web.AppKey("state", RegistryState)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -106,21 +145,48 @@ def _bearer(request: web.Request) -> str | None:
     return bearer_token(request.headers.get("Authorization", ""))
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    """The body, refusing more than ``limit`` bytes (before reading it when declared)."""
+def client_address(request: web.Request) -> str:
+    """The peer's IP address (``X-Forwarded-For`` is not trusted)."""
+    return request.remote or "unknown"
+
+
+async def _read_body(
+    request: web.Request,
+    limit: int,
+    *,
+    error: type[InvalidDataError] = EnvelopeError,
+) -> bytes:
+    """The body, refusing more than ``limit`` bytes (before reading it when declared),
+    a body that does not arrive within ``body_timeout_s`` (408, the connection is
+    closed) and bytes that are not UTF-8 JSON text (``error``, 400)."""
     declared = request.content_length
     if declared is not None and declared > limit:
         raise BodyTooLargeError(f"request body is {declared} bytes, at most {limit} allowed")
+    timeout = request.app[CONFIG].body_timeout_s
     chunks: list[bytes] = []
     size = 0
-    while True:
-        chunk = await request.content.read(65536)
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLargeError(f"request body is over {limit} bytes, at most {limit} allowed")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                chunk = await request.content.read(65536)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLargeError(
+                        f"request body is over {limit} bytes, at most {limit} allowed"
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"request body not received within {timeout:g} s "
+            f"({size} of {declared if declared is not None else 'unknown'} bytes arrived)"
+        ) from None
+    body = b"".join(chunks)
+    why = check_utf8_json(body)
+    if why is not None:
+        raise error(f"body is not valid JSON: {why}")
+    return body
 
 
 def _state(request: web.Request) -> RegistryState:
@@ -149,7 +215,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             _log.warning("%s %s: %s", request.method, request.path, exc)
         else:
             _log.debug("%s %s refused (%s): %s", request.method, request.path, exc.code, exc)
-        return _error(status, exc.code, str(exc), **headers)
+        resp = _error(status, exc.code, str(exc), **headers)
+        if isinstance(exc, RequestTimeoutError):
+            resp.force_close()  # the rest of the body is not read: close the connection
+        return resp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -160,11 +229,30 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 # -- handlers ---------------------------------------------------------------------------
 
 
+async def _admit_registration(request: web.Request, token: str | None) -> None:
+    """Take a token from the buckets this request counts against (docs/registry.md)."""
+    limits = request.app[LIMITS]
+    address = client_address(request)
+    authenticated = False
+    if token is not None:
+        try:
+            await _state(request).registrar.authenticate(token)
+            authenticated = True
+        except TokenError:
+            pass  # refused by register() below, with the usual answer
+    if token is None or not authenticated:
+        limits.unauthenticated.take(address)
+        return
+    limits.per_token.take(hashlib.sha256(token.encode()).hexdigest())
+    limits.per_address.take(address)
+
+
 async def post_registration(request: web.Request) -> web.Response:
-    request.app[LIMITER].take()
+    token = _bearer(request)
+    await _admit_registration(request, token)
     config = request.app[CONFIG]
     body = await _read_body(request, config.max_body_bytes)
-    result = await _state(request).registrar.register(body, _bearer(request))
+    result = await _state(request).registrar.register(body, token)
     return web.json_response(
         {
             "cpid": result.cpid,
@@ -222,7 +310,7 @@ async def get_self_preservation(request: web.Request) -> web.Response:
 
 async def post_self_preservation(request: web.Request) -> web.Response:
     _check_admin(request)
-    body = await _read_body(request, request.app[CONFIG].max_body_bytes)
+    body = await _read_body(request, request.app[CONFIG].max_body_bytes, error=InvalidDataError)
     try:
         obj = _json.loads(body)
     except ValueError as exc:
@@ -361,7 +449,7 @@ def create_app(
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body_bytes + 1)
     app[CONFIG] = config
     app[METRICS] = metrics or RegistryMetrics()
-    app[LIMITER] = TokenBucket(rate=config.registrations_per_s, burst=config.registration_burst)
+    app[LIMITS] = Limits.from_config(config)
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_post("/v1/registrations", post_registration, name="register")
     app.router.add_put("/v1/resources/{cpid:.+}/status", put_status, name="status")

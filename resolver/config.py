@@ -113,7 +113,16 @@ class ResolverConfig(_Model):
     discover_default_limit: Annotated[int, Field(ge=1)] = 20
     discover_max_limit: Annotated[int, Field(ge=1, le=10_000)] = 500
     watch_heartbeat_s: Annotated[float, Field(gt=0)] = 15.0
+    watch_ping_s: Annotated[float, Field(gt=0)] = 10.0
+    watch_write_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     max_watchers: Annotated[int, Field(ge=1)] = 1024
+    max_watchers_per_address: Annotated[int, Field(ge=1)] = 64
+    # HTTP serving (docs/resolver.md "Limits and timeouts")
+    body_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    header_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    keepalive_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    max_connections: Annotated[int, Field(ge=1)] = 10_000
+    max_connections_per_address: Annotated[int, Field(ge=1)] = 256
 
     @property
     def url(self) -> str:

@@ -33,7 +33,7 @@ from resolver.config import ResolverConfig
 from resolver.discovery import LatencyTable, Match, Query
 from resolver.entry import Entry
 from resolver.errors import NotReadyError
-from resolver.events import Cursor, Event, EventLog, parse_cursor
+from resolver.events import Cursor, Event, EventLog, format_cursor, parse_cursor
 from resolver.metrics import ResolverMetrics
 from resolver.replica import Replica, SyncSettings
 from resolver.state import MassExpiry, NamespaceInfo, ReplicaSettings, ReplicaState
@@ -319,8 +319,8 @@ class Resolver:
         ``since`` is an event id (``"<revision>"`` or ``"<revision>.<n>"``, e.g. an SSE
         ``Last-Event-ID``): events after it are replayed from the ring first.  Without
         it the watch starts now, and the first event is a ``progress`` event carrying
-        the starting id.  When ``since`` is older than the ring holds, a ``relist``
-        event comes first: re-list (discover) and carry on.  An entry that stops
+        the starting id.  When ``since`` is older than the ring holds, or ahead of the
+        resolver's current position, a ``relist`` event comes first: re-list (discover) and carry on.  An entry that stops
         matching the query (e.g. its free units fall below ``min_free``) yields a
         ``delete`` with reason ``query``.  With ``heartbeat``, a ``progress`` event comes
         after that many seconds without one.  The iterator ends when the resolver closes.
@@ -335,6 +335,16 @@ class Resolver:
             yield Event("progress", "", cursor)
         else:
             cursor = parse_cursor(since) if isinstance(since, str) else since
+            if cursor > log.last:  # from another resolver, or before an etcd restore
+                asked = format_cursor(cursor)
+                cursor = log.last
+                yield Event(
+                    "relist",
+                    "",
+                    cursor,
+                    reason=f"event id {asked} is ahead of this resolver "
+                    f"(at {format_cursor(cursor)})",
+                )
         while not log.closed:
             groups = log.after(cursor)
             if groups is None:

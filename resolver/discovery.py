@@ -36,6 +36,7 @@ from resolver.errors import QueryError
 from schemas import _json
 from schemas.cpid import KINDS, ns_contains, parse_namespace
 from schemas.errors import InvalidCPIDError
+from schemas.http import parse_int, parse_number
 
 __all__ = [
     "UNKNOWN_LATENCY_MS",
@@ -229,19 +230,21 @@ class Query:
         def integer(name: str) -> int | None:
             if name not in seen:
                 return None
-            try:
-                return int(seen[name])
-            except ValueError:
-                raise QueryError(f"{name}={seen[name]!r}: expected an integer") from None
+            value = parse_int(seen[name], negative=True)
+            if value is None:
+                raise QueryError(
+                    f"{name}={seen[name]!r}: expected an integer (ASCII digits 0-9 only)"
+                )
+            return value
 
         max_latency: float | None = None
         if "max_latency_ms" in seen:
-            try:
-                max_latency = float(seen["max_latency_ms"])
-            except ValueError:
+            max_latency = parse_number(seen["max_latency_ms"])
+            if max_latency is None:
                 raise QueryError(
-                    f"max_latency_ms={seen['max_latency_ms']!r}: expected a number"
-                ) from None
+                    f"max_latency_ms={seen['max_latency_ms']!r}: expected a positive number "
+                    "(ASCII digits 0-9 in JSON's number form, e.g. 12 or 12.5)"
+                )
         limit = integer("limit")
         if limit is not None and not 1 <= limit <= max_limit:
             raise QueryError(f"limit={limit}: must be between 1 and {max_limit}")

@@ -7,9 +7,16 @@ the services answer it with that status.  :class:`ConfigError` is the one of
 
 from __future__ import annotations
 
-from schemas.errors import ConfigError, InvalidDataError, RetrievalError
+from schemas.errors import ConfigError, CPIError, InvalidDataError, RetrievalError
 
-__all__ = ["ConfigError", "NotReadyError", "QueryError", "ResolverUnavailableError"]
+__all__ = [
+    "ConfigError",
+    "NotReadyError",
+    "QueryError",
+    "ResolverUnavailableError",
+    "TooManyWatchesError",
+    "WatchCapacityError",
+]
 
 
 class QueryError(InvalidDataError):
@@ -28,3 +35,16 @@ class ResolverUnavailableError(RetrievalError):
     """A resolver could not be reached over HTTP, or answered with a server error."""
 
     code = "resolver_unavailable"
+
+
+class TooManyWatchesError(CPIError):
+    """This client address has ``max_watchers_per_address`` watches open (HTTP 429)."""
+
+    code = "too_many_watches"
+    http_status = 429
+
+
+class WatchCapacityError(RetrievalError):
+    """The resolver has ``max_watchers`` watches open (HTTP 503)."""
+
+    code = "watch_capacity"

@@ -23,6 +23,7 @@ from typing import Literal
 
 from resolver.entry import Entry
 from resolver.errors import QueryError
+from schemas.http import parse_int
 
 __all__ = ["Cursor", "Event", "EventLog", "format_cursor", "parse_cursor"]
 
@@ -38,13 +39,13 @@ def format_cursor(cursor: Cursor) -> str:
 def parse_cursor(text: str) -> Cursor:
     """Parse an event id (``Last-Event-ID``): ``"<revision>"`` or ``"<revision>.<n>"``."""
     head, dot, tail = text.strip().partition(".")
-    try:
-        r = int(head)
-        n = int(tail) if dot else 0
-    except ValueError:
+    r = parse_int(head, negative=True)
+    n = parse_int(tail, negative=True) if dot else 0
+    if r is None or n is None:
         raise QueryError(
-            f"event id {text!r} is not '<revision>' or '<revision>.<n>' (decimal integers)"
-        ) from None
+            f"event id {text!r} is not '<revision>' or '<revision>.<n>' "
+            "(decimal integers, ASCII digits 0-9 only)"
+        )
     if r < 0 or n < 0:
         raise QueryError(f"event id {text!r} must not be negative")
     return r, n

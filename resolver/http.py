@@ -40,18 +40,17 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from resolver.audit.log import add_log_routes
-from resolver.claims.http import add_claim_routes
+from resolver.claims.http import BODY_TIMEOUT, add_claim_routes
 from resolver.config import ResolverConfig
 from resolver.core import Resolver
 from resolver.discovery import Query
 from resolver.dns.server import DnsServer
-from resolver.errors import NotReadyError
+from resolver.errors import NotReadyError, TooManyWatchesError, WatchCapacityError
 from resolver.events import Event, parse_cursor
 from resolver.metrics import ResolverMetrics
 from schemas.errors import (
     CPIError,
     NotFoundError,
-    RetrievalError,
 )
 
 __all__ = [
@@ -72,6 +71,7 @@ DNS = web.AppKey("dns", DnsServer)
 """The DNS front end, present when the config has a ``dns_port`` (its ``port`` once started)."""
 _METRICS = web.AppKey("metrics", ResolverMetrics)
 _STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams")
+_WATCHERS: web.AppKey[dict[str, int]] = web.AppKey("watchers_per_address")
 
 STALE_HEADER: Final = "X-CPI-Stale"
 _JSON: Final = "application/json"
@@ -190,7 +190,21 @@ def render_event(event: Event) -> bytes:
     return ("\n".join(lines) + "\n\n").encode()
 
 
+def _closed(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 async def get_watch(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/watch``: a server-sent event stream (see the module doc).
+
+    Each watch takes one of ``max_watchers`` slots and one of its client address's
+    ``max_watchers_per_address``; the slot is freed as soon as the client goes away.
+    The handler wakes at least once a second to check the connection, and sends a
+    ``: ping`` comment after ``watch_ping_s`` without a write, so a dead peer fails a
+    write; a write that cannot be sent within ``watch_write_timeout_s`` (a client that
+    does not read) closes the connection.
+    """
     resolver = request.app[RESOLVER]
     config = request.app[CONFIG]
     query = _query(request, ignore=("since",))
@@ -199,8 +213,18 @@ async def get_watch(request: web.Request) -> web.StreamResponse:
     if not resolver.ready:
         raise NotReadyError("the resolver has not finished listing the index yet")
     streams = request.app[_STREAMS]
+    per_address = request.app[_WATCHERS]
+    address = request.remote or "unknown"
+    if per_address.get(address, 0) >= config.max_watchers_per_address:
+        raise TooManyWatchesError(
+            f"client address {address} has {per_address[address]} open watches, at most "
+            f"{config.max_watchers_per_address} allowed; close one first"
+        )
     if len(streams) >= config.max_watchers:
-        raise RetrievalError(f"too many open watches ({len(streams)}); try again later")
+        raise WatchCapacityError(
+            f"too many open watches ({len(streams)}, at most {config.max_watchers}); "
+            "try again later"
+        )
     resp = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -210,24 +234,67 @@ async def get_watch(request: web.Request) -> web.StreamResponse:
     )
     if resolver.stale:
         resp.headers[STALE_HEADER] = "1"
-    await resp.prepare(request)
     task = asyncio.current_task()
     assert task is not None
     streams.add(task)
+    per_address[address] = per_address.get(address, 0) + 1
     metrics = request.app[_METRICS]
     metrics.watchers.inc()
+    loop = asyncio.get_running_loop()
+    events = aiter(resolver.watch(query, since=since, heartbeat=config.watch_heartbeat_s))
+    pending: asyncio.Future[Event] | None = None
+    check_s = min(1.0, config.watch_ping_s)
+
+    async def write(data: bytes) -> None:
+        async with asyncio.timeout(config.watch_write_timeout_s):
+            await resp.write(data)
+
     try:
-        await resp.write(b"retry: 1000\n\n")
+        await resp.prepare(request)
+        await write(b"retry: 1000\n\n")
+        last_write = loop.time()
         buffer: list[bytes] = []
-        async for event in resolver.watch(query, since=since, heartbeat=config.watch_heartbeat_s):
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait((pending,), timeout=check_s)
+            if _closed(request):
+                break
+            if not done:
+                if loop.time() - last_write >= config.watch_ping_s:
+                    await write(b": ping\n\n")
+                    last_write = loop.time()
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                break
+            finally:
+                pending = None
             buffer.append(render_event(event))
             if event.final or event.type in ("relist", "progress"):
-                await resp.write(b"".join(buffer))
+                await write(b"".join(buffer))
                 buffer.clear()
+                last_write = loop.time()
     except ConnectionResetError:
         pass  # the client went away
+    except TimeoutError:  # the client does not read: drop the connection (and its buffer)
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
     finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
+                await pending
+        with contextlib.suppress(Exception):
+            await events.aclose()  # type: ignore[attr-defined]
         streams.discard(task)
+        n = per_address.get(address, 0) - 1
+        if n > 0:
+            per_address[address] = n
+        else:
+            per_address.pop(address, None)
         metrics.watchers.dec()
     return resp
 
@@ -309,6 +376,7 @@ def create_app(
     app[_METRICS] = r.metrics
     streams: set[asyncio.Task[Any]] = set()
     app[_STREAMS] = streams
+    app[_WATCHERS] = {}
     app.cleanup_ctx.append(_lifecycle)
     if config.dns_port is not None and primary:
         app[DNS] = DnsServer(
@@ -334,6 +402,7 @@ def create_app(
     # after the resolver's cleanup_ctx entry: both use its index once it is connected;
     # their handlers answer the error tree themselves
     add_log_routes(app, index=lambda a: a[RESOLVER].index)
+    app[BODY_TIMEOUT] = config.body_timeout_s
     add_claim_routes(app, resolver=r, reconcile=primary)
     app.router.add_route("*", "/{path:.*}", _no_route, name="other")  # last: unknown routes
     return app

@@ -36,6 +36,7 @@ __all__ = [
     "OutsideNamespaceError",
     "PayloadError",
     "ProofError",
+    "RequestTimeoutError",
     "RetrievalError",
     "RevokedError",
     "SignatureError",
@@ -156,6 +157,13 @@ class BodyTooLargeError(InvalidDataError):
 
     code = "body_too_large"
     http_status = 413
+
+
+class RequestTimeoutError(InvalidDataError):
+    """The request body did not arrive in time (HTTP 408); the connection is closed."""
+
+    code = "request_timeout"
+    http_status = 408
 
 
 class ProofError(InvalidDataError):

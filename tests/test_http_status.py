@@ -11,7 +11,13 @@ import pytest
 from registry import errors as reg
 from resolver.claims import model as claim_model
 from resolver.claims import tokens as claim_tokens
-from resolver.errors import NotReadyError, QueryError, ResolverUnavailableError
+from resolver.errors import (
+    NotReadyError,
+    QueryError,
+    ResolverUnavailableError,
+    TooManyWatchesError,
+    WatchCapacityError,
+)
 from schemas import errors as base
 from schemas.http import bearer_token
 
@@ -28,6 +34,7 @@ STATUS: list[tuple[type[base.CPIError], str, int]] = [
     (base.ConflictError, "conflict", 409),
     (base.NotFoundError, "not_found", 404),
     (base.BodyTooLargeError, "body_too_large", 413),
+    (base.RequestTimeoutError, "request_timeout", 408),
     (base.RetrievalError, "unavailable", 503),
     (base.IndexUnavailableError, "index_unavailable", 503),
     (base.IndexTimeoutError, "index_timeout", 503),
@@ -44,6 +51,8 @@ STATUS: list[tuple[type[base.CPIError], str, int]] = [
     (QueryError, "invalid_query", 400),
     (NotReadyError, "not_ready", 503),
     (ResolverUnavailableError, "resolver_unavailable", 503),
+    (TooManyWatchesError, "too_many_watches", 429),
+    (WatchCapacityError, "watch_capacity", 503),
     (claim_tokens.UnknownClaimsTokenError, "invalid_token", 401),
     (claim_tokens.ClaimsTokenError, "invalid_token", 403),
     (claim_model.ClaimForbiddenError, "forbidden", 403),

@@ -18,9 +18,8 @@ import sys
 import time
 from typing import Any
 
-from aiohttp import web
-
 from cpi.commands._etcd import credential_arguments, credentials
+from cpi.serving import ServerLimits, Serving
 from registry import tokens
 from registry.config import RegistryConfig, load_config
 from registry.index import Index, endpoints_from_env
@@ -96,15 +95,13 @@ def run_serve(args: argparse.Namespace) -> int:
 async def serve(config: RegistryConfig) -> None:
     """Run the registry until SIGTERM or SIGINT; stop cleanly."""
     app = create_app(config)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()  # runs the start-up: etcd, certificates, lease
+    serving = Serving(app, config.host, config.port, ServerLimits.of(config))
+    await serving.setup()  # runs the start-up: etcd, certificates, lease
     try:
-        site = web.TCPSite(runner, config.host, config.port)
-        await site.start()
+        await serving.start()
         url = config.url
         if config.port == 0 and not config.public_url:
-            host, port = runner.addresses[0][:2]
-            url = f"http://{host}:{port}"
+            url = serving.url
         names = ", ".join(n.namespace for n in config.namespaces)
         _log.info(
             "registry %s serving %s at %s (etcd %s)",
@@ -124,7 +121,7 @@ async def serve(config: RegistryConfig) -> None:
                 loop.remove_signal_handler(sig)
         _log.info("registry %s stopping", config.instance_id)
     finally:
-        await runner.cleanup()
+        await serving.close()
 
 
 # -- token create -----------------------------------------------------------------------

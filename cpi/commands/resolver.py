@@ -18,8 +18,7 @@ import re
 import signal
 from types import FrameType
 
-from aiohttp import web
-
+from cpi.serving import ServerLimits, Serving
 from resolver.config import (
     ENV_ANCHOR,
     ENV_ETCD_ENDPOINTS,
@@ -176,15 +175,20 @@ async def serve(
     gone (:attr:`multiprocessing.process.BaseProcess.sentinel`; see :func:`run_workers`).
     """
     app = create_app(config, primary=primary)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
-    await runner.setup()  # starts the replica (the first listing runs in the background)
+    serving = Serving(
+        app,
+        config.host,
+        config.port,
+        ServerLimits.of(config),
+        reuse_port=reuse_port or None,
+        shutdown_timeout=5.0,
+    )
+    await serving.setup()  # starts the replica (the first listing runs in the background)
     try:
-        site = web.TCPSite(runner, config.host, config.port, reuse_port=reuse_port or None)
-        await site.start()
+        await serving.start()
         url = config.url
         if config.port == 0:
-            host, port = runner.addresses[0][:2]
-            url = f"http://{host}:{port}"
+            url = serving.url
         _log.info("%s; serving at %s", config.summary(), url)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -201,4 +205,4 @@ async def serve(
                 loop.remove_reader(parent_sentinel)
         _log.info("resolver stopping")
     finally:
-        await runner.cleanup()
+        await serving.close()

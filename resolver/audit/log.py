@@ -48,6 +48,7 @@ from schemas.checkpoint import Checkpoint, Note
 from schemas.cpid import parse as parse_cpid
 from schemas.dsse import Envelope
 from schemas.errors import CheckpointError, CPIError, EnvelopeError, NotFoundError, RetrievalError
+from schemas.http import parse_int
 from schemas.merkle import MerkleTree
 from schemas.models import Record, parse_payload
 
@@ -321,9 +322,13 @@ def _int(request: web.Request, name: str, *, required: bool = False) -> int | No
         if required:
             raise QueryError(f"query parameter {name!r} is required")
         return None
-    if not raw.isdigit() or len(raw) > 20:
-        raise QueryError(f"query parameter {name}={raw!r} must be a non-negative integer")
-    return int(raw)
+    value = parse_int(raw)
+    if value is None:
+        raise QueryError(
+            f"query parameter {name}={raw!r} must be a non-negative integer "
+            "(ASCII digits 0-9 only, at most 20)"
+        )
+    return value
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

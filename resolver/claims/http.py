@@ -18,6 +18,7 @@ adds ``"free"`` and ``"requested"``, a 429 ``"max_units"``, ``"held"`` and
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Final
@@ -46,10 +47,11 @@ from schemas._json import loads as strict_loads
 from schemas.errors import (
     BodyTooLargeError,
     CPIError,
+    RequestTimeoutError,
 )
-from schemas.http import bearer_token
+from schemas.http import bearer_token, check_utf8_json
 
-__all__ = ["CLAIMS", "add_claim_routes", "parse_query"]
+__all__ = ["BODY_TIMEOUT", "CLAIMS", "add_claim_routes", "parse_query"]
 
 _log = logging.getLogger("resolver.claims_http")
 
@@ -57,6 +59,8 @@ CLAIMS = web.AppKey("claims", ClaimService)
 """The app's :class:`ClaimService` (set in ``cleanup_ctx``)."""
 _TOKENS = web.AppKey("claims_tokens", TokenCache)
 _SETTINGS = web.AppKey("claims_settings", ClaimsSettings)
+BODY_TIMEOUT = web.AppKey("claims_body_timeout", float)
+"""Seconds a request body may take to arrive (else 408); 10 s when the app has none."""
 
 _JSON: Final = "application/json"
 _BODY_FIELDS: Final = frozenset({"cpid", "query", "units", "ttl_s"})
@@ -85,7 +89,10 @@ def _error_response(exc: CPIError) -> web.Response:
     elif isinstance(exc, QuotaExceededError):
         err.update(max_units=exc.max_units, held=exc.held, requested=exc.requested)
     headers = {"WWW-Authenticate": 'Bearer realm="cpi-claims"'} if status == 401 else None
-    return web.json_response({"error": err}, status=status, headers=headers)
+    resp = web.json_response({"error": err}, status=status, headers=headers)
+    if isinstance(exc, RequestTimeoutError):
+        resp.force_close()  # the rest of the body is not read: close the connection
+    return resp
 
 
 def _guarded(handler: Handler) -> Handler:
@@ -115,9 +122,27 @@ async def _body(request: web.Request, limit: int) -> dict[str, Any]:
     declared = request.content_length
     if declared is not None and declared > limit:
         raise BodyTooLargeError(f"request body is {declared} bytes, at most {limit} allowed")
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise BodyTooLargeError(f"request body is over {limit} bytes, at most {limit} allowed")
+    timeout = request.app.get(BODY_TIMEOUT, 10.0)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await request.content.read(65536):
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLargeError(
+                        f"request body is over {limit} bytes, at most {limit} allowed"
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"request body not received within {timeout:g} s ({size} of "
+            f"{declared if declared is not None else 'unknown'} bytes arrived)"
+        ) from None
+    raw = b"".join(chunks)
+    why = check_utf8_json(raw)
+    if why is not None:
+        raise InvalidClaimError(f"body is not valid JSON: {why}")
     try:
         obj = strict_loads(raw)
     except ValueError as exc:
