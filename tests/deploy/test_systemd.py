@@ -30,6 +30,9 @@ EXPECTED = {
     "cpi-agent.service": (["agent", "run"], "agent.env"),
 }
 
+LOG_CHECK = "cpi-log-check.service"  # a oneshot with a timer, runs a script of deploy/
+INSTALLED_PYTHON = "/opt/cpi/bin/python"
+
 HARDENING = {
     "DynamicUser": "yes",
     "ProtectSystem": "strict",
@@ -93,7 +96,8 @@ def read_env(path: Path) -> dict[str, str]:
 
 
 def specifiers(name: str, text: str) -> str:
-    return text.replace("%d", f"/run/credentials/{name}").replace("%S", "/var/lib")
+    text = text.replace("%d", f"/run/credentials/{name}").replace("%S", "/var/lib")
+    return text.replace("%t", "/run")
 
 
 def unit_env(name: str, unit: dict[str, list[tuple[str, str]]]) -> dict[str, str]:
@@ -134,10 +138,12 @@ def units() -> dict[str, dict[str, list[tuple[str, str]]]]:
 
 
 def test_every_component_has_a_unit(units: dict[str, dict[str, list[tuple[str, str]]]]) -> None:
-    assert set(units) == set(EXPECTED)
+    assert set(units) == {*EXPECTED, LOG_CHECK}
+    timer = parse_unit(UNITS / "cpi-log-check.timer")
+    assert timer["Timer"] and timer["Install"] == [("WantedBy", "timers.target")]
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", [*sorted(EXPECTED), LOG_CHECK])
 def test_hardening(name: str, units: dict[str, dict[str, list[tuple[str, str]]]]) -> None:
     unit = units[name]
     for key, want in HARDENING.items():
@@ -160,6 +166,10 @@ def test_hardening(name: str, units: dict[str, dict[str, list[tuple[str, str]]]]
         assert caps == ambient == [], f"{name} needs no capability"
     if name != "cpi-agent.service":  # the agent's probe opens /dev/nvidia*
         assert one(unit, "PrivateDevices") == "yes"
+    if name == LOG_CHECK:  # no secret; started by its timer
+        assert one(unit, "Type") == "oneshot" and "Install" not in unit
+        assert one(unit, "StateDirectory") == "cpi-log-check"
+        return
     assert values(unit, "LoadCredential"), f"{name}: secrets come as credentials"
     assert one(unit, "Restart") == "on-failure"
     assert unit["Install"] == [("WantedBy", "multi-user.target")]
@@ -219,15 +229,49 @@ def test_exec_start_runs_a_cpi_subcommand(
     assert all(s.startswith("/etc/credstore/cpi/") for s in sources)
 
 
+def test_log_check_runs_the_script_and_cpi_audit_log(
+    units: dict[str, dict[str, list[tuple[str, str]]]],
+) -> None:
+    import importlib.util
+
+    argv = exec_argv(LOG_CHECK, units[LOG_CHECK])
+    assert argv[:2] == [INSTALLED_PYTHON, "/opt/cpi/share/cpi_log_check.py"]
+    script = ROOT / "deploy" / "prometheus" / "cpi_log_check.py"
+    spec = importlib.util.spec_from_file_location("cpi_log_check", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    seen: dict[str, object] = {}
+
+    def fake_run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        seen["cmd"] = cmd
+        return subprocess.CompletedProcess(cmd, 1, "", "")
+
+    out = argv[argv.index("--out") + 1]
+    assert out == "/run/cpi-log-check/cpi_log.prom"  # RuntimeDirectory=, 0755
+    assert one(units[LOG_CHECK], "RuntimeDirectory") == "cpi-log-check"
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(module.subprocess, "run", fake_run)
+        m.setattr(module, "write_atomically", lambda path, text: seen.update(out=str(path)))
+        assert module.main(argv[2:]) == 1
+    cmd = seen["cmd"]
+    assert isinstance(cmd, list) and cmd[:4] == ["/opt/cpi/bin/cpi", "audit", "log", "--json"]
+    args = build_parser().parse_args(cmd[1:])
+    assert args.state == "/var/lib/cpi-log-check/state" and args.resolver
+    assert seen["out"] == out
+
+
 def test_units_verify_with_systemd_analyze(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
     assert CPI.is_file()
-    for path in UNITS.glob("*.service"):
-        # the installed path of cpi, as this checkout has it (verify checks it exists)
-        (tmp_path / path.name).write_text(path.read_text().replace(INSTALLED_CPI, str(CPI)))
-    names = sorted(p.name for p in tmp_path.glob("*.service"))
+    for path in [*UNITS.glob("*.service"), *UNITS.glob("*.timer")]:
+        # the installed paths, as this checkout has them (verify checks they exist)
+        text = path.read_text().replace(INSTALLED_CPI, str(CPI))
+        (tmp_path / path.name).write_text(text.replace(INSTALLED_PYTHON, sys.executable))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == len(EXPECTED) + 2
     run = subprocess.run(
         [analyze, "verify", "--man=no", *names],
         cwd=tmp_path,
