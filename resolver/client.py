@@ -1,12 +1,23 @@
-"""A small async client of the resolver's HTTP API (what ``cpi resolve|discover|watch`` use).
+"""A client of the resolver's HTTP API, async (what ``cpi resolve|discover|watch`` use)
+and synchronous for scripts (docs/client.md).
 
 ::
 
     async with ResolverClient("http://127.0.0.1:8700") as client:
-        bundle = await client.resolve("CN.31.CMCC/GPU.4K7Q9M2XH3PT-Z")
-        found = await client.discover(Query(kind="GPU", near="31"))
+        found = await client.lookup("CN.31.CMCC/GPU.4K7Q9M2XH3PT-Z")  # -> Resolved
+        for hit in await client.find(kind="GPU", near="31"):       # -> Discovery of DiscoveryHit
+            ...
         async for message in client.watch(Query(within="CN.31")):
             ...
+
+    with SyncResolverClient("http://127.0.0.1:8700") as client:  # no asyncio in sight
+        hits = client.find(kind="GPU", accelerator="H100", min_free=2)
+
+:meth:`ResolverClient.lookup` and :meth:`ResolverClient.find` return typed, frozen
+objects (:class:`Resolved`, :class:`Discovery`, :class:`DiscoveryHit`);
+:meth:`ResolverClient.resolve` and :meth:`ResolverClient.discover` return the
+resolver's JSON as dicts, as before.  Records are decoded for reading, not verified:
+:meth:`Resolved.verify` checks the record and its chain against your trust anchors.
 
 Error answers become the project's errors: 400 -> :class:`ResolverAPIError` (an
 :class:`~schemas.errors.InvalidDataError`), 404 -> :class:`~schemas.errors.NotFoundError`,
@@ -20,29 +31,42 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-from collections.abc import AsyncIterator, Iterable
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import aiohttp
 
+from resolver.claims.client import Claim, ClaimsClient, Holdings
 from resolver.discovery import Query
 from resolver.errors import ResolverUnavailableError
-from schemas import _json
+from schemas import _json, chain, dsse
 from schemas.errors import InvalidDataError, NotFoundError
 
 __all__ = [
     "DEFAULT_URL",
+    "ENV_CLAIMS_TOKEN",
     "ENV_RESOLVER",
+    "Claim",
+    "Discovery",
+    "DiscoveryHit",
+    "Holdings",
+    "Query",
+    "Resolved",
     "ResolverAPIError",
     "ResolverClient",
+    "SyncResolverClient",
     "WatchMessage",
     "decode_payload",
     "default_url",
 ]
 
+T = TypeVar("T")
+
 ENV_RESOLVER: Final = "CPI_RESOLVER"
+ENV_CLAIMS_TOKEN: Final = "CPI_CLAIMS_TOKEN"
 DEFAULT_URL: Final = "http://127.0.0.1:8700"
 
 
@@ -79,6 +103,160 @@ class WatchMessage:
     type: str
     id: str | None
     data: dict[str, Any] = field(default_factory=dict)
+
+
+def _int(value: Any, default: int = 0) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A lookup's answer (``GET /v1/resources/{cpid}``), decoded.
+
+    ``record`` and ``status`` are the decoded payloads of the signed record and of the
+    node's latest status (``None`` when the node never sent one), for reading: the
+    client does not verify them.  ``bundle`` is the answer as served (the envelopes of
+    the record, its cert chain and the status); :meth:`verify` checks the record and
+    chain offline against trust anchors you hold.
+    """
+
+    cpid: str
+    kind: str
+    issuer: str
+    version: int
+    record: Mapping[str, Any]
+    status: Mapping[str, Any] | None
+    live: bool
+    revision: int
+    stale: bool = False
+    live_held: bool = False
+    bundle: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_bundle(cls, bundle: Mapping[str, Any]) -> Resolved:
+        """From the resolver's JSON; a malformed answer raises :class:`InvalidDataError`."""
+        try:
+            record = decode_payload(bundle["record"])
+            status = decode_payload(bundle["status"]) if bundle.get("status") else None
+            return cls(
+                cpid=str(record["cpid"]),
+                kind=str(record["kind"]),
+                issuer=str(record["issuer"]),
+                version=_int(record.get("version")),
+                record=record,
+                status=status,
+                live=bundle.get("live") is True,
+                revision=_int(bundle.get("revision")),
+                stale=bundle.get("stale") is True,
+                live_held=bundle.get("live_held") is True,
+                bundle=dict(bundle),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidDataError(f"not a resolver lookup answer: {exc!r}") from exc
+
+    @property
+    def free(self) -> int | None:
+        """Free accelerators in the latest status (``None`` without a status)."""
+        if not self.status:
+            return None
+        value = self.status.get("capacity", {}).get("accelerators_free")
+        return value if isinstance(value, int) else None
+
+    @property
+    def state(self) -> str | None:
+        """``up``, ``draining``, ... from the latest status (``None`` without one)."""
+        return str(self.status["state"]) if self.status and "state" in self.status else None
+
+    def verify(self, anchors: chain.TrustAnchors) -> chain.ChainResult:
+        """Verify the record and its chain against ``anchors`` (all five chain rules);
+        ``result.ok`` is the verdict, ``result.failure`` says what failed.  Load anchors
+        with :func:`resolver.config.load_anchor_files`."""
+        record = dsse.Envelope.from_dict(dict(self.bundle["record"]))
+        certs = [dsse.Envelope.from_dict(c) for c in self.bundle.get("chain", [])]
+        return chain.verify_record(record, certs, anchors=anchors)
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryHit:
+    """One discovery result: the resource, its score and free units, best first."""
+
+    cpid: str
+    score: float
+    free: int
+    latency_ms: float | None
+    live: bool
+    kid: str
+    version: int
+    revision: int
+    record: Mapping[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> DiscoveryHit:
+        try:
+            latency = obj.get("latency_ms")
+            return cls(
+                cpid=str(obj["cpid"]),
+                score=float(obj["score"]),
+                free=_int(obj.get("free")),
+                latency_ms=None if latency is None else float(latency),
+                live=obj.get("live") is True,
+                kid=str(obj.get("kid", "")),
+                version=_int(obj.get("version")),
+                revision=_int(obj.get("revision")),
+                record=dict(obj.get("record") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidDataError(f"not a discovery result: {exc!r}") from exc
+
+    @property
+    def kind(self) -> str:
+        return str(self.record.get("kind", ""))
+
+    @property
+    def accelerators(self) -> tuple[tuple[str, int], ...]:
+        """``(model, count)`` of each accelerator group in the record."""
+        accs = self.record.get("attributes", {}).get("accelerators", [])
+        return tuple((str(a.get("model")), _int(a.get("count"))) for a in accs)
+
+
+@dataclass(frozen=True, slots=True)
+class Discovery:
+    """A discovery answer: ``hits`` best first, at etcd ``revision``.  Iterable."""
+
+    hits: tuple[DiscoveryHit, ...]
+    revision: int
+    stale: bool = False
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> Discovery:
+        results = obj.get("results")
+        if not isinstance(results, list):
+            raise InvalidDataError("not a discovery answer: no results list")
+        return cls(
+            hits=tuple(DiscoveryHit.from_dict(r) for r in results),
+            revision=_int(obj.get("revision")),
+            stale=obj.get("stale") is True,
+        )
+
+    def __iter__(self) -> Iterator[DiscoveryHit]:
+        return iter(self.hits)
+
+    def __len__(self) -> int:
+        return len(self.hits)
+
+    def __bool__(self) -> bool:
+        return bool(self.hits)
+
+
+def _query(query: Query | None, filters: Mapping[str, Any]) -> Query:
+    if query is not None and filters:
+        raise InvalidDataError("give a Query or keyword filters, not both")
+    if query is not None:
+        return query
+    labels = filters.get("labels")
+    if isinstance(labels, Mapping):
+        filters = {**filters, "labels": tuple(labels.items())}
+    return Query(**filters)
 
 
 def _params(
@@ -167,6 +345,16 @@ class ResolverClient:
         """``{"results": [...], "revision"}``, best first."""
         return await self._get("/v1/discover", _params(query, with_limit=True))
 
+    async def lookup(self, cpid: str) -> Resolved:
+        """The record of ``cpid`` as a :class:`Resolved` (404 -> :class:`NotFoundError`)."""
+        return Resolved.from_bundle(await self.resolve(cpid))
+
+    async def find(self, query: Query | None = None, **filters: Any) -> Discovery:
+        """Discovery, best first: a :class:`Query` or its fields as keywords
+        (``kind``, ``within``, ``accelerator``, ``min_free``, ``near``, ``max_latency_ms``,
+        ``labels`` as a dict or pairs, ``live``, ``limit``)."""
+        return Discovery.from_dict(await self.discover(_query(query, filters)))
+
     async def ready(self) -> dict[str, Any]:
         """The ``/readyz`` report (also when the resolver answers 503)."""
         url = self.base_url + "/readyz"
@@ -185,7 +373,7 @@ class ResolverClient:
         since: str | None = None,
         reconnect: bool = True,
         retry_s: float = 1.0,
-    ) -> AsyncIterator[WatchMessage]:
+    ) -> AsyncGenerator[WatchMessage, None]:
         """Server-sent events from ``/v1/watch``; on a dropped stream, reconnect with
         ``Last-Event-ID`` (when ``reconnect``), so no event is lost or repeated."""
         params = _params(query, with_limit=False)
@@ -213,6 +401,141 @@ class ResolverClient:
                 if not reconnect:
                     return
             await asyncio.sleep(retry_s)
+
+
+class SyncResolverClient:
+    """The resolver client for scripts: blocking calls, typed results.
+
+    It runs its own event loop in a background thread, so it also works where an event
+    loop is already running (a notebook).  ``claims_token`` (or ``$CPI_CLAIMS_TOKEN``)
+    enables :meth:`claim`, :meth:`release` and :meth:`holdings`.  Use it as ``with``,
+    or call :meth:`close`.  Errors are those of :class:`ResolverClient`.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        timeout: float = 10.0,
+        claims_token: str | None = None,
+    ) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="cpi-resolver-client", daemon=True
+        )
+        self._thread.start()
+        self._client = ResolverClient(base_url, timeout=timeout)
+        self.base_url = self._client.base_url
+        token = claims_token or os.environ.get(ENV_CLAIMS_TOKEN) or None
+        self._claims = (
+            ClaimsClient(self.base_url, token=token, timeout=max(timeout, 15.0)) if token else None
+        )
+        try:
+            self._run(self._client.__aenter__())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def __enter__(self) -> SyncResolverClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._loop.is_closed():
+            coro.close()
+            raise RuntimeError("SyncResolverClient is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def close(self) -> None:
+        """Close the HTTP sessions and stop the loop thread (idempotent)."""
+        if self._loop.is_closed():
+            return
+        try:
+            self._run(self._client.close())
+            if self._claims is not None:
+                self._run(self._claims.close())
+        finally:
+            self._stop_loop()
+
+    def lookup(self, cpid: str) -> Resolved:
+        """See :meth:`ResolverClient.lookup`."""
+        return self._run(self._client.lookup(cpid))
+
+    def find(self, query: Query | None = None, **filters: Any) -> Discovery:
+        """See :meth:`ResolverClient.find`."""
+        return self._run(self._client.find(query, **filters))
+
+    def ready(self) -> dict[str, Any]:
+        """The ``/readyz`` report (``report["ready"]`` is the verdict)."""
+        return self._run(self._client.ready())
+
+    def watch(
+        self, query: Query | None = None, *, since: str | None = None, **filters: Any
+    ) -> Iterator[WatchMessage]:
+        """Watch events as a blocking iterator (reconnecting as :meth:`ResolverClient.watch`
+        does); stop with ``break``."""
+        stream = self._client.watch(_query(query, filters), since=since)
+
+        async def step() -> WatchMessage:
+            return await stream.__anext__()
+
+        try:
+            while True:
+                try:
+                    message = self._run(step())
+                except StopAsyncIteration:
+                    return
+                yield message
+        finally:
+            if not self._loop.is_closed():
+                self._run(stream.aclose())
+
+    def _claims_client(self) -> ClaimsClient:
+        if self._claims is None:
+            raise InvalidDataError(
+                f"no claims token: pass claims_token= or set ${ENV_CLAIMS_TOKEN}"
+            )
+        return self._claims
+
+    def claim(
+        self,
+        *,
+        cpid: str | None = None,
+        query: Query | None = None,
+        units: int,
+        ttl_s: int | None = None,
+        **filters: Any,
+    ) -> Claim:
+        """Claim ``units`` on ``cpid`` or on the best match of a query (a :class:`Query`
+        or keyword filters); see :meth:`resolver.claims.client.ClaimsClient.acquire`."""
+        if cpid is None:
+            query = _query(query, filters)
+        elif filters:
+            raise InvalidDataError("give a CPID or query filters, not both")
+        return self._run(
+            self._claims_client().acquire(cpid=cpid, query=query, units=units, ttl_s=ttl_s)
+        )
+
+    def release(self, claim: Claim | str) -> None:
+        """Release a claim (a :class:`Claim` or its id)."""
+        claim_id = claim.claim_id if isinstance(claim, Claim) else claim
+        self._run(self._claims_client().release(claim_id))
+
+    def holdings(self) -> Holdings:
+        """The claims the token's holder holds now."""
+        return self._run(self._claims_client().holdings())
 
 
 async def _json_body(resp: aiohttp.ClientResponse, url: str) -> dict[str, Any]:

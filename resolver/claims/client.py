@@ -3,8 +3,12 @@
 ::
 
     async with ClaimsClient("http://127.0.0.1:8700", token=token) as client:
-        made = await client.claim(query=Query(kind="GPU", accelerator="H100", near="31"), units=8)
-        await client.release(made["claim_id"])
+        claim = await client.acquire(query=Query(kind="GPU", accelerator="H100", near="31"), units=8)
+        await client.release(claim.claim_id)
+
+:meth:`ClaimsClient.acquire` and :meth:`ClaimsClient.holdings` return typed, frozen
+objects (:class:`Claim`, :class:`Holdings`); :meth:`ClaimsClient.claim` and
+:meth:`ClaimsClient.list` return the resolver's JSON as dicts, as before.
 
 Error answers become the project's errors: 4xx -> :class:`ClaimsAPIError` (an
 :class:`~schemas.errors.InvalidDataError` carrying ``status``, ``code`` and the error
@@ -14,6 +18,8 @@ object), 404 -> :class:`ClaimsNotFoundError`; 5xx and connection failures ->
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -24,7 +30,76 @@ from resolver.errors import ResolverUnavailableError
 from schemas import _json
 from schemas.errors import InvalidDataError, NotFoundError
 
-__all__ = ["ClaimsAPIError", "ClaimsClient", "ClaimsNotFoundError", "query_to_json"]
+__all__ = [
+    "Claim",
+    "ClaimsAPIError",
+    "ClaimsClient",
+    "ClaimsNotFoundError",
+    "Holdings",
+    "query_to_json",
+]
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A claim on ``units`` of ``cpid`` until ``expires_at`` (Unix seconds).
+
+    ``holder`` and ``created_at`` are known for claims listed by :meth:`ClaimsClient.holdings`
+    (``None`` for the answer of :meth:`ClaimsClient.acquire`).
+    """
+
+    claim_id: str
+    cpid: str
+    units: int
+    expires_at: int
+    holder: str | None = None
+    created_at: int | None = None
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> Claim:
+        try:
+            return cls(
+                claim_id=str(obj["claim_id"]),
+                cpid=str(obj["cpid"]),
+                units=_int(obj["units"]),
+                expires_at=_int(obj["expires_at"]),
+                holder=None if obj.get("holder") is None else str(obj["holder"]),
+                created_at=None if obj.get("created_at") is None else _int(obj["created_at"]),
+            )
+        except (KeyError, TypeError) as exc:
+            raise InvalidDataError(f"not a claim: {exc!r}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Holdings:
+    """What a token's holder holds now: ``units`` in total over ``claims``.  Iterable."""
+
+    holder: str
+    units: int
+    claims: tuple[Claim, ...]
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> Holdings:
+        try:
+            return cls(
+                holder=str(obj["holder"]),
+                units=_int(obj["units"]),
+                claims=tuple(Claim.from_dict(c) for c in obj["claims"]),
+            )
+        except (KeyError, TypeError) as exc:
+            raise InvalidDataError(f"not a claims listing: {exc!r}") from exc
+
+    def __iter__(self) -> Iterator[Claim]:
+        return iter(self.claims)
+
+    def __len__(self) -> int:
+        return len(self.claims)
 
 
 class ClaimsAPIError(InvalidDataError):
@@ -140,6 +215,21 @@ class ClaimsClient:
             body["ttl_s"] = ttl_s
         _, obj = await self._call("POST", "/v1/claims", body)
         return dict(obj)
+
+    async def acquire(
+        self,
+        *,
+        cpid: str | None = None,
+        query: Query | None = None,
+        units: int,
+        ttl_s: int | None = None,
+    ) -> Claim:
+        """:meth:`claim`, answered as a :class:`Claim`."""
+        return Claim.from_dict(await self.claim(cpid=cpid, query=query, units=units, ttl_s=ttl_s))
+
+    async def holdings(self) -> Holdings:
+        """:meth:`list`, answered as :class:`Holdings`."""
+        return Holdings.from_dict(await self.list())
 
     async def release(self, claim_id: str) -> None:
         """``DELETE /v1/claims/{claim_id}``."""
