@@ -2,7 +2,7 @@
 
 ::
 
-    async with ResolverClient("http://127.0.0.1:8700") as client:
+    async with ResolverClient("https://127.0.0.1:8700", cacert=".cpi/tls/ca.pem") as client:
         bundle = await client.resolve("CN.31.CMCC/GPU.4K7Q9M2XH3PT-Z")
         found = await client.discover(Query(kind="GPU", near="31"))
         async for message in client.watch(Query(within="CN.31")):
@@ -21,8 +21,10 @@ import asyncio
 import base64
 import json
 import os
+import ssl
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
@@ -31,6 +33,7 @@ import aiohttp
 from resolver.discovery import Query
 from resolver.errors import ResolverUnavailableError
 from schemas.errors import InvalidDataError, NotFoundError
+from schemas.tls import client_context
 
 __all__ = [
     "DEFAULT_URL",
@@ -40,10 +43,25 @@ __all__ = [
     "WatchMessage",
     "decode_payload",
     "default_url",
+    "tls_context",
 ]
 
 ENV_RESOLVER: Final = "CPI_RESOLVER"
-DEFAULT_URL: Final = "http://127.0.0.1:8700"
+DEFAULT_URL: Final = "https://127.0.0.1:8700"
+
+
+def tls_context(cacert: str | os.PathLike[str] | None) -> ssl.SSLContext:
+    """A client context trusting the CA file ``cacert`` (PEM), else the system roots."""
+    if cacert is None:
+        return client_context()
+    try:
+        pem = Path(cacert).read_bytes()
+    except OSError as exc:
+        raise InvalidDataError(f"CA certificate {cacert}: {exc.strerror}") from exc
+    try:
+        return client_context(pem)
+    except (ssl.SSLError, ValueError) as exc:
+        raise InvalidDataError(f"CA certificate {cacert}: {exc}") from exc
 
 
 def default_url() -> str:
@@ -91,13 +109,23 @@ def _params(
 class ResolverClient:
     """Client of one resolver.  Use as ``async with``."""
 
-    def __init__(self, base_url: str | None = None, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        timeout: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+        cacert: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """``ssl_context`` (or a context trusting the CA file ``cacert``) verifies the
+        resolver's certificate; default: the system roots."""
         self.base_url = (base_url or default_url()).rstrip("/")
         self.timeout = timeout
+        self._ssl = ssl_context or tls_context(cacert)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> ResolverClient:
-        self._session = aiohttp.ClientSession()
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl))
         return self
 
     async def __aexit__(

@@ -20,6 +20,7 @@ from urllib.parse import parse_qsl
 
 from cpi.commands._etcd import etcd_argument, open_index
 from cpi.commands._util import add_filter_arguments, print_json
+from cpi.tls import add_client_arguments, client_ssl
 from registry.tokens import parse_duration
 from resolver.claims import tokens as claim_tokens
 from resolver.claims.client import ClaimsClient
@@ -47,6 +48,7 @@ def _client_arguments(parser: argparse.ArgumentParser, *, sub: bool = False) -> 
     )
     parser.add_argument("--token-file", help="file holding the claims token", **kw)
     parser.add_argument("--json", action="store_true", help="print the resolver's JSON", **kw)
+    add_client_arguments(parser, sub=sub)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -118,7 +120,8 @@ def _token(args: argparse.Namespace) -> str:
 
 
 def _client(args: argparse.Namespace) -> ClaimsClient:
-    return ClaimsClient(getattr(args, "resolver", None) or default_url(), token=_token(args))
+    url = getattr(args, "resolver", None) or default_url()
+    return ClaimsClient(url, token=_token(args), ssl_context=client_ssl(args, url))
 
 
 def _query(args: argparse.Namespace) -> Query | None:

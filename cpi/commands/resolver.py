@@ -20,6 +20,8 @@ from types import FrameType
 
 from aiohttp import web
 
+from cpi.tls import add_server_arguments
+from registry.tls import serving_context
 from resolver.config import (
     ENV_ANCHOR,
     ENV_ETCD_ENDPOINTS,
@@ -65,6 +67,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="HTTP worker processes sharing the port (SO_REUSEPORT), each with its own "
         "replica of the index (default 1; needs a fixed port)",
     )
+    add_server_arguments(serve)
     serve.set_defaults(handler=run_serve)
 
 
@@ -81,6 +84,9 @@ def run_serve(args: argparse.Namespace) -> int:
         "dns_host": args.dns_host,
         "dns_port": args.dns_port,
         "workers": args.workers,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "insecure": True if args.insecure else None,
     }
     if args.listen:
         overrides["host"], overrides["port"] = parse_listen(args.listen)
@@ -90,6 +96,10 @@ def run_serve(args: argparse.Namespace) -> int:
         overrides["port"] = args.port
     config = load_config(args.config, overrides=overrides)
     if config.workers > 1:
+        # refuse to start without TLS material (or --insecure) before starting workers
+        serving_context(
+            cert=config.tls_cert, key=config.tls_key, insecure=config.insecure, what="resolver"
+        )
         return run_workers(config)
     asyncio.run(serve(config))
     return 0
@@ -175,16 +185,25 @@ async def serve(
     also stop when this descriptor becomes readable, i.e. when the parent process is
     gone (:attr:`multiprocessing.process.BaseProcess.sentinel`; see :func:`run_workers`).
     """
+    ssl_context = serving_context(
+        cert=config.tls_cert, key=config.tls_key, insecure=config.insecure, what="resolver"
+    )
     app = create_app(config, primary=primary)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
     await runner.setup()  # starts the replica (the first listing runs in the background)
     try:
-        site = web.TCPSite(runner, config.host, config.port, reuse_port=reuse_port or None)
+        site = web.TCPSite(
+            runner,
+            config.host,
+            config.port,
+            reuse_port=reuse_port or None,
+            ssl_context=ssl_context,
+        )
         await site.start()
         url = config.url
         if config.port == 0:
             host, port = runner.addresses[0][:2]
-            url = f"http://{host}:{port}"
+            url = f"{'https' if ssl_context else 'http'}://{host}:{port}"
         _log.info("%s; serving at %s", config.summary(), url)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

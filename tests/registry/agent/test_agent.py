@@ -740,7 +740,7 @@ async def test_example_script_registers_and_verifies(stack: Stack, tmp_path: Pat
         import register_nodes
     finally:
         sys.path.remove(str(ROOT / "examples"))
-    args = ["--up", str(up), "--count", "3", "--keys", str(tmp_path / "keys")]
+    args = ["--up", str(up), "--count", "3", "--keys", str(tmp_path / "keys"), "--insecure"]
     assert await asyncio.to_thread(register_nodes.main, args) == 0
     recs, _ = await stack.index.get_prefix(Keys.rec_prefix_for_namespace(NS))
     assert len(recs) == 3
