@@ -4,7 +4,10 @@ client options (``--cacert``, ``--insecure``) of the commands that talk HTTP.
 The local CA lives in ``DATA_DIR/tls/``: ``ca.pem`` (the certificate clients trust)
 and ``ca.key`` (0600).  Each component gets ``<name>.pem`` + ``<name>.key`` (0600),
 an ECDSA P-256 certificate for ``127.0.0.1`` and ``localhost`` usable as a server and
-as a client certificate (mutual TLS to etcd), its common name the component's name.
+as a client certificate (mutual TLS to etcd).  Its common name is ``cpi up: <name>``,
+deliberately not an etcd user name: etcd with ``--client-cert-auth`` takes a
+certificate's common name as the user when a request carries no password token, and a
+certificate alone should not grant any etcd role (the password is still needed).
 A second ``cpi up`` reuses them; a missing, foreign or expiring one is issued again.
 """
 
@@ -16,6 +19,7 @@ import ipaddress
 import json
 import logging
 import os
+import secrets
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +107,9 @@ class LocalCA:
         now = _now()
         cert = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .subject_name(
+                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"cpi up: {name}"[:64])])
+            )
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
@@ -169,7 +175,10 @@ def ensure_ca(tls_dir: Path) -> LocalCA:
             os.chmod(key_path, 0o600)
             return LocalCA(tls_dir, cert, key)
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"cpi up local CA ({tls_dir})")])
+    # a name of its own, so that CAs of two data dirs are told apart (64 characters at most)
+    name = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, f"cpi up local CA {secrets.token_hex(4)}")]
+    )
     now = _now()
     cert = (
         x509.CertificateBuilder()

@@ -96,10 +96,6 @@ def run_serve(args: argparse.Namespace) -> int:
         overrides["port"] = args.port
     config = load_config(args.config, overrides=overrides)
     if config.workers > 1:
-        # refuse to start without TLS material (or --insecure) before starting workers
-        serving_context(
-            cert=config.tls_cert, key=config.tls_key, insecure=config.insecure, what="resolver"
-        )
         return run_workers(config)
     asyncio.run(serve(config))
     return 0
@@ -131,6 +127,10 @@ def run_workers(config: ResolverConfig) -> int:
     """
     if config.port == 0:
         raise ConfigError("--workers N needs a fixed port: the processes share it")
+    # refuse to start without TLS material (or --insecure) before starting the workers
+    serving_context(
+        cert=config.tls_cert, key=config.tls_key, insecure=config.insecure, what="resolver"
+    )
     ctx = multiprocessing.get_context("spawn")
     verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
     procs = [
