@@ -99,17 +99,22 @@ class LocalCA:
         """``(cert, key)`` files of component ``name``: reused when still signed by this
         CA, matching its key and valid for more than 30 days; issued anew otherwise."""
         cert_path, key_path = self.dir / f"{name}.pem", self.dir / f"{name}.key"
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"cpi up: {name}"[:64])])
         old = _load_cert(cert_path)
-        if old is not None and key_path.exists() and _fresh(old) and self._signed(old, key_path):
+        if (
+            old is not None
+            and old.subject == subject
+            and key_path.exists()
+            and _fresh(old)
+            and self._signed(old, key_path)
+        ):
             os.chmod(key_path, 0o600)
             return cert_path, key_path
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
         cert = (
             x509.CertificateBuilder()
-            .subject_name(
-                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"cpi up: {name}"[:64])])
-            )
+            .subject_name(subject)
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
