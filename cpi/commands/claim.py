@@ -1,7 +1,8 @@
 """``cpi claim`` (claim, release, list) and ``cpi claims token create``.
 
-``cpi claim`` talks to a resolver over HTTP: ``--resolver URL``, else ``$CPI_RESOLVER``,
-else ``http://127.0.0.1:8700``; the claims token comes from ``--token``,
+``cpi claim`` talks to a resolver over HTTPS: ``--resolver URL``, else ``$CPI_RESOLVER``,
+else ``https://127.0.0.1:8700``, its certificate verified against ``--cacert`` or
+``$CPI_CACERT`` (``http://`` needs ``--insecure``); the claims token comes from ``--token``,
 ``--token-file`` or ``$CPI_CLAIMS_TOKEN``.  ``cpi claims token create`` writes the
 token's hash to etcd (``--etcd`` or ``$CPI_ETCD_ENDPOINTS``) and prints the token once.
 See ``docs/claims.md``.

@@ -2,8 +2,8 @@
 
 The resolver is ``--resolver URL``, else ``$CPI_RESOLVER``, else
 ``https://127.0.0.1:8700``; its certificate is verified against ``--cacert`` or
-``$CPI_CACERT`` (plain ``http://`` needs ``--insecure``).  Output is a readable table; ``--json`` prints the
-resolver's JSON (one object per line for ``watch``).  ``cpi resolve --anchor FILE``
+``$CPI_CACERT`` (plain ``http://`` needs ``--insecure``).  Output is a readable table;
+``--json`` prints the resolver's JSON (one object per line for ``watch``).  ``cpi resolve --anchor FILE``
 also verifies the returned record and chain offline, trusting only the anchor.
 """
 

@@ -254,7 +254,7 @@ class Agent:
     """One node's agent.  Keyword-only; see the module docstring for the protocol.
 
     Args:
-        registry: Base URL of the registry (``http://host:port``).
+        registry: Base URL of the registry (``https://host:port``).
         token: Join token (sent as ``Authorization: Bearer``; never logged).
         namespace: Namespace to register in, e.g. ``CN.31.CMCC``.
         kind: CPID kind (GPU, NPU, CPU, ...).
