@@ -272,3 +272,58 @@ def test_resolver_serves_tls_and_cli_verifies(tmp_path: Path, etcd_server: EtcdP
         assert via_env.returncode == 0, via_env.stderr
         untrusted = subprocess.run(run, env=env, capture_output=True, text=True)
         assert untrusted.returncode != 0
+
+
+# -- etcd TLS options -------------------------------------------------------------------------
+
+
+def test_etcd_tls_from_the_environment_and_etcdctl_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import argparse
+
+    from cpi.commands import _etcd
+    from registry.config import load_config
+
+    ca = _ca(tmp_path)
+    cert, key = ca.issue("registry")
+    world = World(tmp_path)
+    world.config("https://127.0.0.1:2379")
+    env = {
+        "CPI_ETCD_CACERT": str(ca.cert_file),
+        "CPI_ETCD_CERT": str(cert),
+        "CPI_ETCD_KEY": str(key),
+    }
+    config = load_config(tmp_path / "registry.json", env=env)
+    assert (config.etcd.ca_cert, config.etcd.cert_chain, config.etcd.cert_key) == (
+        ca.cert_file,
+        cert,
+        key,
+    )
+    config.etcd.open_index()  # builds (no connection yet)
+    os.chmod(key, 0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        config.etcd.open_index()
+    os.chmod(key, 0o600)
+
+    # etcdctl's spelling where it is free, --etcd-* everywhere
+    parser = argparse.ArgumentParser()
+    _etcd.etcd_argument(parser)
+    args = parser.parse_args(
+        ["--etcd", "https://127.0.0.1:1", "--cacert", str(ca.cert_file), "--cert", str(cert),
+         "--key", str(key)]
+    )  # fmt: skip
+    assert _etcd.tls_files(args) == {
+        "ca_cert": str(ca.cert_file),
+        "cert_chain": str(cert),
+        "cert_key": str(key),
+    }
+    signer = argparse.ArgumentParser()
+    signer.add_argument("--key")  # `cpi log sign --key` is the log key
+    _etcd.etcd_argument(signer)
+    args = signer.parse_args(["--etcd", "x:1", "--key", "log.key", "--etcd-key", str(key)])
+    assert args.key == "log.key" and args.etcd_key == str(key)
+    # from the environment; a client certificate needs its key
+    monkeypatch.setenv("CPI_ETCD_CERT", str(cert))
+    with pytest.raises(Exception, match="both --cert and --key"):
+        _etcd.tls_files(argparse.Namespace())
