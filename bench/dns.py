@@ -384,7 +384,7 @@ async def start_resolver(
     conf.write_text(json.dumps(settings))
     cmd = [sys.executable, "-m", "cpi", "resolver", "serve", "--config", str(conf),
            "--etcd", etcd, "--listen", f"{HOST}:{http_port}",
-           "--dns-port", str(dns_port), "--zone", ZONE]  # fmt: skip
+           "--dns-port", str(dns_port), "--zone", ZONE, "--insecure"]  # fmt: skip
     ours = Proc("cpi resolver serve", cmd, tmp / f"resolver-{dns_port}.log")
     procs.append(ours)
     t0 = time.perf_counter()

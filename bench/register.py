@@ -376,6 +376,7 @@ def start_registry(tmp: Path) -> subprocess.Popen[bytes]:
                 "serve",
                 "--config",
                 str(tmp / "registry.json"),
+                "--insecure",  # plain HTTP on loopback: the bench measures the registry, not TLS
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

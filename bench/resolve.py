@@ -275,6 +275,7 @@ class Server:
             sys.executable, "-m", "cpi", "resolver", "serve",
             "--listen", f"127.0.0.1:{self.port}",
             "--etcd", etcd, "--anchor", str(anchor), "--latency-table", str(LATENCY),
+            "--insecure",  # plain HTTP on loopback: the bench measures lookups, not TLS
         ]  # fmt: skip
         if workers > 1:
             self.cmd += ["--workers", str(workers)]

@@ -24,6 +24,7 @@ import platform
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -109,6 +110,11 @@ class EtcdProcess:
         election_timeout_ms: ``--election-timeout``; etcd's default when ``None``.
         binary: Path of the etcd binary; :func:`find_etcd_binary` when ``None``.
         extra_args: Further command-line flags, appended as given.
+        cert_file, key_file: Serve the client URL over TLS with this certificate and key
+            (``--cert-file``/``--key-file``); the URL is then ``https://``.
+        trusted_ca_file: With TLS, require client certificates signed by this CA
+            (``--trusted-ca-file --client-cert-auth``: mutual TLS).
+        client_cert, client_key: What :meth:`wait_healthy` presents to a mutual-TLS member.
     """
 
     def __init__(
@@ -126,6 +132,11 @@ class EtcdProcess:
         election_timeout_ms: int | None = None,
         binary: str | None = None,
         extra_args: Sequence[str] = (),
+        cert_file: str | os.PathLike[str] | None = None,
+        key_file: str | os.PathLike[str] | None = None,
+        trusted_ca_file: str | os.PathLike[str] | None = None,
+        client_cert: str | os.PathLike[str] | None = None,
+        client_key: str | os.PathLike[str] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.client_port = client_port or free_port()
@@ -139,6 +150,11 @@ class EtcdProcess:
         self.election_timeout_ms = election_timeout_ms
         self.binary = binary or find_etcd_binary()
         self.extra_args = tuple(extra_args)
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.trusted_ca_file = trusted_ca_file
+        self.client_cert = client_cert
+        self.client_key = client_key
         self._proc: subprocess.Popen[bytes] | None = None
 
     # -- addresses -------------------------------------------------------------
@@ -150,8 +166,17 @@ class EtcdProcess:
 
     @property
     def url(self) -> str:
-        """Client URL, ``http://127.0.0.1:PORT``."""
-        return f"http://{self.endpoint}"
+        """Client URL, ``http://127.0.0.1:PORT`` (``https://`` with TLS)."""
+        return f"{'https' if self.cert_file else 'http'}://{self.endpoint}"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A client context for this member's TLS client URL (``None`` without TLS)."""
+        if not self.cert_file:
+            return None
+        ctx = ssl.create_default_context(cafile=str(self.trusted_ca_file or self.cert_file))
+        if self.client_cert and self.client_key:
+            ctx.load_cert_chain(str(self.client_cert), str(self.client_key))
+        return ctx
 
     @property
     def peer_url(self) -> str:
@@ -203,6 +228,10 @@ class EtcdProcess:
             "--initial-cluster-token",
             self.cluster_token,
         ]
+        if self.cert_file:
+            cmd += ["--cert-file", str(self.cert_file), "--key-file", str(self.key_file)]
+            if self.trusted_ca_file:
+                cmd += ["--trusted-ca-file", str(self.trusted_ca_file), "--client-cert-auth"]
         if self.snapshot_count is not None:
             cmd += ["--snapshot-count", str(self.snapshot_count)]
         if self.heartbeat_interval_ms is not None:
@@ -269,7 +298,9 @@ class EtcdProcess:
 
     def _health_once(self) -> str:
         try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=1.0) as resp:
+            with urllib.request.urlopen(
+                f"{self.url}/health", timeout=1.0, context=self.ssl_context()
+            ) as resp:
                 body = json.loads(resp.read())
         except (OSError, ValueError) as exc:  # URLError, refused, reset, bad JSON
             return f"{type(exc).__name__}: {exc}"

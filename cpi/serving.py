@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,9 +173,11 @@ class Serving:
         limits: ServerLimits | None = None,
         *,
         reuse_port: bool | None = None,
+        ssl_context: ssl.SSLContext | None = None,
         shutdown_timeout: float = 60.0,
     ) -> None:
         self.app = app
+        self.ssl_context = ssl_context
         self.host = host
         self.port = port
         self.limits = limits or ServerLimits()
@@ -208,6 +211,9 @@ class Serving:
             self.port,
             reuse_address=True,
             reuse_port=self.reuse_port,
+            ssl=self.ssl_context,
+            # a TLS handshake is part of sending the request head: same bound
+            ssl_handshake_timeout=self.limits.header_timeout_s if self.ssl_context else None,
         )
 
     @property
@@ -220,7 +226,8 @@ class Serving:
     @property
     def url(self) -> str:
         host, port = self.addresses[0][:2]
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
     async def close(self) -> None:
         """Stop listening, then shut the app down (open connections are closed)."""

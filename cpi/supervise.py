@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -39,12 +40,12 @@ def python_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "cpi", *args]
 
 
-def http_ready(url: str) -> Callable[[], bool]:
-    """A readiness probe: ``GET url`` answers 2xx."""
+def http_ready(url: str, context: ssl.SSLContext | None = None) -> Callable[[], bool]:
+    """A readiness probe: ``GET url`` answers 2xx (over TLS with ``context``)."""
 
     def probe() -> bool:
         try:
-            with urllib.request.urlopen(url, timeout=1.0) as resp:
+            with urllib.request.urlopen(url, timeout=1.0, context=context) as resp:
                 return 200 <= int(resp.status) < 300
         except (urllib.error.URLError, OSError, ValueError):
             return False

@@ -14,6 +14,13 @@ Order of start-up, each step waiting for the previous one to be ready:
 4. the transparency-log signer and the resolver (HTTP + DNS), when present;
 5. with ``--demo``, simulated nodes spread over every namespace.
 
+Everything speaks TLS: a local certificate authority in ``DATA_DIR/tls/`` (``ca.pem``,
+``ca.key`` 0600) issues each component a certificate (``<name>.pem`` + ``.key`` 0600,
+for 127.0.0.1 and localhost; reused by the next run, issued again when missing or
+expiring, see :mod:`cpi.tls`).  etcd serves its client URL over https and requires a
+client certificate from that CA (mutual TLS) on top of the passwords; the registries
+and the resolver serve https; every client verifies against ``ca.pem``.
+
 It writes ``DATA_DIR/up.json`` (mode 0600: it holds join tokens) with every endpoint
 and where the etcd password files are (not the passwords),
 prints a summary and supervises the children until Ctrl-C, then stops them in reverse
@@ -37,6 +44,7 @@ from typing import Any
 import seeds as seed_files
 from cpi.etcdproc import EtcdProcess
 from cpi.supervise import Child, Supervisor, http_ready, python_argv
+from cpi.tls import LocalCA, ensure_ca
 from registry import national, tokens
 from registry.index import Index, IndexAccessDeniedError, Keys
 from registry.index.auth import (
@@ -48,6 +56,7 @@ from registry.index.auth import (
     apply_roles,
 )
 from resolver.claims import tokens as claim_tokens
+from schemas.tls import client_context
 
 __all__ = ["UpOptions", "up"]
 
@@ -60,6 +69,8 @@ DEMO_MAX_UNITS = 64
 AUTH_DIR = "etcd-auth"
 LOGSIGNER_USER = "cpi-logsigner"
 RESOLVER_USER = "cpi-resolver"
+TLS_DIR = "tls"
+ETCD_SERVER_CERT = "etcd"
 
 
 def _registry_user(group: str) -> str:
@@ -127,11 +138,25 @@ def _write_private_json(path: Path, obj: Any) -> None:
 
 
 @dataclass(frozen=True)
+class EtcdTLS:
+    """The CA a client verifies etcd with and its client certificate (mutual TLS)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def index_options(self) -> dict[str, Any]:
+        return {"ca_cert": self.ca, "cert_chain": self.cert, "cert_key": self.key}
+
+
+@dataclass(frozen=True)
 class Credentials:
-    """An etcd user and the 0600 file holding its password."""
+    """An etcd user, the 0600 file holding its password, and its TLS client certificate
+    (its common name is the user)."""
 
     user: str
     password_file: Path
+    tls: EtcdTLS
 
     def password(self) -> str:
         return self.password_file.read_text().splitlines()[0]
@@ -143,7 +168,24 @@ class Credentials:
             "CPI_ETCD_USER": self.user,
             "CPI_ETCD_PASSWORD_FILE": str(self.password_file),
             "CPI_ETCD_PASSWORD": "",
+            "CPI_ETCD_CACERT": str(self.tls.ca),
+            "CPI_ETCD_CERT": str(self.tls.cert),
+            "CPI_ETCD_KEY": str(self.tls.key),
         }
+
+    def index(self, endpoint: str, *, password: bool = True) -> Index:
+        return Index(
+            endpoints=[endpoint],
+            timeout=10.0,
+            user=self.user if password else None,
+            password=self.password() if password else None,
+            **self.tls.index_options(),
+        )
+
+
+def _client_tls(ca: LocalCA, user: str) -> EtcdTLS:
+    cert, key = ca.issue(user)
+    return EtcdTLS(ca.cert_file, cert, key)
 
 
 def _password_file(auth_dir: Path, user: str) -> Path:
@@ -157,22 +199,24 @@ def _password_file(auth_dir: Path, user: str) -> Path:
     return path
 
 
-async def _setup_auth(data: Path, etcd_endpoint: str) -> dict[str, Credentials]:
-    """Users, roles and auth on; idempotent (a second ``cpi up`` finds them in place)."""
+def _credentials(data: Path, ca: LocalCA) -> dict[str, Credentials]:
+    """Every etcd user's password file and client certificate (made when missing)."""
     auth_dir = data / AUTH_DIR
     auth_dir.mkdir(mode=0o700, exist_ok=True)
     os.chmod(auth_dir, 0o700)
+    return {
+        u: Credentials(u, _password_file(auth_dir, u), _client_tls(ca, u))
+        for u in [ROOT_USER, *_etcd_users()]
+    }
+
+
+async def _setup_auth(data: Path, etcd_endpoint: str, creds: dict[str, Credentials]) -> None:
+    """Users, roles and auth on; idempotent (a second ``cpi up`` finds them in place)."""
     users = _etcd_users()
-    creds = {u: Credentials(u, _password_file(auth_dir, u)) for u in [ROOT_USER, *users]}
     root = creds[ROOT_USER]
-    async with Index(endpoints=[etcd_endpoint], timeout=10.0) as anonymous:
+    async with root.index(etcd_endpoint, password=False) as anonymous:
         enabled = await anonymous.auth_enabled()
-    index = Index(
-        endpoints=[etcd_endpoint],
-        timeout=10.0,
-        user=ROOT_USER if enabled else None,
-        password=root.password() if enabled else None,
-    )
+    index = root.index(etcd_endpoint, password=enabled)
     try:
         await index.connect()
     except IndexAccessDeniedError as exc:
@@ -189,7 +233,6 @@ async def _setup_auth(data: Path, etcd_endpoint: str) -> dict[str, Credentials]:
             for role in roles:
                 await index.grant_role(user, role)
         await index.enable_auth()
-    return creds
 
 
 def _groups(seeds: Path) -> dict[str, list[str]]:
@@ -214,9 +257,7 @@ async def _bootstrap(
     national_dir = opts.data_dir / "national"
     root_key, _anchor = national.init_root(national_dir, "CN")
     endpoints = {ns: [registry_urls[g]] for g, names in groups.items() for ns in names}
-    async with Index(
-        endpoints=[etcd_endpoint], timeout=10.0, user=root.user, password=root.password()
-    ) as index:
+    async with root.index(etcd_endpoint) as index:
         key_paths = await national.bootstrap_tree(
             index,
             seeds_path=opts.seeds,
@@ -274,12 +315,18 @@ def _registry_config(
     cfg = {
         "host": "127.0.0.1",
         "port": port,
-        "public_url": f"http://127.0.0.1:{port}",
+        "public_url": f"https://127.0.0.1:{port}",
         "instance_id": f"registry-{group}",
+        # its etcd client certificate serves as its server certificate too
+        "tls_cert": str(creds.tls.cert),
+        "tls_key": str(creds.tls.key),
         "etcd": {
             "endpoints": [etcd],
             "user": creds.user,
             "password_file": str(creds.password_file),
+            "ca_cert": str(creds.tls.ca),
+            "cert_chain": str(creds.tls.cert),
+            "cert_key": str(creds.tls.key),
         },
         "namespaces": [
             {"namespace": ns, "key_file": str(key_paths[ns])} for ns in names if ns in key_paths
@@ -309,29 +356,44 @@ def up(opts: UpOptions) -> int:
     ports = _ports(opts)
     sup = Supervisor()
     try:
+        ca = ensure_ca(data / TLS_DIR)
+        creds = _credentials(data, ca)
+        root_tls = creds[ROOT_USER].tls
+        etcd_cert, etcd_key = ca.issue(ETCD_SERVER_CERT)
         etcd = EtcdProcess(
             data_dir=data / "etcd",
             client_port=ports["etcd_client"],
             peer_port=ports["etcd_peer"],
             name="cpi-up",
             log_file=logs / "etcd.log",
+            cert_file=etcd_cert,
+            key_file=etcd_key,
+            trusted_ca_file=ca.cert_file,
+            client_cert=root_tls.cert,
+            client_key=root_tls.key,
         )
         (data / "etcd").mkdir(parents=True, exist_ok=True)
         (data / "etcd" / "data").mkdir(mode=0o700, exist_ok=True)
         sup.start(
-            Child("etcd", etcd.command(), logs / "etcd.log", ready=http_ready(f"{etcd.url}/health"))
+            Child(
+                "etcd",
+                etcd.command(),
+                logs / "etcd.log",
+                ready=http_ready(f"{etcd.url}/health", etcd.ssl_context()),
+            )
         )
 
-        creds = asyncio.run(_setup_auth(data, etcd.endpoint))
+        asyncio.run(_setup_auth(data, etcd.url, creds))
         _log.info("etcd authentication on: %s", ", ".join(sorted(creds)))
 
         groups = _groups(opts.seeds)
-        registry_urls = {g: f"http://127.0.0.1:{ports[f'registry_{g}']}" for g in REGISTRY_GROUPS}
+        registry_urls = {g: f"https://127.0.0.1:{ports[f'registry_{g}']}" for g in REGISTRY_GROUPS}
+        https = client_context(ca.cert_file.read_bytes())
         quiet = logging.getLogger("registry.national")
         level, quiet.level = quiet.level, logging.WARNING  # a line per namespace is noise here
         try:
             anchor, key_paths, join_tokens, claims = asyncio.run(
-                _bootstrap(opts, etcd.endpoint, creds[ROOT_USER], registry_urls, groups)
+                _bootstrap(opts, etcd.url, creds[ROOT_USER], registry_urls, groups)
             )
         finally:
             quiet.setLevel(level)
@@ -343,7 +405,7 @@ def up(opts: UpOptions) -> int:
                 opts,
                 g,
                 ports[f"registry_{g}"],
-                etcd.endpoint,
+                etcd.url,
                 anchor,
                 key_paths,
                 groups[g],
@@ -354,7 +416,7 @@ def up(opts: UpOptions) -> int:
                     f"registry-{g}",
                     python_argv("registry", "serve", "--config", str(cfg)),
                     logs / f"registry-{g}.log",
-                    ready=http_ready(f"{registry_urls[g]}/readyz"),
+                    ready=http_ready(f"{registry_urls[g]}/readyz", https),
                     env=reg_creds.env(),
                 )
             )
@@ -367,7 +429,7 @@ def up(opts: UpOptions) -> int:
                         "log",
                         "sign",
                         "--etcd",
-                        etcd.endpoint,
+                        etcd.url,
                         "--key",
                         str(data / "national" / "log.key"),
                     ),
@@ -379,7 +441,7 @@ def up(opts: UpOptions) -> int:
 
         resolver: dict[str, str] = {}
         if _have("cpi.commands.resolver"):
-            http_url = f"http://127.0.0.1:{ports['resolver_http']}"
+            http_url = f"https://127.0.0.1:{ports['resolver_http']}"
             resolver = {
                 "http": http_url,
                 "dns": f"127.0.0.1:{ports['resolver_dns']}",
@@ -388,9 +450,11 @@ def up(opts: UpOptions) -> int:
             sup.start(
                 Child(
                     "resolver",
-                    python_argv(*_resolver_args(opts, etcd.endpoint, anchor, ports)),
+                    python_argv(
+                        *_resolver_args(opts, etcd.url, anchor, ports, creds[RESOLVER_USER])
+                    ),
                     logs / "resolver.log",
-                    ready=http_ready(f"{http_url}/readyz"),
+                    ready=http_ready(f"{http_url}/readyz", https),
                     env=creds[RESOLVER_USER].env(),
                 ),
                 ready_timeout=120.0,
@@ -401,6 +465,12 @@ def up(opts: UpOptions) -> int:
             "registries": {ns: registry_urls[g] for g, names in groups.items() for ns in names},
             "resolver": resolver,
             "anchor": str(anchor),
+            # the CA every service's certificate chains to (clients: --cacert or
+            # $CPI_CACERT), and root's etcd client certificate (etcd wants mutual TLS)
+            "tls": {
+                "ca": str(ca.cert_file),
+                "etcd_client": {"cert": str(root_tls.cert), "key": str(root_tls.key)},
+            },
             # where each etcd user's password is (0600), never the passwords themselves;
             # national tools and `cpi` commands use root's
             "etcd_auth": {
@@ -454,9 +524,13 @@ def _report_components(sup: Supervisor, up_json: dict[str, Any], up_path: Path) 
     write(sup.components())
 
 
-def _resolver_args(opts: UpOptions, etcd: str, anchor: Path, ports: dict[str, int]) -> list[str]:
+def _resolver_args(
+    opts: UpOptions, etcd: str, anchor: Path, ports: dict[str, int], creds: Credentials
+) -> list[str]:
     return [
         "resolver", "serve",
+        "--tls-cert", str(creds.tls.cert),
+        "--tls-key", str(creds.tls.key),
         "--etcd", etcd,
         "--anchor", str(anchor),
         "--host", "127.0.0.1",
@@ -475,6 +549,7 @@ def _summary(
     print(
         f"  etcd       {', '.join(up_json['etcd'])}  (auth on; passwords in {up_json['etcd_auth']['dir']}/)"
     )
+    print(f"  TLS CA     {up_json['tls']['ca']}  (export CPI_CACERT={up_json['tls']['ca']})")
     print(f"  registries {', '.join(regs)}  ({len(up_json['registries'])} namespaces)")
     if up_json["resolver"]:
         r = up_json["resolver"]

@@ -7,7 +7,9 @@
 Everything a client needs is spelled out here with the standard library and
 ``cryptography`` only: Ed25519 keys, the ``register.v1`` payload, the DSSE signature
 over PAE, the HTTP call with the join token.  Endpoints, join tokens and the trust
-anchor come from the ``up.json`` that ``cpi up`` writes (docs/protocol.md §8).  The
+anchor come from the ``up.json`` that ``cpi up`` writes (docs/protocol.md §8), and so
+does the CA every registry's TLS certificate is checked against (``tls.ca``); plain
+``http://`` registries are refused unless ``--insecure`` is given.  The
 answers are then verified against the anchor with ``schemas.chain`` -- the same
 offline check any auditor makes -- so a registry that signed the wrong thing, or
 with a key outside its delegation, is caught.
@@ -25,6 +27,7 @@ import json
 import os
 import re
 import secrets
+import ssl
 import sys
 import time
 import urllib.error
@@ -101,7 +104,11 @@ def sign_envelope(payload_type: str, payload: dict[str, Any], key: Ed25519Privat
 
 
 def call(
-    method: str, url: str, body: bytes, token: str | None = None
+    method: str,
+    url: str,
+    body: bytes,
+    token: str | None = None,
+    context: ssl.SSLContext | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """One JSON request; retries 429 and 503 a few times, honouring Retry-After."""
     headers = {"Content-Type": "application/json"}
@@ -110,7 +117,7 @@ def call(
     for attempt in range(6):
         req = urllib.request.Request(url, data=body, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
+            with urllib.request.urlopen(req, timeout=10, context=context) as resp:
                 data = resp.read()
                 return resp.status, json.loads(data) if data else {}
         except urllib.error.HTTPError as err:
@@ -144,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=3, help="number of nodes (default: 3)")
     ap.add_argument("--keys", help="keep node keys in this directory (stable CPIDs)")
     ap.add_argument("--deregister", action="store_true", help="remove the nodes again at the end")
+    ap.add_argument("--insecure", action="store_true", help="allow plain http:// registries")
     args = ap.parse_args(argv)
 
     up_path = Path(args.up)
@@ -152,6 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     if not anchor_path.is_absolute():
         anchor_path = up_path.parent / anchor_path
     anchors = chain.TrustAnchors.from_json(anchor_path.read_bytes())
+    ca = (up.get("tls") or {}).get("ca")
+    # verify every registry's certificate against the CA of `cpi up` (system roots without)
+    context = ssl.create_default_context(cafile=str(up_path.parent / ca) if ca else None)
+    plain = sorted({u for u in up.get("registries", {}).values() if u.startswith("http://")})
+    if plain and not args.insecure:
+        print(f"refusing plain HTTP registries {', '.join(plain)}: use https or --insecure")
+        return 2
+    if plain:
+        print(f"WARNING: --insecure: talking to {', '.join(plain)} without TLS", file=sys.stderr)
     usable = sorted(set(up.get("registries", {})) & set(up.get("tokens", {})))
     namespaces = args.namespace or usable
     missing = [ns for ns in namespaces if ns not in usable]
@@ -193,7 +210,11 @@ def main(argv: list[str] | None = None) -> int:
             "labels": {"example": "register-nodes"},
         }
         status, answer = call(
-            "POST", f"{url}/v1/registrations", sign_envelope(REGISTER_TYPE, payload, key), token
+            "POST",
+            f"{url}/v1/registrations",
+            sign_envelope(REGISTER_TYPE, payload, key),
+            token,
+            context,
         )
         if status not in (200, 201):
             err = answer.get("error", {})
@@ -228,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 },
                 key,
             )
-            status, _ = call("DELETE", f"{url}/v1/resources/{cpid}", body)
+            status, _ = call("DELETE", f"{url}/v1/resources/{cpid}", body, context=context)
             print(f"{cpid:<36} deregistered (HTTP {status})")
             failures += status != 204
     return 1 if failures else 0

@@ -55,7 +55,7 @@ __all__ = [
 
 ENV_LISTEN = "CPI_REGISTRY_LISTEN"
 
-_PATH_FIELDS = ("anchor_file",)
+_PATH_FIELDS = ("anchor_file", "tls_cert", "tls_key", "tls_client_ca")
 
 
 def _namespace(value: str) -> str:
@@ -118,14 +118,25 @@ class RegistryConfig(_Model):
     max_connections: Annotated[int, Field(ge=1)] = 10_000
     max_connections_per_address: Annotated[int, Field(ge=1)] = 256
     admin_token_hash: Annotated[str, AfterValidator(_sha256_hex)] | None = None
+    # TLS (docs/registry.md): the server certificate chain and its key (0600); with
+    # tls_client_ca, agents must present a certificate signed by that CA (mutual TLS)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    insecure: bool = False  # serve plain HTTP (tests only); needed when there is no TLS
+
+    @property
+    def tls(self) -> bool:
+        """Whether the registry serves TLS (``tls_cert`` and ``tls_key`` given)."""
+        return self.tls_cert is not None and self.tls_key is not None
 
     @property
     def url(self) -> str:
-        """``public_url``, or ``http://host:port`` when it is not set."""
+        """``public_url``, or ``https://host:port`` (``http://`` without TLS) when it is not set."""
         if self.public_url:
             return self.public_url.rstrip("/")
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     @property
     def expire_after_s(self) -> float:

@@ -3,7 +3,7 @@ and synchronous for scripts (docs/client.md).
 
 ::
 
-    async with ResolverClient("http://127.0.0.1:8700") as client:
+    async with ResolverClient("https://127.0.0.1:8700", cacert=".cpi/tls/ca.pem") as client:
         found = await client.lookup("CN.31.CMCC/GPU.4K7Q9M2XH3PT-Z")  # -> Resolved
         for hit in await client.find(kind="GPU", near="31"):       # -> Discovery of DiscoveryHit
             ...
@@ -31,9 +31,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import ssl
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
@@ -44,6 +46,7 @@ from resolver.discovery import Query
 from resolver.errors import ResolverUnavailableError
 from schemas import _json, chain, dsse
 from schemas.errors import InvalidDataError, NotFoundError
+from schemas.tls import client_context
 
 __all__ = [
     "DEFAULT_URL",
@@ -61,13 +64,28 @@ __all__ = [
     "WatchMessage",
     "decode_payload",
     "default_url",
+    "tls_context",
 ]
 
 T = TypeVar("T")
 
 ENV_RESOLVER: Final = "CPI_RESOLVER"
 ENV_CLAIMS_TOKEN: Final = "CPI_CLAIMS_TOKEN"
-DEFAULT_URL: Final = "http://127.0.0.1:8700"
+DEFAULT_URL: Final = "https://127.0.0.1:8700"
+
+
+def tls_context(cacert: str | os.PathLike[str] | None) -> ssl.SSLContext:
+    """A client context trusting the CA file ``cacert`` (PEM), else the system roots."""
+    if cacert is None:
+        return client_context()
+    try:
+        pem = Path(cacert).read_bytes()
+    except OSError as exc:
+        raise InvalidDataError(f"CA certificate {cacert}: {exc.strerror}") from exc
+    try:
+        return client_context(pem)
+    except (ssl.SSLError, ValueError) as exc:
+        raise InvalidDataError(f"CA certificate {cacert}: {exc}") from exc
 
 
 def default_url() -> str:
@@ -272,13 +290,23 @@ def _params(
 class ResolverClient:
     """Client of one resolver.  Use as ``async with``."""
 
-    def __init__(self, base_url: str | None = None, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        timeout: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+        cacert: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """``ssl_context`` (or a context trusting the CA file ``cacert``) verifies the
+        resolver's certificate; default: the system roots."""
         self.base_url = (base_url or default_url()).rstrip("/")
         self.timeout = timeout
+        self._ssl = ssl_context or tls_context(cacert)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> ResolverClient:
-        self._session = aiohttp.ClientSession()
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl))
         return self
 
     async def __aexit__(

@@ -123,11 +123,20 @@ class ResolverConfig(_Model):
     keepalive_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     max_connections: Annotated[int, Field(ge=1)] = 10_000
     max_connections_per_address: Annotated[int, Field(ge=1)] = 256
+    # TLS (docs/resolver.md): the HTTP API's certificate chain and key (0600)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    insecure: bool = False  # serve plain HTTP (tests only); needed when there is no TLS
+
+    @property
+    def tls(self) -> bool:
+        """Whether the HTTP API serves TLS (``tls_cert`` and ``tls_key`` given)."""
+        return self.tls_cert is not None and self.tls_key is not None
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def latency_table_path(self) -> Path:
         """``latency_table``, else the table shipped in the ``seeds`` package.
@@ -192,8 +201,9 @@ def load_config(
         raw = {**raw, **copy.deepcopy(dict(data))}
     if isinstance(raw.get("anchor_files"), list):
         raw["anchor_files"] = [resolve_path(base, a) for a in raw["anchor_files"]]
-    if "latency_table" in raw:
-        raw["latency_table"] = resolve_path(base, raw["latency_table"])
+    for name in ("latency_table", "tls_cert", "tls_key"):
+        if name in raw:
+            raw[name] = resolve_path(base, raw[name])
 
     environ = os.environ if env is None else env
     EtcdSettings.layer(raw, base=base, env=environ)

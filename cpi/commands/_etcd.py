@@ -1,5 +1,6 @@
 """The ``--etcd`` option shared by commands that read or write the index, and the etcd
-credentials that go with it (``--user``, ``--password-file``)."""
+credentials that go with it (``--user``, ``--password-file``, and etcdctl's TLS options
+``--cacert``, ``--cert``, ``--key``)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ import argparse
 import os
 
 from registry.index import (
+    ENV_ETCD_CACERT,
+    ENV_ETCD_CERT,
     ENV_ETCD_ENDPOINTS,
     ENV_ETCD_ENDPOINTS_ALIAS,
+    ENV_ETCD_KEY,
     ENV_ETCD_PASSWORD,
     ENV_ETCD_PASSWORD_FILE,
     ENV_ETCD_USER,
     Index,
     endpoints_from_env,
 )
-from schemas.errors import InvalidDataError
+from registry.tls import check_key_file
+from schemas.errors import ConfigError, InvalidDataError
 
 ETCD_ENV = ENV_ETCD_ENDPOINTS
 """Environment variable read when ``--etcd`` is not given (``$CPI_ETCD`` also works)."""
@@ -55,6 +60,48 @@ def credential_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"file whose first line is the etcd password (default: ${ENV_ETCD_PASSWORD_FILE}; "
         f"else the password is ${ENV_ETCD_PASSWORD})",
     )
+    tls_arguments(parser)
+
+
+def _tls_option(parser: argparse.ArgumentParser, name: str, env: str, help: str) -> None:
+    """``--etcd-NAME``, and etcdctl's ``--NAME`` too when the command has no such flag."""
+    flags = [f"--etcd-{name}"]
+    if f"--{name}" not in parser._option_string_actions:
+        flags.insert(0, f"--{name}")
+    parser.add_argument(
+        *flags,
+        dest=f"etcd_{name}",
+        default=os.environ.get(env) or None,
+        metavar="FILE",
+        help=f"{help} (default: ${env})",
+    )
+
+
+def tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """etcdctl's TLS options: ``--cacert``, ``--cert``, ``--key`` (each also spelled
+    ``--etcd-cacert`` ..., the only spelling where the command uses the short name for
+    something else), defaulting to ``$CPI_ETCD_CACERT``, ``$CPI_ETCD_CERT``, ``$CPI_ETCD_KEY``."""
+    _tls_option(
+        parser, "cacert", ENV_ETCD_CACERT, "CA certificate (PEM) of etcd's server certificate"
+    )
+    _tls_option(parser, "cert", ENV_ETCD_CERT, "client certificate (PEM) for mutual TLS with etcd")
+    _tls_option(parser, "key", ENV_ETCD_KEY, "its private key (PEM, mode 0600)")
+
+
+def tls_files(args: argparse.Namespace) -> dict[str, str | None]:
+    """The :class:`Index` TLS keyword arguments (file paths) from the parsed options and
+    the environment; a key file others can read is refused."""
+    cacert = getattr(args, "etcd_cacert", None) or os.environ.get(ENV_ETCD_CACERT) or None
+    cert = getattr(args, "etcd_cert", None) or os.environ.get(ENV_ETCD_CERT) or None
+    key = getattr(args, "etcd_key", None) or os.environ.get(ENV_ETCD_KEY) or None
+    if (cert is None) != (key is None):
+        raise InvalidDataError("a client certificate for etcd needs both --cert and --key")
+    if key is not None:
+        try:
+            check_key_file(key)
+        except ConfigError as exc:
+            raise InvalidDataError(str(exc)) from exc
+    return {"ca_cert": cacert, "cert_chain": cert, "cert_key": key}
 
 
 def credentials(args: argparse.Namespace) -> tuple[str | None, str | None]:
@@ -88,8 +135,11 @@ def open_index(urls: str, *, timeout: float = 5.0, args: argparse.Namespace | No
     With *args*, the credentials of :func:`credentials` are used; without, those of the
     environment (``$CPI_ETCD_USER`` and its password), if any.
     """
-    user, password = credentials(args if args is not None else argparse.Namespace())
+    ns = args if args is not None else argparse.Namespace()
+    user, password = credentials(ns)
     try:
-        return Index.from_url_list(urls, timeout=timeout, user=user, password=password)
+        return Index.from_url_list(
+            urls, timeout=timeout, user=user, password=password, **tls_files(ns)
+        )
     except ValueError as exc:
         raise InvalidDataError(f"--etcd {urls!r}: {exc}") from exc

@@ -23,6 +23,7 @@ from pathlib import Path
 import aiohttp
 
 from cpi.commands._util import print_json
+from cpi.tls import add_client_arguments, client_ssl
 from registry import keyfile, national
 from registry.agent import (
     USER_AGENT,
@@ -58,7 +59,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "unreachable, 3 token or namespace refused."
         ),
     )
-    run.add_argument("--registry", help="registry base URL, e.g. http://host:8441")
+    run.add_argument("--registry", help="registry base URL, e.g. https://host:8441")
     run.add_argument(
         "--token", help=f"join token (prefer --token-file or ${TOKEN_ENV}: argv is visible in ps)"
     )
@@ -112,6 +113,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=int,
         help="give up registering after N attempts (default: never; 5 with --once)",
     )
+    add_client_arguments(run, cert=True)
     run.set_defaults(handler=run_agent)
 
     pr = agents.add_parser("probe", help="print what the agent would report about this machine")
@@ -177,6 +179,12 @@ async def _run(args: argparse.Namespace) -> int:
             "--registry and --namespace are required (or --simulate N --up FILE)"
         )
     token = "" if args.up else _token(args)
+    targets = _targets(args, token) if args.simulate is not None else []
+    ssl_context = (
+        None
+        if args.dry_run
+        else client_ssl(args, *sorted({t.registry for t in targets} or {args.registry}), up=args.up)
+    )
     endpoints = [parse_endpoint(e) for e in args.endpoint]
     labels = dict(parse_label(lab) for lab in args.label)
     anchors = national.load_anchors(args.anchor) if args.anchor else None
@@ -196,7 +204,8 @@ async def _run(args: argparse.Namespace) -> int:
         try:
             report = await run_simulation(
                 args.simulate,
-                targets=_targets(args, token),
+                targets=targets,
+                ssl_context=ssl_context,
                 stop=stop,
                 data_dir=args.data_dir,
                 seed=args.seed,
@@ -223,7 +232,9 @@ async def _run(args: argparse.Namespace) -> int:
     key, created = keyfile.load_or_create(args.key)
     if created:
         _log.info("created node key %s (0600)", args.key)
-    async with aiohttp.ClientSession(headers={"User-Agent": USER_AGENT}) as session:
+    async with aiohttp.ClientSession(
+        headers={"User-Agent": USER_AGENT}, connector=aiohttp.TCPConnector(ssl=ssl_context or True)
+    ) as session:
         agent = Agent(
             registry=args.registry,
             token=token,

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import aiohttp
 
 from cpi.commands._etcd import etcd_argument, open_index
 from cpi.commands._util import print_json, read_input
+from cpi.tls import add_client_arguments, client_ssl
 from registry.logsigner import LOG_VKEY_FILE, load_verifier
 from resolver.audit.bundle import FAILURES, verify_bundle
 from resolver.audit.logcheck import LogAuditor, LogReport
@@ -52,6 +54,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     v.add_argument("target", help="bundle file, '-', or a CPID")
     v.add_argument("--anchor", required=True, action="append", help="anchor file (repeatable)")
     v.add_argument("--resolver", help="resolver base URL, to fetch a CPID")
+    add_client_arguments(v)
     v.add_argument("--revoked", help="JSON list of revocation.v1 envelopes to honour")
     v.add_argument("--now", type=int, help="verify as of this Unix time (default: now)")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -89,6 +92,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ),
     )
     lg.add_argument("--resolver", required=True, help="resolver base URL")
+    add_client_arguments(lg)
     lg.add_argument("--anchor", required=True, help="anchor file; its directory holds log.vkey")
     lg.add_argument(
         "--log-key",
@@ -124,11 +128,16 @@ def _revocations(path: str | None) -> dict[str, dsse.Envelope]:
     return out
 
 
-async def _fetch_bundle(resolver: str, cpid: str) -> dict[str, Any]:
+async def _fetch_bundle(
+    resolver: str, cpid: str, ssl_context: ssl.SSLContext | None
+) -> dict[str, Any]:
     url = f"{resolver.rstrip('/')}/v1/resources/{cpid}"
     try:
         async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
+            aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=10),
+                connector=aiohttp.TCPConnector(ssl=ssl_context or True),
+            ) as http,
             http.get(url) as resp,
         ):
             body = await resp.read()
@@ -170,7 +179,8 @@ def run_verify(args: argparse.Namespace) -> int:
             raise InvalidDataError(
                 f"{args.target!r} is not a file; to fetch CPID {cpid}, give --resolver URL"
             )
-        bundle = asyncio.run(_fetch_bundle(args.resolver, cpid))
+        ctx = client_ssl(args, args.resolver)
+        bundle = asyncio.run(_fetch_bundle(args.resolver, cpid, ctx))
     if not isinstance(bundle, dict):
         raise EnvelopeError('expected a bundle {"record": <envelope>, "chain": [...]}')
     result = verify_bundle(
@@ -291,7 +301,10 @@ async def _log(
     args: argparse.Namespace, verifier: NoteVerifier, state: bytes | None
 ) -> tuple[LogReport, bytes | None]:
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=15),
+            connector=aiohttp.TCPConnector(ssl=client_ssl(args, args.resolver) or True),
+        ) as http:
             auditor = LogAuditor(http, args.resolver, verifier, state=state)
             cpid = parse(args.cpid).to_text() if args.cpid else None
             report = await auditor.check(cpid=cpid, version=args.version)

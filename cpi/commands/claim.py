@@ -1,7 +1,8 @@
 """``cpi claim`` (claim, release, list) and ``cpi claims token create``.
 
-``cpi claim`` talks to a resolver over HTTP: ``--resolver URL``, else ``$CPI_RESOLVER``,
-else ``http://127.0.0.1:8700``; the claims token comes from ``--token``,
+``cpi claim`` talks to a resolver over HTTPS: ``--resolver URL``, else ``$CPI_RESOLVER``,
+else ``https://127.0.0.1:8700``, its certificate verified against ``--cacert`` or
+``$CPI_CACERT`` (``http://`` needs ``--insecure``); the claims token comes from ``--token``,
 ``--token-file`` or ``$CPI_CLAIMS_TOKEN``.  ``cpi claims token create`` writes the
 token's hash to etcd (``--etcd`` or ``$CPI_ETCD_ENDPOINTS``) and prints the token once.
 See ``docs/claims.md``.
@@ -20,6 +21,7 @@ from urllib.parse import parse_qsl
 
 from cpi.commands._etcd import etcd_argument, open_index
 from cpi.commands._util import add_filter_arguments, print_json
+from cpi.tls import add_client_arguments, client_ssl
 from registry.tokens import parse_duration
 from resolver.claims import tokens as claim_tokens
 from resolver.claims.client import ClaimsClient
@@ -47,6 +49,7 @@ def _client_arguments(parser: argparse.ArgumentParser, *, sub: bool = False) -> 
     )
     parser.add_argument("--token-file", help="file holding the claims token", **kw)
     parser.add_argument("--json", action="store_true", help="print the resolver's JSON", **kw)
+    add_client_arguments(parser, sub=sub)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -118,7 +121,8 @@ def _token(args: argparse.Namespace) -> str:
 
 
 def _client(args: argparse.Namespace) -> ClaimsClient:
-    return ClaimsClient(getattr(args, "resolver", None) or default_url(), token=_token(args))
+    url = getattr(args, "resolver", None) or default_url()
+    return ClaimsClient(url, token=_token(args), ssl_context=client_ssl(args, url))
 
 
 def _query(args: argparse.Namespace) -> Query | None:

@@ -45,8 +45,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "with its .vkey) if missing."
         ),
     )
-    etcd_argument(sign)
     sign.add_argument("--key", required=True, help="log key file (created if missing)")
+    etcd_argument(sign)  # after --key: its etcd client key is --etcd-key
     sign.add_argument(
         "--origin", default=DEFAULT_ORIGIN, help=f"log origin (default: {DEFAULT_ORIGIN})"
     )

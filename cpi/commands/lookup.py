@@ -1,8 +1,9 @@
 """``cpi resolve``, ``cpi discover``, ``cpi watch``: ask a resolver over HTTP.
 
 The resolver is ``--resolver URL``, else ``$CPI_RESOLVER``, else
-``http://127.0.0.1:8700``.  Output is a readable table; ``--json`` prints the
-resolver's JSON (one object per line for ``watch``).  ``cpi resolve --anchor FILE``
+``https://127.0.0.1:8700``; its certificate is verified against ``--cacert`` or
+``$CPI_CACERT`` (plain ``http://`` needs ``--insecure``).  Output is a readable table;
+``--json`` prints the resolver's JSON (one object per line for ``watch``).  ``cpi resolve --anchor FILE``
 also verifies the returned record and chain offline, trusting only the anchor.
 """
 
@@ -16,6 +17,7 @@ import time
 from typing import Any
 
 from cpi.commands._util import add_filter_arguments, print_json
+from cpi.tls import add_client_arguments, client_ssl
 from resolver.client import ResolverClient, decode_payload, default_url
 from resolver.config import load_anchor_files
 from resolver.discovery import Query
@@ -31,6 +33,12 @@ def _resolver_argument(parser: argparse.ArgumentParser) -> None:
         help=f"resolver base URL (default: $CPI_RESOLVER or {default_url()})",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_client_arguments(parser)
+
+
+def _client(args: argparse.Namespace) -> ResolverClient:
+    url = args.resolver or default_url()
+    return ResolverClient(url, ssl_context=client_ssl(args, url))
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -99,7 +107,7 @@ def _accelerators(record: dict[str, Any]) -> str:
 
 
 async def _resolve(args: argparse.Namespace) -> dict[str, Any]:
-    async with ResolverClient(args.resolver) as client:
+    async with _client(args) as client:
         return await client.resolve(args.cpid)
 
 
@@ -178,7 +186,7 @@ def run_resolve(args: argparse.Namespace) -> int:
 
 
 async def _discover(args: argparse.Namespace) -> dict[str, Any]:
-    async with ResolverClient(args.resolver) as client:
+    async with _client(args) as client:
         return await client.discover(_query(args, limit=args.limit))
 
 
@@ -201,7 +209,7 @@ def run_discover(args: argparse.Namespace) -> int:
         )
         for r in results
     ]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(header)]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -222,7 +230,7 @@ def _describe(data: dict[str, Any]) -> str:
 
 async def _watch(args: argparse.Namespace) -> int:
     seen = 0
-    async with ResolverClient(args.resolver) as client:
+    async with _client(args) as client:
         async for msg in client.watch(_query(args), since=args.since):
             if msg.type == "progress":
                 continue

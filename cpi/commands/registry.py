@@ -18,12 +18,14 @@ import sys
 import time
 from typing import Any
 
-from cpi.commands._etcd import credential_arguments, credentials
+from cpi.commands._etcd import credential_arguments, credentials, tls_files
 from cpi.serving import ServerLimits, Serving
+from cpi.tls import add_server_arguments as _tls_arguments
 from registry import tokens
 from registry.config import RegistryConfig, load_config
 from registry.index import Index, endpoints_from_env
 from registry.service import create_app
+from registry.tls import serving_context
 from schemas.errors import InvalidDataError
 
 _log = logging.getLogger("cpi.registry")
@@ -45,6 +47,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--public-url", help="URL clients use to reach this registry")
     serve.add_argument("--etcd", help="etcd endpoints, comma-separated (overrides the config)")
     serve.add_argument("--instance-id", help="name of this instance in logs and metrics")
+    _tls_arguments(serve)
+    serve.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="require agents to present a client certificate signed by this CA (mutual TLS)",
+    )
     serve.set_defaults(handler=run_serve)
 
     token = reg.add_parser("token", help="join tokens")
@@ -86,6 +94,10 @@ def run_serve(args: argparse.Namespace) -> int:
             "public_url": args.public_url,
             "etcd.endpoints": _endpoints(args.etcd),
             "instance_id": args.instance_id,
+            "tls_cert": args.tls_cert,
+            "tls_key": args.tls_key,
+            "tls_client_ca": args.tls_client_ca,
+            "insecure": True if args.insecure else None,
         },
     )
     asyncio.run(serve(config))
@@ -94,8 +106,17 @@ def run_serve(args: argparse.Namespace) -> int:
 
 async def serve(config: RegistryConfig) -> None:
     """Run the registry until SIGTERM or SIGINT; stop cleanly."""
+    ssl_context = serving_context(
+        cert=config.tls_cert,
+        key=config.tls_key,
+        client_ca=config.tls_client_ca,
+        insecure=config.insecure,
+        what="registry",
+    )
     app = create_app(config)
-    serving = Serving(app, config.host, config.port, ServerLimits.of(config))
+    serving = Serving(
+        app, config.host, config.port, ServerLimits.of(config), ssl_context=ssl_context
+    )
     await serving.setup()  # runs the start-up: etcd, certificates, lease
     try:
         await serving.start()
@@ -141,7 +162,7 @@ async def _create_token(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             )
         user, password = credentials(args)
         try:
-            index = Index.from_url_list(args.etcd, user=user, password=password)
+            index = Index.from_url_list(args.etcd, user=user, password=password, **tls_files(args))
         except ValueError as exc:
             raise InvalidDataError(f"--etcd {args.etcd!r}: {exc}") from exc
         within = None

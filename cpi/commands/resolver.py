@@ -19,6 +19,8 @@ import signal
 from types import FrameType
 
 from cpi.serving import ServerLimits, Serving
+from cpi.tls import add_server_arguments
+from registry.tls import serving_context
 from resolver.config import (
     ENV_ANCHOR,
     ENV_ETCD_ENDPOINTS,
@@ -64,6 +66,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="HTTP worker processes sharing the port (SO_REUSEPORT), each with its own "
         "replica of the index (default 1; needs a fixed port)",
     )
+    add_server_arguments(serve)
     serve.set_defaults(handler=run_serve)
 
 
@@ -80,6 +83,9 @@ def run_serve(args: argparse.Namespace) -> int:
         "dns_host": args.dns_host,
         "dns_port": args.dns_port,
         "workers": args.workers,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "insecure": True if args.insecure else None,
     }
     if args.listen:
         overrides["host"], overrides["port"] = parse_listen(args.listen)
@@ -120,6 +126,10 @@ def run_workers(config: ResolverConfig) -> int:
     """
     if config.port == 0:
         raise ConfigError("--workers N needs a fixed port: the processes share it")
+    # refuse to start without TLS material (or --insecure) before starting the workers
+    serving_context(
+        cert=config.tls_cert, key=config.tls_key, insecure=config.insecure, what="resolver"
+    )
     ctx = multiprocessing.get_context("spawn")
     verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
     procs = [
@@ -174,6 +184,9 @@ async def serve(
     also stop when this descriptor becomes readable, i.e. when the parent process is
     gone (:attr:`multiprocessing.process.BaseProcess.sentinel`; see :func:`run_workers`).
     """
+    ssl_context = serving_context(
+        cert=config.tls_cert, key=config.tls_key, insecure=config.insecure, what="resolver"
+    )
     app = create_app(config, primary=primary)
     serving = Serving(
         app,
@@ -181,6 +194,7 @@ async def serve(
         config.port,
         ServerLimits.of(config),
         reuse_port=reuse_port or None,
+        ssl_context=ssl_context,
         shutdown_timeout=5.0,
     )
     await serving.setup()  # starts the replica (the first listing runs in the background)

@@ -36,6 +36,7 @@ import logging
 import random
 import re
 import secrets
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -253,7 +254,7 @@ class Agent:
     """One node's agent.  Keyword-only; see the module docstring for the protocol.
 
     Args:
-        registry: Base URL of the registry (``http://host:port``).
+        registry: Base URL of the registry (``https://host:port``).
         token: Join token (sent as ``Authorization: Bearer``; never logged).
         namespace: Namespace to register in, e.g. ``CN.31.CMCC``.
         kind: CPID kind (GPU, NPU, CPU, ...).
@@ -262,6 +263,9 @@ class Agent:
         site, endpoints, labels: What the record should carry.
         session: An aiohttp session to share (several agents, one pool); else one is
             opened per agent and closed by :meth:`close`.
+        ssl_context: For the session the agent opens itself: how to verify the
+            registry's certificate (a private CA) and the client certificate it presents
+            (mutual TLS); default: the system roots.
         prober: Async hardware probe; :func:`host_prober` by default.
         anchors: When given, the returned record and chain are verified against them.
         backoff: Registration back-off.
@@ -284,6 +288,7 @@ class Agent:
         endpoints: Sequence[Endpoint] = (),
         labels: Mapping[str, str] | None = None,
         session: aiohttp.ClientSession | None = None,
+        ssl_context: ssl.SSLContext | None = None,
         prober: Prober = host_prober,
         anchors: chain.TrustAnchors | None = None,
         backoff: Backoff | None = None,
@@ -312,6 +317,7 @@ class Agent:
         self.labels = dict(labels or {})
         self._session = session
         self._own_session = session is None
+        self._ssl = ssl_context
         self._prober = prober
         self.anchors = anchors
         self.backoff = backoff or Backoff()
@@ -341,7 +347,10 @@ class Agent:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(headers={"User-Agent": USER_AGENT})
+            self._session = aiohttp.ClientSession(
+                headers={"User-Agent": USER_AGENT},
+                connector=aiohttp.TCPConnector(ssl=self._ssl or True),
+            )
             self._own_session = True
         return self._session
 

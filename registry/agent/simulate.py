@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import random
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,14 +266,16 @@ async def run_simulation(
     ramp_s: float = 2.0,
     once: bool = False,
     churn: float = 0.1,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> SimulationReport:
     """Run ``n`` simulated nodes until ``stop`` is set, then deregister them all.
 
     Start times are spread over ``ramp_s`` seconds.  With ``once`` every node
     registers, sends one status and the call returns (records stay).  When every
     node was refused (bad token), :class:`~registry.agent.agent.RefusedError` is raised.
+    ``ssl_context`` verifies the registries' certificates (default: the system roots).
     """
-    connector = aiohttp.TCPConnector(limit=256)
+    connector = aiohttp.TCPConnector(limit=256, ssl=ssl_context or True)
     async with aiohttp.ClientSession(connector=connector) as session:
         agents = build_agents(
             n,

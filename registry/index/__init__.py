@@ -53,8 +53,11 @@ if TYPE_CHECKING:
     from registry.index.client import Index
     from registry.index.lease import Lease
     from registry.index.settings import (
+        ENV_ETCD_CACERT,
+        ENV_ETCD_CERT,
         ENV_ETCD_ENDPOINTS,
         ENV_ETCD_ENDPOINTS_ALIAS,
+        ENV_ETCD_KEY,
         ENV_ETCD_PASSWORD,
         ENV_ETCD_PASSWORD_FILE,
         ENV_ETCD_USER,
@@ -64,8 +67,11 @@ if TYPE_CHECKING:
     from registry.index.watch import Watch
 
 __all__ = [
+    "ENV_ETCD_CACERT",
+    "ENV_ETCD_CERT",
     "ENV_ETCD_ENDPOINTS",
     "ENV_ETCD_ENDPOINTS_ALIAS",
+    "ENV_ETCD_KEY",
     "ENV_ETCD_PASSWORD",
     "ENV_ETCD_PASSWORD_FILE",
     "ENV_ETCD_USER",
@@ -102,6 +108,9 @@ _LAZY: dict[str, str] = {
     "Lease": "lease",
     "Watch": "watch",
     "EtcdSettings": "settings",
+    "ENV_ETCD_CACERT": "settings",
+    "ENV_ETCD_CERT": "settings",
+    "ENV_ETCD_KEY": "settings",
     "ENV_ETCD_ENDPOINTS": "settings",
     "ENV_ETCD_ENDPOINTS_ALIAS": "settings",
     "ENV_ETCD_PASSWORD": "settings",

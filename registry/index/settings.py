@@ -11,11 +11,15 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from registry.index.client import Index
 from schemas._settings import resolve_path, set_dotted, split_list
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, KeyFileError
+from schemas.keys import check_private_mode
 
 __all__ = [
+    "ENV_ETCD_CACERT",
+    "ENV_ETCD_CERT",
     "ENV_ETCD_ENDPOINTS",
     "ENV_ETCD_ENDPOINTS_ALIAS",
+    "ENV_ETCD_KEY",
     "ENV_ETCD_PASSWORD",
     "ENV_ETCD_PASSWORD_FILE",
     "ENV_ETCD_USER",
@@ -33,6 +37,18 @@ ENV_ETCD_PASSWORD_FILE: Final = "CPI_ETCD_PASSWORD_FILE"
 """A file holding the etcd password (its first line); replaces ``etcd.password_file``."""
 ENV_ETCD_USER: Final = "CPI_ETCD_USER"
 """The etcd user; replaces ``etcd.user``."""
+ENV_ETCD_CACERT: Final = "CPI_ETCD_CACERT"
+"""CA certificate (PEM) etcd's server certificate must chain to; replaces ``etcd.ca_cert``."""
+ENV_ETCD_CERT: Final = "CPI_ETCD_CERT"
+"""Client certificate (PEM) for mutual TLS with etcd; replaces ``etcd.cert_chain``."""
+ENV_ETCD_KEY: Final = "CPI_ETCD_KEY"
+"""Its private key (PEM, mode 0600); replaces ``etcd.cert_key``."""
+
+_TLS_ENV: Final = (
+    (ENV_ETCD_CACERT, "ca_cert"),
+    (ENV_ETCD_CERT, "cert_chain"),
+    (ENV_ETCD_KEY, "cert_key"),
+)
 
 
 def endpoints_from_env(env: Mapping[str, str]) -> str | None:
@@ -88,8 +104,18 @@ class EtcdSettings(BaseModel):
         """An unconnected :class:`Index` for these settings (use as ``async with``).
 
         *options* are further keyword arguments of the :class:`Index` constructor.
-        Settings that do not fit together raise :class:`~schemas.errors.ConfigError`.
+        Settings that do not fit together, and a ``cert_key`` file the group or others
+        can read, raise :class:`~schemas.errors.ConfigError`.
         """
+        if self.cert_key is not None:
+            try:
+                check_private_mode(self.cert_key.stat().st_mode, source=str(self.cert_key))
+            except OSError as exc:
+                raise ConfigError(
+                    f"etcd settings: cert_key {self.cert_key}: {exc.strerror}"
+                ) from exc
+            except KeyFileError as exc:
+                raise ConfigError(f"etcd settings: {exc}") from exc
         try:
             return Index(
                 endpoints=self.endpoints,
@@ -110,7 +136,8 @@ class EtcdSettings(BaseModel):
         """Prepare the ``etcd`` section of a config's raw data, in place.
 
         Relative paths in it are resolved against *base* (the config file's directory);
-        then the endpoints from *env* (:func:`endpoints_from_env`), :data:`ENV_ETCD_USER`,
+        then the endpoints from *env* (:func:`endpoints_from_env`), the TLS files
+        (:data:`ENV_ETCD_CACERT`, :data:`ENV_ETCD_CERT`, :data:`ENV_ETCD_KEY`), :data:`ENV_ETCD_USER`,
         :data:`ENV_ETCD_PASSWORD` and :data:`ENV_ETCD_PASSWORD_FILE` replace what the
         file says (a password from the environment wins over any password file).
         """
@@ -122,6 +149,9 @@ class EtcdSettings(BaseModel):
         endpoints = endpoints_from_env(env)
         if endpoints:
             set_dotted(raw, "etcd.endpoints", split_list(endpoints))
+        for var, name in _TLS_ENV:
+            if env.get(var):
+                set_dotted(raw, f"etcd.{name}", resolve_path(Path.cwd(), env[var]))
         if env.get(ENV_ETCD_USER):
             set_dotted(raw, "etcd.user", env[ENV_ETCD_USER])
         if env.get(ENV_ETCD_PASSWORD_FILE):

@@ -2,7 +2,7 @@
 
 ::
 
-    async with ClaimsClient("http://127.0.0.1:8700", token=token) as client:
+    async with ClaimsClient("https://127.0.0.1:8700", token=token, cacert=ca) as client:
         claim = await client.acquire(query=Query(kind="GPU", accelerator="H100", near="31"), units=8)
         await client.release(claim.claim_id)
 
@@ -18,6 +18,8 @@ object), 404 -> :class:`ClaimsNotFoundError`; 5xx and connection failures ->
 
 from __future__ import annotations
 
+import os
+import ssl
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -25,6 +27,7 @@ from typing import Any
 
 import aiohttp
 
+from resolver.client import tls_context
 from resolver.discovery import Query
 from resolver.errors import ResolverUnavailableError
 from schemas import _json
@@ -139,12 +142,17 @@ class ClaimsClient:
         token: str,
         timeout: float = 15.0,
         session: aiohttp.ClientSession | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        cacert: str | os.PathLike[str] | None = None,
     ) -> None:
+        """``ssl_context`` (or a context trusting the CA file ``cacert``) verifies the
+        resolver's certificate when this client opens its own session."""
         self.base_url = base_url.rstrip("/")
         self._token = token
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session = session
         self._own = session is None
+        self._ssl = ssl_context or (tls_context(cacert) if session is None else None)
 
     async def __aenter__(self) -> ClaimsClient:
         return self
@@ -164,7 +172,9 @@ class ClaimsClient:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
+            self._session = aiohttp.ClientSession(
+                timeout=self._timeout, connector=aiohttp.TCPConnector(ssl=self._ssl or True)
+            )
         return self._session
 
     async def _call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:

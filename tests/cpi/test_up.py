@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import pytest
 
 from registry import keyfile
 from registry.index import Index, IndexAccessDeniedError, Keys
+from schemas.errors import RetrievalError
 
 
 def _free_base() -> int:
@@ -60,8 +62,12 @@ def _procs_mentioning(text: str) -> list[int]:
     return pids
 
 
+_CONTEXT: list[ssl.SSLContext] = []
+
+
 def _get(url: str) -> tuple[int, bytes]:
-    with urllib.request.urlopen(url, timeout=5) as resp:
+    """GET with the stack's CA (set by :meth:`Up.start`)."""
+    with urllib.request.urlopen(url, timeout=5, context=_CONTEXT[-1]) as resp:
         return resp.status, resp.read()
 
 
@@ -98,6 +104,7 @@ class Up:
             if up_json.exists() and up_json.stat().st_mtime >= started - 1:
                 up = json.loads(up_json.read_text())
                 if up.get("tokens"):
+                    _CONTEXT.append(ssl.create_default_context(cafile=up["tls"]["ca"]))
                     return up
             time.sleep(0.2)
         raise AssertionError("cpi up did not write up.json in 90 s")
@@ -130,6 +137,7 @@ def test_up_runs_stack_registers_node_and_reuses_state(stack: Up, tmp_path: Path
     assert set(up["tokens"]) == set(up["registries"])
     for url in set(up["registries"].values()):
         assert _get(f"{url}/readyz")[0] == 200
+    _check_tls(up, stack.data_dir)
     assert stat.S_IMODE((stack.data_dir / "national" / "root.key").stat().st_mode) == 0o600
 
     # each component is its own process
@@ -145,6 +153,7 @@ def test_up_runs_stack_registers_node_and_reuses_state(stack: Up, tmp_path: Path
             sys.executable, "-m", "cpi", "agent", "run", "--once",
             "--registry", up["registries"]["CN.31.CMCC"], "--namespace", "CN.31.CMCC",
             "--kind", "GPU", "--key", str(node_key), "--anchor", up["anchor"],
+            "--cacert", up["tls"]["ca"],
         ],
         env={**os.environ, "CPI_JOIN_TOKEN": up["tokens"]["CN.31.CMCC"]},
         capture_output=True, text=True, timeout=60,
@@ -170,7 +179,7 @@ def test_up_runs_stack_registers_node_and_reuses_state(stack: Up, tmp_path: Path
         headers={"Authorization": f"Bearer {up['claims']['token']}"},
         method="POST",
     )
-    with urllib.request.urlopen(claim, timeout=5) as resp:
+    with urllib.request.urlopen(claim, timeout=5, context=_CONTEXT[-1]) as resp:
         assert resp.status == 201
         assert json.loads(resp.read())["cpid"] == cpid
 
@@ -193,7 +202,12 @@ def test_up_runs_stack_registers_node_and_reuses_state(stack: Up, tmp_path: Path
             "--registry", up2["registries"]["CN.31.CMCC"], "--namespace", "CN.31.CMCC",
             "--kind", "GPU", "--key", str(node_key),
         ],
-        env={**os.environ, "CPI_JOIN_TOKEN": up2["tokens"]["CN.31.CMCC"]},
+        # the CA from the environment this time
+        env={
+            **os.environ,
+            "CPI_JOIN_TOKEN": up2["tokens"]["CN.31.CMCC"],
+            "CPI_CACERT": up2["tls"]["ca"],
+        },
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert again.returncode == 0, again.stderr
@@ -205,6 +219,8 @@ def test_up_runs_stack_registers_node_and_reuses_state(stack: Up, tmp_path: Path
         [
             sys.executable, "-m", "cpi", "ns", "list", "--etcd", up2["etcd"][0],
             "--user", "root", "--password-file", up2["etcd_auth"]["users"]["root"],
+            "--cacert", up2["tls"]["ca"], "--cert", up2["tls"]["etcd_client"]["cert"],
+            "--key", up2["tls"]["etcd_client"]["key"],
         ],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
@@ -235,15 +251,26 @@ def _check_etcd_auth(up: dict[str, Any], data_dir: Path) -> None:
     def password(user: str) -> str:
         return Path(users[user]).read_text().strip()
 
+    tls = {
+        "ca_cert": up["tls"]["ca"],
+        "cert_chain": up["tls"]["etcd_client"]["cert"],
+        "cert_key": up["tls"]["etcd_client"]["key"],
+    }
+
     async def probe() -> None:
         ep = up["etcd"]
-        async with Index(endpoints=ep, timeout=3.0) as anonymous:
+        # TLS with a client certificate from the CA, but no password: no rights
+        async with Index(endpoints=ep, timeout=3.0, **tls) as anonymous:
             with pytest.raises(IndexAccessDeniedError):
                 await anonymous.put(Keys.token("00" * 32), b"{}")
             with pytest.raises(IndexAccessDeniedError):
                 await anonymous.get(Keys.alloc("CN.31.CMCC/GPU.X"))
         resolver = Index(
-            endpoints=ep, timeout=3.0, user="cpi-resolver", password=password("cpi-resolver")
+            endpoints=ep,
+            timeout=3.0,
+            user="cpi-resolver",
+            password=password("cpi-resolver"),
+            **tls,
         )
         async with resolver:
             with pytest.raises(IndexAccessDeniedError, match="permission denied"):
@@ -253,9 +280,45 @@ def _check_etcd_auth(up: dict[str, Any], data_dir: Path) -> None:
             timeout=3.0,
             user="cpi-registry-regional",
             password=password("cpi-registry-regional"),
+            **tls,
         )
         async with registry:
             with pytest.raises(IndexAccessDeniedError, match="permission denied"):
                 await registry.put(Keys.alloc("CN.31.CMCC/GPU.X"), b'{"units":1}')
 
     asyncio.run(probe())
+
+
+def _check_tls(up: dict[str, Any], data_dir: Path) -> None:
+    """Every service speaks https with certificates of the local CA; plain HTTP and
+    clients that do not trust the CA are refused; etcd wants a client certificate."""
+    ca = Path(up["tls"]["ca"])
+    assert ca == data_dir / "tls" / "ca.pem"
+    assert stat.S_IMODE((data_dir / "tls" / "ca.key").stat().st_mode) == 0o600
+    for key in (data_dir / "tls").glob("*.key"):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+    urls = [up["resolver"]["http"], *up["registries"].values(), *up["etcd"]]
+    assert all(u.startswith("https://127.0.0.1:") for u in urls), urls
+    resolver = up["resolver"]["http"]
+    assert _get(f"{resolver}/readyz")[0] == 200
+    # not trusting the CA (the system roots): verification fails
+    with pytest.raises(urllib.error.URLError) as info:
+        urllib.request.urlopen(
+            f"{resolver}/readyz", timeout=5, context=ssl.create_default_context()
+        )
+    assert isinstance(info.value.reason, ssl.SSLCertVerificationError)
+    # plain HTTP to the resolver's port: no answer
+    with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+        urllib.request.urlopen(resolver.replace("https://", "http://") + "/readyz", timeout=5)
+
+    async def etcd() -> None:
+        # neither trusting etcd's certificate nor presenting one: refused
+        async with Index(endpoints=up["etcd"], timeout=2.0) as untrusted:
+            with pytest.raises(RetrievalError):
+                await untrusted.get("/cpi/v1/")
+        # trusting the CA but without a client certificate: refused as well
+        async with Index(endpoints=up["etcd"], timeout=2.0, ca_cert=str(ca)) as no_cert:
+            with pytest.raises(RetrievalError):
+                await no_cert.get("/cpi/v1/")
+
+    asyncio.run(etcd())

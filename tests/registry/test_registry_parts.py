@@ -368,6 +368,7 @@ def test_cli_serve_runs_and_stops_on_sigterm(tmp_path: Path, etcd_server: EtcdPr
             "serve",
             "--config",
             str(tmp_path / "registry.json"),
+            "--insecure",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -37,7 +37,9 @@ async def url(
 
 
 async def cpi(*argv: str) -> int:
-    return await asyncio.to_thread(main, list(argv))
+    """``cpi ARGV``; the in-process test resolver serves plain HTTP, hence ``--insecure``."""
+    extra = ["--insecure"] if argv and argv[0] in ("resolve", "discover", "watch") else []
+    return await asyncio.to_thread(main, [*argv, *extra])
 
 
 async def test_resolve_table_json_and_offline_verification(
@@ -194,7 +196,7 @@ async def test_serve_with_two_processes_on_one_port(
             return subprocess.Popen(
                 [sys.executable, "-m", "cpi", "resolver", "serve", "--workers", "2",
                  "--listen", f"127.0.0.1:{port}", "--etcd", etcd_server.endpoint,
-                 "--anchor", str(anchor_file)],
+                 "--anchor", str(anchor_file), "--insecure"],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
 

@@ -490,7 +490,9 @@ async def test_once_and_dry_run_through_the_cli(
 
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    rc = await asyncio.to_thread(main, [*base, "--token-file", str(token_file), "--once"])
+    rc = await asyncio.to_thread(
+        main, [*base, "--token-file", str(token_file), "--once", "--insecure"]
+    )
     assert rc == 0
     assert capsys.readouterr().out.strip() == expected
     assert len(reg.statuses[expected]) == 1 and expected in reg.records  # the record stays
@@ -506,7 +508,7 @@ async def test_cli_exit_code_3_when_the_token_is_refused(
     reg, url = fake
     monkeypatch.setenv("CPI_JOIN_TOKEN", "cpi_jt_wrong-token")
     argv = ["agent", "run", "--registry", url, "--namespace", NS, "--kind", "GPU",
-            "--key", str(tmp_path / "k")]  # fmt: skip
+            "--key", str(tmp_path / "k"), "--insecure"]  # fmt: skip
     rc = await asyncio.to_thread(main, argv)
     assert rc == 3
     assert reg.count("POST") == 1
@@ -567,7 +569,7 @@ async def test_simulate_through_the_cli(
 ) -> None:
     reg, url = fake
     argv = ["agent", "run", "--registry", url, "--token", TOKEN, "--namespace", "CN.13.1307.ALIYUN",
-            "--simulate", "4", "--kind", "NPU", "--once"]  # fmt: skip
+            "--simulate", "4", "--kind", "NPU", "--once", "--insecure"]  # fmt: skip
     reg.tokens = {TOKEN: "CN.13"}
     assert await asyncio.to_thread(main, argv) == 0
     assert "simulated 4 nodes: 4 registered, 4 status sent" in capsys.readouterr().out
@@ -687,7 +689,7 @@ async def test_service_sigterm_deregisters_the_agent_process(stack: Stack, tmp_p
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "cpi", "agent", "run", "--registry", stack.url,
         "--token-file", str(token_file), "--namespace", NS, "--kind", "GPU", "--key", str(key_file),
-        "--anchor", str(stack.anchor_file), "--label", "test=sigterm",
+        "--anchor", str(stack.anchor_file), "--label", "test=sigterm", "--insecure",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
     )  # fmt: skip
     try:
@@ -740,7 +742,7 @@ async def test_example_script_registers_and_verifies(stack: Stack, tmp_path: Pat
         import register_nodes
     finally:
         sys.path.remove(str(ROOT / "examples"))
-    args = ["--up", str(up), "--count", "3", "--keys", str(tmp_path / "keys")]
+    args = ["--up", str(up), "--count", "3", "--keys", str(tmp_path / "keys"), "--insecure"]
     assert await asyncio.to_thread(register_nodes.main, args) == 0
     recs, _ = await stack.index.get_prefix(Keys.rec_prefix_for_namespace(NS))
     assert len(recs) == 3

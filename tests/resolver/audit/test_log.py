@@ -340,6 +340,7 @@ async def test_cpi_audit_log_detects_rollback_split_view_and_rewrites(
         str(kit.anchor_path),
         "--state",
         str(state),
+        "--insecure",  # the in-process test resolver serves plain HTTP
     ]
 
     async def cli(*extra: str) -> tuple[int, str, str]:
@@ -443,6 +444,7 @@ async def test_mounted_in_the_resolver_app(
     argv = [
         "audit", "log", "--resolver", str(client.make_url("")).rstrip("/"),
         "--anchor", str(kit.anchor_path), "--state", str(tmp_path / "state"), "--cpid", cpids[1],
+        "--insecure",
     ]  # fmt: skip
     code = await asyncio.to_thread(main, argv)
     out = capsys.readouterr().out

@@ -106,7 +106,15 @@ async def test_cli_verify_file_and_cpid(
     client = await aiohttp_client(resolver_app(index, kit))
     url = str(client.make_url("")).rstrip("/")
     code, out, _ = await run_cli(
-        "audit", "verify", cpid, "--anchor", str(kit.anchor_path), "--resolver", url, capsys=capsys
+        "audit",
+        "verify",
+        cpid,
+        "--anchor",
+        str(kit.anchor_path),
+        "--resolver",
+        url,
+        "--insecure",
+        capsys=capsys,
     )
     assert code == 0, out
     assert "ok   status: status names the record's CPID" in out

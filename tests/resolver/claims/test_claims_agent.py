@@ -209,7 +209,7 @@ async def test_agent_cli_drain_flag(world: World, tmp_path: Path) -> None:
     token_file = tmp_path / "join"
     token_file.write_text(world.join_token)
     argv = ["agent", "run", "--registry", world.registry_url, "--namespace", NS, "--kind",
-            "CPU", "--key", str(key_file), "--token-file", str(token_file), "--once", "--drain"]  # fmt: skip
+            "CPU", "--key", str(key_file), "--token-file", str(token_file), "--once", "--drain", "--insecure"]  # fmt: skip
     assert await asyncio.to_thread(main, argv) == 0
     key = keyfile.load_private(key_file)
     cpid = derive(NS, "CPU", keys.public_raw(key)).to_text()
@@ -252,7 +252,7 @@ async def test_claims_cli(
     token_file.write_text(token + "\n")
     monkeypatch.setenv("CPI_RESOLVER", url)
 
-    common = ["--token-file", str(token_file)]
+    common = ["--token-file", str(token_file), "--insecure"]  # the test server is plain HTTP
     rc = await asyncio.to_thread(
         main, ["claim", "--kind", "GPU", "--accelerator", "h100", "--near", "31", "--units", "4",
                "--ttl", "10m", *common],
@@ -261,17 +261,21 @@ async def test_claims_cli(
     assert rc == 0 and claim_id.startswith(cpid.replace("/", "~") + "~")
 
     monkeypatch.setenv("CPI_CLAIMS_TOKEN", token)
-    rc = await asyncio.to_thread(main, ["claim", "--cpid", cpid, "--units", "3", "--json"])
+    rc = await asyncio.to_thread(
+        main, ["claim", "--cpid", cpid, "--units", "3", "--json", "--insecure"]
+    )
     out = capsys.readouterr()
     assert rc == 1 and "quota" in out.err  # 4 + 3 > 6
 
-    rc = await asyncio.to_thread(main, ["claim", "list", "--json"])
+    rc = await asyncio.to_thread(main, ["claim", "list", "--json", "--insecure"])
     listed = json.loads(capsys.readouterr().out)
     assert rc == 0 and listed["units"] == 4 and listed["claims"][0]["claim_id"] == claim_id
 
-    rc = await asyncio.to_thread(main, ["claim", "--resolver", url, "release", claim_id])
+    rc = await asyncio.to_thread(
+        main, ["claim", "--resolver", url, "release", claim_id, "--insecure"]
+    )
     assert rc == 0 and await world.index.get(Keys.claim(cpid, claim_id)) is None
-    rc = await asyncio.to_thread(main, ["claim", "release", claim_id])
+    rc = await asyncio.to_thread(main, ["claim", "release", claim_id, "--insecure"])
     assert rc == 1 and "claim_not_found" in capsys.readouterr().err
-    rc = await asyncio.to_thread(main, ["claim", "--cpid", cpid, "--query", "kind=GPU", "--units", "1"])  # fmt: skip
+    rc = await asyncio.to_thread(main, ["claim", "--cpid", cpid, "--query", "kind=GPU", "--units", "1", "--insecure"])  # fmt: skip
     assert rc == 1 and "not both" in capsys.readouterr().err
