@@ -35,7 +35,6 @@ import ssl
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
@@ -44,9 +43,9 @@ import aiohttp
 from resolver.claims.client import Claim, ClaimsClient, Holdings
 from resolver.discovery import Query
 from resolver.errors import ResolverUnavailableError
+from resolver.tls import tls_context
 from schemas import _json, chain, dsse
 from schemas.errors import InvalidDataError, NotFoundError
-from schemas.tls import client_context
 
 __all__ = [
     "DEFAULT_URL",
@@ -72,20 +71,6 @@ T = TypeVar("T")
 ENV_RESOLVER: Final = "CPI_RESOLVER"
 ENV_CLAIMS_TOKEN: Final = "CPI_CLAIMS_TOKEN"
 DEFAULT_URL: Final = "https://127.0.0.1:8700"
-
-
-def tls_context(cacert: str | os.PathLike[str] | None) -> ssl.SSLContext:
-    """A client context trusting the CA file ``cacert`` (PEM), else the system roots."""
-    if cacert is None:
-        return client_context()
-    try:
-        pem = Path(cacert).read_bytes()
-    except OSError as exc:
-        raise InvalidDataError(f"CA certificate {cacert}: {exc.strerror}") from exc
-    try:
-        return client_context(pem)
-    except (ssl.SSLError, ValueError) as exc:
-        raise InvalidDataError(f"CA certificate {cacert}: {exc}") from exc
 
 
 def default_url() -> str:

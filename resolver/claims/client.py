@@ -27,9 +27,9 @@ from typing import Any
 
 import aiohttp
 
-from resolver.client import tls_context
 from resolver.discovery import Query
 from resolver.errors import ResolverUnavailableError
+from resolver.tls import tls_context
 from schemas import _json
 from schemas.errors import InvalidDataError, NotFoundError
 
