@@ -48,6 +48,7 @@ from resolver.dns.server import DnsServer
 from resolver.errors import NotReadyError
 from resolver.events import Event, parse_cursor
 from resolver.metrics import ResolverMetrics
+from resolver.ui import add_ui_routes
 from schemas.errors import (
     CPIError,
     NotFoundError,
@@ -335,5 +336,6 @@ def create_app(
     # their handlers answer the error tree themselves
     add_log_routes(app, index=lambda a: a[RESOLVER].index)
     add_claim_routes(app, resolver=r, reconcile=primary)
+    add_ui_routes(app, config)  # the web console at /ui/, /v1/anchor (docs/console.md)
     app.router.add_route("*", "/{path:.*}", _no_route, name="other")  # last: unknown routes
     return app
