@@ -14,6 +14,7 @@ const state = {
   namespaces: null,
   entries: new Map(), // cpid -> discover/watch view
   watch: null,
+  note: "", // a message for the next claims listing
 };
 
 // -- small DOM helpers --
@@ -173,7 +174,7 @@ async function showResource(cpid) {
   const cp = parseCpid(cpid);
   body.append(h("h3", {}, "CPID"), cpidParts(cp, cpid));
   if (!state.anchor) {
-    say("verdict", "Not verified: no anchor pinned (load an anchor file, or use the resolver's).", "verdict-bad");
+    say("verdict", "✗ NOT verified: no anchor pinned (load an anchor file, or use the resolver's).", "verdict-bad");
     verdict.dataset.state = "failed";
     return;
   }
@@ -181,7 +182,7 @@ async function showResource(cpid) {
   try {
     bundle = await getJSON(`/v1/resources/${encodeURIComponent(cpid).replace(/%2F/gi, "/")}`);
   } catch (e) {
-    say("verdict", `Not verified: the resolver answered ${e.message}`, "verdict-bad");
+    say("verdict", `✗ NOT verified: the resolver answered ${e.message}`, "verdict-bad");
     verdict.dataset.state = "failed";
     return;
   }
@@ -481,15 +482,22 @@ async function makeClaim(cpid) {
       headers: { ...auth(), "Content-Type": "application/json" },
       body: JSON.stringify({ cpid, units, ttl_s: ttl }),
     });
-    location.hash = "#/claims";
-    await listClaims(`Claimed ${c.units} units of ${c.cpid} until ${time(c.expires_at)} (claim ${c.claim_id}).`);
+    showClaims(`Claimed ${c.units} units of ${c.cpid} until ${time(c.expires_at)} (claim ${c.claim_id}).`);
   } catch (e) {
-    location.hash = "#/claims";
-    say("claims-state", `The claim was refused: ${e.message}`, "bad");
+    showClaims(`The claim of ${cpid} was refused: ${e.message}.`);
   }
 }
 
-async function listClaims(note = "") {
+// switch to the claims view, which lists the claims with `note` in front (one listing)
+function showClaims(note) {
+  state.note = note;
+  if (location.hash !== "#/claims") location.hash = "#/claims";
+  else listClaims();
+}
+
+async function listClaims(given = "") {
+  const note = given || state.note || "";
+  state.note = "";
   if (!state.token) {
     $("claims-list").replaceChildren();
     return;
@@ -497,7 +505,7 @@ async function listClaims(note = "") {
   try {
     const d = await getJSON("/v1/claims", { headers: auth() });
     say("claims-state", `${note ? note + " " : ""}Holder ${d.holder}: ${d.claims.length} claims, ${d.units} units.`);
-    $("claims-list").replaceChildren(table(["claim", "CPID", "units", "expires", ""],
+    $("claims-list").replaceChildren(table(["claim", "CPID", "units", "expires", "release"],
       d.claims.map((c) => [
         h("code", {}, c.claim_id),
         h("a", { href: `#/resource/${c.cpid}` }, c.cpid),

@@ -390,9 +390,10 @@ export async function verifyBundle(bundle, anchor, now = Math.floor(Date.now() /
 // -- signed notes and RFC 6962 --
 
 export function parseVkey(text) {
-  const parts = text.trim().split("+");
-  if (parts.length !== 3) throw new Error("a verifier key is name+hex8+base64");
-  const [name, hex, b64] = parts;
+  // the base64 part may itself hold "+": split at the first two only
+  const m = /^([^+\s]+)\+([0-9a-fA-F]{8})\+([A-Za-z0-9+/]+=*)$/.exec(text.trim());
+  if (!m) throw new Error("a verifier key is name+hex8+base64");
+  const [, name, hex, b64] = m;
   const k = b64decode(b64);
   if (k.length !== 33 || k[0] !== 1) throw new Error("verifier key is not 0x01 || 32-byte Ed25519 key");
   return { name, id: hex.toLowerCase(), raw: k.subarray(1) };
