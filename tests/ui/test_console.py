@@ -10,9 +10,12 @@ import base64
 import json
 import re
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from axe_playwright_python.sync_playwright import Axe
 
 from registry.index import Keys
@@ -55,12 +58,21 @@ def test_the_page_is_served_with_a_strict_csp(page: Any, stack: Stack) -> None:
     html = (ROOT / "resolver/ui/static/index.html").read_text()
     assert not re.search(r"<script(?![^>]*\bsrc=)", html), "inline script"
     assert "<style" not in html and " style=" not in html, "inline style"
+    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        with urllib.request.urlopen(f"{stack.url}/ui/{name}") as resp:
+            assert resp.headers["Content-Type"].startswith(kind)
+            assert resp.headers["Content-Security-Policy"] == csp
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{stack.url}/ui/..%2Fhttp.py")
+    assert err.value.code == 404
+    err.value.close()
     anchor = stack.get("/v1/anchor")
     assert anchor["anchors"][0]["kid"] == stack.pki.kid("CN")
     assert anchor["log_vkeys"] == [stack.vkey]
 
 
-def test_tree_counts_equal_discover(page: Any, stack: Stack) -> None:
+def test_tree_counts_equal_discover(page: Any, stack: Stack, shots: Path) -> None:
+    page.set_viewport_size({"width": 1100, "height": 900})
     page.goto("/ui/#/tree")
     page.wait_for_selector('#tree li[data-prefix="CN"]')
     for prefix in ("CN", "CN.31", "CN.31.CMCC", "CN.32", "CN.3"):
@@ -69,6 +81,7 @@ def test_tree_counts_equal_discover(page: Any, stack: Stack) -> None:
         li = page.locator(f'#tree li[data-prefix="{prefix}"]').first
         assert li.get_attribute("data-count") == str(len(want)), prefix
         assert li.get_attribute("data-live") == str(live), prefix
+    page.screenshot(path=str(shots / "console-tree.png"))
     axe_clean(page)
 
 
@@ -308,6 +321,10 @@ def test_a_claim_made_in_the_page_shows_in_the_api_and_is_released(page: Any, st
     claims = stack.get("/v1/claims", token=stack.claims_token)["claims"]
     assert [c["cpid"] for c in claims] == [cpid]
     claim_id = claims[0]["claim_id"]
+    # the tree follows the claim through the watch: one unit of H100 claimed in CN.31.CMCC
+    page.goto("/ui/#/tree")
+    page.wait_for_selector('#tree li[data-prefix="CN.31.CMCC"] > .counts:has-text("1 claimed")')
+    page.goto("/ui/#/claims")
     page.locator(f'button[data-release="{claim_id}"]').click()
     page.wait_for_selector(f"#claims-state:has-text('Released {claim_id}')")
     assert stack.get("/v1/claims", token=stack.claims_token)["claims"] == []

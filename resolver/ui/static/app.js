@@ -364,11 +364,17 @@ function renderTree() {
   $("tree").replaceChildren(h("div", { class: "tree" }, h("ul", {}, (kids.get(null) || []).map(node))));
 }
 
+const TREE_LIMIT = 500; // the resolver's default discover_max_limit
+
 async function relist() {
-  const d = await getJSON("/v1/discover?limit=500");
+  const d = await getJSON(`/v1/discover?limit=${TREE_LIMIT}`);
   state.entries = new Map(d.results.map((r) => [r.cpid, r]));
+  state.truncated = d.results.length >= TREE_LIMIT;
   renderTree();
   return d.revision;
+}
+function liveNote() {
+  return state.truncated ? ` Only the first ${TREE_LIMIT} resources are counted.` : "";
 }
 
 async function startTree() {
@@ -378,7 +384,7 @@ async function startTree() {
     state.namespaces = null;
   }
   const revision = await relist();
-  say("tree-state", `Live from revision ${revision}: following /v1/watch.`);
+  say("tree-state", `Live from revision ${revision}: following /v1/watch.${liveNote()}`);
   openWatch(revision);
 }
 
@@ -401,7 +407,7 @@ function openWatch(revision) {
     const rev = await relist();
     openWatch(rev);
   });
-  es.addEventListener("open", () => say("tree-state", "Live: following /v1/watch."));
+  es.addEventListener("open", () => say("tree-state", `Live: following /v1/watch.${liveNote()}`));
   es.addEventListener("error", () => say("tree-state", "The watch is reconnecting…"));
 }
 
