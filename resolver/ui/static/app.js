@@ -145,8 +145,14 @@ window.addEventListener("hashchange", route);
 
 $("res-form").addEventListener("submit", (ev) => {
   ev.preventDefault();
-  location.hash = `#/resource/${$("res-cpid").value.trim().toUpperCase()}`;
+  go(`#/resource/${$("res-cpid").value.trim().toUpperCase()}`);
 });
+
+// to `hash`; the same address again runs its view again (a new lookup, a new search)
+function go(hash) {
+  if (location.hash === hash) route();
+  else location.hash = hash;
+}
 
 function cpidParts(cp, raw) {
   if (cp.error) return h("p", { class: "bad" }, `${raw} is not a CPID: ${cp.error}`);
@@ -423,7 +429,7 @@ $("disc-form").addEventListener("submit", (ev) => {
     if (v) q.append(f, v);
   }
   for (const l of $("d-labels").value.split(/[\s,]+/).filter(Boolean)) q.append("label", l);
-  location.hash = `#/discover?${q}`;
+  go(`#/discover?${q}`);
 });
 
 let discoverSeq = 0;
