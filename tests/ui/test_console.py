@@ -354,3 +354,53 @@ def test_phone_sized_layout_and_keyboard(browser: Any, stack: Stack) -> None:
     assert pg.evaluate("document.activeElement.id") == "main"
     assert errors == []
     context.close()
+
+
+def _resigned(record: dict[str, Any], key: Any, **changes: Any) -> dict[str, Any]:
+    env = dsse.Envelope.from_json(json.dumps(record).encode())
+    payload = {**json.loads(env.payload), **changes}
+    return dict(
+        json.loads(dsse.sign(env.payload_type, json.dumps(payload).encode(), key).to_json())
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "why"),
+    [
+        (
+            "parent-issues",
+            "the signer's subject CN.31 is not the CPID's prefix CN.31.CMCC (rule 1)",
+        ),
+        ("expired", "outside its validity window"),
+        ("serial", "is not the key's serial"),
+        ("kind", "the record's kind CPU is not the CPID's GPU (rule 5)"),
+    ],
+)
+def test_validly_signed_records_that_break_a_chain_rule_are_not_verified(
+    page: Any, stack: Stack, case: str, why: str
+) -> None:
+    """Served through ``page.route``: each record is correctly signed, so only the
+    chain rules checked in the browser can refuse it."""
+    cpid = stack.nodes[0].cpid
+    bundle = stack.get(f"/v1/resources/{cpid}")
+    cmcc = stack.pki.keys["CN.31.CMCC"]
+    if case == "parent-issues":
+        bundle["record"] = _resigned(bundle["record"], stack.pki.keys["CN.31"], issuer="CN.31")
+        bundle["chain"] = bundle["chain"][1:]
+    elif case == "expired":
+        now = int(time.time())
+        bundle["record"] = _resigned(
+            bundle["record"], cmcc, issued_at=now - 7200, expires_at=now - 120
+        )
+    elif case == "serial":
+        other = keys.public_to_b64url(keys.generate())
+        bundle["record"] = _resigned(bundle["record"], cmcc, public_key=other)
+    else:
+        bundle["record"] = _resigned(bundle["record"], cmcc, kind="CPU")
+    serve_instead(page, cpid, bundle)
+    page.goto("/ui/")
+    pin_served_anchor(page, stack)
+    open_resource(page, cpid)
+    state, text = verdict(page)
+    assert state == "failed"
+    assert why in text
