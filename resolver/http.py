@@ -48,6 +48,7 @@ from resolver.dns.server import DnsServer
 from resolver.errors import NotReadyError, TooManyWatchesError, WatchCapacityError
 from resolver.events import Event, parse_cursor
 from resolver.metrics import ResolverMetrics
+from resolver.ui import add_ui_routes
 from schemas.errors import (
     CPIError,
     NotFoundError,
@@ -404,5 +405,6 @@ def create_app(
     add_log_routes(app, index=lambda a: a[RESOLVER].index)
     app[BODY_TIMEOUT] = config.body_timeout_s
     add_claim_routes(app, resolver=r, reconcile=primary)
+    add_ui_routes(app, config)  # the web console at /ui/, /v1/anchor (docs/console.md)
     app.router.add_route("*", "/{path:.*}", _no_route, name="other")  # last: unknown routes
     return app
