@@ -55,7 +55,9 @@ from registry.index.auth import (
     ROOT_USER,
     apply_roles,
 )
+from registry.logsigner import init_log_key, vkey_path_for
 from resolver.claims import tokens as claim_tokens
+from resolver.ui import ENV_LOG_VKEY
 from schemas.tls import client_context
 
 __all__ = ["UpOptions", "up"]
@@ -421,7 +423,9 @@ def up(opts: UpOptions) -> int:
                 )
             )
 
+        log_key = data / "national" / "log.key"
         if _have("cpi.commands.log"):
+            init_log_key(log_key)  # now, so the resolver's console can serve its .vkey
             sup.start(
                 Child(
                     "log-signer",
@@ -431,7 +435,7 @@ def up(opts: UpOptions) -> int:
                         "--etcd",
                         etcd.url,
                         "--key",
-                        str(data / "national" / "log.key"),
+                        str(log_key),
                     ),
                     logs / "log-signer.log",
                     env=creds[LOGSIGNER_USER].env(),
@@ -455,7 +459,15 @@ def up(opts: UpOptions) -> int:
                     ),
                     logs / "resolver.log",
                     ready=http_ready(f"{http_url}/readyz", https),
-                    env=creds[RESOLVER_USER].env(),
+                    env={
+                        **creds[RESOLVER_USER].env(),
+                        # the web console shows the log's checkpoints verified against it
+                        **(
+                            {ENV_LOG_VKEY: str(vkey_path_for(log_key))}
+                            if vkey_path_for(log_key).is_file()
+                            else {}
+                        ),
+                    },
                 ),
                 ready_timeout=120.0,
             )
@@ -554,6 +566,7 @@ def _summary(
     if up_json["resolver"]:
         r = up_json["resolver"]
         print(f"  resolver   {r['http']}  dns {r['dns']} zone {r['zone']}")
+        print(f"  console    {r['http']}/ui/  (verifies signatures in your browser)")
     print(f"  anchor     {up_json['anchor']}")
     print(f"  endpoints and join tokens: {up_path} (0600); logs in {logs}/")
     if opts.demo:

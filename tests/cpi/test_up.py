@@ -301,6 +301,11 @@ def _check_tls(up: dict[str, Any], data_dir: Path) -> None:
     assert all(u.startswith("https://127.0.0.1:") for u in urls), urls
     resolver = up["resolver"]["http"]
     assert _get(f"{resolver}/readyz")[0] == 200
+    # the console is served, and can verify checkpoints: the log's verifier key is published
+    assert _get(f"{resolver}/ui/")[0] == 200
+    served = json.loads(_get(f"{resolver}/v1/anchor")[1])
+    vkey = (data_dir / "national" / "log.vkey").read_text().strip()
+    assert served["log_vkeys"] == [vkey]
     # not trusting the CA (the system roots): verification fails
     with pytest.raises(urllib.error.URLError) as info:
         urllib.request.urlopen(
