@@ -44,6 +44,7 @@ from registry.errors import (
 from registry.index import Index
 from registry.liveness import Liveness
 from registry.metrics import RegistryMetrics
+from registry.openapi import openapi_handler
 from registry.ratelimit import TokenBucket
 from registry.registrar import Registrar
 from registry.revocations import Revocations
@@ -371,4 +372,5 @@ def create_app(
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/readyz", readyz, name="readyz")
     app.router.add_get("/metrics", get_metrics, name="metrics")
+    app.router.add_get("/openapi.json", openapi_handler(), name="openapi")
     return app

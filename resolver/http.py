@@ -48,6 +48,7 @@ from resolver.dns.server import DnsServer
 from resolver.errors import NotReadyError
 from resolver.events import Event, parse_cursor
 from resolver.metrics import ResolverMetrics
+from resolver.openapi import openapi_handler
 from schemas.errors import (
     CPIError,
     NotFoundError,
@@ -331,6 +332,7 @@ def create_app(
     app.router.add_get("/healthz", json_errors(healthz), name="healthz")
     app.router.add_get("/readyz", json_errors(readyz), name="readyz")
     app.router.add_get("/metrics", json_errors(get_metrics), name="metrics")
+    app.router.add_get("/openapi.json", openapi_handler(), name="openapi")
     # after the resolver's cleanup_ctx entry: both use its index once it is connected;
     # their handlers answer the error tree themselves
     add_log_routes(app, index=lambda a: a[RESOLVER].index)
