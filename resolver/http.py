@@ -80,9 +80,11 @@ _JSON: Final = "application/json"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    return web.Response(body=body, status=status, content_type=_JSON)
+    return web.Response(body=body, status=status, content_type=_JSON, headers=headers)
 
 
 def _json(obj: Any, *, status: int = 200, stale: bool = False) -> web.Response:
@@ -101,7 +103,8 @@ def error_answer(request: web.Request, exc: CPIError | web.HTTPException) -> web
     it is ours, 5xx) or for one of aiohttp's HTTP errors."""
     if isinstance(exc, web.HTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-        return _error(exc.status, code, f"{request.method} {request.path}: {exc.reason}")
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # 405
+        return _error(exc.status, code, f"{request.method} {request.path}: {exc.reason}", allow)
     status = exc.http_status
     route = request.match_info.route.name or "other"
     request.app[_METRICS].errors.labels(route, exc.code).inc()

@@ -6,7 +6,8 @@ the claims routes (:mod:`resolver.claims.http`) and the log routes
 has (:func:`schemas.openapi.build` refuses a route without an entry and an entry without
 a route).  The catch-all route that answers unknown paths (404) and methods (405) is not
 an operation and is left out.  ``GET /v1/watch`` is documented as ``text/event-stream``
-(its events are described in docs/resolver.md, not by a schema).
+with a schema of one event's fields (``event``, ``id``, ``data``); the JSON inside
+``data`` is specified in docs/resolver.md, not by a schema.
 """
 
 from __future__ import annotations
@@ -56,6 +57,17 @@ _FILTERS: Final = (
     _q("limit", "at most this many results", {"type": "integer", "minimum": 1}),
 )
 _CURSOR: Final = {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?$"}
+_RESUME: Final = {"type": "string", "pattern": "^([0-9]+(\\.[0-9]+)?)?$"}
+_EVENT: Final = {
+    "description": "one server-sent event; data is the event as JSON text (docs/resolver.md)",
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"enum": ["put", "delete", "relist"]},
+        "id": _CURSOR,
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+}
 _CLAIMS_AUTH: Final = {401: {"WWW-Authenticate": {"type": "string"}}}
 
 OPERATIONS: Final[dict[tuple[str, str], Operation]] = {
@@ -86,14 +98,19 @@ OPERATIONS: Final[dict[tuple[str, str], Operation]] = {
         "position is gone; resume with Last-Event-ID or since= (docs/resolver.md)",
         params=(
             *_FILTERS,
-            _q("since", "resume after this event id", _CURSOR),
-            Param("Last-Event-ID", "header", _CURSOR, "resume after this event id"),
+            _q("since", "resume after this event id (empty: from now)", _RESUME),
+            Param(
+                "Last-Event-ID",
+                "header",
+                _RESUME,
+                "resume after this event id; empty (an SSE client's reset id): from now",
+            ),
         ),
         replies={
             200: Reply(
                 "an endless event stream",
                 media="text/event-stream",
-                schema={"type": "string"},
+                schema=_EVENT,
                 headers=_STALE,
             )
         },
