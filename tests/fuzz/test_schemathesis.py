@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -155,3 +156,12 @@ def test_resolver_answers_as_described(
     schemas: dict[str, Any], stack: Stack, method: str, path: str
 ) -> None:
     _fuzz(schemas, stack, "resolver", method, path)
+
+
+@pytest.mark.parametrize("service", ["registry", "resolver"])
+def test_the_services_serve_the_published_description(stack: Stack, service: str) -> None:
+    base = stack.registry if service == "registry" else stack.resolver
+    with urllib.request.urlopen(f"{base}/openapi.json", timeout=TIMEOUT_S) as resp:
+        assert resp.headers["Content-Type"].startswith("application/json")
+        served = json.load(resp)
+    assert served == json.loads((DOCS / f"{service}.json").read_text())
