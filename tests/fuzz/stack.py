@@ -48,6 +48,10 @@ class Stack:
     admin_token: str = ADMIN_TOKEN
     claims_token: str = ""
     cpids: list[str] = field(default_factory=list)
+    nodes: list[Node] = field(default_factory=list)
+    """The registered nodes (``doomed`` too): the fuzzer signs their documents."""
+    doomed: Node | None = None
+    """A registered node the fuzzer may deregister (the others stay for the resolver)."""
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     _thread: threading.Thread | None = None
     _cleanup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -97,7 +101,7 @@ class Stack:
         )
         self.registry = await self._serve(registry_app(world.config(self.etcd)))
         async with aiohttp.ClientSession() as http:
-            for _ in range(3):
+            for i in range(4):
                 node = Node()
                 url = f"{self.registry}/v1/registrations"
                 body = node.register(attributes=GPUS)
@@ -107,7 +111,11 @@ class Stack:
                     f"{self.registry}/v1/resources/{node.cpid}/status", data=node.status(free=4)
                 ) as r:
                     assert r.status == 204, await r.text()
-                self.cpids.append(node.cpid)
+                self.nodes.append(node)
+                if i == 3:
+                    self.doomed = node
+                else:
+                    self.cpids.append(node.cpid)
         signer = LogSigner(index, keys.generate(), origin=ORIGIN)
         await signer.load()
         await signer.sign()

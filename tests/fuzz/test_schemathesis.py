@@ -39,7 +39,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from cpi.etcdproc import EtcdProcess
-from tests.fuzz.stack import Stack
+from tests.fuzz.stack import GPUS, Stack
+from tests.registry.service_kit import Node
 
 MAX_EXAMPLES = 25
 TIMEOUT_S = 10.0
@@ -103,9 +104,32 @@ def _strategy(op: Any, stack: Stack, service: str) -> st.SearchStrategy[Any]:
     if (service, op.method.upper(), op.path) == ("resolver", "POST", "/v1/claims"):
         auth = {"Authorization": f"Bearer {stack.claims_token}"}
         options += [op.as_strategy(headers=auth, body={"cpid": c, "units": 1}) for c in stack.cpids]
+    if service == "registry":
+        options += _signed(op, stack)
     if "{cpid}" in op.path:
         options += [op.as_strategy(path_parameters={"cpid": c}) for c in stack.cpids]
     return st.one_of(options)
+
+
+def _signed(op: Any, stack: Stack) -> list[st.SearchStrategy[Any]]:
+    """Registry cases with properly signed bodies (the first is accepted, the same body
+    again is a replay): a new node, a status, the deregistration of ``stack.doomed``."""
+    route = (op.method.upper(), op.path)
+    if route == ("POST", "/v1/registrations"):
+        auth = {"Authorization": f"Bearer {stack.join_token}"}
+        bodies = [Node().register(attributes=GPUS) for _ in range(2)]
+        bodies.append(stack.nodes[0].register(attributes=GPUS))  # the same key again: 200
+        return [op.as_strategy(headers=auth, body=json.loads(b)) for b in bodies]
+    if route == ("PUT", "/v1/resources/{cpid}/status"):
+        return [
+            op.as_strategy(path_parameters={"cpid": n.cpid}, body=json.loads(n.status(free=2)))
+            for n in stack.nodes
+        ]
+    if route == ("DELETE", "/v1/resources/{cpid}"):
+        assert stack.doomed is not None
+        body = json.loads(stack.doomed.deregister())
+        return [op.as_strategy(path_parameters={"cpid": stack.doomed.cpid}, body=body)]
+    return []
 
 
 def _fuzz(schemas: dict[str, Any], stack: Stack, service: str, method: str, path: str) -> None:
