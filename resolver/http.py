@@ -329,7 +329,8 @@ def create_app(
         )
         app.cleanup_ctx.append(_dns_lifecycle)
     app.on_shutdown.append(_end_streams)
-    app.router.add_get("/v1/resources/{cpid:.+}", _resource_handler(r), name="resource")
+    # (?s): a CPID with a newline in it is an invalid CPID too, not a path of no route
+    app.router.add_get("/v1/resources/{cpid:(?s:.+)}", _resource_handler(r), name="resource")
     app.router.add_get("/v1/discover", json_errors(get_discover), name="discover")
     app.router.add_get("/v1/watch", json_errors(get_watch), name="watch")
     app.router.add_get("/healthz", json_errors(healthz), name="healthz")
@@ -340,5 +341,6 @@ def create_app(
     # their handlers answer the error tree themselves
     add_log_routes(app, index=lambda a: a[RESOLVER].index)
     add_claim_routes(app, resolver=r, reconcile=primary)
-    app.router.add_route("*", "/{path:.*}", _no_route, name="other")  # last: unknown routes
+    # last: unknown routes, newlines in the path included
+    app.router.add_route("*", "/{path:(?s:.*)}", _no_route, name="other")
     return app
