@@ -17,6 +17,8 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import os
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,7 +44,8 @@ from cpi.etcdproc import EtcdProcess
 from tests.fuzz.stack import GPUS, Stack
 from tests.registry.service_kit import Node
 
-MAX_EXAMPLES = 25
+MAX_EXAMPLES = int(os.environ.get("CPI_FUZZ_EXAMPLES", "25"))
+"""Examples per operation; set CPI_FUZZ_EXAMPLES for a deeper run than CI's."""
 TIMEOUT_S = 10.0
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "openapi"
 CHECKS = [
@@ -189,3 +192,34 @@ def test_the_services_serve_the_published_description(stack: Stack, service: str
         assert resp.headers["Content-Type"].startswith("application/json")
         served = json.load(resp)
     assert served == json.loads((DOCS / f"{service}.json").read_text())
+
+
+def _ask(method: str, url: str) -> tuple[int, dict[str, str], Any]:
+    req = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:
+            return resp.status, dict(resp.headers), json.load(resp)
+    except urllib.error.HTTPError as exc:
+        assert exc.headers["Content-Type"].startswith("application/json"), exc.headers
+        return exc.code, dict(exc.headers), json.load(exc)
+
+
+def test_what_the_fuzzer_found_stays_fixed(stack: Stack) -> None:
+    """Each of these once answered otherwise (see the commit that fixed it)."""
+    # 405 without Allow (RFC 9110 requires it), on both services
+    for base in (stack.registry, stack.resolver):
+        status, headers, body = _ask("DELETE", f"{base}/healthz")
+        assert (status, body["error"]["code"]) == (405, "method_not_allowed")
+        assert "GET" in headers["Allow"]
+    # DELETE .../status was read as the deregistration of the CPID "<cpid>/status" (400)
+    status, headers, _ = _ask("DELETE", f"{stack.registry}/v1/resources/{stack.cpids[0]}/status")
+    assert status == 405 and headers["Allow"] == "PUT"
+    # a newline in the path fell through every route to aiohttp's text/plain 404
+    status, _, body = _ask("GET", f"{stack.resolver}/v1/resources/CN.31%0A")
+    assert (status, body["error"]["code"]) == (400, "invalid_cpid")
+    status, _, body = _ask("GET", f"{stack.resolver}/v1/%0A")
+    assert (status, body["error"]["code"]) == (404, "not_found")
+    # an empty integer parameter was read as an absent one
+    url = f"{stack.resolver}/v1/log/proof/consistency?first=0&second="
+    status, _, body = _ask("GET", url)
+    assert (status, body["error"]["code"]) == (400, "invalid_query")
