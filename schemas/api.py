@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from schemas.models import Record
 
@@ -46,17 +47,25 @@ B64 = Annotated[str, Field(description="standard base64 (RFC 4648 §4), padded")
 
 
 class _Wire(BaseModel):
+    """Fields typed ``X | SkipJsonSchema[None]`` are left out when absent, never null."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ErrorDetail(_Wire):
     code: str = Field(description="machine-readable error code, e.g. invalid_cpid")
     message: str = Field(description="what was found and what was expected")
-    free: int | None = Field(None, description="claims 409: units free on the node")
-    requested: int | None = Field(None, description="claims 409/429: units requested")
-    cpid: str | None = Field(None, description="claims 409: the node that was short")
-    max_units: int | None = Field(None, description="claims 429: the token's quota")
-    held: int | None = Field(None, description="claims 429: units the holder already holds")
+    free: int | SkipJsonSchema[None] = Field(None, description="claims 409: units free on the node")
+    requested: int | SkipJsonSchema[None] = Field(
+        None, description="claims 409/429: units requested"
+    )
+    cpid: str | SkipJsonSchema[None] = Field(
+        None, description="claims 409: the node that was short"
+    )
+    max_units: int | SkipJsonSchema[None] = Field(None, description="claims 429: the token's quota")
+    held: int | SkipJsonSchema[None] = Field(
+        None, description="claims 429: units the holder already holds"
+    )
 
 
 class ErrorBody(_Wire):
@@ -118,8 +127,12 @@ class ResourceBundle(_Wire):
     status: Envelope | None
     live: bool
     revision: NonNegative
-    live_held: bool | None = Field(None, description="present (true) while held by mass expiry")
-    stale: bool | None = Field(None, description="present (true) while etcd is unreachable")
+    live_held: bool | SkipJsonSchema[None] = Field(
+        None, description="present (true) while held by mass expiry"
+    )
+    stale: bool | SkipJsonSchema[None] = Field(
+        None, description="present (true) while etcd is unreachable"
+    )
 
 
 class DiscoverMatch(_Wire):
@@ -137,7 +150,9 @@ class DiscoverMatch(_Wire):
 class DiscoverAnswer(_Wire):
     results: list[DiscoverMatch] = Field(description="best first")
     revision: NonNegative
-    stale: bool | None = Field(None, description="present (true) while etcd is unreachable")
+    stale: bool | SkipJsonSchema[None] = Field(
+        None, description="present (true) while etcd is unreachable"
+    )
 
 
 class BadValues(_Wire):
@@ -162,30 +177,36 @@ class ResolverReady(_Wire):
     held: NonNegative
     last_contact_s: float | None
     ready_after_s: float | None
-    etcd_error: str | None = None
-    error: ErrorDetail | None = None
+    etcd_error: str | SkipJsonSchema[None] = None
+    error: ErrorDetail | SkipJsonSchema[None] = None
 
 
 class ClaimQuery(_Wire):
     """A discovery query inside a claim (fields as for ``GET /v1/discover``)."""
 
-    kind: str | None = None
-    within: str | None = None
-    accelerator: str | None = None
-    min_free: int | None = None
-    near: str | None = None
-    max_latency_ms: float | None = None
-    label: str | list[str] | None = Field(None, description="'key:value' or a list of them")
-    limit: int | None = Field(None, description="the number of candidates tried")
+    kind: str | SkipJsonSchema[None] = None
+    within: str | SkipJsonSchema[None] = None
+    accelerator: str | SkipJsonSchema[None] = None
+    min_free: int | SkipJsonSchema[None] = None
+    near: str | SkipJsonSchema[None] = None
+    max_latency_ms: float | SkipJsonSchema[None] = None
+    label: str | list[str] | SkipJsonSchema[None] = Field(
+        None, description="'key:value' or a list of them"
+    )
+    limit: int | SkipJsonSchema[None] = Field(None, description="the number of candidates tried")
 
 
 class ClaimRequest(_Wire):
     """``POST /v1/claims``: exactly one of ``cpid`` and ``query``."""
 
-    cpid: str | None = None
-    query: ClaimQuery | None = None
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["cpid"]}, {"required": ["query"]}]}
+    )
+
+    cpid: str | SkipJsonSchema[None] = None
+    query: ClaimQuery | SkipJsonSchema[None] = None
     units: int = Field(ge=1)
-    ttl_s: int | None = None
+    ttl_s: int | SkipJsonSchema[None] = None
 
 
 class ClaimCreated(_Wire):

@@ -208,6 +208,8 @@ def build(
     _, defs = models_json_schema(
         [(m, "validation") for m in models], ref_template=_REF, schema_generator=_Generator
     )
+    for schema in defs.get("$defs", {}).values():
+        _drop_null_defaults(schema)
     doc: dict[str, Any] = {
         "openapi": OPENAPI_VERSION,
         "info": {"title": title, "version": version, "description": description},
@@ -219,6 +221,20 @@ def build(
             "bearerAuth": {"type": "http", "scheme": "bearer"},
         }
     return doc
+
+
+def _allows_null(schema: Mapping[str, Any]) -> bool:
+    if schema.get("type") == "null":
+        return True
+    return any(_allows_null(s) for s in schema.get("anyOf", ()))
+
+
+def _drop_null_defaults(schema: dict[str, Any]) -> None:
+    """``"default": null`` on a property that cannot be null (``SkipJsonSchema[None]``
+    fields of :mod:`schemas.api`): the field is simply optional, so say nothing."""
+    for prop in schema.get("properties", {}).values():
+        if "default" in prop and prop["default"] is None and not _allows_null(prop):
+            del prop["default"]
 
 
 def render(doc: Mapping[str, Any]) -> str:
