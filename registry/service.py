@@ -45,6 +45,7 @@ from registry.errors import (
 from registry.index import Index
 from registry.liveness import Liveness
 from registry.metrics import RegistryMetrics
+from registry.openapi import openapi_handler
 from registry.ratelimit import BucketTable
 from registry.registrar import Registrar
 from registry.revocations import Revocations
@@ -223,7 +224,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-        return _error(exc.status, code, f"{request.method} {request.path}: {exc.reason}")
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}  # 405
+        return _error(exc.status, code, f"{request.method} {request.path}: {exc.reason}", **allow)
 
 
 # -- handlers ---------------------------------------------------------------------------
@@ -453,10 +455,12 @@ def create_app(
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_post("/v1/registrations", post_registration, name="register")
     app.router.add_put("/v1/resources/{cpid:.+}/status", put_status, name="status")
-    app.router.add_delete("/v1/resources/{cpid:.+}", delete_resource, name="deregister")
+    # a CPID never ends in /status: DELETE .../status is a 405 of the status route
+    app.router.add_delete("/v1/resources/{cpid:.+(?<!/status)}", delete_resource, name="deregister")
     app.router.add_get("/v1/admin/self-preservation", get_self_preservation, name="admin")
     app.router.add_post("/v1/admin/self-preservation", post_self_preservation, name="admin-set")
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/readyz", readyz, name="readyz")
     app.router.add_get("/metrics", get_metrics, name="metrics")
+    app.router.add_get("/openapi.json", openapi_handler(), name="openapi")
     return app

@@ -48,6 +48,7 @@ from resolver.dns.server import DnsServer
 from resolver.errors import NotReadyError, TooManyWatchesError, WatchCapacityError
 from resolver.events import Event, parse_cursor
 from resolver.metrics import ResolverMetrics
+from resolver.openapi import openapi_handler
 from resolver.ui import add_ui_routes
 from schemas.errors import (
     CPIError,
@@ -80,9 +81,11 @@ _JSON: Final = "application/json"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    return web.Response(body=body, status=status, content_type=_JSON)
+    return web.Response(body=body, status=status, content_type=_JSON, headers=headers)
 
 
 def _json(obj: Any, *, status: int = 200, stale: bool = False) -> web.Response:
@@ -101,7 +104,8 @@ def error_answer(request: web.Request, exc: CPIError | web.HTTPException) -> web
     it is ours, 5xx) or for one of aiohttp's HTTP errors."""
     if isinstance(exc, web.HTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-        return _error(exc.status, code, f"{request.method} {request.path}: {exc.reason}")
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # 405
+        return _error(exc.status, code, f"{request.method} {request.path}: {exc.reason}", allow)
     status = exc.http_status
     route = request.match_info.route.name or "other"
     request.app[_METRICS].errors.labels(route, exc.code).inc()
@@ -394,17 +398,20 @@ def create_app(
         )
         app.cleanup_ctx.append(_dns_lifecycle)
     app.on_shutdown.append(_end_streams)
-    app.router.add_get("/v1/resources/{cpid:.+}", _resource_handler(r), name="resource")
+    # (?s): a CPID with a newline in it is an invalid CPID too, not a path of no route
+    app.router.add_get("/v1/resources/{cpid:(?s:.+)}", _resource_handler(r), name="resource")
     app.router.add_get("/v1/discover", json_errors(get_discover), name="discover")
     app.router.add_get("/v1/watch", json_errors(get_watch), name="watch")
     app.router.add_get("/healthz", json_errors(healthz), name="healthz")
     app.router.add_get("/readyz", json_errors(readyz), name="readyz")
     app.router.add_get("/metrics", json_errors(get_metrics), name="metrics")
+    app.router.add_get("/openapi.json", openapi_handler(), name="openapi")
     # after the resolver's cleanup_ctx entry: both use its index once it is connected;
     # their handlers answer the error tree themselves
     add_log_routes(app, index=lambda a: a[RESOLVER].index)
     app[BODY_TIMEOUT] = config.body_timeout_s
     add_claim_routes(app, resolver=r, reconcile=primary)
     add_ui_routes(app, config)  # the web console at /ui/, /v1/anchor (docs/console.md)
-    app.router.add_route("*", "/{path:.*}", _no_route, name="other")  # last: unknown routes
+    # last: unknown routes, newlines in the path included
+    app.router.add_route("*", "/{path:(?s:.*)}", _no_route, name="other")
     return app

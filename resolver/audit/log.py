@@ -318,7 +318,7 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 def _int(request: web.Request, name: str, *, required: bool = False) -> int | None:
     raw = request.query.get(name)
-    if raw is None or raw == "":
+    if raw is None:  # an empty value is not a number either: refused below
         if required:
             raise QueryError(f"query parameter {name!r} is required")
         return None

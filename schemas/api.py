@@ -1,0 +1,255 @@
+"""Wire shapes of the HTTP answers and request bodies (docs/protocol.md §8). No I/O.
+
+These pydantic models describe what the services send and accept; the OpenAPI
+descriptions (:mod:`schemas.openapi`) take their JSON Schemas from them.  The handlers
+build their answers as plain dicts (the resolver renders hot answers once, as bytes), so
+these models are the contract those dicts are checked against: ``tests/test_openapi.py``
+fuzzes every route and validates each answer against the schemas made from them.
+Signed payloads inside envelopes are the document models of :mod:`schemas.models`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
+
+from schemas.models import Record
+
+__all__ = [
+    "ClaimCreated",
+    "ClaimList",
+    "ClaimQuery",
+    "ClaimRequest",
+    "ClaimView",
+    "DiscoverAnswer",
+    "DiscoverMatch",
+    "Envelope",
+    "ErrorBody",
+    "ErrorDetail",
+    "Health",
+    "LogConsistency",
+    "LogEntries",
+    "LogEntry",
+    "LogInclusion",
+    "RegistrationAnswer",
+    "RegistryReady",
+    "ResolverReady",
+    "ResourceBundle",
+    "SelfPreservation",
+    "SelfPreservationSet",
+    "Signature",
+]
+
+NonNegative = Annotated[int, Field(ge=0)]
+B64 = Annotated[str, Field(description="standard base64 (RFC 4648 §4), padded")]
+
+
+class _Wire(BaseModel):
+    """Fields typed ``X | SkipJsonSchema[None]`` are left out when absent, never null."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ErrorDetail(_Wire):
+    code: str = Field(description="machine-readable error code, e.g. invalid_cpid")
+    message: str = Field(description="what was found and what was expected")
+    free: int | SkipJsonSchema[None] = Field(None, description="claims 409: units free on the node")
+    requested: int | SkipJsonSchema[None] = Field(
+        None, description="claims 409/429: units requested"
+    )
+    cpid: str | SkipJsonSchema[None] = Field(
+        None, description="claims 409: the node that was short"
+    )
+    max_units: int | SkipJsonSchema[None] = Field(None, description="claims 429: the token's quota")
+    held: int | SkipJsonSchema[None] = Field(
+        None, description="claims 429: units the holder already holds"
+    )
+
+
+class ErrorBody(_Wire):
+    """Every error answer: ``{"error": {"code", "message"}}``."""
+
+    error: ErrorDetail
+
+
+class Signature(_Wire):
+    keyid: str = ""
+    sig: B64
+
+
+class Envelope(_Wire):
+    """A DSSE envelope (docs/protocol.md §3): a signed payload of one document type."""
+
+    payloadType: str = Field(description="application/vnd.cpi.<type>+json")
+    payload: B64
+    signatures: list[Signature] = Field(min_length=1)
+
+
+class Health(_Wire):
+    status: Literal["ok"]
+
+
+# -- registry ---------------------------------------------------------------------------
+
+
+class RegistrationAnswer(_Wire):
+    cpid: str
+    record: Envelope = Field(description="the record.v1 envelope signed by the registry")
+    chain: list[Envelope] = Field(description="cert.v1 envelopes from the signer up to the anchor")
+    heartbeat_s: float = Field(description="send a status.v1 this often")
+
+
+class SelfPreservation(_Wire):
+    enabled: bool
+    protecting: list[str] = Field(description="CPIDs kept live by self-preservation")
+
+
+class SelfPreservationSet(_Wire):
+    enabled: bool
+
+
+class RegistryReady(_Wire):
+    ready: Literal[True]
+    namespaces: list[str]
+    lease: str | None = Field(description="the instance lease id, hex")
+
+
+# -- resolver ---------------------------------------------------------------------------
+
+
+class ResourceBundle(_Wire):
+    """``GET /v1/resources/{cpid}``: the envelopes as stored, verifiable from the anchor."""
+
+    record: Envelope
+    chain: list[Envelope]
+    status: Envelope | None
+    live: bool
+    revision: NonNegative
+    live_held: bool | SkipJsonSchema[None] = Field(
+        None, description="present (true) while held by mass expiry"
+    )
+    stale: bool | SkipJsonSchema[None] = Field(
+        None, description="present (true) while etcd is unreachable"
+    )
+
+
+class DiscoverMatch(_Wire):
+    cpid: str
+    score: float
+    free: NonNegative
+    latency_ms: float | None
+    record: Record = Field(description="the decoded record.v1 payload")
+    live: bool
+    kid: str
+    version: int
+    revision: NonNegative
+
+
+class DiscoverAnswer(_Wire):
+    results: list[DiscoverMatch] = Field(description="best first")
+    revision: NonNegative
+    stale: bool | SkipJsonSchema[None] = Field(
+        None, description="present (true) while etcd is unreachable"
+    )
+
+
+class BadValues(_Wire):
+    count: NonNegative
+    by_prefix: dict[str, int]
+    keys: list[str]
+
+
+class ResolverReady(_Wire):
+    """``GET /readyz`` of the resolver (200 when ``ready``, else 503 with ``error``)."""
+
+    ready: bool
+    listed: bool
+    stale: bool
+    revision: NonNegative
+    store_revision: NonNegative
+    served: NonNegative
+    records: NonNegative
+    rejected: dict[str, int]
+    bad_values: BadValues
+    mass_expiry: list[dict[str, Any]]
+    held: NonNegative
+    last_contact_s: float | None
+    ready_after_s: float | None
+    etcd_error: str | SkipJsonSchema[None] = None
+    error: ErrorDetail | SkipJsonSchema[None] = None
+
+
+class ClaimQuery(_Wire):
+    """A discovery query inside a claim (fields as for ``GET /v1/discover``)."""
+
+    kind: str | SkipJsonSchema[None] = None
+    within: str | SkipJsonSchema[None] = None
+    accelerator: str | SkipJsonSchema[None] = None
+    min_free: int | SkipJsonSchema[None] = None
+    near: str | SkipJsonSchema[None] = None
+    max_latency_ms: float | SkipJsonSchema[None] = None
+    label: str | list[str] | SkipJsonSchema[None] = Field(
+        None, description="'key:value' or a list of them"
+    )
+    limit: int | SkipJsonSchema[None] = Field(None, description="the number of candidates tried")
+
+
+class ClaimRequest(_Wire):
+    """``POST /v1/claims``: exactly one of ``cpid`` and ``query``."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["cpid"]}, {"required": ["query"]}]}
+    )
+
+    cpid: str | SkipJsonSchema[None] = None
+    query: ClaimQuery | SkipJsonSchema[None] = None
+    units: int = Field(ge=1)
+    ttl_s: int | SkipJsonSchema[None] = None
+
+
+class ClaimCreated(_Wire):
+    claim_id: str
+    cpid: str
+    units: int
+    expires_at: int
+
+
+class ClaimView(_Wire):
+    claim_id: str
+    cpid: str
+    holder: str
+    units: int
+    created_at: int
+    expires_at: int
+
+
+class ClaimList(_Wire):
+    holder: str
+    units: NonNegative
+    claims: list[ClaimView]
+
+
+class LogInclusion(_Wire):
+    leaf_index: NonNegative
+    tree_size: NonNegative
+    leaf: B64
+    leaf_hash: B64
+    proof: list[B64]
+
+
+class LogConsistency(_Wire):
+    first: NonNegative
+    second: NonNegative
+    proof: list[B64]
+
+
+class LogEntry(_Wire):
+    index: NonNegative
+    leaf: B64
+
+
+class LogEntries(_Wire):
+    tree_size: NonNegative
+    entries: list[LogEntry] = Field(max_length=256)
