@@ -414,7 +414,23 @@ function openWatch(revision) {
     openWatch(rev);
   });
   es.addEventListener("open", () => say("tree-state", `Live: following /v1/watch.${liveNote()}`));
-  es.addEventListener("error", () => say("tree-state", "The watch is reconnecting…"));
+  es.addEventListener("error", () => {
+    if (es.readyState !== EventSource.CLOSED) {
+      say("tree-state", "The watch is reconnecting…");
+      return;
+    }
+    // EventSource gives up on an HTTP error (e.g. 429 too_many_watches, 503): list again
+    // and reopen after a pause, so the tree never silently stops following
+    say("tree-state", "The watch was refused; trying again in 3 s…");
+    setTimeout(async () => {
+      if (state.watch !== es) return; // replaced meanwhile
+      try {
+        openWatch(await relist());
+      } catch {
+        openWatch(0);
+      }
+    }, 3000);
+  });
 }
 
 // -- 3. discovery --
