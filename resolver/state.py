@@ -94,6 +94,9 @@ class Change:
     value: bytes = b""
     revision: int = 0
     lease: int = 0
+    envelope: Envelope | None = None
+    """A ``/rec/`` or ``/live/`` value already parsed (a snapshot, :mod:`resolver.snapshot`):
+    used instead of ``value``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -570,7 +573,10 @@ class ReplicaState:
             batch.reasons[cpid] = "deleted"
             self.held.pop(cpid, None)
             return
-        if batch.bulk:  # parsed by its verification job (_verify_records, _parsed)
+        if ch.envelope is not None:
+            rs = _Rec(cpid, ch.revision, ch.envelope)
+            self._by_signer.setdefault(rs.signer, set()).add(cpid)
+        elif batch.bulk:  # parsed by its verification job (_verify_records, _parsed)
             rs = _Rec(cpid, ch.revision, None, raw=ch.value)
         else:
             try:
@@ -624,7 +630,9 @@ class ReplicaState:
             return
         self.held.pop(cpid, None)
         try:
-            env: Envelope | None = Envelope.from_json(ch.value)
+            env: Envelope | None = (
+                ch.envelope if ch.envelope is not None else Envelope.from_json(ch.value)
+            )
             error = ""
         except EnvelopeError as exc:
             env, error = None, str(exc)
