@@ -141,11 +141,18 @@ class SnapshotStore:
                 key = path.read_bytes()
             except FileNotFoundError:
                 key = secrets.token_bytes(32)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                tmp = self.directory / f".{KEY_FILE}.{os.getpid()}.tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 with os.fdopen(fd, "wb") as f:
                     f.write(key)
                     f.flush()
                     os.fsync(f.fileno())
+                try:  # another process on the same directory may have won: use its key
+                    os.link(tmp, path)
+                except FileExistsError:
+                    key = path.read_bytes()
+                finally:
+                    tmp.unlink()
             if len(key) < 32:
                 raise SnapshotError(f"{path} holds {len(key)} bytes, not a 32-byte key")
             self._key = key
