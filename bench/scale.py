@@ -137,9 +137,17 @@ class SnapServer(Server):
         )
         self.cmd += ["--config", str(config)]
 
-    def stop_timed(self) -> float:
+    def stop_timed(self, timeout: float = 600.0) -> float:
+        """SIGTERM and wait (the resolver writes its snapshot on the way out)."""
         t0 = time.perf_counter()
-        self.stop()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
         return time.perf_counter() - t0
 
 
