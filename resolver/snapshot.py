@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import io
 import logging
 import marshal
 import os
@@ -64,8 +63,8 @@ __all__ = ["LoadedSnapshot", "SnapshotStore", "TrustedRunner", "anchors_digest"]
 
 _log = logging.getLogger("resolver.snapshot")
 
-MAGIC: Final = b"CPI-REPLICA-SNAPSHOT/1\n"
-FORMAT: Final = 1
+MAGIC: Final = b"CPI-REPLICA-SNAPSHOT/2\n"
+FORMAT: Final = 2
 FILE: Final = "replica.snap"
 KEY_FILE: Final = "snapshot.key"
 _CHUNK: Final = 20_000
@@ -208,9 +207,13 @@ class SnapshotStore:
         """Write the snapshot atomically (blocking: run it in a thread); returns its size."""
         started = time.monotonic()
         key = self.key()
-        header = {"format": FORMAT, "revision": revision, "anchors": self.anchors}
-        header["written_at"] = time.time()
-        parts = [marshal.dumps(header)] + [marshal.dumps(c) for c in chunks]
+        header: dict[str, Any] = {"format": FORMAT, "revision": revision}
+        header |= {"anchors": self.anchors, "written_at": time.time()}
+        parts: list[bytes] = []
+        objs: list[Any] = [header, *chunks]
+        for obj in objs:  # each chunk: its length (8 bytes), then marshal
+            blob = marshal.dumps(obj)
+            parts += [len(blob).to_bytes(8, "big"), blob]
         mac = hmac.new(key, digestmod=hashlib.sha256)
         for p in parts:
             mac.update(p)
@@ -253,9 +256,18 @@ class SnapshotStore:
         expected = hmac.new(self.key(), body, hashlib.sha256).digest()
         if not hmac.compare_digest(mac, expected):
             raise SnapshotError("integrity check failed (MAC mismatch)")
-        stream = io.BytesIO(body)
-        del data, body
-        header = marshal.load(stream)
+
+        def chunks() -> Iterator[Any]:
+            at = 0
+            while at < len(body):
+                n = int.from_bytes(body[at : at + 8], "big")
+                if n > len(body) - at - 8:
+                    raise SnapshotError("truncated chunk")
+                yield marshal.loads(body[at + 8 : at + 8 + n])
+                at += 8 + n
+
+        stream = chunks()
+        header = next(stream, None)
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise SnapshotError("another snapshot format")
         if header.get("anchors") != self.anchors:
@@ -263,8 +275,7 @@ class SnapshotStore:
         changes: list[Change] = []
         records: dict[bytes, RecordFacts] = {}
         statuses: dict[bytes, tuple[str, StatusFacts]] = {}
-        while stream.tell() < len(stream.getbuffer()):
-            what, items = marshal.load(stream)
+        for what, items in stream:
             if what == "kvs":
                 changes += [Change("put", k, v, rev, lease) for k, v, rev, lease in items]
             elif what == "recs":

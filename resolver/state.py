@@ -238,6 +238,7 @@ class _Batch:
     built: set[str] = field(default_factory=set)  # entries already final in this batch
 
 
+_REC: Final = str(Prefix.REC)
 _BULK: Final = 2000
 """Batches with at least this many changes leave record envelopes to the verification
 jobs to parse (``raw`` jobs, :mod:`resolver.verify`): in worker processes, in parallel."""
@@ -425,10 +426,14 @@ class ReplicaState:
         trust_changed = False
         revoked_ids: set[str] = set()
         for ch in changes:
-            try:
-                collection, name = parse_key(ch.key)
-            except ValueError:
-                continue
+            if ch.envelope is not None:  # from a snapshot: keys it holds were parsed before
+                collection = Prefix.REC if ch.key.startswith(_REC) else Prefix.LIVE
+                name = ch.key[len(collection) :]
+            else:
+                try:
+                    collection, name = parse_key(ch.key)
+                except ValueError:
+                    continue
             was_bad = self.bad.get(ch.key)
             try:
                 trust_changed |= self._put(collection, name, ch, batch, revoked_ids)
