@@ -311,7 +311,9 @@ class ReplicaState:
         self._by_signer: dict[str, set[str]] = {}
         # records by the serial in their key: a node key's kid starts with its CPID's serial,
         # so a revocation of kid K concerns the records whose serial is K[:12]
-        self._by_serial: dict[str, set[str]] = {}
+        self._by_serial: dict[str, str | set[str]] = {}
+        """CPIDs by serial: one CPID (a str, the usual case: a serial is a key's hash) or
+        a set of them (the same key in several namespaces)."""
         self._revoked_serials: set[str] = set()
         self._deadlines: list[tuple[float, str, int]] = []
         self._claim_deadlines: list[tuple[float, str]] = []  # (expires_at, cpid)
@@ -593,7 +595,13 @@ class ReplicaState:
             rs = _Rec(cpid, ch.revision, env, error)
             self._by_signer.setdefault(rs.signer, set()).add(cpid)
         self.recs[cpid] = rs
-        self._by_serial.setdefault(_serial_of(cpid), set()).add(cpid)
+        serial = _serial_of(cpid)
+        had = self._by_serial.setdefault(serial, cpid)
+        if had is not cpid and had != cpid:
+            if isinstance(had, str):
+                self._by_serial[serial] = {had, cpid}
+            else:
+                had.add(cpid)
         batch.dirty_recs.add(cpid)
         batch.dirty_lives.add(cpid)
 
@@ -612,9 +620,14 @@ class ReplicaState:
                 del self._by_signer[rs.signer]
         serial = _serial_of(rs.cpid)
         owners = self._by_serial.get(serial)
-        if owners is not None:
+        if isinstance(owners, str):
+            if owners == rs.cpid:
+                del self._by_serial[serial]
+        elif owners is not None:
             owners.discard(rs.cpid)
-            if not owners:
+            if len(owners) == 1:
+                self._by_serial[serial] = next(iter(owners))
+            elif not owners:
                 del self._by_serial[serial]
         if rs.reason and rs.reason != "pending":
             self.rejected[rs.reason] -= 1
@@ -757,7 +770,11 @@ class ReplicaState:
             if before is None or before.fingerprint() != after.fingerprint():
                 batch.dirty_recs |= members
         for ident in revoked_ids:
-            batch.dirty_recs |= self._by_serial.get(ident[:_SERIAL], set())
+            owners = self._by_serial.get(ident[:_SERIAL])
+            if isinstance(owners, str):
+                batch.dirty_recs.add(owners)
+            elif owners is not None:
+                batch.dirty_recs |= owners
 
     # -- commit -----------------------------------------------------------------------
 
