@@ -140,6 +140,7 @@ async def test_a_tampered_snapshot_is_not_used(index: Index, pki: Pki, tmp_path:
         snap = warm.health()["snapshot"]
         assert snap["status"].startswith("not used: unreadable: integrity check failed")
         assert snap["fallbacks"] == 1
+        assert "cpi_resolver_snapshot_fallbacks_total 1.0" in warm.metrics.render().decode()
         assert _view(warm) == cold  # listed the index instead
     finally:
         await warm.close()
