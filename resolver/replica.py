@@ -165,7 +165,7 @@ class Replica:
             return False
         async with self._lock:
             started = time.monotonic()
-            revision, chunks = store.collect(self.state)
+            revision, chunks = await store.collect(self.state)
             collect_s = time.monotonic() - started
         try:
             size = await write_in_background(store, revision, chunks)
@@ -174,7 +174,7 @@ class Replica:
             return False
         _log.info(
             "wrote the replica snapshot at revision %d (%s): %.1f MB, collected in %.2f s "
-            "(event loop), written in %.2f s",
+            "(in the event loop, in slices), written in %.2f s (in a thread)",
             revision,
             cause,
             size / 1e6,

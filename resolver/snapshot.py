@@ -160,8 +160,10 @@ class SnapshotStore:
     # -- writing ----------------------------------------------------------------------
 
     @staticmethod
-    def collect(state: ReplicaState) -> tuple[int, list[list[Any]]]:
-        """What to write, taken from ``state`` synchronously (hold the replica's lock)."""
+    async def collect(state: ReplicaState) -> tuple[int, list[list[Any]]]:
+        """What to write, taken from ``state`` (hold the replica's lock, so that it does
+        not change meanwhile).  Lookups go on: the event loop gets a turn every
+        :data:`_CHUNK` records."""
         kvs: list[tuple[str, bytes, int, int]] = []
         for kid, (env, rev) in state.certs.items():
             kvs.append((Prefix.CERTS + kid, env.to_json(), rev, 0))
@@ -176,32 +178,40 @@ class SnapshotStore:
         for cpid, claims in state.claims.items():
             for claim_id, (value, rev, lease) in claims.items():
                 kvs.append((f"{Prefix.CLAIM}{cpid}/{claim_id}", value, rev, lease))
-        recs = [
-            (
-                cpid,
-                rs.revision,
-                _env_tuple(rs.envelope),
-                _rec_facts(rs.facts) if rs.facts is not None and not rs.reason else None,
-            )
-            for cpid, rs in state.recs.items()
-            if rs.envelope is not None
-        ]
-        lives = [
-            (
-                cpid,
-                lv.revision,
-                lv.lease,
-                _env_tuple(lv.envelope),
-                lv.checked_key,
-                _live_facts(lv.facts) if lv.facts is not None and not lv.reason else None,
-            )
-            for cpid, lv in state.lives.items()
-            if lv.envelope is not None
-        ]
         chunks: list[list[Any]] = [["kvs", kvs]]
-        chunks += [["recs", recs[i : i + _CHUNK]] for i in range(0, len(recs), _CHUNK)]
-        chunks += [["lives", lives[i : i + _CHUNK]] for i in range(0, len(lives), _CHUNK)]
-        return state.revision, chunks
+        revision = state.revision
+        rec_items = list(state.recs.items())
+        for i in range(0, len(rec_items), _CHUNK):
+            recs = [
+                (
+                    cpid,
+                    rs.revision,
+                    _env_tuple(rs.envelope),
+                    _rec_facts(rs.facts) if rs.facts is not None and not rs.reason else None,
+                )
+                for cpid, rs in rec_items[i : i + _CHUNK]
+                if rs.envelope is not None
+            ]
+            chunks.append(["recs", recs])
+            await asyncio.sleep(0)
+        del rec_items
+        live_items = list(state.lives.items())
+        for i in range(0, len(live_items), _CHUNK):
+            lives = [
+                (
+                    cpid,
+                    lv.revision,
+                    lv.lease,
+                    _env_tuple(lv.envelope),
+                    lv.checked_key,
+                    _live_facts(lv.facts) if lv.facts is not None and not lv.reason else None,
+                )
+                for cpid, lv in live_items[i : i + _CHUNK]
+                if lv.envelope is not None
+            ]
+            chunks.append(["lives", lives])
+            await asyncio.sleep(0)
+        return revision, chunks
 
     def write(self, revision: int, chunks: list[list[Any]]) -> int:
         """Write the snapshot atomically (blocking: run it in a thread); returns its size."""
