@@ -164,3 +164,35 @@ async def test_a_compacted_revision_falls_back_to_a_listing(
         assert warm.resolve(nodes[3].cpid).free == 3
     finally:
         await warm.close()
+
+
+async def test_a_snapshot_for_other_anchors_is_not_used(
+    index: Index, pki: Pki, tmp_path: Path
+) -> None:
+    from registry import ca
+    from resolver.core import Resolver
+    from resolver.discovery import LatencyTable
+    from schemas import keys
+    from schemas.chain import TrustAnchors
+    from tests.resolver.kit import LATENCY
+
+    await pki.publish(index)
+    await _populate(index, pki)
+    settings = _settings(tmp_path)
+    first = await _start(index, pki, settings)
+    cold = _view(first)
+    await first.close()
+
+    more = TrustAnchors([*pki.anchors, ca.make_anchor("US", keys.generate())])
+    other = Resolver(
+        index=index, anchors=more, latency=LatencyTable.from_file(LATENCY), settings=settings
+    )
+    await other.start()
+    try:
+        async with asyncio.timeout(20):
+            await other.wait_ready()
+        snap = other.health()["snapshot"]
+        assert snap["status"] == "not used: unreadable: written for another set of trust anchors"
+        assert _view(other) == cold
+    finally:
+        await other.close()
