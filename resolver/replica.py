@@ -258,7 +258,11 @@ class Replica:
                 kvs, revision = await self.index.get_prefix(COLLECTIONS[0], page_size=_PAGE)
                 snapshot.update((kv.key, (kv.value, kv.mod_revision, kv.lease)) for kv in kvs)
                 if not self.ready.is_set() and self.verifier.workers:
-                    n = await self.index.count_prefix(Prefix.REC)
+                    try:
+                        n = await self.index.count_prefix(Prefix.REC)
+                    except RetrievalError as exc:  # counting a million keys can time out
+                        _log.info("cannot count the records (%s): starting the workers", exc)
+                        n = self.verifier.pool_min_jobs
                     if n >= self.verifier.pool_min_jobs:
                         self.verifier.prepare()  # start workers while the listing runs
                 for collection in COLLECTIONS[1:]:
