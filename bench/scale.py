@@ -132,6 +132,9 @@ class SnapServer(Server):
                     "anchor_files": [str(world.anchor_file)],
                     "snapshot_dir": str(self.snapshot_dir),
                     "max_watchers": 4096,
+                    # a page of a million-key listing on a busy etcd can take over the
+                    # default 5 s, and a failed page restarts the whole listing
+                    "etcd": {"timeout_s": 60.0},
                 }
             )
         )
