@@ -101,6 +101,9 @@ class ResolverConfig(_Model):
     stale_after_s: Annotated[float, Field(gt=0)] = 5.0
     sweep_interval_s: Annotated[float, Field(gt=0)] = 1.0
     verify_workers: Annotated[int, Field(ge=0, le=64)] | None = None
+    # warm restarts: a snapshot of the verified replica (None: always list the index)
+    snapshot_dir: Path | None = None
+    snapshot_interval_s: Annotated[float, Field(gt=0)] = 300.0
     # HTTP worker processes sharing the port (SO_REUSEPORT), each with its own replica
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     # mass-expiry protection
@@ -204,6 +207,8 @@ def load_config(
     for name in ("latency_table", "tls_cert", "tls_key"):
         if name in raw:
             raw[name] = resolve_path(base, raw[name])
+    if raw.get("snapshot_dir") is not None:
+        raw["snapshot_dir"] = resolve_path(base, raw["snapshot_dir"])
 
     environ = os.environ if env is None else env
     EtcdSettings.layer(raw, base=base, env=environ)

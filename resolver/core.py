@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -36,6 +37,7 @@ from resolver.errors import NotReadyError
 from resolver.events import Cursor, Event, EventLog, format_cursor, parse_cursor
 from resolver.metrics import ResolverMetrics
 from resolver.replica import Replica, SyncSettings
+from resolver.snapshot import SnapshotStore
 from resolver.state import MassExpiry, NamespaceInfo, ReplicaSettings, ReplicaState
 from resolver.verify import Verifier
 from schemas.chain import TrustAnchors
@@ -54,6 +56,10 @@ class ResolverSettings:
     sync: SyncSettings = field(default_factory=SyncSettings)
     event_ring_size: int = 10_000
     verify_workers: int | None = None
+    snapshot_dir: Path | None = None
+    """Where to keep the replica snapshot for warm restarts (:mod:`resolver.snapshot`);
+    None: no snapshot (the default for library use)."""
+    snapshot_interval_s: float = 300.0
 
     @classmethod
     def from_config(cls, config: ResolverConfig) -> ResolverSettings:
@@ -72,6 +78,8 @@ class ResolverSettings:
             ),
             event_ring_size=config.event_ring_size,
             verify_workers=config.verify_workers,
+            snapshot_dir=config.snapshot_dir,
+            snapshot_interval_s=config.snapshot_interval_s,
         )
 
 
@@ -123,8 +131,15 @@ class Resolver:
             anchors=anchors, latency=self.latency, settings=self.settings.replica, log=self._log
         )
         self._verifier = Verifier(workers=self.settings.verify_workers)
+        s = self.settings
+        self.snapshots = None if s.snapshot_dir is None else SnapshotStore(s.snapshot_dir, anchors)
         self._replica = Replica(
-            index, self._state, verifier=self._verifier, settings=self.settings.sync
+            index,
+            self._state,
+            verifier=self._verifier,
+            settings=s.sync,
+            snapshots=self.snapshots,
+            snapshot_interval=s.snapshot_interval_s,
         )
         self.metrics = metrics or ResolverMetrics()
         self.metrics.bind(self)
@@ -235,7 +250,19 @@ class Resolver:
         }
         if r.probe_error:
             out["etcd_error"] = r.probe_error
+        if self.snapshots is not None:
+            snap = self.snapshots
+            out["snapshot"] = {
+                "status": snap.status,  # loaded, absent, or "not used: <why>"
+                "loaded_revision": snap.loaded_revision,
+                "written_revision": snap.written_revision,
+                "fallbacks": snap.fallbacks,
+            }
         return out
+
+    async def write_snapshot(self) -> bool:
+        """Write the replica snapshot now (if configured and the revision moved)."""
+        return await self._replica.write_snapshot("requested")
 
     # -- lookups (synchronous, never wait on etcd) -----------------------------------------
 

@@ -169,6 +169,21 @@ class _ReplicaCollector(Collector):
         for cause, n in sorted(replica.relists.items()):
             relists.add_metric([cause], n)
         yield relists
+        snap = replica.snapshots
+        if snap is not None:
+            yield CounterMetricFamily(
+                "cpi_resolver_snapshot_fallbacks",
+                "Starts that could not use the replica snapshot and listed the index",
+                value=snap.fallbacks,
+            )
+            yield CounterMetricFamily(
+                "cpi_resolver_snapshot_writes", "Replica snapshots written", value=snap.writes
+            )
+            yield GaugeMetricFamily(
+                "cpi_resolver_snapshot_revision",
+                "Revision of the last replica snapshot written (0: none yet)",
+                value=snap.written_revision,
+            )
         yield CounterMetricFamily(
             "cpi_resolver_watch_reconnects",
             "Watch streams re-established after an error",

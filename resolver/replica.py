@@ -38,6 +38,7 @@ from typing import Final
 
 from registry.index import ROOT, Compacted, Index, IndexCompactedError, Prefix
 from resolver.events import Event
+from resolver.snapshot import SnapshotStore, TrustedRunner, write_in_background
 from resolver.state import Change, ReplicaState
 from resolver.verify import Verifier
 from schemas.errors import RetrievalError
@@ -89,8 +90,12 @@ class Replica:
         *,
         verifier: Verifier,
         settings: SyncSettings | None = None,
+        snapshots: SnapshotStore | None = None,
+        snapshot_interval: float = 300.0,
     ) -> None:
         self.index = index
+        self.snapshots = snapshots
+        self.snapshot_interval = snapshot_interval
         self.state = state
         self.verifier = verifier
         self.settings = settings or SyncSettings()
@@ -136,6 +141,8 @@ class Replica:
             asyncio.create_task(self._probe(), name="replica-probe"),
             asyncio.create_task(self._sweep(), name="replica-sweep"),
         ]
+        if self.snapshots is not None:
+            self._tasks.append(asyncio.create_task(self._snapshot_loop(), name="replica-snapshot"))
 
     async def close(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -144,6 +151,99 @@ class Replica:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if tasks and self.snapshots is not None and self.ready.is_set():
+            await self.write_snapshot("shutdown")
+
+    # -- snapshots (warm restarts, resolver.snapshot) -------------------------------------
+
+    async def write_snapshot(self, cause: str = "periodic") -> bool:
+        """Write a snapshot of the verified state if the revision moved since the last."""
+        store = self.snapshots
+        if store is None or not self.ready.is_set():
+            return False
+        if self.state.revision == store.written_revision:
+            return False
+        async with self._lock:
+            started = time.monotonic()
+            revision, chunks = await store.collect(self.state)
+            collect_s = time.monotonic() - started
+        try:
+            size = await write_in_background(store, revision, chunks)
+        except Exception as exc:
+            _log.warning("could not write the replica snapshot to %s: %s", store.path, exc)
+            return False
+        _log.info(
+            "wrote the replica snapshot at revision %d (%s): %.1f MB, collected in %.2f s "
+            "(in the event loop, in slices), written in %.2f s (in a thread)",
+            revision,
+            cause,
+            size / 1e6,
+            collect_s,
+            store.write_seconds,
+        )
+        return True
+
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.snapshot_interval)
+            try:
+                await self.write_snapshot()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                _log.exception("replica snapshot failed")
+
+    async def _warm(self) -> tuple[int, int] | None:
+        """Load the snapshot into the empty replica: (revision, keys), or None when there
+        is none or it cannot be used (then the caller lists the index)."""
+        store = self.snapshots
+        assert store is not None
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        try:
+            snap = await loop.run_in_executor(None, store.read)
+        except FileNotFoundError:
+            store.status = "absent"
+            _log.info("no replica snapshot in %s: listing the index", store.directory)
+            return None
+        except Exception as exc:
+            self._not_warm(f"unreadable: {exc}")
+            return None
+        current = await self.index.revision()
+        if snap.revision > current:
+            self._not_warm(f"its revision {snap.revision} is ahead of etcd's {current} (restored?)")
+            return None
+        try:
+            await self.index.get_prefix(Prefix.NS, page_size=_PAGE, revision=snap.revision)
+        except IndexCompactedError:
+            self._not_warm(f"its revision {snap.revision} is compacted in etcd")
+            return None
+        read_s = time.monotonic() - started
+        runner = TrustedRunner(snap, self.verifier.run)
+        n = len(snap.changes)
+        async with self._lock:
+            await self.state.apply(snap.changes, snap.revision, check=runner, emit=False)
+        del snap
+        store.status = "loaded"
+        store.loaded_revision = self.state.revision
+        _log.info(
+            "warm start from the snapshot at revision %d: %d keys (%d verdicts taken from "
+            "the snapshot, %d verified); read in %.2f s, applied in %.2f s",
+            self.state.revision,
+            n,
+            runner.trusted,
+            runner.verified,
+            read_s,
+            time.monotonic() - started - read_s,
+        )
+        return self.state.revision, n
+
+    def _not_warm(self, why: str) -> None:
+        store = self.snapshots
+        assert store is not None
+        store.status = f"not used: {why}"
+        store.fallbacks += 1
+        _log.warning("replica snapshot %s not used (%s): listing the index", store.path, why)
 
     # -- listing ----------------------------------------------------------------------
 
@@ -158,7 +258,11 @@ class Replica:
                 kvs, revision = await self.index.get_prefix(COLLECTIONS[0], page_size=_PAGE)
                 snapshot.update((kv.key, (kv.value, kv.mod_revision, kv.lease)) for kv in kvs)
                 if not self.ready.is_set() and self.verifier.workers:
-                    n = await self.index.count_prefix(Prefix.REC)
+                    try:
+                        n = await self.index.count_prefix(Prefix.REC)
+                    except RetrievalError as exc:  # counting a million keys can time out
+                        _log.info("cannot count the records (%s): starting the workers", exc)
+                        n = self.verifier.pool_min_jobs
                     if n >= self.verifier.pool_min_jobs:
                         self.verifier.prepare()  # start workers while the listing runs
                 for collection in COLLECTIONS[1:]:
@@ -255,7 +359,12 @@ class Replica:
             # collection during it only rescans them, and after it only slows every later pass
             gc.disable()
             try:
-                revision, n, list_s = await self._load()
+                warm = await self._warm() if self.snapshots is not None else None
+                if warm is not None:
+                    (revision, n), list_s = warm, 0.0
+                    cause = "snapshot"
+                else:
+                    revision, n, list_s = await self._load()
             finally:
                 if gc_enabled:
                     gc.enable()

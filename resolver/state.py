@@ -94,6 +94,9 @@ class Change:
     value: bytes = b""
     revision: int = 0
     lease: int = 0
+    envelope: Envelope | None = None
+    """A ``/rec/`` or ``/live/`` value already parsed (a snapshot, :mod:`resolver.snapshot`):
+    used instead of ``value``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +242,7 @@ class _Batch:
     built: set[str] = field(default_factory=set)  # entries already final in this batch
 
 
+_REC: Final = str(Prefix.REC)
 _BULK: Final = 2000
 """Batches with at least this many changes leave record envelopes to the verification
 jobs to parse (``raw`` jobs, :mod:`resolver.verify`): in worker processes, in parallel."""
@@ -311,7 +315,9 @@ class ReplicaState:
         self._by_signer: dict[str, set[str]] = {}
         # records by the serial in their key: a node key's kid starts with its CPID's serial,
         # so a revocation of kid K concerns the records whose serial is K[:12]
-        self._by_serial: dict[str, set[str]] = {}
+        self._by_serial: dict[str, str | set[str]] = {}
+        """CPIDs by serial: one CPID (a str, the usual case: a serial is a key's hash) or
+        a set of them (the same key in several namespaces)."""
         self._revoked_serials: set[str] = set()
         self._deadlines: list[tuple[float, str, int]] = []
         self._claim_deadlines: list[tuple[float, str]] = []  # (expires_at, cpid)
@@ -426,10 +432,14 @@ class ReplicaState:
         trust_changed = False
         revoked_ids: set[str] = set()
         for ch in changes:
-            try:
-                collection, name = parse_key(ch.key)
-            except ValueError:
-                continue
+            if ch.envelope is not None:  # from a snapshot: keys it holds were parsed before
+                collection = Prefix.REC if ch.key.startswith(_REC) else Prefix.LIVE
+                name = ch.key[len(collection) :]
+            else:
+                try:
+                    collection, name = parse_key(ch.key)
+                except ValueError:
+                    continue
             was_bad = self.bad.get(ch.key)
             try:
                 trust_changed |= self._put(collection, name, ch, batch, revoked_ids)
@@ -574,7 +584,10 @@ class ReplicaState:
             batch.reasons[cpid] = "deleted"
             self.held.pop(cpid, None)
             return
-        if batch.bulk:  # parsed by its verification job (_verify_records, _parsed)
+        if ch.envelope is not None:
+            rs = _Rec(cpid, ch.revision, ch.envelope)
+            self._by_signer.setdefault(rs.signer, set()).add(cpid)
+        elif batch.bulk:  # parsed by its verification job (_verify_records, _parsed)
             rs = _Rec(cpid, ch.revision, None, raw=ch.value)
         else:
             try:
@@ -586,7 +599,13 @@ class ReplicaState:
             rs = _Rec(cpid, ch.revision, env, error)
             self._by_signer.setdefault(rs.signer, set()).add(cpid)
         self.recs[cpid] = rs
-        self._by_serial.setdefault(_serial_of(cpid), set()).add(cpid)
+        serial = _serial_of(cpid)
+        had = self._by_serial.setdefault(serial, cpid)
+        if had is not cpid and had != cpid:
+            if isinstance(had, str):
+                self._by_serial[serial] = {had, cpid}
+            else:
+                had.add(cpid)
         batch.dirty_recs.add(cpid)
         batch.dirty_lives.add(cpid)
 
@@ -605,9 +624,14 @@ class ReplicaState:
                 del self._by_signer[rs.signer]
         serial = _serial_of(rs.cpid)
         owners = self._by_serial.get(serial)
-        if owners is not None:
+        if isinstance(owners, str):
+            if owners == rs.cpid:
+                del self._by_serial[serial]
+        elif owners is not None:
             owners.discard(rs.cpid)
-            if not owners:
+            if len(owners) == 1:
+                self._by_serial[serial] = next(iter(owners))
+            elif not owners:
                 del self._by_serial[serial]
         if rs.reason and rs.reason != "pending":
             self.rejected[rs.reason] -= 1
@@ -628,7 +652,9 @@ class ReplicaState:
             return
         self.held.pop(cpid, None)
         try:
-            env: Envelope | None = Envelope.from_json(ch.value)
+            env: Envelope | None = (
+                ch.envelope if ch.envelope is not None else Envelope.from_json(ch.value)
+            )
             error = ""
         except EnvelopeError as exc:
             env, error = None, str(exc)
@@ -748,7 +774,11 @@ class ReplicaState:
             if before is None or before.fingerprint() != after.fingerprint():
                 batch.dirty_recs |= members
         for ident in revoked_ids:
-            batch.dirty_recs |= self._by_serial.get(ident[:_SERIAL], set())
+            owners = self._by_serial.get(ident[:_SERIAL])
+            if isinstance(owners, str):
+                batch.dirty_recs.add(owners)
+            elif owners is not None:
+                batch.dirty_recs |= owners
 
     # -- commit -----------------------------------------------------------------------
 

@@ -219,7 +219,7 @@ class Outcome:
 
 def _status(env: Envelope, public_key: str, keep: bool) -> Outcome:
     try:
-        st = open_signed(env, public_key=public_key, expected=Status)
+        st = open_signed(env, public_key=public_key, expected=Status, key_registered=True)
     except InvalidDataError as exc:
         return Outcome(False, 0, exc.code, str(exc), str(exc))
     except Exception as exc:  # a hostile status costs itself alone

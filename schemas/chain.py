@@ -521,14 +521,24 @@ def require_chain(chain: Sequence[dsse.Envelope], **kwargs: Any) -> tuple[Cert, 
     return result.certs
 
 
-def open_signed(envelope: dsse.Envelope, *, public_key: str, expected: type[D]) -> D:
+def open_signed(
+    envelope: dsse.Envelope, *, public_key: str, expected: type[D], key_registered: bool = False
+) -> D:
     """Verify a document signed by one known key (a node's register, status, deregister).
 
     ``public_key`` is base64url of the raw key.  Raises SignatureError or PayloadError.
+    ``key_registered``: the key comes from a record (it passed the full key rule when it
+    was registered): only the byte-level check of
+    :func:`~schemas.keys.check_public_raw_fast` is repeated (signature verification
+    refuses non-canonical and small-order keys by itself).
     """
     try:
-        pub = _keys.public_from_b64url(public_key)
-    except KeyFileError as exc:
+        if key_registered:
+            raw = _keys.check_public_raw_fast(_keys.b64url_decode(public_key))
+            pub = Ed25519PublicKey.from_public_bytes(raw)
+        else:
+            pub = _keys.public_from_b64url(public_key)
+    except (KeyFileError, ValueError) as exc:
         raise EnvelopeError(f"invalid public key: {exc}") from exc
     v = dsse.verify(envelope, {_keys.kid_of(pub): pub}, payload_types=(expected.media_type(),))
     return parse_payload(v.payload_type, v.payload, expected)

@@ -79,6 +79,12 @@ _EXTRA: Final[dict[Callable[..., Any], dict[str, Any]]] = {
         "bytes must also be the canonical encoding of a point of the prime-order subgroup "
         "(small-order and non-canonical points are refused; docs/verification.md)",
     },
+    _models._check_node_pubkey: {
+        "pattern": PUBLIC_KEY_PATTERN,
+        "description": "Ed25519 public key: base64url of the 32 raw bytes, no padding; the "
+        "bytes must also be the canonical encoding of a point of the prime-order subgroup "
+        "(small-order and non-canonical points are refused; docs/verification.md)",
+    },
     _models._check_kind: {"enum": list(_cpid.KINDS)},
     _models._check_labels: {
         "propertyNames": {"pattern": r"^[a-z0-9._/-]{1,63}$"},

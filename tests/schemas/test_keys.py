@@ -174,3 +174,32 @@ def test_honest_keys_parse() -> None:
 
 def test_backend_is_named() -> None:
     assert keys.VERIFY_BACKEND == "libsodium"
+
+
+def test_fast_key_check_refuses_every_small_order_encoding() -> None:
+    """check_public_raw_fast (a record's node key): every encoding of the eight small-order
+    points and every y >= p is refused, as by the full check; honest keys pass."""
+    from schemas import _edwards
+    from schemas.keys import check_public_raw, check_public_raw_fast, generate, public_raw
+
+    p = 2**255 - 19
+    y8 = 55188659117513257062467267217118295137698188065244968500265048394206261417927
+    small_ys: set[int] = set()
+    for y in [*range(0, 20), *range(p - 20, 2**255), y8, p - y8]:
+        for sign in (0, 1):
+            raw = (y | (sign << 255)).to_bytes(32, "little")
+            point = _edwards.decode(raw) if y < p else None
+            small = point is not None and _edwards.order_of_small(point) is not None
+            if y >= p or small:
+                with pytest.raises(KeyFileError):
+                    check_public_raw_fast(raw)
+                with pytest.raises(KeyFileError):
+                    check_public_raw(raw)
+                if small:
+                    small_ys.add(y)
+            elif point is not None and _edwards.describe_public_key(raw) is None:
+                assert check_public_raw_fast(raw) == raw
+    assert len(small_ys) == 5  # the y of the 8 small-order points: 0, 1, p - 1, +-y8
+    for _ in range(20):
+        raw = public_raw(generate())
+        assert check_public_raw_fast(raw) == raw

@@ -516,6 +516,13 @@ BAD_KEYS += [
 @pytest.mark.parametrize("doc_type", ["cert.v1", "register.v1", "record.v1"])
 @pytest.mark.parametrize(("value", "match"), BAD_KEYS)
 def test_bad_public_key(doc_type: str, value: str, match: str) -> None:
+    if doc_type == "record.v1":
+        # a record's node key passed the full key rule when it was registered; parsing a
+        # record repeats the byte-level part only (docs/verification.md §2)
+        if (value, match) in BAD_KEYS[-2:]:  # not on the curve, outside the subgroup
+            _parse(doc_type, _changed(doc_type, "public_key", value))
+            return
+        match = match.removesuffix(_EXPECTED_POINT)
     with pytest.raises(PayloadError, match=rf"^invalid {doc_type}: public_key: .*{match}"):
         _parse(doc_type, _changed(doc_type, "public_key", value))
 

@@ -1,0 +1,324 @@
+"""Scale benchmark (issue 12): one command, every figure printed next to its target.
+
+    python bench/scale.py [--records 1000000] [--duration 5] [--rounds 3]
+
+What it does:
+
+1. starts a bench etcd with ``--quota-backend-bytes`` sized for the data set (printed),
+   and writes ``--records`` signed records, each with a signed status, the way
+   registries do: batched transactions of 128 puts, generated in worker processes
+   (one Ed25519 key per node, derived from a seed; one issuing key per industry node,
+   reused across its records) and written while the next chunk is generated;
+2. starts ``cpi resolver serve`` (with a snapshot directory) on the empty index, then
+   on the full one: **cold start to ready** (exec -> ``/readyz`` 200) and **RSS per
+   record** = (RSS full - RSS empty) / records;
+3. stops it (SIGTERM: the snapshot is written on shutdown) and starts it again: **warm
+   restart to ready**, and the RSS after it;
+4. against the warm resolver: **discovery p99 over HTTP**, **register -> watch event
+   p99** and **cached GET vs an aiohttp hello-world** (wrk if installed, else an
+   aiohttp client loop, printed as such).
+
+The machine is usually shared: figures are noisy, rerun before drawing conclusions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import aiohttp
+
+from bench.resolve import (
+    HELLO,
+    Server,
+    World,
+    _gen,
+    aiohttp_rate,
+    percentile,
+    queries,
+    watch_latency,
+    wrk_rate,
+)
+from cpi.etcdproc import EtcdProcess, free_port
+from registry.index import Index, Keys, Op
+
+CHUNK = 2000
+
+
+def quota_bytes(records: int) -> int:
+    """etcd backend quota for ``records`` records + statuses: ~2 KB of values per record,
+    x4 for bbolt pages, the key index and free pages, at least 2 GiB, at most 16 GiB."""
+    return min(16 << 30, max(2 << 30, records * 8 * 1024))
+
+
+def _chunks(world: World, n: int, workers: int) -> Iterator[list[tuple[str, bytes, bytes]]]:
+    jobs = [(i, min(CHUNK, n - i), world.signers) for i in range(0, n, CHUNK)]
+    spawn = multiprocessing.get_context("spawn")  # not fork: gRPC threads are running
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn) as pool:
+        yield from pool.map(_gen, jobs)
+
+
+async def write_index(index: Index, world: World, n: int) -> tuple[list[str], int, float]:
+    """Generate and write ``n`` records + statuses; (sample of CPIDs, bytes, seconds)."""
+    t0 = time.perf_counter()
+    sem = asyncio.Semaphore(8)
+    sample: list[str] = []
+    total = 0
+    pending: set[asyncio.Task[None]] = set()
+
+    async def one(ops: list[Op]) -> None:
+        try:
+            await index.txn(success=ops)
+        finally:
+            sem.release()
+
+    queue: asyncio.Queue[list[tuple[str, bytes, bytes]] | None] = asyncio.Queue(maxsize=4)
+    loop = asyncio.get_running_loop()
+
+    def produce() -> None:
+        for part in _chunks(world, n, os.cpu_count() or 1):
+            asyncio.run_coroutine_threadsafe(queue.put(part), loop).result()
+        asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
+
+    producer = loop.run_in_executor(None, produce)
+    done = 0
+    last = time.perf_counter()
+    while (part := await queue.get()) is not None:
+        sample += [c for c, _, _ in part[:: max(1, CHUNK // 20)]]
+        for i in range(0, len(part), 64):
+            ops = []
+            for cpid, rec, st in part[i : i + 64]:
+                ops += [Op.put(Keys.rec(cpid), rec), Op.put(Keys.live(cpid), st)]
+                total += len(rec) + len(st)
+            await sem.acquire()  # at most 8 transactions in flight
+            task = asyncio.create_task(one(ops))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        done += len(part)
+        if time.perf_counter() - last > 30:
+            last = time.perf_counter()
+            print(f"  ... {done:,} records written ({done / (last - t0):,.0f}/s)", flush=True)
+    await producer
+    await asyncio.gather(*pending)
+    return sample, total, time.perf_counter() - t0
+
+
+class SnapServer(Server):
+    """``cpi resolver serve`` with a config file naming a snapshot directory."""
+
+    def __init__(self, etcd: str, world: World, tmp: Path, name: str) -> None:
+        super().__init__(etcd, world.anchor_file, tmp / f"{name}.log")
+        self.snapshot_dir = tmp / f"{name}-data"
+        config = tmp / f"{name}.json"
+        config.write_text(
+            json.dumps(
+                {
+                    "anchor_files": [str(world.anchor_file)],
+                    "snapshot_dir": str(self.snapshot_dir),
+                    "max_watchers": 4096,
+                    # a page of a million-key listing on a busy etcd can take over the
+                    # default 5 s, and a failed page restarts the whole listing
+                    "etcd": {"timeout_s": 60.0},
+                }
+            )
+        )
+        self.cmd += ["--config", str(config)]
+
+    def stop_timed(self, timeout: float = 600.0) -> float:
+        """SIGTERM and wait (the resolver writes its snapshot on the way out)."""
+        t0 = time.perf_counter()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        return time.perf_counter() - t0
+
+
+def line(what: str, value: str, target: str, ok: bool | None) -> None:
+    mark = "" if ok is None else ("  OK" if ok else "  MISSED")
+    print(f"  {what:<44} {value:>14}   target {target}{mark}")
+
+
+async def run(args: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="cpi-bench-scale-"))
+    quota = quota_bytes(args.records)
+    etcd = EtcdProcess(data_dir=tmp / "etcd", extra_args=["--quota-backend-bytes", str(quota)])
+    etcd.start()
+    etcd.wait_healthy(30)
+    servers: list[Server] = []
+    hello: subprocess.Popen[bytes] | None = None
+    results: list[tuple[str, str, str, bool | None]] = []
+    try:
+        print(
+            f"bench etcd {etcd.url} (--quota-backend-bytes {quota:,} = {quota / 2**30:.1f} GiB); "
+            f"temp dir {tmp}; {os.cpu_count()} CPUs; {args.records:,} records"
+        )
+        world = World(tmp)
+        async with Index(endpoints=[etcd.endpoint], timeout=60.0) as index:
+            await world.publish(index)
+            empty = SnapServer(etcd.endpoint, world, tmp, "empty")
+            servers.append(empty)
+            await empty.start()
+            await asyncio.sleep(1)
+            rss_empty, _ = empty.rss()
+            empty.stop()
+
+            print("set-up: generating and writing records + statuses ...", flush=True)
+            sample, nbytes, t_setup = await write_index(index, world, args.records)
+            print(
+                f"set-up: {args.records:,} signed records + statuses generated and written in "
+                f"{t_setup:.1f} s ({args.records / t_setup:,.0f} records/s; txns of 128 puts; "
+                f"{nbytes / args.records:,.0f} B of values per record)"
+            )
+
+            server = SnapServer(etcd.endpoint, world, tmp, "resolver")
+            servers.append(server)
+            t_cold = await server.start()
+            await asyncio.sleep(1)
+            rss_cold, rss_workers = server.rss()
+            per_cold = (rss_cold - rss_empty) * 1024 / args.records
+            t_stop = server.stop_timed()
+            snap = server.snapshot_dir / "replica.snap"
+            snap_mb = snap.stat().st_size / 1e6 if snap.exists() else 0.0
+            t_warm = await server.start()
+            await asyncio.sleep(1)
+            rss_warm, _ = server.rss()
+            per_warm = (rss_warm - rss_empty) * 1024 / args.records
+            print(
+                f"\nresolver: RSS empty {rss_empty / 1024:.0f} MiB, after cold start "
+                f"{rss_cold / 1024:.0f} MiB (+{rss_workers / 1024:.0f} MiB in verification "
+                f"workers), after warm restart {rss_warm / 1024:.0f} MiB; stop (writes the "
+                f"snapshot, {snap_mb:.0f} MB) took {t_stop:.1f} s"
+            )
+            results += [
+                ("RSS per record (cold, incl. status)", f"{per_cold:,.0f} B", "<= 1.5 KB",
+                 per_cold <= 1536),
+                ("RSS per record (warm restart)", f"{per_warm:,.0f} B", "same as cold", None),
+                ("cold start to ready (with statuses)", f"{t_cold:.1f} s", "< 60 s", t_cold < 60),
+                ("warm restart to ready", f"{t_warm:.1f} s", "< 10 s", t_warm < 10),
+            ]  # fmt: skip
+
+            # -- discovery over HTTP
+            qs = queries(random.Random(7))
+            http_t: list[float] = []
+            async with aiohttp.ClientSession() as s:
+                for _, q in qs[:50]:
+                    async with s.get(f"{server.url}/v1/discover", params=q.to_params()) as r:
+                        await r.read()
+                for _, q in qs[: args.discovery_queries]:
+                    t1 = time.perf_counter()
+                    async with s.get(f"{server.url}/v1/discover", params=q.to_params()) as r:
+                        await r.read()
+                        assert r.status == 200, r.status
+                    http_t.append(time.perf_counter() - t1)
+            p99 = percentile(http_t, 99) * 1e3
+            results.append(
+                (f"discovery p99 over HTTP ({len(http_t)} queries)", f"{p99:.2f} ms", "< 5 ms",
+                 p99 < 5)
+            )  # fmt: skip
+
+            # -- register -> watch event
+            lat, _ = await watch_latency(index, world, server.url, args.watch_samples)
+            w99 = percentile(lat, 99) * 1e3
+            results.append(
+                (f"register -> watch event p99 ({len(lat)})", f"{w99:.1f} ms", "< 100 ms",
+                 w99 < 100)
+            )  # fmt: skip
+
+            # -- cached GET vs hello-world
+            cpid = sample[len(sample) // 2]
+            hello_port = free_port()
+            hello = await asyncio.to_thread(
+                subprocess.Popen, [sys.executable, "-c", HELLO, str(hello_port)]
+            )
+            async with aiohttp.ClientSession() as s:
+                for _ in range(200):
+                    with contextlib.suppress(aiohttp.ClientError):
+                        async with s.get(f"http://127.0.0.1:{hello_port}/") as r:
+                            if r.status == 200:
+                                break
+                    await asyncio.sleep(0.05)
+                async with s.get(f"{server.url}/v1/resources/{cpid}") as r:
+                    assert r.status == 200, await r.text()
+            have_wrk = shutil.which("wrk") is not None
+            urls = {
+                "resolver": f"{server.url}/v1/resources/{cpid}",
+                "hello": f"http://127.0.0.1:{hello_port}/",
+            }
+            samples: dict[str, list[float]] = {k: [] for k in urls}
+            for _ in range(args.rounds):
+                for name, url in urls.items():
+                    if have_wrk:
+                        rate = await asyncio.to_thread(
+                            wrk_rate, url, duration=args.duration, connections=args.connections
+                        )
+                    else:
+                        rate = await aiohttp_rate(
+                            url, duration=args.duration, connections=args.connections
+                        )
+                    samples[name].append(rate)
+            ratios = [a / b for a, b in zip(samples["resolver"], samples["hello"], strict=True)]
+            ratio = statistics.median(ratios)
+            gen = "wrk -t1" if have_wrk else "aiohttp client loop (no wrk)"
+            print(
+                f"cached GET ({gen}, {args.connections} connections, {args.rounds} rounds): "
+                f"resolver {statistics.median(samples['resolver']):,.0f} req/s, hello-world "
+                f"{statistics.median(samples['hello']):,.0f} req/s; per round "
+                f"{', '.join(f'{x:.2f}' for x in ratios)}"
+            )
+            results.append(("cached GET / aiohttp hello-world", f"{ratio:.2f}x", ">= 0.8x",
+                            ratio >= 0.8))  # fmt: skip
+            server.stop()
+
+        print(f"\nissue 12 figures at {args.records:,} records (shared machine: noisy):")
+        for what, value, target, ok in results:
+            line(what, value, target, ok)
+    finally:
+        for srv in servers:
+            srv.stop()
+        if hello is not None:
+            hello.terminate()
+            hello.wait()
+        etcd.stop()
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds per load-generator run")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--watch-samples", type=int, default=200)
+    ap.add_argument("--discovery-queries", type=int, default=600)
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, snapshot)")
+    asyncio.run(run(ap.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""Warm restarts: a snapshot of the replica's verified state, kept in the data directory.
+
+A resolver with a snapshot directory writes what it has verified at one revision to
+``<dir>/replica.snap`` -- in the background every ``interval`` seconds (when the
+revision moved) and on shutdown -- and loads it on start instead of listing and
+verifying the whole index, then watches from that revision.
+
+What is stored, per key the replica tracks at the snapshot's revision:
+
+* ``/rec/``, ``/live/``: the envelope (payload type, payload, signatures) exactly as
+  received, its ``mod_revision`` (and lease), and -- for a record that verified and
+  was served, a status that verified under its record's key -- the facts the
+  verification produced (:class:`~resolver.verify.RecordFacts`,
+  :class:`~resolver.verify.StatusFacts`);
+* the other collections (``/certs/``, ``/revoked/``, ``/ns/``, ``/alloc/``,
+  ``/claim/``): a value that reads back to what the replica holds.
+
+Loading re-parses these values but does **not** re-verify the signatures of records
+and statuses that carry facts (that is what makes it fast): they are trusted only
+because this resolver wrote them and the file passes its integrity check.  Chains are
+walked again (certs, revocations, validity windows are judged at load time), records
+and statuses without facts are verified as on a cold start.
+
+Integrity: the file is ``MAGIC || HMAC-SHA256(key, body) || body``, the key being 32
+random bytes in ``<dir>/snapshot.key`` (mode 0600, created on first use); the body
+names the snapshot format, the revision and a digest of the trust anchors.  A file that
+fails the MAC, another format or another anchor set is not used: the resolver lists
+the index (a cold start) and says why (log, ``/readyz`` ``snapshot`` detail, metric).
+The body is a sequence of :mod:`marshal` chunks, only unmarshalled once the MAC has
+been checked.  Writing is atomic: a temporary file in the same directory, fsync,
+rename, fsync of the directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import marshal
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from registry.index.layout import Prefix
+from resolver.state import UNREADABLE_ALLOC, Change, ReplicaState, Runner
+from resolver.verify import (
+    Context,
+    Job,
+    Outcome,
+    RecordFacts,
+    StatusFacts,
+    _status,
+)
+from schemas.chain import TrustAnchors
+from schemas.dsse import Envelope, Signature
+
+__all__ = ["LoadedSnapshot", "SnapshotStore", "TrustedRunner", "anchors_digest"]
+
+_log = logging.getLogger("resolver.snapshot")
+
+MAGIC: Final = b"CPI-REPLICA-SNAPSHOT/2\n"
+FORMAT: Final = 2
+FILE: Final = "replica.snap"
+KEY_FILE: Final = "snapshot.key"
+_CHUNK: Final = 20_000
+
+
+def anchors_digest(anchors: TrustAnchors) -> str:
+    """SHA-256 over the sorted anchors (a snapshot is only used with the same set)."""
+    h = hashlib.sha256()
+    for blob in sorted(a.to_json() for a in anchors):
+        h.update(len(blob).to_bytes(4, "big") + blob)
+    return h.hexdigest()
+
+
+def _env_tuple(env: Envelope) -> tuple[str, bytes, tuple[tuple[str, bytes], ...]]:
+    return env.payload_type, env.payload, tuple((s.keyid, s.sig) for s in env.signatures)
+
+
+def _env(t: tuple[str, bytes, tuple[tuple[str, bytes], ...]]) -> Envelope:
+    return Envelope(t[0], t[1], tuple(Signature(k, s) for k, s in t[2]))
+
+
+def _rec_facts(f: RecordFacts) -> tuple[Any, ...]:
+    return (
+        f.cpid, f.kind, f.public_key, f.version, f.expires_at, f.region, f.accelerators, f.labels,
+    )  # fmt: skip
+
+
+def _live_facts(f: StatusFacts) -> tuple[Any, ...]:
+    return f.cpid, f.state, f.accelerators_free, f.cpu_free, f.withheld
+
+
+@dataclass(slots=True)
+class LoadedSnapshot:
+    """A snapshot read back: the changes that rebuild the replica at ``revision`` and the
+    facts that let its records and statuses skip signature verification."""
+
+    revision: int
+    written_at: float
+    changes: list[Change]
+    records: dict[bytes, RecordFacts]  # record payload -> facts
+    statuses: dict[bytes, tuple[str, StatusFacts]]  # status payload -> (record key, facts)
+
+
+class SnapshotError(Exception):
+    """A snapshot that cannot be used (the message says why)."""
+
+
+class SnapshotStore:
+    """Reads and writes ``<directory>/replica.snap`` for one anchor set."""
+
+    def __init__(self, directory: str | os.PathLike[str], anchors: TrustAnchors) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / FILE
+        self.anchors = anchors_digest(anchors)
+        self._key: bytes | None = None
+        self.status = "none"
+        """What happened to the snapshot on start (``loaded``, ``absent``, or why it was
+        not used), for ``/readyz``."""
+        self.loaded_revision = 0
+        self.written_revision = 0
+        self.written_at = 0.0
+        self.write_seconds = 0.0
+        self.writes = 0
+        self.fallbacks = 0
+
+    # -- key --------------------------------------------------------------------------
+
+    def key(self) -> bytes:
+        if self._key is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            path = self.directory / KEY_FILE
+            try:
+                key = path.read_bytes()
+            except FileNotFoundError:
+                key = secrets.token_bytes(32)
+                tmp = self.directory / f".{KEY_FILE}.{os.getpid()}.tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(key)
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:  # another process on the same directory may have won: use its key
+                    os.link(tmp, path)
+                except FileExistsError:
+                    key = path.read_bytes()
+                finally:
+                    tmp.unlink()
+            if len(key) < 32:
+                raise SnapshotError(f"{path} holds {len(key)} bytes, not a 32-byte key")
+            self._key = key
+        return self._key
+
+    # -- writing ----------------------------------------------------------------------
+
+    @staticmethod
+    async def collect(state: ReplicaState) -> tuple[int, list[list[Any]]]:
+        """What to write, taken from ``state`` (hold the replica's lock, so that it does
+        not change meanwhile).  Lookups go on: the event loop gets a turn every
+        :data:`_CHUNK` records."""
+        kvs: list[tuple[str, bytes, int, int]] = []
+        for kid, (env, rev) in state.certs.items():
+            kvs.append((Prefix.CERTS + kid, env.to_json(), rev, 0))
+        for ident, (env, rev) in state.revocations.items():
+            kvs.append((Prefix.REVOKED + ident, env.to_json(), rev, 0))
+        for prefix, (kid, endpoints, rev) in state.ns.items():
+            value = _dumps({"kid": kid, "endpoints": list(endpoints)})
+            kvs.append((Prefix.NS + prefix, value, rev, 0))
+        for cpid, (units, rev) in state.allocs.items():
+            value = b"null" if units >= UNREADABLE_ALLOC else _dumps({"units": units})
+            kvs.append((Prefix.ALLOC + cpid, value, rev, 0))
+        for cpid, claims in state.claims.items():
+            for claim_id, (value, rev, lease) in claims.items():
+                kvs.append((f"{Prefix.CLAIM}{cpid}/{claim_id}", value, rev, lease))
+        chunks: list[list[Any]] = [["kvs", kvs]]
+        revision = state.revision
+        rec_items = list(state.recs.items())
+        for i in range(0, len(rec_items), _CHUNK):
+            recs = [
+                (
+                    cpid,
+                    rs.revision,
+                    _env_tuple(rs.envelope),
+                    _rec_facts(rs.facts) if rs.facts is not None and not rs.reason else None,
+                )
+                for cpid, rs in rec_items[i : i + _CHUNK]
+                if rs.envelope is not None
+            ]
+            chunks.append(["recs", recs])
+            await asyncio.sleep(0)
+        del rec_items
+        live_items = list(state.lives.items())
+        for i in range(0, len(live_items), _CHUNK):
+            lives = [
+                (
+                    cpid,
+                    lv.revision,
+                    lv.lease,
+                    _env_tuple(lv.envelope),
+                    lv.checked_key,
+                    _live_facts(lv.facts) if lv.facts is not None and not lv.reason else None,
+                )
+                for cpid, lv in live_items[i : i + _CHUNK]
+                if lv.envelope is not None
+            ]
+            chunks.append(["lives", lives])
+            await asyncio.sleep(0)
+        return revision, chunks
+
+    def write(self, revision: int, chunks: list[list[Any]]) -> int:
+        """Write the snapshot atomically (blocking: run it in a thread); returns its size."""
+        started = time.monotonic()
+        key = self.key()
+        header: dict[str, Any] = {"format": FORMAT, "revision": revision}
+        header |= {"anchors": self.anchors, "written_at": time.time()}
+        parts: list[bytes] = []
+        objs: list[Any] = [header, *chunks]
+        for obj in objs:  # each chunk: its length (8 bytes), then marshal
+            blob = marshal.dumps(obj)
+            parts += [len(blob).to_bytes(8, "big"), blob]
+        mac = hmac.new(key, digestmod=hashlib.sha256)
+        for p in parts:
+            mac.update(p)
+        tmp = self.directory / f".{FILE}.{os.getpid()}.tmp"
+        size = len(MAGIC) + 32
+        try:
+            with open(tmp, "wb") as f:
+                f.write(MAGIC)
+                f.write(mac.digest())
+                for p in parts:
+                    f.write(p)
+                    size += len(p)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        dfd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self.written_revision = revision
+        self.written_at = time.time()
+        self.write_seconds = time.monotonic() - started
+        self.writes += 1
+        return size
+
+    # -- reading ----------------------------------------------------------------------
+
+    def read(self) -> LoadedSnapshot:
+        """The snapshot, checked; raises :class:`SnapshotError` (FileNotFoundError when
+        there is none)."""
+        data = self.path.read_bytes()
+        if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 32:
+            raise SnapshotError("not a replica snapshot (bad magic)")
+        mac = data[len(MAGIC) : len(MAGIC) + 32]
+        body = memoryview(data)[len(MAGIC) + 32 :]
+        expected = hmac.new(self.key(), body, hashlib.sha256).digest()
+        if not hmac.compare_digest(mac, expected):
+            raise SnapshotError("integrity check failed (MAC mismatch)")
+
+        def chunks() -> Iterator[Any]:
+            at = 0
+            while at < len(body):
+                n = int.from_bytes(body[at : at + 8], "big")
+                if n > len(body) - at - 8:
+                    raise SnapshotError("truncated chunk")
+                yield marshal.loads(body[at + 8 : at + 8 + n])
+                at += 8 + n
+
+        stream = chunks()
+        header = next(stream, None)
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise SnapshotError("another snapshot format")
+        if header.get("anchors") != self.anchors:
+            raise SnapshotError("written for another set of trust anchors")
+        changes: list[Change] = []
+        records: dict[bytes, RecordFacts] = {}
+        statuses: dict[bytes, tuple[str, StatusFacts]] = {}
+        for what, items in stream:
+            if what == "kvs":
+                changes += [Change("put", k, v, rev, lease) for k, v, rev, lease in items]
+            elif what == "recs":
+                rec = Prefix.REC
+                for cpid, rev, et, facts in items:
+                    env = _env(et)
+                    changes.append(Change("put", rec + cpid, b"", rev, 0, env))
+                    if facts is not None:
+                        records[env.payload] = RecordFacts(*facts)
+            elif what == "lives":
+                live = Prefix.LIVE
+                for cpid, rev, lease, et, checked, facts in items:
+                    env = _env(et)
+                    changes.append(Change("put", live + cpid, b"", rev, lease, env))
+                    if facts is not None and checked:
+                        statuses[env.payload] = (checked, StatusFacts(*facts))
+            else:
+                raise SnapshotError(f"unknown chunk {what!r}")
+        return LoadedSnapshot(
+            int(header["revision"]), float(header["written_at"]), changes, records, statuses
+        )
+
+
+def _dumps(obj: Any) -> bytes:
+    import json
+
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+class TrustedRunner:
+    """A :data:`~resolver.state.Runner` for loading a snapshot: record and status jobs
+    whose payloads the snapshot vouches for get the stored facts without signature
+    verification; every other job goes to ``fallback`` (the real verifier)."""
+
+    def __init__(self, snap: LoadedSnapshot, fallback: Runner) -> None:
+        self.records = snap.records
+        self.statuses = snap.statuses
+        self.fallback = fallback
+        self.trusted = 0
+        self.verified = 0
+
+    def _status(self, env: Envelope, public_key: str) -> Outcome:
+        got = self.statuses.get(env.payload)
+        if got is not None and got[0] == public_key:
+            self.trusted += 1
+            return Outcome(True, facts=got[1])
+        self.verified += 1
+        return _status(env, public_key, True)
+
+    def _one(self, job: Job) -> Outcome | None:
+        if job[0] == "record":
+            _, _, env, carry = job
+            facts = self.records.get(env.payload)
+            if facts is None:
+                return None
+            self.trusted += 1
+            status = None if carry is None else self._status(carry, facts.public_key)
+            return Outcome(True, facts=facts, status=status)
+        if job[0] == "status" and isinstance(job[2], Envelope):
+            return self._status(job[2], job[1])
+        return None
+
+    async def __call__(self, ctx: Context, jobs: Sequence[Job]) -> AsyncIterator[list[Outcome]]:
+        out: list[Outcome | None] = [self._one(job) for job in jobs]
+        rest = [i for i, o in enumerate(out) if o is None]
+        if rest:
+            self.verified += len(rest)
+            it: Iterator[int] = iter(rest)
+            async for part in self.fallback(ctx, [jobs[i] for i in rest]):
+                for o in part:
+                    out[next(it)] = o
+        done: list[Outcome] = []
+        for got in out:
+            assert got is not None
+            done.append(got)
+        yield done
+
+
+async def write_in_background(store: SnapshotStore, revision: int, chunks: list[list[Any]]) -> int:
+    return await asyncio.get_running_loop().run_in_executor(None, store.write, revision, chunks)

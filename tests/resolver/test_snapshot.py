@@ -1,0 +1,198 @@
+"""Warm restarts from the replica snapshot (resolver.snapshot)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from registry.index import Index, Keys
+from resolver.core import Resolver
+from resolver.snapshot import FILE
+from tests.resolver.kit import FAST, Node, Pki, make_resolver, put_record, put_status, signed
+from tests.until import until
+
+
+def _settings(tmp_path: Path) -> Any:
+    return dataclasses.replace(FAST, snapshot_dir=tmp_path / "snap")
+
+
+def _view(r: Resolver) -> dict[str, tuple[Any, ...]]:
+    return {
+        e.cpid: (
+            e.revision,
+            e.record_revision,
+            e.facts,
+            e.status_facts,
+            e.status_revision,
+            e.claimed,
+            e.free,
+            e.envelope.to_json(),
+            None if e.status_envelope is None else e.status_envelope.to_json(),
+            e.kid,
+        )
+        for e in r.entries()
+    }
+
+
+async def _populate(index: Index, pki: Pki, n: int = 6) -> list[Node]:
+    nodes = [Node() for _ in range(n)]
+    for i, node in enumerate(nodes):
+        await put_record(index, pki, node)
+        if i % 2 == 0:
+            await put_status(index, node, free=i)
+    await index.put(Keys.alloc(nodes[0].cpid), b'{"units": 2}')
+    # a record that fails verification (signed by another namespace's key)
+    bad = Node()
+    await index.put(Keys.rec(bad.cpid), signed(pki, bad.record(), "CN.31").to_json())
+    return nodes
+
+
+async def _start(index: Index, pki: Pki, settings: Any) -> Resolver:
+    r = make_resolver(index, pki, settings)
+    await r.start()
+    async with asyncio.timeout(20):
+        await r.wait_ready()
+    return r
+
+
+async def test_warm_start_serves_what_a_cold_start_does(
+    index: Index, pki: Pki, tmp_path: Path
+) -> None:
+    await pki.publish(index)
+    await _populate(index, pki)
+    settings = _settings(tmp_path)
+    first = await _start(index, pki, settings)
+    assert first.health()["snapshot"]["status"] == "absent"
+    cold = _view(first)
+    revision = first.revision
+    await first.close()  # writes the snapshot
+    assert (tmp_path / "snap" / FILE).exists()
+    assert ((tmp_path / "snap" / "snapshot.key").stat().st_mode & 0o777) == 0o600
+
+    warm = await _start(index, pki, settings)
+    try:
+        snap = warm.health()["snapshot"]
+        assert snap["status"] == "loaded" and snap["loaded_revision"] == revision
+        assert warm.revision == revision
+        assert _view(warm) == cold
+        # only the record that failed is verified again: the rest come from the snapshot
+        assert warm._verifier.checked_inline == 1 < first._verifier.checked_inline
+        assert warm.health()["rejected"] == first.health()["rejected"]
+        # the models parse lazily from the trusted payloads
+        node_entry = next(iter(warm.entries()))
+        assert node_entry.record.cpid == node_entry.cpid
+    finally:
+        await warm.close()
+
+    plain = await _start(index, pki, FAST)  # no snapshot at all
+    try:
+        assert "snapshot" not in plain.health()
+        assert _view(plain) == cold
+    finally:
+        await plain.close()
+
+
+async def test_changes_while_down_are_applied_after_a_warm_start(
+    index: Index, pki: Pki, tmp_path: Path
+) -> None:
+    await pki.publish(index)
+    nodes = await _populate(index, pki)
+    settings = _settings(tmp_path)
+    first = await _start(index, pki, settings)
+    await first.close()
+
+    new = Node()
+    await put_record(index, pki, new)
+    await put_status(index, nodes[1], free=7)
+    await index.delete(Keys.rec(nodes[2].cpid))
+
+    warm = await _start(index, pki, settings)
+    try:
+        assert warm.health()["snapshot"]["status"] == "loaded"
+        await until(lambda: warm.get(new.cpid) is not None, what="the new record")
+        await until(lambda: warm.get(nodes[2].cpid) is None, what="the deletion")
+        await until(lambda: warm.resolve(nodes[1].cpid).free == 7, what="the new status")
+        cold = await _start(index, pki, FAST)
+        try:
+            assert _view(warm) == _view(cold)
+        finally:
+            await cold.close()
+    finally:
+        await warm.close()
+
+
+async def test_a_tampered_snapshot_is_not_used(index: Index, pki: Pki, tmp_path: Path) -> None:
+    await pki.publish(index)
+    await _populate(index, pki)
+    settings = _settings(tmp_path)
+    first = await _start(index, pki, settings)
+    cold = _view(first)
+    await first.close()
+    path = tmp_path / "snap" / FILE
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 1
+    path.write_bytes(bytes(data))
+
+    warm = await _start(index, pki, settings)
+    try:
+        snap = warm.health()["snapshot"]
+        assert snap["status"].startswith("not used: unreadable: integrity check failed")
+        assert snap["fallbacks"] == 1
+        assert "cpi_resolver_snapshot_fallbacks_total 1.0" in warm.metrics.render().decode()
+        assert _view(warm) == cold  # listed the index instead
+    finally:
+        await warm.close()
+
+
+async def test_a_compacted_revision_falls_back_to_a_listing(
+    index: Index, pki: Pki, tmp_path: Path
+) -> None:
+    await pki.publish(index)
+    nodes = await _populate(index, pki)
+    settings = _settings(tmp_path)
+    first = await _start(index, pki, settings)
+    await first.close()
+    await put_status(index, nodes[3], free=3)
+    await index.compact(await index.revision())
+
+    warm = await _start(index, pki, settings)
+    try:
+        snap = warm.health()["snapshot"]
+        assert "compacted" in snap["status"] and snap["fallbacks"] == 1
+        assert warm.resolve(nodes[3].cpid).free == 3
+    finally:
+        await warm.close()
+
+
+async def test_a_snapshot_for_other_anchors_is_not_used(
+    index: Index, pki: Pki, tmp_path: Path
+) -> None:
+    from registry import ca
+    from resolver.core import Resolver
+    from resolver.discovery import LatencyTable
+    from schemas import keys
+    from schemas.chain import TrustAnchors
+    from tests.resolver.kit import LATENCY
+
+    await pki.publish(index)
+    await _populate(index, pki)
+    settings = _settings(tmp_path)
+    first = await _start(index, pki, settings)
+    cold = _view(first)
+    await first.close()
+
+    more = TrustAnchors([*pki.anchors, ca.make_anchor("US", keys.generate())])
+    other = Resolver(
+        index=index, anchors=more, latency=LatencyTable.from_file(LATENCY), settings=settings
+    )
+    await other.start()
+    try:
+        async with asyncio.timeout(20):
+            await other.wait_ready()
+        snap = other.health()["snapshot"]
+        assert snap["status"] == "not used: unreadable: written for another set of trust anchors"
+        assert _view(other) == cold
+    finally:
+        await other.close()
