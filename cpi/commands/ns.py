@@ -6,6 +6,7 @@ import argparse
 import asyncio
 
 from cpi.commands._etcd import etcd_argument, open_index
+from cpi.output import FORMATS, Column, emit, output_arguments, print_table
 from registry import national
 from registry.index import Prefix, parse_key
 
@@ -39,6 +40,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     ls = nss.add_parser("list", help="list published namespaces")
     etcd_argument(ls)
+    output_arguments(ls, formats=FORMATS)
     ls.set_defaults(handler=run_list)
 
 
@@ -63,12 +65,34 @@ def run_publish(args: argparse.Namespace) -> int:
     return asyncio.run(_publish(args))
 
 
+NS_COLUMNS = (
+    Column("NAMESPACE", lambda n: n["namespace"]),
+    Column("KID", lambda n: n["kid"]),
+    Column("ENDPOINTS", lambda n: " ".join(n["endpoints"]) or "-"),
+    Column("MOD_REVISION", lambda n: n["mod_revision"], wide=True, justify="right"),
+)
+
+
 async def _list(args: argparse.Namespace) -> int:
     async with open_index(args.etcd, args=args) as index:
-        kvs, _ = await index.get_prefix(Prefix.NS)
+        kvs, revision = await index.get_prefix(Prefix.NS)
+    rows = []
     for kv in kvs:
         entry = national.NsEntry.from_json(kv.value)
-        print(f"{parse_key(kv.key).name:<24} kid {entry.kid}  {' '.join(entry.endpoints) or '-'}")
+        rows.append(
+            {
+                "namespace": parse_key(kv.key).name,
+                "kid": entry.kid,
+                "endpoints": list(entry.endpoints),
+                "mod_revision": getattr(kv, "mod_revision", None),
+            }
+        )
+    emit(
+        args,
+        {"revision": revision, "namespaces": rows},
+        table=lambda wide: print_table(NS_COLUMNS, rows, wide=wide),
+        names=lambda: (str(r["namespace"]) for r in rows),
+    )
     return 0
 
 
