@@ -201,8 +201,8 @@ async def _discover(args: argparse.Namespace) -> dict[str, Any]:
 
 
 DISCOVER_COLUMNS = (
-    Column("CPID", lambda r: r["cpid"]),
     Column("SCORE", lambda r: f"{r['score']:.3f}", justify="right"),
+    Column("CPID", lambda r: r["cpid"]),
     Column("FREE", lambda r: r.get("free"), justify="right"),
     Column(
         "LAT_MS",

@@ -263,7 +263,7 @@ async def test_claims_cli(
     monkeypatch.setenv("CPI_CLAIMS_TOKEN", token)
     rc = await asyncio.to_thread(main, ["claim", "--cpid", cpid, "--units", "3", "--json"])
     out = capsys.readouterr()
-    assert rc == 1 and "quota" in out.err  # 4 + 3 > 6
+    assert rc == 4 and "quota" in out.err  # 4 + 3 > 6
 
     rc = await asyncio.to_thread(main, ["claim", "list", "--json"])
     listed = json.loads(capsys.readouterr().out)
@@ -272,6 +272,6 @@ async def test_claims_cli(
     rc = await asyncio.to_thread(main, ["claim", "--resolver", url, "release", claim_id])
     assert rc == 0 and await world.index.get(Keys.claim(cpid, claim_id)) is None
     rc = await asyncio.to_thread(main, ["claim", "release", claim_id])
-    assert rc == 1 and "claim_not_found" in capsys.readouterr().err
+    assert rc == 3 and "claim_not_found" in capsys.readouterr().err
     rc = await asyncio.to_thread(main, ["claim", "--cpid", cpid, "--query", "kind=GPU", "--units", "1"])  # fmt: skip
-    assert rc == 1 and "not both" in capsys.readouterr().err
+    assert rc == 2 and "not both" in capsys.readouterr().err
