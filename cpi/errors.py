@@ -155,10 +155,10 @@ def message(exc: BaseException, *, etcd: str | None = None) -> str:
             "CPI_ETCD_USER and CPI_ETCD_PASSWORD_FILE (cpi up keeps root's password in "
             "DATA_DIR/etcd-auth/root.password)"
         )
-    if (type(exc).__name__ == "ResolverUnavailableError" and "unreachable" in text.lower()) or (
-        "cannot reach the resolver" in text
+    if type(exc).__name__ == "ResolverUnavailableError" and any(
+        w in text.lower() for w in ("cannot reach", "connect", "did not answer", "unreachable")
     ):
-        return f"{text}; is it running? check --resolver / CPI_RESOLVER"
+        return f"{text}; is it running? check --resolver / CPI_RESOLVER (and --timeout)"
     if isinstance(exc, OSError) and exc.strerror:
         name = f"{exc.filename}: " if exc.filename else ""
         return f"{name}{exc.strerror}"

@@ -16,9 +16,10 @@ from typing import Any
 
 from cpi.commands._util import add_filter_arguments, parse_labels
 from cpi.output import FORMATS, Column, emit, fmt, output_arguments, print_fields, print_table, when
-from resolver.client import ResolverClient, decode_payload, default_url
+from resolver.client import ResolverClient, WatchMessage, decode_payload, default_url
 from resolver.config import load_anchor_files
 from resolver.discovery import Query
+from resolver.errors import ResolverUnavailableError
 from schemas import chain, dsse
 
 
@@ -252,33 +253,51 @@ def _describe(data: dict[str, Any]) -> str:
     return f"({data.get('reason', '')})"
 
 
+def _print_event(args: argparse.Namespace, msg: WatchMessage) -> None:
+    if fmt(args) == "json":
+        print(json.dumps({"type": msg.type, "id": msg.id, **msg.data}), flush=True)
+    elif fmt(args) == "name":
+        if msg.type in ("put", "delete") and msg.data.get("cpid"):
+            print(msg.data["cpid"], flush=True)
+    elif msg.type == "relist":
+        print(
+            f"{msg.data.get('id', '')}  relist  (history gone: re-list with cpi discover)",
+            flush=True,
+        )
+    else:
+        print(
+            f"{msg.data.get('id', msg.id or '')}  {msg.type:<6}  {msg.data.get('cpid', '')}  "
+            f"{_describe(msg.data)}",
+            flush=True,
+        )
+
+
 async def _watch(args: argparse.Namespace) -> int:
+    """Follow the stream; a resolver that cannot be reached at the start is an error
+    (exit 5), a stream dropped later is resumed from the last event id."""
     seen = 0
+    last = args.since
+    connected = False
+    query = _query(args)
     async with _client(args) as client:
-        async for msg in client.watch(_query(args), since=args.since):
-            if msg.type == "progress":
-                continue
-            if fmt(args) == "json":
-                print(json.dumps({"type": msg.type, "id": msg.id, **msg.data}), flush=True)
-            elif fmt(args) == "name":
-                if msg.type in ("put", "delete") and msg.data.get("cpid"):
-                    print(msg.data["cpid"], flush=True)
-            elif msg.type == "relist":
-                print(
-                    f"{msg.data.get('id', '')}  relist  (history gone: re-list with cpi discover)",
-                    flush=True,
-                )
-            else:
-                print(
-                    f"{msg.data.get('id', msg.id or '')}  {msg.type:<6}  {msg.data.get('cpid', '')}  "
-                    f"{_describe(msg.data)}",
-                    flush=True,
-                )
-            if msg.type in ("put", "delete"):
-                seen += 1
-                if args.count is not None and seen >= args.count:
-                    return 0
-    return 0
+        while True:
+            try:
+                async for msg in client.watch(query, since=last, reconnect=False):
+                    connected = True
+                    if msg.id is not None:
+                        last = msg.id
+                    if msg.type == "progress":
+                        continue
+                    _print_event(args, msg)
+                    if msg.type in ("put", "delete"):
+                        seen += 1
+                        if args.count is not None and seen >= args.count:
+                            return 0
+            except ResolverUnavailableError as exc:
+                if not connected:
+                    raise
+                print(f"cpi: watch: {exc}; reconnecting", file=sys.stderr, flush=True)
+            await asyncio.sleep(1.0)
 
 
 def run_watch(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     pub.add_argument("--anchor", required=True, help="trust anchor file (anchor.json)")
     etcd_argument(pub)
+    output_arguments(pub)
     pub.set_defaults(handler=run_publish)
 
     ls = nss.add_parser("list", help="list published namespaces")
@@ -51,13 +52,25 @@ async def _publish(args: argparse.Namespace) -> int:
         result = await national.publish_ns(
             index, namespace=args.namespace, cert=cert, endpoints=args.endpoint, anchors=anchors
         )
-    if not result.changed:
-        print(f"{result.namespace} already published (kid {result.kid}); nothing changed")
-    else:
-        what = " and its cert" if result.cert_written else ""
-        print(
-            f"published {result.namespace}{what} (kid {result.kid}) at revision {result.revision}"
-        )
+    info = {
+        "namespace": result.namespace,
+        "kid": result.kid,
+        "changed": result.changed,
+        "cert_written": result.cert_written,
+        "revision": result.revision,
+    }
+
+    def table(wide: bool) -> None:
+        if not result.changed:
+            print(f"{result.namespace} already published (kid {result.kid}); nothing changed")
+        else:
+            what = " and its cert" if result.cert_written else ""
+            print(
+                f"published {result.namespace}{what} (kid {result.kid}) "
+                f"at revision {result.revision}"
+            )
+
+    emit(args, info, table=table)
     return 0
 
 
