@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
+from registry.index import IndexAccessDeniedError
 from schemas.errors import (
     ConflictError,
     IndexTimeoutError,
@@ -99,6 +100,8 @@ def exit_code(exc: BaseException) -> int:
         return EXIT_INTERRUPTED
     if isinstance(exc, BrokenPipeError):
         return EXIT_PIPE
+    if isinstance(exc, IndexAccessDeniedError):
+        return EXIT_REFUSED  # etcd refused the credentials or a permission
     if isinstance(exc, RetrievalError):
         return EXIT_UNREACHABLE
     if isinstance(exc, (TimeoutError, ConnectionError)):
@@ -133,9 +136,14 @@ def _reason(text: str) -> str:
     return m.group(1) if m else text[:200]
 
 
+def _no_repr(text: str) -> str:
+    """``<Prefix.NS: '/cpi/v1/ns/'>`` -> ``/cpi/v1/ns/``: no Python repr in a message."""
+    return re.sub(r"<\w+(?:\.\w+)+: '([^']*)'>", r"\1", text)
+
+
 def message(exc: BaseException, *, etcd: str | None = None) -> str:
     """One line (or two) a person can act on, without a Python repr."""
-    text = str(exc) or type(exc).__name__
+    text = _no_repr(str(exc) or type(exc).__name__)
     if isinstance(exc, (IndexUnavailableError, IndexTimeoutError)):
         where = etcd or "the configured endpoints"
         reason = _reason(text)
@@ -149,7 +157,9 @@ def message(exc: BaseException, *, etcd: str | None = None) -> str:
             f"cannot reach etcd at {where}: {reason}; is it running? "
             "check --etcd / CPI_ETCD_ENDPOINTS (and --timeout)"
         )
-    if isinstance(exc, RetrievalError) and "user name is empty" in text:
+    if isinstance(exc, IndexAccessDeniedError) or (
+        isinstance(exc, RetrievalError) and "user name is empty" in text
+    ):
         return (
             f"{text}\ncpi: etcd has authentication on: give --user and --password-file, or set "
             "CPI_ETCD_USER and CPI_ETCD_PASSWORD_FILE (cpi up keeps root's password in "
