@@ -148,6 +148,7 @@ def resolver(demo_dir: Path) -> Iterator[FakeResolver]:
     fake.thread.start()
     yield fake
     fake.server.shutdown()
+    fake.server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -562,3 +563,71 @@ def test_up_refuses_another_base_port_on_its_data_dir(tmp_path: Path) -> None:
     proc = cpi("up", "--data-dir", tmp_path, "--base-port", "9200")
     assert proc.returncode == EXIT_USAGE
     assert "set up with base port 9100" in proc.stderr
+
+
+# -- the mapping in one place, the safety net ----------------------------------------------------
+
+
+def test_error_tree_maps_to_exit_codes() -> None:
+    from cpi import errors
+    from registry.index import IndexAccessDeniedError
+    from resolver.claims.client import ClaimsAPIError, ClaimsNotFoundError
+    from resolver.errors import ResolverUnavailableError
+    from schemas.errors import (
+        ChainError,
+        ConflictError,
+        IndexTimeoutError,
+        IndexUnavailableError,
+        InvalidCPIDError,
+        NotFoundError,
+        OutsideNamespaceError,
+    )
+
+    def api(status: int) -> ClaimsAPIError:
+        return ClaimsAPIError("x", status=status, code="c", error={})
+
+    cases: list[tuple[BaseException, int]] = [
+        (ChainError("bad", rule=1, link=0, reason="r"), EXIT_INVALID),
+        (InvalidCPIDError("x", "bad"), EXIT_INVALID),
+        (errors.UsageError("give one"), EXIT_USAGE),
+        (FileNotFoundError(2, "No such file or directory", "f"), EXIT_USAGE),
+        (NotFoundError("gone"), EXIT_NOT_FOUND),
+        (ClaimsNotFoundError("gone", status=404, code="n", error={}), EXIT_NOT_FOUND),
+        (ConflictError("taken"), EXIT_REFUSED),
+        (OutsideNamespaceError("outside"), EXIT_REFUSED),
+        (api(401), EXIT_REFUSED),
+        (api(429), EXIT_REFUSED),
+        (api(400), EXIT_INVALID),
+        (IndexAccessDeniedError("denied"), EXIT_REFUSED),
+        (IndexUnavailableError("down"), EXIT_UNREACHABLE),
+        (IndexTimeoutError("slow"), EXIT_UNREACHABLE),
+        (ResolverUnavailableError("down"), EXIT_UNREACHABLE),
+        (RuntimeError("bug"), errors.EXIT_INTERNAL),
+    ]
+    for exc, code in cases:
+        assert errors.exit_code(exc) == code, exc
+
+
+def test_an_unexpected_error_is_one_line_and_70(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cpi import errors, main
+    from cpi.commands import ident
+
+    def boom(args: object) -> int:
+        raise RuntimeError("something odd")
+
+    monkeypatch.setattr(ident, "run_parse", boom)
+    assert main.main(["id", "parse", EXAMPLE]) == errors.EXIT_INTERNAL
+    err = capsys.readouterr().err
+    assert "internal error: RuntimeError: something odd" in err and "Traceback" not in err
+    assert main.main(["id", "parse", EXAMPLE, "-v"]) == errors.EXIT_INTERNAL
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_make_up_passes_args() -> None:
+    proc = subprocess.run(
+        ["make", "-n", "up", "ARGS=--base-port 9700"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "cpi up --demo --base-port 9700" in proc.stdout
