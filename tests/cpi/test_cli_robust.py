@@ -631,3 +631,39 @@ def test_make_up_passes_args() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "cpi up --demo --base-port 9700" in proc.stdout
+
+
+# -- the README walk-through --------------------------------------------------------------------
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    blocks = text.split("```sh\n")[1:]
+    lines = []
+    for block in blocks:
+        body = block.split("```")[0]
+        joined = body.replace("\\\n", " ")
+        for line in joined.splitlines():
+            cmd = line.split("  #")[0].strip()
+            if cmd.startswith("CPID=$(") and cmd.endswith(")"):
+                cmd = cmd[len("CPID=$(") : -1]
+            if cmd.startswith("cpi "):
+                lines.append(cmd)
+    return lines
+
+
+def test_readme_has_no_placeholders_and_its_commands_parse() -> None:
+    import shlex
+
+    from cpi.main import build_parser
+
+    text = (ROOT / "README.md").read_text()
+    assert "XXXXXXXXXXXX" not in text and "<serial-check>" not in text
+    assert "apt-get install dnsutils" in text
+    commands = _readme_commands()
+    assert any(c.startswith("cpi discover") and "-o name" in c for c in commands)
+    parser = build_parser(environ={"CPI_ETCD_ENDPOINTS": "127.0.0.1:8779"})
+    for cmd in commands:
+        argv = shlex.split(cmd.replace("$CPID", EXAMPLE).replace("$CPI_RESOLVER", "http://x"))[1:]
+        args = parser.parse_args(argv)
+        assert args.handler is not None, cmd
