@@ -130,6 +130,9 @@ def call(
                 return err.code, {
                     "error": {"code": f"http_{err.code}", "message": data[:200].decode()}
                 }
+        except (urllib.error.URLError, OSError) as err:  # refused, DNS, timeout
+            reason = getattr(err, "reason", err)
+            return 0, {"error": {"code": "unreachable", "message": f"{url}: {reason}"}}
     raise AssertionError("unreachable")
 
 

@@ -667,3 +667,30 @@ def test_readme_has_no_placeholders_and_its_commands_parse() -> None:
         argv = shlex.split(cmd.replace("$CPID", EXAMPLE).replace("$CPI_RESOLVER", "http://x"))[1:]
         args = parser.parse_args(argv)
         assert args.handler is not None, cmd
+
+
+def test_register_nodes_keeps_keys_by_default_and_survives_a_dead_registry(tmp_path: Path) -> None:
+    anchor = _anchor(tmp_path)
+    up = tmp_path / "up.json"
+    dead = f"http://127.0.0.1:{closed_port()}"
+    up.write_text(
+        json.dumps({"anchor": str(anchor), "registries": {"CN.31": dead}, "tokens": {"CN.31": "t"}})
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "register_nodes.py"),
+            "--up",
+            str(up),
+            "--count",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "unreachable" in proc.stdout
+    assert (tmp_path / "example-nodes" / "node-0.pem").exists()
