@@ -18,6 +18,7 @@ import sys
 import traceback
 from collections.abc import Iterator, Sequence
 from importlib import metadata
+from typing import Any
 
 from cpi import errors
 from cpi.commands import COMMAND_MODULES
@@ -70,6 +71,21 @@ def _truthy(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _naming_env(convert: Any, name: str, raw: str) -> Any:
+    """``convert``, with a bad value from the environment reported under its variable."""
+
+    def from_env(text: str) -> Any:
+        try:
+            return convert(text)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+            if text != raw:
+                raise
+            raise argparse.ArgumentTypeError(f"${name}={raw!r} is not valid: {exc}") from exc
+
+    from_env.__name__ = getattr(convert, "__name__", "value")
+    return from_env
+
+
 def apply_env(
     parser: argparse.ArgumentParser, path: tuple[str, ...], environ: dict[str, str]
 ) -> None:
@@ -90,15 +106,15 @@ def apply_env(
             value: object = _truthy(raw)
         elif isinstance(action, argparse._StoreConstAction):
             continue
+        elif action.choices is not None and raw not in action.choices:
+            continue  # e.g. CPI_OUTPUT=name on a command without that format
+        elif isinstance(action, argparse._AppendAction):
+            value = [raw]
         else:
-            try:
-                value = action.type(raw) if callable(action.type) else raw
-            except (TypeError, ValueError) as exc:
-                parser.error(f"${name}={raw!r} is not valid for {longs[0]}: {exc}")
-            if action.choices is not None and value not in action.choices:
-                parser.error(f"${name}={raw!r}: choose from {', '.join(map(str, action.choices))}")
-            if isinstance(action, argparse._AppendAction):
-                value = [value]
+            value = raw  # a string default: argparse converts it (and reports a bad one)
+            # only when this command is the one run
+            if callable(action.type):
+                action.type = _naming_env(action.type, name, raw)
         action.default = value
         action.required = False
 

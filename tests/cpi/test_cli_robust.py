@@ -537,6 +537,10 @@ def test_output_from_the_environment(resolver: FakeResolver) -> None:
     assert json.loads(proc.stdout)["cpid"] == EXAMPLE
     bad = cpi("id", "parse", EXAMPLE, env=_env(CPI_TIMEOUT="soon"))
     assert bad.returncode == EXIT_USAGE and "CPI_TIMEOUT" in bad.stderr
+    # a value only some commands accept does not break the others
+    named = cpi("id", "parse", EXAMPLE, env=_env(CPI_OUTPUT="name", CPI_LIMIT="many"))
+    assert named.returncode == 0 and "segment 1" in named.stdout
+    assert cpi("id", "check", EXAMPLE, env=_env(CPI_OUTPUT="name")).stdout.strip() == EXAMPLE
 
 
 # -- cpi demo, cpi up --------------------------------------------------------------------------------
