@@ -40,6 +40,7 @@ def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CPI_")}
     env["PYTHONPATH"] = str(ROOT)
     env["COLUMNS"] = "200"
+    env["CPI_INSECURE"] = "1"  # the fake resolver and the dead endpoints are plain http://
     env.update(extra)
     return env
 
@@ -688,6 +689,7 @@ def test_register_nodes_keeps_keys_by_default_and_survives_a_dead_registry(tmp_p
             str(up),
             "--count",
             "1",
+            "--insecure",
         ],
         capture_output=True,
         text=True,
@@ -698,3 +700,34 @@ def test_register_nodes_keeps_keys_by_default_and_survives_a_dead_registry(tmp_p
     assert "Traceback" not in proc.stderr
     assert "unreachable" in proc.stdout
     assert (tmp_path / "example-nodes" / "node-0.pem").exists()
+
+
+def test_tls_variables_keep_their_names_under_the_generic_scheme() -> None:
+    """CPI_<OPTION> meets the TLS options: the HTTP clients' --cacert is $CPI_CACERT,
+    etcd's --cacert/--cert/--key (also --etcd-*) are $CPI_ETCD_CACERT/CERT/KEY, and a
+    command whose --key is something else still reads its etcd key from $CPI_ETCD_KEY."""
+    from cpi.main import build_parser
+
+    parser = build_parser(
+        environ={
+            "CPI_ETCD_ENDPOINTS": "127.0.0.1:8779",
+            "CPI_CACERT": "/http-ca.pem",
+            "CPI_ETCD_CACERT": "/etcd-ca.pem",
+            "CPI_ETCD_CERT": "/etcd.pem",
+            "CPI_ETCD_KEY": "/etcd.key",
+            "CPI_INSECURE": "1",
+        }
+    )
+    sweep = parser.parse_args(["audit", "sweep", "--anchor", "a.json"])
+    assert (sweep.etcd_cacert, sweep.etcd_cert, sweep.etcd_key) == (
+        "/etcd-ca.pem",
+        "/etcd.pem",
+        "/etcd.key",
+    )
+    sign = parser.parse_args(["log", "sign", "--key", "log.key"])
+    assert sign.key == "log.key" and sign.etcd_key == "/etcd.key"
+    assert sign.etcd_cacert == "/etcd-ca.pem"
+    discover = parser.parse_args(["discover"])
+    assert discover.cacert == "/http-ca.pem" and discover.insecure is True
+    given = parser.parse_args(["audit", "sweep", "--anchor", "a", "--cacert", "/x.pem"])
+    assert given.etcd_cacert == "/x.pem"
