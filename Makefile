@@ -12,8 +12,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# extra flags for cpi up: make up ARGS="--base-port 9700"
+ARGS ?=
+
 up: $(STAMP)
-	$(BIN)/cpi up --demo
+	$(BIN)/cpi up --demo $(ARGS)
 
 demo: $(STAMP)
 	$(BIN)/cpi demo

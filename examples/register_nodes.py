@@ -14,8 +14,10 @@ answers are then verified against the anchor with ``schemas.chain`` -- the same
 offline check any auditor makes -- so a registry that signed the wrong thing, or
 with a key outside its delegation, is caught.
 
-With ``--keys DIR`` each node's key is kept in ``DIR/node-<n>.pem`` (0600), so a
-second run gets the same CPIDs back (200 instead of 201).
+Each node's key is kept in ``DIR/node-<n>.pem`` (0600; ``--keys DIR``, by default
+``example-nodes/`` beside the up.json), so no record is orphaned: a second run gets the
+same CPIDs back (200 instead of 201), and ``--deregister`` removes them again -- at the
+end, or on Ctrl-C / SIGTERM for the nodes registered so far.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ import json
 import os
 import re
 import secrets
+import signal
 import ssl
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -133,6 +137,9 @@ def call(
                 return err.code, {
                     "error": {"code": f"http_{err.code}", "message": data[:200].decode()}
                 }
+        except (urllib.error.URLError, OSError) as err:  # refused, DNS, timeout
+            reason = getattr(err, "reason", err)
+            return 0, {"error": {"code": "unreachable", "message": f"{url}: {reason}"}}
     raise AssertionError("unreachable")
 
 
@@ -149,13 +156,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--up", required=True, help="up.json written by `cpi up`")
     ap.add_argument("--namespace", action="append", help="namespace(s) to use (default: all)")
     ap.add_argument("--count", type=int, default=3, help="number of nodes (default: 3)")
-    ap.add_argument("--keys", help="keep node keys in this directory (stable CPIDs)")
-    ap.add_argument("--deregister", action="store_true", help="remove the nodes again at the end")
+    ap.add_argument(
+        "--keys", help="keep node keys in this directory (default: example-nodes/ beside --up)"
+    )
+    ap.add_argument(
+        "--deregister",
+        action="store_true",
+        help="remove the nodes again at the end (or on Ctrl-C / SIGTERM)",
+    )
     ap.add_argument("--insecure", action="store_true", help="allow plain http:// registries")
     args = ap.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupted)  # deregister (with --deregister), then exit
 
     up_path = Path(args.up)
-    up = json.loads(up_path.read_text())
+    try:
+        up = json.loads(up_path.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"{up_path}: cannot read up.json ({exc}); is `cpi up` running?", file=sys.stderr)
+        return 2
+    keys_dir = Path(args.keys) if args.keys else up_path.parent / "example-nodes"
     anchor_path = Path(up["anchor"])
     if not anchor_path.is_absolute():
         anchor_path = up_path.parent / anchor_path
@@ -176,12 +196,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no registry URL and token in {up_path} for: {missing or 'any namespace'}")
         return 2
 
-    failures = 0
     registered: list[tuple[str, str, Ed25519PrivateKey]] = []
+    try:
+        failures = register_all(args, up, namespaces, anchors, keys_dir, registered, context)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        failures = 1
+    finally:
+        if args.deregister:
+            failures += deregister_all(registered, context)
+        elif registered:
+            print(
+                f"keys kept in {keys_dir}; run again with --deregister to remove the nodes",
+                file=sys.stderr,
+            )
+    return 1 if failures else 0
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def register_all(
+    args: argparse.Namespace,
+    up: dict[str, Any],
+    namespaces: list[str],
+    anchors: chain.TrustAnchors,
+    keys_dir: Path,
+    registered: list[tuple[str, str, Ed25519PrivateKey]],
+    context: ssl.SSLContext | None = None,
+) -> int:
+    failures = 0
     for n in range(args.count):
         ns = namespaces[n % len(namespaces)]
         url, token = up["registries"][ns].rstrip("/"), up["tokens"][ns]
-        key = load_or_create_key(Path(args.keys) / f"node-{n}.pem" if args.keys else None)
+        key = load_or_create_key(keys_dir / f"node-{n}.pem")
         model, mem, count = INVENTORY[n % len(INVENTORY)]
         kind = "NPU" if model == "910B" else "GPU"
         payload = {
@@ -236,23 +285,28 @@ def main(argv: list[str] | None = None) -> int:
         )
         failures += not (result.ok and ours)
         registered.append((answer["cpid"], url, key))
+    return failures
 
-    if args.deregister:
-        for cpid, url, key in registered:
-            body = sign_envelope(
-                DEREGISTER_TYPE,
-                {
-                    "type": "deregister.v1",
-                    "cpid": cpid,
-                    "nonce": secrets.token_urlsafe(16),
-                    "timestamp": int(time.time()),
-                },
-                key,
-            )
-            status, _ = call("DELETE", f"{url}/v1/resources/{cpid}", body, context=context)
-            print(f"{cpid:<36} deregistered (HTTP {status})")
-            failures += status != 204
-    return 1 if failures else 0
+
+def deregister_all(
+    registered: list[tuple[str, str, Ed25519PrivateKey]], context: ssl.SSLContext | None = None
+) -> int:
+    failures = 0
+    for cpid, url, key in registered:
+        body = sign_envelope(
+            DEREGISTER_TYPE,
+            {
+                "type": "deregister.v1",
+                "cpid": cpid,
+                "nonce": secrets.token_urlsafe(16),
+                "timestamp": int(time.time()),
+            },
+            key,
+        )
+        status, _ = call("DELETE", f"{url}/v1/resources/{cpid}", body, context=context)
+        print(f"{cpid:<36} deregistered (HTTP {status})")
+        failures += status != 204
+    return failures
 
 
 if __name__ == "__main__":

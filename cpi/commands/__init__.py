@@ -5,6 +5,7 @@ from cpi.commands import (
     audit,
     ca,
     claim,
+    completion,
     demo,
     ident,
     keygen,
@@ -32,4 +33,5 @@ COMMAND_MODULES = (
     claim,
     log,
     audit,
+    completion,
 )

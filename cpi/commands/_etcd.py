@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 
+from cpi.errors import UsageError
 from registry.index import (
     ENV_ETCD_CACERT,
     ENV_ETCD_CERT,
@@ -20,7 +22,7 @@ from registry.index import (
     endpoints_from_env,
 )
 from registry.tls import check_key_file
-from schemas.errors import ConfigError, InvalidDataError
+from schemas.errors import ConfigError, IndexUnavailableError, InvalidDataError
 
 ETCD_ENV = ENV_ETCD_ENDPOINTS
 """Environment variable read when ``--etcd`` is not given (``$CPI_ETCD`` also works)."""
@@ -95,7 +97,7 @@ def tls_files(args: argparse.Namespace) -> dict[str, str | None]:
     cert = getattr(args, "etcd_cert", None) or os.environ.get(ENV_ETCD_CERT) or None
     key = getattr(args, "etcd_key", None) or os.environ.get(ENV_ETCD_KEY) or None
     if (cert is None) != (key is None):
-        raise InvalidDataError("a client certificate for etcd needs both --cert and --key")
+        raise UsageError("a client certificate for etcd needs both --cert and --key")
     if key is not None:
         try:
             check_key_file(key)
@@ -129,17 +131,57 @@ def credentials(args: argparse.Namespace) -> tuple[str | None, str | None]:
     return user, from_env
 
 
-def open_index(urls: str, *, timeout: float = 5.0, args: argparse.Namespace | None = None) -> Index:
+_last_endpoints: list[str] = []
+
+
+def last_endpoints() -> str | None:
+    """The endpoints the last :func:`open_index` was given (for error messages)."""
+    return _last_endpoints[-1] if _last_endpoints else None
+
+
+def open_index(
+    urls: str, *, timeout: float | None = None, args: argparse.Namespace | None = None
+) -> Index:
     """An :class:`Index` on the comma-separated ``urls``; use as ``async with``.
 
     With *args*, the credentials of :func:`credentials` are used; without, those of the
-    environment (``$CPI_ETCD_USER`` and its password), if any.
+    environment (``$CPI_ETCD_USER`` and its password), if any.  Every call is bounded by
+    *timeout*, else ``--timeout`` of *args* (default 5 s).
     """
     ns = args if args is not None else argparse.Namespace()
     user, password = credentials(ns)
+    if timeout is None:
+        timeout = float(getattr(args, "timeout", None) or 5.0)
+    _last_endpoints.append(urls)
     try:
-        return Index.from_url_list(
+        index = Index.from_url_list(
             urls, timeout=timeout, user=user, password=password, **tls_files(ns)
         )
     except ValueError as exc:
-        raise InvalidDataError(f"--etcd {urls!r}: {exc}") from exc
+        raise UsageError(f"--etcd {urls!r}: {exc}") from exc
+    _probe(index.endpoints, min(timeout, 3.0))
+    return index
+
+
+def _probe(endpoints: tuple[str, ...], timeout: float) -> None:
+    """Fail at once when no endpoint accepts a TCP connection (a dead etcd would
+    otherwise cost the whole ``--timeout`` of every call, and say less)."""
+    reasons = []
+    for ep in endpoints:
+        host, _, port = ep.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+                return
+        except (OSError, ValueError) as exc:
+            reasons.append(
+                "timed out"
+                if isinstance(exc, TimeoutError)
+                else (getattr(exc, "strerror", None) or str(exc))
+            )
+    if reasons:
+        reason = (
+            reasons[0]
+            if len(set(reasons)) == 1
+            else "; ".join(f"{ep}: {r}" for ep, r in zip(endpoints, reasons, strict=True))
+        )
+        raise IndexUnavailableError(f"cannot connect to {','.join(endpoints)} ({reason})")

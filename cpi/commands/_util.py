@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from schemas.errors import InvalidDataError
+from cpi.errors import UsageError
 
 
 def read_input(path: str) -> bytes:
@@ -18,11 +18,31 @@ def read_input(path: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise InvalidDataError(f"{path}: {exc.strerror}") from exc
+        raise UsageError(f"{path}: {exc.strerror}") from exc
 
 
 def print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, ensure_ascii=False))
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def parse_labels(items: list[str], *, colon_alias: bool = True) -> tuple[tuple[str, str], ...]:
+    """``--label K=V`` (repeatable) as pairs.  ``K:V`` is a deprecated alias kept for
+    ``cpi discover`` and ``cpi claim`` (a warning on stderr says so)."""
+    out = []
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep and colon_alias and ":" in item:
+            k, _, v = item.partition(":")
+            print(
+                f"cpi: warning: --label {item!r}: K:V is deprecated, write {k}={v}",
+                file=sys.stderr,
+            )
+        elif not sep:
+            raise UsageError(f"--label {item!r}: expected KEY=VALUE")
+        if not k:
+            raise UsageError(f"--label {item!r}: the key is empty")
+        out.append((k, v))
+    return tuple(out)
 
 
 def add_filter_arguments(parser: argparse.ArgumentParser, *, live: bool = True) -> None:
@@ -34,7 +54,11 @@ def add_filter_arguments(parser: argparse.ArgumentParser, *, live: bool = True) 
     parser.add_argument("--near", metavar="REGION", help="GB/T 2260 region code, e.g. 31")
     parser.add_argument("--max-latency-ms", type=float, metavar="MS", help="needs --near")
     parser.add_argument(
-        "--label", action="append", default=[], metavar="K:V", help="label filter (repeatable)"
+        "--label",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="label filter K=V (repeatable; K:V still works but is deprecated)",
     )
     if live:
         parser.add_argument(

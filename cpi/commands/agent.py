@@ -1,10 +1,10 @@
 """``cpi agent run|probe``: the node agent (register, heartbeat, deregister on SIGTERM).
 
-Exit codes of ``cpi agent run``: 0 done (stopped by SIGTERM/SIGINT and deregistered,
-or ``--once``/``--dry-run`` finished); 1 the registry rejected a request (4xx) or
-the input is invalid; 2 the registry stayed unreachable; 3 the join token or
+Exit codes of ``cpi agent run`` (those of every command, :mod:`cpi.errors`): 0 done
+(stopped by SIGTERM/SIGINT and deregistered, or ``--once``/``--dry-run`` finished); 1 the
+registry rejected a request (4xx) or the input is invalid; 2 usage; 4 the join token or
 namespace was refused (401/403; restarting will not help: see
-``RestartPreventExitStatus=3`` in docs/agent.md).
+``RestartPreventExitStatus=4`` in docs/agent.md); 5 the registry stayed unreachable.
 
 ``--drain`` starts the node in state ``draining`` (no new claims); SIGUSR1 switches a
 running agent to ``draining``, SIGUSR2 back to ``up``; each sends a status at once.
@@ -23,6 +23,8 @@ from pathlib import Path
 import aiohttp
 
 from cpi.commands._util import print_json
+from cpi.errors import EXIT_REFUSED, UsageError
+from cpi.output import emit, output_arguments, print_fields, size
 from cpi.tls import add_client_arguments, client_ssl
 from registry import keyfile, national
 from registry.agent import (
@@ -36,9 +38,7 @@ from registry.agent import (
 from registry.agent.simulate import Target, run_simulation, targets_from_up
 from schemas import _json
 from schemas.cpid import KINDS
-from schemas.errors import InvalidDataError
 
-EXIT_REFUSED = 3
 TOKEN_ENV = "CPI_JOIN_TOKEN"
 
 _log = logging.getLogger("cpi.agent")
@@ -55,8 +55,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "Keeps its key in --key (created 0600 on first start), probes the machine (CPU, "
             "memory, disks, GPUs via nvidia-smi), registers with retry and back-off, sends a "
             "signed status every heartbeat_s, re-registers when the record is gone, and "
-            "deregisters on SIGTERM/SIGINT. Exit codes: 0 done, 1 rejected, 2 registry "
-            "unreachable, 3 token or namespace refused."
+            "deregisters on SIGTERM/SIGINT. Exit codes: 0 done, 1 rejected, 2 usage, "
+            "4 token or namespace refused, 5 registry unreachable."
         ),
     )
     run.add_argument("--registry", help="registry base URL, e.g. https://host:8441")
@@ -117,22 +117,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.set_defaults(handler=run_agent)
 
     pr = agents.add_parser("probe", help="print what the agent would report about this machine")
-    pr.add_argument("--json", action="store_true", help="machine-readable output")
+    output_arguments(pr)
     pr.set_defaults(handler=run_probe)
 
 
 def _token(args: argparse.Namespace) -> str:
     if args.token and args.token_file:
-        raise InvalidDataError("give --token or --token-file, not both")
+        raise UsageError("give --token or --token-file, not both")
     if args.token_file:
         try:
             token = Path(args.token_file).read_text().strip()
         except OSError as exc:
-            raise InvalidDataError(f"{args.token_file}: {exc.strerror}") from exc
+            raise UsageError(f"{args.token_file}: {exc.strerror}") from exc
     else:
         token = args.token or os.environ.get(TOKEN_ENV, "")
     if not token and not args.dry_run:
-        raise InvalidDataError(f"no join token: give --token, --token-file or ${TOKEN_ENV}")
+        raise UsageError(f"no join token: give --token, --token-file or ${TOKEN_ENV}")
     return token
 
 
@@ -166,18 +166,16 @@ def _targets(args: argparse.Namespace, token: str) -> list[Target]:
         try:
             up = _json.loads(Path(args.up).read_text())
         except (OSError, ValueError) as exc:
-            raise InvalidDataError(f"{args.up}: cannot read up.json: {exc}") from exc
+            raise UsageError(f"{args.up}: cannot read up.json: {exc}") from exc
         return targets_from_up(up, [args.namespace] if args.namespace else None)
     return [Target(args.registry, token, args.namespace)]
 
 
 async def _run(args: argparse.Namespace) -> int:
     if args.up and args.simulate is None:
-        raise InvalidDataError("--up goes with --simulate")
+        raise UsageError("--up goes with --simulate")
     if not args.up and not (args.registry and args.namespace):
-        raise InvalidDataError(
-            "--registry and --namespace are required (or --simulate N --up FILE)"
-        )
+        raise UsageError("--registry and --namespace are required (or --simulate N --up FILE)")
     token = "" if args.up else _token(args)
     targets = _targets(args, token) if args.simulate is not None else []
     ssl_context = (
@@ -193,9 +191,9 @@ async def _run(args: argparse.Namespace) -> int:
 
     if args.simulate is not None:
         if args.dry_run:
-            raise InvalidDataError("--simulate and --dry-run do not go together")
+            raise UsageError("--simulate and --dry-run do not go together")
         if args.drain:
-            raise InvalidDataError("--simulate and --drain do not go together")
+            raise UsageError("--simulate and --drain do not go together")
         _install_stop(stop)
         agent_log = logging.getLogger("registry.agent.agent")
         level = agent_log.level
@@ -228,7 +226,7 @@ async def _run(args: argparse.Namespace) -> int:
         return 0 if report.failed == 0 and report.refused == 0 else 1
 
     if not args.kind or not args.key:
-        raise InvalidDataError("--kind and --key are required (unless --simulate)")
+        raise UsageError("--kind and --key are required (unless --simulate)")
     key, created = keyfile.load_or_create(args.key)
     if created:
         _log.info("created node key %s (0600)", args.key)
@@ -277,18 +275,25 @@ def run_probe(args: argparse.Namespace) -> int:
         "capacity": json.loads(reading.capacity().model_dump_json(exclude_none=True)),
         "metrics": reading.metrics(),
     }
-    if args.json:
-        print_json(out)
-        return 0
-    cpu = reading.cpu
-    print(f"cpu        {cpu.model + f' ({cpu.cores} cores)' if cpu else 'unknown'}")
-    print(f"memory     {reading.memory_gib} GiB")
-    print(f"storage    {reading.storage_tib} TiB (/)")
-    if not reading.gpus:
-        print("gpus       none found (nvidia-smi not on PATH or no GPU)")
-    for g in reading.gpus:
-        print(
-            f"gpu {g.index:<6} {g.vendor} {g.model}, {g.memory_total_mib / 1024:.1f} GiB"
-            f"{', busy' if g.busy else ''}"
-        )
+
+    def table(wide: bool) -> None:
+        cpu = reading.cpu
+        fields: list[tuple[str, object]] = [
+            ("cpu", cpu.model + f" ({cpu.cores} cores)" if cpu else "unknown"),
+            ("memory", f"{reading.memory_gib} GiB"),
+            ("storage", f"{reading.storage_tib} TiB (/)"),
+        ]
+        if not reading.gpus:
+            fields.append(("gpus", "none found (nvidia-smi not on PATH or no GPU)"))
+        for g in reading.gpus:
+            fields.append(
+                (
+                    f"gpu {g.index}",
+                    f"{g.vendor} {g.model}, {size(g.memory_total_mib * 1024 * 1024)}"
+                    f"{', busy' if g.busy else ''}",
+                )
+            )
+        print_fields(fields)
+
+    emit(args, out, table=table)
     return 0

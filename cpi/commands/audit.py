@@ -1,13 +1,15 @@
 """``cpi audit verify|sweep|log``: verify records, the whole index, and the transparency log.
 
-Exit codes: 0 when everything verified, 1 when anything did not (or bad input),
-2 when etcd or the resolver could not be reached.
+Exit codes (cpi/errors.py): 0 when everything verified, 1 when anything did not,
+2 usage (a missing anchor file), 3 no such CPID, 5 when etcd or the resolver could not
+be reached (within ``--timeout``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -18,9 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from cpi.commands._etcd import etcd_argument, open_index
-from cpi.commands._util import print_json, read_input
+from cpi.commands._util import read_input
+from cpi.errors import EXIT_INVALID, UsageError
+from cpi.output import duration, is_json, output_arguments, print_json
 from cpi.tls import add_client_arguments, client_ssl
 from registry.logsigner import LOG_VKEY_FILE, load_verifier
 from resolver.audit.bundle import FAILURES, verify_bundle
@@ -34,6 +49,7 @@ from schemas.errors import (
     EnvelopeError,
     InvalidDataError,
     KeyFileError,
+    NotFoundError,
     RetrievalError,
 )
 from schemas.models import Revocation, parse_payload
@@ -57,7 +73,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_client_arguments(v)
     v.add_argument("--revoked", help="JSON list of revocation.v1 envelopes to honour")
     v.add_argument("--now", type=int, help="verify as of this Unix time (default: now)")
-    v.add_argument("--json", action="store_true", help="print the result as JSON")
+    output_arguments(v)
     v.set_defaults(handler=run_verify)
 
     s = acts.add_parser(
@@ -78,7 +94,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=0,
         help="worker processes verifying records (default 0: one per CPU on large indexes)",
     )
-    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    output_arguments(s)
     s.set_defaults(handler=run_sweep)
 
     lg = acts.add_parser(
@@ -101,7 +117,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     lg.add_argument("--state", required=True, help="file keeping the last accepted checkpoint")
     lg.add_argument("--cpid", help="also verify this record's inclusion")
     lg.add_argument("--version", type=int, help="record version (default: the current one)")
-    lg.add_argument("--json", action="store_true", help="print the result as JSON")
+    output_arguments(lg)
     lg.set_defaults(handler=run_log)
 
 
@@ -129,13 +145,13 @@ def _revocations(path: str | None) -> dict[str, dsse.Envelope]:
 
 
 async def _fetch_bundle(
-    resolver: str, cpid: str, ssl_context: ssl.SSLContext | None
+    resolver: str, cpid: str, ssl_context: ssl.SSLContext | None, limit_s: float = 10.0
 ) -> dict[str, Any]:
     url = f"{resolver.rstrip('/')}/v1/resources/{cpid}"
     try:
         async with (
             aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=10),
+                timeout=aiohttp.ClientTimeout(total=limit_s),
                 connector=aiohttp.TCPConnector(ssl=ssl_context or True),
             ) as http,
             http.get(url) as resp,
@@ -143,7 +159,11 @@ async def _fetch_bundle(
             body = await resp.read()
             status = resp.status
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise RetrievalError(f"GET {url} failed: {exc}") from exc
+        raise RetrievalError(
+            f"cannot reach the resolver at {url}: {exc or type(exc).__name__}"
+        ) from exc
+    if status == 404:
+        raise NotFoundError(f"{cpid}: not found at {resolver}")
     if status != 200:
         raise InvalidDataError(
             f"GET {url} answered {status}: {body[:300].decode('utf-8', 'replace')}"
@@ -176,11 +196,11 @@ def run_verify(args: argparse.Namespace) -> int:
     else:
         cpid = parse(args.target).to_text()
         if not args.resolver:
-            raise InvalidDataError(
+            raise UsageError(
                 f"{args.target!r} is not a file; to fetch CPID {cpid}, give --resolver URL"
             )
         ctx = client_ssl(args, args.resolver)
-        bundle = asyncio.run(_fetch_bundle(args.resolver, cpid, ctx))
+        bundle = asyncio.run(_fetch_bundle(args.resolver, cpid, ctx, args.timeout or 10.0))
     if not isinstance(bundle, dict):
         raise EnvelopeError('expected a bundle {"record": <envelope>, "chain": [...]}')
     result = verify_bundle(
@@ -189,7 +209,7 @@ def run_verify(args: argparse.Namespace) -> int:
         revocations=_revocations(args.revoked),
         now=args.now if args.now is not None else int(time.time()),
     )
-    if args.json:
+    if is_json(args):
         print_json(result.to_dict())
     else:
         for c in result.checks:
@@ -203,57 +223,67 @@ def run_verify(args: argparse.Namespace) -> int:
 # -- sweep -------------------------------------------------------------------------------------
 
 
-class _Bar:
-    """A one-line progress bar on stderr (only when stderr is a terminal)."""
+class _Progress:
+    """Progress bars with rate and ETA on stderr, one per phase of the sweep (only when
+    stderr is a terminal)."""
 
     def __init__(self) -> None:
-        self._t0 = time.perf_counter()
-        self._last = 0.0
+        self._bars = Progress(
+            TextColumn("{task.description:<12}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self._tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> _Progress:
+        self._bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bars.stop()
 
     def __call__(self, phase: str, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if now - self._last < 0.1 and done < total:
-            return
-        self._last = now
-        width = 30
-        frac = done / total if total else 1.0
-        filled = int(width * min(frac, 1.0))
-        rate = done / max(now - self._t0, 1e-9)
-        sys.stderr.write(
-            f"\r{phase:<12} [{'#' * filled}{'.' * (width - filled)}] {done:>9,}/{total:<9,} "
-            f"{rate:>9,.0f}/s "
-        )
-        sys.stderr.flush()
-        if done >= total:
-            sys.stderr.write("\n")
-            self._t0 = time.perf_counter()
+        task = self._tasks.get(phase)
+        if task is None:
+            task = self._tasks[phase] = self._bars.add_task(phase, total=total)
+        self._bars.update(task, completed=done, total=total)
 
 
 async def _sweep(args: argparse.Namespace) -> SweepReport:
     anchors = _anchors(args.anchor)
-    progress = _Bar() if sys.stderr.isatty() else None
-    async with open_index(args.etcd, timeout=30.0, args=args) as index:
-        sweeper = Sweeper(
-            index,
-            anchors,
-            now=args.now,
-            page_size=args.page_size,
-            jobs=args.jobs,
-            progress=progress,
-        )
-        return await sweeper.run()
+    with contextlib.ExitStack() as stack:
+        progress = stack.enter_context(_Progress()) if sys.stderr.isatty() else None
+        async with open_index(args.etcd, args=args) as index:
+            sweeper = Sweeper(
+                index,
+                anchors,
+                now=args.now,
+                page_size=args.page_size,
+                jobs=args.jobs,
+                progress=progress,
+            )
+            return await sweeper.run()
 
 
 def run_sweep(args: argparse.Namespace) -> int:
     try:
         report = asyncio.run(_sweep(args))
-    except (InvalidDataError, RetrievalError, KeyboardInterrupt):
+    except (InvalidDataError, RetrievalError, KeyboardInterrupt, OSError):
         raise  # what cpi.main reports itself
     except Exception as exc:  # the index is not trusted input: no traceback, ever
         logging.getLogger("cpi.audit").debug("sweep failed", exc_info=True)
-        print(f"cpi: the sweep failed: {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
-        return 2
-    if args.json:
+        print(
+            f"cpi: the sweep failed, the index could not be verified: "
+            f"{type(exc).__name__}: {str(exc)[:300]}",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+    if is_json(args):
         print_json(report.to_dict())
         return 0 if report.ok else 1
     print(f"index at revision {report.revision}")
@@ -268,9 +298,9 @@ def run_sweep(args: argparse.Namespace) -> int:
         for f in sorted(report.failures, key=lambda f: (order.get(f.outcome, 99), f.key)):
             print(f"  {f.outcome:<17} {f.key}: {f.detail}")
     print(
-        f"{report.records} records in {report.record_seconds:.2f} s "
+        f"{report.records} records in {duration(report.record_seconds)} "
         f"({report.records_per_s:,.0f} records/s, {report.jobs} process(es)); "
-        f"{report.chains_walked} chain walks; total {report.elapsed:.2f} s"
+        f"{report.chains_walked} chain walks; total {duration(report.elapsed)}"
     )
     print("index is valid" if report.ok else "index has INVALID entries")
     return 0 if report.ok else 1
@@ -302,7 +332,7 @@ async def _log(
 ) -> tuple[LogReport, bytes | None]:
     try:
         async with aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=15),
+            timeout=aiohttp.ClientTimeout(total=args.timeout or 15.0),
             connector=aiohttp.TCPConnector(ssl=client_ssl(args, args.resolver) or True),
         ) as http:
             auditor = LogAuditor(http, args.resolver, verifier, state=state)
@@ -310,7 +340,9 @@ async def _log(
             report = await auditor.check(cpid=cpid, version=args.version)
             return report, auditor.new_state
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise RetrievalError(f"resolver {args.resolver}: {exc}") from exc
+        raise RetrievalError(
+            f"cannot reach the resolver at {args.resolver}: {exc or type(exc).__name__}"
+        ) from exc
 
 
 def run_log(args: argparse.Namespace) -> int:
@@ -324,7 +356,7 @@ def run_log(args: argparse.Namespace) -> int:
     if report.alarm is not None:
         failed = next(d for _, ok, d in report.checks if not ok)
         _alarm(failed)
-    if args.json:
+    if is_json(args):
         print_json(report.to_dict())
     else:
         for what, ok, detail in report.checks:

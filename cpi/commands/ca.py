@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from cpi.commands._etcd import credential_arguments, etcd_argument, open_index
+from cpi.errors import UsageError
+from cpi.output import emit, is_json, output_arguments, print_fields, print_json, when
 from registry import keyfile, national
 from schemas import dsse, keys
 from schemas.models import Cert, parse_payload
@@ -23,6 +25,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     init = cas.add_parser("init", help="create the root key (0600) and its anchor file")
     init.add_argument("--root", default="CN", help="root prefix, an ISO 3166-1 code (default: CN)")
     init.add_argument("--out", required=True, help="directory for root.key and anchor.json")
+    output_arguments(init)
     init.set_defaults(handler=run_init)
 
     dele = cas.add_parser(
@@ -52,6 +55,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     credential_arguments(dele)
     dele.add_argument("--out", help="write the cert here (default: stdout)")
+    output_arguments(dele)
     dele.set_defaults(handler=run_delegate)
 
     rev = cas.add_parser(
@@ -72,15 +76,30 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     which.add_argument("--kid", help="key id of the key to revoke")
     rev.add_argument("--reason", required=True, help="why, e.g. 'key compromise'")
     etcd_argument(rev)
+    output_arguments(rev)
     rev.set_defaults(handler=run_revoke)
 
 
 def run_init(args: argparse.Namespace) -> int:
     _, anchor = national.init_root(args.out, args.root, exclusive=True)
     out = Path(args.out)
-    print(f"root {anchor.subject}  kid {anchor.kid}")
-    print(f"key     {out / national.ROOT_KEY_FILE} (0600; keep it offline)")
-    print(f"anchor  {out / national.ANCHOR_FILE} (give it to every verifier)")
+    info = {
+        "root": anchor.subject,
+        "kid": anchor.kid,
+        "key_file": str(out / national.ROOT_KEY_FILE),
+        "anchor_file": str(out / national.ANCHOR_FILE),
+    }
+    emit(
+        args,
+        info,
+        table=lambda wide: print_fields(
+            [
+                ("root", f"{anchor.subject}  kid {anchor.kid}"),
+                ("key", f"{info['key_file']} (0600; keep it offline)"),
+                ("anchor", f"{info['anchor_file']} (give it to every verifier)"),
+            ]
+        ),
+    )
     return 0
 
 
@@ -110,10 +129,27 @@ def run_delegate(args: argparse.Namespace) -> int:
     cert = parse_payload(env.payload_type, env.payload, Cert)
     summary = (
         f"delegated {cert.subject} to key {keys.kid_of(pub)} (scopes {','.join(cert.scopes)}, "
-        f"serial {cert.serial}, valid until {cert.not_after}), signed by {cert.issuer}"
+        f"serial {cert.serial}, valid until {when(cert.not_after)}), signed by {cert.issuer}"
     )
     if args.out:
-        Path(args.out).write_text(text)
+        try:
+            Path(args.out).write_text(text)
+        except OSError as exc:
+            raise UsageError(f"--out {args.out}: {exc.strerror}") from exc
+    if is_json(args):
+        print_json(
+            {
+                "subject": cert.subject,
+                "issuer": cert.issuer,
+                "kid": keys.kid_of(pub),
+                "scopes": list(cert.scopes),
+                "serial": cert.serial,
+                "not_after": cert.not_after,
+                "out": args.out,
+                "cert": env.to_dict(),
+            }
+        )
+    elif args.out:
         print(f"{summary}\nwrote {args.out}")
     else:
         sys.stdout.write(text)
@@ -133,10 +169,15 @@ async def _revoke(args: argparse.Namespace) -> int:
             reason=args.reason,
         )
     target = args.serial or args.kid
-    if created:
-        print(f"revoked {target} ({args.subject}); published by key {env.keyid}")
-    else:
-        print(f"{target} was already revoked (by key {env.keyid}); left as it was")
+    info = {"target": target, "subject": args.subject, "created": created, "keyid": env.keyid}
+
+    def table(wide: bool) -> None:
+        if created:
+            print(f"revoked {target} ({args.subject}); published by key {env.keyid}")
+        else:
+            print(f"{target} was already revoked (by key {env.keyid}); left as it was")
+
+    emit(args, info, table=table)
     return 0
 
 

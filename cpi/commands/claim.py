@@ -20,14 +20,15 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from cpi.commands._etcd import etcd_argument, open_index
-from cpi.commands._util import add_filter_arguments, print_json
+from cpi.commands._util import add_filter_arguments, parse_labels
+from cpi.errors import UsageError
+from cpi.output import FORMATS, Column, emit, fmt, output_arguments, print_table, when
 from cpi.tls import add_client_arguments, client_ssl
 from registry.tokens import parse_duration
 from resolver.claims import tokens as claim_tokens
 from resolver.claims.client import ClaimsClient
 from resolver.client import default_url
 from resolver.discovery import Query
-from schemas.errors import InvalidDataError
 
 TOKEN_ENV = "CPI_CLAIMS_TOKEN"
 
@@ -48,7 +49,7 @@ def _client_arguments(parser: argparse.ArgumentParser, *, sub: bool = False) -> 
         **kw,
     )
     parser.add_argument("--token-file", help="file holding the claims token", **kw)
-    parser.add_argument("--json", action="store_true", help="print the resolver's JSON", **kw)
+    output_arguments(parser, formats=FORMATS, sub=sub)
     add_client_arguments(parser, sub=sub)
 
 
@@ -97,7 +98,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     create.add_argument("--within", metavar="NS", help="only resources at or below NS")
     create.add_argument("--ttl", required=True, help="token lifetime: 1h, 30d, ...")
-    create.add_argument("--json", action="store_true", help="print JSON with the token")
+    output_arguments(create)
     etcd_argument(create)
     create.set_defaults(handler=run_token_create)
 
@@ -108,21 +109,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _token(args: argparse.Namespace) -> str:
     token, token_file = getattr(args, "token", None), getattr(args, "token_file", None)
     if token and token_file:
-        raise InvalidDataError("give --token or --token-file, not both")
+        raise UsageError("give --token or --token-file, not both")
     if token_file:
         try:
             token = Path(token_file).read_text().strip()
         except OSError as exc:
-            raise InvalidDataError(f"{token_file}: {exc.strerror}") from exc
+            raise UsageError(f"{token_file}: {exc.strerror}") from exc
     token = token or os.environ.get(TOKEN_ENV, "")
     if not token:
-        raise InvalidDataError(f"no claims token: give --token, --token-file or ${TOKEN_ENV}")
+        raise UsageError(f"no claims token: give --token, --token-file or ${TOKEN_ENV}")
     return str(token)
 
 
 def _client(args: argparse.Namespace) -> ClaimsClient:
     url = getattr(args, "resolver", None) or default_url()
-    return ClaimsClient(url, token=_token(args), ssl_context=client_ssl(args, url))
+    return ClaimsClient(
+        url,
+        token=_token(args),
+        timeout=float(getattr(args, "timeout", None) or 15.0),
+        ssl_context=client_ssl(args, url),
+    )
 
 
 def _query(args: argparse.Namespace) -> Query | None:
@@ -137,30 +143,20 @@ def _query(args: argparse.Namespace) -> Query | None:
     given = {k: v for k, v in flags.items() if v is not None}
     if args.query is not None:
         if given or args.label:
-            raise InvalidDataError("give --query or the filter flags, not both")
+            raise UsageError("give --query or the filter flags, not both")
         try:
             params = parse_qsl(args.query, keep_blank_values=True, strict_parsing=True)
         except ValueError as exc:
-            raise InvalidDataError(f"--query {args.query!r}: {exc}") from exc
+            raise UsageError(f"--query {args.query!r}: {exc}") from exc
         q = Query.from_params(params)
         return q if args.limit is None else Query(**{**_fields(q), "limit": args.limit})
     if not given and not args.label:
         return None
-    labels = []
-    for item in args.label:
-        k, sep, v = item.partition(":")
-        if not sep:
-            raise InvalidDataError(f"--label {item!r}: expected key:value")
-        labels.append((k, v))
-    return Query(**given, labels=tuple(labels), limit=args.limit or 20)
+    return Query(**given, labels=parse_labels(args.label), limit=args.limit or 20)
 
 
 def _fields(q: Query) -> dict[str, object]:
     return {name: getattr(q, name) for name in q.__dataclass_fields__}
-
-
-def _when(ts: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
 # -- handlers -------------------------------------------------------------------------------
@@ -168,10 +164,10 @@ def _when(ts: int) -> str:
 
 def run_claim(args: argparse.Namespace) -> int:
     if args.units is None:
-        raise InvalidDataError("--units is required (or an action: release, list)")
+        raise UsageError("--units is required (or an action: release, list)")
     query = _query(args)
     if (args.cpid is None) == (query is None):
-        raise InvalidDataError("give --cpid, or a query (--query or filter flags), not both")
+        raise UsageError("give --cpid, or a query (--query or filter flags), not both")
     ttl = parse_duration(args.ttl) if args.ttl else None
 
     async def go() -> dict[str, object]:
@@ -179,15 +175,16 @@ def run_claim(args: argparse.Namespace) -> int:
             return await client.claim(cpid=args.cpid, query=query, units=args.units, ttl_s=ttl)
 
     made = asyncio.run(go())
-    if args.json:
-        print_json(made)
-        return 0
-    print(made["claim_id"])
-    print(
-        f"claimed {made['units']} units of {made['cpid']} until "
-        f"{_when(int(str(made['expires_at'])))}",
-        file=sys.stderr,
-    )
+
+    def table(wide: bool) -> None:
+        print(made["claim_id"])
+        print(
+            f"claimed {made['units']} units of {made['cpid']} until "
+            f"{when(int(str(made['expires_at'])))}",
+            file=sys.stderr,
+        )
+
+    emit(args, made, table=table, names=lambda: [str(made["claim_id"])])
     return 0
 
 
@@ -207,21 +204,29 @@ def run_list(args: argparse.Namespace) -> int:
             return await client.list()
 
     found = asyncio.run(go())
-    if getattr(args, "json", False):
-        print_json(found)
-        return 0
-    claims = found["claims"]
+    claims = found.get("claims") or []
     assert isinstance(claims, list)
-    rows = [(c["claim_id"], c["cpid"], str(c["units"]), _when(c["expires_at"])) for c in claims]
-    header = ("CLAIM_ID", "CPID", "UNITS", "EXPIRES")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    print(
-        f"{found['holder']} holds {found['units']} units in {len(rows)} claim(s)", file=sys.stderr
+    emit(
+        args,
+        found,
+        table=lambda wide: print_table(CLAIM_COLUMNS, claims, wide=wide),
+        names=lambda: (str(c["claim_id"]) for c in claims),
     )
+    if fmt(args) in ("table", "wide"):
+        print(
+            f"{found.get('holder')} holds {found.get('units')} units in {len(claims)} claim(s)",
+            file=sys.stderr,
+        )
     return 0
+
+
+CLAIM_COLUMNS = (
+    Column("CLAIM_ID", lambda c: c["claim_id"]),
+    Column("CPID", lambda c: c["cpid"]),
+    Column("UNITS", lambda c: c["units"], justify="right"),
+    Column("EXPIRES", lambda c: when(c["expires_at"])),
+    Column("CREATED", lambda c: when(c.get("created_at")), wide=True),
+)
 
 
 def run_token_create(args: argparse.Namespace) -> int:
@@ -234,16 +239,12 @@ def run_token_create(args: argparse.Namespace) -> int:
             )
 
     token = asyncio.run(go())
-    if args.json:
-        print_json(
-            {
-                "token": token,
-                "holder": args.holder,
-                "max_units": args.max_units,
-                "within": args.within,
-                "expires_at": int(time.time()) + ttl,
-            }
-        )
-    else:
-        print(token)
+    info = {
+        "token": token,
+        "holder": args.holder,
+        "max_units": args.max_units,
+        "within": args.within,
+        "expires_at": int(time.time()) + ttl,
+    }
+    emit(args, info, table=lambda wide: print(token))
     return 0

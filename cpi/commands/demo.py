@@ -13,14 +13,27 @@ import tempfile
 import time
 from pathlib import Path
 
+from cpi.errors import UsageError
+from cpi.output import size
 from registry import ca, keyfile
 from schemas import chain, cpid, dsse, keys
 from schemas.models import Accelerator, Attributes, CpuInfo, Location, Record
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("demo", help="show IDs and signatures end to end (no etcd needed)")
-    p.add_argument("--out", help="directory for the keys, anchor and bundles (default: a temp dir)")
+    p = sub.add_parser(
+        "demo",
+        help="show IDs and signatures end to end (no etcd needed)",
+        description="Keys, anchor and bundles are made in a temporary directory that is "
+        "removed at the end, root key included; --keep DIR keeps them in DIR.",
+    )
+    p.add_argument(
+        "--keep",
+        "--out",
+        dest="keep",
+        metavar="DIR",
+        help="keep the keys, anchor and bundles in DIR (default: nothing is kept)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -48,15 +61,26 @@ def _record(
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out or tempfile.mkdtemp(prefix="cpi-demo-"))
-    out.mkdir(parents=True, exist_ok=True)
+    if args.keep:
+        out = Path(args.keep)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--keep {args.keep}: {exc.strerror}") from exc
+        return _run(out, keep=True)
+    with tempfile.TemporaryDirectory(prefix="cpi-demo-") as tmp:
+        return _run(Path(tmp), keep=False)
+
+
+def _run(out: Path, *, keep: bool) -> int:
     root, r31, cmcc = keys.generate(), keys.generate(), keys.generate()
     for name, k in (("root", root), ("cn31", r31), ("cmcc", cmcc)):
         keyfile.write_private(out / f"{name}.key", k, overwrite=True)
     anchor = ca.make_anchor("CN", root)
     (out / "anchor.json").write_bytes(anchor.to_json())
     anchors = chain.TrustAnchors([anchor])
-    print(f"national root CN       kid {anchor.kid}  (anchor: {out / 'anchor.json'})")
+    where = f"  (anchor: {out / 'anchor.json'})" if keep else ""
+    print(f"national root CN       kid {anchor.kid}{where}")
 
     c31 = ca.issue_cert(
         issuer_key=root,
@@ -78,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
     print("\nnodes registered by CN.31.CMCC:")
     bundles = []
+    bundles_written: list[Path] = []
     for gpu, n in (("H100", 8), ("H200", 8), ("910B", 16)):
         node = keys.generate()
         kind = "NPU" if gpu == "910B" else "GPU"
@@ -88,8 +113,11 @@ def run(args: argparse.Namespace) -> int:
         path = out / f"{cpid.parse(rec.cpid).serial.lower()}.json"
         path.write_text(json.dumps(bundle, indent=2))
         result = chain.verify_record(env, chain_envs, anchors=anchors)
-        size = len(env.to_json())
-        print(f"  {rec.cpid:<32} {n:>2} x {gpu:<5} {size} B  verified: {result.ok}")
+        bundles_written.append(path)
+        print(
+            f"  {rec.cpid:<32} {n:>2} x {gpu:<5} {size(len(env.to_json())):>9}  "
+            f"verified: {result.ok}"
+        )
         print(f"      dns {cpid.parse(rec.cpid).to_dns('cpi')}")
 
     print("\nwhat the verifier catches:")
@@ -118,7 +146,12 @@ def run(args: argparse.Namespace) -> int:
         cpid.parse(rec.cpid[:-1] + ("0" if rec.cpid[-1] != "0" else "1"))
     except ValueError as exc:
         print(f"  typo in check char     -> {exc}")
-    print(
-        f"\nfiles in {out}; verify one with:\n  cpi verify {out}/<serial>.json --anchor {out}/anchor.json"
-    )
+    if keep:
+        print(
+            f"\nkeys, anchor and bundles kept in {out} (root.key is the root key: keep it "
+            f"safe or delete it); verify a bundle with:\n"
+            f"  cpi verify {bundles_written[0]} --anchor {out / 'anchor.json'}"
+        )
+    else:
+        print("\nnothing was kept (the keys were in a temporary directory); --keep DIR keeps them")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cpi.commands._util import print_json
+from cpi.output import FORMATS, emit, is_json, output_arguments, print_fields, print_json
 from registry import keyfile
 from schemas import cpid, keys
 from schemas.errors import InvalidCPIDError
@@ -27,12 +27,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     parse = ids.add_parser("parse", help="explain each part of a CPID")
     parse.add_argument("cpid")
-    parse.add_argument("--json", action="store_true", help="machine-readable output")
+    output_arguments(parse)
     parse.add_argument("--zone", default="cpi.", help="DNS zone for the DNS form (default: cpi.)")
     parse.set_defaults(handler=run_parse)
 
     check = ids.add_parser("check", help="exit 0 when valid, 1 with the reason on stderr when not")
     check.add_argument("cpid")
+    output_arguments(check, formats=FORMATS)
     check.set_defaults(handler=run_check)
 
     derive = ids.add_parser("derive", help="derive a node's CPID from namespace, kind and key")
@@ -41,6 +42,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     derive.add_argument(
         "--pubkey", required=True, help="public key file (PEM, base64url, or a private key)"
     )
+    output_arguments(derive, formats=FORMATS)
     derive.set_defaults(handler=run_derive)
 
 
@@ -61,22 +63,28 @@ def explain(c: cpid.CPID, zone: str) -> dict[str, object]:
 def run_parse(args: argparse.Namespace) -> int:
     c = cpid.parse(args.cpid)
     info = explain(c, args.zone)
-    if args.json:
-        print_json(info)
-        return 0
-    print(f"cpid     {c}")
-    print(f"prefix   {c.prefix}  (naming authority, delegated segment by segment)")
-    for i, seg in enumerate(c.segments, start=1):
-        role = (
-            "root (ISO 3166-1)"
-            if i == 1
-            else ("region (GB/T 2260)" if seg.isdigit() else "node / site")
-        )
-        print(f"  segment {i}: {seg:<16} {role}")
-    print(f"kind     {c.kind}  ({_KIND_NAMES[c.kind]})")
-    print(f"serial   {c.serial}  (first 12 Crockford base32 chars of sha256(node public key))")
-    print(f"check    {c.check}  (ISO/IEC 7064 MOD 37,36)")
-    print(f"dns      {info['dns']}")
+
+    def table(wide: bool) -> None:
+        fields: list[tuple[str, object]] = [
+            ("cpid", c),
+            ("prefix", f"{c.prefix}  (naming authority, delegated segment by segment)"),
+        ]
+        for i, seg in enumerate(c.segments, start=1):
+            role = (
+                "root (ISO 3166-1)"
+                if i == 1
+                else ("region (GB/T 2260)" if seg.isdigit() else "node / site")
+            )
+            fields.append((f"segment {i}", f"{seg:<16} {role}"))
+        fields += [
+            ("kind", f"{c.kind}  ({_KIND_NAMES[c.kind]})"),
+            ("serial", f"{c.serial}  (first 12 Crockford base32 chars of sha256(node public key))"),
+            ("check", f"{c.check}  (ISO/IEC 7064 MOD 37,36)"),
+            ("dns", info["dns"]),
+        ]
+        print_fields(fields)
+
+    emit(args, info, table=table)
     return 0
 
 
@@ -84,14 +92,17 @@ def run_check(args: argparse.Namespace) -> int:
     try:
         c = cpid.parse(args.cpid)
     except InvalidCPIDError as exc:
+        if is_json(args):
+            print_json({"cpid": args.cpid, "valid": False, "reason": exc.reason})
         print(str(exc), file=sys.stderr)
         return 1
-    print(c)
+    emit(args, {"cpid": str(c), "valid": True}, table=lambda wide: print(c), names=lambda: [str(c)])
     return 0
 
 
 def run_derive(args: argparse.Namespace) -> int:
     pub = keyfile.load_public(args.pubkey)
     c = cpid.derive(args.namespace, args.kind, keys.public_raw(pub))
-    print(c)
+    info = {"cpid": str(c), "kid": keys.kid_of(pub), "dns": c.to_dns("cpi.")}
+    emit(args, info, table=lambda wide: print(c), names=lambda: [str(c)])
     return 0

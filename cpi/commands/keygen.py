@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from cpi.output import emit, output_arguments, print_fields
 from registry import keyfile
 from schemas import keys
 
@@ -13,6 +14,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--out", required=True, help="private key file to create (PKCS#8 PEM)")
     p.add_argument("--pub", help="also write the public key (PEM) here")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    output_arguments(p)
     p.set_defaults(handler=run)
 
 
@@ -21,7 +23,16 @@ def run(args: argparse.Namespace) -> int:
     keyfile.write_private(args.out, key, overwrite=args.force)
     if args.pub:
         keyfile.write_public(args.pub, key)
-    print(f"wrote {args.out} (0600)")
-    print(f"kid        {keys.kid_of(key)}")
-    print(f"public_key {keys.public_to_b64url(key)}")
+    info = {
+        "key_file": args.out,
+        "public_key_file": args.pub,
+        "kid": keys.kid_of(key),
+        "public_key": keys.public_to_b64url(key),
+    }
+
+    def table(wide: bool) -> None:
+        print(f"wrote {args.out} (0600)")
+        print_fields([("kid", info["kid"]), ("public_key", info["public_key"])])
+
+    emit(args, info, table=table)
     return 0

@@ -14,6 +14,8 @@ import contextlib
 import signal
 
 from cpi.commands._etcd import etcd_argument, open_index
+from cpi.errors import UsageError
+from cpi.output import emit, is_json, output_arguments
 from registry.logsigner import DEFAULT_ORIGIN, LogSigner, init_log_key, vkey_path_for
 
 
@@ -34,6 +36,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     init.add_argument(
         "--origin", default=DEFAULT_ORIGIN, help=f"log origin (default: {DEFAULT_ORIGIN})"
     )
+    output_arguments(init)
     init.set_defaults(handler=run_init)
 
     sign = acts.add_parser(
@@ -56,19 +59,30 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sign.add_argument(
         "--once", action="store_true", help="sign one checkpoint (if needed) and exit"
     )
+    output_arguments(sign)
     sign.set_defaults(handler=run_sign)
 
 
 def run_init(args: argparse.Namespace) -> int:
     _, verifier, created = init_log_key(args.key, origin=args.origin)
-    print(f"{'created' if created else 'kept existing'} log key {args.key} (0600)")
-    print(f"verifier key {vkey_path_for(args.key)}: {verifier.to_vkey()}")
+    info = {
+        "key_file": str(args.key),
+        "created": created,
+        "vkey_file": str(vkey_path_for(args.key)),
+        "verifier_key": verifier.to_vkey(),
+    }
+
+    def table(wide: bool) -> None:
+        print(f"{'created' if created else 'kept existing'} log key {args.key} (0600)")
+        print(f"verifier key {info['vkey_file']}: {info['verifier_key']}")
+
+    emit(args, info, table=table)
     return 0
 
 
 async def _sign(args: argparse.Namespace) -> int:
     key, verifier, created = init_log_key(args.key, origin=args.origin)
-    if created:
+    if created and not is_json(args):
         print(f"created log key {args.key}; verifier key {verifier.to_vkey()}", flush=True)
     async with open_index(args.etcd, args=args) as index:
         signer = LogSigner(index, key, origin=args.origin)
@@ -76,12 +90,20 @@ async def _sign(args: argparse.Namespace) -> int:
             await signer.load()
             result = await signer.sign()
             cp = signer.signed
-            if result is not None:
-                print(
-                    f"signed checkpoint {cp.size if cp else 0} ({'new' if result.written else 'existing'})"
-                )
-            else:
-                print(f"nothing to sign: latest checkpoint is at size {cp.size if cp else 0}")
+            size = cp.size if cp else 0
+            info = {
+                "size": size,
+                "signed": result is not None,
+                "written": bool(result is not None and result.written),
+            }
+
+            def table(wide: bool) -> None:
+                if result is not None:
+                    print(f"signed checkpoint {size} ({'new' if result.written else 'existing'})")
+                else:
+                    print(f"nothing to sign: latest checkpoint is at size {size}")
+
+            emit(args, info, table=table)
             return 0
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -95,5 +117,5 @@ async def _sign(args: argparse.Namespace) -> int:
 
 def run_sign(args: argparse.Namespace) -> int:
     if args.interval <= 0:
-        raise SystemExit("cpi log sign: --interval must be positive")
+        raise UsageError("--interval must be positive")
     return asyncio.run(_sign(args))

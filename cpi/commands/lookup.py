@@ -3,7 +3,8 @@
 The resolver is ``--resolver URL``, else ``$CPI_RESOLVER``, else
 ``https://127.0.0.1:8700``; its certificate is verified against ``--cacert`` or
 ``$CPI_CACERT`` (plain ``http://`` needs ``--insecure``).  Output is a readable table;
-``--json`` prints the resolver's JSON (one object per line for ``watch``).  ``cpi resolve --anchor FILE``
+``-o json`` (or ``--json``) prints the decoded data (one object per line for ``watch``),
+``-o name`` the CPIDs only.  ``cpi resolve --anchor FILE``
 also verifies the returned record and chain offline, trusting only the anchor.
 """
 
@@ -13,32 +14,36 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from typing import Any
 
-from cpi.commands._util import add_filter_arguments, print_json
+from cpi.commands._util import add_filter_arguments, parse_labels
+from cpi.output import FORMATS, Column, emit, fmt, output_arguments, print_fields, print_table, when
 from cpi.tls import add_client_arguments, client_ssl
-from resolver.client import ResolverClient, decode_payload, default_url
+from resolver.client import ResolverClient, WatchMessage, decode_payload, default_url
 from resolver.config import load_anchor_files
 from resolver.discovery import Query
+from resolver.errors import ResolverUnavailableError
 from schemas import chain, dsse
-from schemas.errors import InvalidDataError
 
 
-def _resolver_argument(parser: argparse.ArgumentParser) -> None:
+def _resolver_argument(parser: argparse.ArgumentParser, *, names: bool = True) -> None:
     parser.add_argument(
         "--resolver",
         metavar="URL",
         default=None,
         help=f"resolver base URL (default: $CPI_RESOLVER or {default_url()})",
     )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    output_arguments(parser, formats=FORMATS if names else ("table", "wide", "json"))
     add_client_arguments(parser)
 
 
 def _client(args: argparse.Namespace) -> ResolverClient:
     url = args.resolver or default_url()
-    return ResolverClient(url, ssl_context=client_ssl(args, url))
+    return ResolverClient(
+        url,
+        timeout=float(getattr(args, "timeout", None) or 10.0),
+        ssl_context=client_ssl(args, url),
+    )
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -50,7 +55,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     res.add_argument("cpid")
     res.add_argument("--anchor", action="append", metavar="FILE", help="verify offline too")
-    _resolver_argument(res)
+    res.add_argument(
+        "--envelope",
+        action="store_true",
+        help="with -o json: add the raw signed envelopes (base64 payloads) under 'envelopes'",
+    )
+    _resolver_argument(res, names=False)
     res.set_defaults(handler=run_resolve)
 
     dis = sub.add_parser("discover", help="find resources by kind, namespace, accelerator, ...")
@@ -73,12 +83,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _query(args: argparse.Namespace, *, limit: int = 20) -> Query:
-    labels = []
-    for item in args.label:
-        k, sep, v = item.partition(":")
-        if not sep:
-            raise InvalidDataError(f"--label {item!r}: expected key:value")
-        labels.append((k, v))
+    labels = parse_labels(args.label)
     return Query(
         kind=args.kind.upper() if args.kind else None,
         within=args.within,
@@ -86,16 +91,10 @@ def _query(args: argparse.Namespace, *, limit: int = 20) -> Query:
         min_free=args.min_free,
         near=args.near,
         max_latency_ms=args.max_latency_ms,
-        labels=tuple(labels),
+        labels=labels,
         live=args.live,
         limit=limit,
     )
-
-
-def _when(ts: int | float | None) -> str:
-    if ts is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
 def _accelerators(record: dict[str, Any]) -> str:
@@ -120,62 +119,83 @@ def _verify_offline(bundle: dict[str, Any], anchor_files: list[str]) -> chain.Ch
     return chain.verify_record(record, certs, anchors=anchors)
 
 
+def decoded_bundle(bundle: dict[str, Any], *, envelopes: bool = False) -> dict[str, Any]:
+    """The resolver's answer with the signed payloads decoded: ``record``, ``chain``
+    (the certs), ``status``; with *envelopes* the raw envelopes under ``envelopes``."""
+    out: dict[str, Any] = {
+        k: v for k, v in bundle.items() if k not in ("record", "chain", "status")
+    }
+    record = decode_payload(bundle["record"])
+    out = {"cpid": record.get("cpid"), **out, "record": record}
+    out["chain"] = [decode_payload(c) for c in bundle.get("chain", [])]
+    out["status"] = decode_payload(bundle["status"]) if bundle.get("status") else None
+    if envelopes:
+        out["envelopes"] = {
+            "record": bundle["record"],
+            "chain": bundle.get("chain", []),
+            "status": bundle.get("status"),
+        }
+    return out
+
+
+def _resolve_fields(bundle: dict[str, Any], verdict: chain.ChainResult | None) -> list[Any]:
+    rec = decode_payload(bundle["record"])
+    status = decode_payload(bundle["status"]) if bundle.get("status") else None
+    chain_subjects = " <- ".join(
+        decode_payload(c).get("subject", "?") for c in bundle.get("chain", [])
+    )
+    rows: list[tuple[str, object]] = [
+        ("cpid", rec["cpid"]),
+        ("kind", f"{rec['kind']}   version {rec['version']}   revision {bundle.get('revision')}"),
+        ("issuer", f"{rec['issuer']} (key {bundle['record']['signatures'][0]['keyid']})"),
+        ("chain", f"{chain_subjects} <- anchor" if chain_subjects else "-"),
+        ("issued", when(rec.get("issued_at"))),
+        ("expires", when(rec.get("expires_at"))),
+        (
+            "location",
+            " / ".join(
+                str(rec["location"][k]) for k in ("region", "site") if k in rec.get("location", {})
+            )
+            or "-",
+        ),
+        ("accelerators", _accelerators(rec)),
+    ]
+    for ep in rec.get("endpoints", []):
+        rows.append(
+            ("endpoint", f"{ep['proto']}://{ep['host']}:{ep['port']}  {ep.get('purpose', '')}")
+        )
+    if rec.get("labels"):
+        rows.append(("labels", " ".join(f"{k}={v}" for k, v in sorted(rec["labels"].items()))))
+    if status is None:
+        rows.append(("live", "no (no status)"))
+    else:
+        cap = status.get("capacity", {})
+        held = " (held: mass-expiry protection)" if bundle.get("live_held") else ""
+        observed = status.get("observed_at")
+        rows.append(
+            (
+                "live",
+                f"{'yes' if bundle.get('live') else 'no'}: {status.get('state')}, "
+                f"{cap.get('accelerators_free', 0)} accelerators free, observed "
+                f"{when(observed / 1000 if observed else None)}{held}",
+            )
+        )
+    if bundle.get("stale"):
+        rows.append(("stale", "yes: the resolver cannot reach etcd; this may be out of date"))
+    if verdict is not None:
+        rows.append(
+            ("verified", "offline: OK" if verdict.ok else f"offline: FAILED: {verdict.reason}")
+        )
+    return rows
+
+
 def run_resolve(args: argparse.Namespace) -> int:
     bundle = asyncio.run(_resolve(args))
     verdict = _verify_offline(bundle, args.anchor) if args.anchor else None
-    if args.json:
-        out = dict(bundle)
-        if verdict is not None:
-            out["offline_verification"] = verdict.to_dict()
-        print_json(out)
-    else:
-        rec = decode_payload(bundle["record"])
-        status = decode_payload(bundle["status"]) if bundle.get("status") else None
-        chain_subjects = " <- ".join(
-            decode_payload(c).get("subject", "?") for c in bundle.get("chain", [])
-        )
-        rows = [
-            ("cpid", rec["cpid"]),
-            ("kind", f"{rec['kind']}   version {rec['version']}   revision {bundle['revision']}"),
-            ("issuer", f"{rec['issuer']} (key {bundle['record']['signatures'][0]['keyid']})"),
-            ("chain", f"{chain_subjects} <- anchor" if chain_subjects else "-"),
-            ("valid", f"{_when(rec['issued_at'])} .. {_when(rec['expires_at'])}"),
-            (
-                "location",
-                " / ".join(
-                    str(rec["location"][k]) for k in ("region", "site") if k in rec["location"]
-                ),
-            ),
-            ("accelerators", _accelerators(rec)),
-        ]
-        for ep in rec.get("endpoints", []):
-            rows.append(
-                ("endpoint", f"{ep['proto']}://{ep['host']}:{ep['port']}  {ep.get('purpose', '')}")
-            )
-        if rec.get("labels"):
-            rows.append(("labels", " ".join(f"{k}={v}" for k, v in sorted(rec["labels"].items()))))
-        if status is None:
-            rows.append(("live", "no (no status)"))
-        else:
-            cap = status.get("capacity", {})
-            held = " (held: mass-expiry protection)" if bundle.get("live_held") else ""
-            rows.append(
-                (
-                    "live",
-                    f"{'yes' if bundle['live'] else 'no'}: {status['state']}, "
-                    f"{cap.get('accelerators_free', 0)} accelerators free, observed "
-                    f"{_when(status['observed_at'] / 1000)}{held}",
-                )
-            )
-        if bundle.get("stale"):
-            rows.append(("stale", "yes: the resolver cannot reach etcd; this may be out of date"))
-        if verdict is not None:
-            rows.append(
-                ("verified", "offline: OK" if verdict.ok else f"offline: FAILED: {verdict.reason}")
-            )
-        width = max(len(k) for k, _ in rows)
-        for k, v in rows:
-            print(f"{k:<{width}}  {v}")
+    out = decoded_bundle(bundle, envelopes=args.envelope)
+    if verdict is not None:
+        out["offline_verification"] = verdict.to_dict()
+    emit(args, out, table=lambda wide: print_fields(_resolve_fields(bundle, verdict)))
     if verdict is not None and not verdict.ok:
         print(f"cpi: offline verification failed: {verdict.reason}", file=sys.stderr)
         return 1
@@ -190,31 +210,45 @@ async def _discover(args: argparse.Namespace) -> dict[str, Any]:
         return await client.discover(_query(args, limit=args.limit))
 
 
+DISCOVER_COLUMNS = (
+    Column("SCORE", lambda r: f"{r['score']:.3f}", justify="right"),
+    Column("CPID", lambda r: r["cpid"]),
+    Column("FREE", lambda r: r.get("free"), justify="right"),
+    Column(
+        "LAT_MS",
+        lambda r: "-" if r.get("latency_ms") is None else f"{r['latency_ms']:g}",
+        justify="right",
+    ),
+    Column("REGION", lambda r: r["record"].get("location", {}).get("region")),
+    Column("ACCELERATORS", lambda r: _accelerators(r["record"])),
+    Column("LIVE", lambda r: bool(r.get("live"))),
+    Column("ISSUER", lambda r: r["record"].get("issuer"), wide=True),
+    Column("EXPIRES", lambda r: when(r["record"].get("expires_at")), wide=True),
+    Column(
+        "LABELS",
+        lambda r: (
+            ",".join(f"{k}={v}" for k, v in sorted(r["record"].get("labels", {}).items())) or "-"
+        ),
+        wide=True,
+    ),
+)
+
+
 def run_discover(args: argparse.Namespace) -> int:
     found = asyncio.run(_discover(args))
-    if args.json:
-        print_json(found)
-        return 0
-    results = found["results"]
-    header = ("SCORE", "CPID", "FREE", "LAT_MS", "REGION", "ACCELERATORS", "LIVE")
-    rows = [
-        (
-            f"{r['score']:.3f}",
-            r["cpid"],
-            str(r["free"]),
-            "-" if r["latency_ms"] is None else f"{r['latency_ms']:g}",
-            r["record"]["location"]["region"],
-            _accelerators(r["record"]),
-            "yes" if r.get("live") else "no",
+    results = list(found.get("results") or [])
+    emit(
+        args,
+        found,
+        table=lambda wide: print_table(DISCOVER_COLUMNS, results, wide=wide),
+        names=lambda: (r["cpid"] for r in results),
+    )
+    if fmt(args) in ("table", "wide"):
+        stale = " (stale: etcd unreachable)" if found.get("stale") else ""
+        print(
+            f"{len(results)} result(s) at revision {found.get('revision')}{stale}",
+            file=sys.stderr,
         )
-        for r in results
-    ]
-    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    stale = " (stale: etcd unreachable)" if found.get("stale") else ""
-    print(f"{len(results)} result(s) at revision {found['revision']}{stale}", file=sys.stderr)
     return 0
 
 
@@ -228,30 +262,51 @@ def _describe(data: dict[str, Any]) -> str:
     return f"({data.get('reason', '')})"
 
 
+def _print_event(args: argparse.Namespace, msg: WatchMessage) -> None:
+    if fmt(args) == "json":
+        print(json.dumps({"type": msg.type, "id": msg.id, **msg.data}), flush=True)
+    elif fmt(args) == "name":
+        if msg.type in ("put", "delete") and msg.data.get("cpid"):
+            print(msg.data["cpid"], flush=True)
+    elif msg.type == "relist":
+        print(
+            f"{msg.data.get('id', '')}  relist  (history gone: re-list with cpi discover)",
+            flush=True,
+        )
+    else:
+        print(
+            f"{msg.data.get('id', msg.id or '')}  {msg.type:<6}  {msg.data.get('cpid', '')}  "
+            f"{_describe(msg.data)}",
+            flush=True,
+        )
+
+
 async def _watch(args: argparse.Namespace) -> int:
+    """Follow the stream; a resolver that cannot be reached at the start is an error
+    (exit 5), a stream dropped later is resumed from the last event id."""
     seen = 0
+    last = args.since
+    connected = False
+    query = _query(args)
     async with _client(args) as client:
-        async for msg in client.watch(_query(args), since=args.since):
-            if msg.type == "progress":
-                continue
-            if args.json:
-                print(json.dumps({"type": msg.type, "id": msg.id, **msg.data}), flush=True)
-            elif msg.type == "relist":
-                print(
-                    f"{msg.data.get('id', '')}  relist  (history gone: re-list with cpi discover)",
-                    flush=True,
-                )
-            else:
-                print(
-                    f"{msg.data.get('id', msg.id or '')}  {msg.type:<6}  {msg.data.get('cpid', '')}  "
-                    f"{_describe(msg.data)}",
-                    flush=True,
-                )
-            if msg.type in ("put", "delete"):
-                seen += 1
-                if args.count is not None and seen >= args.count:
-                    return 0
-    return 0
+        while True:
+            try:
+                async for msg in client.watch(query, since=last, reconnect=False):
+                    connected = True
+                    if msg.id is not None:
+                        last = msg.id
+                    if msg.type == "progress":
+                        continue
+                    _print_event(args, msg)
+                    if msg.type in ("put", "delete"):
+                        seen += 1
+                        if args.count is not None and seen >= args.count:
+                            return 0
+            except ResolverUnavailableError as exc:
+                if not connected:
+                    raise
+                print(f"cpi: watch: {exc}; reconnecting", file=sys.stderr, flush=True)
+            await asyncio.sleep(1.0)
 
 
 def run_watch(args: argparse.Namespace) -> int:

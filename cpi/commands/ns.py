@@ -6,6 +6,7 @@ import argparse
 import asyncio
 
 from cpi.commands._etcd import etcd_argument, open_index
+from cpi.output import FORMATS, Column, emit, output_arguments, print_table
 from registry import national
 from registry.index import Prefix, parse_key
 
@@ -35,10 +36,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     pub.add_argument("--anchor", required=True, help="trust anchor file (anchor.json)")
     etcd_argument(pub)
+    output_arguments(pub)
     pub.set_defaults(handler=run_publish)
 
     ls = nss.add_parser("list", help="list published namespaces")
     etcd_argument(ls)
+    output_arguments(ls, formats=FORMATS)
     ls.set_defaults(handler=run_list)
 
 
@@ -49,13 +52,25 @@ async def _publish(args: argparse.Namespace) -> int:
         result = await national.publish_ns(
             index, namespace=args.namespace, cert=cert, endpoints=args.endpoint, anchors=anchors
         )
-    if not result.changed:
-        print(f"{result.namespace} already published (kid {result.kid}); nothing changed")
-    else:
-        what = " and its cert" if result.cert_written else ""
-        print(
-            f"published {result.namespace}{what} (kid {result.kid}) at revision {result.revision}"
-        )
+    info = {
+        "namespace": result.namespace,
+        "kid": result.kid,
+        "changed": result.changed,
+        "cert_written": result.cert_written,
+        "revision": result.revision,
+    }
+
+    def table(wide: bool) -> None:
+        if not result.changed:
+            print(f"{result.namespace} already published (kid {result.kid}); nothing changed")
+        else:
+            what = " and its cert" if result.cert_written else ""
+            print(
+                f"published {result.namespace}{what} (kid {result.kid}) "
+                f"at revision {result.revision}"
+            )
+
+    emit(args, info, table=table)
     return 0
 
 
@@ -63,12 +78,34 @@ def run_publish(args: argparse.Namespace) -> int:
     return asyncio.run(_publish(args))
 
 
+NS_COLUMNS = (
+    Column("NAMESPACE", lambda n: n["namespace"]),
+    Column("KID", lambda n: n["kid"]),
+    Column("ENDPOINTS", lambda n: " ".join(n["endpoints"]) or "-"),
+    Column("MOD_REVISION", lambda n: n["mod_revision"], wide=True, justify="right"),
+)
+
+
 async def _list(args: argparse.Namespace) -> int:
     async with open_index(args.etcd, args=args) as index:
-        kvs, _ = await index.get_prefix(Prefix.NS)
+        kvs, revision = await index.get_prefix(Prefix.NS)
+    rows = []
     for kv in kvs:
         entry = national.NsEntry.from_json(kv.value)
-        print(f"{parse_key(kv.key).name:<24} kid {entry.kid}  {' '.join(entry.endpoints) or '-'}")
+        rows.append(
+            {
+                "namespace": parse_key(kv.key).name,
+                "kid": entry.kid,
+                "endpoints": list(entry.endpoints),
+                "mod_revision": getattr(kv, "mod_revision", None),
+            }
+        )
+    emit(
+        args,
+        {"revision": revision, "namespaces": rows},
+        table=lambda wide: print_table(NS_COLUMNS, rows, wide=wide),
+        names=lambda: (str(r["namespace"]) for r in rows),
+    )
     return 0
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import re
@@ -18,7 +17,8 @@ import sys
 import time
 from typing import Any
 
-from cpi.commands._etcd import credential_arguments, credentials, tls_files
+from cpi.commands._etcd import credential_arguments, open_index
+from cpi.output import is_json, output_arguments, print_json, when
 from cpi.serving import ServerLimits, Serving
 from cpi.tls import add_server_arguments as _tls_arguments
 from registry import tokens
@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="etcd endpoints, comma-separated (default: $CPI_ETCD_ENDPOINTS or $CPI_ETCD)",
     )
     credential_arguments(create)
-    create.add_argument("--json", action="store_true", help="print token and scope as JSON")
+    output_arguments(create)
     create.set_defaults(handler=run_token_create)
 
 
@@ -160,11 +160,7 @@ async def _create_token(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             raise InvalidDataError(
                 "no etcd endpoints: give --etcd, --config or set CPI_ETCD_ENDPOINTS"
             )
-        user, password = credentials(args)
-        try:
-            index = Index.from_url_list(args.etcd, user=user, password=password, **tls_files(args))
-        except ValueError as exc:
-            raise InvalidDataError(f"--etcd {args.etcd!r}: {exc}") from exc
+        index = open_index(args.etcd, args=args)
         within = None
     ttl = tokens.parse_duration(args.ttl)
     async with index:
@@ -189,14 +185,14 @@ async def _create_token(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 def run_token_create(args: argparse.Namespace) -> int:
     token, info = asyncio.run(_create_token(args))
-    if args.json:
-        print(json.dumps({"token": token, **info}))
+    if is_json(args):
+        print_json({"token": token, **info})
     else:
         print(token)
         scope = info["namespace"] + (f", kind {info['kind']}" if info["kind"] else "")
         uses = f"{info['uses']} new CPIDs" if info["uses"] else "any number of CPIDs"
         print(
-            f"join token for {scope}: {uses}, valid until {info['expires_at']}; "
+            f"join token for {scope}: {uses}, valid until {when(info['expires_at'])}; "
             "it is shown only this once",
             file=sys.stderr,
         )

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import seeds
+from cpi.errors import UsageError
 from cpi.up import UpOptions, up
+
+DEFAULT_BASE_PORT = 8700
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -25,8 +29,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--base-port",
         type=int,
-        default=8700,
-        help="first of the ports used on first run (default: 8700)",
+        default=None,
+        help=f"first of the ports used on first run (default: {DEFAULT_BASE_PORT}); a data dir "
+        "keeps its ports (DATA_DIR/ports.json): another --base-port on it is refused",
     )
     p.add_argument(
         "--demo", action="store_true", help="also run simulated nodes across the regions"
@@ -45,11 +50,30 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=run)
 
 
+def _check_base_port(data_dir: Path, base_port: int | None) -> None:
+    """A data dir keeps the ports of its first run (etcd's member URLs are in its data):
+    refuse a different ``--base-port`` rather than ignore it."""
+    path = data_dir / "ports.json"
+    if base_port is None or not path.exists():
+        return
+    try:
+        kept = int(json.loads(path.read_text())["resolver_http"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{path}: unreadable ({exc}); remove it or the data dir") from exc
+    if kept != base_port:
+        raise UsageError(
+            f"--base-port {base_port}: {data_dir} was set up with base port {kept} "
+            f"({path}); run without --base-port (or with --base-port {kept}), or use another "
+            "--data-dir for a second stack"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_base_port(Path(args.data_dir), args.base_port)
     return up(
         UpOptions(
             data_dir=Path(args.data_dir),
-            base_port=args.base_port,
+            base_port=DEFAULT_BASE_PORT if args.base_port is None else args.base_port,
             demo=args.demo,
             nodes=args.nodes,
             heartbeat_s=args.heartbeat,

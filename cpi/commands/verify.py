@@ -7,7 +7,8 @@ import json
 import time
 from typing import Any
 
-from cpi.commands._util import print_json, read_input
+from cpi.commands._util import read_input
+from cpi.output import is_json, output_arguments, print_json
 from schemas import _json, chain, dsse
 from schemas.errors import EnvelopeError, KeyFileError
 
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--anchor", required=True, action="append", help="anchor file (repeatable)")
     p.add_argument("--revoked", help="JSON list of revocation.v1 envelopes to honour")
     p.add_argument("--now", type=int, help="verify as of this Unix time (default: now)")
-    p.add_argument("--json", action="store_true", help="print every check as JSON")
+    output_arguments(p)
     p.set_defaults(handler=run)
 
 
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             result = chain.verify_chain(certs, **opts)
     else:
         raise EnvelopeError(f"{args.envelope}: expected an envelope or a {{record, chain}} bundle")
-    if args.json:
+    if is_json(args):
         print_json(result.to_dict())
     else:
         for c in result.checks:

@@ -183,7 +183,7 @@ def test_agent_keeps_its_key_in_the_state_directory(
     assert one(unit, "StateDirectoryMode") == "0700"
     argv = exec_argv("cpi-agent.service", unit)
     assert argv[argv.index("--key") + 1] == "/var/lib/cpi-agent/node.key"
-    assert one(unit, "RestartPreventExitStatus") == "3"  # a refused token: no restart
+    assert one(unit, "RestartPreventExitStatus") == "4"  # a refused token: no restart
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

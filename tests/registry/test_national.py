@@ -93,7 +93,7 @@ async def test_ca_init_writes_key_0600_and_anchor_and_refuses_to_overwrite(
 
     before = key_path.read_bytes()
     rc, _, err = await cli("ca", "init", "--root", "CN", "--out", tmp_path / "root")
-    assert rc == 1
+    assert rc == 4  # refused: a conflict with what exists
     assert "already exists; refusing to overwrite an existing root" in err
     assert key_path.read_bytes() == before
 
@@ -168,7 +168,7 @@ async def test_ca_delegate_refuses_subjects_outside_the_issuer(
         "ca", "delegate", "--subject", subject, "--scopes", "issue", "--pubkey", tmp_path / "sub.key",
         "--issuer-key", tmp_path / "issuer.key", "--issuer", issuer, "--out", tmp_path / "c.json",
     )  # fmt: skip
-    assert rc == 1
+    assert rc == 4  # refused: outside the issuer's namespace
     assert message in err
     assert not (tmp_path / "c.json").exists()
 
@@ -269,7 +269,7 @@ async def test_ns_publish_writes_cert_and_ns_in_one_go_parents_first(
         "ns", "publish", "--namespace", "CN.31.CMCC", "--cert", tmp_path / "cmcc.json",
         "--endpoint", "http://10.0.0.2:8470", "--anchor", t.anchor_file, "--etcd", etcd,
     )  # fmt: skip
-    assert rc == 1
+    assert rc == 3  # not found: the parent is not published
     assert (
         f"no cert for key {keys.kid_of(t.r31)}" in err
         and "publish the issuing namespace first" in err

@@ -347,7 +347,7 @@ async def test_cli_token_create(
         ],
     )
     _, err = capsys.readouterr()
-    assert code == 1 and "CN.32 is outside the registry's namespaces (CN.31, CN.31.CMCC)" in err
+    assert code == 4 and "CN.32 is outside the registry's namespaces (CN.31, CN.31.CMCC)" in err
 
 
 def test_cli_serve_runs_and_stops_on_sigterm(tmp_path: Path, etcd_server: EtcdProcess) -> None:

@@ -75,10 +75,10 @@ async def test_errors_exit_with_the_right_code(
 ) -> None:
     assert await cpi("resolve", "CN.31.CMCC/GPU.4K7Q9M2XH3PT-Y", "--resolver", url) == 1
     assert "expected 'Z'" in capsys.readouterr().err
-    assert await cpi("resolve", "CN.31.CMCC/GPU.4K7Q9M2XH3PT-Z", "--resolver", url) == 1
+    assert await cpi("resolve", "CN.31.CMCC/GPU.4K7Q9M2XH3PT-Z", "--resolver", url) == 3
     assert "not in the index" in capsys.readouterr().err
     dead = f"http://127.0.0.1:{free_port()}"
-    assert await cpi("discover", "--resolver", dead) == 2
+    assert await cpi("discover", "--resolver", dead) == 5
     assert "cannot reach the resolver" in capsys.readouterr().err
 
 

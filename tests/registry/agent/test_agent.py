@@ -498,7 +498,7 @@ async def test_once_and_dry_run_through_the_cli(
     assert len(reg.statuses[expected]) == 1 and expected in reg.records  # the record stays
 
 
-async def test_cli_exit_code_3_when_the_token_is_refused(
+async def test_cli_exit_code_4_when_the_token_is_refused(
     fake: tuple[FakeRegistry, str],
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
@@ -510,7 +510,7 @@ async def test_cli_exit_code_3_when_the_token_is_refused(
     argv = ["agent", "run", "--registry", url, "--namespace", NS, "--kind", "GPU",
             "--key", str(tmp_path / "k"), "--insecure"]  # fmt: skip
     rc = await asyncio.to_thread(main, argv)
-    assert rc == 3
+    assert rc == 4  # refused (cpi.errors.EXIT_REFUSED)
     assert reg.count("POST") == 1
     assert "refused the join token or namespace" in caplog.text
     assert "cpi_jt_wrong-token" not in caplog.text + capsys.readouterr().err

@@ -121,7 +121,7 @@ async def test_cli_verify_file_and_cpid(
     code, _, err = await run_cli(
         "audit", "verify", cpid, "--anchor", str(kit.anchor_path), capsys=capsys
     )
-    assert code == 1
+    assert code == 2  # usage
     assert "give --resolver" in err
 
 

@@ -265,7 +265,7 @@ async def test_claims_cli(
         main, ["claim", "--cpid", cpid, "--units", "3", "--json", "--insecure"]
     )
     out = capsys.readouterr()
-    assert rc == 1 and "quota" in out.err  # 4 + 3 > 6
+    assert rc == 4 and "quota" in out.err  # 4 + 3 > 6
 
     rc = await asyncio.to_thread(main, ["claim", "list", "--json", "--insecure"])
     listed = json.loads(capsys.readouterr().out)
@@ -276,6 +276,6 @@ async def test_claims_cli(
     )
     assert rc == 0 and await world.index.get(Keys.claim(cpid, claim_id)) is None
     rc = await asyncio.to_thread(main, ["claim", "release", claim_id, "--insecure"])
-    assert rc == 1 and "claim_not_found" in capsys.readouterr().err
+    assert rc == 3 and "claim_not_found" in capsys.readouterr().err
     rc = await asyncio.to_thread(main, ["claim", "--cpid", cpid, "--query", "kind=GPU", "--units", "1", "--insecure"])  # fmt: skip
-    assert rc == 1 and "not both" in capsys.readouterr().err
+    assert rc == 2 and "not both" in capsys.readouterr().err
