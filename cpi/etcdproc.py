@@ -37,6 +37,8 @@ from schemas.errors import ConfigError
 __all__ = [
     "ETCD_BINARY_ENV",
     "EtcdProcess",
+    "cluster_healthy",
+    "cluster_members",
     "find_etcd_binary",
     "free_port",
     "start_cluster",
@@ -341,6 +343,52 @@ class EtcdProcess:
         return f"EtcdProcess(name={self.name!r}, url={self.url!r}, pid={self.pid})"
 
 
+def cluster_members(
+    base_dir: str | os.PathLike[str],
+    ports: Sequence[tuple[int, int]],
+    *,
+    names: Sequence[str] | None = None,
+    cluster_token: str = "cpi-etcd-cluster",
+    log_dir: str | os.PathLike[str] | None = None,
+    snapshot_count: int | None = None,
+    heartbeat_interval_ms: int | None = None,
+    election_timeout_ms: int | None = None,
+) -> list[EtcdProcess]:
+    """The members of one cluster on loopback, not started: one per ``(client, peer)``
+    port pair (``0`` picks a free port), each knowing every peer.
+
+    Members are named ``m0`` … ``m{n-1}`` unless *names* is given, and live in
+    ``<base_dir>/<name>``; with *log_dir* each logs to ``<log_dir>/etcd-<name>.log``.
+    ``--initial-cluster-state new`` only matters on a member's first start: on a restart
+    etcd reads the membership from its data dir, so the same command line restarts it.
+    """
+    if not ports:
+        raise ValueError("a cluster needs at least one member")
+    names = list(names) if names is not None else [f"m{i}" for i in range(len(ports))]
+    if len(names) != len(ports) or len(set(names)) != len(names):
+        raise ValueError(f"need {len(ports)} distinct member names, got {names!r}")
+    resolved = [(client or free_port(), peer or free_port()) for client, peer in ports]
+    initial = ",".join(
+        f"{name}=http://{_LOOPBACK}:{peer}" for name, (_, peer) in zip(names, resolved, strict=True)
+    )
+    base = Path(base_dir)
+    return [
+        EtcdProcess(
+            data_dir=base / name,
+            client_port=client,
+            peer_port=peer,
+            name=name,
+            initial_cluster=initial,
+            cluster_token=cluster_token,
+            log_file=None if log_dir is None else Path(log_dir) / f"etcd-{name}.log",
+            snapshot_count=snapshot_count,
+            heartbeat_interval_ms=heartbeat_interval_ms,
+            election_timeout_ms=election_timeout_ms,
+        )
+        for name, (client, peer) in zip(names, resolved, strict=True)
+    ]
+
+
 def start_cluster(
     base_dir: str | os.PathLike[str],
     n: int = 3,
@@ -359,23 +407,14 @@ def start_cluster(
     """
     if n < 1:
         raise ValueError(f"cluster size must be at least 1, got {n}")
-    base = Path(base_dir)
-    peers = [(f"m{i}", free_port(), free_port()) for i in range(n)]
-    initial = ",".join(f"{name}=http://{_LOOPBACK}:{peer}" for name, _, peer in peers)
-    members = [
-        EtcdProcess(
-            data_dir=base / name,
-            client_port=client,
-            peer_port=peer,
-            name=name,
-            initial_cluster=initial,
-            cluster_token=cluster_token,
-            snapshot_count=snapshot_count,
-            heartbeat_interval_ms=heartbeat_interval_ms,
-            election_timeout_ms=election_timeout_ms,
-        )
-        for name, client, peer in peers
-    ]
+    members = cluster_members(
+        base_dir,
+        [(0, 0)] * n,
+        cluster_token=cluster_token,
+        snapshot_count=snapshot_count,
+        heartbeat_interval_ms=heartbeat_interval_ms,
+        election_timeout_ms=election_timeout_ms,
+    )
     try:
         for member in members:
             member.start()
@@ -387,3 +426,8 @@ def start_cluster(
             member.stop()
         raise
     return members
+
+
+def cluster_healthy(members: Sequence[EtcdProcess]) -> bool:
+    """Every member answers ``/health`` with ``true`` (a readiness probe for a cluster)."""
+    return all(m._health_once() == "true" for m in members)
