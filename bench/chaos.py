@@ -54,8 +54,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -337,12 +335,11 @@ class Load:
 # -- probes ----------------------------------------------------------------------------------
 
 
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=0.5) as resp:
-            return 200 <= int(resp.status) < 300
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+async def _stopped(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait *seconds* or until *stop*; whether it is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()
 
 
 class Outages:
@@ -377,21 +374,38 @@ async def probe_loop(
             urls[f"registry {u.rsplit(':', 1)[1]}"] = f"{u}/readyz"
     for r in up["resolvers"]:
         urls[f"resolver {r['http'].rsplit(':', 1)[1]}"] = f"{r['http']}/readyz"
-    for _ in range(100_000):  # bounded; ends with stop
-        if stop.is_set():
-            break
-        results = await asyncio.gather(*(asyncio.to_thread(_http_ok, u) for u in urls.values()))
-        now = h.now()
-        for name, ok in zip(urls, results, strict=True):
-            outages.record(name, ok, now)
-        try:
-            async with asyncio.timeout(1.0):
-                await index.get(Keys.ns("CN"))  # linearizable: needs a quorum
-            outages.record("etcd quorum read", True, h.now())
-        except (RetrievalError, TimeoutError):
-            outages.record("etcd quorum read", False, h.now())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), PROBE_S)
+
+    # one loop per component, so a slow probe does not delay the others; a probe counts
+    # from when it was sent: a component is down from the first failed probe's start to
+    # the next successful probe's start (resolution: the 0.5 s timeout + 0.1 s)
+    async def http_probe(session: aiohttp.ClientSession, name: str, url: str) -> None:
+        for _ in range(100_000):  # bounded; ends with stop
+            sent = h.now()
+            try:
+                async with session.get(url) as resp:
+                    ok = 200 <= resp.status < 300
+                    await resp.read()
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                ok = False
+            outages.record(name, ok, sent)
+            if await _stopped(stop, PROBE_S):
+                return
+
+    async def quorum_probe() -> None:
+        for _ in range(100_000):
+            sent = h.now()
+            try:
+                async with asyncio.timeout(1.0):
+                    await index.get(Keys.ns("CN"))  # linearizable: needs a quorum
+                outages.record("etcd quorum read", True, sent)
+            except (RetrievalError, TimeoutError):
+                outages.record("etcd quorum read", False, sent)
+            if await _stopped(stop, PROBE_S):
+                return
+
+    timeout = aiohttp.ClientTimeout(total=0.5)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        await asyncio.gather(quorum_probe(), *(http_probe(session, n, u) for n, u in urls.items()))
     outages.close(h.now())
 
 
