@@ -193,7 +193,8 @@ class Index:
             ``https://`` endpoint, then with the system roots) enables TLS, the other
             two add a client certificate.
         tls_server_name: Name to verify in the server certificate (needed when several
-            endpoints are given as IP addresses).
+            endpoints are given as different IP addresses; members on one address, ports
+            apart, are verified against that address).
         user, password: etcd token auth; the token is refreshed every
             *token_refresh_interval* seconds.
         watch_backoff, watch_backoff_max: First and largest delay (s) between watch
@@ -274,10 +275,14 @@ class Index:
     async def _target(self) -> tuple[str, str | None]:
         """The gRPC target for the endpoints and a TLS name to verify (if not the target's)."""
         versions = {_ip_version(e.host) for e in self._endpoints}
+        # several members on one address (ports apart, e.g. a loopback cluster): the
+        # target's default authority is not a name, so verify that address
+        hosts = {e.host for e in self._endpoints}
+        same = next(iter(hosts)) if len(hosts) == 1 and len(self._endpoints) > 1 else None
         if versions == {4}:
-            return "ipv4:" + ",".join(self.endpoints), None
+            return "ipv4:" + ",".join(self.endpoints), same
         if versions == {6}:
-            return "ipv6:" + ",".join(self.endpoints), None
+            return "ipv6:" + ",".join(self.endpoints), same
         if len(self._endpoints) == 1:
             return f"dns:///{self.endpoints[0]}", None
         loop = asyncio.get_running_loop()
