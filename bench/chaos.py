@@ -35,8 +35,8 @@ with the load stopped:
 Prints the counts, the longest unavailability of each component (longest stretch its
 probe failed: every etcd member's ``/health``, a quorum read through all members, each
 registry's and resolver's ``/readyz``) and of each operation kind (longest stretch
-between two acknowledged operations).  ``tests/test_chaos.py`` runs the same thing for
-~30 s in the test suite.  Everything is https (etcd with mutual TLS): this process trusts
+between two acknowledged operations).  ``tests/cpi/test_up_cluster.py`` runs the same
+for ~25 s in the test suite.  Everything is https (etcd with mutual TLS): this process trusts
 ``up.json``'s ``tls.ca`` and presents root's etcd client certificate.  Only loopback
 addresses; every loop is bounded.
 """
