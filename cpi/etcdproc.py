@@ -29,7 +29,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -38,6 +38,8 @@ from schemas.errors import ConfigError
 __all__ = [
     "ETCD_BINARY_ENV",
     "EtcdProcess",
+    "cluster_healthy",
+    "cluster_members",
     "find_etcd_binary",
     "free_port",
     "start_cluster",
@@ -115,6 +117,9 @@ class EtcdProcess:
         trusted_ca_file: With TLS, require client certificates signed by this CA
             (``--trusted-ca-file --client-cert-auth``: mutual TLS).
         client_cert, client_key: What :meth:`wait_healthy` presents to a mutual-TLS member.
+        peer_tls: With TLS, the peer URL too is ``https://``, served with the same
+            certificate, and peers must present a certificate signed by *trusted_ca_file*
+            (``--peer-cert-file ... --peer-client-cert-auth``); for a cluster.
     """
 
     def __init__(
@@ -137,8 +142,11 @@ class EtcdProcess:
         trusted_ca_file: str | os.PathLike[str] | None = None,
         client_cert: str | os.PathLike[str] | None = None,
         client_key: str | os.PathLike[str] | None = None,
+        peer_tls: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.cert_file = cert_file
+        self.peer_tls = peer_tls
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
         self.name = name
@@ -150,7 +158,6 @@ class EtcdProcess:
         self.election_timeout_ms = election_timeout_ms
         self.binary = binary or find_etcd_binary()
         self.extra_args = tuple(extra_args)
-        self.cert_file = cert_file
         self.key_file = key_file
         self.trusted_ca_file = trusted_ca_file
         self.client_cert = client_cert
@@ -180,8 +187,9 @@ class EtcdProcess:
 
     @property
     def peer_url(self) -> str:
-        """Peer URL, ``http://127.0.0.1:PEER_PORT``."""
-        return f"http://{_LOOPBACK}:{self.peer_port}"
+        """Peer URL, ``http://127.0.0.1:PEER_PORT`` (``https://`` with *peer_tls*)."""
+        scheme = "https" if self.peer_tls and self.cert_file else "http"
+        return f"{scheme}://{_LOOPBACK}:{self.peer_port}"
 
     @property
     def member_data_dir(self) -> Path:
@@ -232,6 +240,19 @@ class EtcdProcess:
             cmd += ["--cert-file", str(self.cert_file), "--key-file", str(self.key_file)]
             if self.trusted_ca_file:
                 cmd += ["--trusted-ca-file", str(self.trusted_ca_file), "--client-cert-auth"]
+            if self.peer_tls:
+                cmd += [
+                    "--peer-cert-file",
+                    str(self.cert_file),
+                    "--peer-key-file",
+                    str(self.key_file),
+                ]
+                if self.trusted_ca_file:
+                    cmd += [
+                        "--peer-trusted-ca-file",
+                        str(self.trusted_ca_file),
+                        "--peer-client-cert-auth",
+                    ]
         if self.snapshot_count is not None:
             cmd += ["--snapshot-count", str(self.snapshot_count)]
         if self.heartbeat_interval_ms is not None:
@@ -372,6 +393,69 @@ class EtcdProcess:
         return f"EtcdProcess(name={self.name!r}, url={self.url!r}, pid={self.pid})"
 
 
+def cluster_members(
+    base_dir: str | os.PathLike[str],
+    ports: Sequence[tuple[int, int]],
+    *,
+    names: Sequence[str] | None = None,
+    cluster_token: str = "cpi-etcd-cluster",
+    log_dir: str | os.PathLike[str] | None = None,
+    snapshot_count: int | None = None,
+    heartbeat_interval_ms: int | None = None,
+    election_timeout_ms: int | None = None,
+    server_cert: Callable[[str], tuple[Path, Path]] | None = None,
+    trusted_ca_file: str | os.PathLike[str] | None = None,
+    client_cert: str | os.PathLike[str] | None = None,
+    client_key: str | os.PathLike[str] | None = None,
+) -> list[EtcdProcess]:
+    """The members of one cluster on loopback, not started: one per ``(client, peer)``
+    port pair (``0`` picks a free port), each knowing every peer.
+
+    Members are named ``m0`` … ``m{n-1}`` unless *names* is given, and live in
+    ``<base_dir>/<name>``; with *log_dir* each logs to ``<log_dir>/etcd-<name>.log``.
+    ``--initial-cluster-state new`` only matters on a member's first start: on a restart
+    etcd reads the membership from its data dir, so the same command line restarts it.
+
+    With *server_cert* (member name -> certificate and key) every member serves its client
+    and peer URLs over TLS with its own certificate, requiring client certificates signed
+    by *trusted_ca_file* from clients and peers (see :class:`EtcdProcess`).
+    """
+    if not ports:
+        raise ValueError("a cluster needs at least one member")
+    names = list(names) if names is not None else [f"m{i}" for i in range(len(ports))]
+    if len(names) != len(ports) or len(set(names)) != len(names):
+        raise ValueError(f"need {len(ports)} distinct member names, got {names!r}")
+    resolved = [(client or free_port(), peer or free_port()) for client, peer in ports]
+    scheme = "https" if server_cert is not None else "http"
+    initial = ",".join(
+        f"{name}={scheme}://{_LOOPBACK}:{peer}"
+        for name, (_, peer) in zip(names, resolved, strict=True)
+    )
+    certs = {name: server_cert(name) if server_cert else (None, None) for name in names}
+    base = Path(base_dir)
+    return [
+        EtcdProcess(
+            data_dir=base / name,
+            client_port=client,
+            peer_port=peer,
+            name=name,
+            initial_cluster=initial,
+            cluster_token=cluster_token,
+            log_file=None if log_dir is None else Path(log_dir) / f"etcd-{name}.log",
+            snapshot_count=snapshot_count,
+            heartbeat_interval_ms=heartbeat_interval_ms,
+            election_timeout_ms=election_timeout_ms,
+            cert_file=certs[name][0],
+            key_file=certs[name][1],
+            trusted_ca_file=trusted_ca_file,
+            client_cert=client_cert,
+            client_key=client_key,
+            peer_tls=server_cert is not None,
+        )
+        for name, (client, peer) in zip(names, resolved, strict=True)
+    ]
+
+
 def start_cluster(
     base_dir: str | os.PathLike[str],
     n: int = 3,
@@ -390,23 +474,14 @@ def start_cluster(
     """
     if n < 1:
         raise ValueError(f"cluster size must be at least 1, got {n}")
-    base = Path(base_dir)
-    peers = [(f"m{i}", free_port(), free_port()) for i in range(n)]
-    initial = ",".join(f"{name}=http://{_LOOPBACK}:{peer}" for name, _, peer in peers)
-    members = [
-        EtcdProcess(
-            data_dir=base / name,
-            client_port=client,
-            peer_port=peer,
-            name=name,
-            initial_cluster=initial,
-            cluster_token=cluster_token,
-            snapshot_count=snapshot_count,
-            heartbeat_interval_ms=heartbeat_interval_ms,
-            election_timeout_ms=election_timeout_ms,
-        )
-        for name, client, peer in peers
-    ]
+    members = cluster_members(
+        base_dir,
+        [(0, 0)] * n,
+        cluster_token=cluster_token,
+        snapshot_count=snapshot_count,
+        heartbeat_interval_ms=heartbeat_interval_ms,
+        election_timeout_ms=election_timeout_ms,
+    )
     try:
         for member in members:
             member.start()
@@ -418,3 +493,8 @@ def start_cluster(
             member.stop()
         raise
     return members
+
+
+def cluster_healthy(members: Sequence[EtcdProcess]) -> bool:
+    """Every member answers ``/health`` with ``true`` (a readiness probe for a cluster)."""
+    return all(m._health_once() == "true" for m in members)

@@ -21,6 +21,13 @@ expiring, see :mod:`cpi.tls`).  etcd serves its client URL over https and requir
 client certificate from that CA (mutual TLS) on top of the passwords; the registries
 and the resolver serve https; every client verifies against ``ca.pem``.
 
+``--etcd-members N`` runs the index as an N-member etcd cluster on loopback (data in
+``DATA_DIR/etcd-cluster/m<i>``), ``--registries N`` runs N instances of each registry
+process and ``--resolvers N`` N resolvers, each on its own ports; every component is
+given every etcd member (docs/cluster.md).  Each member serves https with its own
+certificate (``etcd-m<i>``) and requires client certificates, from clients and from its
+peers alike.
+
 It writes ``DATA_DIR/up.json`` (mode 0600: it holds join tokens) with every endpoint
 and where the etcd password files are (not the passwords),
 prints a summary and supervises the children until Ctrl-C, then stops them in reverse
@@ -42,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import seeds as seed_files
-from cpi.etcdproc import EtcdProcess
+from cpi.etcdproc import EtcdProcess, cluster_healthy, cluster_members
 from cpi.supervise import Child, Supervisor, http_ready, python_argv
 from cpi.tls import LocalCA, ensure_ca
 from registry import national, tokens
@@ -98,6 +105,42 @@ class UpOptions:
     heartbeat_s: float = 10.0
     seeds: Path = field(default_factory=lambda: seed_files.path(seed_files.NAMESPACES))
     zone: str = "cpi."
+    etcd_members: int = 1
+    registries: int = 1
+    """Instances of each registry process (regional, industry)."""
+    resolvers: int = 1
+
+
+MAX_INSTANCES = 7
+"""Bound on --etcd-members, --registries and --resolvers (the port plan below)."""
+
+
+def _wanted_ports(opts: UpOptions) -> dict[str, int]:
+    """The port plan from ``--base-port``: the single-instance keys as before, then
+    ``<key>_<i>`` for the i-th extra etcd member, registry instance and resolver."""
+    b = opts.base_port
+    wanted = {
+        "resolver_http": b,
+        "registry_regional": b + 1,
+        "registry_industry": b + 2,
+        "resolver_dns": b + 53,
+        "etcd_client": b + 79,
+        "etcd_peer": b + 80,
+    }
+    for i in range(1, opts.registries):
+        wanted[f"registry_regional_{i}"] = b + 1 + 2 * i
+        wanted[f"registry_industry_{i}"] = b + 2 + 2 * i
+    for i in range(1, opts.resolvers):
+        wanted[f"resolver_http_{i}"] = b + 20 + i
+        wanted[f"resolver_dns_{i}"] = b + 53 + i
+    for i in range(1, opts.etcd_members):
+        wanted[f"etcd_client_{i}"] = b + 79 + 2 * i
+        wanted[f"etcd_peer_{i}"] = b + 80 + 2 * i
+    return wanted
+
+
+def _port_key(name: str, i: int) -> str:
+    return name if i == 0 else f"{name}_{i}"
 
 
 def _port_free(port: int) -> bool:
@@ -112,23 +155,30 @@ def _port_free(port: int) -> bool:
 
 def _ports(opts: UpOptions) -> dict[str, int]:
     """Ports from the last run (kept stable across runs) or from ``--base-port``."""
+    for what, n in (
+        ("--etcd-members", opts.etcd_members),
+        ("--registries", opts.registries),
+        ("--resolvers", opts.resolvers),
+    ):
+        if not 1 <= n <= MAX_INSTANCES:
+            raise SystemExit(f"cpi up: {what} must be 1 to {MAX_INSTANCES}, got {n}")
     path = opts.data_dir / "ports.json"
+    known: dict[str, int] = {}
     if path.exists():
-        return {k: int(v) for k, v in json.loads(path.read_text()).items()}
-    b = opts.base_port
-    wanted = {
-        "resolver_http": b,
-        "registry_regional": b + 1,
-        "registry_industry": b + 2,
-        "resolver_dns": b + 53,
-        "etcd_client": b + 79,
-        "etcd_peer": b + 80,
-    }
-    busy = [f"{name} {port}" for name, port in wanted.items() if not _port_free(port)]
+        known = {k: int(v) for k, v in json.loads(path.read_text()).items()}
+    wanted = _wanted_ports(opts)
+    new = {k: v for k, v in wanted.items() if k not in known}
+    if known and new:  # more instances than last time: plan from the ports already kept
+        base = known["resolver_http"]
+        plan = _wanted_ports(UpOptions(**{**opts.__dict__, "base_port": base}))
+        new = {k: plan[k] for k in new}
+    busy = [f"{name} {port}" for name, port in new.items() if not _port_free(port)]
     if busy:
         raise SystemExit(f"cpi up: ports in use: {', '.join(busy)}; choose another --base-port")
-    path.write_text(json.dumps(wanted, indent=1) + "\n")
-    return wanted
+    if new or not path.exists():
+        known.update(new)
+        path.write_text(json.dumps(known, indent=1) + "\n")
+    return known
 
 
 def _write_private_json(path: Path, obj: Any) -> None:
@@ -175,9 +225,9 @@ class Credentials:
             "CPI_ETCD_KEY": str(self.tls.key),
         }
 
-    def index(self, endpoint: str, *, password: bool = True) -> Index:
+    def index(self, endpoints: list[str], *, password: bool = True) -> Index:
         return Index(
-            endpoints=[endpoint],
+            endpoints=endpoints,
             timeout=10.0,
             user=self.user if password else None,
             password=self.password() if password else None,
@@ -212,13 +262,13 @@ def _credentials(data: Path, ca: LocalCA) -> dict[str, Credentials]:
     }
 
 
-async def _setup_auth(data: Path, etcd_endpoint: str, creds: dict[str, Credentials]) -> None:
+async def _setup_auth(data: Path, etcd_endpoints: list[str], creds: dict[str, Credentials]) -> None:
     """Users, roles and auth on; idempotent (a second ``cpi up`` finds them in place)."""
     users = _etcd_users()
     root = creds[ROOT_USER]
-    async with root.index(etcd_endpoint, password=False) as anonymous:
+    async with root.index(etcd_endpoints, password=False) as anonymous:
         enabled = await anonymous.auth_enabled()
-    index = root.index(etcd_endpoint, password=enabled)
+    index = root.index(etcd_endpoints, password=enabled)
     try:
         await index.connect()
     except IndexAccessDeniedError as exc:
@@ -247,9 +297,9 @@ def _groups(seeds: Path) -> dict[str, list[str]]:
 
 async def _bootstrap(
     opts: UpOptions,
-    etcd_endpoint: str,
+    etcd_endpoints: list[str],
     root: Credentials,
-    registry_urls: dict[str, str],
+    registry_urls: dict[str, list[str]],
     groups: dict[str, list[str]],
 ) -> tuple[Path, dict[str, Path], dict[str, str], dict[str, str]]:
     """Root, delegations, ns entries and join tokens; all reused when already there.
@@ -258,8 +308,8 @@ async def _bootstrap(
     """
     national_dir = opts.data_dir / "national"
     root_key, _anchor = national.init_root(national_dir, "CN")
-    endpoints = {ns: [registry_urls[g]] for g, names in groups.items() for ns in names}
-    async with root.index(etcd_endpoint) as index:
+    endpoints = {ns: list(registry_urls[g]) for g, names in groups.items() for ns in names}
+    async with root.index(etcd_endpoints) as index:
         key_paths = await national.bootstrap_tree(
             index,
             seeds_path=opts.seeds,
@@ -307,8 +357,9 @@ async def _token_alive(index: Index, key: str) -> bool:
 def _registry_config(
     opts: UpOptions,
     group: str,
+    instance: int,
     port: int,
-    etcd: str,
+    etcd: list[str],
     anchor: Path,
     key_paths: dict[str, Path],
     names: list[str],
@@ -318,12 +369,12 @@ def _registry_config(
         "host": "127.0.0.1",
         "port": port,
         "public_url": f"https://127.0.0.1:{port}",
-        "instance_id": f"registry-{group}",
+        "instance_id": _registry_name(group, instance),
         # its etcd client certificate serves as its server certificate too
         "tls_cert": str(creds.tls.cert),
         "tls_key": str(creds.tls.key),
         "etcd": {
-            "endpoints": [etcd],
+            "endpoints": etcd,
             "user": creds.user,
             "password_file": str(creds.password_file),
             "ca_cert": str(creds.tls.ca),
@@ -336,10 +387,108 @@ def _registry_config(
         "anchor_file": str(anchor),
         "heartbeat_s": opts.heartbeat_s,
     }
-    path = opts.data_dir / "registries" / f"{group}.json"
+    name = group if instance == 0 else f"{group}-{instance}"
+    path = opts.data_dir / "registries" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cfg, indent=2) + "\n")
     return path
+
+
+def _registry_name(group: str, instance: int) -> str:
+    return f"registry-{group}" if instance == 0 else f"registry-{group}-{instance}"
+
+
+def _resolver_name(instance: int) -> str:
+    return "resolver" if instance == 0 else f"resolver-{instance}"
+
+
+def _etcd_children(
+    opts: UpOptions, ports: dict[str, int], logs: Path, ca: LocalCA | None = None
+) -> tuple[list[Child], list[EtcdProcess]]:
+    """The etcd member(s) as supervised children; the last one's readiness probe waits for
+    every member (none is healthy before a quorum has started).
+
+    Every member serves https with its own certificate from *ca* (the local CA in
+    ``DATA_DIR/tls`` when ``None``) and requires a client certificate from it; the
+    probes present root's.  A single member serves its peer URL over plain http as
+    before (it has no peers); a cluster's members also require TLS between peers.
+
+    One member keeps the layout of a single-member ``cpi up`` (``DATA_DIR/etcd``); a
+    cluster lives in ``DATA_DIR/etcd-cluster/m<i>``.  Switching an existing data dir
+    between the two is refused: the index would silently start empty.
+    """
+    data = opts.data_dir
+    single, cluster = data / "etcd" / "data", data / "etcd-cluster"
+    ca = ca or ensure_ca(data / TLS_DIR)
+    probe_cert, probe_key = ca.issue(ROOT_USER)
+    if opts.etcd_members == 1:
+        if cluster.exists():
+            raise SystemExit(
+                f"cpi up: {cluster} holds a cluster's index; run with --etcd-members as before "
+                "or start with a new data dir"
+            )
+        etcd_cert, etcd_key = ca.issue(ETCD_SERVER_CERT)
+        member = EtcdProcess(
+            data_dir=data / "etcd",
+            client_port=ports["etcd_client"],
+            peer_port=ports["etcd_peer"],
+            name="cpi-up",
+            log_file=logs / "etcd.log",
+            cert_file=etcd_cert,
+            key_file=etcd_key,
+            trusted_ca_file=ca.cert_file,
+            client_cert=probe_cert,
+            client_key=probe_key,
+        )
+        members = [member]
+        names = ["etcd"]
+    else:
+        if single.exists() and any(single.iterdir()):
+            raise SystemExit(
+                f"cpi up: {single} holds a single member's index; run without --etcd-members "
+                "or start with a new data dir"
+            )
+        if cluster.exists():
+            found = sorted(p.name for p in cluster.iterdir() if p.is_dir())
+            if found != [f"m{i}" for i in range(opts.etcd_members)]:
+                raise SystemExit(
+                    f"cpi up: {cluster} holds members {', '.join(found)}; run with "
+                    f"--etcd-members {len(found)} or start with a new data dir"
+                )
+        members = cluster_members(
+            cluster,
+            [
+                (ports[_port_key("etcd_client", i)], ports[_port_key("etcd_peer", i)])
+                for i in range(opts.etcd_members)
+            ],
+            cluster_token="cpi-up",
+            log_dir=logs,
+            server_cert=lambda name: ca.issue(f"{ETCD_SERVER_CERT}-{name}"),
+            trusted_ca_file=ca.cert_file,
+            client_cert=probe_cert,
+            client_key=probe_key,
+        )
+        names = [f"etcd-{m.name}" for m in members]
+    children = []
+    for i, (name, member) in enumerate(zip(names, members, strict=True)):
+        member.data_dir.mkdir(parents=True, exist_ok=True)
+        member.member_data_dir.mkdir(mode=0o700, exist_ok=True)
+        last = i == len(members) - 1
+        children.append(
+            Child(
+                name,
+                member.command(),
+                member.log_file,
+                ready=(
+                    http_ready(f"{member.url}/health", member.ssl_context())
+                    if len(members) == 1
+                    else (lambda: cluster_healthy(members))
+                    if last
+                    else None
+                ),
+            )
+        )
+    return children, members
 
 
 def _have(module: str) -> bool:
@@ -361,41 +510,29 @@ def up(opts: UpOptions) -> int:
         ca = ensure_ca(data / TLS_DIR)
         creds = _credentials(data, ca)
         root_tls = creds[ROOT_USER].tls
-        etcd_cert, etcd_key = ca.issue(ETCD_SERVER_CERT)
-        etcd = EtcdProcess(
-            data_dir=data / "etcd",
-            client_port=ports["etcd_client"],
-            peer_port=ports["etcd_peer"],
-            name="cpi-up",
-            log_file=logs / "etcd.log",
-            cert_file=etcd_cert,
-            key_file=etcd_key,
-            trusted_ca_file=ca.cert_file,
-            client_cert=root_tls.cert,
-            client_key=root_tls.key,
-        )
-        (data / "etcd").mkdir(parents=True, exist_ok=True)
-        (data / "etcd" / "data").mkdir(mode=0o700, exist_ok=True)
-        sup.start(
-            Child(
-                "etcd",
-                etcd.command(),
-                logs / "etcd.log",
-                ready=http_ready(f"{etcd.url}/health", etcd.ssl_context()),
-            )
-        )
+        etcd_children, members = _etcd_children(opts, ports, logs, ca)
+        for child in etcd_children:
+            sup.start(child)
+        etcd_endpoints = [m.url for m in members]
+        etcd_arg = ",".join(etcd_endpoints)
 
-        asyncio.run(_setup_auth(data, etcd.url, creds))
+        asyncio.run(_setup_auth(data, etcd_endpoints, creds))
         _log.info("etcd authentication on: %s", ", ".join(sorted(creds)))
 
         groups = _groups(opts.seeds)
-        registry_urls = {g: f"https://127.0.0.1:{ports[f'registry_{g}']}" for g in REGISTRY_GROUPS}
+        registry_urls = {
+            g: [
+                f"https://127.0.0.1:{ports[_port_key(f'registry_{g}', i)]}"
+                for i in range(opts.registries)
+            ]
+            for g in REGISTRY_GROUPS
+        }
         https = client_context(ca.cert_file.read_bytes())
         quiet = logging.getLogger("registry.national")
         level, quiet.level = quiet.level, logging.WARNING  # a line per namespace is noise here
         try:
             anchor, key_paths, join_tokens, claims = asyncio.run(
-                _bootstrap(opts, etcd.url, creds[ROOT_USER], registry_urls, groups)
+                _bootstrap(opts, etcd_endpoints, creds[ROOT_USER], registry_urls, groups)
             )
         finally:
             quiet.setLevel(level)
@@ -403,25 +540,28 @@ def up(opts: UpOptions) -> int:
 
         for g in REGISTRY_GROUPS:
             reg_creds = creds[_registry_user(g)]
-            cfg = _registry_config(
-                opts,
-                g,
-                ports[f"registry_{g}"],
-                etcd.url,
-                anchor,
-                key_paths,
-                groups[g],
-                reg_creds,
-            )
-            sup.start(
-                Child(
-                    f"registry-{g}",
-                    python_argv("registry", "serve", "--config", str(cfg)),
-                    logs / f"registry-{g}.log",
-                    ready=http_ready(f"{registry_urls[g]}/readyz", https),
-                    env=reg_creds.env(),
+            for i, url in enumerate(registry_urls[g]):
+                cfg = _registry_config(
+                    opts,
+                    g,
+                    i,
+                    ports[_port_key(f"registry_{g}", i)],
+                    etcd_endpoints,
+                    anchor,
+                    key_paths,
+                    groups[g],
+                    reg_creds,
                 )
-            )
+                name = _registry_name(g, i)
+                sup.start(
+                    Child(
+                        name,
+                        python_argv("registry", "serve", "--config", str(cfg)),
+                        logs / f"{name}.log",
+                        ready=http_ready(f"{url}/readyz", https),
+                        env=reg_creds.env(),
+                    )
+                )
 
         log_key = data / "national" / "log.key"
         if _have("cpi.commands.log"):
@@ -433,7 +573,7 @@ def up(opts: UpOptions) -> int:
                         "log",
                         "sign",
                         "--etcd",
-                        etcd.url,
+                        etcd_arg,
                         "--key",
                         str(log_key),
                     ),
@@ -443,39 +583,50 @@ def up(opts: UpOptions) -> int:
                 )
             )
 
-        resolver: dict[str, str] = {}
+        resolvers: list[dict[str, str]] = []
         if _have("cpi.commands.resolver"):
-            http_url = f"https://127.0.0.1:{ports['resolver_http']}"
-            resolver = {
-                "http": http_url,
-                "dns": f"127.0.0.1:{ports['resolver_dns']}",
-                "zone": opts.zone,
-            }
-            sup.start(
-                Child(
-                    "resolver",
-                    python_argv(
-                        *_resolver_args(opts, etcd.url, anchor, ports, creds[RESOLVER_USER])
-                    ),
-                    logs / "resolver.log",
-                    ready=http_ready(f"{http_url}/readyz", https),
-                    env={
-                        **creds[RESOLVER_USER].env(),
-                        # the web console shows the log's checkpoints verified against it
-                        **(
-                            {ENV_LOG_VKEY: str(vkey_path_for(log_key))}
-                            if vkey_path_for(log_key).is_file()
-                            else {}
+            resolver_creds = creds[RESOLVER_USER]
+            # the web console shows the log's checkpoints verified against it
+            vkey = vkey_path_for(log_key)
+            log_vkey = {ENV_LOG_VKEY: str(vkey)} if vkey.is_file() else {}
+            for i in range(opts.resolvers):
+                http_url = f"https://127.0.0.1:{ports[_port_key('resolver_http', i)]}"
+                resolvers.append(
+                    {
+                        "http": http_url,
+                        "dns": f"127.0.0.1:{ports[_port_key('resolver_dns', i)]}",
+                        "zone": opts.zone,
+                    }
+                )
+                name = _resolver_name(i)
+                sup.start(
+                    Child(
+                        name,
+                        python_argv(
+                            *_resolver_args(opts, etcd_arg, anchor, ports, resolver_creds, i)
                         ),
-                    },
-                ),
-                ready_timeout=120.0,
-            )
+                        logs / f"{name}.log",
+                        ready=http_ready(f"{http_url}/readyz", https),
+                        env={**resolver_creds.env(), **log_vkey},
+                    ),
+                    ready_timeout=120.0,
+                )
 
         up_json = {
-            "etcd": [etcd.url],
-            "registries": {ns: registry_urls[g] for g, names in groups.items() for ns in names},
-            "resolver": resolver,
+            # every member's client URL (a list since the first version)
+            "etcd": [m.url for m in members],
+            # the first instance serving each namespace, as before; all of them below
+            "registries": {ns: registry_urls[g][0] for g, names in groups.items() for ns in names},
+            "registry_instances": {
+                ns: registry_urls[g] for g, names in groups.items() for ns in names
+            },
+            # the first resolver, as before; all of them below
+            "resolver": resolvers[0] if resolvers else {},
+            "resolvers": resolvers,
+            "etcd_members": [
+                {"name": m.name, "client": m.url, "peer": m.peer_url, "data_dir": str(m.data_dir)}
+                for m in members
+            ],
             "anchor": str(anchor),
             # the CA every service's certificate chains to (clients: --cacert or
             # $CPI_CACERT), and root's etcd client certificate (etcd wants mutual TLS)
@@ -537,7 +688,12 @@ def _report_components(sup: Supervisor, up_json: dict[str, Any], up_path: Path) 
 
 
 def _resolver_args(
-    opts: UpOptions, etcd: str, anchor: Path, ports: dict[str, int], creds: Credentials
+    opts: UpOptions,
+    etcd: str,
+    anchor: Path,
+    ports: dict[str, int],
+    creds: Credentials,
+    instance: int = 0,
 ) -> list[str]:
     return [
         "resolver", "serve",
@@ -546,8 +702,8 @@ def _resolver_args(
         "--etcd", etcd,
         "--anchor", str(anchor),
         "--host", "127.0.0.1",
-        "--port", str(ports["resolver_http"]),
-        "--dns-port", str(ports["resolver_dns"]),
+        "--port", str(ports[_port_key("resolver_http", instance)]),
+        "--dns-port", str(ports[_port_key("resolver_dns", instance)]),
         "--zone", opts.zone,
     ]  # fmt: skip
 
@@ -556,15 +712,14 @@ def _summary(
     up_json: dict[str, Any], up_path: Path, logs: Path, sup: Supervisor, opts: UpOptions
 ) -> None:
     names = [c.name for c in sup.children]
-    regs = sorted(set(up_json["registries"].values()))
+    regs = sorted({u for urls in up_json["registry_instances"].values() for u in urls})
     print(f"cpi up: {', '.join(names)} running")
     print(
         f"  etcd       {', '.join(up_json['etcd'])}  (auth on; passwords in {up_json['etcd_auth']['dir']}/)"
     )
     print(f"  TLS CA     {up_json['tls']['ca']}  (export CPI_CACERT={up_json['tls']['ca']})")
     print(f"  registries {', '.join(regs)}  ({len(up_json['registries'])} namespaces)")
-    if up_json["resolver"]:
-        r = up_json["resolver"]
+    for r in up_json["resolvers"]:
         print(f"  resolver   {r['http']}  dns {r['dns']} zone {r['zone']}")
         print(f"  console    {r['http']}/ui/  (verifies signatures in your browser)")
     print(f"  anchor     {up_json['anchor']}")

@@ -47,6 +47,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="FILE",
         help="namespace tree (default: namespaces.json of the installed seeds package)",
     )
+    p.add_argument(
+        "--etcd-members",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the index as an N-member etcd cluster on loopback (default: 1; 3 or 5 "
+        "survive the loss of 1 or 2 members; docs/cluster.md)",
+    )
+    p.add_argument(
+        "--registries",
+        type=int,
+        default=1,
+        metavar="N",
+        help="instances of each registry process, each on its own port (default: 1)",
+    )
+    p.add_argument(
+        "--resolvers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="resolvers, each on its own HTTP and DNS ports (default: 1)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -78,5 +100,8 @@ def run(args: argparse.Namespace) -> int:
             nodes=args.nodes,
             heartbeat_s=args.heartbeat,
             seeds=Path(args.seeds) if args.seeds else seeds.path(seeds.NAMESPACES),
+            etcd_members=args.etcd_members,
+            registries=args.registries,
+            resolvers=args.resolvers,
         )
     )

@@ -76,6 +76,23 @@ def is_access_refusal(code: grpc.StatusCode | None, detail: str) -> bool:
     return any(marker in text for marker in _ACCESS_DETAILS)
 
 
+def invalid_token(exc: BaseException) -> bool:
+    """True if etcd refused the request's auth token as unknown ("invalid auth token"):
+    the request was not executed, and a new token fixes it."""
+    seen: BaseException | None = exc
+    for _ in range(5):  # the error and its causes
+        if seen is None:
+            return False
+        if "invalid auth token" in str(seen).lower():
+            return True
+        if isinstance(seen, grpc.aio.AioRpcError) and "invalid auth token" in (
+            seen.details() or ""
+        ):
+            return True
+        seen = seen.__cause__
+    return False
+
+
 def cmp_to_pb(c: Cmp) -> Any:
     """The etcd ``Compare`` message for *c*."""
     cmp = Compare(result=_CMP_RESULT[c.op], target=_CMP_TARGET[c.target], key=_kb(c.key))

@@ -51,6 +51,7 @@ from registry.index._rpc import (
     LeaseStub,
     WatchStub,
     cmp_to_pb,
+    invalid_token,
     is_access_refusal,
     never_sent,
     op_to_pb,
@@ -192,7 +193,8 @@ class Index:
             ``https://`` endpoint, then with the system roots) enables TLS, the other
             two add a client certificate.
         tls_server_name: Name to verify in the server certificate (needed when several
-            endpoints are given as IP addresses).
+            endpoints are given as different IP addresses; members on one address, ports
+            apart, are verified against that address).
         user, password: etcd token auth; the token is refreshed every
             *token_refresh_interval* seconds.
         watch_backoff, watch_backoff_max: First and largest delay (s) between watch
@@ -245,6 +247,9 @@ class Index:
         self._conn: _Conn | None = None
         self._token: str | None = None
         self._refresher: TokenRefresher | None = None
+        self._auth_lock = asyncio.Lock()
+        self.reauthentications = 0
+        """Times a token etcd no longer knew was replaced (see :meth:`reauthenticate`)."""
         self._leases: weakref.WeakSet[Lease] = weakref.WeakSet()
         self.watch_reconnects = 0
         """Total watch reconnects made by watches of this index (for metrics)."""
@@ -270,10 +275,14 @@ class Index:
     async def _target(self) -> tuple[str, str | None]:
         """The gRPC target for the endpoints and a TLS name to verify (if not the target's)."""
         versions = {_ip_version(e.host) for e in self._endpoints}
+        # several members on one address (ports apart, e.g. a loopback cluster): the
+        # target's default authority is not a name, so verify that address
+        hosts = {e.host for e in self._endpoints}
+        same = next(iter(hosts)) if len(hosts) == 1 and len(self._endpoints) > 1 else None
         if versions == {4}:
-            return "ipv4:" + ",".join(self.endpoints), None
+            return "ipv4:" + ",".join(self.endpoints), same
         if versions == {6}:
-            return "ipv6:" + ",".join(self.endpoints), None
+            return "ipv6:" + ",".join(self.endpoints), same
         if len(self._endpoints) == 1:
             return f"dns:///{self.endpoints[0]}", None
         loop = asyncio.get_running_loop()
@@ -372,6 +381,28 @@ class Index:
             for svc in (c.kv, c.lease, c.auth, c.cluster, c.maintenance):
                 svc.set_token(token)
 
+    async def reauthenticate(self, stale: str | None) -> bool:
+        """Get a new token when etcd refused *stale* as invalid; ``False`` without a user.
+
+        etcd keeps simple tokens in each member's memory: a member that restarted, or a
+        member that had not applied the token yet, answers "invalid auth token" for a
+        token the others accept.  The refused request was not executed, so the caller
+        may send it again (writes included).  Concurrent callers holding the same stale
+        token share one authentication.
+        """
+        if self._user is None or self._password is None or self._conn is None:
+            return False
+        async with self._auth_lock:
+            if self._token != stale:
+                return True  # another caller already replaced it
+            with self._errors(f"authenticate as {self._user!r}"):
+                async with asyncio.timeout(self.timeout):
+                    resp = await self._c.auth.authenticate(self._user, self._password)
+            self._set_token(resp.token)
+            self.reauthentications += 1
+            _log.info("etcd refused our auth token as invalid (a member restarted?); new token")
+            return True
+
     def _metadata(self, *extra: tuple[str, str]) -> tuple[tuple[str, str], ...] | None:
         md = ((("token", self._token),) if self._token else ()) + extra
         return md or None
@@ -433,11 +464,21 @@ class Index:
         deadline = loop.time() + self.timeout
         per_attempt = max(1.0, self.timeout / 2) if idempotent else self.timeout
         delay = 0.05
+        reauth_left = 3
         while True:
             remaining = deadline - loop.time()
+            token = self._token
             try:
                 with self._errors(operation):
                     return await rpc(max(min(remaining, per_attempt), 0.001))
+            except IndexAccessDeniedError as exc:
+                # a refused token: the request was not executed; a new token, then again
+                if not (invalid_token(exc) and reauth_left > 0 and deadline > loop.time()):
+                    raise
+                reauth_left -= 1
+                if not await self.reauthenticate(token):
+                    raise
+                continue
             except (IndexUnavailableError, IndexTimeoutError) as exc:
                 retry = idempotent or (isinstance(exc, IndexUnavailableError) and never_sent(exc))
                 if not retry or deadline - loop.time() <= 2 * delay or self._conn is None:

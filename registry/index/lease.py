@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
-from registry.index._rpc import LeaseKeepAliveRequest, StreamEnded, exchange
+from registry.index._rpc import LeaseKeepAliveRequest, StreamEnded, exchange, invalid_token
 from schemas.errors import RetrievalError
 
 if TYPE_CHECKING:
@@ -110,6 +110,7 @@ class Lease:
         interval = max(self.ttl / 3, 0.2)
         last_ok = self._granted_at
         call: Any = None
+        token: str | None = None
         failing = False
         try:
             while True:
@@ -118,6 +119,7 @@ class Lease:
                 conn = self._index._conn
                 try:
                     if call is None:
+                        token = self._index._token
                         call = conn.lease_stub.LeaseKeepAlive(metadata=self._index._metadata())
                     async with asyncio.timeout(min(self._index.timeout, max(interval, 0.5))):
                         resp = await exchange(call, LeaseKeepAliveRequest(ID=self.id), "keep-alive")
@@ -137,6 +139,9 @@ class Lease:
                             f"no keep-alive answer for {silent:.1f} s (last error: {detail})"
                         )
                         return
+                    if invalid_token(exc):  # a member that restarted forgot our token
+                        with contextlib.suppress(RetrievalError):
+                            await self._index.reauthenticate(token)
                     if not failing:
                         _log.warning("lease %x: keep-alive failed, retrying: %s", self.id, detail)
                         failing = True

@@ -18,6 +18,7 @@ from registry.index._rpc import (
     WatchCreateRequest,
     WatchRequest,
     exchange,
+    invalid_token,
     is_access_refusal,
 )
 from registry.index.values import (
@@ -27,6 +28,7 @@ from registry.index.values import (
     IndexRejectedError,
     WatchEvent,
 )
+from schemas.errors import RetrievalError
 
 if TYPE_CHECKING:
     from registry.index.client import Index
@@ -134,11 +136,14 @@ class Watch:
     async def _run(self) -> AsyncGenerator[WatchEvent | Compacted, None]:
         index = self._index
         backoff = index.watch_backoff
+        denied_once = False  # a refusal seen with a token that may be stale
         while True:
             if index._conn is None:
                 return  # the Index was closed
+            token = index._token
             call = index._conn.watch_stub.Watch(metadata=index._metadata(_REQUIRE_LEADER))
             problem: str
+            stale_token = False
             try:
                 create = WatchCreateRequest(
                     key=self._key,
@@ -156,15 +161,27 @@ class Watch:
                         return
                     if resp.canceled:
                         reason = resp.cancel_reason or "no reason given"
+                        if "invalid auth token" in reason.lower() or (
+                            is_access_refusal(None, reason)
+                            and index._user is not None
+                            and not denied_once
+                        ):
+                            # etcd answers a watch whose token it forgot (a member that
+                            # restarted) with "permission denied": once, a new token
+                            denied_once = True
+                            raise StreamEnded(f"etcd refused the watch ({reason}); new auth token")
                         refused = (
                             IndexAccessDeniedError
                             if is_access_refusal(None, reason)
                             else IndexRejectedError
                         )
                         raise refused(f"etcd cancelled the watch on {self._what}: {reason}")
+                    if resp.created:
+                        denied_once = False  # this token works: a later refusal is news
                     events = self._convert(resp)
                     if events:
                         backoff = index.watch_backoff
+                        denied_once = False
                     for i, event in enumerate(events):
                         more_of_same = (
                             i + 1 < len(events) and events[i + 1].revision == event.revision
@@ -173,7 +190,8 @@ class Watch:
                         yield event
                     resp = await call.read()
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in _WATCH_RETRY_CODES:
+                stale_token = invalid_token(exc)
+                if exc.code() not in _WATCH_RETRY_CODES and not stale_token:
                     mapped = index._translate(exc, f"watch {self._what}")
                     raise (mapped or exc) from exc
                 problem = f"{exc.code().name}: {exc.details()}"
@@ -186,8 +204,16 @@ class Watch:
                 problem = f"no answer to the watch request within {index.timeout:g} s"
             except StreamEnded as exc:
                 problem = str(exc)
+                stale_token = "new auth token" in problem
             finally:
                 call.cancel()
+            if stale_token:  # a member that restarted forgot our token: get a new one
+                try:
+                    await index.reauthenticate(token)
+                except IndexAccessDeniedError:
+                    raise
+                except RetrievalError as exc:
+                    problem += f"; re-authentication failed: {exc}"
             self.reconnects += 1
             index.watch_reconnects += 1
             delay = min(backoff, index.watch_backoff_max) * random.uniform(0.5, 1.0)

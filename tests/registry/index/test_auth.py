@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from cpi.etcdproc import EtcdProcess
-from registry.index import Index, IndexAccessDeniedError, Keys, WatchEvent
+from registry.index import Index, IndexAccessDeniedError, Keys, Prefix, WatchEvent
 from registry.index.auth import (
     LOGSIGNER_ROLE,
     REGISTRY_ROLE,
@@ -126,3 +126,48 @@ async def test_role_permissions_merge_and_reject_root(private_index: Index) -> N
         await private_index.ensure_user("u", "")
     await private_index.ensure_role("both", read=["/a/"], write=["/a/"])
     await private_index.ensure_role("both", readwrite=["/a/"])  # same thing: nothing to change
+
+
+async def test_a_restarted_member_forgets_tokens_and_the_client_gets_a_new_one(
+    etcd_private: EtcdProcess,
+) -> None:
+    """etcd keeps simple auth tokens in memory: after a restart every request with the
+    old token is refused ("invalid auth token").  Calls, watches and lease keep-alives
+    authenticate again and carry on."""
+    ep = etcd_private.endpoint
+    await _set_up(ep)
+    async with _as(ep, "registry") as reg:
+        await reg.put(Keys.rec("CN.X/CPU.1"), b"before")
+        start = await reg.revision() + 1
+        watch = reg.watch_prefix(Prefix.REC, start_revision=start)
+        seen: list[WatchEvent] = []
+
+        async def consume() -> None:
+            async for item in watch:
+                assert isinstance(item, WatchEvent)
+                seen.append(item)
+
+        consumer = asyncio.create_task(consume())
+        lease = await reg.grant_lease(3)
+        lease.start_keepalive()
+        await reg.put(Keys.rec("CN.X/CPU.2"), b"on-lease", lease=lease.id)
+
+        etcd_private.restart()
+
+        # a write (not idempotent) refused for its token is sent again with a new one
+        rev = await reg.put(Keys.rec("CN.X/CPU.3"), b"after")
+        assert reg.reauthentications >= 1
+        kv = await reg.get(Keys.rec("CN.X/CPU.3"))
+        assert kv is not None and kv.value == b"after"
+        for _ in range(100):
+            if seen and seen[-1].revision >= rev:
+                break
+            await asyncio.sleep(0.1)
+        assert [e.kv.key for e in seen][-1] == Keys.rec("CN.X/CPU.3")
+        await asyncio.sleep(4.0)  # past the lease's TTL: only keep-alives keep it
+        assert not lease.lost.is_set(), lease.lost_reason
+        assert await reg.get(Keys.rec("CN.X/CPU.2")) is not None
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+        await watch.aclose()
+        await lease.revoke()

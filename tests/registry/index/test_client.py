@@ -48,6 +48,27 @@ def test_from_url_list() -> None:
 
 
 @pytest.mark.parametrize(
+    ("endpoints", "target", "name"),
+    [
+        (["https://127.0.0.1:1"], "ipv4:127.0.0.1:1", None),
+        # members on one address, ports apart: verify that address (the authority of
+        # a multi-address target is not one)
+        (
+            ["https://127.0.0.1:1", "https://127.0.0.1:2"],
+            "ipv4:127.0.0.1:1,127.0.0.1:2",
+            "127.0.0.1",
+        ),
+        (["https://10.0.0.1:1", "https://10.0.0.2:1"], "ipv4:10.0.0.1:1,10.0.0.2:1", None),
+        (["[::1]:1", "[::1]:2"], "ipv6:[::1]:1,[::1]:2", "::1"),
+    ],
+)
+async def test_grpc_target_and_tls_name(
+    endpoints: list[str], target: str, name: str | None
+) -> None:
+    assert await Index(endpoints=endpoints)._target() == (target, name)
+
+
+@pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
         ({"endpoints": []}, ValueError, "at least one"),

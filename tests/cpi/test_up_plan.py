@@ -1,0 +1,67 @@
+"""cpi up's plan for several etcd members, registries and resolvers (nothing started)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cpi.etcdproc import cluster_members
+from cpi.up import MAX_INSTANCES, UpOptions, _etcd_children, _ports, _wanted_ports
+
+
+def test_port_plan_keeps_the_single_instance_ports_and_never_collides() -> None:
+    one = _wanted_ports(UpOptions(data_dir=Path("x"), base_port=20000))
+    assert one == {
+        "resolver_http": 20000,
+        "registry_regional": 20001,
+        "registry_industry": 20002,
+        "resolver_dns": 20053,
+        "etcd_client": 20079,
+        "etcd_peer": 20080,
+    }
+    n = MAX_INSTANCES
+    big = _wanted_ports(
+        UpOptions(data_dir=Path("x"), base_port=20000, etcd_members=n, registries=n, resolvers=n)
+    )
+    assert len(set(big.values())) == len(big) == 6 + 6 * (n - 1)
+    assert {k: big[k] for k in one} == one
+    assert max(big.values()) < 20100
+
+
+def test_cluster_members_know_every_peer(tmp_path: Path) -> None:
+    members = cluster_members(tmp_path, [(0, 0)] * 3, log_dir=tmp_path / "logs")
+    assert [m.name for m in members] == ["m0", "m1", "m2"]
+    initial = {m.initial_cluster for m in members}
+    assert len(initial) == 1
+    for m in members:
+        assert f"{m.name}={m.peer_url}" in m.initial_cluster
+        assert m.log_file == tmp_path / "logs" / f"etcd-{m.name}.log"
+        assert m.url.startswith("http://127.0.0.1:")
+    assert len({m.client_port for m in members} | {m.peer_port for m in members}) == 6
+
+
+def test_a_data_dir_is_not_switched_between_one_member_and_a_cluster(tmp_path: Path) -> None:
+    data = tmp_path / "state"
+    data.mkdir()
+    opts = UpOptions(data_dir=data, base_port=21000, etcd_members=3)
+    ports = _wanted_ports(opts)  # not _ports: no need for them to be free here
+    children, members = _etcd_children(opts, ports, data / "logs")
+    assert [c.name for c in children] == ["etcd-m0", "etcd-m1", "etcd-m2"]
+    assert children[-1].ready is not None and children[0].ready is None
+    assert [m.client_port for m in members] == [21079, 21081, 21083]
+    # every member serves https (client and peer URLs) with its own certificate from the
+    # local CA and requires client certificates, as the single member does
+    for m in members:
+        assert m.url.startswith("https://") and m.peer_url.startswith("https://")
+        assert m.cert_file == data / "tls" / f"etcd-{m.name}.pem"
+        cmd = m.command()
+        assert "--client-cert-auth" in cmd and "--peer-client-cert-auth" in cmd
+        assert f"{m.name}={m.peer_url}" in m.initial_cluster
+    with pytest.raises(SystemExit, match="cluster"):
+        _etcd_children(UpOptions(data_dir=data, base_port=21000), ports, data / "logs")
+    five = UpOptions(data_dir=data, base_port=21000, etcd_members=5)
+    with pytest.raises(SystemExit, match="--etcd-members 3"):
+        _etcd_children(five, _wanted_ports(five), data / "logs")
+    with pytest.raises(SystemExit, match="must be 1 to"):
+        _ports(UpOptions(data_dir=data, resolvers=0))
