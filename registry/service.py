@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from registry.errors import (
 from registry.index import Index
 from registry.liveness import Liveness
 from registry.metrics import RegistryMetrics
+from registry.observe import REQUEST_ID, REQUEST_ID_HEADER, request_id, route_label
 from registry.openapi import openapi_handler
 from registry.ratelimit import BucketTable
 from registry.registrar import Registrar
@@ -199,33 +201,58 @@ def _state(request: web.Request) -> RegistryState:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map the error tree (and aiohttp's own HTTP errors) to JSON error answers."""
+    """Map the error tree (and aiohttp's own HTTP errors) to JSON error answers; give
+    each request its id (``X-Request-Id``, echoed on every answer) and count and time it
+    by route template (:mod:`registry.observe`)."""
+    t0 = time.perf_counter()
+    rid = request_id(request.headers)
+    REQUEST_ID.set(rid)  # each request runs in its own task: its own context
     route = request.match_info.route.name or "other"
+    template = route_label(request.match_info.route.resource)
     metrics = request.app[METRICS]
+    resp: web.StreamResponse
     try:
-        return await handler(request)
+        resp = await handler(request)
     except CPIError as exc:
-        status = exc.http_status
-        headers: dict[str, str] = {}
-        if isinstance(exc, RateLimitedError):
-            headers["Retry-After"] = str(exc.retry_after)
-        if status == 401:
-            headers["WWW-Authenticate"] = 'Bearer realm="cpi-registry"'
-        metrics.rejections.labels(route, exc.code).inc()
-        if status >= 500:
-            _log.warning("%s %s: %s", request.method, request.path, exc)
-        else:
-            _log.debug("%s %s refused (%s): %s", request.method, request.path, exc.code, exc)
-        resp = _error(status, exc.code, str(exc), **headers)
-        if isinstance(exc, RequestTimeoutError):
-            resp.force_close()  # the rest of the body is not read: close the connection
-        return resp
+        resp = _error_answer(request, exc, route, metrics)
     except web.HTTPException as exc:
         if exc.status < 400:
+            exc.headers[REQUEST_ID_HEADER] = rid
+            metrics.requests.observe(template, request.method, exc.status, time.perf_counter() - t0)
             raise
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}  # 405
-        return _error(exc.status, code, f"{request.method} {request.path}: {exc.reason}", **allow)
+        resp = _error(exc.status, code, f"{request.method} {request.path}: {exc.reason}", **allow)
+    except Exception:
+        _log.exception("%s %s: unexpected error", request.method, template)
+        resp = _error(500, "internal", "internal error; the registry's log has the details")
+    if not resp.prepared:
+        resp.headers[REQUEST_ID_HEADER] = rid
+    metrics.requests.observe(template, request.method, resp.status, time.perf_counter() - t0)
+    return resp
+
+
+def _error_answer(
+    request: web.Request, exc: CPIError, route: str, metrics: RegistryMetrics
+) -> web.Response:
+    status = exc.http_status
+    headers: dict[str, str] = {}
+    if isinstance(exc, RateLimitedError):
+        headers["Retry-After"] = str(exc.retry_after)
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="cpi-registry"'
+    metrics.rejections.labels(route, exc.code).inc()
+    extra = {"route": route, "status": status, "outcome": exc.code}
+    if status >= 500:
+        _log.warning("%s %s: %s", request.method, request.path, exc, extra=extra)
+    else:
+        _log.debug(
+            "%s %s refused (%s): %s", request.method, request.path, exc.code, exc, extra=extra
+        )
+    resp = _error(status, exc.code, str(exc), **headers)
+    if isinstance(exc, RequestTimeoutError):
+        resp.force_close()  # the rest of the body is not read: close the connection
+    return resp
 
 
 # -- handlers ---------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import contextlib
 import functools
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
@@ -48,6 +49,7 @@ from resolver.dns.server import DnsServer
 from resolver.errors import NotReadyError, TooManyWatchesError, WatchCapacityError
 from resolver.events import Event, parse_cursor
 from resolver.metrics import ResolverMetrics
+from resolver.observe import REQUEST_ID, REQUEST_ID_HEADER, request_id, route_label
 from resolver.openapi import openapi_handler
 from resolver.ui import add_ui_routes
 from schemas.errors import (
@@ -74,6 +76,7 @@ DNS = web.AppKey("dns", DnsServer)
 _METRICS = web.AppKey("metrics", ResolverMetrics)
 _STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams")
 _WATCHERS: web.AppKey[dict[str, int]] = web.AppKey("watchers_per_address")
+_RID = "cpi_request_id"
 
 STALE_HEADER: Final = "X-CPI-Stale"
 _JSON: Final = "application/json"
@@ -133,6 +136,47 @@ def json_errors(handler: Handler) -> Handler:
     return wrapped
 
 
+def observed(handler: Handler, template: str) -> Handler:
+    """``handler`` with a request id (``X-Request-Id``, echoed, in :data:`REQUEST_ID` for
+    the log lines) and counted and timed under ``template`` (:mod:`resolver.observe`).
+    Not a middleware (see the module doc): :func:`create_app` wraps each route's handler
+    but the lookup's, which does the same itself."""
+    if getattr(handler, "_observed", False):
+        return handler
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        rid = request_id(request.headers)
+        REQUEST_ID.set(rid)
+        request[_RID] = rid  # for the handlers that prepare their own stream (watch)
+        observe = request.app[_METRICS].requests.observe
+        try:
+            resp = await handler(request)
+        except web.HTTPException as exc:  # redirects, and errors of handlers not wrapped
+            exc.headers[REQUEST_ID_HEADER] = rid
+            observe(template, request.method, exc.status, time.perf_counter() - t0)
+            raise
+        except Exception:
+            observe(template, request.method, 500, time.perf_counter() - t0)
+            raise
+        if not resp.prepared:
+            resp.headers[REQUEST_ID_HEADER] = rid
+        observe(template, request.method, resp.status, time.perf_counter() - t0)
+        return resp
+
+    wrapped._observed = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _observe_routes(app: web.Application) -> None:
+    """Wrap every route's handler but the lookup's with :func:`observed`."""
+    for route in app.router.routes():
+        if route.name == "resource" or not isinstance(route, web.ResourceRoute):
+            continue
+        template = "other" if route.name == "other" else route_label(route.resource)
+        route._handler = observed(route.handler, template)  # type: ignore[assignment]
+
+
 async def _no_route(request: web.Request) -> web.Response:
     """The catch-all route: 405 when another route has the path, else 404 (as JSON)."""
     allowed: set[str] = set()
@@ -152,18 +196,28 @@ def _resource_handler(resolver: Resolver) -> Handler:
     once per entry.  The resolver is bound here rather than looked up per request, and
     the error tree is answered here (no wrapper)."""
     metrics = resolver.metrics
+    observe = metrics.requests.observe
+    clock = time.perf_counter
+    template = "/v1/resources/{cpid}"
 
     async def get_resource(request: web.Request) -> web.Response:
+        t0 = clock()
+        rid = request_id(request.headers)
         try:
             entry = resolver.resolve(request.match_info["cpid"])
         except CPIError as exc:
-            return error_answer(request, exc)
-        metrics.records_served += 1
-        if resolver.stale:
-            resp = web.Response(body=entry.body(stale=True), content_type=_JSON)
-            resp.headers[STALE_HEADER] = "1"
-            return resp
-        return web.Response(body=entry.body(), content_type=_JSON)
+            REQUEST_ID.set(rid)
+            resp = error_answer(request, exc)
+        else:
+            metrics.records_served += 1
+            if resolver.stale:
+                resp = web.Response(body=entry.body(stale=True), content_type=_JSON)
+                resp.headers[STALE_HEADER] = "1"
+            else:
+                resp = web.Response(body=entry.body(), content_type=_JSON)
+        resp.headers[REQUEST_ID_HEADER] = rid
+        observe(template, request.method, resp.status, clock() - t0)
+        return resp
 
     return get_resource
 
@@ -239,6 +293,8 @@ async def get_watch(request: web.Request) -> web.StreamResponse:
     )
     if resolver.stale:
         resp.headers[STALE_HEADER] = "1"
+    if _RID in request:
+        resp.headers[REQUEST_ID_HEADER] = request[_RID]
     task = asyncio.current_task()
     assert task is not None
     streams.add(task)
@@ -414,4 +470,5 @@ def create_app(
     add_ui_routes(app, config)  # the web console at /ui/, /v1/anchor (docs/console.md)
     # last: unknown routes, newlines in the path included
     app.router.add_route("*", "/{path:(?s:.*)}", _no_route, name="other")
+    _observe_routes(app)
     return app

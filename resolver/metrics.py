@@ -11,9 +11,20 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from resolver.observe import RequestStats
 
 if TYPE_CHECKING:
     from resolver.core import Resolver
@@ -29,6 +40,11 @@ class ResolverMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)  # process_*, python_*: the default registry's collectors
+        self.requests = RequestStats("resolver")
+        """``cpi_http_requests_total`` and ``cpi_http_request_duration_seconds``."""
+        r.register(self.requests)
         self.not_found = Counter(
             "cpi_resolver_lookups_not_found", "Lookups of CPIDs without a served record", registry=r
         )
