@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
+from cpi import logfmt
 from cpi.commands import COMMAND_MODULES
 from schemas.errors import InvalidDataError, RetrievalError
 
@@ -22,6 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="CPI registry: signed resource identifiers and discovery for a computing power internet.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug output")
+    parser.add_argument(
+        "--log-format",
+        choices=logfmt.FORMATS,
+        default=None,
+        help="log lines as text (default) or one JSON object per line "
+        f"(default: ${logfmt.ENV}, else text)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(sub)
@@ -31,10 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        fmt = logfmt.log_format(args.log_format)
+    except ValueError as exc:
+        parser.error(f"{logfmt.ENV}: {exc}")
+    logfmt.configure(level=logging.DEBUG if args.verbose else logging.INFO, fmt=fmt)
+    os.environ[logfmt.ENV] = fmt  # the processes cpi starts (cpi up) log the same way
     handler = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()

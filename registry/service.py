@@ -228,8 +228,30 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         resp = _error(500, "internal", "internal error; the registry's log has the details")
     if not resp.prepared:
         resp.headers[REQUEST_ID_HEADER] = rid
-    metrics.requests.observe(template, request.method, resp.status, time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    metrics.requests.observe(template, request.method, resp.status, elapsed)
+    _log.log(
+        logging.INFO if route in _LOGGED_ROUTES else logging.DEBUG,
+        "%s %s -> %d in %.1f ms",
+        request.method,
+        template,
+        resp.status,
+        elapsed * 1000,
+        extra={
+            "route": template,
+            "status": resp.status,
+            "outcome": request.get(_OUTCOME),
+            "cpid": request.get(_CPID) or request.match_info.get("cpid"),
+        },
+    )
     return resp
+
+
+_LOGGED_ROUTES = frozenset({"register", "deregister", "admin-set"})
+"""Routes whose every answer is logged at INFO (the others at DEBUG): writes that are
+rare per node; heartbeats and reads would flood the log."""
+_OUTCOME = web.RequestKey("outcome", str)
+_CPID = web.RequestKey("cpid", str)
 
 
 def _error_answer(
@@ -242,13 +264,11 @@ def _error_answer(
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="cpi-registry"'
     metrics.rejections.labels(route, exc.code).inc()
-    extra = {"route": route, "status": status, "outcome": exc.code}
+    request[_OUTCOME] = exc.code
     if status >= 500:
-        _log.warning("%s %s: %s", request.method, request.path, exc, extra=extra)
+        _log.warning("%s %s: %s", request.method, request.path, exc)
     else:
-        _log.debug(
-            "%s %s refused (%s): %s", request.method, request.path, exc.code, exc, extra=extra
-        )
+        _log.debug("%s %s refused (%s): %s", request.method, request.path, exc.code, exc)
     resp = _error(status, exc.code, str(exc), **headers)
     if isinstance(exc, RequestTimeoutError):
         resp.force_close()  # the rest of the body is not read: close the connection
@@ -282,6 +302,8 @@ async def post_registration(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     body = await _read_body(request, config.max_body_bytes)
     result = await _state(request).registrar.register(body, token)
+    request[_CPID] = result.cpid
+    request[_OUTCOME] = result.outcome
     return web.json_response(
         {
             "cpid": result.cpid,
