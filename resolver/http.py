@@ -76,7 +76,7 @@ DNS = web.AppKey("dns", DnsServer)
 _METRICS = web.AppKey("metrics", ResolverMetrics)
 _STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams")
 _WATCHERS: web.AppKey[dict[str, int]] = web.AppKey("watchers_per_address")
-_RID = "cpi_request_id"
+_RID = web.RequestKey("request_id", str)
 
 STALE_HEADER: Final = "X-CPI-Stale"
 _JSON: Final = "application/json"
@@ -115,7 +115,8 @@ def error_answer(request: web.Request, exc: CPIError | web.HTTPException) -> web
     if isinstance(exc, NotFoundError):
         request.app[_METRICS].not_found.inc()
     if status >= 500:
-        _log.warning("%s %s: %s", request.method, request.path, exc)
+        extra = {"route": route, "status": status, "outcome": exc.code}
+        _log.warning("%s %s: %s", request.method, request.path, exc, extra=extra)
     return _error(status, exc.code, str(exc))
 
 
@@ -158,6 +159,9 @@ def observed(handler: Handler, template: str) -> Handler:
             raise
         except Exception:
             observe(template, request.method, 500, time.perf_counter() - t0)
+            raise
+        except asyncio.CancelledError:  # the client went away (a watch, mostly)
+            observe(template, request.method, 499, time.perf_counter() - t0)
             raise
         if not resp.prepared:
             resp.headers[REQUEST_ID_HEADER] = rid
