@@ -67,20 +67,24 @@ class RequestStats(Collector):
 
     def __init__(self, service: str) -> None:
         self.service = service
-        self._counts: dict[tuple[str, str, int], int] = {}
-        self._hist: dict[tuple[str, str], list[float]] = {}
-        """(route, method) -> [count per bucket ..., +Inf count, sum]."""
+        self._slots: dict[tuple[str, str], tuple[dict[int, int], list[float]]] = {}
+        """(route, method) -> (count by status, [count per bucket ..., +Inf count, sum])."""
 
-    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+    def slot(self, route: str, method: str) -> tuple[dict[int, int], list[float]]:
+        """The counters of ``route`` and ``method``, for a hot path that updates them
+        itself (see :meth:`observe`)."""
         if method not in _METHODS:
             method = "other"
-        key = (route, method, status)
-        self._counts[key] = self._counts.get(key, 0) + 1
-        h = self._hist.get((route, method))
-        if h is None:
-            h = self._hist[(route, method)] = [0.0] * (len(BUCKETS) + 2)
-        h[bisect_left(BUCKETS, seconds)] += 1
-        h[-1] += seconds
+        got = self._slots.get((route, method))
+        if got is None:
+            got = self._slots[(route, method)] = ({}, [0.0] * (len(BUCKETS) + 2))
+        return got
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        counts, hist = self.slot(route, method)
+        counts[status] = counts.get(status, 0) + 1
+        hist[bisect_left(BUCKETS, seconds)] += 1
+        hist[-1] += seconds
 
     def describe(self) -> list[Metric]:
         return []
@@ -90,15 +94,17 @@ class RequestStats(Collector):
         requests = CounterMetricFamily(
             "cpi_http_requests", "HTTP answers by route template, method and status", labels=labels
         )
-        for (route, method, status), n in sorted(self._counts.items()):
-            requests.add_metric([self.service, route, method, str(status)], n)
+        slots = sorted(self._slots.items())
+        for (route, method), (counts, _) in slots:
+            for status, n in sorted(counts.items()):
+                requests.add_metric([self.service, route, method, str(status)], n)
         yield requests
         duration = HistogramMetricFamily(
             "cpi_http_request_duration_seconds",
             "Time from routing a request to its handler's answer, by route template and method",
             labels=["service", "route", "method"],
         )
-        for (route, method), h in sorted(self._hist.items()):
+        for (route, method), (_, h) in slots:
             buckets: list[tuple[str, float]] = []
             total = 0.0
             for le, c in zip((*(str(b) for b in BUCKETS), "+Inf"), h[:-1], strict=True):

@@ -12,7 +12,8 @@ GET         /healthz, /readyz, /metrics
 ==========  ====================================  ==========================================
 
 Errors are ``{"error": {"code", "message"}}``; one middleware maps the
-:mod:`schemas.errors` tree to status codes (each class's ``http_status``).  The index, the
+:mod:`schemas.errors` tree to status codes (each class's ``http_status``), gives each
+request its ``X-Request-Id`` and counts and times it by route (:mod:`registry.observe`).  The index, the
 instance lease and the liveness sweeper live in ``cleanup_ctx``.
 """
 

@@ -23,7 +23,10 @@ function (:func:`error_answer`).  It is not an aiohttp middleware: any middlewar
 aiohttp wrap *every* request in two more coroutines (the middleware and its own
 ``current_app`` fixer), a fifth of the cost of a cached lookup.  The lookup handler
 calls it itself; every other route is wrapped with :func:`json_errors`; a catch-all
-route answers unknown paths (404) and methods (405) the same way.
+route answers unknown paths (404) and methods (405) the same way.  For the same reason
+request ids (``X-Request-Id``) and the per-route counts and timings
+(:mod:`resolver.observe`) are not a middleware either: the lookup handler does them
+inline, and :func:`create_app` wraps every other route's handler once (:func:`observed`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import functools
 import json
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
@@ -49,7 +53,7 @@ from resolver.dns.server import DnsServer
 from resolver.errors import NotReadyError, TooManyWatchesError, WatchCapacityError
 from resolver.events import Event, parse_cursor
 from resolver.metrics import ResolverMetrics
-from resolver.observe import REQUEST_ID, REQUEST_ID_HEADER, request_id, route_label
+from resolver.observe import BUCKETS, REQUEST_ID, REQUEST_ID_HEADER, request_id, route_label
 from resolver.openapi import openapi_handler
 from resolver.ui import add_ui_routes
 from schemas.errors import (
@@ -175,7 +179,9 @@ def observed(handler: Handler, template: str) -> Handler:
 def _observe_routes(app: web.Application) -> None:
     """Wrap every route's handler but the lookup's with :func:`observed`."""
     for route in app.router.routes():
-        if route.name == "resource" or not isinstance(route, web.ResourceRoute):
+        if not isinstance(route, web.ResourceRoute) or route.resource is None:
+            continue
+        if route.resource.name == "resource":  # GET and HEAD: the handler does it
             continue
         template = "other" if route.name == "other" else route_label(route.resource)
         route._handler = observed(route.handler, template)  # type: ignore[assignment]
@@ -203,6 +209,8 @@ def _resource_handler(resolver: Resolver) -> Handler:
     observe = metrics.requests.observe
     clock = time.perf_counter
     template = "/v1/resources/{cpid}"
+    counts, hist = metrics.requests.slot(template, "GET")  # GET's counters, updated inline
+    buckets = BUCKETS
 
     async def get_resource(request: web.Request) -> web.Response:
         t0 = clock()
@@ -220,7 +228,14 @@ def _resource_handler(resolver: Resolver) -> Handler:
             else:
                 resp = web.Response(body=entry.body(), content_type=_JSON)
         resp.headers[REQUEST_ID_HEADER] = rid
-        observe(template, request.method, resp.status, clock() - t0)
+        if request.method == "GET":
+            status = resp.status
+            counts[status] = counts.get(status, 0) + 1
+            dt = clock() - t0
+            hist[bisect_left(buckets, dt)] += 1
+            hist[-1] += dt
+        else:  # HEAD
+            observe(template, request.method, resp.status, clock() - t0)
         return resp
 
     return get_resource

@@ -96,6 +96,8 @@ async def test_requests_counted_by_route_template(index: Index, pki: Pki, client
     for _ in range(3):
         await client.get(f"/v1/resources/{node.cpid}")
     await client.get("/v1/resources/CN.31.CMCC/GPU.XXXXXXXXXXXX-L")
+    head = await client.head(f"/v1/resources/{node.cpid}", headers={"X-Request-Id": "h"})
+    assert head.status == 200 and head.headers["X-Request-Id"] == "h"
     await client.get("/v1/discover?kind=GPU")
     await client.get("/no/such/1")
     await client.get("/no/such/2")
@@ -118,6 +120,7 @@ async def test_requests_counted_by_route_template(index: Index, pki: Pki, client
 
     assert delta("/v1/resources/{cpid}", "GET", "200") == 3
     assert delta("/v1/resources/{cpid}", "GET", "404") == 1
+    assert delta("/v1/resources/{cpid}", "HEAD", "200") == 1  # once, not wrapped twice
     assert delta("/v1/discover", "GET", "200") == 1
     assert delta("other", "GET", "404") == 2
     assert delta("/v1/claims/{claim_id}", "DELETE", "401") == 1
