@@ -87,7 +87,9 @@ def log_format(given: str | None) -> str:
 
 
 def configure(*, level: int, fmt: str) -> None:
-    """Send the root logger's records to stderr in ``fmt`` (replacing its handlers)."""
+    """Send the root logger's records to stderr in ``fmt``, like :func:`logging.basicConfig`:
+    nothing happens when the root logger already has handlers (a test's capture, an
+    earlier call in the same process)."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.basicConfig(level=level, handlers=[handler])
