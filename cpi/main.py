@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from importlib import metadata
 from typing import Any
 
-from cpi import errors
+from cpi import errors, logfmt
 from cpi.commands import COMMAND_MODULES
 
 ENV_PREFIX = "CPI_"
@@ -156,6 +156,13 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"cpi {version()}")
+    parser.add_argument(
+        "--log-format",
+        choices=logfmt.FORMATS,
+        default=None,
+        help="log lines as text (default) or one JSON object per line "
+        f"(default: ${logfmt.ENV}, else text)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(sub)
@@ -200,10 +207,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     verbose = bool(getattr(args, "verbose", False))
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        fmt = logfmt.log_format(getattr(args, "log_format", None))
+    except ValueError as bad:
+        parser.error(f"{logfmt.ENV}: {bad}")
+    logfmt.configure(level=logging.DEBUG if verbose else logging.INFO, fmt=fmt)
+    os.environ[logfmt.ENV] = fmt  # the processes cpi starts (cpi up) log the same way
     handler = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()

@@ -34,12 +34,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+    start_http_server,
+    write_to_textfile,
+)
+
 from registry import keyfile
 from registry.index import Cmp, Compacted, Index, Keys, Op, Prefix, WatchEvent, parse_key
 from schemas import _json
 from schemas import checkpoint as cpmod
 from schemas.checkpoint import Checkpoint, NoteVerifier
-from schemas.errors import CheckpointError, KeyFileError, LogConsistencyError, SignatureError
+from schemas.errors import (
+    CheckpointError,
+    CPIError,
+    KeyFileError,
+    LogConsistencyError,
+    RetrievalError,
+    SignatureError,
+)
 from schemas.keys import Ed25519PrivateKey
 from schemas.merkle import MerkleTree, leaf_hash
 
@@ -50,6 +69,7 @@ __all__ = [
     "LOG_VKEY_FILE",
     "LogSigner",
     "SignResult",
+    "SignerMetrics",
     "check_entry",
     "init_log_key",
     "load_verifier",
@@ -175,6 +195,61 @@ async def read_audit_tree(
 # =============================================================================
 
 
+class SignerMetrics:
+    """The signer's Prometheus metrics, on a private registry (``cpi log sign`` has no HTTP
+    service: :meth:`serve` starts prometheus_client's exposition server, :meth:`write`
+    writes a node_exporter textfile)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)
+        self.signed = Counter(
+            "cpi_log_signer_checkpoints",
+            "Checkpoints written by this signer (a peer's identical head is not counted)",
+            registry=r,
+        )
+        self.tree_size = Gauge(
+            "cpi_log_signer_tree_size",
+            "Tree size of the newest signed checkpoint this signer knows (its own or a peer's)",
+            registry=r,
+        )
+        self.audit_entries = Gauge(
+            "cpi_log_signer_audit_entries",
+            "Entries of the audit stream read so far (the size the next checkpoint will have)",
+            registry=r,
+        )
+        self.last_sign = Gauge(
+            "cpi_log_signer_last_sign_timestamp_seconds",
+            "Unix time of this signer's last written checkpoint (0: none since start)",
+            registry=r,
+        )
+        self.errors = Counter(
+            "cpi_log_signer_errors",
+            "Failed signing rounds by kind (etcd, or the alarm: rewritten, gap, split_view)",
+            ["kind"],
+            registry=r,
+        )
+        self.alarm = Gauge(
+            "cpi_log_signer_alarm",
+            "1 once the signer refuses to sign (the audit stream was rewritten), else 0",
+            registry=r,
+        )
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Serve ``/metrics`` over plain HTTP on ``host:port`` (a thread); the port bound."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_address[1])
+
+    def write(self, path: str | os.PathLike[str]) -> None:
+        """Write the text exposition to ``path`` atomically (node_exporter's textfile collector)."""
+        write_to_textfile(os.fspath(path), self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
 @dataclass(frozen=True, slots=True)
 class SignResult:
     """What :meth:`LogSigner.sign` did."""
@@ -199,8 +274,10 @@ class LogSigner:
         *,
         origin: str = DEFAULT_ORIGIN,
         clock: Callable[[], float] = time.time,
+        metrics: SignerMetrics | None = None,
     ) -> None:
         self._index = index
+        self.metrics = metrics
         self._key = key
         self.origin = origin
         self.verifier = NoteVerifier.from_public_key(origin, key)
@@ -345,6 +422,9 @@ class LogSigner:
         if result.succeeded:
             self.signed, self._latest_rev = cp, result.revision
             _log.info("log %s: signed checkpoint at size %d", self.origin, cp.size)
+            if self.metrics is not None:
+                self.metrics.signed.inc()
+                self.metrics.last_sign.set(self._clock())
             return SignResult(cp, note, True)
         existing = result.responses[0].kvs
         if existing:
@@ -372,16 +452,48 @@ class LogSigner:
                     return
                 self.apply(event)
 
-    async def run(self, *, interval: float = 2.0, stop: asyncio.Event | None = None) -> None:
+    def _observe(self) -> None:
+        """Bring the gauges of :attr:`metrics` up to date."""
+        m = self.metrics
+        if m is None:
+            return
+        m.audit_entries.set(self.tree.size)
+        m.tree_size.set(self.signed.size if self.signed is not None else 0)
+
+    def _count_error(self, exc: BaseException) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        if isinstance(exc, LogConsistencyError):
+            m.errors.labels(exc.kind).inc()
+            m.alarm.set(1)
+        elif isinstance(exc, CPIError):
+            m.errors.labels("etcd" if isinstance(exc, RetrievalError) else exc.code).inc()
+        else:
+            m.errors.labels("other").inc()
+
+    async def run(
+        self,
+        *,
+        interval: float = 2.0,
+        stop: asyncio.Event | None = None,
+        on_tick: Callable[[], None] | None = None,
+    ) -> None:
         """Load, then sign whenever the audit head has moved, every ``interval`` seconds.
 
         Returns when ``stop`` is set; raises :class:`LogConsistencyError` on an alarm.
+        ``on_tick`` is called after every round (and once after a failing one), with
+        :attr:`metrics` up to date (``cpi log sign --metrics-textfile`` writes them).
         """
         stop = stop or asyncio.Event()
-        await self.load()
-        await self.sign()
-        follower = asyncio.create_task(self._follow(), name="translog-follow")
+        follower: asyncio.Task[None] | None = None
         try:
+            await self.load()
+            await self.sign()
+            self._observe()
+            if on_tick is not None:
+                on_tick()
+            follower = asyncio.create_task(self._follow(), name="translog-follow")
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), interval)
@@ -391,7 +503,18 @@ class LogSigner:
                     follower = asyncio.create_task(self._follow(), name="translog-follow")
                 if self.pending:
                     await self.sign()
+                self._observe()
+                if on_tick is not None:
+                    on_tick()
+        except Exception as exc:
+            self._count_error(exc)
+            self._observe()
+            if on_tick is not None:
+                with contextlib.suppress(Exception):
+                    on_tick()
+            raise
         finally:
-            follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError, LogConsistencyError):
-                await follower
+            if follower is not None:
+                follower.cancel()
+                with contextlib.suppress(asyncio.CancelledError, LogConsistencyError):
+                    await follower

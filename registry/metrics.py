@@ -6,7 +6,18 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from registry.observe import RequestStats
 
 __all__ = ["RegistryMetrics"]
 
@@ -20,6 +31,10 @@ class RegistryMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)  # process_*, python_*: the default registry's collectors
+        self.requests = RequestStats("registry")
+        r.register(self.requests)
         self.registrations = Counter(
             "cpi_registry_registrations",
             "Accepted registrations by outcome (created, updated, renewed, unchanged)",

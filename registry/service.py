@@ -12,7 +12,8 @@ GET         /healthz, /readyz, /metrics
 ==========  ====================================  ==========================================
 
 Errors are ``{"error": {"code", "message"}}``; one middleware maps the
-:mod:`schemas.errors` tree to status codes (each class's ``http_status``).  The index, the
+:mod:`schemas.errors` tree to status codes (each class's ``http_status``), gives each
+request its ``X-Request-Id`` and counts and times it by route (:mod:`registry.observe`).  The index, the
 instance lease and the liveness sweeper live in ``cleanup_ctx``.
 """
 
@@ -23,6 +24,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,7 @@ from registry.errors import (
 from registry.index import Index
 from registry.liveness import Liveness
 from registry.metrics import RegistryMetrics
+from registry.observe import REQUEST_ID, REQUEST_ID_HEADER, request_id, route_label
 from registry.openapi import openapi_handler
 from registry.ratelimit import BucketTable
 from registry.registrar import Registrar
@@ -199,33 +202,78 @@ def _state(request: web.Request) -> RegistryState:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map the error tree (and aiohttp's own HTTP errors) to JSON error answers."""
+    """Map the error tree (and aiohttp's own HTTP errors) to JSON error answers; give
+    each request its id (``X-Request-Id``, echoed on every answer) and count and time it
+    by route template (:mod:`registry.observe`)."""
+    t0 = time.perf_counter()
+    rid = request_id(request.headers)
+    REQUEST_ID.set(rid)  # each request runs in its own task: its own context
     route = request.match_info.route.name or "other"
+    template = route_label(request.match_info.route.resource)
     metrics = request.app[METRICS]
+    resp: web.StreamResponse
     try:
-        return await handler(request)
+        resp = await handler(request)
     except CPIError as exc:
-        status = exc.http_status
-        headers: dict[str, str] = {}
-        if isinstance(exc, RateLimitedError):
-            headers["Retry-After"] = str(exc.retry_after)
-        if status == 401:
-            headers["WWW-Authenticate"] = 'Bearer realm="cpi-registry"'
-        metrics.rejections.labels(route, exc.code).inc()
-        if status >= 500:
-            _log.warning("%s %s: %s", request.method, request.path, exc)
-        else:
-            _log.debug("%s %s refused (%s): %s", request.method, request.path, exc.code, exc)
-        resp = _error(status, exc.code, str(exc), **headers)
-        if isinstance(exc, RequestTimeoutError):
-            resp.force_close()  # the rest of the body is not read: close the connection
-        return resp
+        resp = _error_answer(request, exc, route, metrics)
     except web.HTTPException as exc:
         if exc.status < 400:
+            exc.headers[REQUEST_ID_HEADER] = rid
+            metrics.requests.observe(template, request.method, exc.status, time.perf_counter() - t0)
             raise
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}  # 405
-        return _error(exc.status, code, f"{request.method} {request.path}: {exc.reason}", **allow)
+        resp = _error(exc.status, code, f"{request.method} {request.path}: {exc.reason}", **allow)
+    except Exception:
+        _log.exception("%s %s: unexpected error", request.method, template)
+        resp = _error(500, "internal", "internal error; the registry's log has the details")
+    if not resp.prepared:
+        resp.headers[REQUEST_ID_HEADER] = rid
+    elapsed = time.perf_counter() - t0
+    metrics.requests.observe(template, request.method, resp.status, elapsed)
+    _log.log(
+        logging.INFO if route in _LOGGED_ROUTES else logging.DEBUG,
+        "%s %s -> %d in %.1f ms",
+        request.method,
+        template,
+        resp.status,
+        elapsed * 1000,
+        extra={
+            "route": template,
+            "status": resp.status,
+            "outcome": request.get(_OUTCOME),
+            "cpid": request.get(_CPID) or request.match_info.get("cpid"),
+        },
+    )
+    return resp
+
+
+_LOGGED_ROUTES = frozenset({"register", "deregister", "admin-set"})
+"""Routes whose every answer is logged at INFO (the others at DEBUG): writes that are
+rare per node; heartbeats and reads would flood the log."""
+_OUTCOME = web.RequestKey("outcome", str)
+_CPID = web.RequestKey("cpid", str)
+
+
+def _error_answer(
+    request: web.Request, exc: CPIError, route: str, metrics: RegistryMetrics
+) -> web.Response:
+    status = exc.http_status
+    headers: dict[str, str] = {}
+    if isinstance(exc, RateLimitedError):
+        headers["Retry-After"] = str(exc.retry_after)
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="cpi-registry"'
+    metrics.rejections.labels(route, exc.code).inc()
+    request[_OUTCOME] = exc.code
+    if status >= 500:
+        _log.warning("%s %s: %s", request.method, request.path, exc)
+    else:
+        _log.debug("%s %s refused (%s): %s", request.method, request.path, exc.code, exc)
+    resp = _error(status, exc.code, str(exc), **headers)
+    if isinstance(exc, RequestTimeoutError):
+        resp.force_close()  # the rest of the body is not read: close the connection
+    return resp
 
 
 # -- handlers ---------------------------------------------------------------------------
@@ -255,6 +303,8 @@ async def post_registration(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     body = await _read_body(request, config.max_body_bytes)
     result = await _state(request).registrar.register(body, token)
+    request[_CPID] = result.cpid
+    request[_OUTCOME] = result.outcome
     return web.json_response(
         {
             "cpid": result.cpid,

@@ -23,7 +23,10 @@ function (:func:`error_answer`).  It is not an aiohttp middleware: any middlewar
 aiohttp wrap *every* request in two more coroutines (the middleware and its own
 ``current_app`` fixer), a fifth of the cost of a cached lookup.  The lookup handler
 calls it itself; every other route is wrapped with :func:`json_errors`; a catch-all
-route answers unknown paths (404) and methods (405) the same way.
+route answers unknown paths (404) and methods (405) the same way.  For the same reason
+request ids (``X-Request-Id``) and the per-route counts and timings
+(:mod:`resolver.observe`) are not a middleware either: the lookup handler does them
+inline, and :func:`create_app` wraps every other route's handler once (:func:`observed`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import contextlib
 import functools
 import json
 import logging
+import time
+from bisect import bisect_left
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
@@ -48,6 +53,7 @@ from resolver.dns.server import DnsServer
 from resolver.errors import NotReadyError, TooManyWatchesError, WatchCapacityError
 from resolver.events import Event, parse_cursor
 from resolver.metrics import ResolverMetrics
+from resolver.observe import BUCKETS, REQUEST_ID, REQUEST_ID_HEADER, request_id, route_label
 from resolver.openapi import openapi_handler
 from resolver.ui import add_ui_routes
 from schemas.errors import (
@@ -74,6 +80,7 @@ DNS = web.AppKey("dns", DnsServer)
 _METRICS = web.AppKey("metrics", ResolverMetrics)
 _STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams")
 _WATCHERS: web.AppKey[dict[str, int]] = web.AppKey("watchers_per_address")
+_RID = web.RequestKey("request_id", str)
 
 STALE_HEADER: Final = "X-CPI-Stale"
 _JSON: Final = "application/json"
@@ -112,7 +119,8 @@ def error_answer(request: web.Request, exc: CPIError | web.HTTPException) -> web
     if isinstance(exc, NotFoundError):
         request.app[_METRICS].not_found.inc()
     if status >= 500:
-        _log.warning("%s %s: %s", request.method, request.path, exc)
+        extra = {"route": route, "status": status, "outcome": exc.code}
+        _log.warning("%s %s: %s", request.method, request.path, exc, extra=extra)
     return _error(status, exc.code, str(exc))
 
 
@@ -131,6 +139,52 @@ def json_errors(handler: Handler) -> Handler:
             return error_answer(request, exc)
 
     return wrapped
+
+
+def observed(handler: Handler, template: str) -> Handler:
+    """``handler`` with a request id (``X-Request-Id``, echoed, in :data:`REQUEST_ID` for
+    the log lines) and counted and timed under ``template`` (:mod:`resolver.observe`).
+    Not a middleware (see the module doc): :func:`create_app` wraps each route's handler
+    but the lookup's, which does the same itself."""
+    if getattr(handler, "_observed", False):
+        return handler
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        rid = request_id(request.headers)
+        REQUEST_ID.set(rid)
+        request[_RID] = rid  # for the handlers that prepare their own stream (watch)
+        observe = request.app[_METRICS].requests.observe
+        try:
+            resp = await handler(request)
+        except web.HTTPException as exc:  # redirects, and errors of handlers not wrapped
+            exc.headers[REQUEST_ID_HEADER] = rid
+            observe(template, request.method, exc.status, time.perf_counter() - t0)
+            raise
+        except Exception:
+            observe(template, request.method, 500, time.perf_counter() - t0)
+            raise
+        except asyncio.CancelledError:  # the client went away (a watch, mostly)
+            observe(template, request.method, 499, time.perf_counter() - t0)
+            raise
+        if not resp.prepared:
+            resp.headers[REQUEST_ID_HEADER] = rid
+        observe(template, request.method, resp.status, time.perf_counter() - t0)
+        return resp
+
+    wrapped._observed = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _observe_routes(app: web.Application) -> None:
+    """Wrap every route's handler but the lookup's with :func:`observed`."""
+    for route in app.router.routes():
+        if not isinstance(route, web.ResourceRoute) or route.resource is None:
+            continue
+        if route.resource.name == "resource":  # GET and HEAD: the handler does it
+            continue
+        template = "other" if route.name == "other" else route_label(route.resource)
+        route._handler = observed(route.handler, template)  # type: ignore[assignment]
 
 
 async def _no_route(request: web.Request) -> web.Response:
@@ -152,18 +206,37 @@ def _resource_handler(resolver: Resolver) -> Handler:
     once per entry.  The resolver is bound here rather than looked up per request, and
     the error tree is answered here (no wrapper)."""
     metrics = resolver.metrics
+    observe = metrics.requests.observe
+    clock = time.perf_counter
+    template = "/v1/resources/{cpid}"
+    counts, hist = metrics.requests.slot(template, "GET")  # GET's counters, updated inline
+    buckets = BUCKETS
 
     async def get_resource(request: web.Request) -> web.Response:
+        t0 = clock()
+        rid = request_id(request.headers)
         try:
             entry = resolver.resolve(request.match_info["cpid"])
         except CPIError as exc:
-            return error_answer(request, exc)
-        metrics.records_served += 1
-        if resolver.stale:
-            resp = web.Response(body=entry.body(stale=True), content_type=_JSON)
-            resp.headers[STALE_HEADER] = "1"
-            return resp
-        return web.Response(body=entry.body(), content_type=_JSON)
+            REQUEST_ID.set(rid)
+            resp = error_answer(request, exc)
+        else:
+            metrics.records_served += 1
+            if resolver.stale:
+                resp = web.Response(body=entry.body(stale=True), content_type=_JSON)
+                resp.headers[STALE_HEADER] = "1"
+            else:
+                resp = web.Response(body=entry.body(), content_type=_JSON)
+        resp.headers[REQUEST_ID_HEADER] = rid
+        if request.method == "GET":
+            status = resp.status
+            counts[status] = counts.get(status, 0) + 1
+            dt = clock() - t0
+            hist[bisect_left(buckets, dt)] += 1
+            hist[-1] += dt
+        else:  # HEAD
+            observe(template, request.method, resp.status, clock() - t0)
+        return resp
 
     return get_resource
 
@@ -239,6 +312,8 @@ async def get_watch(request: web.Request) -> web.StreamResponse:
     )
     if resolver.stale:
         resp.headers[STALE_HEADER] = "1"
+    if _RID in request:
+        resp.headers[REQUEST_ID_HEADER] = request[_RID]
     task = asyncio.current_task()
     assert task is not None
     streams.add(task)
@@ -414,4 +489,5 @@ def create_app(
     add_ui_routes(app, config)  # the web console at /ui/, /v1/anchor (docs/console.md)
     # last: unknown routes, newlines in the path included
     app.router.add_route("*", "/{path:(?s:.*)}", _no_route, name="other")
+    _observe_routes(app)
     return app

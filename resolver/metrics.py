@@ -11,9 +11,25 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+
+from resolver.observe import RequestStats
 
 if TYPE_CHECKING:
     from resolver.core import Resolver
@@ -29,6 +45,11 @@ class ResolverMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)  # process_*, python_*: the default registry's collectors
+        self.requests = RequestStats("resolver")
+        """``cpi_http_requests_total`` and ``cpi_http_request_duration_seconds``."""
+        r.register(self.requests)
         self.not_found = Counter(
             "cpi_resolver_lookups_not_found", "Lookups of CPIDs without a served record", registry=r
         )
@@ -52,6 +73,11 @@ class ResolverMetrics:
         self.dns_stats: Callable[[], dict[str, int]] | None = None
         """The DNS front end's counters (``DnsServer.stats``), set when it starts;
         exported at scrape time as ``cpi_resolver_dns_*``."""
+        self.dns_answers: Callable[[], tuple[dict[tuple[str, str], int], list[int], int]] | None = (
+            None
+        )
+        """The DNS front end's answers by type and rcode and their sizes
+        (``DnsServer.answer_stats``), exported at scrape time."""
 
     def bind(self, resolver: Resolver) -> None:
         """Report the figures of ``resolver``'s replica at every scrape."""
@@ -204,6 +230,7 @@ class _ReplicaCollector(Collector):
         checks.add_metric(["pool"], r._verifier.checked_pool)
         yield checks
         yield from _dns_metrics(r.metrics.dns_stats)
+        yield from _dns_answer_metrics(r.metrics.dns_answers)
 
 
 _DNS_GAUGES = frozenset({"cached", "rrl_prefixes", "tcp_open"})
@@ -220,3 +247,34 @@ def _dns_metrics(stats: Callable[[], dict[str, int]] | None) -> Iterator[Metric]
             yield GaugeMetricFamily(name, text, value=value)
         else:
             yield CounterMetricFamily(name, text, value=value)
+
+
+def _dns_answer_metrics(
+    answers: Callable[[], tuple[dict[tuple[str, str], int], list[int], int]] | None,
+) -> Iterator[Metric]:
+    """``cpi_resolver_dns_answers_total{qtype,rcode}`` and the answer-size histogram."""
+    if answers is None:
+        return
+    from resolver.dns.answerer import ANSWER_SIZE_BUCKETS
+
+    by_kind, sizes, total_bytes = answers()
+    family = CounterMetricFamily(
+        "cpi_resolver_dns_answers",
+        "DNS answers (cache hits included) by query type and rcode",
+        labels=["qtype", "rcode"],
+    )
+    for (qtype, rcode), n in sorted(by_kind.items()):
+        family.add_metric([qtype, rcode], n)
+    yield family
+    if not sizes:
+        return
+    buckets: list[tuple[str, float]] = []
+    running = 0
+    for le, n in zip((*(str(b) for b in ANSWER_SIZE_BUCKETS), "+Inf"), sizes, strict=True):
+        running += n
+        buckets.append((le, running))
+    sizes_family = HistogramMetricFamily(
+        "cpi_resolver_dns_answer_bytes", "Size of DNS answers sent (bytes, before UDP/TCP framing)"
+    )
+    sizes_family.add_metric([], buckets, total_bytes)
+    yield sizes_family

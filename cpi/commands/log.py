@@ -16,7 +16,13 @@ import signal
 from cpi.commands._etcd import etcd_argument, open_index
 from cpi.errors import UsageError
 from cpi.output import emit, is_json, output_arguments
-from registry.logsigner import DEFAULT_ORIGIN, LogSigner, init_log_key, vkey_path_for
+from registry.logsigner import (
+    DEFAULT_ORIGIN,
+    LogSigner,
+    SignerMetrics,
+    init_log_key,
+    vkey_path_for,
+)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,6 +66,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--once", action="store_true", help="sign one checkpoint (if needed) and exit"
     )
     output_arguments(sign)
+    sign.add_argument(
+        "--metrics-port",
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics over plain HTTP at http://HOST:PORT/metrics "
+        "(HOST defaults to 127.0.0.1; docs/operations.md)",
+    )
+    sign.add_argument(
+        "--metrics-textfile",
+        metavar="PATH",
+        help="write the metrics to PATH (node_exporter textfile collector) after every round",
+    )
     sign.set_defaults(handler=run_sign)
 
 
@@ -84,8 +101,15 @@ async def _sign(args: argparse.Namespace) -> int:
     key, verifier, created = init_log_key(args.key, origin=args.origin)
     if created and not is_json(args):
         print(f"created log key {args.key}; verifier key {verifier.to_vkey()}", flush=True)
+    metrics = SignerMetrics()
+    port = getattr(args, "metrics_port", None)
+    if port:
+        host, _, number = str(port).rpartition(":")
+        bound = metrics.serve(int(number), host or "127.0.0.1")
+        print(f"log signer metrics at http://{host or '127.0.0.1'}:{bound}/metrics", flush=True)
+    textfile = getattr(args, "metrics_textfile", None)
     async with open_index(args.etcd, args=args) as index:
-        signer = LogSigner(index, key, origin=args.origin)
+        signer = LogSigner(index, key, origin=args.origin, metrics=metrics)
         if args.once:
             await signer.load()
             result = await signer.sign()
@@ -111,7 +135,8 @@ async def _sign(args: argparse.Namespace) -> int:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
         print(f"log signer {args.origin} running every {args.interval:g} s", flush=True)
-        await signer.run(interval=args.interval, stop=stop)
+        tick = (lambda: metrics.write(textfile)) if textfile else None
+        await signer.run(interval=args.interval, stop=stop, on_tick=tick)
     return 0
 
 

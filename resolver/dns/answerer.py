@@ -31,6 +31,7 @@ also expire by the clock, so a TTL never outlives the liveness it was computed f
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import itertools
 import logging
@@ -145,6 +146,40 @@ class _Cached:
     body: bytes  # the response without its 2-byte ID
     expires: float  # time.monotonic() after which it must be rendered again
     tags: tuple[str, ...]
+    kind: tuple[str, str]  # (query type, rcode): the key of DnsAnswerer.answers
+    bucket: int  # the answer size's bucket in DnsAnswerer.sizes
+
+
+ANSWER_SIZE_BUCKETS: Final = (64, 128, 256, 512, 1024, 1232, 1500, 4096, 16384, 65535)
+"""Upper bounds (bytes) of the answer-size histogram (1232: the EDNS default of DNS Flag Day 2020)."""
+_QTYPES: Final = frozenset(
+    {
+        "A",
+        "AAAA",
+        "TXT",
+        "SRV",
+        "NS",
+        "SOA",
+        "PTR",
+        "CNAME",
+        "MX",
+        "ANY",
+        "HTTPS",
+        "SVCB",
+        "CAA",
+        "DS",
+        "DNSKEY",
+        "AXFR",
+        "IXFR",
+        "NULL",
+    }
+)
+
+
+def _qtype_label(rdtype: dns.rdatatype.RdataType) -> str:
+    """The query type's name when it is a common one, else ``other`` (bounded labels)."""
+    name = dns.rdatatype.to_text(rdtype)
+    return name if name in _QTYPES else "other"
 
 
 @dataclass(slots=True)
@@ -282,6 +317,11 @@ class DnsAnswerer:
         self.queries = 0
         self.hits = 0
         self.rcodes: dict[str, int] = {}
+        self.answers: dict[tuple[str, str], int] = {}
+        """Answers (cache hits included) by (query type, rcode)."""
+        self.sizes = [0] * (len(ANSWER_SIZE_BUCKETS) + 1)
+        """Answers per size bucket (:data:`ANSWER_SIZE_BUCKETS`, then larger)."""
+        self.size_sum = 0
         self._remove_listener: Callable[[], None] | None = resolver.add_listener(self._on_event)
 
     def close(self) -> None:
@@ -309,6 +349,9 @@ class DnsAnswerer:
             expires = hit.expires
             if expires == _INF or expires > self._monotonic():
                 self.hits += 1
+                self.answers[hit.kind] += 1
+                self.sizes[hit.bucket] += 1
+                self.size_sum += len(hit.body) + 2
                 return wire[:2] + hit.body
         return self._render(wire, key, tcp)
 
@@ -355,14 +398,23 @@ class DnsAnswerer:
                     if not members:
                         del self._tagged[tag]
 
-    def _store(self, t: int, key: bytes, body: bytes, expires: float, tags: Iterable[str]) -> None:
+    def _store(
+        self,
+        t: int,
+        key: bytes,
+        body: bytes,
+        expires: float,
+        tags: Iterable[str],
+        kind: tuple[str, str],
+        bucket: int,
+    ) -> None:
         cache = self._caches[t]
         if key in cache:
             self._evict(t, key)
         elif len(cache) >= self.cache_size:
             for old in list(itertools.islice(cache, max(1, self.cache_size // 8))):
                 self._evict(t, old)
-        item = _Cached(body, expires, tuple(tags))
+        item = _Cached(body, expires, tuple(tags), kind, bucket)
         cache[key] = item
         for tag in item.tags:
             self._tagged.setdefault(tag, set()).add((t, key))
@@ -414,8 +466,14 @@ class DnsAnswerer:
                 response.use_edns(False)
                 out = response.to_wire(max_size=limit)
         self._count(response.rcode())
+        qtype = _qtype_label(query.question[0].rdtype) if query.question else "none"
+        kind = (qtype, Rcode.to_text(response.rcode()))
+        self.answers[kind] = self.answers.get(kind, 0) + 1
+        bucket = bisect.bisect_left(ANSWER_SIZE_BUCKETS, len(out))
+        self.sizes[bucket] += 1
+        self.size_sum += len(out)
         if cacheable:
-            self._store(tcp, key, out[2:], expires, tags)
+            self._store(tcp, key, out[2:], expires, tags, kind, bucket)
         return out
 
     def _error(self, query: dns.message.Message, rcode: Rcode) -> dns.message.Message:

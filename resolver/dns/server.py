@@ -242,6 +242,7 @@ class DnsServer:
         metrics = getattr(self._resolver, "metrics", None)
         if metrics is not None and hasattr(metrics, "dns_stats"):
             metrics.dns_stats = self.stats
+            metrics.dns_answers = self.answer_stats
         _log.info(
             "DNS for zone %s on %s port %d (UDP, TCP); rate limit %s",
             answerer.zone,
@@ -263,6 +264,14 @@ class DnsServer:
         out["tcp_refused"] = self.tcp_refused
         out["tcp_idle_closed"] = self.tcp_idle_closed
         return out
+
+    def answer_stats(self) -> tuple[dict[tuple[str, str], int], list[int], int]:
+        """Answers by (query type, rcode), answers per size bucket
+        (:data:`~resolver.dns.answerer.ANSWER_SIZE_BUCKETS`, then larger), total bytes."""
+        a = self._answerer
+        if a is None:
+            return {}, [], 0
+        return dict(a.answers), list(a.sizes), a.size_sum
 
     async def close(self) -> None:
         """Stop listening, end open TCP connections, drop the cache."""

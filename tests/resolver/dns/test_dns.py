@@ -694,9 +694,13 @@ async def test_the_resolver_service_runs_dns_when_configured(
     await served(client.app[RESOLVER], node.cpid)
     resp = await ask(srv, name_of(node.cpid))
     assert txt(resp)[0] == f"cpid={node.cpid}"
+    resp = await ask(srv, name_of(node.cpid))  # from the cache: counted by type too
     assert srv.rrl_responses_per_s == 50 and srv.max_tcp_per_client == 16
     # the DNS counters are in /metrics
     metrics = await (await client.get("/metrics")).text()
+    assert 'cpi_resolver_dns_answers_total{qtype="TXT",rcode="NOERROR"} 2.0' in metrics
+    assert 'cpi_resolver_dns_answer_bytes_bucket{le="+Inf"} 2.0' in metrics
+    assert "cpi_resolver_dns_answer_bytes_sum" in metrics
     for counter in ("rrl_limited", "rrl_slipped", "tcp_refused", "tcp_idle_closed"):
         assert f"cpi_resolver_dns_{counter}_total 0.0" in metrics, counter
     assert "cpi_resolver_dns_cache_hits_total" in metrics
