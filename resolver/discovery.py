@@ -321,6 +321,7 @@ class Match:
             "cpid": self.cpid,
             "score": round(self.score, 6),
             "free": self.free,
+            "claimed": e.claimed,
             "latency_ms": self.latency_ms,
             "record": e.record_dict(),
             "live": e.live,

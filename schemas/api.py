@@ -139,6 +139,7 @@ class DiscoverMatch(_Wire):
     cpid: str
     score: float
     free: NonNegative
+    claimed: NonNegative = Field(description="units claimed now (/alloc/), as watch events say")
     latency_ms: float | None
     record: Record = Field(description="the decoded record.v1 payload")
     live: bool
