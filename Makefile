@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: up demo test lint typecheck pytest bench clean
+.PHONY: up demo test lint typecheck pytest sysdeps bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy schemas registry resolver cpi seeds
 
-pytest: $(STAMP)
+sysdeps:
+	bash tools/sysdeps.sh
+
+pytest: $(STAMP) sysdeps
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck pytest
