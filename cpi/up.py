@@ -603,7 +603,16 @@ def up(opts: UpOptions) -> int:
                     Child(
                         name,
                         python_argv(
-                            *_resolver_args(opts, etcd_arg, anchor, ports, resolver_creds, i)
+                            *_resolver_args(
+                                opts,
+                                etcd_arg,
+                                anchor,
+                                ports,
+                                resolver_creds,
+                                i,
+                                # warm restarts: each resolver keeps its own snapshot
+                                data / "resolver" / f"r{i}",
+                            )
                         ),
                         logs / f"{name}.log",
                         ready=http_ready(f"{http_url}/readyz", https),
@@ -694,7 +703,9 @@ def _resolver_args(
     ports: dict[str, int],
     creds: Credentials,
     instance: int = 0,
+    snapshot_dir: Path | None = None,
 ) -> list[str]:
+    snapshot = ["--snapshot-dir", str(snapshot_dir)] if snapshot_dir is not None else []
     return [
         "resolver", "serve",
         "--tls-cert", str(creds.tls.cert),
@@ -705,6 +716,7 @@ def _resolver_args(
         "--port", str(ports[_port_key("resolver_http", instance)]),
         "--dns-port", str(ports[_port_key("resolver_dns", instance)]),
         "--zone", opts.zone,
+        *snapshot,
     ]  # fmt: skip
 
 

@@ -60,6 +60,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--zone", help="DNS zone the resolver answers for (e.g. cpi.)")
     serve.add_argument("--latency-table", metavar="FILE", help="region RTT table (JSON)")
     serve.add_argument(
+        "--snapshot-dir",
+        metavar="DIR",
+        help="keep an integrity-protected snapshot of the verified replica here for warm "
+        "restarts (docs/resolver.md)",
+    )
+    serve.add_argument(
         "--workers",
         type=int,
         metavar="N",
@@ -80,6 +86,7 @@ def run_serve(args: argparse.Namespace) -> int:
         "anchor_files": args.anchor,
         "zone": args.zone,
         "latency_table": args.latency_table,
+        "snapshot_dir": args.snapshot_dir,
         "dns_host": args.dns_host,
         "dns_port": args.dns_port,
         "workers": args.workers,

@@ -188,6 +188,10 @@ def test_up_runs_stack_registers_node_and_reuses_state(stack: Up, tmp_path: Path
     assert "stopped" in out
     time.sleep(0.5)
     assert _procs_mentioning(str(stack.data_dir)) == []
+    # the resolver left its replica snapshot (0600 key beside it) for a warm restart
+    snap = stack.data_dir / "resolver" / "r0"
+    assert (snap / "replica.snap").is_file()
+    assert stat.S_IMODE((snap / "snapshot.key").stat().st_mode) == 0o600
 
     # second run: same ports, same anchor, same tokens; the record is still in the index
     anchor_before = Path(up["anchor"]).read_bytes()
