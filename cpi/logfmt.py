@@ -2,8 +2,7 @@
 
 ``cpi --log-format json`` (or ``CPI_LOG_FORMAT=json``) writes each record as
 ``{"time", "level", "logger", "message"}`` plus, when known, ``request_id`` (from the
-services' request context, :data:`registry.observe.REQUEST_ID` and
-:data:`resolver.observe.REQUEST_ID`), ``cpid``, ``route``, ``status`` and ``outcome``
+services' request context, :data:`schemas.observe.REQUEST_ID`), ``cpid``, ``route``, ``status`` and ``outcome``
 (given by the code as ``extra=``).  Text lines carry the same fields as ``key=value``
 after the message.  Nothing here adds request headers or bodies: a token or password
 appears in a log line only if code puts it in a message, which the tests look for.
@@ -17,8 +16,7 @@ import logging
 import os
 from typing import Final
 
-from registry.observe import REQUEST_ID as REGISTRY_REQUEST_ID
-from resolver.observe import REQUEST_ID as RESOLVER_REQUEST_ID
+from schemas.observe import REQUEST_ID
 
 __all__ = ["FORMATS", "JsonFormatter", "TextFormatter", "configure", "log_format"]
 
@@ -31,7 +29,7 @@ def _context(record: logging.LogRecord) -> dict[str, object]:
     out: dict[str, object] = {}
     rid = getattr(record, "request_id", None)
     if rid is None:
-        rid = REGISTRY_REQUEST_ID.get() or RESOLVER_REQUEST_ID.get()
+        rid = REQUEST_ID.get()
     if rid is not None:
         out["request_id"] = rid
     for name in _FIELDS:

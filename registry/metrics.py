@@ -17,7 +17,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from registry.observe import RequestStats
+from schemas.observe import RequestStats
 
 __all__ = ["RegistryMetrics"]
 

@@ -13,7 +13,7 @@ GET         /healthz, /readyz, /metrics
 
 Errors are ``{"error": {"code", "message"}}``; one middleware maps the
 :mod:`schemas.errors` tree to status codes (each class's ``http_status``), gives each
-request its ``X-Request-Id`` and counts and times it by route (:mod:`registry.observe`).  The index, the
+request its ``X-Request-Id`` and counts and times it by route (:mod:`schemas.observe`).  The index, the
 instance lease and the liveness sweeper live in ``cleanup_ctx``.
 """
 
@@ -47,7 +47,6 @@ from registry.errors import (
 from registry.index import Index
 from registry.liveness import Liveness
 from registry.metrics import RegistryMetrics
-from registry.observe import REQUEST_ID, REQUEST_ID_HEADER, request_id, route_label
 from registry.openapi import openapi_handler
 from registry.ratelimit import BucketTable
 from registry.registrar import Registrar
@@ -65,6 +64,7 @@ from schemas.errors import (
     RetrievalError,
 )
 from schemas.http import bearer_token, check_utf8_json
+from schemas.observe import REQUEST_ID, REQUEST_ID_HEADER, request_id, route_label
 
 __all__ = [
     "CONFIG",
@@ -204,7 +204,7 @@ def _state(request: web.Request) -> RegistryState:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Map the error tree (and aiohttp's own HTTP errors) to JSON error answers; give
     each request its id (``X-Request-Id``, echoed on every answer) and count and time it
-    by route template (:mod:`registry.observe`)."""
+    by route template (:mod:`schemas.observe`)."""
     t0 = time.perf_counter()
     rid = request_id(request.headers)
     REQUEST_ID.set(rid)  # each request runs in its own task: its own context

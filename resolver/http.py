@@ -25,7 +25,7 @@ aiohttp wrap *every* request in two more coroutines (the middleware and its own
 calls it itself; every other route is wrapped with :func:`json_errors`; a catch-all
 route answers unknown paths (404) and methods (405) the same way.  For the same reason
 request ids (``X-Request-Id``) and the per-route counts and timings
-(:mod:`resolver.observe`) are not a middleware either: the lookup handler does them
+(:mod:`schemas.observe`) are not a middleware either: the lookup handler does them
 inline, and :func:`create_app` wraps every other route's handler once (:func:`observed`).
 """
 
@@ -53,13 +53,13 @@ from resolver.dns.server import DnsServer
 from resolver.errors import NotReadyError, TooManyWatchesError, WatchCapacityError
 from resolver.events import Event, parse_cursor
 from resolver.metrics import ResolverMetrics
-from resolver.observe import BUCKETS, REQUEST_ID, REQUEST_ID_HEADER, request_id, route_label
 from resolver.openapi import openapi_handler
 from resolver.ui import add_ui_routes
 from schemas.errors import (
     CPIError,
     NotFoundError,
 )
+from schemas.observe import BUCKETS, REQUEST_ID, REQUEST_ID_HEADER, request_id, route_label
 
 __all__ = [
     "CONFIG",
@@ -143,7 +143,7 @@ def json_errors(handler: Handler) -> Handler:
 
 def observed(handler: Handler, template: str) -> Handler:
     """``handler`` with a request id (``X-Request-Id``, echoed, in :data:`REQUEST_ID` for
-    the log lines) and counted and timed under ``template`` (:mod:`resolver.observe`).
+    the log lines) and counted and timed under ``template`` (:mod:`schemas.observe`).
     Not a middleware (see the module doc): :func:`create_app` wraps each route's handler
     but the lookup's, which does the same itself."""
     if getattr(handler, "_observed", False):

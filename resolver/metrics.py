@@ -29,7 +29,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from resolver.observe import RequestStats
+from schemas.observe import RequestStats
 
 if TYPE_CHECKING:
     from resolver.core import Resolver

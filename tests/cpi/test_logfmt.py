@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cpi import logfmt
-from registry.observe import REQUEST_ID
+from schemas.observe import REQUEST_ID
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,5 +1,5 @@
 """deploy/grafana/cpi.json and deploy/prometheus/: valid dashboard JSON and alert
-rules whose every metric exists in the code (registry/, resolver/, the log check), and
+rules whose every metric exists in the code (registry/, resolver/, schemas/, the log check), and
 the log check's textfile output."""
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def dns_counters() -> dict[str, str]:
 def families() -> dict[str, str]:
     """Every metric family the code defines: ``{name: type}``."""
     found: dict[str, str] = {}
-    for package in ("registry", "resolver"):
+    for package in ("registry", "resolver", "schemas"):
         for path in (ROOT / package).rglob("*.py"):
             for ctor, name in _CONSTRUCTOR.findall(path.read_text()):
                 found[name] = ctor.removesuffix("MetricFamily").lower()

@@ -1,4 +1,4 @@
-"""Per-request observability of the registry: request ids and per-route HTTP metrics.
+"""Per-request observability of the HTTP services: request ids and per-route HTTP metrics.
 
 * :func:`request_id` takes a client's ``X-Request-Id`` when it is 1-64 characters of
   ``[A-Za-z0-9._-]`` and otherwise makes one (16 hex digits: 6 random per process, then
@@ -8,10 +8,11 @@
 * :class:`RequestStats` counts answers by ``route`` (the route's path template, never
   the raw path: ``other`` for no route), ``method`` and ``status``, and times them, as
   ``cpi_http_requests_total`` and ``cpi_http_request_duration_seconds`` with
-  ``service="registry"``.  Plain ints and lists, read at scrape time: no lock per request.
+  with the ``service`` label each service gives it (``registry``, ``resolver``).  Plain
+  ints and lists, read at scrape time: no lock per request.
 
-The resolver has its own copy (:mod:`resolver.observe`): the read side imports nothing
-of the write side but ``registry.index``.
+Both sides use this one module (the registry and the resolver may share only
+:mod:`schemas`); it does no I/O: the services serve what it counts.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 REQUEST_ID_HEADER: Final = "X-Request-Id"
-REQUEST_ID: ContextVar[str | None] = ContextVar("cpi_registry_request_id", default=None)
+REQUEST_ID: ContextVar[str | None] = ContextVar("cpi_request_id", default=None)
 """The id of the request being handled (``None`` outside a request)."""
 
 _VALID_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
