@@ -523,6 +523,8 @@ class ClaimService:
         for chunk, result in zip(chunks, results, strict=True):
             kvs = [r.kvs[0] if r.kvs else None for r in result.responses]
             for i, c in enumerate(chunk):
+                self._remember(Keys.live(c), kvs[2 * i])
+                self._remember(Keys.alloc(c), kvs[2 * i + 1])
                 rooms[c] = self._room(c, kvs[2 * i], kvs[2 * i + 1])
 
     @staticmethod
@@ -532,13 +534,28 @@ class ClaimService:
             Op.get(Keys.holder(holder)),
         ]
 
-    @staticmethod
     def _gang_snapshot(
-        cpids: list[str], responses: list[Any]
+        self, cpids: list[str], holder: str, responses: list[Any]
     ) -> tuple[dict[str, tuple[KV | None, KV | None]], KV | None]:
+        """The answers to :meth:`_gang_reads` (remembered, as :meth:`_snapshot` does)."""
         kvs = [r.kvs[0] if r.kvs else None for r in responses]
         keys = {c: (kvs[2 * i], kvs[2 * i + 1]) for i, c in enumerate(cpids)}
+        for c, (live, alloc) in keys.items():
+            self._remember(Keys.live(c), live)
+            self._remember(Keys.alloc(c), alloc)
+        self._remember(Keys.holder(holder), kvs[-1])
         return keys, kvs[-1]
+
+    def _gang_cached(
+        self, cpids: list[str], holder: str
+    ) -> tuple[dict[str, tuple[KV | None, KV | None]], KV | None, bool] | None:
+        """The gang's keys as remembered (not fresh), or None when one is unknown."""
+        known = self._known
+        names = [k for c in cpids for k in (Keys.live(c), Keys.alloc(c))]
+        if not all(k in known for k in (*names, Keys.holder(holder))):
+            return None
+        keys = {c: (known[Keys.live(c)], known[Keys.alloc(c)]) for c in cpids}
+        return keys, known[Keys.holder(holder)], False
 
     async def _purge_expired_where(self, keep: Callable[[Claim], bool]) -> int:
         """Remove the claims past ``expires_at`` that ``keep`` selects; how many."""
@@ -564,6 +581,8 @@ class ClaimService:
         rooms = {m.cpid: m.free for m in found}  # the replica's view until read from etcd
         table = self._resolver.latency
         all_read = purged = purged_holder = False
+        use_cache = True
+        given: tuple[dict[str, tuple[KV | None, KV | None]], KV | None] | None = None
         attempt = 0
         lease: Lease | None = None
         started = 0
@@ -587,14 +606,30 @@ class ClaimService:
                             continue
                     raise self._gang_refusal(spec, chosen, len(order))
                 cpids = [c for c, _ in chosen.parts]
+                if lease is None:  # granted outside the gate (a refusal revokes it)
+                    started = int(self._clock())
+                    lease = await self._index.grant_lease(ttl, revoke_on_exit=False)
                 async with self._gate.hold_all(cpids):
-                    result = await self._index.txn(success=self._gang_reads(cpids, holder))
-                    keys, holder_kv = self._gang_snapshot(cpids, result.responses)
+                    snap = None
+                    if given is not None and set(given[0]) == set(cpids):
+                        snap = (*given, True)  # the last failure branch's fresh keys
+                    elif use_cache:
+                        snap = self._gang_cached(cpids, holder)
+                    given = None
+                    if snap is None:
+                        result = await self._index.txn(success=self._gang_reads(cpids, holder))
+                        snap = (*self._gang_snapshot(cpids, holder, result.responses), True)
+                    keys, holder_kv, fresh = snap
                     for c, (live, alloc) in keys.items():
                         rooms[c] = self._room(c, live, alloc)
-                    if any(rooms[c] < u for c, u in chosen.parts):
-                        continue  # fewer units than the replica showed: choose again
                     held = read_units(holder_kv)
+                    short = any(rooms[c] < u for c, u in chosen.parts)
+                    over = held is None or (max_units is not None and held + spec.units > max_units)
+                    if (short or over) and not fresh:
+                        use_cache = False  # decide on what etcd says now
+                        continue
+                    if short:
+                        continue  # fewer units than the replica showed: choose again
                     if held is None:
                         self._trigger.set()
                         raise ContentionError(
@@ -617,17 +652,13 @@ class ClaimService:
                             held=held,
                             requested=spec.units,
                         )
-                    if lease is None:
-                        started = int(self._clock())
-                        lease = await self._index.grant_lease(ttl, revoke_on_exit=False)
                     whole = self._gang_of(chosen.parts, holder, started, lease)
-                    done, fresh = await self._commit_gang(whole, keys, holder_kv)
+                    done, given = await self._commit_gang(whole, keys, holder_kv)
                     if done:
                         lease = None  # the claim keys own it now
                         return whole
-                    assert fresh is not None
-                    keys, _ = fresh
-                    for c, (live, alloc) in keys.items():
+                    assert given is not None
+                    for c, (live, alloc) in given[0].items():
                         rooms[c] = self._room(c, live, alloc)
                     attempt += 1
                     self.metrics.retries.inc()
@@ -746,8 +777,7 @@ class ClaimService:
                 self._remember(key, _written(key, new_alloc[c], keys[c][1], result.revision))
             self._remember(holder_key, _written(holder_key, new_held, holder_kv, result.revision))
             return True, None
-        self._forget(holder_key, *(Keys.alloc(c) for c in cpids))
-        return False, self._gang_snapshot(cpids, result.responses)
+        return False, self._gang_snapshot(cpids, whole.holder, result.responses)
 
     async def _claim_one(
         self, cpid: str, units: int, ttl: int, holder: str, max_units: int | None
