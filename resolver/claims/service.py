@@ -55,6 +55,27 @@ hardware).  A node that does not subtract (no ``claimed_units`` metric) gives
 
 **Claim ids** are ``<prefix>~<suffix>~<random>`` (the CPID with ``~`` for ``/``, then
 16 random URL-safe characters), so a release finds the key without a lookup.
+
+**Gangs** (:meth:`ClaimService.claim_gang`, parts chosen by
+:func:`resolver.claims.gang.plan_gang`) claim units on several resources under one
+claim id, all or nothing: one transaction compares the live and ``/alloc/`` key of
+every part and the holder's key, writes every total and puts one claim key per part,
+all on one lease.  The id names the *anchor* part, whose value lists every part.
+Within a process, a gang and the leaders of its CPIDs take turns on per-CPID gates.
+
+**Renewal** (:meth:`ClaimService.renew`) moves every key of a claim to a new lease with
+a new ``expires_at`` in one transaction comparing each key, then revokes the old lease:
+the units are held throughout.
+
+Where a claim ends or is renewed (one place each, for hooks): :meth:`ClaimService._release`
+(a single claim released; it hands a gang to :meth:`ClaimService._release_gang`),
+:meth:`ClaimService._purge_one` (a single claim past ``expires_at`` removed; a gang goes to
+:meth:`ClaimService._purge_gang`), both gang paths through
+:meth:`ClaimService._remove_gang` (which returns the gang as a whole), and
+:meth:`ClaimService._renew` (the previous term ends, the new one starts at the returned
+claim's ``expires_at``).  A lease that runs out deletes the keys in etcd with no code of
+ours on the path; the reconciler's watch (:meth:`ClaimService._watch_claims`) sees the
+deletes.
 """
 
 from __future__ import annotations
