@@ -33,6 +33,7 @@ makes the replica list the index again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import logging
 import math
@@ -731,12 +732,9 @@ class ReplicaState:
         now = self.clock()
         total = 0
         for value, _, _ in self.claims.get(cpid, {}).values():
-            expires_at = _claim_expiry(value)
+            units, expires_at = _claim_terms(value)
             if expires_at and expires_at <= now:
-                with _suppress_bad_claim():
-                    units = _json.loads(value)["units"]
-                    if isinstance(units, int) and not isinstance(units, bool) and units > 0:
-                        total += units
+                total += units
         return total
 
     # -- trust ------------------------------------------------------------------------
@@ -1248,12 +1246,25 @@ class ReplicaState:
 
 def _claim_expiry(value: bytes) -> float:
     """A claim value's ``expires_at`` (0 when unreadable: such a claim is not expired)."""
+    return _claim_terms(value)[1]
+
+
+@functools.lru_cache(maxsize=16_384)
+def _claim_terms(value: bytes) -> tuple[int, float]:
+    """``(units, expires_at)`` of a claim value (0 for what is unreadable).  Cached by
+    value: an entry rebuild looks at every claim on its CPID, and parsing each claim's
+    JSON every time made a resource with thousands of claims cost seconds per write."""
+    units, exp = 0, 0.0
     with _suppress_bad_claim():
         obj = _json.loads(value)
-        exp = obj.get("expires_at") if isinstance(obj, dict) else None
-        if isinstance(exp, int | float) and not isinstance(exp, bool):
-            return float(exp)
-    return 0.0
+        if isinstance(obj, dict):
+            e = obj.get("expires_at")
+            if isinstance(e, int | float) and not isinstance(e, bool):
+                exp = float(e)
+            u = obj.get("units")
+            if isinstance(u, int) and not isinstance(u, bool) and u > 0:
+                units = u
+    return units, exp
 
 
 def _suppress_bad_claim() -> contextlib.suppress:

@@ -520,13 +520,13 @@ async def test_randomized_contention_never_over_allocates_nor_leaves_a_partial_g
                 outcomes[f"{op} {exc.code}"] += 1
             run.ops[op] += 1
             await check_invariants(stack.index, run, cpids)
-            await asyncio.sleep(rng.random() * 0.03)
+            await asyncio.sleep(rng.uniform(0.04, 0.1))  # the run outlasts the short TTLs
 
     await asyncio.gather(*(worker(w) for w in range(8)))
     assert sum(run.ops.values()) == 360 and run.checks == 360
-    assert outcomes["gang ok"] >= 10 and outcomes["single ok"] >= 10, outcomes
-    assert outcomes["gang insufficient_capacity"] >= 5, outcomes  # there was contention
-    assert outcomes["renew ok"] >= 5 and outcomes["release ok"] >= 5, outcomes
+    assert outcomes["gang ok"] >= 3 and outcomes["single ok"] >= 10, outcomes
+    assert outcomes["gang insufficient_capacity"] >= 3, outcomes  # there was contention
+    assert outcomes["renew ok"] >= 3 and outcomes["release ok"] >= 3, outcomes
     assert not any(k.endswith(("unavailable", "internal")) for k in outcomes), outcomes
     assert run.with_expired > 0  # some claims ended by their leases running out
 
