@@ -322,6 +322,9 @@ class ReplicaState:
         self._revoked_serials: set[str] = set()
         self._deadlines: list[tuple[float, str, int]] = []
         self._claim_deadlines: list[tuple[float, str]] = []  # (expires_at, cpid)
+        self._claim_soonest: dict[str, float] = {}
+        """CPID -> at most the earliest ``expires_at`` of its claims (absent: unknown), so
+        an entry rebuild skips looking at every claim while none can have expired."""
         self._live_count: Counter[str] = Counter()
         self._lease_refs: Counter[int] = Counter()  # lease id -> live keys on it
         self._windows: dict[str, deque[tuple[float, str, _Live]]] = {}
@@ -704,6 +707,8 @@ class ReplicaState:
             return
         self.claims.setdefault(cpid, {})[claim_id] = (ch.value, ch.revision, ch.lease)
         expires_at = _claim_expiry(ch.value)
+        if expires_at and cpid in self._claim_soonest:
+            self._claim_soonest[cpid] = min(self._claim_soonest[cpid], expires_at)
         if expires_at:
             heapq.heappush(self._claim_deadlines, (expires_at, cpid))
 
@@ -730,11 +735,20 @@ class ReplicaState:
         """Units of the claims on ``cpid`` whose ``expires_at`` has passed but whose keys
         remain (a lease re-armed by an etcd restart): ``/alloc/`` still counts them."""
         now = self.clock()
+        if self._claim_soonest.get(cpid, 0.0) > now:
+            return 0  # no claim on it can have expired yet
         total = 0
+        soonest = math.inf
         for value, _, _ in self.claims.get(cpid, {}).values():
             units, expires_at = _claim_terms(value)
-            if expires_at and expires_at <= now:
-                total += units
+            if expires_at:
+                soonest = min(soonest, expires_at)
+                if expires_at <= now:
+                    total += units
+        if cpid in self.claims:
+            self._claim_soonest[cpid] = soonest
+        else:
+            self._claim_soonest.pop(cpid, None)
         return total
 
     # -- trust ------------------------------------------------------------------------
