@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from cpi.errors import EXIT_REFUSED, EXIT_USAGE
-from registry.index import Index, Keys, Prefix
+from registry.index import Compacted, Index, Keys, Prefix
+from registry.index.layout import ROOT as KEY_ROOT
 from resolver.claims.gang import GangSpec
 from resolver.claims.service import (
     Claim,
@@ -27,6 +28,7 @@ from resolver.claims.service import (
     InsufficientCapacityError,
     QuotaExceededError,
 )
+from resolver.client import SyncResolverClient
 from resolver.discovery import Query
 from schemas.errors import CPIError
 from tests.registry.service_kit import dump
@@ -558,3 +560,54 @@ async def test_gang_refusal_is_read_from_etcd_not_from_the_replica(stack: Stack)
     assert info.value.free == 16 and len(info.value.available or ()) == 2
     got = await stack.service.claim_gang(Query(kind="GPU"), spec=GangSpec(16, 8, 8), holder=holder)
     assert {c for c, _ in got.parts} == {ns[1].cpid, ns[2].cpid}
+
+
+# -- what a watcher sees ---------------------------------------------------------------------
+
+
+async def test_a_watcher_sees_a_gang_in_one_revision_or_not_at_all(stack: Stack) -> None:
+    ns = await nodes(stack, 4)
+    start = await stack.index.revision() + 1
+    svc = stack.service
+    gang = await svc.claim_gang(Query(kind="GPU"), spec=GangSpec(32, 8, 8), holder="w")
+    await svc.renew(gang.claim_id, holder="w", ttl_s=120)
+    await svc.release(gang.claim_id, holder="w")
+    end = await stack.index.revision()
+    await stack.index.put(Keys.holder("sentinel"), '{"units":0}')  # after every event we want
+    by_rev: dict[int, list[tuple[str, str]]] = {}
+    async with stack.index.watch_prefix(KEY_ROOT, start_revision=start) as watch:
+        async for ev in watch:
+            assert not isinstance(ev, Compacted)
+            if ev.revision > end:
+                break
+            by_rev.setdefault(ev.revision, []).append((ev.type, ev.kv.key))
+    claim_keys = {Keys.claim(n.cpid, gang.claim_id) for n in ns}
+    alloc_keys = {Keys.alloc(n.cpid) for n in ns}
+    touching = {rev: evs for rev, evs in by_rev.items() if {k for _, k in evs} & claim_keys}
+    # grant, renewal, release: three revisions, each with every part (and the totals)
+    assert len(touching) == 3, touching
+    grant, renewal, release = (touching[r] for r in sorted(touching))
+    assert {k for t, k in grant if t == "put"} == claim_keys | alloc_keys | {Keys.holder("w")}
+    assert {k for t, k in renewal} == claim_keys  # the totals are not touched
+    assert {k for t, k in release if t == "delete"} == claim_keys
+    assert {k for t, k in release if t == "put"} == alloc_keys | {Keys.holder("w")}
+
+
+async def test_the_sync_client_claims_renews_and_releases_a_gang(stack: Stack) -> None:
+    """SyncResolverClient (a script's client, in a thread) against the HTTP routes."""
+    await nodes(stack, 2)
+    token = await stack.token("script")
+    url = str(stack.client.make_url("")).rstrip("/")
+
+    def script() -> None:
+        with SyncResolverClient(url, claims_token=token) as client:
+            gang = client.claim_gang(kind="GPU", units=16, per_resource=8, ttl_s=60)
+            assert gang.units == 16 and len(gang.parts) == 2
+            renewed = client.renew(gang, ttl_s=600)
+            assert renewed.expires_at > gang.expires_at and renewed.parts == gang.parts
+            held = client.holdings()
+            assert held.units == 16 and held.claims[0].parts == gang.parts
+            client.release(gang)
+            assert client.holdings().units == 0
+
+    await asyncio.to_thread(script)
