@@ -30,7 +30,7 @@ from resolver.claims.service import (
 )
 from resolver.client import SyncResolverClient
 from resolver.discovery import Query
-from schemas.errors import CPIError
+from schemas.errors import CPIError, IndexTimeoutError
 from tests.registry.service_kit import dump
 from tests.resolver.claims.test_claims import (
     FAST_CLAIMS,
@@ -611,3 +611,40 @@ async def test_the_sync_client_claims_renews_and_releases_a_gang(stack: Stack) -
             assert client.holdings().units == 0
 
     await asyncio.to_thread(script)
+
+
+# -- an unknown outcome ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("applied", [True, False])
+async def test_a_gang_whose_transaction_outcome_is_unknown(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, applied: bool
+) -> None:
+    """etcd timed out on the gang's transaction: the anchor's key says whether it ran."""
+    await nodes(stack, 2)
+    index = stack.index
+    real = index.txn
+
+    async def flaky(**kw: Any) -> Any:
+        writes_claims = any(
+            op.kind == "put" and op.key.startswith(Prefix.CLAIM) for op in kw.get("success", ())
+        )
+        if kw.get("compare") and writes_claims:
+            monkeypatch.setattr(index, "txn", real)  # once
+            if applied:
+                await real(**kw)
+            raise IndexTimeoutError("etcd did not answer in time")
+        return await real(**kw)
+
+    monkeypatch.setattr(index, "txn", flaky)
+    svc = ClaimService(index=index, resolver=stack.resolver, settings=FAST_CLAIMS)
+    spec = GangSpec(16, 8, 8)
+    if applied:
+        gang = await svc.claim_gang(Query(kind="GPU"), spec=spec, holder="u")
+        assert len(await part_keys(index)) == 2
+        assert all([await units_at(index, Keys.alloc(c)) == 8 for c, _ in gang.parts])
+    else:
+        with pytest.raises(IndexTimeoutError):
+            await svc.claim_gang(Query(kind="GPU"), spec=spec, holder="u")
+        await svc.close()  # its lease revocation has run
+        assert await part_keys(index) == [] and await units_at(index, Keys.holder("u")) == 0
