@@ -318,6 +318,11 @@ class Claim:
         if not isinstance(holder, str):
             raise ValueError(f"claim holder {holder!r} is not a string")
         gang_units, gang_parts, parts = _gang_fields(obj)
+        if gang_parts:
+            try:
+                parse_claim_id(claim_id)  # a gang is found through the CPID its id names
+            except InvalidClaimError as exc:
+                raise ValueError(str(exc)) from None
         return cls(
             claim_id=claim_id,
             cpid=cpid,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from resolver.claims.gang import MAX_GANG_PARTS, Candidate, GangSpec, plan_gang
@@ -109,3 +111,35 @@ def test_never_more_parts_than_one_transaction_holds() -> None:
 def test_bad_gang_specs_are_refused(fields: dict[str, object], match: str) -> None:
     with pytest.raises(InvalidClaimError, match=match):
         GangSpec(**fields)  # type: ignore[arg-type]
+
+
+def test_a_stored_gang_part_that_does_not_add_up_is_unreadable() -> None:
+    from registry.index import KV, Keys
+    from resolver.claims.model import Claim
+
+    cpid = "CN.31.CMCC/GPU.4K7Q9M2XH3PT-Z"
+
+    def kv(claim_id: str, value: dict[str, object]) -> KV:
+        raw = json.dumps(value).encode()
+        return KV(Keys.claim(cpid, claim_id), raw, 1, 1, 1, 0)
+
+    good_id = "CN.31.CMCC~GPU.4K7Q9M2XH3PT-Z~q3JkP0c1xYw8aR5t"
+    base = {"claim_id": good_id, "cpid": cpid, "holder": "h", "units": 8, "created_at": 1,
+            "expires_at": 2}  # fmt: skip
+    ok = Claim.from_kv(kv(good_id, {**base, "gang": {"units": 16, "parts": 2},
+                                    "parts": [{"cpid": cpid, "units": 8},
+                                              {"cpid": "CN.3/GPU.X", "units": 8}]}))  # fmt: skip
+    assert ok.is_gang and ok.anchor == cpid and len(ok.parts) == 2
+    assert Claim.from_kv(kv(good_id, base)).is_gang is False
+    for bad in (
+        {"gang": {"units": 16, "parts": 2}, "parts": [{"cpid": cpid, "units": 9}]},
+        {"gang": {"units": 16, "parts": 2}, "parts": [{"cpid": cpid, "units": 8}] * 2 + [{}]},
+        {"gang": {"units": 0, "parts": 2}},
+        {"gang": {"units": 16, "parts": True}},
+        {"gang": [16, 2]},
+        {"gang": {"units": 16, "parts": 2}, "parts": "all"},
+    ):
+        with pytest.raises(ValueError):
+            Claim.from_kv(kv(good_id, {**base, **bad}))
+    with pytest.raises(ValueError, match="malformed"):  # a gang must be found by its id
+        Claim.from_kv(kv("not-an-id", {**base, "gang": {"units": 8, "parts": 1}}))
