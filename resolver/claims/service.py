@@ -641,10 +641,11 @@ class ClaimService:
                         result = await self._index.txn(success=self._gang_reads(cpids, holder))
                         snap = (*self._gang_snapshot(cpids, holder, result.responses), True)
                     keys, holder_kv, fresh = snap
-                    for c, (live, alloc) in keys.items():
-                        rooms[c] = self._room(c, live, alloc)
+                    got = {c: self._room(c, live, alloc) for c, (live, alloc) in keys.items()}
+                    if fresh:  # remembered keys never lower what a refusal is based on
+                        rooms.update(got)
                     held = read_units(holder_kv)
-                    short = any(rooms[c] < u for c, u in chosen.parts)
+                    short = any(got[c] < u for c, u in chosen.parts)
                     over = held is None or (max_units is not None and held + spec.units > max_units)
                     if (short or over) and not fresh:
                         use_cache = False  # decide on what etcd says now
