@@ -541,6 +541,31 @@ class SyncResolverClient:
             self._claims_client().acquire(cpid=cpid, query=query, units=units, ttl_s=ttl_s)
         )
 
+    def claim_gang(
+        self, *, query: Query | None = None, units: int, ttl_s: int | None = None, **kw: Any
+    ) -> Claim:
+        """Claim ``units`` in total over several resources, all or nothing (a gang); ``kw``:
+        ``per_resource`` (or ``per_resource_min``/``_max``), ``same_region``,
+        ``max_pairwise_latency_ms``, and query filters.  See
+        :meth:`resolver.claims.client.ClaimsClient.claim_gang`."""
+        gang_keys = {
+            "per_resource",
+            "per_resource_min",
+            "per_resource_max",
+            "same_region",
+            "max_pairwise_latency_ms",
+        }
+        gang = {k: kw.pop(k) for k in list(kw) if k in gang_keys}
+        q = _query(query, kw)
+        return self._run(
+            self._claims_client().acquire_gang(query=q, units=units, ttl_s=ttl_s, **gang)
+        )
+
+    def renew(self, claim: Claim | str, *, ttl_s: int) -> Claim:
+        """Renew a claim (single or gang): it then expires ``ttl_s`` seconds from now."""
+        claim_id = claim.claim_id if isinstance(claim, Claim) else claim
+        return self._run(self._claims_client().renew(claim_id, ttl_s=ttl_s))
+
     def release(self, claim: Claim | str) -> None:
         """Release a claim (a :class:`Claim` or its id)."""
         claim_id = claim.claim_id if isinstance(claim, Claim) else claim

@@ -118,9 +118,13 @@ OPERATIONS: Final[dict[tuple[str, str], Operation]] = {
         tags=("lookup",),
     ),
     ("POST", "/v1/claims"): Operation(
-        summary="Claim units of a resource (by CPID or by query)",
+        summary="Claim units of a resource (by CPID or by query), or a gang over several",
         security="bearerAuth",
-        body=Body(api.ClaimRequest, 'exactly one of "cpid" and "query", with "units"'),
+        body=Body(
+            api.ClaimRequest,
+            'exactly one of "cpid" and "query", with "units"; "gang" (with "query") claims '
+            '"units" in total over several resources, all or nothing',
+        ),
         replies={201: Reply("the claim", api.ClaimCreated)},
         errors=(400, 401, 403, 404, 408, 409, 413, 429, 503),
         error_headers=_CLAIMS_AUTH,
@@ -141,6 +145,16 @@ OPERATIONS: Final[dict[tuple[str, str], Operation]] = {
         params=(Param("claim_id", "path", {"type": "string"}),),
         replies={204: Reply("released")},
         errors=(400, 401, 403, 404, 503),
+        error_headers=_CLAIMS_AUTH,
+        tags=("claims",),
+    ),
+    ("PATCH", "/v1/claims/{claim_id}"): Operation(
+        summary="Renew a claim or a whole gang (by its holder): it expires ttl_s from now",
+        security="bearerAuth",
+        params=(Param("claim_id", "path", {"type": "string"}),),
+        body=Body(api.ClaimRenewal, '"ttl_s": seconds from now'),
+        replies={200: Reply("the renewed claim", api.ClaimCreated)},
+        errors=(400, 401, 403, 404, 408, 409, 413, 503),
         error_headers=_CLAIMS_AUTH,
         tags=("claims",),
     ),

@@ -33,6 +33,7 @@ makes the replica list the index again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import logging
 import math
@@ -321,6 +322,9 @@ class ReplicaState:
         self._revoked_serials: set[str] = set()
         self._deadlines: list[tuple[float, str, int]] = []
         self._claim_deadlines: list[tuple[float, str]] = []  # (expires_at, cpid)
+        self._claim_soonest: dict[str, float] = {}
+        """CPID -> at most the earliest ``expires_at`` of its claims (absent: unknown), so
+        an entry rebuild skips looking at every claim while none can have expired."""
         self._live_count: Counter[str] = Counter()
         self._lease_refs: Counter[int] = Counter()  # lease id -> live keys on it
         self._windows: dict[str, deque[tuple[float, str, _Live]]] = {}
@@ -703,6 +707,8 @@ class ReplicaState:
             return
         self.claims.setdefault(cpid, {})[claim_id] = (ch.value, ch.revision, ch.lease)
         expires_at = _claim_expiry(ch.value)
+        if expires_at and cpid in self._claim_soonest:
+            self._claim_soonest[cpid] = min(self._claim_soonest[cpid], expires_at)
         if expires_at:
             heapq.heappush(self._claim_deadlines, (expires_at, cpid))
 
@@ -729,14 +735,20 @@ class ReplicaState:
         """Units of the claims on ``cpid`` whose ``expires_at`` has passed but whose keys
         remain (a lease re-armed by an etcd restart): ``/alloc/`` still counts them."""
         now = self.clock()
+        if self._claim_soonest.get(cpid, 0.0) > now:
+            return 0  # no claim on it can have expired yet
         total = 0
+        soonest = math.inf
         for value, _, _ in self.claims.get(cpid, {}).values():
-            expires_at = _claim_expiry(value)
-            if expires_at and expires_at <= now:
-                with _suppress_bad_claim():
-                    units = _json.loads(value)["units"]
-                    if isinstance(units, int) and not isinstance(units, bool) and units > 0:
-                        total += units
+            units, expires_at = _claim_terms(value)
+            if expires_at:
+                soonest = min(soonest, expires_at)
+                if expires_at <= now:
+                    total += units
+        if cpid in self.claims:
+            self._claim_soonest[cpid] = soonest
+        else:
+            self._claim_soonest.pop(cpid, None)
         return total
 
     # -- trust ------------------------------------------------------------------------
@@ -1248,12 +1260,25 @@ class ReplicaState:
 
 def _claim_expiry(value: bytes) -> float:
     """A claim value's ``expires_at`` (0 when unreadable: such a claim is not expired)."""
+    return _claim_terms(value)[1]
+
+
+@functools.lru_cache(maxsize=16_384)
+def _claim_terms(value: bytes) -> tuple[int, float]:
+    """``(units, expires_at)`` of a claim value (0 for what is unreadable).  Cached by
+    value: an entry rebuild looks at every claim on its CPID, and parsing each claim's
+    JSON every time made a resource with thousands of claims cost seconds per write."""
+    units, exp = 0, 0.0
     with _suppress_bad_claim():
         obj = _json.loads(value)
-        exp = obj.get("expires_at") if isinstance(obj, dict) else None
-        if isinstance(exp, int | float) and not isinstance(exp, bool):
-            return float(exp)
-    return 0.0
+        if isinstance(obj, dict):
+            e = obj.get("expires_at")
+            if isinstance(e, int | float) and not isinstance(e, bool):
+                exp = float(e)
+            u = obj.get("units")
+            if isinstance(u, int) and not isinstance(u, bool) and u > 0:
+                units = u
+    return units, exp
 
 
 def _suppress_bad_claim() -> contextlib.suppress:

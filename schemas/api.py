@@ -20,7 +20,9 @@ from schemas.models import Record
 __all__ = [
     "ClaimCreated",
     "ClaimList",
+    "ClaimPart",
     "ClaimQuery",
+    "ClaimRenewal",
     "ClaimRequest",
     "ClaimView",
     "DiscoverAnswer",
@@ -28,11 +30,13 @@ __all__ = [
     "Envelope",
     "ErrorBody",
     "ErrorDetail",
+    "GangRequest",
     "Health",
     "LogConsistency",
     "LogEntries",
     "LogEntry",
     "LogInclusion",
+    "PerResource",
     "RegistrationAnswer",
     "RegistryReady",
     "ResolverReady",
@@ -52,6 +56,13 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ClaimPart(_Wire):
+    """One part of a gang claim: ``units`` of ``cpid``."""
+
+    cpid: str
+    units: int = Field(ge=1)
+
+
 class ErrorDetail(_Wire):
     code: str = Field(description="machine-readable error code, e.g. invalid_cpid")
     message: str = Field(description="what was found and what was expected")
@@ -65,6 +76,11 @@ class ErrorDetail(_Wire):
     max_units: int | SkipJsonSchema[None] = Field(None, description="claims 429: the token's quota")
     held: int | SkipJsonSchema[None] = Field(
         None, description="claims 429: units the holder already holds"
+    )
+    available: dict[str, Any] | SkipJsonSchema[None] = Field(
+        None,
+        description='gang claims 409: the largest gang that fits now, {"total": N, '
+        '"parts": [{"cpid", "units"}, ...]}',
     )
 
 
@@ -197,8 +213,28 @@ class ClaimQuery(_Wire):
     limit: int | SkipJsonSchema[None] = Field(None, description="the number of candidates tried")
 
 
+class PerResource(_Wire):
+    """Units per resource of a gang: at least ``min``, at most ``max``."""
+
+    min: int | SkipJsonSchema[None] = Field(None, ge=1)
+    max: int | SkipJsonSchema[None] = Field(None, ge=1)
+
+
+class GangRequest(_Wire):
+    """``"gang"`` of ``POST /v1/claims``: the body's ``units`` in total over several
+    resources matching its ``query``, all or nothing (docs/claims.md)."""
+
+    per_resource: int | PerResource | SkipJsonSchema[None] = Field(
+        None, description="exactly this many units per resource, or {min, max}"
+    )
+    same_region: bool | SkipJsonSchema[None] = Field(None, description="all parts in one region")
+    max_pairwise_latency_ms: float | SkipJsonSchema[None] = Field(
+        None, gt=0, description="every two parts' regions at most this far apart"
+    )
+
+
 class ClaimRequest(_Wire):
-    """``POST /v1/claims``: exactly one of ``cpid`` and ``query``."""
+    """``POST /v1/claims``: exactly one of ``cpid`` and ``query``; ``gang`` needs ``query``."""
 
     model_config = ConfigDict(
         json_schema_extra={"oneOf": [{"required": ["cpid"]}, {"required": ["query"]}]}
@@ -208,13 +244,24 @@ class ClaimRequest(_Wire):
     query: ClaimQuery | SkipJsonSchema[None] = None
     units: int = Field(ge=1)
     ttl_s: int | SkipJsonSchema[None] = None
+    gang: GangRequest | SkipJsonSchema[None] = None
+
+
+class ClaimRenewal(_Wire):
+    """``PATCH /v1/claims/{claim_id}``: the claim then expires ``ttl_s`` from now."""
+
+    ttl_s: int = Field(ge=1)
 
 
 class ClaimCreated(_Wire):
+    """A claim (or renewed claim); a gang adds ``parts`` (``cpid`` is its first part,
+    ``units`` its total)."""
+
     claim_id: str
     cpid: str
     units: int
     expires_at: int
+    parts: list[ClaimPart] | SkipJsonSchema[None] = None
 
 
 class ClaimView(_Wire):
@@ -224,6 +271,7 @@ class ClaimView(_Wire):
     units: int
     created_at: int
     expires_at: int
+    parts: list[ClaimPart] | SkipJsonSchema[None] = None
 
 
 class ClaimList(_Wire):

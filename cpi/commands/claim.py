@@ -1,4 +1,4 @@
-"""``cpi claim`` (claim, release, list) and ``cpi claims token create``.
+"""``cpi claim`` (claim, gang claim, renew, release, list) and ``cpi claims token create``.
 
 ``cpi claim`` talks to a resolver over HTTPS: ``--resolver URL``, else ``$CPI_RESOLVER``,
 else ``https://127.0.0.1:8700``, its certificate verified against ``--cacert`` or
@@ -26,7 +26,7 @@ from cpi.output import FORMATS, Column, emit, fmt, output_arguments, print_table
 from cpi.tls import add_client_arguments, client_ssl
 from registry.tokens import parse_duration
 from resolver.claims import tokens as claim_tokens
-from resolver.claims.client import ClaimsClient
+from resolver.claims.client import ClaimsAPIError, ClaimsClient
 from resolver.client import default_url
 from resolver.discovery import Query
 
@@ -72,10 +72,35 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="candidates to try (server default 20)")
     p.add_argument("--units", type=int, help="units to claim (accelerators, or CPU cores)")
     p.add_argument("--ttl", help="how long to hold them: 90s, 10m, 2h (server default 10m)")
+    gang = p.add_argument_group(
+        "gang claims",
+        "--gang claims --units in total over several resources matching the filters, "
+        "all or nothing",
+    )
+    gang.add_argument("--gang", action="store_true", help="claim a gang (needs filters)")
+    gang.add_argument(
+        "--per-resource", type=int, metavar="N", help="exactly N units per resource (e.g. 8)"
+    )
+    gang.add_argument("--per-resource-min", type=int, metavar="N", help="at least N per resource")
+    gang.add_argument("--per-resource-max", type=int, metavar="N", help="at most N per resource")
+    gang.add_argument("--same-region", action="store_true", help="all parts in one region")
+    gang.add_argument(
+        "--max-pairwise-latency",
+        type=float,
+        metavar="MS",
+        help="every two parts' regions at most MS apart (the resolver's latency table)",
+    )
     _client_arguments(p)
     p.set_defaults(handler=run_claim)
     actions = p.add_subparsers(dest="claim_command", metavar="ACTION")
-    rel = actions.add_parser("release", help="release a claim (by its id)")
+    ren = actions.add_parser(
+        "renew", help="renew a claim or gang (by its id): it then expires --ttl from now"
+    )
+    ren.add_argument("claim_id")
+    ren.add_argument("--ttl", dest="renew_ttl", required=True, help="from now: 90s, 10m, 2h")
+    _client_arguments(ren, sub=True)
+    ren.set_defaults(handler=run_renew)
+    rel = actions.add_parser("release", help="release a claim or a whole gang (by its id)")
     rel.add_argument("claim_id")
     _client_arguments(rel, sub=True)
     rel.set_defaults(handler=run_release)
@@ -162,29 +187,115 @@ def _fields(q: Query) -> dict[str, object]:
 # -- handlers -------------------------------------------------------------------------------
 
 
+_GANG_FLAGS = (
+    "per_resource",
+    "per_resource_min",
+    "per_resource_max",
+    "max_pairwise_latency",
+)
+
+
 def run_claim(args: argparse.Namespace) -> int:
     if args.units is None:
-        raise UsageError("--units is required (or an action: release, list)")
+        raise UsageError("--units is required (or an action: renew, release, list)")
     query = _query(args)
     if (args.cpid is None) == (query is None):
         raise UsageError("give --cpid, or a query (--query or filter flags), not both")
     ttl = parse_duration(args.ttl) if args.ttl else None
+    gang_given = [f for f in _GANG_FLAGS if getattr(args, f) is not None] + (
+        ["same_region"] if args.same_region else []
+    )
+    if gang_given and not args.gang:
+        flags = ", ".join("--" + f.replace("_", "-") for f in gang_given)
+        raise UsageError(f"{flags}: only with --gang")
+    if args.gang and query is None:
+        raise UsageError("--gang needs filters (--within, --kind, --query, ...), not --cpid")
 
     async def go() -> dict[str, object]:
         async with _client(args) as client:
-            return await client.claim(cpid=args.cpid, query=query, units=args.units, ttl_s=ttl)
+            if not args.gang:
+                return await client.claim(cpid=args.cpid, query=query, units=args.units, ttl_s=ttl)
+            assert query is not None
+            try:
+                return await client.claim_gang(
+                    query=query,
+                    units=args.units,
+                    per_resource=args.per_resource,
+                    per_resource_min=args.per_resource_min,
+                    per_resource_max=args.per_resource_max,
+                    same_region=args.same_region,
+                    max_pairwise_latency_ms=args.max_pairwise_latency,
+                    ttl_s=ttl,
+                )
+            except ClaimsAPIError as exc:
+                _print_available(exc)
+                raise
 
     made = asyncio.run(go())
 
     def table(wide: bool) -> None:
         print(made["claim_id"])
+        parts = made.get("parts")
+        where = (
+            f"over {len(parts)} resources ({_parts_text(parts)})"
+            if isinstance(parts, list)
+            else f"of {made['cpid']}"
+        )
         print(
-            f"claimed {made['units']} units of {made['cpid']} until "
-            f"{when(int(str(made['expires_at'])))}",
+            f"claimed {made['units']} units {where} until {when(int(str(made['expires_at'])))}",
             file=sys.stderr,
         )
 
     emit(args, made, table=table, names=lambda: [str(made["claim_id"])])
+    return 0
+
+
+def _parts_text(parts: list[Any]) -> str:
+    return ", ".join(f"{p.get('units')} of {p.get('cpid')}" for p in parts if isinstance(p, dict))
+
+
+def _print_available(exc: ClaimsAPIError) -> None:
+    """A gang refusal: what could be had now, so the user can decide."""
+    available = exc.error.get("available")
+    if not isinstance(available, dict):
+        return
+    parts = available.get("parts")
+    if isinstance(parts, list) and parts:
+        print(
+            f"available now: {available.get('total')} units over {len(parts)} resources "
+            f"({_parts_text(parts)})",
+            file=sys.stderr,
+        )
+    else:
+        print("available now: no gang fits at all", file=sys.stderr)
+
+
+def run_renew(args: argparse.Namespace) -> int:
+    ttl = parse_duration(args.renew_ttl)
+
+    async def go() -> dict[str, object]:
+        async with _client(args) as client:
+            c = await client.renew(args.claim_id, ttl_s=ttl)
+        out: dict[str, object] = {
+            "claim_id": c.claim_id,
+            "cpid": c.cpid,
+            "units": c.units,
+            "expires_at": c.expires_at,
+        }
+        if c.parts:
+            out["parts"] = [{"cpid": p, "units": u} for p, u in c.parts]
+        return out
+
+    renewed = asyncio.run(go())
+
+    def table(wide: bool) -> None:
+        print(renewed["claim_id"])
+        print(
+            f"renewed {renewed['units']} units until {when(int(str(renewed['expires_at'])))}",
+            file=sys.stderr,
+        )
+
+    emit(args, renewed, table=table, names=lambda: [str(renewed["claim_id"])])
     return 0
 
 
@@ -224,6 +335,7 @@ CLAIM_COLUMNS = (
     Column("CLAIM_ID", lambda c: c["claim_id"]),
     Column("CPID", lambda c: c["cpid"]),
     Column("UNITS", lambda c: c["units"], justify="right"),
+    Column("PARTS", lambda c: len(c.get("parts") or ()) or 1, justify="right", wide=True),
     Column("EXPIRES", lambda c: when(c["expires_at"])),
     Column("CREATED", lambda c: when(c.get("created_at")), wide=True),
 )

@@ -5,6 +5,12 @@
     async with ClaimsClient("https://127.0.0.1:8700", token=token, cacert=ca) as client:
         claim = await client.acquire(query=Query(kind="GPU", accelerator="H100", near="31"), units=8)
         await client.release(claim.claim_id)
+        gang = await client.acquire_gang(
+            query=Query(kind="GPU", within="CN.31"), units=64, per_resource=8,
+            max_pairwise_latency_ms=5,
+        )                                   # gang.parts: ((cpid, 8), ...) x 8
+        await client.renew(gang.claim_id, ttl_s=3600)
+        await client.release(gang.claim_id)
 
 :meth:`ClaimsClient.acquire` and :meth:`ClaimsClient.holdings` return typed, frozen
 objects (:class:`Claim`, :class:`Holdings`); :meth:`ClaimsClient.claim` and
@@ -54,7 +60,8 @@ class Claim:
     """A claim on ``units`` of ``cpid`` until ``expires_at`` (Unix seconds).
 
     ``holder`` and ``created_at`` are known for claims listed by :meth:`ClaimsClient.holdings`
-    (``None`` for the answer of :meth:`ClaimsClient.acquire`).
+    (``None`` for the answer of :meth:`ClaimsClient.acquire`).  A gang has ``parts``
+    (``(cpid, units)`` each; ``cpid`` is its first part, ``units`` its total).
     """
 
     claim_id: str
@@ -63,6 +70,7 @@ class Claim:
     expires_at: int
     holder: str | None = None
     created_at: int | None = None
+    parts: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> Claim:
@@ -74,6 +82,7 @@ class Claim:
                 expires_at=_int(obj["expires_at"]),
                 holder=None if obj.get("holder") is None else str(obj["holder"]),
                 created_at=None if obj.get("created_at") is None else _int(obj["created_at"]),
+                parts=tuple((str(p["cpid"]), _int(p["units"])) for p in obj.get("parts") or ()),
             )
         except (KeyError, TypeError) as exc:
             raise InvalidDataError(f"not a claim: {exc!r}") from exc
@@ -236,6 +245,50 @@ class ClaimsClient:
     ) -> Claim:
         """:meth:`claim`, answered as a :class:`Claim`."""
         return Claim.from_dict(await self.claim(cpid=cpid, query=query, units=units, ttl_s=ttl_s))
+
+    async def claim_gang(
+        self,
+        *,
+        query: Query,
+        units: int,
+        per_resource: int | None = None,
+        per_resource_min: int | None = None,
+        per_resource_max: int | None = None,
+        same_region: bool = False,
+        max_pairwise_latency_ms: float | None = None,
+        ttl_s: int | None = None,
+    ) -> dict[str, Any]:
+        """``POST /v1/claims`` with a ``"gang"``: ``units`` in total over resources matching
+        ``query``, all or nothing.  ``per_resource`` exactly, or ``per_resource_min`` /
+        ``per_resource_max``.  A refusal (409) carries ``error["available"]``, the largest
+        gang that fits now."""
+        gang: dict[str, Any] = {}
+        if per_resource is not None:
+            if per_resource_min is not None or per_resource_max is not None:
+                raise InvalidDataError("give per_resource or per_resource_min/max, not both")
+            gang["per_resource"] = per_resource
+        elif per_resource_min is not None or per_resource_max is not None:
+            bounds = {"min": per_resource_min, "max": per_resource_max}
+            gang["per_resource"] = {k: v for k, v in bounds.items() if v is not None}
+        if same_region:
+            gang["same_region"] = True
+        if max_pairwise_latency_ms is not None:
+            gang["max_pairwise_latency_ms"] = max_pairwise_latency_ms
+        body: dict[str, Any] = {"query": query_to_json(query), "units": units, "gang": gang}
+        if ttl_s is not None:
+            body["ttl_s"] = ttl_s
+        _, obj = await self._call("POST", "/v1/claims", body)
+        return dict(obj)
+
+    async def acquire_gang(self, *, query: Query, units: int, **gang: Any) -> Claim:
+        """:meth:`claim_gang`, answered as a :class:`Claim` (with ``parts``)."""
+        return Claim.from_dict(await self.claim_gang(query=query, units=units, **gang))
+
+    async def renew(self, claim_id: str, *, ttl_s: int) -> Claim:
+        """``PATCH /v1/claims/{claim_id}``: the claim (single or gang) now expires ``ttl_s``
+        seconds from now; its units stay held throughout."""
+        _, obj = await self._call("PATCH", f"/v1/claims/{claim_id}", {"ttl_s": ttl_s})
+        return Claim.from_dict(obj)
 
     async def holdings(self) -> Holdings:
         """:meth:`list`, answered as :class:`Holdings`."""

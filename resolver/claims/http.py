@@ -5,13 +5,19 @@
 * ``POST /v1/claims`` (``Authorization: Bearer <claims token>``), body
   ``{"cpid": ...} | {"query": {...}}`` with ``"units"`` and optional ``"ttl_s"``
   -> ``201 {"claim_id", "cpid", "units", "expires_at"}``;
-* ``DELETE /v1/claims/{claim_id}`` by the claim's holder -> ``204``;
+  ``"gang": {"per_resource", "same_region", "max_pairwise_latency_ms"}`` with a query
+  claims ``units`` in total over several resources, all or nothing -> ``201`` with
+  ``"parts"``;
+* ``DELETE /v1/claims/{claim_id}`` by the claim's holder -> ``204`` (a gang: all of it);
+* ``PATCH /v1/claims/{claim_id}`` ``{"ttl_s": N}`` by the claim's holder -> ``200``, the
+  claim now expiring ``N`` s from now (single or gang; the units stay held);
 * ``GET /v1/claims[?holder=NAME]`` -> ``{"holder", "units", "claims": [...]}``, the
   token holder's active claims (``holder`` may only name the token's own holder).
 
 The routes map their own errors (each class's ``http_status``), so they answer the same whatever
 middleware the host app has.  Errors are ``{"error": {"code", "message"}}``; a 409
-adds ``"free"`` and ``"requested"``, a 429 ``"max_units"``, ``"held"`` and
+adds ``"free"`` and ``"requested"`` (and for a gang ``"available": {"total", "parts"}``,
+the largest gang that fits now), a 429 ``"max_units"``, ``"held"`` and
 ``"requested"``.  The claims service (and its reconciler) start in the app's
 ``cleanup_ctx``, after the resolver's.  See ``docs/claims.md``.
 """
@@ -26,6 +32,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from registry.index import Index
+from resolver.claims.gang import GangSpec
 from resolver.claims.service import (
     Claim,
     ClaimConflictError,
@@ -51,7 +58,7 @@ from schemas.errors import (
 )
 from schemas.http import bearer_token, check_utf8_json
 
-__all__ = ["BODY_TIMEOUT", "CLAIMS", "add_claim_routes", "parse_query"]
+__all__ = ["BODY_TIMEOUT", "CLAIMS", "add_claim_routes", "parse_gang", "parse_query"]
 
 _log = logging.getLogger("resolver.claims_http")
 
@@ -63,7 +70,9 @@ BODY_TIMEOUT = web.AppKey("claims_body_timeout", float)
 """Seconds a request body may take to arrive (else 408); 10 s when the app has none."""
 
 _JSON: Final = "application/json"
-_BODY_FIELDS: Final = frozenset({"cpid", "query", "units", "ttl_s"})
+_BODY_FIELDS: Final = frozenset({"cpid", "query", "units", "ttl_s", "gang"})
+_GANG_FIELDS: Final = frozenset({"per_resource", "same_region", "max_pairwise_latency_ms"})
+_RENEW_FIELDS: Final = frozenset({"ttl_s"})
 _QUERY_FIELDS: Final[dict[str, tuple[type, ...]]] = {
     "kind": (str,),
     "within": (str,),
@@ -86,6 +95,11 @@ def _error_response(exc: CPIError) -> web.Response:
         err.update(free=exc.free, requested=exc.requested)
         if exc.cpid is not None:
             err["cpid"] = exc.cpid
+        if exc.available is not None:
+            err["available"] = {
+                "total": sum(u for _, u in exc.available),
+                "parts": [{"cpid": c, "units": u} for c, u in exc.available],
+            }
     elif isinstance(exc, QuotaExceededError):
         err.update(max_units=exc.max_units, held=exc.held, requested=exc.requested)
     headers = {"WWW-Authenticate": 'Bearer realm="cpi-claims"'} if status == 401 else None
@@ -118,7 +132,8 @@ async def _token(request: web.Request) -> ClaimsTokenInfo:
     return await request.app[_TOKENS].lookup(bearer_token(request.headers.get("Authorization", "")))
 
 
-async def _body(request: web.Request, limit: int) -> dict[str, Any]:
+async def _json_object(request: web.Request, limit: int) -> dict[str, Any]:
+    """The request body: one JSON object (strict: duplicate names refused), bounded."""
     declared = request.content_length
     if declared is not None and declared > limit:
         raise BodyTooLargeError(f"request body is {declared} bytes, at most {limit} allowed")
@@ -148,21 +163,60 @@ async def _body(request: web.Request, limit: int) -> dict[str, Any]:
     except ValueError as exc:
         raise InvalidClaimError(f"body is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
-        raise InvalidClaimError(
-            f'body must be a JSON object {{"cpid" or "query", "units", "ttl_s"}}, '
-            f"got {type(obj).__name__}"
-        )
+        raise InvalidClaimError(f"body must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+async def _body(request: web.Request, limit: int) -> dict[str, Any]:
+    obj = await _json_object(request, limit)
     unknown = sorted(set(obj) - _BODY_FIELDS)
     if unknown:
         raise InvalidClaimError(
             f"unknown field(s) {', '.join(map(repr, unknown))}; expected cpid or query, "
-            "units, ttl_s"
+            "units, ttl_s, gang"
         )
     if ("cpid" in obj) == ("query" in obj):
         raise InvalidClaimError('give exactly one of "cpid" and "query"')
+    if "gang" in obj and "query" not in obj:
+        raise InvalidClaimError('a "gang" needs a "query" (the resources it may use), not a "cpid"')
     if "units" not in obj:
         raise InvalidClaimError('"units" is required (an integer, at least 1)')
     return obj
+
+
+def parse_gang(obj: object, *, units: object) -> GangSpec:
+    """A claim's ``"gang"`` object (with the body's ``units``, the total) -> :class:`GangSpec`.
+
+    ``per_resource``: an integer (exactly that many per resource) or ``{"min", "max"}``
+    (either may be left out); ``same_region``: true or false; ``max_pairwise_latency_ms``:
+    a positive number.  Unknown fields are refused (InvalidClaimError).
+    """
+    if not isinstance(obj, dict):
+        raise InvalidClaimError(f'"gang" must be a JSON object, got {type(obj).__name__}')
+    unknown = sorted(set(obj) - _GANG_FIELDS)
+    if unknown:
+        raise InvalidClaimError(
+            f"unknown gang field(s) {', '.join(map(repr, unknown))}; known: "
+            f"{', '.join(sorted(_GANG_FIELDS))}"
+        )
+    if not isinstance(units, int) or isinstance(units, bool):
+        raise InvalidClaimError(f"units must be an integer, got {units!r}")
+    per = obj.get("per_resource", {})
+    if isinstance(per, dict):
+        extra = sorted(set(per) - {"min", "max"})
+        if extra:
+            raise InvalidClaimError(
+                f"unknown per_resource field(s) {', '.join(map(repr, extra))}; known: min, max"
+            )
+        per_min, per_max = per.get("min", 1), per.get("max", units)
+    else:
+        per_min = per_max = per
+    spec: dict[str, Any] = {"units": units, "per_min": per_min, "per_max": per_max}
+    if "same_region" in obj:
+        spec["same_region"] = obj["same_region"]
+    if "max_pairwise_latency_ms" in obj:
+        spec["max_pairwise_latency_ms"] = obj["max_pairwise_latency_ms"]
+    return GangSpec(**spec)
 
 
 def parse_query(obj: object, *, default_limit: int) -> Query:
@@ -208,12 +262,15 @@ def parse_query(obj: object, *, default_limit: int) -> Query:
 
 
 def _created(claim: Claim) -> dict[str, Any]:
-    return {
+    out: dict[str, Any] = {
         "claim_id": claim.claim_id,
         "cpid": claim.cpid,
         "units": claim.units,
         "expires_at": claim.expires_at,
     }
+    if claim.parts:
+        out["parts"] = [{"cpid": c, "units": u} for c, u in claim.parts]
+    return out
 
 
 # -- handlers ---------------------------------------------------------------------------
@@ -237,18 +294,41 @@ async def post_claim(request: web.Request) -> web.Response:
         if not isinstance(cpid, str):
             raise InvalidClaimError(f'"cpid" must be a string, got {cpid!r}')
         claim = await service.claim(cpid, **who)
+    elif "gang" in body:
+        spec = parse_gang(body["gang"], units=units)
+        query = parse_query(body["query"], default_limit=settings.gang_candidates)
+        del who["units"]
+        claim = await service.claim_gang(query, spec=spec, **who)
     else:
         query = parse_query(body["query"], default_limit=settings.default_candidates)
         claim = await service.claim_query(query, **who)
     _log.info(
-        "claim %s: %d units of %s for %s until %d",
+        "claim %s: %d units of %s%s for %s until %d",
         claim.claim_id,
         claim.units,
         claim.cpid,
+        f" and {len(claim.parts) - 1} more resources" if len(claim.parts) > 1 else "",
         claim.holder,
         claim.expires_at,
     )
     return web.json_response(_created(claim), status=201)
+
+
+async def patch_claim(request: web.Request) -> web.Response:
+    """Renew: ``{"ttl_s": N}`` -> the claim (single or gang) expires N s from now."""
+    settings = request.app[_SETTINGS]
+    token = await _token(request)
+    body = await _json_object(request, settings.max_body_bytes)
+    unknown = sorted(set(body) - _RENEW_FIELDS)
+    if unknown:
+        raise InvalidClaimError(f"unknown field(s) {', '.join(map(repr, unknown))}; expected ttl_s")
+    if "ttl_s" not in body:
+        raise InvalidClaimError('"ttl_s" is required (seconds from now)')
+    claim = await request.app[CLAIMS].renew(
+        request.match_info["claim_id"], holder=token.holder, ttl_s=body["ttl_s"]
+    )
+    _log.info("claim %s renewed by %s until %d", claim.claim_id, claim.holder, claim.expires_at)
+    return web.json_response(_created(claim))
 
 
 async def delete_claim(request: web.Request) -> web.Response:
@@ -325,3 +405,4 @@ def add_claim_routes(
     app.router.add_post("/v1/claims", _guarded(post_claim), name="claims-create")
     app.router.add_get("/v1/claims", _guarded(get_claims), name="claims-list")
     app.router.add_delete("/v1/claims/{claim_id}", _guarded(delete_claim), name="claims-release")
+    app.router.add_patch("/v1/claims/{claim_id}", _guarded(patch_claim), name="claims-renew")

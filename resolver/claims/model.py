@@ -76,10 +76,21 @@ class ClaimConflictError(ConflictError):
 
     code = "conflict"
 
-    def __init__(self, message: str, *, cpid: str | None, requested: int, free: int) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        cpid: str | None,
+        requested: int,
+        free: int,
+        available: tuple[tuple[str, int], ...] | None = None,
+    ) -> None:
         self.cpid = cpid
         self.requested = requested
         self.free = free
+        self.available = available
+        """For a gang: the parts ``(cpid, units)`` of the largest gang that fits now
+        (``free`` is their total); None for a claim on one resource."""
         super().__init__(message)
 
 
@@ -233,9 +244,27 @@ class Claim:
     expires_at: int
     lease: int = 0
     revision: int = 0
+    gang_units: int = 0
+    """For a part of a gang: the gang's units in total (0: not a gang)."""
+    gang_parts: int = 0
+    """For a part of a gang: how many parts the gang has (0: not a gang)."""
+    parts: tuple[tuple[str, int], ...] = ()
+    """Every part ``(cpid, units)`` of the gang, best ranked first: on the gang as a whole
+    and on its *anchor* part (the one whose CPID the claim id names); else ``()``."""
+
+    @property
+    def is_gang(self) -> bool:
+        return self.gang_parts > 0
+
+    @property
+    def anchor(self) -> str:
+        """The CPID the claim id names (the first part of a gang)."""
+        return parse_claim_id(self.claim_id)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The API form: for a gang as a whole, ``units`` is the total and ``parts``
+        lists ``{"cpid", "units"}`` of every part."""
+        out: dict[str, Any] = {
             "claim_id": self.claim_id,
             "cpid": self.cpid,
             "holder": self.holder,
@@ -243,9 +272,25 @@ class Claim:
             "created_at": self.created_at,
             "expires_at": self.expires_at,
         }
+        if self.parts:
+            out["parts"] = [{"cpid": c, "units": u} for c, u in self.parts]
+        return out
 
     def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+        """The value stored at :attr:`key` (one part, for a gang)."""
+        out: dict[str, Any] = {
+            "claim_id": self.claim_id,
+            "cpid": self.cpid,
+            "holder": self.holder,
+            "units": self.units,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+        }
+        if self.is_gang:
+            out["gang"] = {"units": self.gang_units, "parts": self.gang_parts}
+            if self.parts:
+                out["parts"] = [{"cpid": c, "units": u} for c, u in self.parts]
+        return json.dumps(out, separators=(",", ":")).encode()
 
     @property
     def key(self) -> str:
@@ -272,6 +317,12 @@ class Claim:
         holder = obj.get("holder")
         if not isinstance(holder, str):
             raise ValueError(f"claim holder {holder!r} is not a string")
+        gang_units, gang_parts, parts = _gang_fields(obj)
+        if gang_parts:
+            try:
+                parse_claim_id(claim_id)  # a gang is found through the CPID its id names
+            except InvalidClaimError as exc:
+                raise ValueError(str(exc)) from None
         return cls(
             claim_id=claim_id,
             cpid=cpid,
@@ -281,7 +332,36 @@ class Claim:
             expires_at=_int(obj.get("expires_at", 0), "expires_at"),
             lease=kv.lease,
             revision=kv.mod_revision,
+            gang_units=gang_units,
+            gang_parts=gang_parts,
+            parts=parts,
         )
+
+
+def _gang_fields(obj: dict[str, Any]) -> tuple[int, int, tuple[tuple[str, int], ...]]:
+    """``(gang units, gang parts, parts)`` of a stored claim value (zeros when no gang)."""
+    gang = obj.get("gang")
+    if gang is None:
+        return 0, 0, ()
+    if not isinstance(gang, dict):
+        raise ValueError("claim gang is not an object")
+    units, count = _int(gang.get("units"), "gang units"), _int(gang.get("parts"), "gang parts")
+    if units < 1 or count < 1:
+        raise ValueError("claim gang units and parts must be positive")
+    raw = obj.get("parts", [])
+    if not isinstance(raw, list) or len(raw) > count:
+        raise ValueError("claim parts is not a list of at most the gang's parts")
+    parts: list[tuple[str, int]] = []
+    for p in raw:
+        if not isinstance(p, dict) or not isinstance(p.get("cpid"), str):
+            raise ValueError('claim part is not {"cpid", "units"}')
+        u = _int(p.get("units"), "part units")
+        if u < 1:
+            raise ValueError("claim part units must be positive")
+        parts.append((p["cpid"], u))
+    if parts and (len(parts) != count or sum(u for _, u in parts) != units):
+        raise ValueError("claim parts do not add up to the gang")
+    return units, count, tuple(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +377,9 @@ class ClaimsSettings:
     default_candidates: int = 20
     """Resources a query claim tries, best ranked first (the query's ``limit``)."""
     max_candidates: int = 100
+    gang_candidates: int = 200
+    """Resources a gang considers when its query gives no ``limit``."""
+    max_gang_candidates: int = 500
     reconcile_interval_s: float = 30.0
     reconcile_delay_s: float = 0.2
     """A pass runs this long after a claim key is deleted (gathers a burst of expiries)."""
@@ -327,6 +410,9 @@ class ClaimsMetrics:
         )
         self.releases = Counter(
             "cpi_resolver_claim_releases", "Release requests by outcome", ["outcome"], registry=r
+        )
+        self.renewals = Counter(
+            "cpi_resolver_claim_renewals", "Renewal requests by outcome", ["outcome"], registry=r
         )
         self.retries = Counter(
             "cpi_resolver_claim_retries",

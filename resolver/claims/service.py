@@ -55,6 +55,27 @@ hardware).  A node that does not subtract (no ``claimed_units`` metric) gives
 
 **Claim ids** are ``<prefix>~<suffix>~<random>`` (the CPID with ``~`` for ``/``, then
 16 random URL-safe characters), so a release finds the key without a lookup.
+
+**Gangs** (:meth:`ClaimService.claim_gang`, parts chosen by
+:func:`resolver.claims.gang.plan_gang`) claim units on several resources under one
+claim id, all or nothing: one transaction compares the live and ``/alloc/`` key of
+every part and the holder's key, writes every total and puts one claim key per part,
+all on one lease.  The id names the *anchor* part, whose value lists every part.
+Within a process, a gang and the leaders of its CPIDs take turns on per-CPID gates.
+
+**Renewal** (:meth:`ClaimService.renew`) moves every key of a claim to a new lease with
+a new ``expires_at`` in one transaction comparing each key, then revokes the old lease:
+the units are held throughout.
+
+Where a claim ends or is renewed (one place each, for hooks): :meth:`ClaimService._release`
+(a single claim released; it hands a gang to :meth:`ClaimService._release_gang`),
+:meth:`ClaimService._purge_one` (a single claim past ``expires_at`` removed; a gang goes to
+:meth:`ClaimService._purge_gang`), both gang paths through
+:meth:`ClaimService._remove_gang` (which returns the gang as a whole), and
+:meth:`ClaimService._renew` (the previous term ends, the new one starts at the returned
+claim's ``expires_at``).  A lease that runs out deletes the keys in etcd with no code of
+ours on the path; the reconciler's watch (:meth:`ClaimService._watch_claims`) sees the
+deletes.
 """
 
 from __future__ import annotations
@@ -66,12 +87,13 @@ import logging
 import random
 import time
 from collections import Counter as Tally
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
 from registry.index import KV, Cmp, Compacted, Index, Keys, Lease, Op, Prefix, parse_key
 from resolver.claims import tokens as claim_tokens
+from resolver.claims.gang import Candidate, GangPlan, GangSpec, plan_gang
 from resolver.claims.model import (
     CLAIMED_METRIC,
     ID_SEPARATOR,
@@ -119,6 +141,7 @@ __all__ = [
     "ClaimsSettings",
     "ContentionError",
     "DrainingError",
+    "GangSpec",
     "InsufficientCapacityError",
     "InvalidClaimError",
     "NotLiveError",
@@ -159,6 +182,14 @@ class _KeyedLocks:
             slot[1] -= 1
             if slot[1] == 0:
                 del self._locks[name]
+
+    @contextlib.asynccontextmanager
+    async def hold_all(self, names: Iterable[str]) -> AsyncIterator[None]:
+        """The locks of every name, taken in sorted order (so two holders never deadlock)."""
+        async with contextlib.AsyncExitStack() as stack:
+            for name in sorted(set(names)):
+                await stack.enter_async_context(self.hold(name))
+            yield
 
 
 @dataclass(slots=True)
@@ -283,6 +314,9 @@ class ClaimService:
         self.metrics = metrics or ClaimsMetrics()
         self._clock = clock
         self._locks = _KeyedLocks()
+        self._gate = _KeyedLocks()
+        """Per CPID: held by its leader while it commits a batch and by a gang while it
+        reads and commits (so gangs and leaders in one process take turns, not compares)."""
         self._pending: dict[str, int] = {}  # CPID -> units of claims in progress on it
         self._queues: dict[str, list[_Request]] = {}  # CPID -> claims waiting for its leader
         self._leaders: dict[str, asyncio.Task[None]] = {}  # CPID -> its leader task
@@ -446,6 +480,327 @@ class ClaimService:
             free=best,
         )
 
+    # -- gang claims -------------------------------------------------------------------
+
+    async def claim_gang(
+        self,
+        query: Query,
+        *,
+        spec: GangSpec,
+        ttl_s: int | None = None,
+        holder: str,
+        max_units: int | None = None,
+        within: str | None = None,
+    ) -> Claim:
+        """Claim ``spec.units`` over several resources matching ``query``, all or nothing
+        (docs/claims.md, "Gang claims").  Returns the gang as a whole: ``cpid`` is its
+        anchor (the first part), ``units`` the total, ``parts`` every ``(cpid, units)``.
+
+        Raises as :meth:`claim_query`; a capacity refusal carries ``available``, the
+        parts of the largest gang that fits now (``free`` is their total).
+        """
+        _, ttl = self.check_request(units=spec.units, ttl_s=ttl_s)
+        claim_tokens.check_holder(holder)
+        if within is not None:
+            if query.within is None:
+                query = dataclasses.replace(query, within=within)
+            else:
+                claim_tokens.check_scope(within, query.within, holder=holder)
+        q = dataclasses.replace(
+            query,
+            min_free=max(query.min_free or 0, spec.per_min),
+            live=True,
+            limit=min(query.limit, self.settings.max_gang_candidates),
+        )
+        return await self._counted(self._claim_gang(q, spec, ttl, holder, max_units))
+
+    def _room(self, cpid: str, live: KV | None, alloc: KV | None) -> int:
+        """Units ``cpid`` can take on these freshly read keys (0: not live, draining,
+        unreadable total, record gone)."""
+        entry = self._resolver.get(cpid)
+        if entry is None:
+            return 0
+        status, _ = self._status(entry, live)
+        allocated = read_units(alloc)
+        if allocated is None:
+            self._trigger.set()  # the reconciler rewrites it
+            return 0
+        return available_units(entry.record, status, allocated)
+
+    async def _read_rooms(self, cpids: list[str], rooms: dict[str, int]) -> None:
+        """Read the live and ``/alloc/`` keys of ``cpids`` (60 per transaction, at once) and
+        set their ``rooms``."""
+        chunks = [cpids[i : i + 60] for i in range(0, len(cpids), 60)]
+        results = await asyncio.gather(
+            *(
+                self._index.txn(
+                    success=[
+                        op for c in chunk for op in (Op.get(Keys.live(c)), Op.get(Keys.alloc(c)))
+                    ]
+                )
+                for chunk in chunks
+            )
+        )
+        for chunk, result in zip(chunks, results, strict=True):
+            kvs = [r.kvs[0] if r.kvs else None for r in result.responses]
+            for i, c in enumerate(chunk):
+                self._remember(Keys.live(c), kvs[2 * i])
+                self._remember(Keys.alloc(c), kvs[2 * i + 1])
+                rooms[c] = self._room(c, kvs[2 * i], kvs[2 * i + 1])
+
+    @staticmethod
+    def _gang_reads(cpids: list[str], holder: str) -> list[Op]:
+        return [
+            *(op for c in cpids for op in (Op.get(Keys.live(c)), Op.get(Keys.alloc(c)))),
+            Op.get(Keys.holder(holder)),
+        ]
+
+    def _gang_snapshot(
+        self, cpids: list[str], holder: str, responses: list[Any]
+    ) -> tuple[dict[str, tuple[KV | None, KV | None]], KV | None]:
+        """The answers to :meth:`_gang_reads` (remembered, as :meth:`_snapshot` does)."""
+        kvs = [r.kvs[0] if r.kvs else None for r in responses]
+        keys = {c: (kvs[2 * i], kvs[2 * i + 1]) for i, c in enumerate(cpids)}
+        for c, (live, alloc) in keys.items():
+            self._remember(Keys.live(c), live)
+            self._remember(Keys.alloc(c), alloc)
+        self._remember(Keys.holder(holder), kvs[-1])
+        return keys, kvs[-1]
+
+    def _gang_cached(
+        self, cpids: list[str], holder: str
+    ) -> tuple[dict[str, tuple[KV | None, KV | None]], KV | None, bool] | None:
+        """The gang's keys as remembered (not fresh), or None when one is unknown."""
+        known = self._known
+        names = [k for c in cpids for k in (Keys.live(c), Keys.alloc(c))]
+        if not all(k in known for k in (*names, Keys.holder(holder))):
+            return None
+        keys = {c: (known[Keys.live(c)], known[Keys.alloc(c)]) for c in cpids}
+        return keys, known[Keys.holder(holder)], False
+
+    async def _purge_expired_where(self, keep: Callable[[Claim], bool]) -> int:
+        """Remove the claims past ``expires_at`` that ``keep`` selects; how many."""
+        kvs, _ = await self._index.get_prefix(Prefix.CLAIM)
+        now = self._clock()
+        stale: list[Claim] = []
+        for kv in kvs:
+            try:
+                c = Claim.from_kv(kv)
+            except (ValueError, InvalidDataError):
+                continue
+            if c.expired(now) and keep(c):
+                stale.append(c)
+        return await self.purge_expired(stale) if stale else 0
+
+    async def _claim_gang(
+        self, q: Query, spec: GangSpec, ttl: int, holder: str, max_units: int | None
+    ) -> Claim:
+        found = self._resolver.discover(q).results
+        regions = {m.cpid: m.entry.region for m in found}
+        order = [m.cpid for m in found]
+        wanted = set(order)
+        rooms = {m.cpid: m.free for m in found}  # the replica's view until read from etcd
+        table = self._resolver.latency
+        all_read = purged = purged_holder = False
+        use_cache = True
+        given: tuple[dict[str, tuple[KV | None, KV | None]], KV | None] | None = None
+        attempt = 0
+        lease: Lease | None = None
+        started = 0
+
+        def plan() -> GangPlan:
+            cands = [Candidate(c, regions[c], rooms[c]) for c in order]
+            return plan_gang(cands, spec, table.rtt)
+
+        try:
+            for _ in range(4 * self.settings.max_attempts + 4):
+                chosen = plan()
+                if not chosen.fits:
+                    if not all_read:  # refuse only on what etcd says now
+                        await self._read_rooms(order, rooms)
+                        all_read = True
+                        continue
+                    if not purged:  # claims past expires_at count as gone: remove, look again
+                        purged = True
+                        if await self._purge_expired_where(lambda c: c.cpid in wanted):
+                            all_read = False
+                            continue
+                    raise self._gang_refusal(spec, chosen, len(order))
+                cpids = [c for c, _ in chosen.parts]
+                if lease is None:  # granted outside the gate (a refusal revokes it)
+                    started = int(self._clock())
+                    lease = await self._index.grant_lease(ttl, revoke_on_exit=False)
+                async with self._gate.hold_all(cpids):
+                    snap = None
+                    if given is not None and set(given[0]) == set(cpids):
+                        snap = (*given, True)  # the last failure branch's fresh keys
+                    elif use_cache:
+                        snap = self._gang_cached(cpids, holder)
+                    given = None
+                    if snap is None:
+                        result = await self._index.txn(success=self._gang_reads(cpids, holder))
+                        snap = (*self._gang_snapshot(cpids, holder, result.responses), True)
+                    keys, holder_kv, fresh = snap
+                    got = {c: self._room(c, live, alloc) for c, (live, alloc) in keys.items()}
+                    if fresh:  # remembered keys never lower what a refusal is based on
+                        rooms.update(got)
+                    held = read_units(holder_kv)
+                    short = any(got[c] < u for c, u in chosen.parts)
+                    over = held is None or (max_units is not None and held + spec.units > max_units)
+                    if (short or over) and not fresh:
+                        use_cache = False  # decide on what etcd says now
+                        continue
+                    if short:
+                        continue  # fewer units than the replica showed: choose again
+                    if held is None:
+                        self._trigger.set()
+                        raise ContentionError(
+                            f'{Keys.holder(holder)} does not hold {{"units": N}}; the '
+                            "reconciler rewrites it, retry shortly",
+                            cpid=None,
+                            requested=spec.units,
+                            free=0,
+                        )
+                    if max_units is not None and held + spec.units > max_units:
+                        if not purged_holder:
+                            purged_holder = True
+                            if await self._purge_expired_where(lambda c: c.holder == holder):
+                                continue
+                        raise QuotaExceededError(
+                            f"holder {holder} holds {held} units and may hold at most "
+                            f"{max_units}; a gang of {spec.units} more would exceed its quota",
+                            holder=holder,
+                            max_units=max_units,
+                            held=held,
+                            requested=spec.units,
+                        )
+                    whole = self._gang_of(chosen.parts, holder, started, lease)
+                    done, given = await self._commit_gang(whole, keys, holder_kv)
+                    if done:
+                        lease = None  # the claim keys own it now
+                        return whole
+                    assert given is not None
+                    for c, (live, alloc) in given[0].items():
+                        rooms[c] = self._room(c, live, alloc)
+                    attempt += 1
+                    self.metrics.retries.inc()
+                    if attempt >= self.settings.max_attempts:
+                        break
+                await asyncio.sleep(self._backoff(attempt))
+            last = plan()
+            raise ContentionError(
+                f"gang of {spec.units} units: gave up after {attempt} attempts lost to "
+                f"concurrent claims or status changes; {last.largest_units} units could be "
+                "had at the last attempt (retry)",
+                cpid=None,
+                requested=spec.units,
+                free=last.largest_units,
+                available=last.largest,
+            )
+        finally:
+            if lease is not None:
+                self._revoke_lease_later(lease.id)
+
+    @staticmethod
+    def _gang_refusal(spec: GangSpec, plan: GangPlan, candidates: int) -> InsufficientCapacityError:
+        per = (
+            f"{spec.per_min}"
+            if spec.per_min == spec.per_max
+            else f"{spec.per_min} to {spec.per_max}"
+        )
+        where = []
+        if spec.same_region:
+            where.append("in one region")
+        if spec.max_pairwise_latency_ms is not None:
+            where.append(f"within {spec.max_pairwise_latency_ms:g} ms of each other")
+        return InsufficientCapacityError(
+            f"no gang of {spec.units} units ({per} per resource"
+            f"{', ' + ' and '.join(where) if where else ''}) fits among the {candidates} "
+            f"matching live resources; the largest that fits now has {plan.largest_units} "
+            f"units in {len(plan.largest)} parts",
+            cpid=None,
+            requested=spec.units,
+            free=plan.largest_units,
+            available=plan.largest,
+        )
+
+    def _gang_of(
+        self, parts: tuple[tuple[str, int], ...], holder: str, started: int, lease: Lease
+    ) -> Claim:
+        """The gang as a whole (its anchor is the first part; a fresh claim id)."""
+        anchor = parts[0][0]
+        return Claim(
+            new_claim_id(anchor),
+            anchor,
+            holder,
+            sum(u for _, u in parts),
+            created_at=started,
+            expires_at=started + lease.ttl,
+            lease=lease.id,
+            gang_units=sum(u for _, u in parts),
+            gang_parts=len(parts),
+            parts=parts,
+        )
+
+    @staticmethod
+    def _part_claims(whole: Claim) -> list[Claim]:
+        """The stored parts of a gang (the anchor carries the list of parts)."""
+        return [
+            dataclasses.replace(
+                whole, cpid=c, units=u, parts=whole.parts if c == whole.cpid else ()
+            )
+            for c, u in whole.parts
+        ]
+
+    async def _commit_gang(
+        self,
+        whole: Claim,
+        keys: dict[str, tuple[KV | None, KV | None]],
+        holder_kv: KV | None,
+    ) -> tuple[bool, tuple[dict[str, tuple[KV | None, KV | None]], KV | None] | None]:
+        """The gang's transaction: it compares every part's live and ``/alloc/`` key and
+        the holder's key, writes every ``/alloc/`` total, the holder's total and every
+        part's claim key (all on the gang's one lease).  ``(True, None)`` when it
+        committed, else ``(False, fresh keys)``."""
+        cpids = [c for c, _ in whole.parts]
+        holder_key = Keys.holder(whole.holder)
+        new_alloc = {c: units_json((read_units(keys[c][1]) or 0) + u) for c, u in whole.parts}
+        new_held = units_json((read_units(holder_kv) or 0) + whole.units)
+        compare = [
+            *(
+                cmp
+                for c in cpids
+                for cmp in (
+                    Cmp.mod_revision(Keys.live(c), "==", _rev(keys[c][0])),
+                    Cmp.mod_revision(Keys.alloc(c), "==", _rev(keys[c][1])),
+                )
+            ),
+            Cmp.mod_revision(holder_key, "==", _rev(holder_kv)),
+        ]
+        success = [
+            *(Op.put(Keys.alloc(c), new_alloc[c]) for c in cpids),
+            Op.put(holder_key, new_held),
+            *(Op.put(p.key, p.to_json(), lease=whole.lease) for p in self._part_claims(whole)),
+        ]
+        try:
+            result = await self._index.txn(
+                compare=compare, success=success, failure=self._gang_reads(cpids, whole.holder)
+            )
+        except RetrievalError:
+            # the outcome is unknown: the anchor's key (a fresh random name) tells
+            self._forget(holder_key, *(Keys.alloc(c) for c in cpids))
+            if await self._index.get(whole.key) is None:
+                raise
+            _log.info("gang %s: transaction outcome was unknown; it is in place", whole.claim_id)
+            return True, None
+        if result.succeeded:
+            for c in cpids:
+                key = Keys.alloc(c)
+                self._remember(key, _written(key, new_alloc[c], keys[c][1], result.revision))
+            self._remember(holder_key, _written(holder_key, new_held, holder_kv, result.revision))
+            return True, None
+        return False, self._gang_snapshot(cpids, whole.holder, result.responses)
+
     async def _claim_one(
         self, cpid: str, units: int, ttl: int, holder: str, max_units: int | None
     ) -> Claim:
@@ -501,7 +856,8 @@ class ClaimService:
                     return
                 batch, queue[:] = queue[:_BATCH], queue[_BATCH:]
                 try:
-                    await self._commit_batch(cpid, batch)
+                    async with self._gate.hold(cpid):
+                        await self._commit_batch(cpid, batch)
                 except (InvalidDataError, RetrievalError) as exc:
                     for r in batch:
                         self._fail(r, exc)
@@ -775,9 +1131,12 @@ class ClaimService:
     def _revoke_later(self, r: _Request) -> None:
         lease, r.lease = r.lease, None
         if lease is not None:
-            task = asyncio.create_task(self._revoke(lease.id), name=f"revoke {lease.id:x}")
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._revoke_lease_later(lease.id)
+
+    def _revoke_lease_later(self, lease_id: int) -> None:
+        task = asyncio.create_task(self._revoke(lease_id), name=f"revoke {lease_id:x}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- release and listing ----------------------------------------------------------
 
@@ -796,8 +1155,11 @@ class ClaimService:
         return claim
 
     async def _release(self, claim_id: str, holder: str) -> Claim:
+        """Delete one claim and give its units back (one transaction); a gang goes to
+        :meth:`_release_gang`.  The claim has ended when this returns."""
         cpid = parse_claim_id(claim_id)
         claim_key, alloc_key = Keys.claim(cpid, claim_id), Keys.alloc(cpid)
+        gang: Claim | None = None
         async with self._locks.hold(cpid):
             kv = await self._index.get(claim_key)
             for attempt in range(1, self.settings.max_attempts + 1):
@@ -811,6 +1173,9 @@ class ClaimService:
                     raise ClaimForbiddenError(
                         f"claim {claim_id} belongs to another holder, not to {holder}"
                     )
+                if claim.is_gang:
+                    gang = claim
+                    break
                 holder_key = Keys.holder(claim.holder)
                 alloc_kv, holder_kv = await self._pair(alloc_key, holder_key)
                 ret = _return_units(
@@ -840,6 +1205,8 @@ class ClaimService:
                 self._remember(holder_key, got[2])
                 if attempt < self.settings.max_attempts:
                     await asyncio.sleep(self._backoff(attempt))
+        if gang is not None:
+            return await self._release_gang(gang, holder)
         raise ContentionError(
             f"release of {claim_id}: gave up after {self.settings.max_attempts} attempts lost "
             "to concurrent writers (retry)",
@@ -848,11 +1215,259 @@ class ClaimService:
             free=0,
         )
 
+    async def _release_gang(self, anchor: Claim, holder: str) -> Claim:
+        """Release a whole gang (every part in one transaction); the gang has ended when
+        this returns.  ``anchor``: its anchor part as read."""
+        whole = await self._remove_gang(anchor, holder=holder, expired_only=False)
+        if whole is None:
+            raise ClaimNotFoundError(f"no claim {anchor.claim_id} (released, or expired)")
+        return whole
+
+    async def _remove_gang(
+        self, part: Claim, *, holder: str | None, expired_only: bool
+    ) -> Claim | None:
+        """Delete every part of the gang ``part`` belongs to and give their units back to
+        each ``/alloc/`` total and the holder's total, in one transaction comparing all of
+        those keys; then revoke the gang's lease.  Returns the gang as a whole, or None
+        when it is gone (or, with ``expired_only``, not past its ``expires_at``).
+
+        Raises ClaimForbiddenError when ``holder`` is given and is not the gang's, and
+        ContentionError when every attempt lost to concurrent writers.
+        """
+        claim_id = part.claim_id
+        anchor_cpid = part.anchor
+        if part.parts and part.cpid == anchor_cpid:
+            anchor_kv_parts = part.parts
+        else:
+            kv = await self._index.get(Keys.claim(anchor_cpid, claim_id))
+            if kv is None:
+                return None
+            try:
+                anchor_kv_parts = Claim.from_kv(kv).parts
+            except (ValueError, InvalidDataError):
+                return None
+        cpids = list(dict.fromkeys(c for c, _ in anchor_kv_parts)) or [anchor_cpid]
+        claim_keys = [Keys.claim(c, claim_id) for c in cpids]
+        alloc_keys = [Keys.alloc(c) for c in cpids]
+        n = len(cpids)
+        async with self._locks.hold_all(cpids):
+            for attempt in range(1, self.settings.max_attempts + 1):
+                holder_name = part.holder
+                holder_key = Keys.holder(holder_name)
+                got = await self._index.txn(
+                    success=[*map(Op.get, claim_keys), *map(Op.get, alloc_keys), Op.get(holder_key)]
+                )
+                kvs = [r.kvs[0] if r.kvs else None for r in got.responses]
+                part_kvs, alloc_kvs, holder_kv = kvs[:n], kvs[n : 2 * n], kvs[-1]
+                parts: list[Claim] = []
+                for kv in part_kvs:
+                    if kv is not None:
+                        with contextlib.suppress(ValueError, InvalidDataError):
+                            parts.append(Claim.from_kv(kv))
+                if not parts:
+                    return None  # gone meanwhile (lease, release, another instance)
+                first = next((p for p in parts if p.parts), parts[0])
+                if holder is not None and first.holder != holder:
+                    raise ClaimForbiddenError(
+                        f"claim {claim_id} belongs to another holder, not to {holder}"
+                    )
+                if expired_only and not first.expired(self._clock()):
+                    return None  # renewed meanwhile
+                if first.holder != holder_name:  # a part names another holder: use its key
+                    part = first
+                    continue
+                units = {p.cpid: p.units for p in parts}
+                present = [i for i, kv in enumerate(part_kvs) if kv is not None]
+                new_alloc = {
+                    cpids[i]: units_json(
+                        max(0, (read_units(alloc_kvs[i]) or 0) - units.get(cpids[i], 0))
+                    )
+                    for i in present
+                }
+                total = sum(units.values())
+                new_held = units_json(max(0, (read_units(holder_kv) or 0) - total))
+                readable = read_units(holder_kv) is not None and all(
+                    read_units(alloc_kvs[i]) is not None for i in present
+                )
+                result = await self._index.txn(
+                    compare=[
+                        *(
+                            Cmp.mod_revision(claim_keys[i], "==", _rev(part_kvs[i]))
+                            for i in range(n)
+                        ),
+                        *(
+                            Cmp.mod_revision(alloc_keys[i], "==", _rev(alloc_kvs[i]))
+                            for i in present
+                        ),
+                        Cmp.mod_revision(holder_key, "==", _rev(holder_kv)),
+                    ],
+                    success=[
+                        *(Op.delete(claim_keys[i]) for i in present),
+                        *(Op.put(alloc_keys[i], new_alloc[cpids[i]]) for i in present),
+                        Op.put(holder_key, new_held),
+                    ],
+                )
+                if not result.succeeded:
+                    self.metrics.retries.inc()
+                    self._forget(holder_key, *alloc_keys)
+                    if attempt < self.settings.max_attempts:
+                        await asyncio.sleep(self._backoff(attempt))
+                    continue
+                for i in present:
+                    key = alloc_keys[i]
+                    self._remember(
+                        key, _written(key, new_alloc[cpids[i]], alloc_kvs[i], result.revision)
+                    )
+                self._remember(
+                    holder_key, _written(holder_key, new_held, holder_kv, result.revision)
+                )
+                if not readable:
+                    self._trigger.set()
+                for lease in {p.lease for p in parts if p.lease}:
+                    await self._revoke(lease)
+                return dataclasses.replace(
+                    first,
+                    cpid=anchor_cpid,
+                    units=first.gang_units or total,
+                    parts=first.parts or tuple((p.cpid, p.units) for p in parts),
+                    revision=result.revision,
+                )
+        raise ContentionError(
+            f"removal of gang {claim_id}: gave up after {self.settings.max_attempts} attempts "
+            "lost to concurrent writers (retry)",
+            cpid=None,
+            requested=0,
+            free=0,
+        )
+
+    # -- renewal ----------------------------------------------------------------------
+
+    async def renew(self, claim_id: str, *, holder: str, ttl_s: object) -> Claim:
+        """Extend a claim of ``holder`` (one resource, or a whole gang): it then expires
+        ``ttl_s`` seconds from now.  Its keys move to a new lease in one transaction, so
+        the units are held throughout; the old lease is revoked afterwards.
+
+        Raises InvalidClaimError (malformed id or ttl, 400), ClaimNotFoundError (gone or
+        past its ``expires_at``, 404), ClaimForbiddenError (403), ContentionError (409).
+        """
+        s = self.settings
+        if not isinstance(ttl_s, int) or isinstance(ttl_s, bool):
+            raise InvalidClaimError(f"ttl_s must be an integer number of seconds, got {ttl_s!r}")
+        if not 1 <= ttl_s <= s.max_ttl_s:
+            raise InvalidClaimError(f"ttl_s must be between 1 and {s.max_ttl_s} s, got {ttl_s}")
+        try:
+            claim = await self._renew(claim_id, holder, ttl_s)
+        except (InvalidDataError, RetrievalError) as exc:
+            self.metrics.renewals.labels(exc.code).inc()
+            raise
+        self.metrics.renewals.labels("renewed").inc()
+        return claim
+
+    async def _renew(self, claim_id: str, holder: str, ttl: int) -> Claim:
+        """Rewrite every key of the claim with the new ``expires_at`` on a new lease, in
+        one transaction comparing each key unchanged; then revoke the old lease(s).  The
+        claim is renewed (its previous term ended) when this returns."""
+        anchor = parse_claim_id(claim_id)
+        anchor_key = Keys.claim(anchor, claim_id)
+        kv = await self._index.get(anchor_key)
+        if kv is None:
+            raise ClaimNotFoundError(f"no claim {claim_id} (released, or expired)")
+        try:
+            first = Claim.from_kv(kv)
+        except (ValueError, InvalidDataError) as exc:
+            raise ClaimNotFoundError(f"claim {claim_id} is unreadable: {exc}") from exc
+        if first.holder != holder:
+            raise ClaimForbiddenError(
+                f"claim {claim_id} belongs to another holder, not to {holder}"
+            )
+        cpids = list(dict.fromkeys(c for c, _ in first.parts)) if first.parts else [anchor]
+        keys = [Keys.claim(c, claim_id) for c in cpids]
+        started = int(self._clock())
+        lease: Lease | None = await self._index.grant_lease(ttl, revoke_on_exit=False)
+        assert lease is not None
+        try:
+            async with self._locks.hold_all(cpids):
+                for attempt in range(1, self.settings.max_attempts + 1):
+                    got = await self._index.txn(success=[Op.get(k) for k in keys])
+                    kvs = [r.kvs[0] if r.kvs else None for r in got.responses]
+                    if any(kv is None for kv in kvs):
+                        raise ClaimNotFoundError(f"no claim {claim_id} (released, or expired)")
+                    try:
+                        parts = [Claim.from_kv(kv) for kv in kvs if kv is not None]
+                    except (ValueError, InvalidDataError) as exc:
+                        raise ClaimNotFoundError(f"claim {claim_id} is unreadable: {exc}") from exc
+                    now = self._clock()
+                    if any(p.holder != holder for p in parts):
+                        raise ClaimForbiddenError(
+                            f"claim {claim_id} belongs to another holder, not to {holder}"
+                        )
+                    if any(p.expired(now) for p in parts):
+                        raise ClaimNotFoundError(
+                            f"claim {claim_id} expired at {min(p.expires_at for p in parts)}; "
+                            "make a new claim"
+                        )
+                    expires_at = started + lease.ttl
+                    renewed = [
+                        dataclasses.replace(p, expires_at=expires_at, lease=lease.id) for p in parts
+                    ]
+                    try:
+                        result = await self._index.txn(
+                            compare=[
+                                Cmp.mod_revision(k, "==", kv.mod_revision)
+                                for k, kv in zip(keys, kvs, strict=True)
+                                if kv is not None
+                            ],
+                            success=[
+                                Op.put(k, p.to_json(), lease=lease.id)
+                                for k, p in zip(keys, renewed, strict=True)
+                            ],
+                        )
+                    except RetrievalError:
+                        back = await self._index.get(anchor_key)
+                        if back is None or back.lease != lease.id:
+                            raise
+                        result = None
+                    if result is None or result.succeeded:
+                        new_lease, lease = lease, None  # the keys own it now
+                        for old in {p.lease for p in parts if p.lease and p.lease != new_lease.id}:
+                            await self._revoke(old)
+                        return self._whole(renewed, revision=result.revision if result else 0)
+                    self.metrics.retries.inc()
+                    if attempt < self.settings.max_attempts:
+                        await asyncio.sleep(self._backoff(attempt))
+        finally:
+            if lease is not None:
+                self._revoke_lease_later(lease.id)
+        raise ContentionError(
+            f"renewal of {claim_id}: gave up after {self.settings.max_attempts} attempts lost "
+            "to concurrent writers (retry)",
+            cpid=anchor,
+            requested=0,
+            free=0,
+        )
+
+    @staticmethod
+    def _whole(parts: list[Claim], *, revision: int = 0) -> Claim:
+        """A claim as the API shows it: a single claim as is; a gang as one claim whose
+        ``cpid`` is its anchor, ``units`` its total and ``parts`` every part."""
+        first = next((p for p in parts if p.parts), parts[0])
+        if not first.is_gang:
+            return dataclasses.replace(first, revision=revision or first.revision)
+        return dataclasses.replace(
+            first,
+            cpid=first.anchor,
+            units=first.gang_units,
+            parts=first.parts or tuple((p.cpid, p.units) for p in parts),
+            revision=revision or first.revision,
+        )
+
     async def list_claims(self, holder: str | None = None) -> list[Claim]:
-        """Active claims (of ``holder``, or all), oldest first.  Reads every claim key."""
+        """Active claims (of ``holder``, or all), oldest first; a gang is one entry
+        (:meth:`_whole`).  Reads every claim key."""
         kvs, _ = await self._index.get_prefix(Prefix.CLAIM)
         now = self._clock()
         out: list[Claim] = []
+        gangs: dict[str, list[Claim]] = {}
         expired: list[Claim] = []
         for kv in kvs:
             try:
@@ -862,7 +1477,11 @@ class ClaimService:
             if c.expired(now):
                 expired.append(c)
             elif holder is None or c.holder == holder:
-                out.append(c)
+                if c.is_gang:
+                    gangs.setdefault(c.claim_id, []).append(c)
+                else:
+                    out.append(c)
+        out.extend(self._whole(parts) for parts in gangs.values())
         if expired:
             self._purge_later(expired)
         out.sort(key=lambda c: (c.created_at, c.claim_id))
@@ -909,12 +1528,21 @@ class ClaimService:
         returns how many were removed."""
         now = self._clock()
         removed = 0
+        gangs: set[str] = set()
         for c in claims:
+            if c.is_gang:
+                if c.claim_id in gangs:
+                    continue  # one removal takes every part
+                gangs.add(c.claim_id)
             if c.expired(now) and await self._purge_one(c):
                 removed += 1
         return removed
 
     async def _purge_one(self, claim: Claim) -> bool:
+        """Remove one claim past its ``expires_at`` whose key remained (a gang: all its
+        parts, :meth:`_purge_gang`).  The claim has ended when this returns True."""
+        if claim.is_gang:
+            return await self._purge_gang(claim)
         claim_key, alloc_key = claim.key, Keys.alloc(claim.cpid)
         holder_key = Keys.holder(claim.holder)
         async with self._locks.hold(claim.cpid):
@@ -953,6 +1581,25 @@ class ClaimService:
                     await self._revoke(current.lease)
                 return True
         return False
+
+    async def _purge_gang(self, part: Claim) -> bool:
+        """Remove a gang past its ``expires_at`` (every part, one transaction)."""
+        try:
+            whole = await self._remove_gang(part, holder=None, expired_only=True)
+        except ContentionError:
+            return False  # the next pass tries again
+        if whole is None:
+            return False
+        _log.info(
+            "gang %s of %s expired at %d but its keys remained (a lease re-armed by an etcd "
+            "restart?); removed its %d parts and returned its %d units",
+            whole.claim_id,
+            whole.holder,
+            whole.expires_at,
+            len(whole.parts),
+            whole.units,
+        )
+        return True
 
     # -- reconciliation ---------------------------------------------------------------
 
