@@ -147,6 +147,8 @@ class _Job(Generic[ItemT, ResultT]):
     key: str
     size: int
     done: asyncio.Future[ResultT]
+    lead: asyncio.Future[None]
+    """Set when this job's caller is to take the lead."""
 
 
 class _Group(Generic[ItemT, ResultT]):
@@ -154,8 +156,8 @@ class _Group(Generic[ItemT, ResultT]):
 
     Whichever caller finds no batch in flight leads: it runs batches (FIFO, at most
     *limit* jobs and *max_bytes*, one job per key) until its own job is done, then
-    hands the lead to a waiter.  *run* must resolve the ``done`` future of every job
-    it is given (a result or an exception).
+    hands the lead to the oldest waiting job.  *run* must resolve the ``done`` future
+    of every job it is given (a result or an exception).
     """
 
     def __init__(
@@ -170,11 +172,13 @@ class _Group(Generic[ItemT, ResultT]):
         self.max_bytes = max_bytes
         self._queue: list[_Job[ItemT, ResultT]] = []
         self._leading = False
-        self._free: asyncio.Future[None] | None = None
         self.batches = 0
 
     async def submit(self, item: ItemT, *, key: str, size: int = 0) -> ResultT:
-        job: _Job[ItemT, ResultT] = _Job(item, key, size, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        job: _Job[ItemT, ResultT] = _Job(
+            item, key, size, loop.create_future(), loop.create_future()
+        )
         self._queue.append(job)
         while not job.done.done():
             if not self._leading:
@@ -184,14 +188,20 @@ class _Group(Generic[ItemT, ResultT]):
                         await self._run_batch(self._take())
                 finally:
                     self._leading = False
-                    free, self._free = self._free, None
-                    if free is not None and not free.done():
-                        free.set_result(None)
+                    if self._queue and not self._queue[0].lead.done():
+                        self._queue[0].lead.set_result(None)
                 break
-            if self._free is None:
-                self._free = asyncio.get_running_loop().create_future()
-            waiters: set[asyncio.Future[Any]] = {job.done, self._free}
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            waiters: set[asyncio.Future[Any]] = {job.done, job.lead}
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                if job in self._queue:  # not sent: forget it, and pass on a lead it got
+                    self._queue.remove(job)
+                if not self._leading and self._queue and not self._queue[0].lead.done():
+                    self._queue[0].lead.set_result(None)
+                raise
+            if job.lead.done() and not job.done.done():
+                job.lead = loop.create_future()
         return job.done.result()
 
     def _take(self) -> list[_Job[ItemT, ResultT]]:

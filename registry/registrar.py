@@ -448,7 +448,7 @@ class Registrar:
             rec_kv = await self._get(Keys.rec(cpid), "get-rec")
             if rec_kv is not None:
                 self._check_node_key(_record_of(rec_kv)[0], node.public_key)
-        st = open_signed(env, public_key=node.public_key, expected=Status)
+        st = open_signed(env, public_key=node.public_key, expected=Status, key_registered=True)
         if st.cpid != cpid:
             raise PayloadError(f"status is for {st.cpid} but was sent to the URL of {cpid}")
         now_ms = int(time.time() * 1000)
