@@ -55,16 +55,17 @@ NAMESPACE = "CN.31"
 
 
 class Node:
-    def __init__(self) -> None:
+    def __init__(self, namespace: str = NAMESPACE) -> None:
+        self.namespace = namespace
         self.key = keys.generate()
         self.public_key = keys.public_to_b64url(self.key)
-        self.cpid = cpid.derive(NAMESPACE, "GPU", keys.public_raw(self.key)).to_text()
+        self.cpid = cpid.derive(namespace, "GPU", keys.public_raw(self.key)).to_text()
         self.seq = 0
         self.free = random.randint(0, 8)
 
     def register(self) -> bytes:
         doc = Register(
-            namespace=NAMESPACE,
+            namespace=self.namespace,
             kind="GPU",
             public_key=self.public_key,
             nonce=secrets.token_urlsafe(16),
