@@ -321,8 +321,16 @@ class Registrar:
         nonce_key = Keys.nonce(node_kid, reg.nonce)
         rec_key = Keys.rec(cpid)
 
+        # a new CPID is the common case: the first attempt assumes no record and lets
+        # the transaction's compare (record absent) check it, saving a read; a failed
+        # compare returns the record, and the next attempt decides with it.  A token
+        # without uses left can only re-register, so then the record is read first.
+        rec_kv: KV | None = None
+        read = token.info.uses_left == 0
         for _ in range(_ATTEMPTS):
-            rec_kv = await self._get(rec_key, "get-rec")
+            if read:
+                rec_kv = await self._get(rec_key, "get-rec")
+            read = False
             outcome: Outcome
             if rec_kv is None:
                 outcome, version, old_env = "created", 1, None
@@ -356,7 +364,7 @@ class Registrar:
                 Cmp.mod_revision(rec_key, "==", rec_kv.mod_revision if rec_kv else 0),
                 Cmp.mod_revision(ns_key, "==", ns_kv.mod_revision if ns_kv else 0),
             ]
-            failure = [Op.get(nonce_key), Op.get(token.key), Op.get(ns_key)]
+            failure = [Op.get(nonce_key), Op.get(token.key), Op.get(ns_key), Op.get(rec_key)]
             if outcome == "unchanged":
                 assert old_env is not None
                 record_env = old_env
@@ -400,7 +408,9 @@ class Registrar:
             if (ns_kvs[0].mod_revision if ns_kvs else 0) != (ns_kv.mod_revision if ns_kv else 0):
                 ns_kv = await self._namespace(reg.namespace, fresh=True)
                 self._check_published(reg.namespace, ns_kv, signer)
-            # else the record changed under us: decide again
+            # the record as the failed transaction saw it: decide again with it
+            rec_kvs = result.responses[3].kvs
+            rec_kv = rec_kvs[0] if rec_kvs else None
         else:
             raise ConflictError(f"registration of {cpid} kept racing with concurrent writes; retry")
         self.liveness.track(
