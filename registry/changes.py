@@ -221,6 +221,8 @@ class AuditStream:
     and one pair of head compares.  If a batch fails on a caller's own compare, its
     changes are retried one by one, so each caller gets the outcome of its own
     compares.  Leadership passes to the next waiter once the leader's change is done.
+    Up to ``pipeline`` batches are in flight at once, each numbered right after the one
+    before (see :meth:`_lead`); compares shared by several changes are sent once.
     """
 
     def __init__(self, index: Index, *, attempts: int = 16, pipeline: int = 2) -> None:
