@@ -64,9 +64,10 @@ from typing import Any, Generic, TypeVar
 from registry.errors import StaleSequenceError
 from registry.index import KV, Cmp, Index, IndexRejectedError, Keys, Lease, Op
 from registry.metrics import RegistryMetrics
-from schemas import _json
+from schemas import _json, keys
 from schemas.dsse import Envelope
 from schemas.errors import NotFoundError, RetrievalError
+from schemas.keys import Ed25519PublicKey
 from schemas.models import Capacity, Status
 
 __all__ = ["MEMORY_TOLERANCE", "Liveness", "NodeState", "capacity_changed"]
@@ -120,10 +121,19 @@ class NodeState:
     """Clock time of the last live write on the current lease; ``None``: no live key of ours."""
     written_state: str | None = None
     written_capacity: Capacity | None = None
+    _key: tuple[str, Ed25519PublicKey] | None = None
 
     @property
     def live(self) -> bool:
         return self.written_at is not None
+
+    def verify_key(self) -> tuple[str, Ed25519PublicKey]:
+        """The node key's kid and public key object (decoded once; the key comes from a
+        record, so it passed the full key rule when it was registered)."""
+        if self._key is None:
+            raw = keys.check_public_raw_fast(keys.b64url_decode(self.public_key))
+            self._key = (keys.kid(raw), Ed25519PublicKey.from_public_bytes(raw))
+        return self._key
 
 
 @dataclass(slots=True)

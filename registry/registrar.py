@@ -58,7 +58,7 @@ from registry.metrics import RegistryMetrics
 from registry.national import NsEntry
 from registry.revocations import Revocations
 from registry.signers import Signer, Signers
-from schemas import keys
+from schemas import dsse, keys
 from schemas.chain import CLOCK_SKEW, open_self_signed, open_signed
 from schemas.cpid import derive, parse
 from schemas.dsse import Envelope
@@ -452,13 +452,14 @@ class Registrar:
                 f"it (its URL is under {Keys.ns(parsed.prefix)})"
             )
         self._check_signer(signer)
-        node_kid = keys.kid(keys.b64url_decode(node.public_key))
+        node_kid, node_key = node.verify_key()
         if self.revocations is not None and node_kid in self.revocations.envelopes:
             # rare: a revocation names this node's key; verify it against the record
             rec_kv = await self._get(Keys.rec(cpid), "get-rec")
             if rec_kv is not None:
                 self._check_node_key(_record_of(rec_kv)[0], node.public_key)
-        st = open_signed(env, public_key=node.public_key, expected=Status, key_registered=True)
+        verified = dsse.verify(env, {node_kid: node_key}, payload_types=(Status.media_type(),))
+        st = parse_payload(verified.payload_type, verified.payload, Status)
         if st.cpid != cpid:
             raise PayloadError(f"status is for {st.cpid} but was sent to the URL of {cpid}")
         now_ms = int(time.time() * 1000)
