@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from registry.index import Index, Keys, Prefix
 from registry.errors import StaleSequenceError
+from registry.index import Index, Keys, Prefix
 from registry.liveness import Liveness, capacity_changed
 from schemas import dsse
 from schemas.models import Capacity, Status
