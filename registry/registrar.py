@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from registry import tokens
-from registry.ca import sign_document
 from registry.changes import AuditOp, AuditStream
 from registry.errors import (
     ReplayedNonceError,
@@ -284,7 +283,8 @@ class Registrar:
             attributes=reg.attributes,
             labels=reg.labels,
         )
-        return sign_document(record, signer.key)
+        # the signer's kid is known: not derived from the private key on every record
+        return dsse.sign(record.media_type(), record.to_json(), signer.key, keyid=signer.kid)
 
     def _renew_due(self, env: Envelope, rec: Record, signer: Signer, now: int) -> bool:
         return (

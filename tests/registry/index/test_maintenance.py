@@ -109,3 +109,28 @@ async def test_an_unreachable_member_is_reported_and_the_others_done(
     assert [m.endpoint for m in report.members] == [small_etcd.endpoint]
     assert report.members[0].defragmented
     assert any(dead in e for e in report.errors)
+
+
+async def test_run_repeats_until_cancelled_and_survives_errors(
+    small_etcd: EtcdProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+
+    def open_index(endpoints: list[str]) -> Index:
+        return Index(endpoints=endpoints, timeout=2)
+
+    from cpi.etcdproc import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    maintainer = Maintainer([small_etcd.endpoint, dead], open_index, keep_revisions=None)
+    task = asyncio.create_task(maintainer.run(0.05))
+    caplog.set_level("WARNING", logger="registry.index.maintenance")
+    for _ in range(200):
+        await asyncio.sleep(0.05)
+        if caplog.text.count(f"etcd maintenance: {dead}") >= 2:
+            break
+    assert not task.done()  # a failing member does not end the schedule
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert caplog.text.count(f"etcd maintenance: {dead}") >= 2
