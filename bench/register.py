@@ -20,7 +20,9 @@ A third case in the same turns runs the registrar in this process
 (:meth:`registry.registrar.Registrar.register`, what the HTTP handler calls: every
 check, the signing, the group-committed transaction) with ``--clients`` concurrent
 callers: the registry's own work without HTTP and without the client processes'
-share of the CPUs.
+share of the CPUs.  The CPU time this process spends per operation in the baseline and
+in-process rounds is printed too: on a shared machine the rates follow the CPU share
+each gets, the CPU per operation does not.
 
 **Heartbeats.** ``--nodes`` nodes with records in etcd heartbeat every 10 s for
 ``--minutes`` simulated minutes against :class:`registry.liveness.Liveness` (its
@@ -363,6 +365,7 @@ async def run(args: argparse.Namespace) -> None:
                 f"{args.rounds} rounds each, interleaved (registry: `cpi registry serve` subprocess)"
             )
             rates: dict[str, list[float]] = {"registry": [], "etcd3aio": [], "registrar": []}
+            cpu: dict[str, list[float]] = {"etcd3aio": [], "registrar": []}
             seq0 = 10**12
             # warm-up (connections, imports, caches), not timed
             await registry_round(url, token, [register_body(keys.generate()) for _ in range(50)], 8)
@@ -375,6 +378,7 @@ async def run(args: argparse.Namespace) -> None:
                     c = cpid.derive(NAMESPACE, "GPU", keys.public_raw(node)).to_text()
                     nonce_key = Keys.nonce(keys.kid_of(node), secrets.token_urlsafe(16))
                     docs.append((c, record_env(node, regkey), nonce_key))
+                c0 = time.process_time()
                 rates["etcd3aio"].append(
                     await baseline_round(
                         client,
@@ -386,10 +390,13 @@ async def run(args: argparse.Namespace) -> None:
                         args.clients,
                     )
                 )
+                cpu["etcd3aio"].append((time.process_time() - c0) / args.per_round)
                 bodies = [register_body(keys.generate()) for _ in range(args.per_round)]
+                c0 = time.process_time()
                 rates["registrar"].append(
                     await registrar_round(registrar, token, bodies, args.clients)
                 )
+                cpu["registrar"].append((time.process_time() - c0) / args.per_round)
                 print(
                     f"  round {r + 1}: registry {rates['registry'][-1]:7.0f}/s   "
                     f"etcd3aio txn loop {rates['etcd3aio'][-1]:7.0f}/s   "
@@ -406,6 +413,12 @@ async def run(args: argparse.Namespace) -> None:
             )
             print(f"  ratio registry (HTTP, own process) / plain etcd3aio loop: {reg / base:.2f}")
             print(f"  ratio registrar in-process / plain etcd3aio loop: {inp / base:.2f}")
+            print(
+                "  CPU of this process per operation (median; etcd's own CPU not included): "
+                f"registrar {statistics.median(cpu['registrar']) * 1e6:.0f} us per "
+                f"registration, etcd3aio loop {statistics.median(cpu['etcd3aio']) * 1e6:.0f} "
+                "us per transaction"
+            )
 
             await heartbeats(etcd.endpoint, args.nodes, args.minutes, args.change)
         finally:
