@@ -16,12 +16,21 @@ entry), one transaction per registration.  The baseline does none of the registr
 work around those writes: HTTP, the reads before the transaction (token, nonce,
 record), signature checks, signing, the audit head.  Rounds alternate between the
 two; medians are printed with their ratio.  Both share this machine's CPUs with etcd.
+A third case in the same turns runs the registrar in this process
+(:meth:`registry.registrar.Registrar.register`, what the HTTP handler calls: every
+check, the signing, the group-committed transaction) with ``--clients`` concurrent
+callers: the registry's own work without HTTP and without the client processes'
+share of the CPUs.  The CPU time this process spends per operation in the baseline and
+in-process rounds is printed too: on a shared machine the rates follow the CPU share
+each gets, the CPU per operation does not.
 
 **Heartbeats.** ``--nodes`` nodes with records in etcd heartbeat every 10 s for
 ``--minutes`` simulated minutes against :class:`registry.liveness.Liveness` (its
 real etcd writes; a simulated clock so refreshes after ``live_refresh_s`` = 240 s
 happen as they would); each heartbeat changes the node's free accelerators with
-probability ``--change`` (default 2 %).  Printed: etcd writes per heartbeat.
+probability ``--change`` (default 2 %).  Printed: live keys written and etcd
+transactions per heartbeat.  ``bench/heartbeat.py`` measures heartbeat throughput
+against the raw Ed25519 verify rate.
 """
 
 from __future__ import annotations
@@ -45,13 +54,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiohttp
 import etcd3aio  # noqa: F401  (makes etcd's generated ``etcd.api`` modules importable)
+from aiohttp import web
 from etcd.api.etcdserverpb.rpc_pb2 import Compare, PutRequest, RequestOp
 from etcd3aio import Etcd3Client
 
 from cpi.etcdproc import EtcdProcess, free_port
 from registry import ca, keyfile, tokens
+from registry.config import load_config
 from registry.index import Index, Keys, Op
 from registry.liveness import Liveness
+from registry.registrar import Registrar
+from registry.service import STATE, create_app
 from schemas import cpid, keys
 from schemas.models import (
     Accelerator,
@@ -133,6 +146,20 @@ async def registry_round(url: str, token: str, bodies: list[bytes], clients: int
     if statuses != {201: len(bodies)}:
         raise SystemExit(f"registry answered {dict(statuses)}, expected {len(bodies)} x 201")
     return len(bodies) / elapsed
+
+
+async def registrar_round(
+    registrar: Registrar, token: str, bodies: list[bytes], clients: int
+) -> float:
+    todo = iter(bodies)
+
+    async def worker() -> None:
+        for body in todo:
+            await registrar.register(body, token)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return len(bodies) / (time.perf_counter() - t0)
 
 
 # -- the baseline ---------------------------------------------------------------------------
@@ -261,7 +288,11 @@ async def heartbeats(endpoint: str, nodes: int, minutes: float, change: float) -
             f"  etcd writes          {c.writes}  "
             + ", ".join(f"{k} {v}" for k, v in sorted(c.by_reason.items()))
         )
-        print(f"  writes per heartbeat {c.writes / c.heartbeats:.3f}")
+        print(f"  writes per heartbeat {c.writes / c.heartbeats:.3f}  (live keys)")
+        print(
+            f"  etcd txns            {c.txns}  ({c.txns / c.heartbeats:.4f} per heartbeat; "
+            "live writes due together share one, see registry/liveness.py)"
+        )
         print(
             f"  liveness throughput  {c.heartbeats / wall:,.0f} heartbeats/s (incl. its etcd writes)"
         )
@@ -312,13 +343,29 @@ async def run(args: argparse.Namespace) -> None:
             url = f"http://127.0.0.1:{port}"
             await wait_ready(url, proc, tmp / "registry.log")
 
+            inproc = create_app(
+                load_config(
+                    data={
+                        **config,
+                        "port": 1,
+                        "instance_id": "bench-inproc",
+                        "namespaces": [{"namespace": NAMESPACE, "key_file": str(tmp / "cn31.key")}],
+                        "anchor_file": str(tmp / "anchor.json"),
+                    },
+                    env={},
+                )
+            )
+            runner = web.AppRunner(inproc)
+            await runner.setup()
+            registrar = inproc[STATE].registrar
             client = Etcd3Client([etcd.endpoint])
             await client.connect()
             print(
                 f"registrations: {args.clients} concurrent clients, {args.per_round} per round, "
                 f"{args.rounds} rounds each, interleaved (registry: `cpi registry serve` subprocess)"
             )
-            rates: dict[str, list[float]] = {"registry": [], "etcd3aio": []}
+            rates: dict[str, list[float]] = {"registry": [], "etcd3aio": [], "registrar": []}
+            cpu: dict[str, list[float]] = {"etcd3aio": [], "registrar": []}
             seq0 = 10**12
             # warm-up (connections, imports, caches), not timed
             await registry_round(url, token, [register_body(keys.generate()) for _ in range(50)], 8)
@@ -331,6 +378,7 @@ async def run(args: argparse.Namespace) -> None:
                     c = cpid.derive(NAMESPACE, "GPU", keys.public_raw(node)).to_text()
                     nonce_key = Keys.nonce(keys.kid_of(node), secrets.token_urlsafe(16))
                     docs.append((c, record_env(node, regkey), nonce_key))
+                c0 = time.process_time()
                 rates["etcd3aio"].append(
                     await baseline_round(
                         client,
@@ -342,15 +390,35 @@ async def run(args: argparse.Namespace) -> None:
                         args.clients,
                     )
                 )
+                cpu["etcd3aio"].append((time.process_time() - c0) / args.per_round)
+                bodies = [register_body(keys.generate()) for _ in range(args.per_round)]
+                c0 = time.process_time()
+                rates["registrar"].append(
+                    await registrar_round(registrar, token, bodies, args.clients)
+                )
+                cpu["registrar"].append((time.process_time() - c0) / args.per_round)
                 print(
                     f"  round {r + 1}: registry {rates['registry'][-1]:7.0f}/s   "
-                    f"etcd3aio txn loop {rates['etcd3aio'][-1]:7.0f}/s"
+                    f"etcd3aio txn loop {rates['etcd3aio'][-1]:7.0f}/s   "
+                    f"registrar in-process {rates['registrar'][-1]:7.0f}/s"
                 )
             await client.close()
+            await runner.cleanup()
             reg = statistics.median(rates["registry"])
             base = statistics.median(rates["etcd3aio"])
-            print(f"  median: registry {reg:.0f} registrations/s, etcd3aio loop {base:.0f} txn/s")
-            print(f"  ratio registry / plain etcd3aio loop: {reg / base:.2f}")
+            inp = statistics.median(rates["registrar"])
+            print(
+                f"  median: registry {reg:.0f} registrations/s, etcd3aio loop {base:.0f} txn/s, "
+                f"registrar in-process {inp:.0f} registrations/s"
+            )
+            print(f"  ratio registry (HTTP, own process) / plain etcd3aio loop: {reg / base:.2f}")
+            print(f"  ratio registrar in-process / plain etcd3aio loop: {inp / base:.2f}")
+            print(
+                "  CPU of this process per operation (median; etcd's own CPU not included): "
+                f"registrar {statistics.median(cpu['registrar']) * 1e6:.0f} us per "
+                f"registration, etcd3aio loop {statistics.median(cpu['etcd3aio']) * 1e6:.0f} "
+                "us per transaction"
+            )
 
             await heartbeats(etcd.endpoint, args.nodes, args.minutes, args.change)
         finally:

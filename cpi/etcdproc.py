@@ -36,6 +36,8 @@ from types import TracebackType
 from schemas.errors import ConfigError
 
 __all__ = [
+    "AUTO_COMPACTION_RETENTION",
+    "DEFAULT_QUOTA_BYTES",
     "ETCD_BINARY_ENV",
     "EtcdProcess",
     "cluster_healthy",
@@ -48,6 +50,17 @@ __all__ = [
 _LOOPBACK = "127.0.0.1"
 _GO_ARCH = {"aarch64": "arm64", "arm64": "arm64", "ppc64le": "ppc64le", "s390x": "s390x"}
 
+
+DEFAULT_QUOTA_BYTES = 8 << 30
+"""``--quota-backend-bytes`` of the members started here: 8 GiB, etcd's suggested
+maximum (its default is 2 GiB, about 500,000 records with statuses and history; see
+docs/operations.md, Sizing).  Past it etcd raises NOSPACE and refuses writes."""
+
+AUTO_COMPACTION_RETENTION = "1h"
+"""``--auto-compaction-mode periodic --auto-compaction-retention 1h``: etcd discards
+history older than an hour by itself (watchers further behind re-list).  Compaction
+frees pages but does not shrink the file: :class:`registry.index.Maintainer`
+defragments."""
 
 ETCD_BINARY_ENV = "CPI_ETCD_BINARY"
 """Environment variable naming an etcd binary to use instead of the bundled one."""
@@ -120,6 +133,11 @@ class EtcdProcess:
         peer_tls: With TLS, the peer URL too is ``https://``, served with the same
             certificate, and peers must present a certificate signed by *trusted_ca_file*
             (``--peer-cert-file ... --peer-client-cert-auth``); for a cluster.
+        quota_backend_bytes: ``--quota-backend-bytes`` (:data:`DEFAULT_QUOTA_BYTES`);
+            ``None``: etcd's own default (2 GiB).
+        auto_compaction_retention: ``--auto-compaction-retention`` with
+            ``--auto-compaction-mode periodic`` (:data:`AUTO_COMPACTION_RETENTION`);
+            ``None``: no automatic compaction.
     """
 
     def __init__(
@@ -143,8 +161,12 @@ class EtcdProcess:
         client_cert: str | os.PathLike[str] | None = None,
         client_key: str | os.PathLike[str] | None = None,
         peer_tls: bool = False,
+        quota_backend_bytes: int | None = DEFAULT_QUOTA_BYTES,
+        auto_compaction_retention: str | None = AUTO_COMPACTION_RETENTION,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.quota_backend_bytes = quota_backend_bytes
+        self.auto_compaction_retention = auto_compaction_retention
         self.cert_file = cert_file
         self.peer_tls = peer_tls
         self.client_port = client_port or free_port()
@@ -253,6 +275,15 @@ class EtcdProcess:
                         str(self.trusted_ca_file),
                         "--peer-client-cert-auth",
                     ]
+        if self.quota_backend_bytes is not None:
+            cmd += ["--quota-backend-bytes", str(self.quota_backend_bytes)]
+        if self.auto_compaction_retention is not None:
+            cmd += [
+                "--auto-compaction-mode",
+                "periodic",
+                "--auto-compaction-retention",
+                self.auto_compaction_retention,
+            ]
         if self.snapshot_count is not None:
             cmd += ["--snapshot-count", str(self.snapshot_count)]
         if self.heartbeat_interval_ms is not None:

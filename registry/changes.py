@@ -221,14 +221,22 @@ class AuditStream:
     and one pair of head compares.  If a batch fails on a caller's own compare, its
     changes are retried one by one, so each caller gets the outcome of its own
     compares.  Leadership passes to the next waiter once the leader's change is done.
+    Up to ``pipeline`` batches are in flight at once, each numbered right after the one
+    before (see :meth:`_lead`); compares shared by several changes are sent once.
     """
 
-    def __init__(self, index: Index, *, attempts: int = 16) -> None:
+    def __init__(self, index: Index, *, attempts: int = 16, pipeline: int = 2) -> None:
         self._index = index
         self._head: int | None = None
         self.attempts = attempts
+        self.pipeline = max(1, pipeline)
+        """Batches in flight at once (see :meth:`_launch`)."""
         self._queue: list[_Pending] = []
         self._leading = False
+        self._inflight: list[tuple[int, asyncio.Task[None], frozenset[str]]] = []
+        self._next: int | None = None  # where the next speculative batch starts (head + 1)
+        self._resync = False
+        self._fallback = asyncio.Lock()
         self.races = 0
         """Batches that lost the head to another writer (another registry) and were retried."""
         self.batches = 0
@@ -279,7 +287,7 @@ class AuditStream:
                 self._leading = True
                 try:
                     while not p.result.done():
-                        await self._run(self._take_batch())
+                        await self._lead(p)
                 finally:
                     self._leading = False
                     if self._queue and not self._queue[0].lead.done():
@@ -291,17 +299,107 @@ class AuditStream:
                 p.lead = asyncio.get_running_loop().create_future()
         return p.result.result()
 
+    async def _lead(self, own: _Pending) -> None:
+        """Keep up to :attr:`pipeline` batches in flight; return when one finishes or
+        *own*'s result is in.
+
+        Batch *k+1* is sent while batch *k* is in flight, with sequence numbers right
+        after *k*'s: its compares (entry ``start`` absent, entry ``start - 1`` present)
+        hold only once *k* is applied, so no fork or gap is possible whatever etcd
+        does.  If it arrives first, or *k* fails, it fails as a whole and is retried
+        after the batches before it are done (:meth:`_speculate`).
+        """
+        while len(self._inflight) < self.pipeline and self._queue:
+            if self._resync and self._inflight:
+                break  # a batch failed: let the ones in flight finish, then re-read
+            if not self._inflight or self._next is None:
+                self._resync = False
+                self._next = await self.head() + 1
+            batch = self._take_batch()
+            if not batch:
+                break
+            busy = frozenset().union(*(w for _, _, w in self._inflight))
+            if any(p.touches & busy for p in batch):
+                self._queue[:0] = batch  # would compare what a batch in flight writes
+                break
+            start = self._next
+            self._next += len(batch)
+            task = asyncio.create_task(self._speculate(batch, start))
+            writes = frozenset().union(*(p.writes for p in batch))
+            self._inflight.append((start, task, writes))
+            task.add_done_callback(self._landed)
+        waiters: set[asyncio.Future[Any]] = {own.result, *(t for _, t, _ in self._inflight)}
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+
+    def _landed(self, task: asyncio.Task[None]) -> None:
+        self._inflight = [entry for entry in self._inflight if entry[1] is not task]
+        if not task.cancelled() and task.exception() is not None:
+            _log.warning("audit commit failed: %s", task.exception())
+
+    async def _speculate(self, batch: list[_Pending], start: int) -> None:
+        """One attempt of *batch* at *start*; on failure, wait for the batches sent
+        before it, then commit it the careful way (:meth:`_run`)."""
+        try:
+            if await self._attempt_many(batch, start - 1):
+                return
+        except Exception as exc:
+            self._resync = True
+            self._head = None  # the outcome is unknown: read the head again
+            for p in batch:
+                if not p.result.done():
+                    p.result.set_exception(exc)
+            return
+        self._resync = True
+        earlier = [t for s, t, _ in self._inflight if s < start]
+        if earlier:
+            await asyncio.wait(earlier)
+        async with self._fallback:
+            try:
+                self._head = await find_head(self._index, hint=start - 1)
+            except Exception as exc:
+                self._head = None
+                for p in batch:
+                    if not p.result.done():
+                        p.result.set_exception(exc)
+                return
+            try:
+                await self._run(batch)
+            except Exception:
+                return  # _run set every result
+
+    async def _attempt_many(self, batch: list[_Pending], head: int) -> bool:
+        """Send *batch* as one transaction after entry *head*; True when it landed."""
+        a_cmps, a_puts = self._audit_parts(head, batch)
+        compare = list(dict.fromkeys(c for p in batch for c in p.compare))
+        success: list[Op] = []
+        for p, put in zip(batch, a_puts, strict=True):
+            success.extend(p.success)
+            success.append(put)
+        self.batches += 1
+        result = await self._index.txn(compare=[*compare, *a_cmps], success=success)
+        if not result.succeeded:
+            return False
+        if self._head is not None:
+            self._head = max(self._head, head + len(batch))
+        at = 0
+        for p in batch:
+            n = len(p.success)
+            p.result.set_result(TxnResult(True, result.revision, result.responses[at : at + n]))
+            at += n + 1
+        return True
+
     def _take_batch(self) -> list[_Pending]:
         batch: list[_Pending] = []
         writes: set[str] = set()
         touches: set[str] = set()
-        n_ops = n_cmps = size = 0
+        cmps: set[Cmp] = set()  # identical compares (a shared token, namespace) are sent once
+        n_ops = size = 0
         for p in list(self._queue):
             ops = len(p.success) + 1
-            cmps = len(p.compare)
+            n_cmps = len(cmps.union(p.compare))
             if batch and (
                 n_ops + ops > _MAX_BATCH_OPS
-                or n_cmps + cmps + 2 > _MAX_BATCH_OPS
+                or n_cmps + 2 > _MAX_BATCH_OPS
                 or size + p.size > _MAX_BATCH_BYTES
             ):
                 break
@@ -311,7 +409,8 @@ class AuditStream:
             self._queue.remove(p)
             writes |= p.writes
             touches |= p.touches
-            n_ops, n_cmps, size = n_ops + ops, n_cmps + cmps, size + p.size
+            cmps.update(p.compare)
+            n_ops, size = n_ops + ops, size + p.size
         return batch
 
     async def _run(self, batch: list[_Pending]) -> None:
@@ -387,7 +486,7 @@ class AuditStream:
         for _ in range(self.attempts):
             head = await self.head()
             a_cmps, a_puts = self._audit_parts(head, batch)
-            compare = [c for p in batch for c in p.compare]
+            compare = list(dict.fromkeys(c for p in batch for c in p.compare))
             success: list[Op] = []
             for p, put in zip(batch, a_puts, strict=True):
                 success.extend(p.success)

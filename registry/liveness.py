@@ -23,6 +23,16 @@ against the highest ``seq`` accepted in memory, which re-registration does not r
 So no instance, restarted or not, accepts a ``seq`` at or below one written to the
 index; heartbeats that change nothing still cost no etcd write.
 
+**Group commit.**  Live writes that are due at the same moment share one transaction:
+whichever heartbeat finds no write in flight leads and sends the waiting writes (up to
+:data:`_GROUP` nodes, one per CPID) together, each node with its own two compares
+(record exists, ``/seq/`` ``mod_revision`` as last seen) and its two puts.  All compares
+must hold for anything to be written; when one fails, the nodes of that transaction are
+written one by one as before, so each heartbeat gets the outcome of its own compares and
+the seq CAS holds per CPID.  The first-contact reads of ``/seq/`` are grouped the same
+way (one read-only transaction of gets).  So etcd sees a handful of transactions per
+second however many nodes change at once.
+
 A node silent for ``expire_after_heartbeats * heartbeat_s`` is made not-live: its
 live key is deleted (only if it is still on this instance's lease, so an instance
 never deletes what another instance wrote since).
@@ -47,15 +57,17 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 from registry.errors import StaleSequenceError
 from registry.index import KV, Cmp, Index, IndexRejectedError, Keys, Lease, Op
 from registry.metrics import RegistryMetrics
-from schemas import _json
+from schemas import _json, keys
 from schemas.dsse import Envelope
 from schemas.errors import NotFoundError, RetrievalError
+from schemas.keys import Ed25519PublicKey
 from schemas.models import Capacity, Status
 
 __all__ = ["MEMORY_TOLERANCE", "Liveness", "NodeState", "capacity_changed"]
@@ -70,6 +82,10 @@ OVERDUE_INTERVALS = 1.5
 
 _BATCH = 64
 _PARALLEL = 32
+_GROUP = 60
+"""Most nodes per grouped transaction: 2 compares and 2 puts each, within etcd's
+default ``--max-txn-ops`` of 128."""
+_GROUP_BYTES = 1 << 20  # etcd refuses requests over 1.5 MiB
 
 
 def capacity_changed(old: Capacity | None, new: Capacity) -> bool:
@@ -105,18 +121,145 @@ class NodeState:
     """Clock time of the last live write on the current lease; ``None``: no live key of ours."""
     written_state: str | None = None
     written_capacity: Capacity | None = None
+    _key: tuple[str, Ed25519PublicKey] | None = None
 
     @property
     def live(self) -> bool:
         return self.written_at is not None
+
+    def verify_key(self) -> tuple[str, Ed25519PublicKey]:
+        """The node key's kid and public key object (decoded once; the key comes from a
+        record, so it passed the full key rule when it was registered)."""
+        if self._key is None:
+            raw = keys.check_public_raw_fast(keys.b64url_decode(self.public_key))
+            self._key = (keys.kid(raw), Ed25519PublicKey.from_public_bytes(raw))
+        return self._key
 
 
 @dataclass(slots=True)
 class _Counters:
     heartbeats: int = 0
     writes: int = 0
+    """Live keys written."""
+    txns: int = 0
+    """etcd transactions that wrote live keys (a group commit writes several)."""
     deletes: int = 0
     by_reason: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
+
+
+@dataclass(slots=True)
+class _Job(Generic[ItemT, ResultT]):
+    item: ItemT
+    key: str
+    size: int
+    done: asyncio.Future[ResultT]
+    lead: asyncio.Future[None]
+    """Set when this job's caller is to take the lead."""
+
+
+class _Group(Generic[ItemT, ResultT]):
+    """Group commit: concurrent :meth:`submit` calls are handed to *run* in batches.
+
+    Whichever caller finds no batch in flight leads: it runs batches (FIFO, at most
+    *limit* jobs and *max_bytes*, one job per key) until its own job is done, then
+    hands the lead to the oldest waiting job.  *run* must resolve the ``done`` future
+    of every job it is given (a result or an exception).
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[_Job[ItemT, ResultT]]], Awaitable[None]],
+        *,
+        limit: int,
+        max_bytes: int = _GROUP_BYTES,
+    ) -> None:
+        self._run = run
+        self.limit = limit
+        self.max_bytes = max_bytes
+        self._queue: list[_Job[ItemT, ResultT]] = []
+        self._leading = False
+        self.batches = 0
+
+    async def submit(self, item: ItemT, *, key: str, size: int = 0) -> ResultT:
+        loop = asyncio.get_running_loop()
+        job: _Job[ItemT, ResultT] = _Job(
+            item, key, size, loop.create_future(), loop.create_future()
+        )
+        self._queue.append(job)
+        while not job.done.done():
+            if not self._leading:
+                self._leading = True
+                try:
+                    while not job.done.done():
+                        await self._run_batch(self._take())
+                finally:
+                    self._leading = False
+                    if self._queue and not self._queue[0].lead.done():
+                        self._queue[0].lead.set_result(None)
+                break
+            waiters: set[asyncio.Future[Any]] = {job.done, job.lead}
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                if job in self._queue:  # not sent: forget it, and pass on a lead it got
+                    self._queue.remove(job)
+                if not self._leading and self._queue and not self._queue[0].lead.done():
+                    self._queue[0].lead.set_result(None)
+                raise
+            if job.lead.done() and not job.done.done():
+                job.lead = loop.create_future()
+        return job.done.result()
+
+    def _take(self) -> list[_Job[ItemT, ResultT]]:
+        batch: list[_Job[ItemT, ResultT]] = []
+        keys: set[str] = set()
+        size = 0
+        rest: list[_Job[ItemT, ResultT]] = []
+        for job in self._queue:
+            if (
+                len(batch) >= self.limit
+                or job.key in keys
+                or (batch and size + job.size > self.max_bytes)
+            ):
+                rest.append(job)
+                continue
+            batch.append(job)
+            keys.add(job.key)
+            size += job.size
+        self._queue = rest
+        return batch
+
+    async def _run_batch(self, batch: list[_Job[ItemT, ResultT]]) -> None:
+        if not batch:
+            return
+        self.batches += 1
+        try:
+            await self._run(batch)
+        except Exception as exc:  # every job of the batch gets it; the leader goes on
+            for job in batch:
+                if not job.done.done():
+                    job.done.set_exception(exc)
+        except BaseException:  # the leader was cancelled: its batch is not written
+            for job in batch:
+                if not job.done.done():
+                    job.done.set_exception(RetrievalError("the grouped write was cancelled"))
+            raise
+        for job in batch:
+            if not job.done.done():  # a bug in run: never leave a caller waiting
+                job.done.set_exception(RuntimeError("group commit left a job unresolved"))
+
+
+@dataclass(slots=True)
+class _LiveWrite:
+    node: NodeState
+    seq: int
+    observed_at: int
+    envelope: bytes
+    reason: str
 
 
 class Liveness:
@@ -152,6 +295,8 @@ class Liveness:
         self.self_preservation_enabled = True
         self.protecting: set[str] = set()
         self.counters = _Counters()
+        self._writes: _Group[_LiveWrite, bool] = _Group(self._write_group, limit=_GROUP)
+        self._reads: _Group[NodeState, KV | None] = _Group(self._read_group, limit=_GROUP * 2)
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -278,19 +423,88 @@ class Liveness:
             node.seq = stored
 
     async def load_seq(self, node: NodeState) -> None:
-        """Read the node's last accepted ``seq`` from the index (first contact)."""
+        """Read the node's last accepted ``seq`` from the index (first contact; the
+        reads of nodes arriving together share one transaction)."""
+        kv = await self._reads.submit(node, key=node.cpid)
+        if node.seq_rev is None:
+            self._saw_seq(node, kv)
+
+    async def _read_group(self, jobs: list[_Job[NodeState, KV | None]]) -> None:
         async with self.metrics.etcd("get-seq"):
-            kv = await self._index.get(Keys.seq(node.cpid))
-        self._saw_seq(node, kv)
+            if len(jobs) == 1:
+                kvs = [await self._index.get(Keys.seq(jobs[0].key))]
+            else:
+                result = await self._index.txn(success=[Op.get(Keys.seq(j.key)) for j in jobs])
+                kvs = [r.kvs[0] if r.kvs else None for r in result.responses]
+        for job, kv in zip(jobs, kvs, strict=True):
+            job.done.set_result(kv)
 
     async def _write(
         self, node: NodeState, status: Status, envelope: bytes, *, reason: str
     ) -> bool:
         """Put the live key on our lease and the seq key beside it, if the record still
-        exists and nobody wrote the seq key since we last saw it; False: no record."""
+        exists and nobody wrote the seq key since we last saw it; False: no record.
+        Writes due together are group-committed (see the module docstring)."""
+        w = _LiveWrite(node, status.seq, status.observed_at, envelope, reason)
+        return await self._writes.submit(w, key=node.cpid, size=len(envelope) + 256)
+
+    async def _write_group(self, jobs: list[_Job[_LiveWrite, bool]]) -> None:
+        if len(jobs) > 1 and await self._write_together([j.item for j in jobs]):
+            for job in jobs:
+                job.done.set_result(True)
+            return
+        for job in jobs:  # alone, or a compare of the group failed: one by one
+            try:
+                job.done.set_result(await self._write_one(job.item))
+            except Exception as exc:
+                job.done.set_exception(exc)
+
+    async def _write_together(self, writes: list[_LiveWrite]) -> bool:
+        """One transaction for several nodes; False when any node's compare failed
+        (then nothing was written)."""
+        compare: list[Cmp] = []
+        success: list[Op] = []
+        for attempt in (1, 2):
+            lease = await self._ensure_lease()
+            compare, success = [], []
+            for w in writes:
+                seq_key = Keys.seq(w.node.cpid)
+                compare += [
+                    Cmp.exists(Keys.rec(w.node.cpid)),
+                    Cmp.mod_revision(seq_key, "==", w.node.seq_rev or 0),
+                ]
+                success += [
+                    Op.put(Keys.live(w.node.cpid), w.envelope, lease=lease.id),
+                    Op.put(seq_key, _seq_value(w)),
+                ]
+            try:
+                async with self.metrics.etcd("txn-live"):
+                    result = await self._index.txn(compare=compare, success=success)
+            except IndexRejectedError as exc:
+                if "lease not found" not in str(exc) or attempt >= 2:
+                    raise
+                self._lease_gone(lease, "etcd says the lease is not found")
+                continue
+            if not result.succeeded:
+                return False
+            self.counters.txns += 1
+            for w in writes:
+                w.node.seq_rev = result.revision
+                self._count_write(w.reason)
+            return True
+        raise AssertionError("unreachable")
+
+    def _count_write(self, reason: str) -> None:
+        self.counters.writes += 1
+        self.counters.by_reason[reason] += 1
+        self.metrics.live_writes.labels(reason).inc()
+
+    async def _write_one(self, w: _LiveWrite) -> bool:
+        node = w.node
         cpid = node.cpid
         seq_key = Keys.seq(cpid)
-        seq_value = b'{"seq":%d,"observed_at":%d}' % (status.seq, status.observed_at)
+        seq_value = _seq_value(w)
+        envelope = w.envelope
         attempt = 0
         while True:
             attempt += 1
@@ -315,9 +529,8 @@ class Liveness:
                 continue
             if result.succeeded:
                 node.seq_rev = result.revision
-                self.counters.writes += 1
-                self.counters.by_reason[reason] += 1
-                self.metrics.live_writes.labels(reason).inc()
+                self.counters.txns += 1
+                self._count_write(w.reason)
                 return True
             if not result.responses[0].kvs:
                 return False
@@ -325,13 +538,13 @@ class Liveness:
             seq_kv = result.responses[1].kvs[0] if result.responses[1].kvs else None
             stored = None if seq_kv is None else _stored_seq(seq_kv)
             self._saw_seq(node, seq_kv)
-            if stored is not None and status.seq <= stored:
+            if stored is not None and w.seq <= stored:
                 raise StaleSequenceError(
-                    f"status seq {status.seq} is not above the last accepted seq {stored}"
+                    f"status seq {w.seq} is not above the last accepted seq {stored}"
                 )
             if attempt >= 8:
                 raise StaleSequenceError(
-                    f"status seq {status.seq} of {cpid} kept racing with other writers; retry"
+                    f"status seq {w.seq} of {cpid} kept racing with other writers; retry"
                 )
 
     # -- the lease --------------------------------------------------------------------
@@ -380,6 +593,7 @@ class Liveness:
                 )
             for n in batch:
                 n.written_at = now
+            self.counters.txns += 1
             self.counters.writes += len(batch)
             self.counters.by_reason["lease_regrant"] += len(batch)
             self.metrics.live_writes.labels("lease_regrant").inc(len(batch))
@@ -506,6 +720,10 @@ class Liveness:
                 _log.warning("liveness sweep failed: %s", exc)
             except Exception:
                 _log.exception("liveness sweep failed")
+
+
+def _seq_value(w: _LiveWrite) -> bytes:
+    return b'{"seq":%d,"observed_at":%d}' % (w.seq, w.observed_at)
 
 
 def _stored_seq(kv: KV) -> int | None:

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from registry import tokens
-from registry.ca import sign_document
 from registry.changes import AuditOp, AuditStream
 from registry.errors import (
     ReplayedNonceError,
@@ -58,7 +57,7 @@ from registry.metrics import RegistryMetrics
 from registry.national import NsEntry
 from registry.revocations import Revocations
 from registry.signers import Signer, Signers
-from schemas import keys
+from schemas import dsse, keys
 from schemas.chain import CLOCK_SKEW, open_self_signed, open_signed
 from schemas.cpid import derive, parse
 from schemas.dsse import Envelope
@@ -284,7 +283,8 @@ class Registrar:
             attributes=reg.attributes,
             labels=reg.labels,
         )
-        return sign_document(record, signer.key)
+        # the signer's kid is known: not derived from the private key on every record
+        return dsse.sign(record.media_type(), record.to_json(), signer.key, keyid=signer.kid)
 
     def _renew_due(self, env: Envelope, rec: Record, signer: Signer, now: int) -> bool:
         return (
@@ -321,8 +321,16 @@ class Registrar:
         nonce_key = Keys.nonce(node_kid, reg.nonce)
         rec_key = Keys.rec(cpid)
 
+        # a new CPID is the common case: the first attempt assumes no record and lets
+        # the transaction's compare (record absent) check it, saving a read; a failed
+        # compare returns the record, and the next attempt decides with it.  A token
+        # without uses left can only re-register, so then the record is read first.
+        rec_kv: KV | None = None
+        read = token.info.uses_left == 0
         for _ in range(_ATTEMPTS):
-            rec_kv = await self._get(rec_key, "get-rec")
+            if read:
+                rec_kv = await self._get(rec_key, "get-rec")
+            read = False
             outcome: Outcome
             if rec_kv is None:
                 outcome, version, old_env = "created", 1, None
@@ -356,7 +364,7 @@ class Registrar:
                 Cmp.mod_revision(rec_key, "==", rec_kv.mod_revision if rec_kv else 0),
                 Cmp.mod_revision(ns_key, "==", ns_kv.mod_revision if ns_kv else 0),
             ]
-            failure = [Op.get(nonce_key), Op.get(token.key), Op.get(ns_key)]
+            failure = [Op.get(nonce_key), Op.get(token.key), Op.get(ns_key), Op.get(rec_key)]
             if outcome == "unchanged":
                 assert old_env is not None
                 record_env = old_env
@@ -400,7 +408,9 @@ class Registrar:
             if (ns_kvs[0].mod_revision if ns_kvs else 0) != (ns_kv.mod_revision if ns_kv else 0):
                 ns_kv = await self._namespace(reg.namespace, fresh=True)
                 self._check_published(reg.namespace, ns_kv, signer)
-            # else the record changed under us: decide again
+            # the record as the failed transaction saw it: decide again with it
+            rec_kvs = result.responses[3].kvs
+            rec_kv = rec_kvs[0] if rec_kvs else None
         else:
             raise ConflictError(f"registration of {cpid} kept racing with concurrent writes; retry")
         self.liveness.track(
@@ -442,13 +452,14 @@ class Registrar:
                 f"it (its URL is under {Keys.ns(parsed.prefix)})"
             )
         self._check_signer(signer)
-        node_kid = keys.kid(keys.b64url_decode(node.public_key))
+        node_kid, node_key = node.verify_key()
         if self.revocations is not None and node_kid in self.revocations.envelopes:
             # rare: a revocation names this node's key; verify it against the record
             rec_kv = await self._get(Keys.rec(cpid), "get-rec")
             if rec_kv is not None:
                 self._check_node_key(_record_of(rec_kv)[0], node.public_key)
-        st = open_signed(env, public_key=node.public_key, expected=Status)
+        verified = dsse.verify(env, {node_kid: node_key}, payload_types=(Status.media_type(),))
+        st = parse_payload(verified.payload_type, verified.payload, Status)
         if st.cpid != cpid:
             raise PayloadError(f"status is for {st.cpid} but was sent to the URL of {cpid}")
         now_ms = int(time.time() * 1000)

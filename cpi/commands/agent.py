@@ -34,6 +34,7 @@ from registry.agent import (
     parse_endpoint,
     parse_label,
     probe,
+    registry_urls,
 )
 from registry.agent.simulate import Target, run_simulation, targets_from_up
 from schemas import _json
@@ -59,7 +60,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "4 token or namespace refused, 5 registry unreachable."
         ),
     )
-    run.add_argument("--registry", help="registry base URL, e.g. https://host:8441")
+    run.add_argument(
+        "--registry",
+        help="registry base URL, e.g. https://host:8441; several instances of the "
+        "registry separated by commas are tried in order (failover)",
+    )
     run.add_argument(
         "--token", help=f"join token (prefer --token-file or ${TOKEN_ENV}: argv is visible in ps)"
     )
@@ -181,7 +186,11 @@ async def _run(args: argparse.Namespace) -> int:
     ssl_context = (
         None
         if args.dry_run
-        else client_ssl(args, *sorted({t.registry for t in targets} or {args.registry}), up=args.up)
+        else client_ssl(
+            args,
+            *sorted({t.registry for t in targets} or set(registry_urls(args.registry))),
+            up=args.up,
+        )
     )
     endpoints = [parse_endpoint(e) for e in args.endpoint]
     labels = dict(parse_label(lab) for lab in args.label)

@@ -26,6 +26,7 @@ from registry.agent.agent import (
     parse_endpoint,
     parse_label,
     region_of,
+    registry_urls,
 )
 
 __all__ = [
@@ -45,4 +46,5 @@ __all__ = [
     "parse_endpoint",
     "parse_label",
     "region_of",
+    "registry_urls",
 ]

@@ -80,6 +80,7 @@ __all__ = [
     "parse_endpoint",
     "parse_label",
     "region_of",
+    "registry_urls",
 ]
 
 _log = logging.getLogger(__name__)
@@ -168,6 +169,23 @@ def parse_endpoint(text: str) -> Endpoint:
         raise InvalidDataError(f"endpoint {text!r}: {exc}") from exc
 
 
+def registry_urls(registry: str | Sequence[str]) -> list[str]:
+    """The registry base URLs of an agent: one, several in a sequence, or several in
+    one string separated by commas (or spaces); each ``http(s)://host[:port]``."""
+    texts = re.split(r"[,\s]+", registry) if isinstance(registry, str) else list(registry)
+    urls: list[str] = []
+    for text in (t for t in texts if t):
+        base = URL(text)
+        if base.scheme not in ("http", "https") or not base.host:
+            raise InvalidDataError(f"registry URL {text!r} is not http(s)://host[:port]")
+        url = str(base).rstrip("/")
+        if url not in urls:
+            urls.append(url)
+    if not urls:
+        raise InvalidDataError("no registry URL given")
+    return urls
+
+
 def parse_label(text: str) -> tuple[str, str]:
     """``k=v`` -> ``(k, v)``; keys follow the protocol's ``[a-z0-9._/-]{1,63}``."""
     k, sep, v = text.partition("=")
@@ -254,7 +272,12 @@ class Agent:
     """One node's agent.  Keyword-only; see the module docstring for the protocol.
 
     Args:
-        registry: Base URL of the registry (``https://host:port``).
+        registry: Base URL of the registry (``https://host:port``), or several (a
+            sequence, or one string separated by commas): instances of the same
+            registry, tried in order.  The agent stays with the one that answers; when
+            it is unreachable or answers 5xx the agent moves to the next (a status is
+            sent again at once, a registration at its next attempt), and after
+            ``failback_s`` on another one it tries the first again.
         token: Join token (sent as ``Authorization: Bearer``; never logged).
         namespace: Namespace to register in, e.g. ``CN.31.CMCC``.
         kind: CPID kind (GPU, NPU, CPU, ...).
@@ -273,12 +296,13 @@ class Agent:
         request_timeout: Bound on each HTTP request, in seconds.
         name: How the agent appears in logs (default: its CPID).
         rng: Random source for jitter (tests pass a seeded one).
+        failback_s: Seconds on a later registry URL before the first is tried again.
     """
 
     def __init__(
         self,
         *,
-        registry: str,
+        registry: str | Sequence[str],
         token: str,
         namespace: str,
         kind: str,
@@ -296,11 +320,13 @@ class Agent:
         request_timeout: float = 10.0,
         name: str | None = None,
         rng: random.Random | None = None,
+        failback_s: float = 300.0,
     ) -> None:
-        base = URL(registry)
-        if base.scheme not in ("http", "https") or not base.host:
-            raise InvalidDataError(f"registry URL {registry!r} is not http(s)://host[:port]")
-        self.registry = str(base).rstrip("/")
+        self.registries = registry_urls(registry)
+        self.registry = self.registries[0]
+        """The registry URL in use (one of :attr:`registries`)."""
+        self.failback_s = failback_s
+        self._moved_at: float | None = None
         self._token = token
         self.namespace = cpid.parse_namespace(namespace)
         self.kind = kind.upper()
@@ -425,6 +451,29 @@ class Agent:
         return dsse.sign(doc.media_type(), doc.to_json(), self._key)
 
     # -- HTTP ------------------------------------------------------------------------
+
+    def _fail_over(self, exc: RegistryUnavailableError) -> bool:
+        """Move to the next registry URL after *exc*; ``False`` when there is none or
+        the registry only asked to slow down (429)."""
+        if len(self.registries) < 2 or exc.status == 429:
+            return False
+        at = self.registries.index(self.registry) if self.registry in self.registries else -1
+        nxt = self.registries[(at + 1) % len(self.registries)]
+        _log.warning("%s: %s; moving to registry %s", self.name, exc, nxt)
+        self.registry = nxt
+        self._moved_at = time.monotonic() if nxt != self.registries[0] else None
+        return True
+
+    def _fail_back(self) -> None:
+        """Back to the first registry URL after ``failback_s`` on another one."""
+        if (
+            self._moved_at is not None
+            and time.monotonic() - self._moved_at >= self.failback_s
+            and self.registry != self.registries[0]
+        ):
+            _log.info("%s: trying the first registry %s again", self.name, self.registries[0])
+            self.registry = self.registries[0]
+            self._moved_at = None
 
     async def _send(
         self, method: str, path: str, body: bytes, *, auth: bool = False
@@ -558,6 +607,7 @@ class Agent:
                 if self.register_attempts is not None and attempt >= self.register_attempts:
                     _log.error("%s: giving up after %d attempts: %s", self.name, attempt, exc)
                     raise
+                self._fail_over(exc)  # the next attempt (a fresh nonce) goes to the next URL
                 delay = self.backoff.delay(attempt, self._rng, exc.retry_after)
                 level = logging.DEBUG
                 if attempt in (1, 5) or attempt % 20 == 0:
@@ -586,10 +636,21 @@ class Agent:
         if probe or self.last_probe is None:
             await self.probe()
         doc = self.status_payload()
-        env = self.sign(doc)
-        status, body, headers = await self._send(
-            "PUT", f"/v1/resources/{self.cpid}/status", env.to_json()
-        )
+        env = self.sign(doc).to_json()
+        self._fail_back()
+        for tries_left in range(len(self.registries) - 1, -1, -1):
+            try:
+                status, body, headers = await self._send(
+                    "PUT", f"/v1/resources/{self.cpid}/status", env
+                )
+                if status >= 500:
+                    self._raise_for(f"status of {self.cpid}", status, body, headers)
+                break
+            except RegistryUnavailableError as exc:
+                # the same status again on the next instance: its seq is not above one
+                # the first accepted only if that one wrote it (then 409, not a loss)
+                if not tries_left or not self._fail_over(exc):
+                    raise
         if status not in (200, 204):
             self._raise_for(f"status of {self.cpid}", status, body, headers)
         self._take_claimed(headers.get(CLAIMED_HEADER))
@@ -646,6 +707,7 @@ class Agent:
                 return False
             except RegistryUnavailableError as exc:
                 attempt += 1
+                self._fail_over(exc)
                 delay = min(
                     Backoff(base=0.2, cap=2.0).delay(attempt, self._rng, exc.retry_after), 5.0
                 )

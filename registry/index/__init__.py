@@ -18,12 +18,14 @@ Everything else in the project goes through it.  One module per job:
 * :mod:`~registry.index.settings`: :class:`EtcdSettings`, the ``etcd`` section of the
   service configs, and the environment that overrides it;
 * :mod:`~registry.index.auth`: the etcd roles of the components (who may read and
-  write which prefixes); :class:`Index` has the calls that set users and roles up.
+  write which prefixes); :class:`Index` has the calls that set users and roles up;
+* :mod:`~registry.index.maintenance`: :class:`Maintainer`, compaction,
+  defragmentation one member at a time and the NOSPACE alarm.
 
 ``from registry.index import X`` works for every public name.  ``layout`` and
 ``values`` import neither gRPC nor the etcd client, and neither does importing this
-package: the names of ``client``, ``lease``, ``watch`` and ``settings`` are loaded on
-first use (PEP 562).
+package: the names of ``client``, ``lease``, ``watch``, ``settings`` and
+``maintenance`` are loaded on first use (PEP 562).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from registry.index.values import (
 if TYPE_CHECKING:
     from registry.index.client import Index
     from registry.index.lease import Lease
+    from registry.index.maintenance import Maintainer
     from registry.index.settings import (
         ENV_ETCD_CACERT,
         ENV_ETCD_CERT,
@@ -88,6 +91,7 @@ __all__ = [
     "KVPage",
     "Keys",
     "Lease",
+    "Maintainer",
     "Member",
     "MemberStatus",
     "Op",
@@ -106,6 +110,7 @@ __all__ = [
 _LAZY: dict[str, str] = {
     "Index": "client",
     "Lease": "lease",
+    "Maintainer": "maintenance",
     "Watch": "watch",
     "EtcdSettings": "settings",
     "ENV_ETCD_CACERT": "settings",

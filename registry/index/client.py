@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 import grpc
 import grpc.aio
 from etcd3aio import (
+    AlarmType,
     EtcdConnectionError,
     EtcdPermissionDeniedError,
     EtcdTransientError,
@@ -763,7 +764,42 @@ class Index:
             version=str(resp.version),
             db_size=int(resp.dbSize),
             errors=tuple(resp.errors),
+            db_size_in_use=int(resp.dbSizeInUse),
         )
+
+    async def defragment(self, *, timeout: float = 120.0) -> None:  # noqa: ASYNC109
+        """Defragment the member that answers (give its free pages back to the disk).
+
+        The member blocks reads and writes while it rewrites its database, so use an
+        :class:`Index` of **one** member and do one member at a time
+        (:mod:`registry.index.maintenance`).  *timeout* replaces :attr:`timeout`
+        (defragmenting gigabytes takes seconds to minutes).
+        """
+        await self._call(
+            "defragment",
+            lambda t: self._c.maintenance.defragment(timeout=timeout, max_attempts=1),
+        )
+
+    async def alarms(self) -> list[tuple[int, str]]:
+        """Active alarms as ``(member id, "NOSPACE" | "CORRUPT")``."""
+        resp = await self._call(
+            "list alarms", lambda t: self._c.maintenance.alarms(timeout=t, max_attempts=1)
+        )
+        names = {1: "NOSPACE", 2: "CORRUPT"}
+        return [(int(a.memberID), names.get(int(a.alarm), str(a.alarm))) for a in resp.alarms]
+
+    async def disarm_nospace(self) -> None:
+        """Clear the NOSPACE alarm on every member (after compaction and defragmentation
+        brought the database under its quota; etcd raises it again if not)."""
+
+        def disarm(member_id: int) -> Callable[[float], Awaitable[Any]]:
+            return lambda t: self._c.maintenance.alarm_deactivate(
+                AlarmType.NOSPACE, member_id=member_id, timeout=t, max_attempts=1
+            )
+
+        for member_id, kind in await self.alarms():  # etcd clears one member's at a time
+            if kind == "NOSPACE":
+                await self._call(f"disarm NOSPACE of member {member_id:x}", disarm(member_id))
 
     async def member_list(self) -> list[Member]:
         """The cluster's members."""

@@ -247,6 +247,9 @@ class MemberStatus:
     version: str
     db_size: int
     errors: tuple[str, ...]
+    db_size_in_use: int = 0
+    """Bytes of ``db_size`` holding live data; the rest is free pages that only a
+    defragmentation gives back."""
 
 
 class IndexCompactedError(RetrievalError):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 
 import pytest
 
+from registry.errors import StaleSequenceError
 from registry.index import Index, Keys, Prefix
 from registry.liveness import Liveness, capacity_changed
 from schemas import dsse
@@ -195,3 +198,52 @@ async def test_heartbeat_for_a_deleted_record_raises_not_found(
         await beat(liveness, node)
     assert liveness.get(node.cpid) is None
     assert await live_keys(index) == set()
+
+
+async def test_concurrent_live_writes_share_transactions(index: Index, liveness: Liveness) -> None:
+    nodes = await _registered(index, 150)
+    wrote = await asyncio.gather(*(beat(liveness, n) for n in nodes))
+    assert all(wrote)
+    assert await live_keys(index) == {Keys.live(n.cpid) for n in nodes}
+    assert liveness.counters.writes == 150
+    # 150 first writes in at most a few grouped transactions (60 nodes each at most)
+    assert 3 <= liveness.counters.txns <= 10
+    for n in nodes:  # every seq key written beside its live key
+        kv = await index.get(Keys.seq(n.cpid))
+        assert kv is not None and json.loads(kv.value)["seq"] == n.seq
+
+
+async def test_a_failed_compare_in_a_group_costs_only_that_node(
+    index: Index, liveness: Liveness
+) -> None:
+    from schemas.errors import NotFoundError
+
+    nodes = await _registered(index, 20)
+    await asyncio.gather(*(beat(liveness, n) for n in nodes))
+    gone, raced = nodes[0], nodes[1]
+    await index.delete(Keys.rec(gone.cpid))
+    # another instance accepted a later status of `raced` and stored its seq
+    await index.put(Keys.seq(raced.cpid), json.dumps({"seq": raced.seq + 5, "observed_at": 1}))
+    results = await asyncio.gather(
+        *(beat(liveness, n, free=n.seq % 3) for n in nodes), return_exceptions=True
+    )
+    assert isinstance(results[0], NotFoundError)
+    assert isinstance(results[1], StaleSequenceError)  # seq raced.seq <= stored: refused
+    assert all(r is True for r in results[2:])
+    kv = await index.get(Keys.seq(raced.cpid))
+    assert kv is not None and json.loads(kv.value)["seq"] == raced.seq + 4
+    for n in nodes[2:]:
+        kv = await index.get(Keys.seq(n.cpid))
+        assert kv is not None and json.loads(kv.value)["seq"] == n.seq
+
+
+async def test_first_contact_reads_are_grouped_and_respect_stored_seq(
+    index: Index, liveness: Liveness
+) -> None:
+    nodes = await _registered(index, 30)
+    for n in nodes[:10]:  # statuses written by an earlier run of the registry
+        await index.put(Keys.seq(n.cpid), json.dumps({"seq": 100, "observed_at": 1}))
+    results = await asyncio.gather(*(beat(liveness, n) for n in nodes), return_exceptions=True)
+    assert all(isinstance(r, StaleSequenceError) for r in results[:10])
+    assert all(r is True for r in results[10:])
+    assert liveness._reads.batches < 10  # 30 first contacts, not 30 reads

@@ -67,6 +67,41 @@ async def test_concurrent_appenders_never_fork_or_skip(index: Index) -> None:
     assert await changes.find_head(index, hint=7) == 40
 
 
+async def test_pipelined_batches_keep_the_stream_gapless_under_failures_and_races(
+    index: Index,
+) -> None:
+    """Two batches in flight per stream, callers whose own compare fails mixed in, and a
+    second stream taking the head meanwhile: every success has exactly one entry, the
+    sequence has no gap or fork, every failure wrote nothing."""
+    fast, other = changes.AuditStream(index, pipeline=2), changes.AuditStream(index)
+    await index.put(Keys.ns("CN.99"), b"taken")
+
+    async def append(stream: changes.AuditStream, i: int) -> bool:
+        doomed = i % 7 == 3  # its compare fails: must be told, must write nothing
+        res = await stream.commit(
+            compare=[Cmp.absent(Keys.ns("CN.99"))] if doomed else [],
+            success=[Op.put(Keys.rec(f"CN.31/GPU.{i:012d}-X"), b"r")],
+            failure=[Op.get(Keys.ns("CN.99"))] if doomed else [],
+            op="register",
+            envelope=_env(i),
+            cpid=f"CN.31/GPU.{i:012d}-X",
+        )
+        assert res.succeeded != doomed
+        if doomed:
+            assert res.responses[0].kvs[0].value == b"taken"
+        return res.succeeded
+
+    results = await asyncio.gather(
+        *(append(fast, i) for i in range(120)), *(append(other, 1000 + i) for i in range(20))
+    )
+    entries = await changes.read_entries(index)
+    assert [e.seq for e in entries] == list(range(1, sum(results) + 1))
+    ok = {i for i in (*range(120), *range(1000, 1020)) if i % 7 != 3}
+    assert {e.cpid for e in entries} == {f"CN.31/GPU.{i:012d}-X" for i in ok}
+    kvs, _ = await index.get_prefix("/cpi/v1/rec/")
+    assert len(kvs) == len(ok)
+
+
 async def test_commit_reports_the_callers_failed_compare(index: Index) -> None:
     stream = changes.AuditStream(index)
     await index.put("/cpi/v1/ns/CN.31", b"x")

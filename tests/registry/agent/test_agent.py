@@ -40,7 +40,7 @@ from registry.agent import (
     region_of,
     simulate,
 )
-from registry.agent.agent import _retry_after
+from registry.agent.agent import _retry_after, registry_urls
 from registry.agent.probe import GpuReading, Probe
 from registry.config import load_config
 from registry.index import Index, Keys
@@ -327,6 +327,50 @@ async def test_register_heartbeat_deregister(fake: tuple[FakeRegistry, str]) -> 
         assert await agent.deregister() is True
         assert reg.deregistered == [r.cpid] and r.cpid not in reg.records
         assert await agent.deregister() is False  # 404: already gone
+
+
+def test_registry_urls_parse_lists_and_refuse_bad_ones() -> None:
+    assert registry_urls("https://a:1, https://b:2/,https://a:1") == ["https://a:1", "https://b:2"]
+    assert registry_urls(["http://a", "http://b"]) == ["http://a", "http://b"]
+    with pytest.raises(InvalidDataError, match="no registry URL"):
+        registry_urls(" , ")
+    with pytest.raises(InvalidDataError, match="not http"):
+        registry_urls("https://a:1,ftp://b")
+
+
+async def test_failover_in_order_and_back_to_the_first(
+    aiohttp_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cpi.etcdproc import free_port
+
+    reg = FakeRegistry()  # two instances of one registry: shared state
+    first = await aiohttp_server(reg.app())
+    second = await aiohttp_server(reg.app())
+    url_a = str(first.make_url("")).rstrip("/")
+    url_b = str(second.make_url("")).rstrip("/")
+    dead = f"http://127.0.0.1:{free_port()}"
+    async with agent_for(f"{dead},{url_a},{url_b}", request_timeout=2.0) as agent:
+        assert agent.registries == [dead, url_a, url_b] and agent.registry == dead
+        r = await agent.register()  # the dead one fails, the next attempt goes to A
+        assert r.created and agent.registry == url_a
+        await agent.heartbeat()
+        await first.close()  # A goes away: the same status goes to B at once
+        sent = await agent.heartbeat()
+        assert agent.registry == url_b
+        assert reg.statuses[r.cpid][-1].seq == sent.seq
+        # a refusal (4xx) is an answer: no failover
+        reg.statuses[r.cpid].append(reg.statuses[r.cpid][-1].model_copy(update={"seq": 2**52}))
+        with pytest.raises(RegistryRejectedError, match="stale_seq"):
+            await agent.heartbeat()
+        assert agent.registry == url_b
+        # after failback_s the first URL is tried again, then the others in order
+        agent.failback_s = 0.0
+        reg.statuses[r.cpid].clear()
+        caplog.set_level("INFO", logger="registry.agent.agent")
+        await agent.heartbeat()
+        assert "trying the first registry" in caplog.text
+        assert agent.registry == url_b  # dead, then A (closed), then B
+    assert len(reg.statuses[r.cpid]) == 1
 
 
 async def test_registration_retries_503_and_honours_retry_after(
