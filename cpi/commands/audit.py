@@ -43,6 +43,7 @@ from resolver.audit.logcheck import LogAuditor, LogReport
 from resolver.audit.sweep import Sweeper, SweepReport
 from schemas import _json, chain, dsse
 from schemas.checkpoint import NoteVerifier
+from schemas.cosignature import CosignerVerifier
 from schemas.cpid import parse
 from schemas.errors import (
     CheckpointError,
@@ -117,6 +118,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     lg.add_argument("--state", required=True, help="file keeping the last accepted checkpoint")
     lg.add_argument("--cpid", help="also verify this record's inclusion")
     lg.add_argument("--version", type=int, help="record version (default: the current one)")
+    lg.add_argument(
+        "--witness",
+        action="append",
+        default=[],
+        metavar="[NAME=]VKEY",
+        help="a trusted witness's verifier key (text or file; repeatable): the checkpoint "
+        "must carry --quorum of their cosignatures",
+    )
+    lg.add_argument(
+        "--quorum",
+        type=int,
+        metavar="K",
+        help="cosignatures required, of the --witness keys (default: all of them)",
+    )
     output_arguments(lg)
     lg.set_defaults(handler=run_log)
 
@@ -320,6 +335,34 @@ def _verifier(args: argparse.Namespace) -> NoteVerifier:
     return load_verifier(Path(args.anchor).resolve().parent / LOG_VKEY_FILE)
 
 
+def witness_verifier(spec: str) -> CosignerVerifier:
+    """``[NAME=]VKEY``, the vkey as text or as a file (NAME, if given, must be its name)."""
+    name: str | None = None
+    text = spec
+    if not os.path.isfile(spec) and "=" in spec.split("+", 1)[0]:
+        name, _, text = spec.partition("=")
+    try:
+        if os.path.isfile(text):
+            text = Path(text).read_text(encoding="utf-8")
+        v = CosignerVerifier.from_vkey(text)
+    except (OSError, CheckpointError) as exc:
+        raise KeyFileError(f"--witness {spec[:80]!r}: not a witness verifier key: {exc}") from exc
+    if name is not None and name != v.name:
+        raise KeyFileError(f"--witness {name}=...: the key is named {v.name!r}")
+    return v
+
+
+def witness_policy(args: argparse.Namespace) -> tuple[list[CosignerVerifier], int]:
+    """The ``--witness`` keys and the ``--quorum`` (default: all of them)."""
+    witnesses = [witness_verifier(s) for s in args.witness]
+    quorum = len(witnesses) if args.quorum is None else args.quorum
+    if not 0 <= quorum <= len(witnesses):
+        raise UsageError(
+            f"--quorum {quorum} must be between 0 and the {len(witnesses)} --witness keys"
+        )
+    return witnesses, quorum
+
+
 def _write_state(path: Path, note: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -335,7 +378,10 @@ async def _log(
             timeout=aiohttp.ClientTimeout(total=args.timeout or 15.0),
             connector=aiohttp.TCPConnector(ssl=client_ssl(args, args.resolver) or True),
         ) as http:
-            auditor = LogAuditor(http, args.resolver, verifier, state=state)
+            witnesses, quorum = witness_policy(args)
+            auditor = LogAuditor(
+                http, args.resolver, verifier, state=state, witnesses=witnesses, quorum=quorum
+            )
             cpid = parse(args.cpid).to_text() if args.cpid else None
             report = await auditor.check(cpid=cpid, version=args.version)
             return report, auditor.new_state
@@ -356,6 +402,10 @@ def run_log(args: argparse.Namespace) -> int:
     if report.alarm is not None:
         failed = next(d for _, ok, d in report.checks if not ok)
         _alarm(failed)
+        for role, note in report.evidence:
+            label = "accepted before (--state)" if role == "stored" else "served now"
+            print(f"evidence: the checkpoint {label}:", file=sys.stderr)
+            print(note.decode("utf-8", "replace"), file=sys.stderr)
     if is_json(args):
         print_json(report.to_dict())
     else:

@@ -17,7 +17,8 @@ from typing import Any
 import aiohttp
 
 from schemas import _json, dsse
-from schemas.checkpoint import Checkpoint, NoteVerifier, open_checkpoint
+from schemas.checkpoint import Checkpoint, Note, NoteVerifier, open_checkpoint
+from schemas.cosignature import CosignerVerifier, open_cosigned_checkpoint, verify_cosignatures
 from schemas.errors import (
     CheckpointError,
     CPIError,
@@ -27,7 +28,7 @@ from schemas.errors import (
 )
 from schemas.merkle import leaf_hash, verify_consistency, verify_inclusion
 
-__all__ = ["LogAuditor", "LogReport", "check_transition"]
+__all__ = ["CheckpointPolicy", "LogAuditor", "LogReport", "check_transition"]
 
 
 def _hashes(values: Sequence[Any], what: str) -> list[bytes]:
@@ -83,6 +84,38 @@ def check_transition(old: Checkpoint | None, new: Checkpoint, proof: Sequence[by
     return f"consistent: size {old.size} -> {new.size}"
 
 
+@dataclass(frozen=True, slots=True)
+class CheckpointPolicy:
+    """When a checkpoint is accepted: signed by the log, and cosigned by ``quorum`` of
+    ``witnesses`` (C2SP tlog-cosignature).  ``quorum`` 0 asks for no cosignature."""
+
+    log: NoteVerifier
+    witnesses: tuple[CosignerVerifier, ...] = ()
+    quorum: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.quorum <= len(self.witnesses):
+            raise ValueError(
+                f"quorum {self.quorum} must be between 0 and the {len(self.witnesses)} witnesses"
+            )
+
+    def check(self, note: bytes, *, now: float | None = None) -> tuple[Checkpoint, list[str]]:
+        """The verified checkpoint and the witnesses that cosigned it.
+
+        Raises :class:`CheckpointError`/:class:`SignatureError` (the log's signature) or
+        :class:`~schemas.cosignature.QuorumError` (too few cosignatures).
+        """
+        cp, cosigs = open_cosigned_checkpoint(
+            note,
+            self.log,
+            self.witnesses,
+            quorum=self.quorum,
+            origin=self.log.name,
+            now=now,
+        )
+        return cp, [c.witness for c in cosigs]
+
+
 @dataclass(slots=True)
 class LogReport:
     """What ``cpi audit log`` checked, in order."""
@@ -91,6 +124,10 @@ class LogReport:
     checkpoint: Checkpoint | None = None
     alarm: str | None = None
     """``rollback`` or ``split_view`` when the log contradicted the stored checkpoint."""
+    evidence: list[tuple[str, bytes]] = field(default_factory=list)
+    """With an alarm: the two signed checkpoints that contradict each other, labelled
+    (``stored``: the one accepted before; ``served``: the one the log shows now)."""
+    cosigners: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -113,6 +150,11 @@ class LogReport:
                 "timestamp": cp.timestamp,
             },
             "checks": [{"what": w, "ok": ok, "detail": d} for w, ok, d in self.checks],
+            "cosigners": list(self.cosigners),
+            "evidence": [
+                {"role": role, "note": note.decode("utf-8", "replace")}
+                for role, note in self.evidence
+            ],
         }
 
 
@@ -130,11 +172,15 @@ class LogAuditor:
         verifier: NoteVerifier,
         *,
         state: bytes | None = None,
+        witnesses: Sequence[CosignerVerifier] = (),
+        quorum: int = 0,
     ) -> None:
         self._http = session
         self._base = base_url.rstrip("/")
         self._verifier = verifier
         self._state = state
+        self._witnesses = list(witnesses)
+        self._quorum = quorum
         self.new_state: bytes | None = None
 
     async def _get(self, path: str, params: Mapping[str, Any] | None = None) -> tuple[int, bytes]:
@@ -179,6 +225,23 @@ class LogAuditor:
             True,
             f"{new.origin} size {new.size} root {new.root_hash.hex()[:16]}...",
         )
+        if self._witnesses:
+            try:
+                cosigs = verify_cosignatures(Note.from_bytes(note), self._witnesses)
+            except (CheckpointError, SignatureError) as exc:
+                rep.add("witness cosignatures", False, str(exc))
+                return rep
+            rep.cosigners = [c.witness for c in cosigs]
+            names = ", ".join(rep.cosigners) or "none"
+            ok = len(cosigs) >= self._quorum
+            rep.add(
+                "witness cosignatures",
+                ok,
+                f"{len(cosigs)} of {len(self._witnesses)} witnesses cosigned ({names}); "
+                f"{self._quorum} required",
+            )
+            if not ok:
+                return rep
         old: Checkpoint | None = None
         if self._state is not None:
             old = open_checkpoint(self._state, self._verifier, origin=self._verifier.name)
@@ -194,6 +257,8 @@ class LogAuditor:
         except LogConsistencyError as exc:
             rep.alarm = exc.kind
             rep.add("consistent with the stored checkpoint", False, str(exc))
+            if self._state is not None:
+                rep.evidence = [("stored", self._state), ("served", note)]
             return rep
         except (_HTTPError, ProofError) as exc:
             rep.add("consistent with the stored checkpoint", False, str(exc))
