@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import ssl
 import sys
 import time
@@ -39,7 +40,8 @@ from cpi.output import duration, is_json, output_arguments, print_json
 from cpi.tls import add_client_arguments, client_ssl
 from registry.logsigner import LOG_VKEY_FILE, load_verifier
 from resolver.audit.bundle import FAILURES, verify_bundle
-from resolver.audit.logcheck import LogAuditor, LogReport
+from resolver.audit.logcheck import CheckpointPolicy, LogAuditor, LogReport
+from resolver.audit.monitor import Finding, Monitor, MonitorAlarm
 from resolver.audit.sweep import Sweeper, SweepReport
 from schemas import _json, chain, dsse
 from schemas.checkpoint import NoteVerifier
@@ -134,6 +136,53 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     output_arguments(lg)
     lg.set_defaults(handler=run_log)
+
+    mo = acts.add_parser(
+        "monitor",
+        help="follow the log and report every entry in watched namespaces",
+        description=(
+            "Poll the resolver's log routes, verify each new checkpoint (log key, witness "
+            "quorum, consistency with the last one) and that the new entries hash to its "
+            "root, and print every entry whose CPID or subject is in a --namespace. --state "
+            "keeps the position, so a restarted monitor resumes. A split view or entries that "
+            "do not match the signed root print an alarm and exit 1."
+        ),
+    )
+    mo.add_argument("--resolver", required=True, help="resolver base URL")
+    add_client_arguments(mo)
+    mo.add_argument("--anchor", required=True, help="anchor file; its directory holds log.vkey")
+    mo.add_argument(
+        "--log-key",
+        help=f"log verifier key: a file or the text itself (default: <anchor dir>/{LOG_VKEY_FILE})",
+    )
+    mo.add_argument(
+        "--namespace",
+        action="append",
+        required=True,
+        metavar="NS",
+        help="report entries in this namespace and below (repeatable)",
+    )
+    mo.add_argument("--state", help="file keeping the monitor's position (resume after restart)")
+    mo.add_argument(
+        "--witness",
+        action="append",
+        default=[],
+        metavar="[NAME=]VKEY",
+        help="a trusted witness's verifier key (repeatable); checkpoints need --quorum of them",
+    )
+    mo.add_argument("--quorum", type=int, metavar="K", help="default: all --witness keys")
+    mo.add_argument(
+        "--expect-signer",
+        action="append",
+        default=[],
+        metavar="KID",
+        help="the kid(s) that may sign records in the watched namespaces; a record change "
+        "signed by another key is flagged UNEXPECTED",
+    )
+    mo.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default 2)")
+    mo.add_argument("--once", action="store_true", help="poll once and exit")
+    output_arguments(mo)
+    mo.set_defaults(handler=run_monitor)
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -413,3 +462,91 @@ def run_log(args: argparse.Namespace) -> int:
             print(f"{'ok  ' if ok else 'FAIL'} {what}" + (f": {detail}" if detail else ""))
         print("log verified" if report.ok else "log check FAILED")
     return 0 if report.ok else 1
+
+
+# -- monitor -----------------------------------------------------------------------------------
+
+
+def _print_finding(args: argparse.Namespace, f: Finding) -> None:
+    if is_json(args):
+        print(json.dumps(f.to_dict(), separators=(",", ":")), flush=True)
+        return
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(f.time)) if f.time else "-"
+    signer = f" signed by {f.signer}" if f.signer else ""
+    flag = "  UNEXPECTED" if f.unexpected else ""
+    print(f"{when} leaf {f.index:<6} {f.op:<10} {f.target}{signer}{flag}", flush=True)
+
+
+async def _monitor(args: argparse.Namespace, policy: CheckpointPolicy) -> int:
+    state_path = Path(args.state) if args.state else None
+    state: dict[str, Any] | None = None
+    if state_path is not None and state_path.exists():
+        try:
+            state = _json.loads(state_path.read_bytes())
+        except ValueError as exc:
+            raise InvalidDataError(f"{state_path}: monitor state is not JSON: {exc}") from exc
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    unexpected = False
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=args.timeout or 15.0),
+        connector=aiohttp.TCPConnector(ssl=client_ssl(args, args.resolver) or True),
+    ) as http:
+        try:
+            monitor = Monitor(
+                http,
+                args.resolver,
+                policy,
+                args.namespace,
+                state=state,
+                expect_signers=args.expect_signer,
+                clock=time.time,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidDataError(f"{state_path}: bad monitor state: {exc}") from exc
+        if not is_json(args):
+            print(
+                f"monitoring {', '.join(monitor.namespaces)} in the log at {args.resolver} "
+                f"from entry {monitor.size}",
+                flush=True,
+            )
+        while True:
+            try:
+                findings = await monitor.poll()
+            except MonitorAlarm as exc:
+                _alarm(str(exc))
+                for role, note in exc.evidence:
+                    print(f"evidence ({role}):", file=sys.stderr)
+                    print(note.decode("utf-8", "replace"), file=sys.stderr)
+                return EXIT_INVALID
+            except (aiohttp.ClientError, TimeoutError, RetrievalError) as exc:
+                if args.once:
+                    raise RetrievalError(
+                        f"cannot follow the log at {args.resolver}: {exc or type(exc).__name__}"
+                    ) from exc
+                logging.getLogger("cpi.audit").warning("log poll failed: %s", exc)
+                findings = []
+            for f in findings:
+                unexpected = unexpected or f.unexpected
+                _print_finding(args, f)
+            if state_path is not None:
+                _write_state(state_path, json.dumps(monitor.state()).encode())
+            if args.once or stop.is_set():
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), args.interval)
+            if stop.is_set():
+                break
+    return 1 if unexpected else 0
+
+
+def run_monitor(args: argparse.Namespace) -> int:
+    if args.interval <= 0:
+        raise UsageError("--interval must be positive")
+    _anchors([args.anchor])
+    witnesses, quorum = witness_policy(args)
+    policy = CheckpointPolicy(_verifier(args), tuple(witnesses), quorum)
+    return asyncio.run(_monitor(args, policy))
