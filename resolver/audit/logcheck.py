@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -28,7 +30,22 @@ from schemas.errors import (
 )
 from schemas.merkle import leaf_hash, verify_consistency, verify_inclusion
 
-__all__ = ["CheckpointPolicy", "LogAuditor", "LogReport", "check_transition"]
+__all__ = [
+    "ENV_LOG_QUORUM",
+    "ENV_LOG_WITNESSES",
+    "CheckpointPolicy",
+    "LogAuditor",
+    "LogReport",
+    "check_transition",
+    "policy_from_env",
+]
+
+ENV_LOG_VKEY = "CPI_RESOLVER_LOG_VKEY"
+"""The log's verifier key file(s), comma-separated (the web console reads it too)."""
+ENV_LOG_WITNESSES = "CPI_RESOLVER_LOG_WITNESSES"
+"""Witness verifier keys (files or texts), comma-separated: served checkpoints need a quorum."""
+ENV_LOG_QUORUM = "CPI_RESOLVER_LOG_QUORUM"
+"""How many of those witnesses must have cosigned (default: all)."""
 
 
 def _hashes(values: Sequence[Any], what: str) -> list[bytes]:
@@ -328,3 +345,36 @@ class LogAuditor:
 
 class _HTTPError(Exception):
     pass
+
+
+def policy_from_env(env: Mapping[str, str] | None = None) -> CheckpointPolicy | None:
+    """The resolver's checkpoint policy from its environment, or None.
+
+    Only when ``CPI_RESOLVER_LOG_WITNESSES`` names witnesses: then the log's key comes
+    from ``CPI_RESOLVER_LOG_VKEY`` (required) and ``CPI_RESOLVER_LOG_QUORUM`` (default:
+    all) cosignatures are required before the resolver serves a checkpoint.  Raises
+    :class:`CheckpointError` for an unreadable key or a bad quorum.
+    """
+    env = os.environ if env is None else env
+    specs = [s.strip() for s in env.get(ENV_LOG_WITNESSES, "").split(",") if s.strip()]
+    if not specs:
+        return None
+
+    def text(spec: str) -> str:
+        try:
+            return Path(spec).read_text(encoding="utf-8") if Path(spec).is_file() else spec
+        except OSError as exc:
+            raise CheckpointError(f"{spec}: cannot read: {exc.strerror}") from exc
+
+    logs = [s.strip() for s in env.get(ENV_LOG_VKEY, "").split(",") if s.strip()]
+    if not logs:
+        raise CheckpointError(f"{ENV_LOG_WITNESSES} needs {ENV_LOG_VKEY}: the log's verifier key")
+    witnesses = tuple(CosignerVerifier.from_vkey(text(s)) for s in specs)
+    raw = env.get(ENV_LOG_QUORUM, "").strip()
+    if raw and not raw.isdigit():
+        raise CheckpointError(f"{ENV_LOG_QUORUM}={raw!r} must be a number")
+    quorum = int(raw) if raw else len(witnesses)
+    try:
+        return CheckpointPolicy(NoteVerifier.from_vkey(text(logs[0])), witnesses, quorum)
+    except ValueError as exc:
+        raise CheckpointError(f"{ENV_LOG_QUORUM}: {exc}") from exc

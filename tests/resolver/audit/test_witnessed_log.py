@@ -225,3 +225,52 @@ async def test_a_forked_log_is_refused_by_every_witness_and_reported(
         out = capsys.readouterr().out
         assert code == 1 and "FAIL witness cosignatures: 0 of 3" in out
     assert state.read_bytes() == honest  # never replaced by a forked checkpoint
+
+
+async def test_resolver_serves_only_cosigned_checkpoints_with_a_policy(
+    index: Index, kit: Kit, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    from resolver.audit.log import LogView
+    from resolver.audit.logcheck import policy_from_env
+    from schemas.errors import CheckpointError
+
+    key, verifier, _ = init_log_key(tmp_path / "log.key", origin=ORIGIN)
+    await register_some(index, kit, 2)
+    plain = LogSigner(index, key, origin=ORIGIN)
+    ws = await start_witnesses(2, tmp_path, plain, aiohttp_client)
+    (tmp_path / "w0.vkey").write_text(ws.vkeys()[0] + "\n")
+    env = {
+        "CPI_RESOLVER_LOG_VKEY": str(tmp_path / "log.vkey"),
+        "CPI_RESOLVER_LOG_WITNESSES": f"{tmp_path / 'w0.vkey'},{ws.vkeys()[1]}",
+        "CPI_RESOLVER_LOG_QUORUM": "2",
+    }
+    policy = policy_from_env(env)
+    assert policy is not None and policy.quorum == 2 and policy.log == verifier
+    assert policy_from_env({}) is None
+    for bad in ({**env, "CPI_RESOLVER_LOG_QUORUM": "3"}, {**env, "CPI_RESOLVER_LOG_VKEY": ""}):
+        with pytest.raises(CheckpointError):
+            policy_from_env(bad)
+    await plain.load()
+    await plain.sign()  # no witnesses: not served under the policy
+    view = LogView(index, policy)
+    await view.refresh()
+    assert view.note is None and view.tree.size == 2
+    # one witness cosigns: still short of 2
+    one = LogSigner(index, key, origin=ORIGIN, witnesses=ws.endpoints[:1])
+    await one.load()
+    assert await one.cosign_latest()
+    await view.refresh()
+    assert view.note is None
+    both = LogSigner(index, key, origin=ORIGIN, witnesses=ws.endpoints)
+    await both.load()
+    assert await both.cosign_latest()
+    await view.refresh()
+    assert view.note == await value(index, LATEST_KEY) and view.checkpoint is not None
+    # the log grows, signed without witnesses: the cosigned checkpoint stays served
+    await register_some(index, kit, 1)
+    await plain.load()
+    await plain.sign()
+    await view.refresh()
+    assert view.checkpoint.size == 2 and view.tree.size == 3
+    for s in (one, both):
+        await s.aclose()
