@@ -41,7 +41,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -389,9 +389,30 @@ async def _metrics(request: web.Request) -> web.StreamResponse:
     return web.Response(body=data, content_type="text/plain", charset="utf-8")
 
 
+@web.middleware
+async def _json_errors(
+    request: web.Request,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> web.StreamResponse:
+    """aiohttp's own refusals (404 route, 405 method, 413) as JSON errors too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+            exc.status, "bad_request"
+        )
+        answer = _error(exc.status, code, f"{request.method} {request.path}: {exc.reason}")
+        resp = answer.response()
+        if exc.status == 405 and "Allow" in exc.headers:
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
+
+
 def create_witness_app(witness: Witness) -> web.Application:
     """The witness's aiohttp app; bodies above :data:`MAX_REQUEST_BYTES` get 413."""
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[_json_errors])
     app[WITNESS] = witness
     app.router.add_post("/add-checkpoint", _add_checkpoint)
     app.router.add_get("/v1/witness", _info)

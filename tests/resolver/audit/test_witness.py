@@ -156,6 +156,10 @@ async def test_bad_requests(tmp_path: Path, wkey: Any, aiohttp_client: Any) -> N
     assert (await post(client, proof_from_zero))[0] == 422
     # too large: 413
     assert (await post(client, b"old 0\n\n" + b"a" * 200_000))[0] == 413
+    # aiohttp's own refusals are JSON too
+    for resp in (await client.get("/add-checkpoint"), await client.get("/nothing")):
+        assert resp.status in (404, 405) and resp.content_type == "application/json"
+        assert (await resp.json())["error"]["code"] in ("not_found", "method_not_allowed")
     # nothing was stored by any of these
     assert witness.state.get(ORIGIN) is None
     assert (await client.get("/v1/witness/checkpoint", params={"origin": ORIGIN})).status == 404
