@@ -134,6 +134,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="K",
         help="cosignatures required, of the --witness keys (default: all of them)",
     )
+    lg.add_argument(
+        "--compare-witness",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="also compare with the latest checkpoint this witness cosigned (its "
+        "GET /v1/witness/checkpoint): catches a split view without --state history "
+        "(repeatable)",
+    )
     output_arguments(lg)
     lg.set_defaults(handler=run_log)
 
@@ -425,11 +434,19 @@ async def _log(
     try:
         async with aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=args.timeout or 15.0),
-            connector=aiohttp.TCPConnector(ssl=client_ssl(args, args.resolver) or True),
+            connector=aiohttp.TCPConnector(
+                ssl=client_ssl(args, args.resolver, *args.compare_witness) or True
+            ),
         ) as http:
             witnesses, quorum = witness_policy(args)
             auditor = LogAuditor(
-                http, args.resolver, verifier, state=state, witnesses=witnesses, quorum=quorum
+                http,
+                args.resolver,
+                verifier,
+                state=state,
+                witnesses=witnesses,
+                quorum=quorum,
+                gossip=args.compare_witness,
             )
             cpid = parse(args.cpid).to_text() if args.cpid else None
             report = await auditor.check(cpid=cpid, version=args.version)
@@ -451,8 +468,9 @@ def run_log(args: argparse.Namespace) -> int:
     if report.alarm is not None:
         failed = next(d for _, ok, d in report.checks if not ok)
         _alarm(failed)
+        labels = {"stored": "accepted before (--state)", "witness": "a witness cosigned"}
         for role, note in report.evidence:
-            label = "accepted before (--state)" if role == "stored" else "served now"
+            label = labels.get(role, "served now")
             print(f"evidence: the checkpoint {label}:", file=sys.stderr)
             print(note.decode("utf-8", "replace"), file=sys.stderr)
     if is_json(args):

@@ -191,6 +191,7 @@ class LogAuditor:
         state: bytes | None = None,
         witnesses: Sequence[CosignerVerifier] = (),
         quorum: int = 0,
+        gossip: Sequence[str] = (),
     ) -> None:
         self._http = session
         self._base = base_url.rstrip("/")
@@ -198,6 +199,8 @@ class LogAuditor:
         self._state = state
         self._witnesses = list(witnesses)
         self._quorum = quorum
+        self._gossip = list(gossip)
+        """Witness URLs whose latest cosigned checkpoint is compared with the served one."""
         self.new_state: bytes | None = None
 
     async def _get(self, path: str, params: Mapping[str, Any] | None = None) -> tuple[int, bytes]:
@@ -280,10 +283,69 @@ class LogAuditor:
         except (_HTTPError, ProofError) as exc:
             rep.add("consistent with the stored checkpoint", False, str(exc))
             return rep
+        for url in self._gossip:
+            await self._compare_with_witness(rep, url, new, note)
+        if rep.alarm is not None:
+            return rep
         self.new_state = note
         if cpid is not None:
             await self._inclusion(rep, new, cpid, version)
         return rep
+
+    async def _compare_with_witness(
+        self, rep: LogReport, url: str, served: Checkpoint, note: bytes
+    ) -> None:
+        """Compare the served checkpoint with the latest one a witness cosigned.
+
+        Two checkpoints signed by the log key that no consistency proof links are a
+        split view, whoever holds them: the auditor needs no state of its own for this.
+        """
+        what = f"consistent with witness {url}"
+        base = url.rstrip("/")
+        try:
+            async with self._http.get(
+                base + "/v1/witness/checkpoint", params={"origin": served.origin}
+            ) as resp:
+                status, body = resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            rep.add(what, False, f"unreachable: {exc or type(exc).__name__}")
+            return
+        if status == 404:
+            rep.add(what, True, "the witness has cosigned nothing of this log yet")
+            return
+        if status != 200:
+            rep.add(what, False, f"answered {status}: {body[:200].decode('utf-8', 'replace')}")
+            return
+        try:
+            theirs = open_checkpoint(body, self._verifier, origin=self._verifier.name)
+        except (CheckpointError, SignatureError) as exc:
+            rep.add(what, False, f"its checkpoint is not signed by the log key: {exc}")
+            return
+        small, large = sorted([(theirs, body), (served, note)], key=lambda c: c[0].size)
+        proof: list[bytes] | None = None
+        try:
+            if 0 < small[0].size < large[0].size:
+                doc = await self._json(
+                    "/v1/log/proof/consistency",
+                    {"first": small[0].size, "second": large[0].size},
+                )
+                proof = _hashes(doc.get("proof", []), "consistency proof")
+            check_transition(small[0], large[0], proof)
+        except LogConsistencyError as exc:
+            rep.alarm = "split_view"
+            rep.add(
+                what,
+                False,
+                f"SPLIT VIEW: the witness cosigned size {theirs.size} (root "
+                f"{theirs.root_hash.hex()[:16]}...), the resolver serves size {served.size} (root "
+                f"{served.root_hash.hex()[:16]}...), and they are not consistent: {exc}",
+            )
+            rep.evidence = [("witness", body), ("served", note)]
+            return
+        except (_HTTPError, ProofError) as exc:
+            rep.add(what, False, f"cannot compare sizes {small[0].size} and {large[0].size}: {exc}")
+            return
+        rep.add(what, True, f"the witness holds size {theirs.size}: consistent")
 
     async def _inclusion(
         self, rep: LogReport, cp: Checkpoint, cpid: str, version: int | None

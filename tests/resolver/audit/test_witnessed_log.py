@@ -226,6 +226,23 @@ async def test_a_forked_log_is_refused_by_every_witness_and_reported(
         assert code == 1 and "FAIL witness cosignatures: 0 of 3" in out
     assert state.read_bytes() == honest  # never replaced by a forked checkpoint
 
+    # an auditor with no history of its own compares with what a witness cosigned
+    fresh = [a for a in argv if a not in wargs]
+    fresh[fresh.index("--state") + 1] = str(tmp_path / "fresh.state")
+    fresh += ["--compare-witness", ws.endpoints[0].url]
+    code = await asyncio.to_thread(main, [*fresh, "--json"])
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert code == 1 and doc["alarm"] == "split_view", doc
+    assert {e["role"] for e in doc["evidence"]} == {"witness", "served"}
+    assert "a witness cosigned" in captured.err and "SPLIT VIEW" in captured.err
+    assert not (tmp_path / "fresh.state").exists()
+    await index.put(LATEST_KEY, honest)
+    await asyncio.sleep(0.2)
+    code = await asyncio.to_thread(main, fresh)
+    out = capsys.readouterr().out
+    assert code == 0 and "the witness holds size 4: consistent" in out
+
 
 async def test_resolver_serves_only_cosigned_checkpoints_with_a_policy(
     index: Index, kit: Kit, tmp_path: Path, aiohttp_client: Any
