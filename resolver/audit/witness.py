@@ -49,6 +49,7 @@ from typing import Any, Final
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from schemas.api import ErrorBody, Health
 from schemas.checkpoint import Checkpoint, Note, NoteVerifier, open_note
 from schemas.cosignature import (
     MAX_REQUEST_BYTES,
@@ -67,13 +68,16 @@ from schemas.errors import (
 )
 from schemas.keys import Ed25519PrivateKey
 from schemas.merkle import EMPTY_ROOT, verify_consistency
+from schemas.openapi import Operation, Param, Reply, build, routes_of
 
 __all__ = [
     "MAX_EVIDENCE_FILES",
+    "OPERATIONS",
     "LogState",
     "Witness",
     "WitnessState",
     "create_witness_app",
+    "description",
 ]
 
 _log = logging.getLogger(__name__)
@@ -349,6 +353,74 @@ class Witness:
 
 WITNESS: Final = web.AppKey("cpi_witness", Witness)
 
+_TEXT: Final = {"type": "string"}
+OPERATIONS: Final[dict[tuple[str, str], Operation]] = {
+    ("POST", "/add-checkpoint"): Operation(
+        summary="Submit a checkpoint with a consistency proof; get the witness's cosignature",
+        description=(
+            "C2SP tlog-witness. The body (text) is the line 'old <size>', zero to 63 lines "
+            "of base64 consistency-proof hashes, an empty line, then the signed checkpoint "
+            "note (docs/protocol.md section 7). At most 72 KiB."
+        ),
+        replies={
+            200: Reply("the witness's cosignature line(s)", media="text/plain", schema=_TEXT),
+            409: Reply(
+                "the old size is not the one the witness holds, or the same size has another "
+                "root; the body is the witness's size and a newline",
+                media=SIZE_CONTENT_TYPE,
+                schema=_TEXT,
+            ),
+            422: Reply("the consistency proof does not verify", ErrorBody),
+        },
+        errors=(400, 403, 404, 408, 413),
+        tags=("witness",),
+    ),
+    ("GET", "/v1/witness"): Operation(
+        summary="The witness's name, verifier key and the size it cosigned per log",
+        replies={200: Reply("witness info", media="application/json", schema={"type": "object"})},
+        tags=("witness",),
+    ),
+    ("GET", "/v1/witness/checkpoint"): Operation(
+        summary="The latest checkpoint the witness cosigned for a log, with its cosignature",
+        params=(Param("origin", "query", _TEXT, "the log's origin", required=True),),
+        replies={200: Reply("a signed note", media="text/plain", schema=_TEXT)},
+        errors=(404,),
+        tags=("witness",),
+    ),
+    ("GET", "/healthz"): Operation(
+        summary="The process runs", replies={200: Reply("ok", Health)}, tags=("operations",)
+    ),
+    ("GET", "/readyz"): Operation(
+        summary="Ready (its state is loaded at start)",
+        replies={200: Reply("ok", Health)},
+        tags=("operations",),
+    ),
+    ("GET", "/metrics"): Operation(
+        summary="Prometheus metrics",
+        replies={200: Reply("Prometheus text exposition", media="text/plain")},
+        tags=("operations",),
+    ),
+    ("GET", "/openapi.json"): Operation(
+        summary="This description",
+        replies={200: Reply("OpenAPI 3.1", media="application/json", schema={"type": "object"})},
+        tags=("operations",),
+    ),
+}
+
+
+def description(router: web.UrlDispatcher) -> dict[str, Any]:
+    """The OpenAPI document of a witness app's routes."""
+    return build(
+        title="CPI transparency-log witness",
+        version="1",
+        description=(
+            "Cosigns a log's checkpoints (C2SP tlog-cosignature) only when they are consistent "
+            "with the last one it cosigned (C2SP tlog-witness)."
+        ),
+        routes=routes_of(router),
+        table=OPERATIONS,
+    )
+
 
 async def _add_checkpoint(request: web.Request) -> web.StreamResponse:
     witness = request.app[WITNESS]
@@ -378,6 +450,10 @@ async def _checkpoint(request: web.Request) -> web.StreamResponse:
     if st is None:
         return _error(404, "not_found", f"no checkpoint of {origin!r} cosigned yet").response()
     return web.Response(body=st.note, content_type="text/plain", charset="utf-8")
+
+
+async def _openapi(request: web.Request) -> web.StreamResponse:
+    return web.json_response(description(request.app.router))
 
 
 async def _health(request: web.Request) -> web.StreamResponse:
@@ -420,6 +496,7 @@ def create_witness_app(witness: Witness) -> web.Application:
     app.router.add_get("/healthz", _health)
     app.router.add_get("/readyz", _health)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/openapi.json", _openapi)
 
     async def close_state(app: web.Application) -> None:
         with contextlib.suppress(OSError):

@@ -208,3 +208,21 @@ async def test_concurrent_submissions_never_roll_back(tmp_path: Path, wkey: Any)
     st = witness.state.get(ORIGIN)
     assert st is not None and st.size in (5, 8)
     witness.state.close()
+
+
+async def test_openapi_describes_every_route(
+    tmp_path: Path, wkey: Any, aiohttp_client: Any
+) -> None:
+    from tools import gen_openapi
+
+    client = await aiohttp_client(create_witness_app(make_witness(tmp_path, wkey, Log())))
+    served = await (await client.get("/openapi.json")).json()
+    published = Path(gen_openapi.__file__).resolve().parents[1] / "docs/openapi/witness.json"
+    assert served == json.loads(published.read_text())
+    assert set(served["paths"]) == {
+        "/add-checkpoint", "/v1/witness", "/v1/witness/checkpoint",
+        "/healthz", "/readyz", "/metrics", "/openapi.json",
+    }  # fmt: skip
+    assert set(served["paths"]["/add-checkpoint"]["post"]["responses"]) == {
+        "200", "400", "403", "404", "408", "409", "413", "422",
+    }  # fmt: skip
