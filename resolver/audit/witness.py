@@ -219,7 +219,8 @@ class WitnessMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "cpi_witness_requests",
-            "add-checkpoint requests by outcome (cosigned, conflict, bad_proof, unknown_log, "
+            "add-checkpoint requests by outcome (cosigned; conflict: another old size; fork: "
+            "another root at the size held; bad_proof: not consistent; unknown_log, "
             "bad_signature, bad_request)",
             ["outcome"],
             registry=self.registry,
@@ -304,7 +305,7 @@ class Witness:
             return self._count(self._conflict(known), "conflict")
         if stored is not None and cp.size == known and cp.root_hash != known_root:
             self._evidence(cp, body, f"a second root for size {cp.size}")
-            return self._count(self._conflict(known), "conflict")
+            return self._count(self._conflict(known), "fork")
         try:
             verify_consistency(
                 first=known,
