@@ -492,7 +492,8 @@ def _print_finding(args: argparse.Namespace, f: Finding) -> None:
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(f.time)) if f.time else "-"
     signer = f" signed by {f.signer}" if f.signer else ""
     flag = "  UNEXPECTED" if f.unexpected else ""
-    print(f"{when} leaf {f.index:<6} {f.op:<10} {f.target}{signer}{flag}", flush=True)
+    detail = f"  ({f.detail})" if f.detail else ""
+    print(f"{when} leaf {f.index:<6} {f.op:<10} {f.target}{signer}{flag}{detail}", flush=True)
 
 
 async def _monitor(args: argparse.Namespace, policy: CheckpointPolicy) -> int:

@@ -104,6 +104,8 @@ class Finding:
     signer: str | None = None
     """The kid that signed the record, when it could be checked (see ``expect_signers``)."""
     unexpected: bool = False
+    detail: str = ""
+    """Why the signer could not be checked, when it could not."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -115,6 +117,7 @@ class Finding:
             "time": self.time,
             "signer": self.signer,
             "unexpected": self.unexpected,
+            "detail": self.detail,
         }
 
 
@@ -302,9 +305,18 @@ class Monitor:
         try:
             bundle = await self._json(f"/v1/resources/{f.target}")
             env = dsse.Envelope.from_dict(bundle["record"])
-        except (CPIError, KeyError, TypeError):
-            return f
+        except RetrievalError as exc:
+            why = (
+                "the resolver does not serve this record: it did not verify, or it was "
+                "removed since"
+                if " 404" in str(exc)
+                else f"signer not checked: {exc}"
+            )
+            return Finding(**{**f.to_dict(), "detail": why})
+        except (CPIError, KeyError, TypeError) as exc:
+            return Finding(**{**f.to_dict(), "detail": f"signer not checked: {exc}"})
         if hashlib.sha256(env.to_json()).hexdigest() != f.digest:
-            return f  # the record changed since: this version's signer is not known here
+            detail = "the record changed since: this version's signer is not known"
+            return Finding(**{**f.to_dict(), "detail": detail})
         kid = env.keyid
         return Finding(**{**f.to_dict(), "signer": kid, "unexpected": kid not in self._expect})

@@ -168,3 +168,32 @@ async def test_entries_that_do_not_match_the_root_are_an_alarm(
         with pytest.raises(MonitorAlarm) as err:
             await m.poll()
     assert err.value.kind == "bad_entries" and m.size == 0
+
+
+async def test_a_record_the_resolver_does_not_serve_is_said_so(
+    index: Index, kit: Kit, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    """A real resolver serves only records that verify: the monitor says why it could not
+    check a record's signer instead of staying silent."""
+    from registry.index import Keys
+
+    key, _, _ = init_log_key(tmp_path / "log.key", origin=ORIGIN)
+    await kit.publish(index)
+    (cpid,) = await register_some(index, kit, 1)
+    await index.delete(Keys.rec(cpid))  # what a resolver that refused it looks like
+    signer = LogSigner(index, key, origin=ORIGIN)
+    await signer.load()
+    await signer.sign()
+    client = await aiohttp_client(resolver_app(index, kit))
+    await asyncio.sleep(0.2)
+    async with aiohttp.ClientSession() as http:
+        m = Monitor(
+            http,
+            str(client.make_url("")),
+            CheckpointPolicy(signer.verifier),
+            ["CN.31.CMCC"],
+            expect_signers=[keys.kid_of(kit.cmcc)],
+        )
+        (f,) = await m.poll()
+    assert f.target == cpid and f.signer is None and not f.unexpected
+    assert "does not serve this record" in f.detail
