@@ -399,11 +399,13 @@ class LogSigner:
         witnesses: Sequence[WitnessEndpoint] = (),
         witness_ssl: ssl.SSLContext | None = None,
         witness_timeout: float = 5.0,
+        witness_retry_s: float = 5.0,
     ) -> None:
         self._index = index
         self.witnesses = [WitnessClient(w) for w in witnesses]
         self._witness_ssl = witness_ssl
         self._witness_timeout = witness_timeout
+        self._witness_retry_s = witness_retry_s
         self._http: aiohttp.ClientSession | None = None
         self._last_amend = 0.0
         self.metrics = metrics
@@ -712,9 +714,12 @@ class LogSigner:
                     follower = asyncio.create_task(self._follow(), name="translog-follow")
                 if self.pending:
                     await self.sign()
-                elif self.witnesses and self._clock() - self._last_amend >= max(5.0, interval):
+                elif self.witnesses and self._clock() - self._last_amend >= self._witness_retry_s:
                     self._last_amend = self._clock()
-                    await self.cosign_latest()
+                    try:
+                        await self.cosign_latest()
+                    except CPIError as exc:  # a witness round is worth no crash
+                        _log.warning("asking the witnesses again failed: %s", exc)
                 self._observe()
                 if on_tick is not None:
                     on_tick()

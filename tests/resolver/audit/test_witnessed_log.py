@@ -291,3 +291,37 @@ async def test_resolver_serves_only_cosigned_checkpoints_with_a_policy(
     assert view.checkpoint.size == 2 and view.tree.size == 3
     for s in (one, both):
         await s.aclose()
+
+
+async def test_running_signer_asks_a_witness_again_until_it_cosigns(
+    index: Index, kit: Kit, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    key, _, _ = init_log_key(tmp_path / "log.key", origin=ORIGIN)
+    await register_some(index, kit, 2)
+    plain = LogSigner(index, key, origin=ORIGIN)
+    ws = await start_witnesses(1, tmp_path, plain, aiohttp_client)
+    logs = ws.witnesses[0].logs
+    ws.witnesses[0].logs = {}  # the witness does not know the log yet: 404
+    signer = LogSigner(index, key, origin=ORIGIN, witnesses=ws.endpoints, witness_retry_s=0.1)
+    stop = asyncio.Event()
+    task = asyncio.create_task(signer.run(interval=0.05, stop=stop))
+    try:
+        for _ in range(100):
+            if (kv := await index.get(LATEST_KEY)) is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert b"w0.test/witness" not in (await value(index, LATEST_KEY))
+        assert "404" in (signer.witnesses[0].last_error or "")
+        ws.witnesses[0].logs = logs  # configured now
+        for _ in range(100):
+            note = await value(index, LATEST_KEY)
+            if b"w0.test/witness" in note:
+                break
+            await asyncio.sleep(0.05)
+        cp, _ = open_cosigned_checkpoint(note, signer.verifier, ws.verifiers, quorum=1)
+        assert cp.size == 2
+        assert await value(index, Keys.log_head(2)) != note  # head keeps what it had
+    finally:
+        stop.set()
+        await task
+    assert kv is not None
