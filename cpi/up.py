@@ -64,6 +64,7 @@ from registry.index.auth import (
     apply_roles,
 )
 from registry.logsigner import init_log_key, vkey_path_for
+from resolver.audit.logcheck import ENV_LOG_QUORUM, ENV_LOG_WITNESSES
 from resolver.claims import tokens as claim_tokens
 from resolver.ui import ENV_LOG_VKEY
 from schemas.tls import client_context
@@ -602,6 +603,9 @@ def up(opts: UpOptions) -> int:
             # the web console shows the log's checkpoints verified against it
             vkey = vkey_path_for(log_key)
             log_vkey = {ENV_LOG_VKEY: str(vkey)} if vkey.is_file() else {}
+            if log_vkey and witnesses:  # serve only checkpoints a majority of them cosigned
+                log_vkey[ENV_LOG_WITNESSES] = ",".join(w["vkey_file"] for w in witnesses)
+                log_vkey[ENV_LOG_QUORUM] = str(len(witnesses) // 2 + 1)
             for i in range(opts.resolvers):
                 http_url = f"https://127.0.0.1:{ports[_port_key('resolver_http', i)]}"
                 resolvers.append(
