@@ -328,13 +328,24 @@ class Witness:
             )
         line = cosign(note.text, self.name, self._key, timestamp=int(self._clock()))
         cosigned = add_signatures(note.to_bytes(), [line])
-        self.state.put(LogState(cp.origin, cp.size, cp.root_hash, cosigned))
+        try:
+            self.state.put(LogState(cp.origin, cp.size, cp.root_hash, cosigned))
+        except OSError as exc:  # not stored: no cosignature may leave this witness
+            _log.error("cannot store the state of %s: %s", cp.origin, exc)
+            return self._count(
+                _error(503, "state_unavailable", f"the witness cannot store its state: {exc}"),
+                "error",
+            )
         self.metrics.tree_size.labels(cp.origin).set(cp.size)
         _log.info("cosigned %s at size %d", cp.origin, cp.size)
         return self._count(Answer(200, line.to_line().encode(), "text/plain"), "cosigned")
 
     def _evidence(self, cp: Checkpoint, body: bytes, why: str) -> None:
-        path = self.state.keep_evidence(cp.origin, cp.size, body)
+        try:
+            path = self.state.keep_evidence(cp.origin, cp.size, body)
+        except OSError as exc:
+            _log.error("cannot keep evidence: %s", exc)
+            path = None
         _log.critical(
             "REFUSED a checkpoint validly signed by log %s at size %d: %s. The log may be "
             "showing different histories to different parties (split view); request kept in %s",
@@ -373,7 +384,7 @@ OPERATIONS: Final[dict[tuple[str, str], Operation]] = {
             ),
             422: Reply("the consistency proof does not verify", ErrorBody),
         },
-        errors=(400, 403, 404, 408, 413),
+        errors=(400, 403, 404, 408, 413, 503),
         tags=("witness",),
     ),
     ("GET", "/v1/witness"): Operation(

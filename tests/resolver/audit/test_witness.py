@@ -223,5 +223,22 @@ async def test_openapi_describes_every_route(
         "/healthz", "/readyz", "/metrics", "/openapi.json",
     }  # fmt: skip
     assert set(served["paths"]["/add-checkpoint"]["post"]["responses"]) == {
-        "200", "400", "403", "404", "408", "409", "413", "422",
+        "200", "400", "403", "404", "408", "409", "413", "422", "503",
     }  # fmt: skip
+
+
+async def test_a_state_that_cannot_be_written_gives_no_cosignature(
+    tmp_path: Path, wkey: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = Log()
+    witness = make_witness(tmp_path, wkey, log)
+    log.grow(2)
+
+    def full(*args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(witness.state, "put", full)
+    answer = await witness.add_checkpoint(log.request(0))
+    assert answer.status == 503 and b"state_unavailable" in answer.body
+    assert witness.state.get(ORIGIN) is None
+    witness.state.close()
