@@ -96,6 +96,8 @@ LOG_KEY_FILE: Final = "log.key"
 LOG_VKEY_FILE: Final = "log.vkey"
 LATEST_KEY: Final = Keys.log("latest")
 _PAGE: Final = 1000
+MAX_ANSWER_BYTES: Final = 64 * 1024
+"""A witness's answer is read up to this many bytes (a few signature lines are ~150)."""
 
 
 def _alarm(message: str, *, kind: str) -> LogConsistencyError:
@@ -259,7 +261,7 @@ class WitnessClient:
             body = format_add_checkpoint(old, proof, note)
             try:
                 async with http.post(self.endpoint.url + "/add-checkpoint", data=body) as resp:
-                    status, answer = resp.status, await resp.read()
+                    status, answer = resp.status, await resp.content.read(MAX_ANSWER_BYTES)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 self.last_error = f"unreachable: {exc or type(exc).__name__}"
                 return None
