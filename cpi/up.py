@@ -43,6 +43,7 @@ import logging
 import os
 import secrets
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ from registry.index.auth import (
     apply_roles,
 )
 from registry.logsigner import init_log_key, vkey_path_for
+from resolver.audit.logcheck import ENV_LOG_QUORUM, ENV_LOG_WITNESSES
 from resolver.claims import tokens as claim_tokens
 from resolver.ui import ENV_LOG_VKEY
 from schemas.tls import client_context
@@ -109,6 +111,8 @@ class UpOptions:
     registries: int = 1
     """Instances of each registry process (regional, industry)."""
     resolvers: int = 1
+    witnesses: int = 0
+    """Transparency-log witnesses (``cpi witness serve``) the log signer submits to."""
 
 
 MAX_INSTANCES = 7
@@ -136,6 +140,8 @@ def _wanted_ports(opts: UpOptions) -> dict[str, int]:
     for i in range(1, opts.etcd_members):
         wanted[f"etcd_client_{i}"] = b + 79 + 2 * i
         wanted[f"etcd_peer_{i}"] = b + 80 + 2 * i
+    for i in range(opts.witnesses):
+        wanted[f"witness_{i}"] = b + 40 + i
     return wanted
 
 
@@ -162,6 +168,8 @@ def _ports(opts: UpOptions) -> dict[str, int]:
     ):
         if not 1 <= n <= MAX_INSTANCES:
             raise SystemExit(f"cpi up: {what} must be 1 to {MAX_INSTANCES}, got {n}")
+    if not 0 <= opts.witnesses <= MAX_INSTANCES:
+        raise SystemExit(f"cpi up: --witnesses must be 0 to {MAX_INSTANCES}, got {opts.witnesses}")
     path = opts.data_dir / "ports.json"
     known: dict[str, int] = {}
     if path.exists():
@@ -564,8 +572,13 @@ def up(opts: UpOptions) -> int:
                 )
 
         log_key = data / "national" / "log.key"
+        witnesses: list[dict[str, str]] = []
         if _have("cpi.commands.log"):
             init_log_key(log_key)  # now, so the resolver's console can serve its .vkey
+            witnesses = _start_witnesses(opts, sup, ports, ca, log_key, logs, https)
+            witness_args = [a for w in witnesses for a in ("--witness", f"{w['url']}={w['vkey']}")]
+            if witnesses:
+                witness_args += ["--witness-cacert", str(ca.cert_file)]
             sup.start(
                 Child(
                     "log-signer",
@@ -576,6 +589,7 @@ def up(opts: UpOptions) -> int:
                         etcd_arg,
                         "--key",
                         str(log_key),
+                        *witness_args,
                     ),
                     logs / "log-signer.log",
                     env=creds[LOGSIGNER_USER].env(),
@@ -589,6 +603,9 @@ def up(opts: UpOptions) -> int:
             # the web console shows the log's checkpoints verified against it
             vkey = vkey_path_for(log_key)
             log_vkey = {ENV_LOG_VKEY: str(vkey)} if vkey.is_file() else {}
+            if log_vkey and witnesses:  # serve only checkpoints a majority of them cosigned
+                log_vkey[ENV_LOG_WITNESSES] = ",".join(w["vkey_file"] for w in witnesses)
+                log_vkey[ENV_LOG_QUORUM] = str(len(witnesses) // 2 + 1)
             for i in range(opts.resolvers):
                 http_url = f"https://127.0.0.1:{ports[_port_key('resolver_http', i)]}"
                 resolvers.append(
@@ -650,6 +667,8 @@ def up(opts: UpOptions) -> int:
                 "users": {u: str(c.password_file) for u, c in creds.items()},
             },
             "tokens": join_tokens,
+            # transparency-log witnesses (--witnesses N): name, URL, verifier key
+            "witnesses": witnesses,
             # not pinned by the protocol: a claims API token for trying POST /v1/claims
             "claims": claims,
         }
@@ -682,6 +701,52 @@ def up(opts: UpOptions) -> int:
         return code
     finally:
         sup.stop_all()
+
+
+def _start_witnesses(
+    opts: UpOptions,
+    sup: Supervisor,
+    ports: dict[str, int],
+    ca: LocalCA,
+    log_key: Path,
+    logs: Path,
+    https: ssl.SSLContext,
+) -> list[dict[str, str]]:
+    """Start ``opts.witnesses`` witnesses of the log (TLS, key and state under
+    ``DATA_DIR/witness/w<i>/``); their entries for up.json."""
+    if not opts.witnesses or not _have("cpi.commands.witness"):
+        return []
+    from cpi.commands.witness import init_witness_key, vkey_path
+
+    out = []
+    for i in range(opts.witnesses):
+        wdir = opts.data_dir / "witness" / f"w{i}"
+        wdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        name = f"cpi.local/witness{i}"
+        _, verifier, _ = init_witness_key(str(wdir / "witness.key"), name)
+        port = ports[f"witness_{i}"]
+        url = f"https://127.0.0.1:{port}"
+        cert, key = ca.issue(f"witness{i}")
+        argv = ["witness", "serve", "--key", str(wdir / "witness.key"), "--name", name,
+                "--state", str(wdir / "state"), "--log", str(vkey_path_for(log_key)),
+                "--listen", f"127.0.0.1:{port}", "--tls-cert", str(cert), "--tls-key", str(key)]  # fmt: skip
+        sup.start(
+            Child(
+                f"witness-{i}",
+                python_argv(*argv),
+                logs / f"witness-{i}.log",
+                ready=http_ready(f"{url}/readyz", https),
+            )
+        )
+        out.append(
+            {
+                "name": name,
+                "url": url,
+                "vkey": verifier.to_vkey(),
+                "vkey_file": str(vkey_path(wdir / "witness.key")),
+            }
+        )
+    return out
 
 
 def _report_components(sup: Supervisor, up_json: dict[str, Any], up_path: Path) -> None:

@@ -28,12 +28,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+import aiohttp
 from prometheus_client import (
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
@@ -50,7 +52,14 @@ from registry import keyfile
 from registry.index import Cmp, Compacted, Index, Keys, Op, Prefix, WatchEvent, parse_key
 from schemas import _json
 from schemas import checkpoint as cpmod
-from schemas.checkpoint import Checkpoint, NoteVerifier
+from schemas.checkpoint import Checkpoint, Note, NoteSignature, NoteVerifier
+from schemas.cosignature import (
+    CosignerVerifier,
+    add_signatures,
+    format_add_checkpoint,
+    parse_signature_lines,
+    parse_size_body,
+)
 from schemas.errors import (
     CheckpointError,
     CPIError,
@@ -70,6 +79,8 @@ __all__ = [
     "LogSigner",
     "SignResult",
     "SignerMetrics",
+    "WitnessClient",
+    "WitnessEndpoint",
     "check_entry",
     "init_log_key",
     "load_verifier",
@@ -85,6 +96,8 @@ LOG_KEY_FILE: Final = "log.key"
 LOG_VKEY_FILE: Final = "log.vkey"
 LATEST_KEY: Final = Keys.log("latest")
 _PAGE: Final = 1000
+MAX_ANSWER_BYTES: Final = 64 * 1024
+"""A witness's answer is read up to this many bytes (a few signature lines are ~150)."""
 
 
 def _alarm(message: str, *, kind: str) -> LogConsistencyError:
@@ -191,6 +204,109 @@ async def read_audit_tree(
 
 
 # =============================================================================
+# Witnesses
+# =============================================================================
+
+
+@dataclass(frozen=True, slots=True)
+class WitnessEndpoint:
+    """A witness the signer submits checkpoints to: its URL prefix and verifier key."""
+
+    url: str
+    verifier: CosignerVerifier
+
+    @classmethod
+    def parse(cls, spec: str) -> WitnessEndpoint:
+        """``URL=VKEY`` (the vkey as text, or a file holding it)."""
+        url, sep, vkey = spec.partition("=")
+        if not sep or not url.startswith(("http://", "https://")):
+            raise KeyFileError(f"witness {spec[:80]!r} must be URL=VKEY")
+        path = Path(vkey)
+        try:
+            text = path.read_text(encoding="utf-8") if path.is_file() else vkey
+            return cls(url.rstrip("/"), CosignerVerifier.from_vkey(text))
+        except (OSError, CheckpointError) as exc:
+            raise KeyFileError(f"witness {url}: bad verifier key: {exc}") from exc
+
+
+@dataclass(slots=True)
+class WitnessClient:
+    """Submits checkpoints to one witness (C2SP tlog-witness ``add-checkpoint``).
+
+    Remembers the size the witness last cosigned (learnt from its 409 answers), so each
+    submission carries the consistency proof from there.
+    """
+
+    endpoint: WitnessEndpoint
+    known_size: int = 0
+    refused: str | None = None
+    """Why the witness last refused a checkpoint (it holds another history), if it did."""
+    last_error: str | None = field(default=None)
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.verifier.name
+
+    async def submit(
+        self, http: aiohttp.ClientSession, note: bytes, cp: Checkpoint, tree: MerkleTree
+    ) -> NoteSignature | None:
+        """The witness's verified cosignature line, or None (reason in ``refused``/``last_error``)."""
+        text = Note.from_bytes(note).text
+        old = self.known_size
+        for _ in range(3):
+            if old > cp.size:
+                self.last_error = f"the witness has cosigned size {old}, above {cp.size}"
+                return None
+            proof = tree.consistency_proof(old, cp.size) if old else []
+            body = format_add_checkpoint(old, proof, note)
+            try:
+                async with http.post(self.endpoint.url + "/add-checkpoint", data=body) as resp:
+                    status, answer = resp.status, await resp.content.read(MAX_ANSWER_BYTES)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.last_error = f"unreachable: {exc or type(exc).__name__}"
+                return None
+            if status == 200:
+                try:
+                    for line in parse_signature_lines(answer):
+                        if (line.name, line.key_id) == (self.name, self.endpoint.verifier.key_id):
+                            self.endpoint.verifier.verify(text, line)
+                            self.known_size, self.refused, self.last_error = cp.size, None, None
+                            return line
+                except (CheckpointError, SignatureError) as exc:
+                    self.last_error = f"bad cosignature: {exc}"
+                    return None
+                self.last_error = "the answer holds no cosignature by this witness's key"
+                return None
+            if status == 409:
+                try:
+                    size = parse_size_body(answer)
+                except (CheckpointError, UnicodeDecodeError) as exc:
+                    self.last_error = f"409 without a size: {exc}"
+                    return None
+                if size == old:  # right size, but the witness holds another root there
+                    self.known_size = size
+                    self.refused = (
+                        f"witness {self.name} refuses size {cp.size}: it cosigned another root "
+                        f"at size {size}"
+                    )
+                    return None
+                old = size
+                continue
+            message = answer[:300].decode("utf-8", "replace")
+            if status == 422:
+                self.known_size = old
+                self.refused = (
+                    f"witness {self.name} refuses size {cp.size}: not consistent with the size "
+                    f"{old} it cosigned ({message})"
+                )
+            else:
+                self.last_error = f"answered {status}: {message}"
+            return None
+        self.last_error = "the witness's size kept changing"
+        return None
+
+
+# =============================================================================
 # The signer
 # =============================================================================
 
@@ -229,6 +345,13 @@ class SignerMetrics:
             "cpi_log_signer_errors",
             "Failed signing rounds by kind (etcd, or the alarm: rewritten, gap, split_view)",
             ["kind"],
+            registry=r,
+        )
+        self.cosignatures = Counter(
+            "cpi_log_signer_cosignatures",
+            "Checkpoint submissions to witnesses by witness and outcome (cosigned, refused: "
+            "the witness holds another history, error: unreachable or a bad answer)",
+            ["witness", "outcome"],
             registry=r,
         )
         self.alarm = Gauge(
@@ -275,8 +398,18 @@ class LogSigner:
         origin: str = DEFAULT_ORIGIN,
         clock: Callable[[], float] = time.time,
         metrics: SignerMetrics | None = None,
+        witnesses: Sequence[WitnessEndpoint] = (),
+        witness_ssl: ssl.SSLContext | None = None,
+        witness_timeout: float = 5.0,
+        witness_retry_s: float = 5.0,
     ) -> None:
         self._index = index
+        self.witnesses = [WitnessClient(w) for w in witnesses]
+        self._witness_ssl = witness_ssl
+        self._witness_timeout = witness_timeout
+        self._witness_retry_s = witness_retry_s
+        self._http: aiohttp.ClientSession | None = None
+        self._last_amend = 0.0
         self.metrics = metrics
         self._key = key
         self.origin = origin
@@ -412,7 +545,7 @@ class LogSigner:
         if not force and not self.pending:
             return None
         cp = self._checkpoint()
-        note = cpmod.sign_checkpoint(cp, self._key)
+        note = await self._cosign(cpmod.sign_checkpoint(cp, self._key), cp)
         head = Keys.log_head(cp.size)
         result = await self._index.txn(
             compare=[Cmp.mod_revision(LATEST_KEY, "==", latest_rev), Cmp.absent(head)],
@@ -439,6 +572,86 @@ class LogSigner:
             return SignResult(other, existing[0].value, False)
         _log.info("latest checkpoint moved under us; will retry")
         return None
+
+    # -- witnesses -------------------------------------------------------------------------------
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._witness_timeout),
+                connector=aiohttp.TCPConnector(ssl=self._witness_ssl or True),
+            )
+        return self._http
+
+    async def aclose(self) -> None:
+        """Close the HTTP session to the witnesses (if one was opened)."""
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def _cosign(
+        self, note: bytes, cp: Checkpoint, clients: Sequence[WitnessClient] | None = None
+    ) -> bytes:
+        """``note`` with the cosignatures of the witnesses that accept it appended."""
+        clients = self.witnesses if clients is None else clients
+        if not clients:
+            return note
+        http = self._session()
+        lines = await asyncio.gather(*(w.submit(http, note, cp, self.tree) for w in clients))
+        got = []
+        for w, line in zip(clients, lines, strict=True):
+            if line is not None:
+                got.append(line)
+                outcome = "cosigned"
+            elif w.refused is not None:
+                outcome = "refused"
+                _log.critical(
+                    "WITNESS REFUSED checkpoint %d of %s: %s. This log key has signed a "
+                    "history the witness holds and this audit stream does not (split view?)",
+                    cp.size,
+                    self.origin,
+                    w.refused,
+                )
+            else:
+                outcome = "error"
+                _log.warning("witness %s: no cosignature for %d: %s", w.name, cp.size, w.last_error)
+            if self.metrics is not None:
+                self.metrics.cosignatures.labels(w.name, outcome).inc()
+        return add_signatures(note, got) if got else note
+
+    async def cosign_latest(self) -> bool:
+        """Ask the witnesses whose cosignature ``/log/latest`` lacks, and add what they give.
+
+        Rewrites only ``latest`` (compare: its ``mod_revision``); the signed text is
+        unchanged.  True when cosignatures were added.
+        """
+        if not self.witnesses:
+            return False
+        kv = await self._index.get(LATEST_KEY)
+        if kv is None:
+            return False
+        cp = cpmod.open_checkpoint(kv.value, self.verifier, origin=self.origin)
+        if cp.size > self.tree.size:
+            return False
+        have = {(s.name, s.key_id) for s in Note.from_bytes(kv.value).signatures}
+        missing = [
+            w
+            for w in self.witnesses
+            if (w.name, w.endpoint.verifier.key_id) not in have and w.refused is None
+        ]
+        if not missing:
+            return False
+        note = await self._cosign(kv.value, cp, missing)
+        if note == kv.value:
+            return False
+        result = await self._index.txn(
+            compare=[Cmp.mod_revision(LATEST_KEY, "==", kv.mod_revision)],
+            success=[Op.put(LATEST_KEY, note)],
+            failure=[],
+        )
+        if result.succeeded:
+            self._latest_rev = result.revision
+        return bool(result.succeeded)
 
     # -- the long-running loop ------------------------------------------------------------------
 
@@ -503,6 +716,12 @@ class LogSigner:
                     follower = asyncio.create_task(self._follow(), name="translog-follow")
                 if self.pending:
                     await self.sign()
+                elif self.witnesses and self._clock() - self._last_amend >= self._witness_retry_s:
+                    self._last_amend = self._clock()
+                    try:
+                        await self.cosign_latest()
+                    except CPIError as exc:  # a witness round is worth no crash
+                        _log.warning("asking the witnesses again failed: %s", exc)
                 self._observe()
                 if on_tick is not None:
                     on_tick()
@@ -518,3 +737,4 @@ class LogSigner:
                 follower.cancel()
                 with contextlib.suppress(asyncio.CancelledError, LogConsistencyError):
                     await follower
+            await self.aclose()

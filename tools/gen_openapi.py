@@ -1,4 +1,4 @@
-"""Write docs/openapi/registry.json and docs/openapi/resolver.json: the services' OpenAPI 3.1.
+"""Write docs/openapi/{registry,resolver,witness}.json: the services' OpenAPI 3.1.
 
 Each description is what the service serves at ``GET /openapi.json``: built from the
 routes of a real app (``create_app``, never started: nothing connects) and the per-route
@@ -50,6 +50,19 @@ def resolver_description() -> dict[str, Any]:
         return description(create_app(ResolverConfig(anchor_files=[anchor])).router)
 
 
+def witness_description() -> dict[str, Any]:
+    from resolver.audit.witness import Witness, WitnessState, create_witness_app, description
+    from schemas import keys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        state = WitnessState(tmp)
+        try:
+            app = create_witness_app(Witness("w", keys.generate(), {}, state))
+            return description(app.router)
+        finally:
+            state.close()
+
+
 def build() -> dict[str, str]:
     """File name -> file text, for both services."""
     from schemas.openapi import render
@@ -57,6 +70,7 @@ def build() -> dict[str, str]:
     return {
         "registry.json": render(registry_description()),
         "resolver.json": render(resolver_description()),
+        "witness.json": render(witness_description()),
     }
 
 

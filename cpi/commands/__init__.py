@@ -16,6 +16,7 @@ from cpi.commands import (
     resolver,
     up,
     verify,
+    witness,
 )
 
 COMMAND_MODULES = (
@@ -32,6 +33,7 @@ COMMAND_MODULES = (
     lookup,
     claim,
     log,
+    witness,
     audit,
     completion,
 )

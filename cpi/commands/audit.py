@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import ssl
 import sys
 import time
@@ -39,10 +40,12 @@ from cpi.output import duration, is_json, output_arguments, print_json
 from cpi.tls import add_client_arguments, client_ssl
 from registry.logsigner import LOG_VKEY_FILE, load_verifier
 from resolver.audit.bundle import FAILURES, verify_bundle
-from resolver.audit.logcheck import LogAuditor, LogReport
+from resolver.audit.logcheck import CheckpointPolicy, LogAuditor, LogReport
+from resolver.audit.monitor import Finding, Monitor, MonitorAlarm
 from resolver.audit.sweep import Sweeper, SweepReport
 from schemas import _json, chain, dsse
 from schemas.checkpoint import NoteVerifier
+from schemas.cosignature import CosignerVerifier
 from schemas.cpid import parse
 from schemas.errors import (
     CheckpointError,
@@ -117,8 +120,78 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     lg.add_argument("--state", required=True, help="file keeping the last accepted checkpoint")
     lg.add_argument("--cpid", help="also verify this record's inclusion")
     lg.add_argument("--version", type=int, help="record version (default: the current one)")
+    lg.add_argument(
+        "--witness",
+        action="append",
+        default=[],
+        metavar="[NAME=]VKEY",
+        help="a trusted witness's verifier key (text or file; repeatable): the checkpoint "
+        "must carry --quorum of their cosignatures",
+    )
+    lg.add_argument(
+        "--quorum",
+        type=int,
+        metavar="K",
+        help="cosignatures required, of the --witness keys (default: all of them)",
+    )
+    lg.add_argument(
+        "--compare-witness",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="also compare with the latest checkpoint this witness cosigned (its "
+        "GET /v1/witness/checkpoint): catches a split view without --state history "
+        "(repeatable)",
+    )
     output_arguments(lg)
     lg.set_defaults(handler=run_log)
+
+    mo = acts.add_parser(
+        "monitor",
+        help="follow the log and report every entry in watched namespaces",
+        description=(
+            "Poll the resolver's log routes, verify each new checkpoint (log key, witness "
+            "quorum, consistency with the last one) and that the new entries hash to its "
+            "root, and print every entry whose CPID or subject is in a --namespace. --state "
+            "keeps the position, so a restarted monitor resumes. A split view or entries that "
+            "do not match the signed root print an alarm and exit 1."
+        ),
+    )
+    mo.add_argument("--resolver", required=True, help="resolver base URL")
+    add_client_arguments(mo)
+    mo.add_argument("--anchor", required=True, help="anchor file; its directory holds log.vkey")
+    mo.add_argument(
+        "--log-key",
+        help=f"log verifier key: a file or the text itself (default: <anchor dir>/{LOG_VKEY_FILE})",
+    )
+    mo.add_argument(
+        "--namespace",
+        action="append",
+        required=True,
+        metavar="NS",
+        help="report entries in this namespace and below (repeatable)",
+    )
+    mo.add_argument("--state", help="file keeping the monitor's position (resume after restart)")
+    mo.add_argument(
+        "--witness",
+        action="append",
+        default=[],
+        metavar="[NAME=]VKEY",
+        help="a trusted witness's verifier key (repeatable); checkpoints need --quorum of them",
+    )
+    mo.add_argument("--quorum", type=int, metavar="K", help="default: all --witness keys")
+    mo.add_argument(
+        "--expect-signer",
+        action="append",
+        default=[],
+        metavar="KID",
+        help="the kid(s) that may sign records in the watched namespaces; a record change "
+        "signed by another key is flagged UNEXPECTED",
+    )
+    mo.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default 2)")
+    mo.add_argument("--once", action="store_true", help="poll once and exit")
+    output_arguments(mo)
+    mo.set_defaults(handler=run_monitor)
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -320,6 +393,34 @@ def _verifier(args: argparse.Namespace) -> NoteVerifier:
     return load_verifier(Path(args.anchor).resolve().parent / LOG_VKEY_FILE)
 
 
+def witness_verifier(spec: str) -> CosignerVerifier:
+    """``[NAME=]VKEY``, the vkey as text or as a file (NAME, if given, must be its name)."""
+    name: str | None = None
+    text = spec
+    if not os.path.isfile(spec) and "=" in spec.split("+", 1)[0]:
+        name, _, text = spec.partition("=")
+    try:
+        if os.path.isfile(text):
+            text = Path(text).read_text(encoding="utf-8")
+        v = CosignerVerifier.from_vkey(text)
+    except (OSError, CheckpointError) as exc:
+        raise KeyFileError(f"--witness {spec[:80]!r}: not a witness verifier key: {exc}") from exc
+    if name is not None and name != v.name:
+        raise KeyFileError(f"--witness {name}=...: the key is named {v.name!r}")
+    return v
+
+
+def witness_policy(args: argparse.Namespace) -> tuple[list[CosignerVerifier], int]:
+    """The ``--witness`` keys and the ``--quorum`` (default: all of them)."""
+    witnesses = [witness_verifier(s) for s in args.witness]
+    quorum = len(witnesses) if args.quorum is None else args.quorum
+    if not 0 <= quorum <= len(witnesses):
+        raise UsageError(
+            f"--quorum {quorum} must be between 0 and the {len(witnesses)} --witness keys"
+        )
+    return witnesses, quorum
+
+
 def _write_state(path: Path, note: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -333,9 +434,20 @@ async def _log(
     try:
         async with aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=args.timeout or 15.0),
-            connector=aiohttp.TCPConnector(ssl=client_ssl(args, args.resolver) or True),
+            connector=aiohttp.TCPConnector(
+                ssl=client_ssl(args, args.resolver, *args.compare_witness) or True
+            ),
         ) as http:
-            auditor = LogAuditor(http, args.resolver, verifier, state=state)
+            witnesses, quorum = witness_policy(args)
+            auditor = LogAuditor(
+                http,
+                args.resolver,
+                verifier,
+                state=state,
+                witnesses=witnesses,
+                quorum=quorum,
+                gossip=args.compare_witness,
+            )
             cpid = parse(args.cpid).to_text() if args.cpid else None
             report = await auditor.check(cpid=cpid, version=args.version)
             return report, auditor.new_state
@@ -356,6 +468,11 @@ def run_log(args: argparse.Namespace) -> int:
     if report.alarm is not None:
         failed = next(d for _, ok, d in report.checks if not ok)
         _alarm(failed)
+        labels = {"stored": "accepted before (--state)", "witness": "a witness cosigned"}
+        for role, note in report.evidence:
+            label = labels.get(role, "served now")
+            print(f"evidence: the checkpoint {label}:", file=sys.stderr)
+            print(note.decode("utf-8", "replace"), file=sys.stderr)
     if is_json(args):
         print_json(report.to_dict())
     else:
@@ -363,3 +480,92 @@ def run_log(args: argparse.Namespace) -> int:
             print(f"{'ok  ' if ok else 'FAIL'} {what}" + (f": {detail}" if detail else ""))
         print("log verified" if report.ok else "log check FAILED")
     return 0 if report.ok else 1
+
+
+# -- monitor -----------------------------------------------------------------------------------
+
+
+def _print_finding(args: argparse.Namespace, f: Finding) -> None:
+    if is_json(args):
+        print(json.dumps(f.to_dict(), separators=(",", ":")), flush=True)
+        return
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(f.time)) if f.time else "-"
+    signer = f" signed by {f.signer}" if f.signer else ""
+    flag = "  UNEXPECTED" if f.unexpected else ""
+    detail = f"  ({f.detail})" if f.detail else ""
+    print(f"{when} leaf {f.index:<6} {f.op:<10} {f.target}{signer}{flag}{detail}", flush=True)
+
+
+async def _monitor(args: argparse.Namespace, policy: CheckpointPolicy) -> int:
+    state_path = Path(args.state) if args.state else None
+    state: dict[str, Any] | None = None
+    if state_path is not None and state_path.exists():
+        try:
+            state = _json.loads(state_path.read_bytes())
+        except ValueError as exc:
+            raise InvalidDataError(f"{state_path}: monitor state is not JSON: {exc}") from exc
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    unexpected = False
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=args.timeout or 15.0),
+        connector=aiohttp.TCPConnector(ssl=client_ssl(args, args.resolver) or True),
+    ) as http:
+        try:
+            monitor = Monitor(
+                http,
+                args.resolver,
+                policy,
+                args.namespace,
+                state=state,
+                expect_signers=args.expect_signer,
+                clock=time.time,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidDataError(f"{state_path}: bad monitor state: {exc}") from exc
+        if not is_json(args):
+            print(
+                f"monitoring {', '.join(monitor.namespaces)} in the log at {args.resolver} "
+                f"from entry {monitor.size}",
+                flush=True,
+            )
+        while True:
+            try:
+                findings = await monitor.poll()
+            except MonitorAlarm as exc:
+                _alarm(str(exc))
+                for role, note in exc.evidence:
+                    print(f"evidence ({role}):", file=sys.stderr)
+                    print(note.decode("utf-8", "replace"), file=sys.stderr)
+                return EXIT_INVALID
+            except (aiohttp.ClientError, TimeoutError, RetrievalError) as exc:
+                if args.once:
+                    raise RetrievalError(
+                        f"cannot follow the log at {args.resolver}: {exc or type(exc).__name__}"
+                    ) from exc
+                logging.getLogger("cpi.audit").warning("log poll failed: %s", exc)
+                findings = []
+            for f in findings:
+                unexpected = unexpected or f.unexpected
+                _print_finding(args, f)
+            if state_path is not None:
+                _write_state(state_path, json.dumps(monitor.state()).encode())
+            if args.once or stop.is_set():
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), args.interval)
+            if stop.is_set():
+                break
+    return 1 if unexpected else 0
+
+
+def run_monitor(args: argparse.Namespace) -> int:
+    if args.interval <= 0:
+        raise UsageError("--interval must be positive")
+    _anchors([args.anchor])
+    witnesses, quorum = witness_policy(args)
+    policy = CheckpointPolicy(_verifier(args), tuple(witnesses), quorum)
+    return asyncio.run(_monitor(args, policy))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 
 from cpi.commands._etcd import etcd_argument, open_index
@@ -20,9 +21,13 @@ from registry.logsigner import (
     DEFAULT_ORIGIN,
     LogSigner,
     SignerMetrics,
+    WitnessEndpoint,
     init_log_key,
     vkey_path_for,
 )
+from registry.tls import load_client_context, warn_insecure
+from schemas.errors import ConfigError, InvalidDataError
+from schemas.tls import check_url
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -64,6 +69,33 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     sign.add_argument(
         "--once", action="store_true", help="sign one checkpoint (if needed) and exit"
+    )
+    sign.add_argument(
+        "--witness",
+        action="append",
+        default=[],
+        metavar="URL=VKEY",
+        help="submit every checkpoint to this witness (C2SP tlog-witness) and store its "
+        "cosignature with the checkpoint; VKEY is the witness's verifier key or a file "
+        "holding it (repeatable)",
+    )
+    sign.add_argument(
+        "--witness-cacert",
+        metavar="FILE",
+        help="CA certificate (PEM) to verify the witnesses with (default: $CPI_CACERT, "
+        "else the system roots)",
+    )
+    sign.add_argument(
+        "--witness-insecure",
+        action="store_true",
+        help="allow plain http:// witness URLs (tests only; logs a warning)",
+    )
+    sign.add_argument(
+        "--witness-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="time allowed for each witness's answer (default 5)",
     )
     output_arguments(sign)
     sign.add_argument(
@@ -108,11 +140,33 @@ async def _sign(args: argparse.Namespace) -> int:
         bound = metrics.serve(int(number), host or "127.0.0.1")
         print(f"log signer metrics at http://{host or '127.0.0.1'}:{bound}/metrics", flush=True)
     textfile = getattr(args, "metrics_textfile", None)
+    witnesses = [WitnessEndpoint.parse(spec) for spec in args.witness]
+    for w in witnesses:
+        check_url(w.url, insecure=args.witness_insecure, what="witness URL")
+        if w.url.startswith("http://"):
+            warn_insecure(f"submitting checkpoints to {w.url}")
+    try:
+        witness_ssl = load_client_context(
+            args.witness_cacert or os.environ.get("CPI_CACERT") or None
+        )
+    except ConfigError as exc:
+        raise InvalidDataError(str(exc)) from exc
     async with open_index(args.etcd, args=args) as index:
-        signer = LogSigner(index, key, origin=args.origin, metrics=metrics)
+        signer = LogSigner(
+            index,
+            key,
+            origin=args.origin,
+            metrics=metrics,
+            witnesses=witnesses,
+            witness_ssl=witness_ssl,
+            witness_timeout=args.witness_timeout,
+        )
         if args.once:
             await signer.load()
-            result = await signer.sign()
+            try:
+                result = await signer.sign()
+            finally:
+                await signer.aclose()
             cp = signer.signed
             size = cp.size if cp else 0
             info = {

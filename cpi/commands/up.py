@@ -69,6 +69,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="N",
         help="resolvers, each on its own HTTP and DNS ports (default: 1)",
     )
+    p.add_argument(
+        "--witnesses",
+        type=int,
+        default=0,
+        metavar="N",
+        help="start N transparency-log witnesses; the log signer publishes each checkpoint "
+        "with their cosignatures (default: 0; docs/audit.md)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -103,5 +111,6 @@ def run(args: argparse.Namespace) -> int:
             etcd_members=args.etcd_members,
             registries=args.registries,
             resolvers=args.resolvers,
+            witnesses=args.witnesses,
         )
     )

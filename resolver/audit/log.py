@@ -42,12 +42,20 @@ from typing import Any, Final
 from aiohttp import web
 
 from registry.index import Index, Keys, Prefix, parse_key
+from resolver.audit.logcheck import CheckpointPolicy, policy_from_env
 from resolver.errors import QueryError
 from schemas import _json
 from schemas.checkpoint import Checkpoint, Note
 from schemas.cpid import parse as parse_cpid
 from schemas.dsse import Envelope
-from schemas.errors import CheckpointError, CPIError, EnvelopeError, NotFoundError, RetrievalError
+from schemas.errors import (
+    CheckpointError,
+    CPIError,
+    EnvelopeError,
+    NotFoundError,
+    RetrievalError,
+    SignatureError,
+)
 from schemas.http import parse_int
 from schemas.merkle import MerkleTree
 from schemas.models import Record, parse_payload
@@ -111,10 +119,16 @@ def _b64(data: bytes) -> str:
 
 
 class LogView:
-    """The log as the resolver sees it: tree of the audit stream plus the latest checkpoint."""
+    """The log as the resolver sees it: tree of the audit stream plus the latest checkpoint.
 
-    def __init__(self, index: Index) -> None:
+    With a ``policy`` (:class:`~resolver.audit.logcheck.CheckpointPolicy`), a checkpoint is
+    served only once it verifies under it (the log's key and a quorum of witness
+    cosignatures); until then the last one that did stays served.
+    """
+
+    def __init__(self, index: Index, policy: CheckpointPolicy | None = None) -> None:
         self._index = index
+        self.policy = policy
         self.tree = MerkleTree()
         self.checkpoint: Checkpoint | None = None
         self.note: bytes | None = None
@@ -186,8 +200,13 @@ class LogView:
                 return
             try:
                 cp = Checkpoint.from_text(Note.from_bytes(kv.value).text)
+                if self.policy is not None and kv.value != self.note:
+                    self.policy.check(kv.value)
             except CheckpointError as exc:
                 _log.error("%s holds no readable checkpoint: %s", _LATEST, exc)
+                return
+            except SignatureError as exc:
+                _log.warning("not serving the checkpoint at size %d yet: %s", cp.size, exc)
                 return
             self.checkpoint, self.note = cp, kv.value
             if cp.size <= self.tree.size:
@@ -401,13 +420,17 @@ def add_log_routes(
     *,
     index: Index | web.AppKey[Index] | Callable[[web.Application], Index],
     refresh_interval: float = 1.0,
+    policy: CheckpointPolicy | None = None,
 ) -> None:
     """Register the ``/v1/log/...`` routes and a task keeping the log view fresh.
 
     ``index`` is the resolver's :class:`Index`, or the ``AppKey`` under which the app
     stores it, or a function of the app returning it (read at start-up, so an index
-    opened in an earlier ``cleanup_ctx`` works).
+    opened in an earlier ``cleanup_ctx`` works).  ``policy`` defaults to the one the
+    environment describes (:func:`~resolver.audit.logcheck.policy_from_env`), if any.
     """
+    if policy is None:
+        policy = policy_from_env()
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         if isinstance(index, Index):
@@ -416,7 +439,7 @@ def add_log_routes(
             idx = app[index]
         else:
             idx = index(app)
-        view = LogView(idx)
+        view = LogView(idx, policy)
         app[LOG_VIEW] = view
         task = asyncio.create_task(view.follow(refresh_interval), name="log-view")
         yield

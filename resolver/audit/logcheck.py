@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from schemas import _json, dsse
-from schemas.checkpoint import Checkpoint, NoteVerifier, open_checkpoint
+from schemas.checkpoint import Checkpoint, Note, NoteVerifier, open_checkpoint
+from schemas.cosignature import CosignerVerifier, open_cosigned_checkpoint, verify_cosignatures
 from schemas.errors import (
     CheckpointError,
     CPIError,
@@ -27,7 +30,22 @@ from schemas.errors import (
 )
 from schemas.merkle import leaf_hash, verify_consistency, verify_inclusion
 
-__all__ = ["LogAuditor", "LogReport", "check_transition"]
+__all__ = [
+    "ENV_LOG_QUORUM",
+    "ENV_LOG_WITNESSES",
+    "CheckpointPolicy",
+    "LogAuditor",
+    "LogReport",
+    "check_transition",
+    "policy_from_env",
+]
+
+ENV_LOG_VKEY = "CPI_RESOLVER_LOG_VKEY"
+"""The log's verifier key file(s), comma-separated (the web console reads it too)."""
+ENV_LOG_WITNESSES = "CPI_RESOLVER_LOG_WITNESSES"
+"""Witness verifier keys (files or texts), comma-separated: served checkpoints need a quorum."""
+ENV_LOG_QUORUM = "CPI_RESOLVER_LOG_QUORUM"
+"""How many of those witnesses must have cosigned (default: all)."""
 
 
 def _hashes(values: Sequence[Any], what: str) -> list[bytes]:
@@ -83,6 +101,38 @@ def check_transition(old: Checkpoint | None, new: Checkpoint, proof: Sequence[by
     return f"consistent: size {old.size} -> {new.size}"
 
 
+@dataclass(frozen=True, slots=True)
+class CheckpointPolicy:
+    """When a checkpoint is accepted: signed by the log, and cosigned by ``quorum`` of
+    ``witnesses`` (C2SP tlog-cosignature).  ``quorum`` 0 asks for no cosignature."""
+
+    log: NoteVerifier
+    witnesses: tuple[CosignerVerifier, ...] = ()
+    quorum: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.quorum <= len(self.witnesses):
+            raise ValueError(
+                f"quorum {self.quorum} must be between 0 and the {len(self.witnesses)} witnesses"
+            )
+
+    def check(self, note: bytes, *, now: float | None = None) -> tuple[Checkpoint, list[str]]:
+        """The verified checkpoint and the witnesses that cosigned it.
+
+        Raises :class:`CheckpointError`/:class:`SignatureError` (the log's signature) or
+        :class:`~schemas.cosignature.QuorumError` (too few cosignatures).
+        """
+        cp, cosigs = open_cosigned_checkpoint(
+            note,
+            self.log,
+            self.witnesses,
+            quorum=self.quorum,
+            origin=self.log.name,
+            now=now,
+        )
+        return cp, [c.witness for c in cosigs]
+
+
 @dataclass(slots=True)
 class LogReport:
     """What ``cpi audit log`` checked, in order."""
@@ -91,6 +141,10 @@ class LogReport:
     checkpoint: Checkpoint | None = None
     alarm: str | None = None
     """``rollback`` or ``split_view`` when the log contradicted the stored checkpoint."""
+    evidence: list[tuple[str, bytes]] = field(default_factory=list)
+    """With an alarm: the two signed checkpoints that contradict each other, labelled
+    (``stored``: the one accepted before; ``served``: the one the log shows now)."""
+    cosigners: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -113,6 +167,11 @@ class LogReport:
                 "timestamp": cp.timestamp,
             },
             "checks": [{"what": w, "ok": ok, "detail": d} for w, ok, d in self.checks],
+            "cosigners": list(self.cosigners),
+            "evidence": [
+                {"role": role, "note": note.decode("utf-8", "replace")}
+                for role, note in self.evidence
+            ],
         }
 
 
@@ -130,11 +189,18 @@ class LogAuditor:
         verifier: NoteVerifier,
         *,
         state: bytes | None = None,
+        witnesses: Sequence[CosignerVerifier] = (),
+        quorum: int = 0,
+        gossip: Sequence[str] = (),
     ) -> None:
         self._http = session
         self._base = base_url.rstrip("/")
         self._verifier = verifier
         self._state = state
+        self._witnesses = list(witnesses)
+        self._quorum = quorum
+        self._gossip = list(gossip)
+        """Witness URLs whose latest cosigned checkpoint is compared with the served one."""
         self.new_state: bytes | None = None
 
     async def _get(self, path: str, params: Mapping[str, Any] | None = None) -> tuple[int, bytes]:
@@ -179,6 +245,23 @@ class LogAuditor:
             True,
             f"{new.origin} size {new.size} root {new.root_hash.hex()[:16]}...",
         )
+        if self._witnesses:
+            try:
+                cosigs = verify_cosignatures(Note.from_bytes(note), self._witnesses)
+            except (CheckpointError, SignatureError) as exc:
+                rep.add("witness cosignatures", False, str(exc))
+                return rep
+            rep.cosigners = [c.witness for c in cosigs]
+            names = ", ".join(rep.cosigners) or "none"
+            ok = len(cosigs) >= self._quorum
+            rep.add(
+                "witness cosignatures",
+                ok,
+                f"{len(cosigs)} of {len(self._witnesses)} witnesses cosigned ({names}); "
+                f"{self._quorum} required",
+            )
+            if not ok:
+                return rep
         old: Checkpoint | None = None
         if self._state is not None:
             old = open_checkpoint(self._state, self._verifier, origin=self._verifier.name)
@@ -194,14 +277,75 @@ class LogAuditor:
         except LogConsistencyError as exc:
             rep.alarm = exc.kind
             rep.add("consistent with the stored checkpoint", False, str(exc))
+            if self._state is not None:
+                rep.evidence = [("stored", self._state), ("served", note)]
             return rep
         except (_HTTPError, ProofError) as exc:
             rep.add("consistent with the stored checkpoint", False, str(exc))
+            return rep
+        for url in self._gossip:
+            await self._compare_with_witness(rep, url, new, note)
+        if rep.alarm is not None:
             return rep
         self.new_state = note
         if cpid is not None:
             await self._inclusion(rep, new, cpid, version)
         return rep
+
+    async def _compare_with_witness(
+        self, rep: LogReport, url: str, served: Checkpoint, note: bytes
+    ) -> None:
+        """Compare the served checkpoint with the latest one a witness cosigned.
+
+        Two checkpoints signed by the log key that no consistency proof links are a
+        split view, whoever holds them: the auditor needs no state of its own for this.
+        """
+        what = f"consistent with witness {url}"
+        base = url.rstrip("/")
+        try:
+            async with self._http.get(
+                base + "/v1/witness/checkpoint", params={"origin": served.origin}
+            ) as resp:
+                status, body = resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            rep.add(what, False, f"unreachable: {exc or type(exc).__name__}")
+            return
+        if status == 404:
+            rep.add(what, True, "the witness has cosigned nothing of this log yet")
+            return
+        if status != 200:
+            rep.add(what, False, f"answered {status}: {body[:200].decode('utf-8', 'replace')}")
+            return
+        try:
+            theirs = open_checkpoint(body, self._verifier, origin=self._verifier.name)
+        except (CheckpointError, SignatureError) as exc:
+            rep.add(what, False, f"its checkpoint is not signed by the log key: {exc}")
+            return
+        small, large = sorted([(theirs, body), (served, note)], key=lambda c: c[0].size)
+        proof: list[bytes] | None = None
+        try:
+            if 0 < small[0].size < large[0].size:
+                doc = await self._json(
+                    "/v1/log/proof/consistency",
+                    {"first": small[0].size, "second": large[0].size},
+                )
+                proof = _hashes(doc.get("proof", []), "consistency proof")
+            check_transition(small[0], large[0], proof)
+        except LogConsistencyError as exc:
+            rep.alarm = "split_view"
+            rep.add(
+                what,
+                False,
+                f"SPLIT VIEW: the witness cosigned size {theirs.size} (root "
+                f"{theirs.root_hash.hex()[:16]}...), the resolver serves size {served.size} (root "
+                f"{served.root_hash.hex()[:16]}...), and they are not consistent: {exc}",
+            )
+            rep.evidence = [("witness", body), ("served", note)]
+            return
+        except (_HTTPError, ProofError) as exc:
+            rep.add(what, False, f"cannot compare sizes {small[0].size} and {large[0].size}: {exc}")
+            return
+        rep.add(what, True, f"the witness holds size {theirs.size}: consistent")
 
     async def _inclusion(
         self, rep: LogReport, cp: Checkpoint, cpid: str, version: int | None
@@ -263,3 +407,36 @@ class LogAuditor:
 
 class _HTTPError(Exception):
     pass
+
+
+def policy_from_env(env: Mapping[str, str] | None = None) -> CheckpointPolicy | None:
+    """The resolver's checkpoint policy from its environment, or None.
+
+    Only when ``CPI_RESOLVER_LOG_WITNESSES`` names witnesses: then the log's key comes
+    from ``CPI_RESOLVER_LOG_VKEY`` (required) and ``CPI_RESOLVER_LOG_QUORUM`` (default:
+    all) cosignatures are required before the resolver serves a checkpoint.  Raises
+    :class:`CheckpointError` for an unreadable key or a bad quorum.
+    """
+    env = os.environ if env is None else env
+    specs = [s.strip() for s in env.get(ENV_LOG_WITNESSES, "").split(",") if s.strip()]
+    if not specs:
+        return None
+
+    def text(spec: str) -> str:
+        try:
+            return Path(spec).read_text(encoding="utf-8") if Path(spec).is_file() else spec
+        except OSError as exc:
+            raise CheckpointError(f"{spec}: cannot read: {exc.strerror}") from exc
+
+    logs = [s.strip() for s in env.get(ENV_LOG_VKEY, "").split(",") if s.strip()]
+    if not logs:
+        raise CheckpointError(f"{ENV_LOG_WITNESSES} needs {ENV_LOG_VKEY}: the log's verifier key")
+    witnesses = tuple(CosignerVerifier.from_vkey(text(s)) for s in specs)
+    raw = env.get(ENV_LOG_QUORUM, "").strip()
+    if raw and not raw.isdigit():
+        raise CheckpointError(f"{ENV_LOG_QUORUM}={raw!r} must be a number")
+    quorum = int(raw) if raw else len(witnesses)
+    try:
+        return CheckpointPolicy(NoteVerifier.from_vkey(text(logs[0])), witnesses, quorum)
+    except ValueError as exc:
+        raise CheckpointError(f"{ENV_LOG_QUORUM}: {exc}") from exc

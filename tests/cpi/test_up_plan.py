@@ -65,3 +65,21 @@ def test_a_data_dir_is_not_switched_between_one_member_and_a_cluster(tmp_path: P
         _etcd_children(five, _wanted_ports(five), data / "logs")
     with pytest.raises(SystemExit, match="must be 1 to"):
         _ports(UpOptions(data_dir=data, resolvers=0))
+
+
+def test_witness_ports_are_planned_only_when_asked_for() -> None:
+    base = _wanted_ports(UpOptions(data_dir=Path("x"), base_port=20000))
+    assert not any(k.startswith("witness") for k in base)
+    n = MAX_INSTANCES
+    big = _wanted_ports(
+        UpOptions(
+            data_dir=Path("x"),
+            base_port=20000,
+            etcd_members=n,
+            registries=n,
+            resolvers=n,
+            witnesses=n,
+        )
+    )
+    assert [big[f"witness_{i}"] for i in range(n)] == list(range(20040, 20040 + n))
+    assert len(set(big.values())) == len(big) == 6 + 6 * (n - 1) + n
