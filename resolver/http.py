@@ -34,11 +34,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
 import json
 import logging
 import time
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any, Final
 
 from aiohttp import web
@@ -47,11 +49,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from resolver.audit.log import add_log_routes
 from resolver.claims.http import BODY_TIMEOUT, add_claim_routes
 from resolver.config import ResolverConfig
-from resolver.core import Resolver
-from resolver.discovery import Query
+from resolver.core import DiscoveryResult, Resolver, ResolverSettings
+from resolver.discovery import LatencyTable, Query
 from resolver.dns.server import DnsServer
-from resolver.errors import NotReadyError, TooManyWatchesError, WatchCapacityError
+from resolver.errors import NotReadyError, QueryError, TooManyWatchesError, WatchCapacityError
 from resolver.events import Event, parse_cursor
+from resolver.federation import Federation, parse_fed_cursor, parse_roots
 from resolver.metrics import ResolverMetrics
 from resolver.observe import BUCKETS, REQUEST_ID, REQUEST_ID_HEADER, request_id, route_label
 from resolver.openapi import openapi_handler
@@ -74,7 +77,9 @@ __all__ = [
 _log = logging.getLogger("resolver.http")
 
 CONFIG = web.AppKey("config", ResolverConfig)
-RESOLVER = web.AppKey("resolver", Resolver)
+AnyResolver = Resolver | Federation
+"""One root's resolver, or a federation of roots (``anchor_bundle``, resolver.federation)."""
+RESOLVER: web.AppKey[AnyResolver] = web.AppKey("resolver")
 DNS = web.AppKey("dns", DnsServer)
 """The DNS front end, present when the config has a ``dns_port`` (its ``port`` once started)."""
 _METRICS = web.AppKey("metrics", ResolverMetrics)
@@ -201,7 +206,7 @@ async def _no_route(request: web.Request) -> web.Response:
 # -- handlers ---------------------------------------------------------------------------
 
 
-def _resource_handler(resolver: Resolver) -> Handler:
+def _resource_handler(resolver: AnyResolver) -> Handler:
     """``GET /v1/resources/{cpid}``, the hot path: a dictionary lookup and bytes rendered
     once per entry.  The resolver is bound here rather than looked up per request, and
     the error tree is answered here (no wrapper)."""
@@ -244,14 +249,41 @@ def _resource_handler(resolver: Resolver) -> Handler:
 def _query(request: web.Request, *, ignore: tuple[str, ...] = ()) -> Query:
     config = request.app[CONFIG]
     return Query.from_params(
-        [(k, v) for k, v in request.query.items() if k not in ignore],
+        [(k, v) for k, v in request.query.items() if k not in (*ignore, "roots")],
         default_limit=config.discover_default_limit,
         max_limit=config.discover_max_limit,
     )
 
 
+def _roots(request: web.Request) -> frozenset[str] | None:
+    """``roots=CN,SG`` (given at most once), or None."""
+    given = request.query.getall("roots", [])
+    if len(given) > 1:
+        raise QueryError("query parameter 'roots' is given more than once")
+    return parse_roots(given[0]) if given else None
+
+
+def discover_in_roots(
+    resolver: AnyResolver, query: Query, roots: frozenset[str] | None
+) -> DiscoveryResult:
+    """Discovery restricted to ``roots``; a single-root resolver runs one query per root
+    (``within=<root>``) and merges them by the ranking, as a federation does."""
+    if isinstance(resolver, Federation):
+        return resolver.discover(query, roots)
+    if roots is None:
+        return resolver.discover(query)
+    if query.within is not None:
+        if query.within.partition(".")[0] not in roots:
+            return DiscoveryResult([], resolver.revision, resolver.stale)
+        return resolver.discover(query)
+    parts = [resolver.discover(replace(query, within=r)) for r in sorted(roots)]
+    merged = heapq.merge(*(p.results for p in parts), key=lambda m: (-m.score, m.cpid))
+    return DiscoveryResult(list(merged)[: query.limit], resolver.revision, resolver.stale)
+
+
 async def get_discover(request: web.Request) -> web.Response:
-    result = request.app[RESOLVER].discover(_query(request))
+    query = _query(request)
+    result = discover_in_roots(request.app[RESOLVER], query, _roots(request))
     return _json(result.to_dict(), stale=result.stale)
 
 
@@ -286,8 +318,12 @@ async def get_watch(request: web.Request) -> web.StreamResponse:
     resolver = request.app[RESOLVER]
     config = request.app[CONFIG]
     query = _query(request, ignore=("since",))
+    roots = _roots(request)
     since_text = request.headers.get("Last-Event-ID") or request.query.get("since")
-    since = parse_cursor(since_text) if since_text else None
+    if isinstance(resolver, Federation):
+        fed_since = parse_fed_cursor(since_text) if since_text else None
+    else:
+        since = parse_cursor(since_text) if since_text else None
     if not resolver.ready:
         raise NotReadyError("the resolver has not finished listing the index yet")
     streams = request.app[_STREAMS]
@@ -321,7 +357,11 @@ async def get_watch(request: web.Request) -> web.StreamResponse:
     metrics = request.app[_METRICS]
     metrics.watchers.inc()
     loop = asyncio.get_running_loop()
-    events = aiter(resolver.watch(query, since=since, heartbeat=config.watch_heartbeat_s))
+    heartbeat = config.watch_heartbeat_s
+    if isinstance(resolver, Federation):
+        events = aiter(resolver.watch(query, since=fed_since, heartbeat=heartbeat, roots=roots))
+    else:
+        events = aiter(_in_roots(resolver.watch(query, since=since, heartbeat=heartbeat), roots))
     pending: asyncio.Future[Event] | None = None
     check_s = min(1.0, config.watch_ping_s)
 
@@ -379,6 +419,15 @@ async def get_watch(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def _in_roots(
+    events: AsyncIterator[Event], roots: frozenset[str] | None
+) -> AsyncIterator[Event]:
+    """The events of ``events`` whose CPID is under one of ``roots`` (control events too)."""
+    async for ev in events:
+        if roots is None or not ev.cpid or ev.cpid[:2] in roots:
+            yield ev
+
+
 async def healthz(request: web.Request) -> web.Response:
     return _json({"status": "ok"})
 
@@ -393,6 +442,8 @@ async def readyz(request: web.Request) -> web.Response:
         if health["listed"]
         else "first listing of the index not done yet"
     )
+    if health.get("not_ready"):
+        why = f"not ready: {', '.join(health['not_ready'])} ({why} for those; the others serve)"
     health["error"] = {"code": "not_ready", "message": why}
     return _json(health, status=503, stale=health["stale"])
 
@@ -437,8 +488,22 @@ async def _end_streams(app: web.Application) -> None:
             await task
 
 
+def federation_from_config(
+    config: ResolverConfig, *, metrics: ResolverMetrics | None = None
+) -> Federation:
+    """The federation of ``config.anchor_bundle``'s roots (the bundle checked first)."""
+    assert config.anchor_bundle is not None
+    latency = LatencyTable.from_file(config.latency_table_path())
+    return Federation.from_bundle(
+        config.anchor_bundle,
+        latency=latency,
+        settings=ResolverSettings.from_config(config),
+        metrics=metrics,
+    )
+
+
 def create_app(
-    config: ResolverConfig, *, resolver: Resolver | None = None, primary: bool = True
+    config: ResolverConfig, *, resolver: AnyResolver | None = None, primary: bool = True
 ) -> web.Application:
     """The resolver app for ``config``.
 
@@ -450,7 +515,13 @@ def create_app(
     neither the DNS front end nor the claims reconciler: one process of the group does.
     """
     app = web.Application()
-    r = resolver or Resolver.from_config(config)
+    r: AnyResolver
+    if resolver is not None:
+        r = resolver
+    elif config.anchor_bundle is not None:
+        r = federation_from_config(config)
+    else:
+        r = Resolver.from_config(config)
     app[CONFIG] = config
     app[RESOLVER] = r
     app[_METRICS] = r.metrics
@@ -485,7 +556,8 @@ def create_app(
     # their handlers answer the error tree themselves
     add_log_routes(app, index=lambda a: a[RESOLVER].index)
     app[BODY_TIMEOUT] = config.body_timeout_s
-    add_claim_routes(app, resolver=r, reconcile=primary)
+    # claims live in the home root's index (a federation's first root with its own anchor)
+    add_claim_routes(app, resolver=r.home if isinstance(r, Federation) else r, reconcile=primary)
     add_ui_routes(app, config)  # the web console at /ui/, /v1/anchor (docs/console.md)
     # last: unknown routes, newlines in the path included
     app.router.add_route("*", "/{path:(?s:.*)}", _no_route, name="other")

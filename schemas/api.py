@@ -180,6 +180,12 @@ class ResolverReady(_Wire):
     ready_after_s: float | None
     etcd_error: str | SkipJsonSchema[None] = None
     error: ErrorDetail | SkipJsonSchema[None] = None
+    roots: dict[str, dict[str, Any]] | SkipJsonSchema[None] = Field(
+        None, description="a federated resolver: each index cluster (member) by name"
+    )
+    not_ready: list[str] | SkipJsonSchema[None] = Field(
+        None, description="a federated resolver: the members that are not ready"
+    )
 
 
 class ClaimQuery(_Wire):
