@@ -447,16 +447,13 @@ class Federation:
     ) -> Federation:
         return cls(load_bundle(path), latency=latency, settings=settings, metrics=metrics)
 
-    def _new_resolver(
-        self, m: Member, anchor: Anchor, permitted: tuple[str, ...] | None = None
-    ) -> Resolver:
+    def _new_resolver(self, m: Member, anchor: Anchor) -> Resolver:
         s = self.settings
         if s.snapshot_dir is not None:
             s = replace(s, snapshot_dir=s.snapshot_dir / m.name)
-        constraints = None if permitted is None else {anchor.kid: permitted}
         return Resolver(
             index=m.spec.etcd.open_index(**self._index_options),
-            anchors=TrustAnchors([anchor], constraints=constraints),
+            anchors=TrustAnchors([anchor]),
             latency=self.latency,
             settings=s,
             own_index=True,
@@ -613,16 +610,16 @@ class Federation:
             return
         for m in members:
             same_key = m.endorsement is not None and m.endorsement.public_key == doc.public_key
-            same = (
-                same_key and m.endorsement is not None and m.endorsement.permitted == doc.permitted
-            )
+            # a renewed or re-scoped endorsement of the same key only moves the gate (the
+            # window and the permitted names are checked by the federation on every
+            # answer); a new key needs a replica verified under it
             m.endorsement, m.endorsement_error = doc, ""
-            if m.resolver is not None and same:
+            if m.resolver is not None and same_key:
                 continue
             if m.resolver is not None:
                 await self._stop_member(m)
             anchor = Anchor(subject=root, public_key=doc.public_key)
-            m.resolver = self._new_resolver(m, anchor, tuple(doc.permitted))
+            m.resolver = self._new_resolver(m, anchor)
             for cb in self._listeners:
                 m.resolver.add_listener(cb)
             self._start_member(m)
@@ -768,7 +765,7 @@ class Federation:
         for m in self._serving():
             if m.resolver is not None and m.resolver.ready:
                 for e in m.resolver.entries():
-                    if m.serves(e.namespace):
+                    if self._route(e.namespace) is m:
                         yield e
 
     def namespaces(self) -> list[NamespaceInfo]:
@@ -801,7 +798,7 @@ class Federation:
         for m in ready:
             assert m.resolver is not None
             res = m.resolver.discover(query)
-            lists.append([x for x in res.results if m.serves(x.entry.namespace)])
+            lists.append([x for x in res.results if self._route(x.entry.namespace) is m])
             revision += res.revision
             stale = stale or res.stale
         merged = list(heapq.merge(*lists, key=lambda x: (-x.score, x.cpid)))[: query.limit]
@@ -928,7 +925,7 @@ class Federation:
                 if ev.type == "relist" or ev.final:
                     pos[name] = ev.cursor
                 m = self._member(name)
-                if ev.cpid and (m is None or not m.serves(ev.cpid.partition("/")[0])):
+                if ev.cpid and (m is None or self._route(ev.cpid.partition("/")[0]) is not m):
                     continue
                 yield _fed(ev, fid(), name)
         finally:
