@@ -476,8 +476,16 @@ class Federation:
     async def start(self) -> None:
         if self._tasks:
             return
-        for m in self.members:
-            if m.resolver is not None:
+        # connect every member now (the claims and log routes use the home index at once);
+        # a member whose etcd is down keeps trying in the background, the others serve
+        starting = [m for m in self.members if m.resolver is not None]
+        outcomes = await asyncio.gather(
+            *(m.resolver.start() for m in starting if m.resolver is not None),
+            return_exceptions=True,
+        )
+        for m, outcome in zip(starting, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                m.start_error = str(outcome) or type(outcome).__name__
                 self._start_member(m)
         for root, ms in self._by_root.items():
             endorser = ms[0].spec.endorsed_by

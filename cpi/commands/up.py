@@ -69,6 +69,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="N",
         help="resolvers, each on its own HTTP and DNS ports (default: 1)",
     )
+    p.add_argument(
+        "--roots",
+        type=int,
+        default=1,
+        metavar="N",
+        help="2: also run a second root (SG) with its own etcd, registry and log signer; "
+        "the resolvers serve both through an anchor bundle (docs/resolver.md, Federation)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -103,5 +111,6 @@ def run(args: argparse.Namespace) -> int:
             etcd_members=args.etcd_members,
             registries=args.registries,
             resolvers=args.resolvers,
+            roots=args.roots,
         )
     )
