@@ -21,7 +21,7 @@ from registry import ca
 from registry.index import Index, Keys, Op
 from resolver.config import EtcdSettings
 from resolver.discovery import LatencyTable, Query
-from resolver.errors import ConfigError, QueryError
+from resolver.errors import ConfigError, NotReadyError, QueryError
 from resolver.federation import (
     Federation,
     MemberSpec,
@@ -124,6 +124,13 @@ def sg() -> RootPki:
 async def sg_index(etcd_private: EtcdProcess) -> AsyncIterator[Index]:
     async with Index(endpoints=[etcd_private.endpoint], timeout=3.0) as idx:
         yield idx
+
+
+def served(f: Federation, cpid: str) -> bool:
+    try:
+        return f.get(cpid) is not None
+    except NotReadyError:
+        return False
 
 
 def federation(specs: list[MemberSpec]) -> Federation:
@@ -602,3 +609,52 @@ def test_config_takes_a_bundle_or_anchors(tmp_path: Path, pki: Pki) -> None:
         load_config(data={"anchor_bundle": str(path), "anchor_files": [str(path)]})
     with pytest.raises(ConfigError, match="anchor_files"):
         load_config(data={})
+
+
+async def test_cpi_endorse_sign_publish_withdraw(
+    index: Index,
+    pki: Pki,
+    sg: RootPki,
+    sg_index: Index,
+    etcd_server: EtcdProcess,
+    etcd_private: EtcdProcess,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The CLI path an operator takes: sign offline, publish, withdraw; the resolver follows."""
+    from cpi.main import main
+    from registry import keyfile
+
+    await pki.publish(index)
+    await sg.publish(sg_index)
+    node = Node(namespace="SG.01")
+    await sg.put(sg_index, node)
+    cn_key = tmp_path / "cn.key"
+    keyfile.write_private(cn_key, pki.root)
+    (tmp_path / "cn.json").write_bytes(pki.anchor.to_json())
+    (tmp_path / "sg.json").write_bytes(sg.anchor.to_json())
+    argv = ["endorse", "sign", "--key", str(cn_key), "--issuer", "CN"]
+    assert main([*argv, "--subject-anchor", str(tmp_path / "sg.json"), "--days", "7"]) == 0
+    signed = tmp_path / "endorse.json"
+    signed.write_text(capsys.readouterr().out)
+    # an endorsement that does not verify against the given anchor is not published
+    etcd = ["--etcd", etcd_server.endpoint]
+    assert main(["endorse", "publish", str(signed), "--anchor", str(tmp_path / "sg.json"), *etcd])
+    assert await index.get(endorse_key("SG")) is None
+    capsys.readouterr()
+    f = federation(
+        [
+            spec("CN", "CN", etcd_server.endpoint, pki.anchor),
+            spec("SG", "SG", etcd_private.endpoint, None, endorsed_by="CN"),
+        ]
+    )
+    async with f:
+        await until(lambda: f.home.ready, what="CN listed")
+        publish = ["endorse", "publish", str(signed), "--anchor", str(tmp_path / "cn.json")]
+        assert await asyncio.to_thread(main, [*publish, *etcd]) == 0
+        assert json.loads(capsys.readouterr().out)["subject"] == "SG"
+        await until(lambda: served(f, node.cpid), what="SG served")
+        assert await asyncio.to_thread(main, ["endorse", "withdraw", "SG", *etcd]) == 0
+        await until(lambda: not f.members[1].active(time.time()), within=2, what="withdrawn")
+        with pytest.raises(NotFoundError, match="not trusted now"):
+            f.resolve(node.cpid)
