@@ -344,6 +344,8 @@ class Member:
     spec: MemberSpec
     resolver: Resolver | None = None
     endorsement: Endorsement | None = None
+    envelope: Envelope | None = None
+    """The endorsement as stored (served at ``/v1/endorsements``)."""
     endorsement_error: str = ""
     start_error: str = ""
     task: asyncio.Task[None] | None = None
@@ -594,12 +596,14 @@ class Federation:
 
     async def _apply(self, root: str, anchors: TrustAnchors, value: bytes | None) -> None:
         doc: Endorsement | None = None
+        env: Envelope | None = None
         error = ""
         if value is None:
             error = "no endorsement published"
         else:
             try:
-                doc = verify_endorsement(Envelope.from_json(value), anchors=anchors)
+                env = Envelope.from_json(value)
+                doc = verify_endorsement(env, anchors=anchors)
                 if doc.subject != root:
                     raise InvalidDataError(f"endorsement is for {doc.subject}, not {root}")
             except InvalidDataError as exc:
@@ -609,7 +613,7 @@ class Federation:
         if doc is None:
             was = any(m.resolver is not None for m in members)
             for m in members:
-                m.endorsement, m.endorsement_error = None, error
+                m.endorsement, m.envelope, m.endorsement_error = None, None, error
             if was:
                 self.revocations.append((root, time.monotonic()))
                 self._membership_changed()
@@ -621,7 +625,7 @@ class Federation:
             # a renewed or re-scoped endorsement of the same key only moves the gate (the
             # window and the permitted names are checked by the federation on every
             # answer); a new key needs a replica verified under it
-            m.endorsement, m.endorsement_error = doc, ""
+            m.endorsement, m.envelope, m.endorsement_error = doc, env, ""
             if m.resolver is not None and same_key:
                 continue
             if m.resolver is not None:
@@ -729,6 +733,22 @@ class Federation:
         if not_ready:
             out["not_ready"] = not_ready
         return out
+
+    def endorsements(self) -> list[dict[str, Any]]:
+        """``/v1/endorsements``: each endorsed root trusted now, its endorser and envelope."""
+        now = time.time()
+        out: dict[str, dict[str, Any]] = {}
+        for m in self.members:
+            if m.envelope is not None and m.spec.endorsed_by and m.active(now):
+                out.setdefault(
+                    m.root,
+                    {
+                        "root": m.root,
+                        "endorsed_by": m.spec.endorsed_by,
+                        "envelope": m.envelope.to_dict(),
+                    },
+                )
+        return list(out.values())
 
     # -- lookups ------------------------------------------------------------------------
 

@@ -428,6 +428,12 @@ async def _in_roots(
             yield ev
 
 
+async def get_endorsements(request: web.Request) -> web.Response:
+    """``GET /v1/endorsements`` (docs/protocol.md §10): empty on a single-root resolver."""
+    r = request.app[RESOLVER]
+    return _json({"endorsements": r.endorsements() if isinstance(r, Federation) else []})
+
+
 async def healthz(request: web.Request) -> web.Response:
     return _json({"status": "ok"})
 
@@ -548,6 +554,7 @@ def create_app(
     app.router.add_get("/v1/resources/{cpid:(?s:.+)}", _resource_handler(r), name="resource")
     app.router.add_get("/v1/discover", json_errors(get_discover), name="discover")
     app.router.add_get("/v1/watch", json_errors(get_watch), name="watch")
+    app.router.add_get("/v1/endorsements", json_errors(get_endorsements), name="endorsements")
     app.router.add_get("/healthz", json_errors(healthz), name="healthz")
     app.router.add_get("/readyz", json_errors(readyz), name="readyz")
     app.router.add_get("/metrics", json_errors(get_metrics), name="metrics")

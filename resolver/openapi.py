@@ -239,6 +239,14 @@ OPERATIONS: Final[dict[tuple[str, str], Operation]] = {
         errors=(404,),
         tags=("console",),
     ),
+    ("GET", "/v1/endorsements"): Operation(
+        summary="The endorsements of other roots this resolver serves under now",
+        description="a federated resolver (docs/protocol.md §10): each endorsed root, its "
+        "endorser and the endorsement.v1 envelope, so a client holding only the endorser's "
+        "anchor can verify that root's records (cpi verify --endorsement); empty otherwise",
+        replies={200: Reply("the endorsements", api.EndorsementList)},
+        tags=("lookup",),
+    ),
     ("GET", "/v1/anchor"): Operation(
         summary="The trust anchors this resolver verifies against, and the log's verifier keys",
         replies={

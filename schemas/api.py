@@ -87,6 +87,18 @@ class Envelope(_Wire):
     signatures: list[Signature] = Field(min_length=1)
 
 
+class EndorsementView(_Wire):
+    root: str = Field(description="the endorsed root, e.g. SG")
+    endorsed_by: str = Field(description="the root whose anchor signed it, e.g. CN")
+    envelope: Envelope = Field(description="the endorsement.v1 envelope as stored")
+
+
+class EndorsementList(_Wire):
+    """``GET /v1/endorsements``: the endorsements a federated resolver serves under now."""
+
+    endorsements: list[EndorsementView]
+
+
 class Health(_Wire):
     status: Literal["ok"]
 

@@ -33,6 +33,7 @@ from resolver.federation import (
 )
 from resolver.http import create_app
 from schemas import keys
+from schemas.chain import TrustAnchors, endorsed_anchors, verify_record
 from schemas.dsse import Envelope
 from schemas.endorsement import Endorsement
 from schemas.errors import NotFoundError
@@ -351,6 +352,19 @@ async def test_endorsement_added_and_revoked_live(
 
     await until(served, what="SG served once endorsed")
     assert (await client.get("/readyz")).status == 200
+    # what the resolver serves lets a client holding only CN's anchor verify SG's record
+    listed = (await (await client.get("/v1/endorsements")).json())["endorsements"]
+    assert [(e["root"], e["endorsed_by"]) for e in listed] == [("SG", "CN")]
+    body = await (await client.get(url)).json()
+    anchors = endorsed_anchors(
+        TrustAnchors([pki.anchor]), [Envelope.from_dict(listed[0]["envelope"])]
+    )
+    result = verify_record(
+        Envelope.from_dict(body["record"]),
+        [Envelope.from_dict(c) for c in body["chain"]],
+        anchors=anchors,
+    )
+    assert result.ok, result.reason
     # revoke: delete the endorsement; time from the delete to the last 200 served
     last_ok = 0.0
     stop = asyncio.Event()
@@ -376,6 +390,7 @@ async def test_endorsement_added_and_revoked_live(
     assert gap < 1.0
     resp = await client.get(url)
     assert resp.status == 404
+    assert (await (await client.get("/v1/endorsements")).json())["endorsements"] == []
     disc = await (await client.get("/v1/discover?within=SG")).json()
     assert disc["results"] == []
     ready = await (await client.get("/readyz")).json()
