@@ -89,6 +89,7 @@ MAX_INDEXES: Final = 16
 MAX_PREFIXES: Final = 64
 _NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _RETRY_MAX_S: Final = 2.0
+_CLOSE_TIMEOUT_S: Final = 10.0
 
 
 def endorse_key(root: str) -> str:
@@ -433,6 +434,7 @@ class Federation:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._closed_event = asyncio.Event()
+        self._closing_tasks: set[asyncio.Task[None]] = set()
         self.revocations: list[tuple[str, float]] = []
         """(root, time.monotonic()) of each endorsement withdrawn: for measurements."""
         for m in static:
@@ -515,17 +517,41 @@ class Federation:
 
         m.task = asyncio.create_task(run(), name=f"member-{m.name}")
 
-    async def _stop_member(self, m: Member) -> None:
+    def _retire(self, m: Member) -> None:
+        """Stop serving ``m`` now; close its resolver in the background (bounded).
+
+        The gate is what stops a withdrawn root's records (``m.resolver`` is None from
+        here on); closing the replica, its watch and its etcd connection is clean-up, so
+        the endorsement follower never waits on it."""
         r, m.resolver = m.resolver, None
         task, m.task = m.task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if r is not None:
-            m.generation_base += r.generation + 1
-            with contextlib.suppress(Exception):
+        if r is None:
+            return
+        m.generation_base += r.generation + 1
+        r.end_watches()
+        closing = asyncio.create_task(self._close_resolver(m.name, r, task))
+        self._closing_tasks.add(closing)
+        closing.add_done_callback(self._closing_tasks.discard)
+
+    async def _close_resolver(
+        self, name: str, r: Resolver, starter: asyncio.Task[None] | None
+    ) -> None:
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+                if starter is not None:
+                    await asyncio.wait({starter})
                 await r.close()
+        except TimeoutError:
+            _log.warning("index %s: closing its resolver took over %g s", name, _CLOSE_TIMEOUT_S)
+        except Exception as exc:
+            _log.warning("index %s: closing its resolver failed: %s", name, exc)
+
+    async def _drain(self) -> None:
+        pending = set(self._closing_tasks)
+        if pending:
+            await asyncio.wait(pending)
 
     async def wait_ready(self) -> None:
         """Wait until every member that has a resolver has done its first listing."""
@@ -542,11 +568,11 @@ class Federation:
         tasks, self._tasks = self._tasks, []
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        if tasks:
+            await asyncio.wait(tasks)  # never swallows a cancellation of close() itself
         for m in self.members:
-            await self._stop_member(m)
+            self._retire(m)
+        await self._drain()
 
     def end_watches(self) -> None:
         self._closing = True
@@ -618,7 +644,7 @@ class Federation:
                 self.revocations.append((root, time.monotonic()))
                 self._membership_changed()
                 for m in members:
-                    await self._stop_member(m)
+                    self._retire(m)
             return
         for m in members:
             same_key = m.endorsement is not None and m.endorsement.public_key == doc.public_key
@@ -629,7 +655,7 @@ class Federation:
             if m.resolver is not None and same_key:
                 continue
             if m.resolver is not None:
-                await self._stop_member(m)
+                self._retire(m)
             anchor = Anchor(subject=root, public_key=doc.public_key)
             m.resolver = self._new_resolver(m, anchor)
             for cb in self._listeners:

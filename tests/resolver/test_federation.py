@@ -673,3 +673,47 @@ async def test_cpi_endorse_sign_publish_withdraw(
         await until(lambda: not f.members[1].active(time.time()), within=2, what="withdrawn")
         with pytest.raises(NotFoundError, match="not trusted now"):
             f.resolve(node.cpid)
+
+
+async def test_watch_says_relist_when_a_root_is_withdrawn(
+    index: Index,
+    pki: Pki,
+    sg: RootPki,
+    sg_index: Index,
+    etcd_server: EtcdProcess,
+    etcd_private: EtcdProcess,
+) -> None:
+    await pki.publish(index)
+    await sg.publish(sg_index)
+    await index.put(endorse_key("SG"), endorsement(pki, sg).to_json())
+    f = federation(
+        [
+            spec("CN", "CN", etcd_server.endpoint, pki.anchor),
+            spec("SG", "SG", etcd_private.endpoint, None, endorsed_by="CN"),
+        ]
+    )
+    async with f:
+        await until(lambda: f.ready and f.members[1].active(time.time()), what="both ready")
+        events = aiter(f.watch(heartbeat=0.2))
+        seen: list[Any] = []
+
+        async def until_event(pred: Any) -> Any:
+            async with asyncio.timeout(10):
+                while True:
+                    ev = await anext(events)
+                    seen.append(ev)
+                    if pred(ev):
+                        return ev
+
+        # the stream starts now: once both members have said where they are
+        await until_event(lambda e: e.type == "progress" and len(parse_fed_cursor(e.id)) == 2)
+        node = Node(namespace="SG.01")
+        await sg.put(sg_index, node)
+        put = await until_event(lambda e: e.type == "put")
+        assert put.cpid == node.cpid and put.to_dict()["root"] == "SG"
+        assert set(parse_fed_cursor(put.id)) == {"CN", "SG"}
+        await index.delete(endorse_key("SG"))
+        relist = await until_event(lambda e: e.type == "relist")
+        assert "trusted roots changed" in relist.reason
+        assert set(parse_fed_cursor(relist.id)) == {"CN"}
+        await events.aclose()  # type: ignore[attr-defined]
