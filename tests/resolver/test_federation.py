@@ -717,3 +717,31 @@ async def test_watch_says_relist_when_a_root_is_withdrawn(
         assert "trusted roots changed" in relist.reason
         assert set(parse_fed_cursor(relist.id)) == {"CN"}
         await events.aclose()  # type: ignore[attr-defined]
+
+
+async def test_dns_answers_for_both_roots(
+    fed: Federation, index: Index, pki: Pki, sg: RootPki, sg_index: Index
+) -> None:
+    import dns.message
+    import dns.rcode
+
+    from resolver.dns.answerer import DnsAnswerer
+    from schemas.cpid import parse as parse_cpid
+
+    cn_node, sg_node = Node(), Node(namespace="SG.01")
+    await put_record(index, pki, cn_node)
+    await sg.put(sg_index, sg_node)
+    await until(lambda: fed.get(cn_node.cpid) and fed.get(sg_node.cpid), what="both roots")
+    answerer = DnsAnswerer(fed, zone="cpi.")
+    try:
+        for node in (cn_node, sg_node):
+            q = dns.message.make_query(parse_cpid(node.cpid).to_dns("cpi."), "TXT")
+            resp = dns.message.from_wire(answerer.answer(q.to_wire()) or b"")
+            assert resp.rcode() == dns.rcode.NOERROR and resp.answer, node.cpid
+        forged = Node(namespace="SG.01")  # an SG record only in CN's index: not answered
+        await sg.put(index, forged)
+        q = dns.message.make_query(parse_cpid(forged.cpid).to_dns("cpi."), "TXT")
+        resp = dns.message.from_wire(answerer.answer(q.to_wire()) or b"")
+        assert not resp.answer
+    finally:
+        answerer.close()
