@@ -389,7 +389,7 @@ class Member:
 
 @dataclass(slots=True)
 class _Stream:
-    member: str
+    member: Member
     task: asyncio.Task[None]
 
 
@@ -412,7 +412,15 @@ class Federation:
         metrics: ResolverMetrics | None = None,
         index_options: dict[str, Any] | None = None,
         endorsement_retry_s: float = 0.5,
+        bundle_poll_s: float = 1.0,
     ) -> None:
+        self.bundle_path: Path | None = None
+        """The bundle file, watched for changes (set by :meth:`from_bundle`)."""
+        self._bundle_stamp: tuple[int, int] | None = None
+        self._bundle_poll = bundle_poll_s
+        self.bundle_error = ""
+        """Why the last change of the bundle file was not applied ("" when it was)."""
+        self._started = False
         self.settings = settings or ResolverSettings()
         self.latency = latency or LatencyTable()
         self.metrics = metrics or ResolverMetrics()
@@ -435,6 +443,7 @@ class Federation:
         self._closing = False
         self._closed_event = asyncio.Event()
         self._closing_tasks: set[asyncio.Task[None]] = set()
+        self._bundle_task: asyncio.Task[None] | None = None
         self.revocations: list[tuple[str, float]] = []
         """(root, time.monotonic()) of each endorsement withdrawn: for measurements."""
         for m in static:
@@ -449,7 +458,10 @@ class Federation:
         settings: ResolverSettings | None = None,
         metrics: ResolverMetrics | None = None,
     ) -> Federation:
-        return cls(load_bundle(path), latency=latency, settings=settings, metrics=metrics)
+        f = cls(load_bundle(path), latency=latency, settings=settings, metrics=metrics)
+        f.bundle_path = Path(path)
+        f._bundle_stamp = _stamp(f.bundle_path)
+        return f
 
     def _new_resolver(self, m: Member, anchor: Anchor) -> Resolver:
         s = self.settings
@@ -478,8 +490,9 @@ class Federation:
         return self.home.index
 
     async def start(self) -> None:
-        if self._tasks:
+        if self._started:
             return
+        self._started = True
         # connect every member now (the claims and log routes use the home index at once);
         # a member whose etcd is down keeps trying in the background, the others serve
         starting = [m for m in self.members if m.resolver is not None]
@@ -491,12 +504,84 @@ class Federation:
             if isinstance(outcome, BaseException):
                 m.start_error = str(outcome) or type(outcome).__name__
                 self._start_member(m)
+        self._start_followers()
+        if self.bundle_path is not None:
+            self._bundle_task = asyncio.create_task(self._watch_bundle(), name="bundle")
+
+    def _start_followers(self) -> None:
         for root, ms in self._by_root.items():
             endorser = ms[0].spec.endorsed_by
             if endorser is not None:
                 self._tasks.append(
                     asyncio.create_task(self._follow(root, endorser), name=f"endorse-{root}")
                 )
+
+    # -- the bundle file, live ----------------------------------------------------------
+
+    async def _watch_bundle(self) -> None:
+        """Apply the bundle file again whenever it changes (checked every poll interval)."""
+        assert self.bundle_path is not None
+        while not self._closing:
+            await asyncio.sleep(self._bundle_poll)
+            stamp = _stamp(self.bundle_path)
+            if stamp == self._bundle_stamp:
+                continue
+            self._bundle_stamp = stamp
+            try:
+                specs = load_bundle(self.bundle_path)
+                await self.reconfigure(specs)
+            except ConfigError as exc:
+                self.bundle_error = str(exc)
+                _log.error("anchor bundle not applied, the previous one stays: %s", exc)
+                continue
+            self.bundle_error = ""
+            _log.info("anchor bundle %s applied: %s", self.bundle_path, self._describe())
+
+    def _describe(self) -> str:
+        return ", ".join(f"{m.name} ({m.root} {'/'.join(m.spec.prefixes)})" for m in self.members)
+
+    async def reconfigure(self, specs: Iterable[MemberSpec]) -> None:
+        """Serve ``specs`` from now on: members whose spec is unchanged keep running;
+        changed or removed ones are retired (at once), new ones started.
+
+        The home member (claims, log routes) must stay as it is: a bundle that changes
+        or removes it is refused (ConfigError; that needs a restart)."""
+        new = list(specs)
+        static = [s for s in new if s.endorsed_by is None]
+        if not static or static[0] != self.home_member.spec:
+            raise ConfigError(
+                f"the first root with its own anchor ({self.home_member.name}) carries claims "
+                "and the log routes and must stay unchanged and first; restart to change it"
+            )
+        old = {m.name: m for m in self.members}
+        keep = {s.name for s in new if s.name in old and old[s.name].spec == s}
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        for name, m in old.items():
+            if name not in keep:
+                self._retire(m)
+        members: list[Member] = []
+        for spec_ in new:
+            if spec_.name in keep:
+                members.append(old[spec_.name])
+                continue
+            m = Member(spec_)
+            if spec_.endorsed_by is None:
+                assert spec_.anchor is not None
+                m.resolver = self._new_resolver(m, spec_.anchor)
+                for cb in self._listeners:
+                    m.resolver.add_listener(cb)
+                self._start_member(m)
+            members.append(m)
+        self.members = members
+        self._by_root = {}
+        for m in members:
+            self._by_root.setdefault(m.root, []).append(m)
+        self._start_followers()  # they re-read each endorsement (same key: no re-listing)
+        self._membership_changed()
 
     def _start_member(self, m: Member) -> None:
         r = m.resolver
@@ -566,6 +651,9 @@ class Federation:
         self._closed_event.set()
         self._changed.set()
         tasks, self._tasks = self._tasks, []
+        if self._bundle_task is not None:
+            tasks.append(self._bundle_task)
+            self._bundle_task = None
         for t in tasks:
             t.cancel()
         if tasks:
@@ -756,6 +844,8 @@ class Federation:
         out["stale"] = stale
         out["revision"] = self.revision
         out["roots"] = roots
+        if self.bundle_error:
+            out["bundle_error"] = self.bundle_error
         if not_ready:
             out["not_ready"] = not_ready
         return out
@@ -915,7 +1005,7 @@ class Federation:
             fresh: set[str] = set()
             wanted = {m.name: m for m in self._targets(query, roots)}
             for name in list(streams):
-                if name not in wanted:
+                if wanted.get(name) is not streams[name].member:  # gone, or rebuilt
                     streams.pop(name).task.cancel()
                     pos.pop(name, None)
             for name, m in wanted.items():
@@ -924,7 +1014,7 @@ class Federation:
                 start = None if since is None or not resuming else since.get(name)
                 if resuming and start is None:
                     fresh.add(name)
-                streams[name] = _Stream(name, asyncio.create_task(pump(m, start)))
+                streams[name] = _Stream(m, asyncio.create_task(pump(m, start)))
             return fresh
 
         changed = self._changed
@@ -991,6 +1081,15 @@ class Federation:
 
     def _member(self, name: str) -> Member | None:
         return next((x for x in self.members if x.name == name), None)
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """(mtime in ns, size) of ``path``, None when it cannot be read."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def _fed(ev: Event, fid: str, member: str) -> FedEvent:

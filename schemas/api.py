@@ -198,6 +198,9 @@ class ResolverReady(_Wire):
     not_ready: list[str] | SkipJsonSchema[None] = Field(
         None, description="a federated resolver: the members that are not ready"
     )
+    bundle_error: str | SkipJsonSchema[None] = Field(
+        None, description="a federated resolver: why the last bundle file change was refused"
+    )
 
 
 class ClaimQuery(_Wire):

@@ -745,3 +745,49 @@ async def test_dns_answers_for_both_roots(
         assert not resp.answer
     finally:
         answerer.close()
+
+
+async def test_bundle_file_changes_apply_live(
+    index: Index,
+    pki: Pki,
+    sg: RootPki,
+    sg_index: Index,
+    etcd_server: EtcdProcess,
+    etcd_private: EtcdProcess,
+    tmp_path: Path,
+) -> None:
+    """Roots added to and removed from the bundle file are served / dropped, no restart;
+    a broken file changes nothing and says why."""
+    await pki.publish(index)
+    await sg.publish(sg_index)
+    cn_node, sg_node = Node(), Node(namespace="SG.01")
+    await put_record(index, pki, cn_node)
+    await sg.put(sg_index, sg_node)
+
+    def root(name: str, anchor: Anchor, endpoint: str) -> dict[str, Any]:
+        return {
+            "root": name,
+            "anchor": json.loads(anchor.to_json()),
+            "indexes": [{"etcd": {"endpoints": [endpoint], "timeout_s": 2.0}}],
+        }
+
+    cn = root("CN", pki.anchor, etcd_server.endpoint)
+    path = _bundle(tmp_path, [cn])
+    f = Federation.from_bundle(path, latency=LatencyTable.from_file(LATENCY), settings=FAST)
+    f._bundle_poll = 0.05
+    async with f:
+        await until(lambda: served(f, cn_node.cpid), what="CN")
+        assert not served(f, sg_node.cpid)
+        _bundle(tmp_path, [cn, root("SG", sg.anchor, etcd_private.endpoint)])
+        await until(lambda: served(f, sg_node.cpid), what="SG added live")
+        assert served(f, cn_node.cpid) and f.members[0].resolver is f.home
+        path.write_text("{")
+        await until(lambda: "not valid JSON" in f.bundle_error, what="broken bundle refused")
+        assert served(f, sg_node.cpid) and f.health()["bundle_error"]
+        other = ca.make_anchor("CN", keys.generate())
+        _bundle(tmp_path, [root("CN", other, etcd_server.endpoint)])  # the home root changed
+        await until(lambda: "must stay unchanged" in f.bundle_error, what="home change refused")
+        _bundle(tmp_path, [cn])
+        await until(lambda: not served(f, sg_node.cpid), what="SG removed live")
+        assert f.bundle_error == "" and [m.name for m in f.members] == ["CN"]
+        assert served(f, cn_node.cpid)
