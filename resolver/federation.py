@@ -22,7 +22,9 @@ found in ``CN``'s index chains to no anchor there and is refused, and a cert fro
   ``<member>:<revision>[.<n>]`` joined by ``,`` (see :func:`parse_fed_cursor`);
 * follows each endorsement with an etcd watch: a new key starts a member for the
   endorsed root, a deleted, replaced-by-invalid or expired endorsement stops serving
-  it at once (lookups check the endorsement's window on every call).
+  it at once (lookups check the endorsement's window on every call);
+* watches the bundle file (built with :meth:`Federation.from_bundle`) and applies a
+  changed one live (:meth:`Federation.reconfigure`).
 
 Everything a member serves has been verified by that member; the federation adds only
 routing and the endorsement gate.

@@ -11,8 +11,14 @@ Routes (all ``GET``):
 * ``/v1/watch?<same filters>`` -> ``text/event-stream``: ``put``/``delete`` events
   (``id:`` = etcd revision), ``relist`` when the requested position is gone; resumable
   with ``Last-Event-ID`` (or ``?since=``).  See ``docs/resolver.md``.
+* ``/v1/endorsements``: the ``endorsement.v1`` envelopes a federated resolver serves
+  other roots under (empty otherwise).
 * ``/healthz`` (the process runs), ``/readyz`` (503 until the first listing is applied,
   and while etcd is unreachable), ``/metrics`` (Prometheus text).
+
+With ``anchor_bundle`` in the config the app serves a :class:`~resolver.federation.Federation`
+of roots instead of one :class:`~resolver.core.Resolver`; ``roots=CN,SG`` restricts
+discovery and watches on either (docs/resolver.md, "Federation").
 
 With ``dns_port`` set in the config, the DNS front end (:mod:`resolver.dns`, UDP and TCP)
 runs in the same process and starts and stops with the app (``docs/dns.md``).
