@@ -894,7 +894,33 @@ class Federation:
             raise NotFoundError(f"{cpid.to_text()}: root {root} {why}")
         return m
 
+    def _whole(self, m: Member) -> bool:
+        """``m`` alone serves its entire root: every entry its resolver verifies is its
+        to serve (a member trusts only its root's anchor, so its entries are inside the
+        root), and no per-entry routing check is needed."""
+        e = m.endorsement
+        return (
+            m.spec.prefixes == (m.root,)
+            and len(self._by_root[m.root]) == 1
+            and (e is None or e.permitted == [m.root])
+        )
+
+    def _fast(self, cpid: str) -> Resolver | None:
+        """The resolver of a CPID's root when that root is served whole (the usual case),
+        found from the text's first two characters without parsing it; else None."""
+        ms = self._by_root.get(cpid[:2].upper())
+        if ms is None or len(ms) != 1 or cpid[2:3] not in (".", "/"):
+            return None
+        m = ms[0]
+        if m.resolver is None or not m.active(time.time()) or not self._whole(m):
+            return None
+        return m.resolver
+
     def get(self, cpid: str | CPID) -> Entry | None:
+        if isinstance(cpid, str):
+            r = self._fast(cpid)
+            if r is not None:
+                return r.get(cpid)
         p = cpid if isinstance(cpid, CPID) else parse_cpid(cpid)
         m = self._route(p.prefix)
         if m is None or m.resolver is None:
@@ -902,6 +928,10 @@ class Federation:
         return m.resolver.get(p)
 
     def resolve(self, cpid: str | CPID) -> Entry:
+        if isinstance(cpid, str):
+            r = self._fast(cpid)
+            if r is not None:
+                return r.resolve(cpid)  # its own fast path, parsing and errors
         p = cpid if isinstance(cpid, CPID) else parse_cpid(cpid)
         m = self._member_for(p)
         assert m.resolver is not None
@@ -944,10 +974,16 @@ class Federation:
         for m in ready:
             assert m.resolver is not None
             res = m.resolver.discover(query)
-            lists.append([x for x in res.results if self._route(x.entry.namespace) is m])
+            if self._whole(m):
+                lists.append(res.results)
+            else:
+                lists.append([x for x in res.results if self._route(x.entry.namespace) is m])
             revision += res.revision
             stale = stale or res.stale
-        merged = list(heapq.merge(*lists, key=lambda x: (-x.score, x.cpid)))[: query.limit]
+        if len(lists) == 1:
+            merged = lists[0][: query.limit]
+        else:
+            merged = list(heapq.merge(*lists, key=lambda x: (-x.score, x.cpid)))[: query.limit]
         self.metrics.discover_seconds.observe(time.perf_counter() - started)
         return DiscoveryResult(merged, revision, stale)
 
