@@ -325,6 +325,7 @@ class FedEvent(Event):
 
     fid: str = ""
     member: str = ""
+    root: str = ""
 
     @property
     def id(self) -> str:
@@ -332,8 +333,10 @@ class FedEvent(Event):
 
     def to_dict(self) -> dict[str, object]:
         out = Event.to_dict(self)
-        if self.member:
-            out["root"] = self.member
+        if self.root:
+            out["root"] = self.root
+        if self.member and self.member != self.root:
+            out["member"] = self.member  # an index cluster of a sharded root
         return out
 
 
@@ -1100,25 +1103,27 @@ class Federation:
                             reason=f"member {name} is not in the given event id",
                             fid=fid(),
                             member=name,
+                            root=streams[name].member.root,
                         )
                     elif first and since is None:
-                        yield FedEvent("progress", "", ev.cursor, fid=fid(), member=name)
+                        yield FedEvent("progress", "", ev.cursor, fid=fid())
                     continue
                 if ev.type == "relist" or ev.final:
                     pos[name] = ev.cursor
-                m = self._member(name)
-                if ev.cpid and (m is None or self._route(ev.cpid.partition("/")[0]) is not m):
+                m = streams[name].member
+                if (
+                    ev.cpid
+                    and not self._whole(m)
+                    and self._route(ev.cpid.partition("/")[0]) is not m
+                ):
                     continue
-                yield _fed(ev, fid(), name)
+                yield _fed(ev, fid(), m)
         finally:
             for st in streams.values():
                 st.task.cancel()
             for st in streams.values():
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await st.task
-
-    def _member(self, name: str) -> Member | None:
-        return next((x for x in self.members if x.name == name), None)
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
@@ -1130,7 +1135,16 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
-def _fed(ev: Event, fid: str, member: str) -> FedEvent:
+def _fed(ev: Event, fid: str, m: Member) -> FedEvent:
     return FedEvent(
-        ev.type, ev.cpid, ev.cursor, ev.entry, ev.prev, ev.reason, ev.final, fid=fid, member=member
+        ev.type,
+        ev.cpid,
+        ev.cursor,
+        ev.entry,
+        ev.prev,
+        ev.reason,
+        ev.final,
+        fid=fid,
+        member=m.name,
+        root=m.root,
     )
