@@ -366,10 +366,11 @@ class Member:
         return self.spec.root
 
     def covers(self, ns: str) -> bool:
-        """The longest-prefix length of ``ns`` among this member's prefixes (0: none)."""
+        """Whether one of this member's prefixes contains ``ns``."""
         return any(ns_contains(p, ns) for p in self.spec.prefixes)
 
     def depth(self, ns: str) -> int:
+        """Segments of the longest of this member's prefixes containing ``ns`` (0: none)."""
         return max((p.count(".") + 1 for p in self.spec.prefixes if ns_contains(p, ns)), default=0)
 
     def overlaps(self, within: str) -> bool:
@@ -446,7 +447,6 @@ class Federation:
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
-        self._closed_event = asyncio.Event()
         self._closing_tasks: set[asyncio.Task[None]] = set()
         self._bundle_task: asyncio.Task[None] | None = None
         self.revocations: list[tuple[str, float]] = []
@@ -653,7 +653,6 @@ class Federation:
 
     async def close(self) -> None:
         self._closing = True
-        self._closed_event.set()
         self._changed.set()
         tasks, self._tasks = self._tasks, []
         if self._bundle_task is not None:
@@ -669,7 +668,6 @@ class Federation:
 
     def end_watches(self) -> None:
         self._closing = True
-        self._closed_event.set()
         self._changed.set()
         for m in self.members:
             if m.resolver is not None:
