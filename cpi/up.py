@@ -113,9 +113,27 @@ class UpOptions:
     resolvers: int = 1
     witnesses: int = 0
     """Transparency-log witnesses (``cpi witness serve``) the log signer submits to."""
+    roots: int = 1
+    """Roots, each with its own etcd, registry and log signer; the resolvers serve them all
+    through an anchor bundle (federation).  1: the national root alone, as always."""
 
 
 MAX_INSTANCES = 7
+MAX_ROOTS = 2
+"""Bound on --roots: CN and a second root, SG."""
+EXTRA_ROOTS = ("SG",)
+SECOND_ROOT_TREE: dict[str, Any] = {
+    "about": "cpi up --roots 2: a small second root for the federation demo",
+    "root": {"prefix": "SG", "name": "Second root (Singapore)"},
+    "regions": [
+        {"prefix": "SG.01", "code": "01", "name": "Central"},
+        {"prefix": "SG.02", "code": "02", "name": "East"},
+    ],
+    "industry": [
+        {"prefix": "SG.01.SINGTEL", "name": "Singtel, Central"},
+        {"prefix": "SG.02.STARHUB", "name": "StarHub, East"},
+    ],
+}
 """Bound on --etcd-members, --registries and --resolvers (the port plan below)."""
 
 
@@ -142,6 +160,11 @@ def _wanted_ports(opts: UpOptions) -> dict[str, int]:
         wanted[f"etcd_peer_{i}"] = b + 80 + 2 * i
     for i in range(opts.witnesses):
         wanted[f"witness_{i}"] = b + 40 + i
+    for i, root in enumerate(EXTRA_ROOTS[: opts.roots - 1]):
+        r = root.lower()
+        wanted[f"{r}_etcd_client"] = b + 100 + 3 * i
+        wanted[f"{r}_etcd_peer"] = b + 101 + 3 * i
+        wanted[f"{r}_registry"] = b + 102 + 3 * i
     return wanted
 
 
@@ -170,6 +193,8 @@ def _ports(opts: UpOptions) -> dict[str, int]:
             raise SystemExit(f"cpi up: {what} must be 1 to {MAX_INSTANCES}, got {n}")
     if not 0 <= opts.witnesses <= MAX_INSTANCES:
         raise SystemExit(f"cpi up: --witnesses must be 0 to {MAX_INSTANCES}, got {opts.witnesses}")
+    if not 1 <= opts.roots <= MAX_ROOTS:
+        raise SystemExit(f"cpi up: --roots must be 1 to {MAX_ROOTS}, got {opts.roots}")
     path = opts.data_dir / "ports.json"
     known: dict[str, int] = {}
     if path.exists():
@@ -309,18 +334,24 @@ async def _bootstrap(
     root: Credentials,
     registry_urls: dict[str, list[str]],
     groups: dict[str, list[str]],
+    *,
+    subject: str = "CN",
+    national_dir: Path | None = None,
+    seeds_path: Path | None = None,
 ) -> tuple[Path, dict[str, Path], dict[str, str], dict[str, str]]:
     """Root, delegations, ns entries and join tokens; all reused when already there.
 
-    The national tools run as etcd's ``root``.
+    The national tools run as etcd's ``root``.  ``subject``, ``national_dir`` and
+    ``seeds_path`` name a second root's (``--roots 2``); the defaults are the national
+    root's.
     """
-    national_dir = opts.data_dir / "national"
-    root_key, _anchor = national.init_root(national_dir, "CN")
+    national_dir = national_dir or opts.data_dir / "national"
+    root_key, _anchor = national.init_root(national_dir, subject)
     endpoints = {ns: list(registry_urls[g]) for g, names in groups.items() for ns in names}
     async with root.index(etcd_endpoints) as index:
         key_paths = await national.bootstrap_tree(
             index,
-            seeds_path=opts.seeds,
+            seeds_path=seeds_path or opts.seeds,
             data_dir=national_dir,
             root_key=root_key,
             endpoints_by_ns=endpoints,
@@ -597,6 +628,15 @@ def up(opts: UpOptions) -> int:
                 )
             )
 
+        extra_roots: list[dict[str, Any]] = []
+        for root_name in EXTRA_ROOTS[: opts.roots - 1]:
+            extra_roots.append(
+                _start_extra_root(opts, root_name, sup, ports, ca, creds, logs, https)
+            )
+        bundle: Path | None = None
+        if extra_roots:
+            bundle = _write_bundle(data, anchor, etcd_endpoints, extra_roots, creds[RESOLVER_USER])
+
         resolvers: list[dict[str, str]] = []
         if _have("cpi.commands.resolver"):
             resolver_creds = creds[RESOLVER_USER]
@@ -629,6 +669,7 @@ def up(opts: UpOptions) -> int:
                                 i,
                                 # warm restarts: each resolver keeps its own snapshot
                                 data / "resolver" / f"r{i}",
+                                bundle,
                             )
                         ),
                         logs / f"{name}.log",
@@ -672,6 +713,8 @@ def up(opts: UpOptions) -> int:
             # not pinned by the protocol: a claims API token for trying POST /v1/claims
             "claims": claims,
         }
+        if extra_roots:
+            _add_roots(up_json, anchor, etcd_endpoints, extra_roots, bundle)
         up_path = data / "up.json"
         _report_components(sup, up_json, up_path)
 
@@ -769,20 +812,178 @@ def _resolver_args(
     creds: Credentials,
     instance: int = 0,
     snapshot_dir: Path | None = None,
+    bundle: Path | None = None,
 ) -> list[str]:
     snapshot = ["--snapshot-dir", str(snapshot_dir)] if snapshot_dir is not None else []
+    trust = (
+        ["--etcd", etcd, "--anchor", str(anchor)]
+        if bundle is None
+        else ["--anchor-bundle", str(bundle)]
+    )
     return [
         "resolver", "serve",
         "--tls-cert", str(creds.tls.cert),
         "--tls-key", str(creds.tls.key),
-        "--etcd", etcd,
-        "--anchor", str(anchor),
+        *trust,
         "--host", "127.0.0.1",
         "--port", str(ports[_port_key("resolver_http", instance)]),
         "--dns-port", str(ports[_port_key("resolver_dns", instance)]),
         "--zone", opts.zone,
         *snapshot,
     ]  # fmt: skip
+
+
+def _start_extra_root(
+    opts: UpOptions,
+    root: str,
+    sup: Supervisor,
+    ports: dict[str, int],
+    ca: LocalCA,
+    creds: dict[str, Credentials],
+    logs: Path,
+    https: Any,
+) -> dict[str, Any]:
+    """A second root (``--roots 2``): its own etcd (auth on, the same users), root key and
+    small namespace tree, one registry process for all its namespaces and its own log
+    signer; everything under ``DATA_DIR/roots/<ROOT>/``.  Returns its part of up.json."""
+    r = root.lower()
+    home = opts.data_dir / "roots" / root
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    probe_cert, probe_key = ca.issue(ROOT_USER)
+    etcd_cert, etcd_key = ca.issue(f"{ETCD_SERVER_CERT}-{r}")
+    member = EtcdProcess(
+        data_dir=home / "etcd",
+        client_port=ports[f"{r}_etcd_client"],
+        peer_port=ports[f"{r}_etcd_peer"],
+        name=f"cpi-up-{r}",
+        log_file=logs / f"etcd-{r}.log",
+        cert_file=etcd_cert,
+        key_file=etcd_key,
+        trusted_ca_file=ca.cert_file,
+        client_cert=probe_cert,
+        client_key=probe_key,
+    )
+    member.data_dir.mkdir(parents=True, exist_ok=True)
+    member.member_data_dir.mkdir(mode=0o700, exist_ok=True)
+    sup.start(
+        Child(
+            f"etcd-{r}",
+            member.command(),
+            member.log_file,
+            ready=http_ready(f"{member.url}/health", member.ssl_context()),
+        )
+    )
+    endpoints = [member.url]
+    asyncio.run(_setup_auth(home, endpoints, creds))
+    seeds_path = home / "namespaces.json"
+    seeds_path.write_text(json.dumps(SECOND_ROOT_TREE, indent=1) + "\n")
+    names = [n["prefix"] for n in SECOND_ROOT_TREE["regions"] + SECOND_ROOT_TREE["industry"]]
+    url = f"https://127.0.0.1:{ports[f'{r}_registry']}"
+    anchor, key_paths, join_tokens, _claims = asyncio.run(
+        _bootstrap(
+            opts,
+            endpoints,
+            creds[ROOT_USER],
+            {r: [url]},
+            {r: names},
+            subject=root,
+            national_dir=home / "national",
+            seeds_path=seeds_path,
+        )
+    )
+    reg_creds = creds[_registry_user("regional")]  # the same user exists in every etcd
+    cfg = _registry_config(
+        opts, r, 0, ports[f"{r}_registry"], endpoints, anchor, key_paths, names, reg_creds
+    )
+    sup.start(
+        Child(
+            _registry_name(r, 0),
+            python_argv("registry", "serve", "--config", str(cfg)),
+            logs / f"{_registry_name(r, 0)}.log",
+            ready=http_ready(f"{url}/readyz", https),
+            env=reg_creds.env(),
+        )
+    )
+    if _have("cpi.commands.log"):
+        log_key = home / "national" / "log.key"
+        init_log_key(log_key)
+        sup.start(
+            Child(
+                f"log-signer-{r}",
+                python_argv("log", "sign", "--etcd", ",".join(endpoints), "--key", str(log_key)),
+                logs / f"log-signer-{r}.log",
+                env=creds[LOGSIGNER_USER].env(),
+                required=False,
+            )
+        )
+    _log.info("root %s ready: %d namespaces, etcd %s", root, len(key_paths), member.url)
+    return {
+        "root": root,
+        "etcd": endpoints,
+        "anchor": str(anchor),
+        "registries": {ns: url for ns in names},
+        "tokens": join_tokens,
+        "data_dir": str(home),
+    }
+
+
+def _bundle_index(endpoints: list[str], creds: Credentials) -> dict[str, Any]:
+    return {
+        "etcd": {
+            "endpoints": endpoints,
+            "user": creds.user,
+            "password_file": str(creds.password_file),
+            "ca_cert": str(creds.tls.ca),
+            "cert_chain": str(creds.tls.cert),
+            "cert_key": str(creds.tls.key),
+        }
+    }
+
+
+def _write_bundle(
+    data: Path,
+    anchor: Path,
+    etcd: list[str],
+    extra_roots: list[dict[str, Any]],
+    creds: Credentials,
+) -> Path:
+    """``DATA_DIR/bundle.json``: the anchor bundle the resolvers serve (every root with its
+    anchor file and its etcd, as the resolver's etcd user; no password in it)."""
+    roots = [{"root": "CN", "anchor_file": str(anchor), "indexes": [_bundle_index(etcd, creds)]}]
+    for extra in extra_roots:
+        roots.append(
+            {
+                "root": extra["root"],
+                "anchor_file": extra["anchor"],
+                "indexes": [_bundle_index(extra["etcd"], creds)],
+            }
+        )
+    path = data / "bundle.json"
+    _write_private_json(path, {"type": "anchor-bundle.v1", "roots": roots})
+    return path
+
+
+def _add_roots(
+    up_json: dict[str, Any],
+    anchor: Path,
+    etcd: list[str],
+    extra_roots: list[dict[str, Any]],
+    bundle: Path | None,
+) -> None:
+    """up.json with ``--roots 2``: ``roots`` lists each root's etcd, anchor and registries;
+    the second root's namespaces join ``registries``, ``registry_instances`` and
+    ``tokens`` (so ``cpi agent run --simulate --up`` spreads nodes over both roots)."""
+    up_json["roots"] = {
+        "CN": {"etcd": etcd, "anchor": str(anchor), "registries": dict(up_json["registries"])}
+    }
+    for extra in extra_roots:
+        up_json["roots"][extra["root"]] = {
+            k: extra[k] for k in ("etcd", "anchor", "registries", "data_dir")
+        }
+        up_json["registries"].update(extra["registries"])
+        up_json["registry_instances"].update({ns: [u] for ns, u in extra["registries"].items()})
+        up_json["tokens"].update(extra["tokens"])
+    up_json["bundle"] = str(bundle)
 
 
 def _summary(
@@ -800,6 +1001,10 @@ def _summary(
         print(f"  resolver   {r['http']}  dns {r['dns']} zone {r['zone']}")
         print(f"  console    {r['http']}/ui/  (verifies signatures in your browser)")
     print(f"  anchor     {up_json['anchor']}")
+    for root, info in up_json.get("roots", {}).items():
+        print(f"  root {root}    etcd {', '.join(info['etcd'])}  anchor {info['anchor']}")
+    if "bundle" in up_json:
+        print(f"  bundle     {up_json['bundle']}  (the resolvers serve every root)")
     print(f"  endpoints and join tokens: {up_path} (0600); logs in {logs}/")
     if opts.demo:
         print(f"  demo: {opts.nodes} simulated nodes registering across the namespaces")

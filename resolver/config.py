@@ -12,6 +12,7 @@ Environment variables:
   first line is its password (replace ``etcd.user`` and ``etcd.password_file``);
 * ``CPI_RESOLVER_LISTEN``: ``host:port`` for HTTP (``[::1]:8700`` for IPv6);
 * ``CPI_RESOLVER_ANCHOR``: anchor file(s), comma-separated (replaces ``anchor_files``);
+* ``CPI_RESOLVER_BUNDLE``: an anchor bundle (replaces ``anchor_bundle``; federation);
 * ``CPI_RESOLVER_ZONE``: DNS zone (replaces ``zone``).
 
 Relative paths in the file (anchors, latency table, TLS material) are resolved against
@@ -27,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import seeds
 from registry import index
@@ -48,6 +49,7 @@ from schemas.errors import KeyFileError
 __all__ = [
     "DEFAULT_PORT",
     "ENV_ANCHOR",
+    "ENV_BUNDLE",
     "ENV_ETCD_ENDPOINTS",
     "ENV_ETCD_PASSWORD",
     "ENV_LISTEN",
@@ -62,6 +64,7 @@ __all__ = [
 ENV_LISTEN = "CPI_RESOLVER_LISTEN"
 ENV_ANCHOR = "CPI_RESOLVER_ANCHOR"
 ENV_ZONE = "CPI_RESOLVER_ZONE"
+ENV_BUNDLE = "CPI_RESOLVER_BUNDLE"
 
 DEFAULT_PORT = 8700
 
@@ -83,7 +86,9 @@ class ResolverConfig(_Model):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = DEFAULT_PORT
     etcd: EtcdSettings = Field(default_factory=EtcdSettings)
-    anchor_files: list[Path] = Field(min_length=1)
+    anchor_files: list[Path] = Field(default_factory=list)
+    # federation (docs/resolver.md "Federation"): several roots, each with its own index
+    anchor_bundle: Path | None = None
     zone: str = "cpi."
     dns_host: str = "127.0.0.1"
     dns_port: Annotated[int, Field(ge=0, le=65535)] | None = None  # None: no DNS; 0: any free port
@@ -131,6 +136,25 @@ class ResolverConfig(_Model):
     tls_key: Path | None = None
     insecure: bool = False  # serve plain HTTP (tests only); needed when there is no TLS
 
+    @model_validator(mode="after")
+    def _trust(self) -> ResolverConfig:
+        if not self.anchor_files and self.anchor_bundle is None:
+            raise ValueError(
+                "anchor_files: give at least one anchor file (or anchor_bundle for a "
+                "federation of roots)"
+            )
+        if self.anchor_files and self.anchor_bundle is not None:
+            raise ValueError(
+                "anchor_files and anchor_bundle exclude each other: a bundle names each "
+                "root's anchor with its own index"
+            )
+        return self
+
+    @property
+    def federated(self) -> bool:
+        """Whether this resolver serves the roots of an anchor bundle (resolver.federation)."""
+        return self.anchor_bundle is not None
+
     @property
     def tls(self) -> bool:
         """Whether the HTTP API serves TLS (``tls_cert`` and ``tls_key`` given)."""
@@ -151,10 +175,19 @@ class ResolverConfig(_Model):
         return seeds.path(seeds.LATENCY)
 
     def load_anchors(self) -> TrustAnchors:
+        """The anchors of ``anchor_files`` or, with a bundle, of its roots that have one."""
+        if self.anchor_bundle is not None and not self.anchor_files:
+            from resolver.federation import load_bundle  # federation imports this module
+
+            specs = load_bundle(self.anchor_bundle)
+            anchors = {s.root: s.anchor for s in specs if s.anchor is not None}
+            return TrustAnchors(anchors.values())
         return load_anchor_files(self.anchor_files)
 
     def summary(self) -> str:
         """One line for the log (no secrets)."""
+        if self.anchor_bundle is not None:
+            return f"resolver at {self.url} (anchor bundle {self.anchor_bundle}, zone {self.zone})"
         return (
             f"resolver at {self.url} (etcd {','.join(self.etcd.endpoints)}, anchors "
             f"{', '.join(str(p) for p in self.anchor_files)}, zone {self.zone})"
@@ -204,7 +237,7 @@ def load_config(
         raw = {**raw, **copy.deepcopy(dict(data))}
     if isinstance(raw.get("anchor_files"), list):
         raw["anchor_files"] = [resolve_path(base, a) for a in raw["anchor_files"]]
-    for name in ("latency_table", "tls_cert", "tls_key"):
+    for name in ("latency_table", "tls_cert", "tls_key", "anchor_bundle"):
         if name in raw:
             raw[name] = resolve_path(base, raw[name])
     if raw.get("snapshot_dir") is not None:
@@ -216,6 +249,8 @@ def load_config(
         raw["host"], raw["port"] = parse_listen(environ[ENV_LISTEN])
     if environ.get(ENV_ANCHOR):
         raw["anchor_files"] = split_list(environ[ENV_ANCHOR])
+    if environ.get(ENV_BUNDLE):
+        raw["anchor_bundle"] = resolve_path(Path.cwd(), environ[ENV_BUNDLE])
     if environ.get(ENV_ZONE):
         raw["zone"] = environ[ENV_ZONE]
     apply_overrides(raw, overrides)

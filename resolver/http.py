@@ -11,8 +11,14 @@ Routes (all ``GET``):
 * ``/v1/watch?<same filters>`` -> ``text/event-stream``: ``put``/``delete`` events
   (``id:`` = etcd revision), ``relist`` when the requested position is gone; resumable
   with ``Last-Event-ID`` (or ``?since=``).  See ``docs/resolver.md``.
+* ``/v1/endorsements``: the ``endorsement.v1`` envelopes a federated resolver serves
+  other roots under (empty otherwise).
 * ``/healthz`` (the process runs), ``/readyz`` (503 until the first listing is applied,
   and while etcd is unreachable), ``/metrics`` (Prometheus text).
+
+With ``anchor_bundle`` in the config the app serves a :class:`~resolver.federation.Federation`
+of roots instead of one :class:`~resolver.core.Resolver`; ``roots=CN,SG`` restricts
+discovery and watches on either (docs/resolver.md, "Federation").
 
 With ``dns_port`` set in the config, the DNS front end (:mod:`resolver.dns`, UDP and TCP)
 runs in the same process and starts and stops with the app (``docs/dns.md``).
@@ -34,11 +40,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
 import json
 import logging
 import time
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any, Final
 
 from aiohttp import web
@@ -47,11 +55,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from resolver.audit.log import add_log_routes
 from resolver.claims.http import BODY_TIMEOUT, add_claim_routes
 from resolver.config import ResolverConfig
-from resolver.core import Resolver
-from resolver.discovery import Query
+from resolver.core import DiscoveryResult, Resolver, ResolverSettings
+from resolver.discovery import LatencyTable, Query
 from resolver.dns.server import DnsServer
-from resolver.errors import NotReadyError, TooManyWatchesError, WatchCapacityError
+from resolver.errors import NotReadyError, QueryError, TooManyWatchesError, WatchCapacityError
 from resolver.events import Event, parse_cursor
+from resolver.federation import Federation, parse_fed_cursor, parse_roots
 from resolver.metrics import ResolverMetrics
 from resolver.openapi import openapi_handler
 from resolver.ui import add_ui_routes
@@ -74,7 +83,9 @@ __all__ = [
 _log = logging.getLogger("resolver.http")
 
 CONFIG = web.AppKey("config", ResolverConfig)
-RESOLVER = web.AppKey("resolver", Resolver)
+AnyResolver = Resolver | Federation
+"""One root's resolver, or a federation of roots (``anchor_bundle``, resolver.federation)."""
+RESOLVER: web.AppKey[AnyResolver] = web.AppKey("resolver")
 DNS = web.AppKey("dns", DnsServer)
 """The DNS front end, present when the config has a ``dns_port`` (its ``port`` once started)."""
 _METRICS = web.AppKey("metrics", ResolverMetrics)
@@ -201,7 +212,7 @@ async def _no_route(request: web.Request) -> web.Response:
 # -- handlers ---------------------------------------------------------------------------
 
 
-def _resource_handler(resolver: Resolver) -> Handler:
+def _resource_handler(resolver: AnyResolver) -> Handler:
     """``GET /v1/resources/{cpid}``, the hot path: a dictionary lookup and bytes rendered
     once per entry.  The resolver is bound here rather than looked up per request, and
     the error tree is answered here (no wrapper)."""
@@ -244,14 +255,41 @@ def _resource_handler(resolver: Resolver) -> Handler:
 def _query(request: web.Request, *, ignore: tuple[str, ...] = ()) -> Query:
     config = request.app[CONFIG]
     return Query.from_params(
-        [(k, v) for k, v in request.query.items() if k not in ignore],
+        [(k, v) for k, v in request.query.items() if k not in (*ignore, "roots")],
         default_limit=config.discover_default_limit,
         max_limit=config.discover_max_limit,
     )
 
 
+def _roots(request: web.Request) -> frozenset[str] | None:
+    """``roots=CN,SG`` (given at most once), or None."""
+    given = request.query.getall("roots", [])
+    if len(given) > 1:
+        raise QueryError("query parameter 'roots' is given more than once")
+    return parse_roots(given[0]) if given else None
+
+
+def discover_in_roots(
+    resolver: AnyResolver, query: Query, roots: frozenset[str] | None
+) -> DiscoveryResult:
+    """Discovery restricted to ``roots``; a single-root resolver runs one query per root
+    (``within=<root>``) and merges them by the ranking, as a federation does."""
+    if isinstance(resolver, Federation):
+        return resolver.discover(query, roots)
+    if roots is None:
+        return resolver.discover(query)
+    if query.within is not None:
+        if query.within.partition(".")[0] not in roots:
+            return DiscoveryResult([], resolver.revision, resolver.stale)
+        return resolver.discover(query)
+    parts = [resolver.discover(replace(query, within=r)) for r in sorted(roots)]
+    merged = heapq.merge(*(p.results for p in parts), key=lambda m: (-m.score, m.cpid))
+    return DiscoveryResult(list(merged)[: query.limit], resolver.revision, resolver.stale)
+
+
 async def get_discover(request: web.Request) -> web.Response:
-    result = request.app[RESOLVER].discover(_query(request))
+    query = _query(request)
+    result = discover_in_roots(request.app[RESOLVER], query, _roots(request))
     return _json(result.to_dict(), stale=result.stale)
 
 
@@ -286,8 +324,12 @@ async def get_watch(request: web.Request) -> web.StreamResponse:
     resolver = request.app[RESOLVER]
     config = request.app[CONFIG]
     query = _query(request, ignore=("since",))
+    roots = _roots(request)
     since_text = request.headers.get("Last-Event-ID") or request.query.get("since")
-    since = parse_cursor(since_text) if since_text else None
+    if isinstance(resolver, Federation):
+        fed_since = parse_fed_cursor(since_text) if since_text else None
+    else:
+        since = parse_cursor(since_text) if since_text else None
     if not resolver.ready:
         raise NotReadyError("the resolver has not finished listing the index yet")
     streams = request.app[_STREAMS]
@@ -321,7 +363,11 @@ async def get_watch(request: web.Request) -> web.StreamResponse:
     metrics = request.app[_METRICS]
     metrics.watchers.inc()
     loop = asyncio.get_running_loop()
-    events = aiter(resolver.watch(query, since=since, heartbeat=config.watch_heartbeat_s))
+    heartbeat = config.watch_heartbeat_s
+    if isinstance(resolver, Federation):
+        events = aiter(resolver.watch(query, since=fed_since, heartbeat=heartbeat, roots=roots))
+    else:
+        events = aiter(_in_roots(resolver.watch(query, since=since, heartbeat=heartbeat), roots))
     pending: asyncio.Future[Event] | None = None
     check_s = min(1.0, config.watch_ping_s)
 
@@ -379,6 +425,21 @@ async def get_watch(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def _in_roots(
+    events: AsyncIterator[Event], roots: frozenset[str] | None
+) -> AsyncIterator[Event]:
+    """The events of ``events`` whose CPID is under one of ``roots`` (control events too)."""
+    async for ev in events:
+        if roots is None or not ev.cpid or ev.cpid[:2] in roots:
+            yield ev
+
+
+async def get_endorsements(request: web.Request) -> web.Response:
+    """``GET /v1/endorsements`` (docs/protocol.md §10): empty on a single-root resolver."""
+    r = request.app[RESOLVER]
+    return _json({"endorsements": r.endorsements() if isinstance(r, Federation) else []})
+
+
 async def healthz(request: web.Request) -> web.Response:
     return _json({"status": "ok"})
 
@@ -393,6 +454,8 @@ async def readyz(request: web.Request) -> web.Response:
         if health["listed"]
         else "first listing of the index not done yet"
     )
+    if health.get("not_ready"):
+        why = f"not ready: {', '.join(health['not_ready'])} ({why} for those; the others serve)"
     health["error"] = {"code": "not_ready", "message": why}
     return _json(health, status=503, stale=health["stale"])
 
@@ -437,8 +500,22 @@ async def _end_streams(app: web.Application) -> None:
             await task
 
 
+def federation_from_config(
+    config: ResolverConfig, *, metrics: ResolverMetrics | None = None
+) -> Federation:
+    """The federation of ``config.anchor_bundle``'s roots (the bundle checked first)."""
+    assert config.anchor_bundle is not None
+    latency = LatencyTable.from_file(config.latency_table_path())
+    return Federation.from_bundle(
+        config.anchor_bundle,
+        latency=latency,
+        settings=ResolverSettings.from_config(config),
+        metrics=metrics,
+    )
+
+
 def create_app(
-    config: ResolverConfig, *, resolver: Resolver | None = None, primary: bool = True
+    config: ResolverConfig, *, resolver: AnyResolver | None = None, primary: bool = True
 ) -> web.Application:
     """The resolver app for ``config``.
 
@@ -450,7 +527,13 @@ def create_app(
     neither the DNS front end nor the claims reconciler: one process of the group does.
     """
     app = web.Application()
-    r = resolver or Resolver.from_config(config)
+    r: AnyResolver
+    if resolver is not None:
+        r = resolver
+    elif config.anchor_bundle is not None:
+        r = federation_from_config(config)
+    else:
+        r = Resolver.from_config(config)
     app[CONFIG] = config
     app[RESOLVER] = r
     app[_METRICS] = r.metrics
@@ -477,6 +560,7 @@ def create_app(
     app.router.add_get("/v1/resources/{cpid:(?s:.+)}", _resource_handler(r), name="resource")
     app.router.add_get("/v1/discover", json_errors(get_discover), name="discover")
     app.router.add_get("/v1/watch", json_errors(get_watch), name="watch")
+    app.router.add_get("/v1/endorsements", json_errors(get_endorsements), name="endorsements")
     app.router.add_get("/healthz", json_errors(healthz), name="healthz")
     app.router.add_get("/readyz", json_errors(readyz), name="readyz")
     app.router.add_get("/metrics", json_errors(get_metrics), name="metrics")
@@ -485,7 +569,8 @@ def create_app(
     # their handlers answer the error tree themselves
     add_log_routes(app, index=lambda a: a[RESOLVER].index)
     app[BODY_TIMEOUT] = config.body_timeout_s
-    add_claim_routes(app, resolver=r, reconcile=primary)
+    # claims live in the home root's index (a federation's first root with its own anchor)
+    add_claim_routes(app, resolver=r.home if isinstance(r, Federation) else r, reconcile=primary)
     add_ui_routes(app, config)  # the web console at /ui/, /v1/anchor (docs/console.md)
     # last: unknown routes, newlines in the path included
     app.router.add_route("*", "/{path:(?s:.*)}", _no_route, name="other")

@@ -55,9 +55,18 @@ _FILTERS: Final = (
     ),
     _q("live", "only live (true) or not-live (false) nodes", {"type": "boolean"}),
     _q("limit", "at most this many results", {"type": "integer", "minimum": 1}),
+    _q(
+        "roots",
+        "only these roots, comma-separated, e.g. CN,SG (a federated resolver; docs/resolver.md)",
+        {"type": "string", "pattern": "^[A-Za-z]{2}(,[A-Za-z]{2})*$"},
+    ),
 )
-_CURSOR: Final = {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?$"}
-_RESUME: Final = {"type": "string", "pattern": "^([0-9]+(\\.[0-9]+)?)?$"}
+_POS: Final = "[0-9]+(\\.[0-9]+)?"
+_FED: Final = (
+    f"[A-Za-z0-9][A-Za-z0-9_.-]{{0,31}}:{_POS}(,[A-Za-z0-9][A-Za-z0-9_.-]{{0,31}}:{_POS})*"
+)
+_CURSOR: Final = {"type": "string", "pattern": f"^({_POS}|{_FED})$"}
+_RESUME: Final = {"type": "string", "pattern": f"^({_POS}|{_FED})?$"}
 _EVENT: Final = {
     "description": "one server-sent event; data is the event as JSON text (docs/resolver.md)",
     "type": "object",
@@ -243,6 +252,14 @@ OPERATIONS: Final[dict[tuple[str, str], Operation]] = {
         },
         errors=(404,),
         tags=("console",),
+    ),
+    ("GET", "/v1/endorsements"): Operation(
+        summary="The endorsements of other roots this resolver serves under now",
+        description="a federated resolver (docs/protocol.md §10): each endorsed root, its "
+        "endorser and the endorsement.v1 envelope, so a client holding only the endorser's "
+        "anchor can verify that root's records (cpi verify --endorsement); empty otherwise",
+        replies={200: Reply("the endorsements", api.EndorsementList)},
+        tags=("lookup",),
     ),
     ("GET", "/v1/anchor"): Operation(
         summary="The trust anchors this resolver verifies against, and the log's verifier keys",

@@ -103,6 +103,18 @@ class Envelope(_Wire):
     signatures: list[Signature] = Field(min_length=1)
 
 
+class EndorsementView(_Wire):
+    root: str = Field(description="the endorsed root, e.g. SG")
+    endorsed_by: str = Field(description="the root whose anchor signed it, e.g. CN")
+    envelope: Envelope = Field(description="the endorsement.v1 envelope as stored")
+
+
+class EndorsementList(_Wire):
+    """``GET /v1/endorsements``: the endorsements a federated resolver serves under now."""
+
+    endorsements: list[EndorsementView]
+
+
 class Health(_Wire):
     status: Literal["ok"]
 
@@ -196,6 +208,15 @@ class ResolverReady(_Wire):
     ready_after_s: float | None
     etcd_error: str | SkipJsonSchema[None] = None
     error: ErrorDetail | SkipJsonSchema[None] = None
+    roots: dict[str, dict[str, Any]] | SkipJsonSchema[None] = Field(
+        None, description="a federated resolver: each index cluster (member) by name"
+    )
+    not_ready: list[str] | SkipJsonSchema[None] = Field(
+        None, description="a federated resolver: the members that are not ready"
+    )
+    bundle_error: str | SkipJsonSchema[None] = Field(
+        None, description="a federated resolver: why the last bundle file change was refused"
+    )
 
 
 class ClaimQuery(_Wire):

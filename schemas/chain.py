@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from schemas import _json, dsse
 from schemas import cpid as _cpid
 from schemas import keys as _keys
+from schemas.endorsement import Endorsement
 from schemas.errors import (
     ChainError,
     EnvelopeError,
@@ -52,12 +53,14 @@ __all__ = [
     "Check",
     "PreparedChain",
     "TrustAnchors",
+    "endorsed_anchors",
     "open_self_signed",
     "open_signed",
     "prepare_chain",
     "require_chain",
     "require_record",
     "verify_chain",
+    "verify_endorsement",
     "verify_record",
     "verify_record_prepared",
 ]
@@ -136,12 +139,32 @@ class ChainResult:
 class TrustAnchors:
     """The configured roots of trust, one per root prefix (e.g. ``CN``), looked up by kid."""
 
-    def __init__(self, anchors: Iterable[Anchor]) -> None:
+    def __init__(
+        self,
+        anchors: Iterable[Anchor],
+        *,
+        constraints: Mapping[str, tuple[str, ...]] | None = None,
+    ) -> None:
         self._by_kid: dict[str, tuple[Anchor, Ed25519PublicKey]] = {}
         for a in anchors:
             self._by_kid[a.kid] = (a, _keys.public_from_b64url(a.public_key))
         if not self._by_kid:
             raise KeyFileError("at least one trust anchor is required")
+        self._permitted: dict[str, tuple[str, ...]] = dict(constraints or {})
+        """kid -> the namespaces records under that anchor may have (an endorsed anchor's
+        name constraints); kids not in it are unconstrained."""
+
+    def permitted(self, kid: str) -> tuple[str, ...] | None:
+        """The name constraints of the anchor with ``kid`` (None: unconstrained)."""
+        return self._permitted.get(kid)
+
+    def extended(self, more: Iterable[tuple[Anchor, tuple[str, ...]]]) -> TrustAnchors:
+        """These anchors plus ``more`` (each with its name constraints)."""
+        extra = list(more)
+        constraints = dict(self._permitted)
+        for a, permitted in extra:
+            constraints[a.kid] = permitted
+        return TrustAnchors([*self, *(a for a, _ in extra)], constraints=constraints)
 
     @classmethod
     def from_json(cls, data: bytes | str) -> TrustAnchors:
@@ -199,6 +222,9 @@ class _Walk:
     keep: bool = True
     """Keep passing checks too (False: only the failed one, and no text is formatted
     for a check that passes)."""
+    permitted: tuple[str, ...] | None = None
+    """Name constraints of the chain's anchor (an endorsed root): the record's CPID
+    prefix must be inside one of them (None: unconstrained)."""
 
     def check(self, rule: int, link: int, what: Text, ok: bool, detail: Text = "") -> None:
         if ok:
@@ -262,6 +288,7 @@ def _walk_chain(chain: Sequence[dsse.Envelope], anchors: TrustAnchors, w: _Walk)
     )
     assert found is not None
     anchor, anchor_key = found
+    w.permitted = anchors.permitted(anchor.kid)
     signer = _Signer(anchor.subject, anchor.kid, anchor_key, frozenset({"delegate", "issue"}), True)
     ancestors = [signer]
     w.ancestors = ancestors
@@ -355,6 +382,7 @@ class PreparedChain:
     _now: int
     _skew: int
     _revocations: Mapping[str, dsse.Envelope]
+    _permitted: tuple[str, ...] | None = None
 
     @property
     def ok(self) -> bool:
@@ -376,7 +404,12 @@ def prepare_chain(
     except _Stop:
         certs = ()
     return PreparedChain(
-        ChainResult(tuple(w.checks), certs), tuple(w.ancestors), w.now, w.skew, w.revocations
+        ChainResult(tuple(w.checks), certs),
+        tuple(w.ancestors),
+        w.now,
+        w.skew,
+        w.revocations,
+        w.permitted,
     )
 
 
@@ -421,6 +454,18 @@ def _check_record(record: dsse.Envelope, w: _Walk) -> Record:
             )
         ),
     )
+    permitted = w.permitted
+    if permitted is not None:
+        w.check(
+            2,
+            len(w.ancestors) - 1,
+            "CPID prefix inside the endorsed root's permitted namespaces",
+            any(_cpid.ns_contains(p, prefix) for p in permitted),
+            lambda: (
+                f"CPID prefix {prefix!r} is outside the namespaces the endorsement of "
+                f"{w.ancestors[0].subject!r} permits ({', '.join(permitted)})"
+            ),
+        )
     w.check(
         1,
         0,
@@ -479,6 +524,7 @@ def verify_record_prepared(
         list(prepared.result.checks) if checks else [],
         prepared._ancestors,
         checks,
+        prepared._permitted,
     )
     try:
         rec = _check_record(record, w)
@@ -558,3 +604,71 @@ def open_self_signed(envelope: dsse.Envelope, *, expected: type[D]) -> D:
     except (ValueError, KeyError, TypeError) as exc:
         raise PayloadError(f"{expected.TYPE} payload has no usable 'public_key': {exc}") from exc
     return open_signed(envelope, public_key=public_key, expected=expected)
+
+
+def verify_endorsement(
+    envelope: dsse.Envelope,
+    *,
+    anchors: TrustAnchors,
+    now: int | None = None,
+    skew: int = CLOCK_SKEW,
+) -> Endorsement:
+    """Verify an ``endorsement.v1`` envelope against ``anchors`` (docs/protocol.md §10).
+
+    It must be signed by the anchor key of its ``issuer`` root (an unconstrained anchor
+    of ``anchors``: an endorsed root does not endorse further), by the one Ed25519 rule
+    (§2.1), and ``now`` must be inside its window (±``skew``).  Returns the parsed
+    endorsement; raises :class:`~schemas.errors.ChainError` (rule 2: signature, issuer;
+    :class:`~schemas.errors.ExpiredError`, rule 3: the window) otherwise.
+    """
+    now = int(time.time()) if now is None else now
+    found = anchors.get(envelope.keyid)
+    if found is None or anchors.permitted(envelope.keyid) is not None:
+        reason = (
+            f"endorsement is signed by key {envelope.keyid!r}, which is not a root anchor "
+            f"(anchors: {', '.join(anchors.subjects)})"
+        )
+        raise ChainError(reason, rule=2, link=1, reason=reason)
+    anchor, key = found
+    try:
+        v = dsse.verify(envelope, {anchor.kid: key}, payload_types=(Endorsement.media_type(),))
+        doc = parse_payload(v.payload_type, v.payload, Endorsement)
+    except (SignatureError, PayloadError) as exc:
+        reason = f"endorsement is not validly signed by root {anchor.subject}: {exc}"
+        raise ChainError(reason, rule=2, link=1, reason=reason) from exc
+    if doc.issuer != anchor.subject:
+        reason = f"endorsement names issuer {doc.issuer!r} but is signed by {anchor.subject!r}"
+        raise ChainError(reason, rule=2, link=1, reason=reason)
+    if not doc.not_before - skew <= now <= doc.not_after + skew:
+        reason = (
+            f"endorsement of {doc.subject} by {doc.issuer} is valid from {doc.not_before} "
+            f"to {doc.not_after}, now is {now}"
+        )
+        raise ExpiredError(reason, rule=3, link=1, reason=reason)
+    return doc
+
+
+def endorsed_anchors(
+    anchors: TrustAnchors,
+    endorsements: Iterable[dsse.Envelope],
+    *,
+    now: int | None = None,
+    skew: int = CLOCK_SKEW,
+) -> TrustAnchors:
+    """``anchors`` plus the anchor each endorsement vouches for, with its name constraints.
+
+    Every endorsement must verify (:func:`verify_endorsement`; the first that does not
+    raises), and must not name a root that ``anchors`` already has.  A record that
+    chains to an endorsed anchor must then have its CPID prefix inside the
+    endorsement's ``permitted`` namespaces (checked as rule 2 at the anchor's link).
+    """
+    extra: list[tuple[Anchor, tuple[str, ...]]] = []
+    roots = set(anchors.subjects)
+    for env in endorsements:
+        doc = verify_endorsement(env, anchors=anchors, now=now, skew=skew)
+        if doc.subject in roots:
+            reason = f"endorsement names root {doc.subject!r}, which is already an anchor"
+            raise ChainError(reason, rule=2, link=1, reason=reason)
+        roots.add(doc.subject)
+        extra.append((Anchor(subject=doc.subject, public_key=doc.public_key), tuple(doc.permitted)))
+    return anchors.extended(extra)

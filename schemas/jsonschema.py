@@ -26,6 +26,7 @@ from pydantic_core import core_schema
 
 from schemas import cpid as _cpid
 from schemas import models as _models
+from schemas.endorsement import Endorsement
 
 __all__ = [
     "CPID_PATTERN",
@@ -100,10 +101,12 @@ _EXTRA: Final[dict[Callable[..., Any], dict[str, Any]]] = {
 _MODELS: Final[dict[str, type[BaseModel]]] = {
     **{t: m for t, m in _models.DOCUMENT_TYPES.items()},
     "anchor.v1": _models.Anchor,
+    "endorsement.v1": Endorsement,
 }
 
 SCHEMA_TYPES: Final = tuple(_MODELS)
-"""Every type with a schema: the six signed document types and ``anchor.v1``."""
+"""Every type with a schema: the six signed document types, ``anchor.v1`` and
+``endorsement.v1``."""
 
 _DESCRIPTIONS: Final = {
     "cert.v1": "Delegation certificate for a namespace, signed by the issuer namespace's "
@@ -118,6 +121,10 @@ _DESCRIPTIONS: Final = {
     "revocation.v1": "Revocation of a cert serial or a key id, signed by the revoked cert's "
     "issuer or an ancestor. Also: exactly one of serial or kid.",
     "anchor.v1": "Trust anchor file (plain JSON, not signed): a root prefix and its key.",
+    "endorsement.v1": "One root's statement that another root's anchor key is public_key, "
+    "signed by the issuer root's anchor key. Also: issuer and subject are different roots "
+    "(one segment); every permitted namespace is inside subject, none repeats; not_after > "
+    "not_before, the window at most 366 days; the payload is at most 2048 bytes.",
 }
 
 

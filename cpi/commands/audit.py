@@ -35,6 +35,7 @@ from rich.progress import (
 
 from cpi.commands._etcd import etcd_argument, open_index
 from cpi.commands._util import read_input
+from cpi.commands.verify import endorsement_argument, with_endorsements
 from cpi.errors import EXIT_INVALID, UsageError
 from cpi.output import duration, is_json, output_arguments, print_json
 from cpi.tls import add_client_arguments, client_ssl
@@ -76,6 +77,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_client_arguments(v)
     v.add_argument("--revoked", help="JSON list of revocation.v1 envelopes to honour")
     v.add_argument("--now", type=int, help="verify as of this Unix time (default: now)")
+    endorsement_argument(v)
     output_arguments(v)
     v.set_defaults(handler=run_verify)
 
@@ -259,7 +261,8 @@ def _alarm(message: str) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    anchors = _anchors(args.anchor)
+    now = args.now if args.now is not None else int(time.time())
+    anchors = with_endorsements(_anchors(args.anchor), args.endorsement, now)
     if args.target == "-" or os.path.exists(args.target):
         raw = read_input(args.target)
         try:
@@ -280,7 +283,7 @@ def run_verify(args: argparse.Namespace) -> int:
         bundle,
         anchors=anchors,
         revocations=_revocations(args.revoked),
-        now=args.now if args.now is not None else int(time.time()),
+        now=now,
     )
     if is_json(args):
         print_json(result.to_dict())

@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description=(
             f"Config comes from --config, then the environment ({ENV_ETCD_ENDPOINTS}, "
             f"{ENV_LISTEN}, {ENV_ANCHOR}, CPI_ETCD_USER, CPI_ETCD_PASSWORD[_FILE], CPI_RESOLVER_ZONE), then these "
-            "flags. Without --config, --anchor (or $CPI_RESOLVER_ANCHOR) is required."
+            "flags. Without --config, --anchor (or $CPI_RESOLVER_ANCHOR) or --anchor-bundle is "
+            "required."
         ),
     )
     serve.add_argument("--config", help="resolver config file (JSON)")
@@ -56,6 +57,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--etcd", help="etcd endpoints, comma-separated")
     serve.add_argument(
         "--anchor", action="append", metavar="FILE", help="trust anchor file (repeatable)"
+    )
+    serve.add_argument(
+        "--anchor-bundle",
+        metavar="FILE",
+        help="anchor bundle: several roots, each with its own anchor and index (federation, "
+        "docs/resolver.md); instead of --anchor and --etcd",
     )
     serve.add_argument("--zone", help="DNS zone the resolver answers for (e.g. cpi.)")
     serve.add_argument("--latency-table", metavar="FILE", help="region RTT table (JSON)")
@@ -84,6 +91,7 @@ def run_serve(args: argparse.Namespace) -> int:
     overrides: dict[str, object] = {
         "etcd.endpoints": _endpoints(args.etcd),
         "anchor_files": args.anchor,
+        "anchor_bundle": args.anchor_bundle,
         "zone": args.zone,
         "latency_table": args.latency_table,
         "snapshot_dir": args.snapshot_dir,

@@ -77,6 +77,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="start N transparency-log witnesses; the log signer publishes each checkpoint "
         "with their cosignatures (default: 0; docs/audit.md)",
     )
+    p.add_argument(
+        "--roots",
+        type=int,
+        default=1,
+        metavar="N",
+        help="2: also run a second root (SG) with its own etcd, registry and log signer; "
+        "the resolvers serve both through an anchor bundle (docs/resolver.md, Federation)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -112,5 +120,6 @@ def run(args: argparse.Namespace) -> int:
             registries=args.registries,
             resolvers=args.resolvers,
             witnesses=args.witnesses,
+            roots=args.roots,
         )
     )

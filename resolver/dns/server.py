@@ -20,7 +20,6 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final
 
-from resolver.core import Resolver
 from resolver.dns.answerer import (
     CACHE_SIZE,
     DEFAULT_ZONE,
@@ -30,6 +29,7 @@ from resolver.dns.answerer import (
     MAX_UDP_RATIO,
     NEGATIVE_TTL,
     DnsAnswerer,
+    ResolverView,
     truncated,
 )
 from resolver.dns.rrl import DROP, RRL_RESPONSES_PER_S, RRL_SLIP, RateLimiter
@@ -160,7 +160,7 @@ class DnsServer:
 
     def __init__(
         self,
-        resolver: Resolver,
+        resolver: ResolverView,
         *,
         host: str = "127.0.0.1",
         port: int = DEFAULT_PORT,
@@ -362,7 +362,7 @@ class DnsServer:
 
 
 async def start_dns(
-    resolver: Resolver,
+    resolver: ResolverView,
     *,
     host: str = "127.0.0.1",
     port: int = DEFAULT_PORT,

@@ -152,7 +152,8 @@ def test_config_layers(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("data", "match"),
     [
-        ({}, "anchor_files: Field required"),
+        ({}, "anchor_files: give at least one anchor file"),
+        ({"anchor_files": []}, r"anchor_files: give at least one anchor file \(or anchor_bundle"),
         ({"anchor_files": ["a"], "colour": 1}, "colour: unknown field"),
         ({"anchor_files": ["a"], "mass_expiry_threshold": 2}, "mass_expiry_threshold"),
         ({"anchor_files": ["a"], "port": 70000}, "port"),
