@@ -56,6 +56,20 @@ _FILTERS: Final = (
     _q("live", "only live (true) or not-live (false) nodes", {"type": "boolean"}),
     _q("limit", "at most this many results", {"type": "integer", "minimum": 1}),
 )
+_ORDER: Final = (
+    _q(
+        "sort",
+        "order of the results (docs/resolver.md, Ranking): default (0.6 latency + 0.4 free), "
+        "latency (needs near), free, score (CATS level 2, cpi-cats-v1), price, carbon",
+        {"type": "string", "enum": ["default", "latency", "free", "score", "price", "carbon"]},
+    ),
+    _q(
+        "weights",
+        "level 2 weights for sort=score (implied), e.g. latency:2,price:1; names: compute "
+        "(free), communication (latency, network), cost (price), energy (carbon); 0-100 each",
+        {"type": "string", "pattern": "^[a-z]+:[0-9.eE+-]+(,[a-z]+:[0-9.eE+-]+)*$"},
+    ),
+)
 _CURSOR: Final = {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?$"}
 _RESUME: Final = {"type": "string", "pattern": "^([0-9]+(\\.[0-9]+)?)?$"}
 _EVENT: Final = {
@@ -87,7 +101,7 @@ OPERATIONS: Final[dict[tuple[str, str], Operation]] = {
     ),
     ("GET", "/v1/discover"): Operation(
         summary="Discover resources matching filters, best first",
-        params=_FILTERS,
+        params=(*_FILTERS, *_ORDER),
         replies={200: Reply("the matches", api.DiscoverAnswer, headers=_STALE)},
         errors=(400, 503),
         tags=("lookup",),
