@@ -212,6 +212,11 @@ class Query:
                 )
         if self.sort == "latency" and self.near is None:
             raise QueryError("sort=latency needs near=<region> to estimate latencies from")
+        if self.near is None and dict(self.weights).get("communication", 0) > 0:
+            raise QueryError(
+                "weights on communication (latency, network) need near=<region> to estimate "
+                "latencies from"
+            )
 
     @property
     def order(self) -> str:

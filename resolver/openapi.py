@@ -66,7 +66,7 @@ _ORDER: Final = (
     _q(
         "weights",
         "level 2 weights for sort=score (implied), e.g. latency:2,price:1; names: compute "
-        "(free), communication (latency, network), cost (price), energy (carbon); 0-100 each",
+        "(free), communication (latency, network), cost (price), energy (carbon); each 0 or 0.001-100",
         {"type": "string", "pattern": "^[a-z]+:[0-9.eE+-]+(,[a-z]+:[0-9.eE+-]+)*$"},
     ),
 )

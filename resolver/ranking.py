@@ -109,6 +109,8 @@ _ALIASES: Final = {
 
 DEFAULT_WEIGHTS: Final[Mapping[str, float]] = {c: 1.0 for c in CATEGORIES}
 MAX_WEIGHT: Final = 100.0
+MIN_WEIGHT: Final = 0.001
+"""The smallest weight above 0 (smaller ones would reach floating-point underflow)."""
 
 FREE_SCALE: Final = 8.0
 LATENCY_REF_MS: Final = 10.0
@@ -254,12 +256,13 @@ def parse_weights(text: str) -> tuple[tuple[str, float], ...]:
 
     Names are the level 1 categories or the sort keys that feed them (``free`` ->
     compute, ``latency``/``network`` -> communication, ``price`` -> cost, ``carbon`` ->
-    energy); each weight is a number in [0, 100]; a category named twice, an unknown
+    energy); each weight is 0 or a number in [0.001, 100]; a category named twice, an unknown
     name or all weights zero is refused.  Categories not named weigh 0.
     """
     rule = (
         "weights must be name:number pairs separated by commas, names from "
-        f"{', '.join(sorted(_ALIASES))}, each number between 0 and {MAX_WEIGHT:g}, "
+        f"{', '.join(sorted(_ALIASES))}, each number 0 or between {MIN_WEIGHT:g} and "
+        f"{MAX_WEIGHT:g}, "
         "at least one above 0, no category twice"
     )
     if not text or len(text) > 256:
@@ -269,7 +272,7 @@ def parse_weights(text: str) -> tuple[tuple[str, float], ...]:
         name, sep, number = part.partition(":")
         cat = _ALIASES.get(name.strip().lower())
         w = parse_number(number.strip()) if sep else None
-        if cat is None or w is None or not 0 <= w <= MAX_WEIGHT or cat in out:
+        if cat is None or w is None or cat in out or not (w == 0 or MIN_WEIGHT <= w <= MAX_WEIGHT):
             raise QueryError(f"weights={text!r}: {part!r} breaks the rule: {rule}")
         out[cat] = w
     if not any(w > 0 for w in out.values()):

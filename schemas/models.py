@@ -95,9 +95,6 @@ METRICS: Final[Mapping[str, MetricSpec]] = {
     "power_limit_w": MetricSpec(
         "W", 0, 10_000_000, "power limit of the node's accelerators, summed"
     ),
-    "claimed_units": MetricSpec(
-        "units", 0, MAX_INT, "units the node already left out of its free capacity for claims"
-    ),
 }
 """The L0 metrics this protocol names (docs/protocol.md §4, "Metrics"): a status may
 carry others (names matching the metric syntax, magnitude at most

@@ -97,7 +97,7 @@ async def test_resolve_serves_a_verifiable_bundle(index: Index, pki: Pki, client
         ("/v1/discover?sort=cheap", 400, "invalid_query", "expected one of default, latency"),
         ("/v1/discover?sort=latency", 400, "invalid_query", "sort=latency needs near"),
         ("/v1/discover?weights=speed:2", 400, "invalid_query", "names from"),
-        ("/v1/discover?weights=price:1e400", 400, "invalid_query", "between 0 and 100"),
+        ("/v1/discover?weights=price:1e400", 400, "invalid_query", "between 0.001 and 100"),
         ("/v1/discover?sort=free&weights=price:1", 400, "invalid_query", "sort=score only"),
         ("/v1/watch?sort=price", 400, "invalid_query", "a watch has no order"),
         ("/v1/watch?since=abc", 400, "invalid_query", "event id"),

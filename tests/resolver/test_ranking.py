@@ -116,7 +116,10 @@ def test_saturating_scores_are_bounded_and_fall_as_the_figure_rises(a: float, b:
         st.sampled_from(ranking.CATEGORIES),
         st.one_of(st.none(), st.floats(min_value=0, max_value=10)),
     ),
-    st.dictionaries(st.sampled_from(ranking.CATEGORIES), st.floats(min_value=0, max_value=100)),
+    st.dictionaries(
+        st.sampled_from(ranking.CATEGORIES),
+        st.one_of(st.just(0.0), st.floats(min_value=ranking.MIN_WEIGHT, max_value=100)),
+    ),
 )
 def test_level2_lies_between_the_scores_it_averages(
     l1: dict[str, float | None], weights: dict[str, float]
@@ -151,11 +154,13 @@ def test_weights_parse_with_aliases_and_round_trip() -> None:
         ({"weights": "latency"}, "breaks the rule"),
         ({"weights": "latency:-1"}, "breaks the rule"),
         ({"weights": "latency:101"}, "breaks the rule"),
+        ({"weights": "price:1e-9"}, "breaks the rule"),
         ({"weights": "latency:nan"}, "breaks the rule"),
         ({"weights": "latency:1,network:2"}, "breaks the rule"),  # one category twice
         ({"weights": "latency:0,price:0"}, "at least one above 0"),
         ({"weights": ""}, "name:number pairs"),
         ({"weights": "price:1", "sort": "free"}, "weights apply to sort=score only"),
+        ({"weights": "latency:1,price:1"}, "need near"),
     ],
 )
 def test_bad_sort_or_weights_name_the_rule(params: dict[str, str], match: str) -> None:
