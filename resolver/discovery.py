@@ -528,8 +528,12 @@ class DiscoveryIndex:
         if candidates is not None and not candidates:
             return []
         order, weights, near = q.order, q.weight_map, q.near is not None
+        if order in ("free", "latency"):
+            return self._by_group(q, candidates)
+        sorter = ranking.Sorter(order, near=near, weights=weights)
+        key, facts_of = sorter.key, ranking.entry_facts
         entries = self._entries
-        found: list[ranking.Ranked] = []
+        found: list[tuple[tuple[Any, ...], str, int, float | None]] = []
         for (region, free), members in self._group.items():
             if q.min_free is not None and free < q.min_free:
                 continue
@@ -539,28 +543,78 @@ class DiscoveryIndex:
             if q.max_latency_ms is not None and (latency is None or latency > q.max_latency_ms):
                 continue
             chosen = members if candidates is None else _intersect(members, candidates)
+            group = sorter.group(free, latency)
             for cpid in chosen:
                 entry = entries[cpid]
                 if q.live is not None and free == 0 and entry.live != q.live:
                     continue
-                facts = ranking.entry_facts(entry)
-                found.append(
-                    ranking.explain(
-                        cpid, free, latency, facts, sort=order, near=near, weights=weights
-                    )
-                )
-        best = heapq.nsmallest(q.limit, found, key=ranking.Ranked.sort_key)
-        return [
-            Match(
-                r.cpid,
-                q.score(r.free, r.latency_ms),
-                r.free,
-                r.latency_ms,
-                entries[r.cpid],
-                r.explanation(order, weights),
+                found.append((key(group, cpid, facts_of(entry)), cpid, free, latency))
+        out = []
+        for _, cpid, free, latency in heapq.nsmallest(q.limit, found, key=lambda f: f[0]):
+            entry = entries[cpid]
+            r = ranking.explain(
+                cpid, free, latency, facts_of(entry), sort=order, near=near, weights=weights
             )
-            for r in best
-        ]
+            out.append(
+                Match(
+                    cpid,
+                    q.score(free, latency),
+                    free,
+                    latency,
+                    entry,
+                    r.explanation(order, weights),
+                )
+            )
+        return out
+
+    def _by_group(self, q: Query, candidates: set[str] | frozenset[str] | None) -> list[Match]:
+        """``sort=free`` and ``sort=latency``: their keys are those of a score group, so
+        the groups are walked in key order and the walk stops once ``limit`` is certain
+        (within equal keys, by CPID), as the default order does."""
+        order, weights, near = q.order, q.weight_map, q.near is not None
+        sorter = ranking.Sorter(order, near=near, weights=weights)
+        ranked: list[tuple[tuple[Any, ...], int, float | None, set[str]]] = []
+        for (region, free), members in self._group.items():
+            if q.min_free is not None and free < q.min_free:
+                continue
+            if q.live is False and free > 0:
+                continue
+            latency = None if q.near is None else self.table.rtt(q.near, region)
+            if q.max_latency_ms is not None and (latency is None or latency > q.max_latency_ms):
+                continue
+            key = sorter.key(sorter.group(free, latency), "", ranking.EntryFacts())[:-1]
+            ranked.append((key, free, latency, members))
+        ranked.sort(key=lambda g: g[0])
+        out: list[Match] = []
+        i = 0
+        while i < len(ranked) and len(out) < q.limit:
+            key = ranked[i][0]
+            need = q.limit - len(out)
+            pool: list[tuple[str, int, float | None]] = []
+            while i < len(ranked) and ranked[i][0] == key:
+                _, free, latency, members = ranked[i]
+                chosen: Collection[str] = (
+                    members if candidates is None else _intersect(members, candidates)
+                )
+                if q.live is not None and free == 0:
+                    chosen = [c for c in chosen if self._entries[c].live == q.live]
+                if len(chosen) > need:
+                    chosen = heapq.nsmallest(need, chosen)
+                pool.extend((cpid, free, latency) for cpid in chosen)
+                i += 1
+            best = pool if len(pool) <= need else heapq.nsmallest(need, pool)
+            best.sort()
+            for cpid, free, latency in best:
+                entry = self._entries[cpid]
+                r = ranking.explain(
+                    cpid, free, latency, ranking.entry_facts(entry),
+                    sort=order, near=near, weights=weights,
+                )  # fmt: skip
+                out.append(
+                    Match(cpid, q.score(free, latency), free, latency, entry,
+                          r.explanation(order, weights))
+                )  # fmt: skip
+        return out
 
 
 def _explained(m: Match, q: Query) -> Match:

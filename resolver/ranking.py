@@ -71,7 +71,9 @@ __all__ = [
     "EntryFacts",
     "Ranked",
     "Score",
+    "Sorter",
     "carbon_figure",
+    "clear_cache",
     "communication_score",
     "compute_score",
     "cost_score",
@@ -137,17 +139,29 @@ def sat(x: float, ref: float) -> float:
     return 10.0 * ref / (ref + max(0.0, x))
 
 
-def compute_score(free: int, gpu_util: float | None, mem_fraction: float | None) -> float:
-    """Level 1 *compute*: free units, idle accelerators, free accelerator memory."""
-    total = _W_FREE * (free / (free + FREE_SCALE) if free > 0 else 0.0)
-    weight = _W_FREE
+def _free_term(free: int) -> float:
+    return _W_FREE * (free / (free + FREE_SCALE) if free > 0 else 0.0)
+
+
+def _busy_terms(gpu_util: float | None, mem_fraction: float | None) -> tuple[float, float]:
+    """The idle and free-memory terms of *compute* and their total weight."""
+    total = weight = 0.0
     if gpu_util is not None:
         total += _W_IDLE * (1.0 - _unit(gpu_util / 100.0))
         weight += _W_IDLE
     if mem_fraction is not None:
         total += _W_MEMORY * (1.0 - _unit(mem_fraction))
         weight += _W_MEMORY
-    return 10.0 * total / weight
+    return total, weight
+
+
+def _compute(free_term: float, terms: tuple[float, float]) -> float:
+    return 10.0 * (free_term + terms[0]) / (_W_FREE + terms[1])
+
+
+def compute_score(free: int, gpu_util: float | None, mem_fraction: float | None) -> float:
+    """Level 1 *compute*: free units, idle accelerators, free accelerator memory."""
+    return _compute(_free_term(free), _busy_terms(gpu_util, mem_fraction))
 
 
 def communication_score(latency_ms: float | None) -> float:
@@ -172,16 +186,24 @@ def energy_score(carbon: float | None) -> float | None:
     return None if carbon is None else sat(carbon, CARBON_REF_G_PER_KWH)
 
 
-def level2(l1: Mapping[str, float | None], weights: Mapping[str, float]) -> float | None:
-    """Weighted mean of the present level 1 scores (None when none has weight)."""
+def _level2(values: tuple[float | None, ...], weights: tuple[float, ...]) -> float | None:
     num = den = 0.0
-    for cat in CATEGORIES:
-        value = l1.get(cat)
-        w = weights.get(cat, 0.0)
+    for value, w in zip(values, weights, strict=True):
         if value is not None and w > 0:
             num += w * value
             den += w
     return None if den == 0 else num / den
+
+
+def level2(l1: Mapping[str, float | None], weights: Mapping[str, float]) -> float | None:
+    """Weighted mean of the present level 1 scores (None when none has weight)."""
+    return _level2(
+        tuple(l1.get(c) for c in CATEGORIES), tuple(weights.get(c, 0.0) for c in CATEGORIES)
+    )
+
+
+def _opt_round(x: float | None) -> float | None:
+    return None if x is None else _round(x)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +222,26 @@ class EntryFacts:
         if self.mem_used_mib is None or not self.mem_total_mib:
             return None
         return self.mem_used_mib / self.mem_total_mib
+
+
+@dataclass(frozen=True, slots=True)
+class _Derived:
+    """What of the scores depends on the entry alone (cached with its facts)."""
+
+    busy: tuple[float, float]
+    cost: float | None
+    energy: float | None
+    carbon: float | None
+
+    @classmethod
+    def of(cls, facts: EntryFacts) -> _Derived:
+        carbon = carbon_figure(facts.grid, facts.pue)
+        return cls(
+            _busy_terms(facts.gpu_util, facts.mem_fraction),
+            _opt_round(cost_score(facts.price)),
+            _opt_round(energy_score(carbon)),
+            _opt_round(carbon),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,16 +270,15 @@ def score(
     weights: Mapping[str, float] = DEFAULT_WEIGHTS,
 ) -> Score:
     """The ``cpi-cats-v1`` scores of one result (see the module docstring)."""
-    carbon = carbon_figure(facts.grid, facts.pue)
-    raw: dict[str, float | None] = {
-        "compute": compute_score(free, facts.gpu_util, facts.mem_fraction),
-        "communication": communication_score(latency_ms) if near else None,
-        "cost": cost_score(facts.price),
-        "energy": energy_score(carbon),
-    }
-    l1 = {k: None if v is None else _round(v) for k, v in raw.items()}
-    l2 = level2(l1, weights)
-    return Score(l1, None if l2 is None else _round(l2), None if carbon is None else _round(carbon))
+    d = _derived(facts)
+    values = (
+        _round(_compute(_free_term(free), d.busy)),
+        _round(communication_score(latency_ms)) if near else None,
+        d.cost,
+        d.energy,
+    )
+    l2 = _level2(values, tuple(weights.get(c, 0.0) for c in CATEGORIES))
+    return Score(dict(zip(CATEGORIES, values, strict=True)), _opt_round(l2), d.carbon)
 
 
 # -- query parameters ---------------------------------------------------------------------
@@ -289,6 +330,17 @@ def weights_text(weights: Iterable[tuple[str, float]]) -> str:
 
 _CACHE_MAX: Final = 1 << 18
 _cache: dict[str, tuple[object, object, EntryFacts]] = {}
+_derived_cache: dict[EntryFacts, _Derived] = {}
+
+
+def _derived(facts: EntryFacts) -> _Derived:
+    d = _derived_cache.get(facts)
+    if d is None:
+        d = _Derived.of(facts)
+        if len(_derived_cache) >= _CACHE_MAX:
+            _derived_cache.clear()
+        _derived_cache[facts] = d
+    return d
 
 
 def _number(obj: Any, name: str) -> float | None:
@@ -323,6 +375,12 @@ def _read(entry: Entry) -> EntryFacts:
         pue=_number(loc, "pue"),
         grid=_number(loc, "grid_gco2_per_kwh"),
     )
+
+
+def clear_cache() -> None:
+    """Forget every cached score input (benchmarks measure the cold case with it)."""
+    _cache.clear()
+    _derived_cache.clear()
 
 
 def entry_facts(entry: Entry) -> EntryFacts:
@@ -374,6 +432,50 @@ class Ranked:
             "keys": [{"name": n, "value": v, "order": o} for n, v, o in self.keys],
             "score": self.score.to_dict(weights),
         }
+
+
+class Sorter:
+    """Sort keys of one query, fast: what depends on the group (free units, latency) is
+    computed once per group, what depends on the entry alone once per change of it.
+
+    ``key(...)`` equals ``explain(...).sort_key()`` for the same inputs (tested): the
+    same primitives in the same order of operations, so the keys an answer shows are
+    those that ordered it.
+    """
+
+    def __init__(self, order: str, *, near: bool, weights: Mapping[str, float]) -> None:
+        self.order = order
+        self.near = near
+        self.weights = tuple(weights.get(c, 0.0) for c in CATEGORIES)
+
+    def group(
+        self, free: int, latency_ms: float | None
+    ) -> tuple[int, float | None, float, float | None]:
+        comm = _round(communication_score(latency_ms)) if self.near else None
+        return free, latency_ms if self.near else None, _free_term(free), comm
+
+    def key(
+        self, group: tuple[int, float | None, float, float | None], cpid: str, facts: EntryFacts
+    ) -> tuple[Any, ...]:
+        free, lat, free_term, comm = group
+        order = self.order
+        if order == "free":
+            return ((0, -free), _asc(lat), (0, cpid))
+        if order == "latency":
+            return (_asc(lat), (0, -free), (0, cpid))
+        d = _derived(facts)
+        values = (_round(_compute(free_term, d.busy)), comm, d.cost, d.energy)
+        l2 = _opt_round(_level2(values, self.weights))
+        desc = (1, 0.0) if l2 is None else (0, -l2)
+        if order == "price":
+            return (_asc(facts.price), desc, (0, cpid))
+        if order == "carbon":
+            return (_asc(d.carbon), desc, (0, cpid))
+        return (desc, (0, cpid))
+
+
+def _asc(value: float | None) -> tuple[int, float]:
+    return (1, 0.0) if value is None else (0, value)
 
 
 def explain(

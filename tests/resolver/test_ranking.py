@@ -293,11 +293,15 @@ async def test_weights_change_the_order(world: World) -> None:
 
 async def test_filters_and_limit_still_apply_under_every_sort(world: World) -> None:
     nodes = await _nodes(world)
-    for sort in ("free", "score", "price", "carbon"):
-        got = _order(world, sort=sort, min_free=3, limit=5)
+    for sort in ("free", "latency", "score", "price", "carbon"):
+        got = _order(world, sort=sort, near="31", min_free=3, limit=5)
         assert set(_names(nodes, got)) == {"sh", "sc"}
-        assert len(_order(world, sort=sort, limit=1)) == 1
-        assert _order(world, sort=sort, within="CN.32") == []
+        assert len(_order(world, sort=sort, near="31", limit=1)) == 1
+        assert _order(world, sort=sort, near="31", within="CN.32") == []
+        # a short answer is the head of a long one (the group walks stop early)
+        full = [m.cpid for m in _order(world, sort=sort, near="31", limit=10)]
+        for k in (1, 2, 3):
+            assert [m.cpid for m in _order(world, sort=sort, near="31", limit=k)] == full[:k]
 
 
 async def test_score_inputs_follow_a_new_status(world: World) -> None:
@@ -328,3 +332,41 @@ def test_record_fields_and_metric_bounds() -> None:
     for price in (-1, 1e7, math.nan, math.inf):
         with pytest.raises(ValueError):
             Attributes(price_cny_per_unit_hour=price)
+
+
+opt = st.one_of(st.none(), st.floats(min_value=0, max_value=1e6, allow_nan=False))
+
+
+@given(
+    st.sampled_from(ranking.SORTS[1:]),
+    st.booleans(),
+    st.integers(min_value=0, max_value=10_000),
+    opt,
+    st.builds(
+        ranking.EntryFacts,
+        gpu_util=st.one_of(st.none(), pct),
+        mem_used_mib=opt,
+        mem_total_mib=opt,
+        price=opt,
+        pue=st.one_of(st.none(), st.floats(min_value=1, max_value=5)),
+        grid=st.one_of(st.none(), st.floats(min_value=0, max_value=2000)),
+    ),
+    st.dictionaries(
+        st.sampled_from(ranking.CATEGORIES),
+        st.one_of(st.just(0.0), st.floats(min_value=ranking.MIN_WEIGHT, max_value=100)),
+    ),
+)
+def test_the_fast_sort_key_is_the_explained_one(
+    order: str,
+    near: bool,
+    n: int,
+    latency: float | None,
+    facts: ranking.EntryFacts,
+    weights: dict[str, float],
+) -> None:
+    """Discovery orders by Sorter.key and shows explain()'s keys: they must agree."""
+    w = weights or dict(ranking.DEFAULT_WEIGHTS)
+    sorter = ranking.Sorter(order, near=near, weights=w)
+    fast = sorter.key(sorter.group(n, latency), "CN/GPU.X", facts)
+    slow = ranking.explain("CN/GPU.X", n, latency, facts, sort=order, near=near, weights=w)
+    assert fast == slow.sort_key()
