@@ -40,9 +40,10 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import aiohttp
+from pydantic import ValidationError
 from yarl import URL
 
 from registry.agent import probe as _probe
@@ -250,6 +251,21 @@ async def host_prober() -> _probe.Probe:
 # =============================================================================
 
 
+_T = TypeVar("_T")
+
+
+def _checked(what: str, build: Callable[[], _T]) -> _T:
+    """``build()``, a model's validation error turned into :class:`InvalidDataError`
+    naming the field (``location.pue: ...``)."""
+    try:
+        return build()
+    except ValidationError as exc:
+        where = "; ".join(
+            f"{what}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidDataError(f"the node's {where}") from None
+
+
 class Agent:
     """One node's agent.  Keyword-only; see the module docstring for the protocol.
 
@@ -318,11 +334,16 @@ class Agent:
             raise InvalidDataError(
                 f"namespace {self.namespace} has no region code; give the region (GB/T 2260)"
             )
-        self.location = Location(
-            region=resolved_region, site=site, pue=pue, grid_gco2_per_kwh=grid_gco2_per_kwh
+        self.location = _checked(
+            "location",
+            lambda: Location(
+                region=resolved_region, site=site, pue=pue, grid_gco2_per_kwh=grid_gco2_per_kwh
+            ),
         )
         if price_cny_per_unit_hour is not None:  # checked against the model's bounds now
-            Attributes(price_cny_per_unit_hour=price_cny_per_unit_hour)
+            _checked(
+                "attributes", lambda: Attributes(price_cny_per_unit_hour=price_cny_per_unit_hour)
+            )
         self.price_cny_per_unit_hour = price_cny_per_unit_hour
         self.endpoints = list(endpoints)
         self.labels = dict(labels or {})

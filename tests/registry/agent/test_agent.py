@@ -487,6 +487,21 @@ async def test_once_and_dry_run_through_the_cli(
     assert payload.endpoints == [
         Endpoint(proto="http", host="10.0.0.5", port=8000, purpose="inference")
     ]
+    # the operator's price and site energy figures go into register.v1
+    rc = await asyncio.to_thread(
+        main, [*base[:2], "--registry", "http://127.0.0.1:9", *base[4:], "--dry-run",
+               "--pue", "1.2", "--grid-carbon", "430", "--price", "17.5"],
+    )  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert out["payload"]["location"]["pue"] == 1.2
+    assert out["payload"]["location"]["grid_gco2_per_kwh"] == 430
+    assert out["payload"]["attributes"]["price_cny_per_unit_hour"] == 17.5
+    rc = await asyncio.to_thread(
+        main, [*base[:2], "--registry", "http://127.0.0.1:9", *base[4:], "--dry-run",
+               "--pue", "0.7"],
+    )  # fmt: skip
+    assert rc == 1 and "location.pue" in capsys.readouterr().err
 
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
