@@ -362,8 +362,28 @@ class Match:
     free: int
     latency_ms: float | None
     entry: Entry
-    rank: dict[str, Any] | None = None
-    """Why the result ranks where it does (:meth:`resolver.ranking.Ranked.explanation`)."""
+    order: Query | None = None
+    """The query that ordered this result; its ``rank`` is computed from it when asked
+    for (rendering), so callers that only read the entries (DNS, claims) pay nothing."""
+
+    @property
+    def rank(self) -> dict[str, Any] | None:
+        """Why the result ranks where it does (:meth:`resolver.ranking.Ranked.explanation`)."""
+        q = self.order
+        if q is None:
+            return None
+        sort, weights = q.order, q.weight_map
+        r = ranking.explain(
+            self.cpid,
+            self.free,
+            self.latency_ms,
+            ranking.entry_facts(self.entry),
+            sort=sort,
+            near=q.near is not None,
+            weights=weights,
+            blended=self.score,
+        )
+        return r.explanation(sort, weights)
 
     def to_dict(self) -> dict[str, Any]:
         """``{"cpid", "score", "free", "latency_ms", "record", ..., "rank"}`` (record decoded)."""
@@ -380,8 +400,9 @@ class Match:
             "version": e.version,
             "revision": e.revision,
         }
-        if self.rank is not None:
-            out["rank"] = self.rank
+        rank = self.rank
+        if rank is not None:
+            out["rank"] = rank
         return out
 
 
@@ -549,23 +570,10 @@ class DiscoveryIndex:
                 if q.live is not None and free == 0 and entry.live != q.live:
                     continue
                 found.append((key(group, cpid, facts_of(entry)), cpid, free, latency))
-        out = []
-        for _, cpid, free, latency in heapq.nsmallest(q.limit, found, key=lambda f: f[0]):
-            entry = entries[cpid]
-            r = ranking.explain(
-                cpid, free, latency, facts_of(entry), sort=order, near=near, weights=weights
-            )
-            out.append(
-                Match(
-                    cpid,
-                    q.score(free, latency),
-                    free,
-                    latency,
-                    entry,
-                    r.explanation(order, weights),
-                )
-            )
-        return out
+        return [
+            Match(cpid, q.score(free, latency), free, latency, entries[cpid], q)
+            for _, cpid, free, latency in heapq.nsmallest(q.limit, found, key=lambda f: f[0])
+        ]
 
     def _by_group(self, q: Query, candidates: set[str] | frozenset[str] | None) -> list[Match]:
         """``sort=free`` and ``sort=latency``: their keys are those of a score group, so
@@ -604,34 +612,13 @@ class DiscoveryIndex:
                 i += 1
             best = pool if len(pool) <= need else heapq.nsmallest(need, pool)
             best.sort()
-            for cpid, free, latency in best:
-                entry = self._entries[cpid]
-                r = ranking.explain(
-                    cpid, free, latency, ranking.entry_facts(entry),
-                    sort=order, near=near, weights=weights,
-                )  # fmt: skip
-                out.append(
-                    Match(cpid, q.score(free, latency), free, latency, entry,
-                          r.explanation(order, weights))
-                )  # fmt: skip
+            out.extend(Match(c, q.score(f, lat), f, lat, self._entries[c], q) for c, f, lat in best)
         return out
 
 
 def _explained(m: Match, q: Query) -> Match:
-    """``m`` (a match of the default order) with its ``rank`` object."""
-    r = ranking.explain(
-        m.cpid,
-        m.free,
-        m.latency_ms,
-        ranking.entry_facts(m.entry),
-        sort="default",
-        near=q.near is not None,
-        weights=q.weight_map,
-        blended=m.score,
-    )
-    return Match(
-        m.cpid, m.score, m.free, m.latency_ms, m.entry, r.explanation("default", q.weight_map)
-    )
+    """``m`` (a match of the default order) that can explain its rank."""
+    return Match(m.cpid, m.score, m.free, m.latency_ms, m.entry, q)
 
 
 def _intersect(a: set[str], b: set[str] | frozenset[str]) -> set[str] | frozenset[str]:
