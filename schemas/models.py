@@ -197,11 +197,11 @@ def _check_metrics(value: dict[str, float]) -> dict[str, float]:
         if not _METRIC_KEY.match(k):
             raise ValueError(f"metric name {k!r} must match [a-z][a-z0-9_]{{0,63}}")
         if not math.isfinite(v) or abs(v) > METRIC_BOUND:
-            raise ValueError(f"metric {k!r} is {v!r}: must be finite, magnitude at most 2**53 - 1")
+            raise ValueError(f"metric {k!r} is {v:g}: must be finite, magnitude at most 2**53 - 1")
         spec = METRICS.get(k)
         if spec is not None and not spec.low <= v <= spec.high:
             raise ValueError(
-                f"metric {k!r} is {v!r} {spec.unit}: must be between {spec.low:g} and {spec.high:g}"
+                f"metric {k!r} is {v:g} {spec.unit}: must be between {spec.low:g} and {spec.high:g}"
             )
     return value
 
