@@ -554,6 +554,11 @@ class DiscoveryIndex:
         sorter = ranking.Sorter(order, near=near, weights=weights)
         key, facts_of = sorter.key, ranking.entry_facts
         entries = self._entries
+        # price and carbon: the first key depends on the entry alone and is cheap, so
+        # it is computed for every match, and the full keys only for the matches whose
+        # first key is within the best `limit` (the others cannot make the answer)
+        first = ranking.first_key if order in ("price", "carbon") else None
+        pending: list[tuple[tuple[int, float], Any, str, ranking.EntryFacts]] = []
         found: list[tuple[tuple[Any, ...], str, int, float | None]] = []
         for (region, free), members in self._group.items():
             if q.min_free is not None and free < q.min_free:
@@ -569,7 +574,19 @@ class DiscoveryIndex:
                 entry = entries[cpid]
                 if q.live is not None and free == 0 and entry.live != q.live:
                     continue
-                found.append((key(group, cpid, facts_of(entry)), cpid, free, latency))
+                facts = facts_of(entry)
+                if first is not None:
+                    pending.append((first(order, facts), group, cpid, facts))
+                else:
+                    found.append((key(group, cpid, facts), cpid, group[0], latency))
+        if pending:
+            if len(pending) > q.limit:
+                worst = heapq.nsmallest(q.limit, pending, key=lambda p: p[0])[-1][0]
+                pending = [p for p in pending if p[0] <= worst]
+            found = [
+                (key(group, cpid, facts), cpid, group[0], group[4])
+                for _, group, cpid, facts in pending
+            ]
         return [
             Match(cpid, q.score(free, latency), free, latency, entries[cpid], q)
             for _, cpid, free, latency in heapq.nsmallest(q.limit, found, key=lambda f: f[0])

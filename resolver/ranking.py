@@ -80,6 +80,7 @@ __all__ = [
     "energy_score",
     "entry_facts",
     "explain",
+    "first_key",
     "level2",
     "parse_sort",
     "parse_weights",
@@ -434,6 +435,11 @@ class Ranked:
         }
 
 
+Group = tuple[int, float | None, float, float | None, float | None]
+"""Per score group: free units, latency as compared (None without near), the free term
+of *compute*, the *communication* score, latency as given."""
+
+
 class Sorter:
     """Sort keys of one query, fast: what depends on the group (free units, latency) is
     computed once per group, what depends on the entry alone once per change of it.
@@ -448,16 +454,13 @@ class Sorter:
         self.near = near
         self.weights = tuple(weights.get(c, 0.0) for c in CATEGORIES)
 
-    def group(
-        self, free: int, latency_ms: float | None
-    ) -> tuple[int, float | None, float, float | None]:
+    def group(self, free: int, latency_ms: float | None) -> Group:
+        """What the keys of a score group's members share (``latency_ms`` last, as given)."""
         comm = _round(communication_score(latency_ms)) if self.near else None
-        return free, latency_ms if self.near else None, _free_term(free), comm
+        return free, latency_ms if self.near else None, _free_term(free), comm, latency_ms
 
-    def key(
-        self, group: tuple[int, float | None, float, float | None], cpid: str, facts: EntryFacts
-    ) -> tuple[Any, ...]:
-        free, lat, free_term, comm = group
+    def key(self, group: Group, cpid: str, facts: EntryFacts) -> tuple[Any, ...]:
+        free, lat, free_term, comm, _ = group
         order = self.order
         if order == "free":
             return ((0, -free), _asc(lat), (0, cpid))
@@ -476,6 +479,14 @@ class Sorter:
 
 def _asc(value: float | None) -> tuple[int, float]:
     return (1, 0.0) if value is None else (0, value)
+
+
+def first_key(order: str, facts: EntryFacts) -> tuple[int, float]:
+    """The first sort key of ``price`` or ``carbon``: the entry's alone, as
+    :meth:`Sorter.key` puts it first (used to drop matches that cannot make the answer)."""
+    if order == "price":
+        return _asc(facts.price)
+    return _asc(_opt_round(carbon_figure(facts.grid, facts.pue)))
 
 
 def explain(

@@ -370,3 +370,39 @@ def test_the_fast_sort_key_is_the_explained_one(
     fast = sorter.key(sorter.group(n, latency), "CN/GPU.X", facts)
     slow = ranking.explain("CN/GPU.X", n, latency, facts, sort=order, near=near, weights=w)
     assert fast == slow.sort_key()
+    if order in ("price", "carbon"):  # the cheap first pass keeps what the full keys need
+        assert ranking.first_key(order, facts) == fast[0]
+
+
+async def test_every_order_equals_sorting_all_matches_by_their_shown_keys(world: World) -> None:
+    """30 nodes with tied prices, carbon figures and free units: each order's best k
+    is the head of all matches sorted by the keys each result shows."""
+    import random
+
+    rng = random.Random(5)
+    for _ in range(30):
+        node = Node(region=rng.choice(["31", "32", "51", "62"]))
+        rec = node.record(
+            location=Location(
+                region=node.region,
+                pue=rng.choice([None, 1.2, 1.5]),
+                grid_gco2_per_kwh=rng.choice([None, 400.0, 600.0]),
+            ),
+            attributes=node.record().attributes.model_copy(
+                update={"price_cny_per_unit_hour": rng.choice([None, 8.0, 12.0])}
+            ),
+        )
+        await world.put(Keys.rec(node.cpid), signed(world.pki, rec).to_json())
+        util = rng.choice([0, 50, 100])
+        await world.put(
+            Keys.live(node.cpid),
+            node.status(free=rng.choice([0, 2, 8]), metrics={"gpu_util": util}).to_json(),
+        )
+    for sort in ranking.SORTS:
+        everything = _order(world, sort=sort, near="31", limit=100)
+        assert len(everything) == 30
+        _check_explained(everything, sort)
+        for k in (1, 5, 12):
+            assert [m.cpid for m in _order(world, sort=sort, near="31", limit=k)] == [
+                m.cpid for m in everything[:k]
+            ]
