@@ -192,6 +192,8 @@ class DiscoveryHit:
     version: int
     revision: int
     record: Mapping[str, Any] = field(repr=False, compare=False)
+    rank: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
+    """Why the hit ranks where it does: ``{"sort", "keys", "score"}`` (docs/resolver.md)."""
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> DiscoveryHit:
@@ -207,6 +209,7 @@ class DiscoveryHit:
                 version=_int(obj.get("version")),
                 revision=_int(obj.get("revision")),
                 record=dict(obj.get("record") or {}),
+                rank=dict(obj["rank"]) if isinstance(obj.get("rank"), dict) else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidDataError(f"not a discovery result: {exc!r}") from exc
@@ -214,6 +217,12 @@ class DiscoveryHit:
     @property
     def kind(self) -> str:
         return str(self.record.get("kind", ""))
+
+    @property
+    def l2(self) -> float | None:
+        """The level 2 score (0-10, ``cpi-cats-v1``) of the hit, when the answer has one."""
+        value = ((self.rank or {}).get("score") or {}).get("l2")
+        return float(value) if isinstance(value, int | float) else None
 
     @property
     def accelerators(self) -> tuple[tuple[str, int], ...]:
@@ -229,6 +238,8 @@ class Discovery:
     hits: tuple[DiscoveryHit, ...]
     revision: int
     stale: bool = False
+    ranking: Mapping[str, Any] | None = field(default=None, compare=False)
+    """The answer's order: ``{"sort", "function", "weights"}``."""
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> Discovery:
@@ -239,6 +250,7 @@ class Discovery:
             hits=tuple(DiscoveryHit.from_dict(r) for r in results),
             revision=_int(obj.get("revision")),
             stale=obj.get("stale") is True,
+            ranking=dict(obj["ranking"]) if isinstance(obj.get("ranking"), dict) else None,
         )
 
     def __iter__(self) -> Iterator[DiscoveryHit]:
@@ -259,6 +271,9 @@ def _query(query: Query | None, filters: Mapping[str, Any]) -> Query:
     labels = filters.get("labels")
     if isinstance(labels, Mapping):
         filters = {**filters, "labels": tuple(labels.items())}
+    weights = filters.get("weights")
+    if isinstance(weights, Mapping):
+        filters = {**filters, "weights": tuple(weights.items())}
     return Query(**filters)
 
 
@@ -365,7 +380,8 @@ class ResolverClient:
     async def find(self, query: Query | None = None, **filters: Any) -> Discovery:
         """Discovery, best first: a :class:`Query` or its fields as keywords
         (``kind``, ``within``, ``accelerator``, ``min_free``, ``near``, ``max_latency_ms``,
-        ``labels`` as a dict or pairs, ``live``, ``limit``)."""
+        ``labels`` as a dict or pairs, ``live``, ``limit``, ``sort``, ``weights`` as a
+        dict or pairs, e.g. ``{"latency": 2, "price": 1}``)."""
         return Discovery.from_dict(await self.discover(_query(query, filters)))
 
     async def ready(self) -> dict[str, Any]:

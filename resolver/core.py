@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import Any
 
 from registry.index import Index
+from resolver import ranking
 from resolver.config import ResolverConfig
 from resolver.discovery import LatencyTable, Match, Query
 from resolver.entry import Entry
@@ -90,12 +91,16 @@ class DiscoveryResult:
     results: list[Match]
     revision: int
     stale: bool
+    ranking: dict[str, Any] | None = None
+    """The order of the answer: ``{"sort", "function", "weights"}``."""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "results": [m.to_dict() for m in self.results],
             "revision": self.revision,
         }
+        if self.ranking is not None:
+            out["ranking"] = self.ranking
         if self.stale:
             out["stale"] = True
         return out
@@ -317,7 +322,12 @@ class Resolver:
         started = time.perf_counter()
         results = self._state.discovery.search(query)
         self.metrics.discover_seconds.observe(time.perf_counter() - started)
-        return DiscoveryResult(results, self.revision, self.stale)
+        order = {
+            "sort": query.order,
+            "function": ranking.FUNCTION,
+            "weights": dict(query.weight_map),
+        }
+        return DiscoveryResult(results, self.revision, self.stale, order)
 
     # -- change notification -------------------------------------------------------------
 

@@ -12,7 +12,10 @@ Ranking (documented in ``docs/resolver.md``)::
                                       a region missing from the table counts as 50 ms
     F = free / (free + 8)             free units: 0 -> 0, 8 -> 0.5, 24 -> 0.75
 
-Ties are broken by CPID (ascending), so answers are deterministic.
+Ties are broken by CPID (ascending), so answers are deterministic.  That is the
+default order; ``sort=latency|free|score|price|carbon`` (and ``weights=``) choose
+another one, defined with the ``cpi-cats-v1`` scores in :mod:`resolver.ranking`, and
+every result carries a ``rank`` object saying which keys put it where it is.
 
 :class:`DiscoveryIndex` keeps secondary indexes (sets of CPIDs) by kind, accelerator
 model, every namespace prefix of the CPID, label pair, and by *score group* -- region
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from resolver import ranking
 from resolver.entry import Entry
 from resolver.errors import QueryError
 from schemas import _json
@@ -156,6 +160,12 @@ class Query:
     labels: tuple[tuple[str, str], ...] = ()
     live: bool | None = None
     limit: int = 20
+    sort: str | None = None
+    """One of :data:`resolver.ranking.SORTS`; None: ``score`` with ``weights``, else the
+    default order."""
+    weights: tuple[tuple[str, float], ...] = ()
+    """Level 2 weights by category (:func:`resolver.ranking.parse_weights`); only with
+    ``sort=score`` (implied when not given)."""
 
     def __post_init__(self) -> None:
         if self.kind is not None and self.kind not in KINDS:
@@ -188,6 +198,37 @@ class Query:
                 )
         if self.limit < 1:
             raise QueryError(f"limit={self.limit}: must be at least 1")
+        if self.sort is not None:
+            object.__setattr__(self, "sort", ranking.parse_sort(self.sort))
+        if self.weights:
+            # the same rule as the URL form, so a Query built in code is checked alike
+            object.__setattr__(
+                self, "weights", ranking.parse_weights(ranking.weights_text(self.weights))
+            )
+            if self.sort not in (None, "score"):
+                raise QueryError(
+                    f"weights apply to sort=score only (got sort={self.sort}); "
+                    "drop weights or use sort=score"
+                )
+        if self.sort == "latency" and self.near is None:
+            raise QueryError("sort=latency needs near=<region> to estimate latencies from")
+        if self.near is None and dict(self.weights).get("communication", 0) > 0:
+            raise QueryError(
+                "weights on communication (latency, network) need near=<region> to estimate "
+                "latencies from"
+            )
+
+    @property
+    def order(self) -> str:
+        """The sort in effect: ``sort``, else ``score`` with weights, else ``default``."""
+        if self.sort is not None:
+            return self.sort
+        return "score" if self.weights else "default"
+
+    @property
+    def weight_map(self) -> Mapping[str, float]:
+        """Level 2 weights in effect (the defaults without ``weights``)."""
+        return dict(self.weights) if self.weights else ranking.DEFAULT_WEIGHTS
 
     @classmethod
     def from_params(
@@ -209,6 +250,8 @@ class Query:
             "label",
             "live",
             "limit",
+            "sort",
+            "weights",
         }
         seen: dict[str, str] = {}
         labels: list[tuple[str, str]] = []
@@ -258,6 +301,8 @@ class Query:
             labels=tuple(labels),
             live=_bool("live", seen["live"]) if "live" in seen else None,
             limit=default_limit if limit is None else limit,
+            sort=ranking.parse_sort(seen["sort"]) if "sort" in seen else None,
+            weights=ranking.parse_weights(seen["weights"]) if "weights" in seen else (),
         )
 
     def to_params(self, *, with_limit: bool = True) -> list[tuple[str, str]]:
@@ -272,8 +317,12 @@ class Query:
         out.extend(("label", f"{k}:{v}") for k, v in self.labels)
         if self.live is not None:
             out.append(("live", "true" if self.live else "false"))
-        if with_limit:
+        if with_limit:  # discovery only: a watch has no order
             out.append(("limit", str(self.limit)))
+            if self.sort is not None:
+                out.append(("sort", self.sort))
+            if self.weights:
+                out.append(("weights", ranking.weights_text(self.weights)))
         return out
 
     def latency(self, entry: Entry, table: LatencyTable) -> float | None:
@@ -313,11 +362,33 @@ class Match:
     free: int
     latency_ms: float | None
     entry: Entry
+    order: Query | None = None
+    """The query that ordered this result; its ``rank`` is computed from it when asked
+    for (rendering), so callers that only read the entries (DNS, claims) pay nothing."""
+
+    @property
+    def rank(self) -> dict[str, Any] | None:
+        """Why the result ranks where it does (:meth:`resolver.ranking.Ranked.explanation`)."""
+        q = self.order
+        if q is None:
+            return None
+        sort, weights = q.order, q.weight_map
+        r = ranking.explain(
+            self.cpid,
+            self.free,
+            self.latency_ms,
+            ranking.entry_facts(self.entry),
+            sort=sort,
+            near=q.near is not None,
+            weights=weights,
+            blended=self.score,
+        )
+        return r.explanation(sort, weights)
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"cpid", "score", "free", "latency_ms", "record", ...}`` (record decoded)."""
+        """``{"cpid", "score", "free", "latency_ms", "record", ..., "rank"}`` (record decoded)."""
         e = self.entry
-        return {
+        out = {
             "cpid": self.cpid,
             "score": round(self.score, 6),
             "free": self.free,
@@ -329,6 +400,10 @@ class Match:
             "version": e.version,
             "revision": e.revision,
         }
+        rank = self.rank
+        if rank is not None:
+            out["rank"] = rank
+        return out
 
 
 _EMPTY: frozenset[str] = frozenset()
@@ -422,6 +497,11 @@ class DiscoveryIndex:
 
     def search(self, q: Query) -> list[Match]:
         """The best ``q.limit`` matches, best first (see the module docstring)."""
+        if q.order != "default":
+            return self._ranked(q)
+        return [_explained(m, q) for m in self._search_default(q)]
+
+    def _search_default(self, q: Query) -> list[Match]:
         candidates = self._candidates(q)
         if candidates is not None and not candidates:
             return []
@@ -461,6 +541,101 @@ class DiscoveryIndex:
             best.sort()
             out.extend(Match(c, score, f, lat, self._entries[c]) for c, f, lat in best)
         return out
+
+    def _ranked(self, q: Query) -> list[Match]:
+        """Every match ordered by ``q.order`` (:mod:`resolver.ranking`), the best
+        ``q.limit``: the sort keys of each match are computed, then the smallest kept."""
+        candidates = self._candidates(q)
+        if candidates is not None and not candidates:
+            return []
+        order, weights, near = q.order, q.weight_map, q.near is not None
+        if order in ("free", "latency"):
+            return self._by_group(q, candidates)
+        sorter = ranking.Sorter(order, near=near, weights=weights)
+        key, facts_of = sorter.key, ranking.entry_facts
+        entries = self._entries
+        # price and carbon: the first key depends on the entry alone and is cheap, so
+        # it is computed for every match, and the full keys only for the matches whose
+        # first key is within the best `limit` (the others cannot make the answer)
+        first = ranking.first_key if order in ("price", "carbon") else None
+        pending: list[tuple[tuple[int, float], Any, str, ranking.EntryFacts]] = []
+        found: list[tuple[tuple[Any, ...], str, int, float | None]] = []
+        for (region, free), members in self._group.items():
+            if q.min_free is not None and free < q.min_free:
+                continue
+            if q.live is False and free > 0:
+                continue
+            latency = None if q.near is None else self.table.rtt(q.near, region)
+            if q.max_latency_ms is not None and (latency is None or latency > q.max_latency_ms):
+                continue
+            chosen = members if candidates is None else _intersect(members, candidates)
+            group = sorter.group(free, latency)
+            for cpid in chosen:
+                entry = entries[cpid]
+                if q.live is not None and free == 0 and entry.live != q.live:
+                    continue
+                facts = facts_of(entry)
+                if first is not None:
+                    pending.append((first(order, facts), group, cpid, facts))
+                else:
+                    found.append((key(group, cpid, facts), cpid, group[0], latency))
+        if pending:
+            if len(pending) > q.limit:
+                worst = heapq.nsmallest(q.limit, pending, key=lambda p: p[0])[-1][0]
+                pending = [p for p in pending if p[0] <= worst]
+            found = [
+                (key(group, cpid, facts), cpid, group[0], group[4])
+                for _, group, cpid, facts in pending
+            ]
+        return [
+            Match(cpid, q.score(free, latency), free, latency, entries[cpid], q)
+            for _, cpid, free, latency in heapq.nsmallest(q.limit, found, key=lambda f: f[0])
+        ]
+
+    def _by_group(self, q: Query, candidates: set[str] | frozenset[str] | None) -> list[Match]:
+        """``sort=free`` and ``sort=latency``: their keys are those of a score group, so
+        the groups are walked in key order and the walk stops once ``limit`` is certain
+        (within equal keys, by CPID), as the default order does."""
+        order, weights, near = q.order, q.weight_map, q.near is not None
+        sorter = ranking.Sorter(order, near=near, weights=weights)
+        ranked: list[tuple[tuple[Any, ...], int, float | None, set[str]]] = []
+        for (region, free), members in self._group.items():
+            if q.min_free is not None and free < q.min_free:
+                continue
+            if q.live is False and free > 0:
+                continue
+            latency = None if q.near is None else self.table.rtt(q.near, region)
+            if q.max_latency_ms is not None and (latency is None or latency > q.max_latency_ms):
+                continue
+            key = sorter.key(sorter.group(free, latency), "", ranking.EntryFacts())[:-1]
+            ranked.append((key, free, latency, members))
+        ranked.sort(key=lambda g: g[0])
+        out: list[Match] = []
+        i = 0
+        while i < len(ranked) and len(out) < q.limit:
+            key = ranked[i][0]
+            need = q.limit - len(out)
+            pool: list[tuple[str, int, float | None]] = []
+            while i < len(ranked) and ranked[i][0] == key:
+                _, free, latency, members = ranked[i]
+                chosen: Collection[str] = (
+                    members if candidates is None else _intersect(members, candidates)
+                )
+                if q.live is not None and free == 0:
+                    chosen = [c for c in chosen if self._entries[c].live == q.live]
+                if len(chosen) > need:
+                    chosen = heapq.nsmallest(need, chosen)
+                pool.extend((cpid, free, latency) for cpid in chosen)
+                i += 1
+            best = pool if len(pool) <= need else heapq.nsmallest(need, pool)
+            best.sort()
+            out.extend(Match(c, q.score(f, lat), f, lat, self._entries[c], q) for c, f, lat in best)
+        return out
+
+
+def _explained(m: Match, q: Query) -> Match:
+    """``m`` (a match of the default order) that can explain its rank."""
+    return Match(m.cpid, m.score, m.free, m.latency_ms, m.entry, q)
 
 
 def _intersect(a: set[str], b: set[str] | frozenset[str]) -> set[str] | frozenset[str]:

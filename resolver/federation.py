@@ -47,6 +47,7 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from registry.index import ROOT, Compacted, Index
+from resolver import ranking
 from resolver.config import EtcdSettings
 from resolver.core import DiscoveryResult, Resolver, ResolverSettings
 from resolver.discovery import LatencyTable, Match, Query
@@ -963,7 +964,8 @@ class Federation:
         return out
 
     def discover(self, query: Query, roots: frozenset[str] | None = None) -> DiscoveryResult:
-        """Discovery over the members concerned, merged by (score desc, CPID)."""
+        """Discovery over the members concerned, each list in the query's order, merged
+        by the same keys (:func:`_merge_key`)."""
         started = time.perf_counter()
         lists: list[list[Match]] = []
         revision = 0
@@ -984,9 +986,14 @@ class Federation:
         if len(lists) == 1:
             merged = lists[0][: query.limit]
         else:
-            merged = list(heapq.merge(*lists, key=lambda x: (-x.score, x.cpid)))[: query.limit]
+            merged = list(heapq.merge(*lists, key=_merge_key(query)))[: query.limit]
         self.metrics.discover_seconds.observe(time.perf_counter() - started)
-        return DiscoveryResult(merged, revision, stale)
+        order = {
+            "sort": query.order,
+            "function": ranking.FUNCTION,
+            "weights": dict(query.weight_map),
+        }
+        return DiscoveryResult(merged, revision, stale, order)
 
     # -- change notification ------------------------------------------------------------
 
@@ -1146,3 +1153,29 @@ def _fed(ev: Event, fid: str, m: Member) -> FedEvent:
         member=m.name,
         root=m.root,
     )
+
+
+def _merge_key(query: Query) -> Callable[[Match], Any]:
+    """The key that orders matches of ``query`` across members: (score desc, CPID) for
+    the default order, else the keys each result's ``rank`` shows (the keys that ordered
+    it within its member, :meth:`resolver.ranking.Ranked.sort_key`)."""
+    if query.order == "default":
+        return lambda m: (-m.score, m.cpid)
+    near = query.near is not None
+    weights = query.weight_map
+
+    def key(m: Match) -> tuple[Any, ...]:
+        facts = ranking.entry_facts(m.entry)
+        r = ranking.explain(
+            m.cpid,
+            m.free,
+            m.latency_ms,
+            facts,
+            sort=query.order,
+            near=near,
+            weights=weights,
+            blended=m.score,
+        )
+        return r.sort_key()
+
+    return key

@@ -6,8 +6,8 @@ Routes (all ``GET``):
   the signed record, its cert chain and the node-signed status, as envelopes, so a
   client holding only the anchor can verify it.  The body is rendered once per entry
   state and served as prepared bytes.  ``400 invalid_cpid``, ``404 not_found``.
-* ``/v1/discover?kind=&within=&accelerator=&min_free=&near=&max_latency_ms=&label=k:v&live=&limit=``
-  -> ``{"results": [{"cpid", "score", "free", "latency_ms", "record", ...}], "revision"}``.
+* ``/v1/discover?kind=&within=&accelerator=&min_free=&near=&max_latency_ms=&label=k:v&live=&limit=&sort=&weights=``
+  -> ``{"results": [{"cpid", "score", "free", "latency_ms", "record", ..., "rank"}], "revision", "ranking"}``.
 * ``/v1/watch?<same filters>`` -> ``text/event-stream``: ``put``/``delete`` events
   (``id:`` = etcd revision), ``relist`` when the requested position is gone; resumable
   with ``Last-Event-ID`` (or ``?since=``).  See ``docs/resolver.md``.
@@ -324,6 +324,8 @@ async def get_watch(request: web.Request) -> web.StreamResponse:
     resolver = request.app[RESOLVER]
     config = request.app[CONFIG]
     query = _query(request, ignore=("since",))
+    if query.sort is not None or query.weights:
+        raise QueryError("sort and weights order a discovery answer; a watch has no order")
     roots = _roots(request)
     since_text = request.headers.get("Last-Event-ID") or request.query.get("since")
     if isinstance(resolver, Federation):

@@ -61,6 +61,20 @@ _FILTERS: Final = (
         {"type": "string", "pattern": "^[A-Za-z]{2}(,[A-Za-z]{2})*$"},
     ),
 )
+_ORDER: Final = (
+    _q(
+        "sort",
+        "order of the results (docs/resolver.md, Ranking): default (0.6 latency + 0.4 free), "
+        "latency (needs near), free, score (CATS level 2, cpi-cats-v1), price, carbon",
+        {"type": "string", "enum": ["default", "latency", "free", "score", "price", "carbon"]},
+    ),
+    _q(
+        "weights",
+        "level 2 weights for sort=score (implied), e.g. latency:2,price:1; names: compute "
+        "(free), communication (latency, network), cost (price), energy (carbon); each 0 or 0.001-100",
+        {"type": "string", "pattern": "^[a-z]+:[0-9.eE+-]+(,[a-z]+:[0-9.eE+-]+)*$"},
+    ),
+)
 _POS: Final = "[0-9]+(\\.[0-9]+)?"
 _FED: Final = (
     f"[A-Za-z0-9][A-Za-z0-9_.-]{{0,31}}:{_POS}(,[A-Za-z0-9][A-Za-z0-9_.-]{{0,31}}:{_POS})*"
@@ -96,7 +110,7 @@ OPERATIONS: Final[dict[tuple[str, str], Operation]] = {
     ),
     ("GET", "/v1/discover"): Operation(
         summary="Discover resources matching filters, best first",
-        params=_FILTERS,
+        params=(*_FILTERS, *_ORDER),
         replies={200: Reply("the matches", api.DiscoverAnswer, headers=_STALE)},
         errors=(400, 503),
         tags=("lookup",),

@@ -18,6 +18,7 @@ from pydantic.json_schema import SkipJsonSchema
 from schemas.models import Record
 
 __all__ = [
+    "CatsScore",
     "ClaimCreated",
     "ClaimList",
     "ClaimPart",
@@ -37,6 +38,9 @@ __all__ = [
     "LogEntry",
     "LogInclusion",
     "PerResource",
+    "RankExplanation",
+    "RankKey",
+    "Ranking",
     "RegistrationAnswer",
     "RegistryReady",
     "ResolverReady",
@@ -163,6 +167,43 @@ class ResourceBundle(_Wire):
     )
 
 
+SortName = Literal["default", "latency", "free", "score", "price", "carbon"]
+
+
+class RankKey(_Wire):
+    name: str = Field(description="what was compared, e.g. price_cny_per_unit_hour, l2, cpid")
+    value: float | str | None = Field(description="its value for this result (null: missing)")
+    order: Literal["asc", "desc"]
+
+
+class CatsScore(_Wire):
+    """The CATS-style scores of one result (docs/resolver.md, "Ranking")."""
+
+    function: str = Field(description="name and version of the scoring functions: cpi-cats-v1")
+    l1: dict[str, float | None] = Field(
+        description="level 1 score (0-10) per category: compute, communication, cost, energy; "
+        "null when the category's inputs are missing"
+    )
+    l2: float | None = Field(description="level 2 score (0-10): weighted mean of the l1 present")
+    weights: dict[str, float] = Field(description="the level 2 weights by category")
+
+
+class RankExplanation(_Wire):
+    """Why a result ranks where it does: the keys compared, in order, and its scores."""
+
+    sort: SortName
+    keys: list[RankKey]
+    score: CatsScore
+
+
+class Ranking(_Wire):
+    """The order of a discovery answer."""
+
+    sort: SortName
+    function: str = Field(description="name and version of the scoring functions: cpi-cats-v1")
+    weights: dict[str, float]
+
+
 class DiscoverMatch(_Wire):
     cpid: str
     score: float
@@ -174,11 +215,13 @@ class DiscoverMatch(_Wire):
     kid: str
     version: int
     revision: NonNegative
+    rank: RankExplanation | SkipJsonSchema[None] = None
 
 
 class DiscoverAnswer(_Wire):
     results: list[DiscoverMatch] = Field(description="best first")
     revision: NonNegative
+    ranking: Ranking | SkipJsonSchema[None] = None
     stale: bool | SkipJsonSchema[None] = Field(
         None, description="present (true) while etcd is unreachable"
     )

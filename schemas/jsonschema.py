@@ -91,7 +91,23 @@ _EXTRA: Final[dict[Callable[..., Any], dict[str, Any]]] = {
         "propertyNames": {"pattern": r"^[a-z0-9._/-]{1,63}$"},
         "additionalProperties": {"type": "string", "maxLength": 256},
     },
-    _models._check_metrics: {"propertyNames": {"pattern": r"^[a-z][a-z0-9_]{0,63}$"}},
+    _models._check_metrics: {
+        "propertyNames": {"pattern": r"^[a-z][a-z0-9_]{0,63}$"},
+        "properties": {
+            name: {
+                "type": "number",
+                "minimum": spec.low,
+                "maximum": spec.high,
+                "description": f"{spec.what} ({spec.unit})",
+            }
+            for name, spec in sorted(_models.METRICS.items())
+        },
+        "additionalProperties": {
+            "type": "number",
+            "minimum": -_models.METRIC_BOUND,
+            "maximum": _models.METRIC_BOUND,
+        },
+    },
     _models._check_region: {
         "pattern": r"^[0-9]{2}([0-9]{2}){0,2}$",
         "description": "GB/T 2260 region code (2, 4 or 6 digits)",

@@ -6,7 +6,10 @@ All models are frozen, strict and reject unknown fields.  Each payload carries a
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, ClassVar, Final, Literal, TypeVar
 
 from pydantic import (
@@ -32,6 +35,8 @@ __all__ = [
     "MAX_METRICS",
     "MAX_RECORD_BYTES",
     "MAX_STRING",
+    "METRICS",
+    "METRIC_BOUND",
     "Accelerator",
     "Anchor",
     "Attributes",
@@ -42,6 +47,7 @@ __all__ = [
     "Document",
     "Endpoint",
     "Location",
+    "MetricSpec",
     "Record",
     "Register",
     "Revocation",
@@ -62,6 +68,37 @@ MAX_LABELS: Final = 32
 MAX_METRICS: Final = 32
 MAX_STRING: Final = 256
 """Longest free-text string (characters); fields with a syntax of their own are shorter."""
+
+METRIC_BOUND: Final = MAX_INT
+"""Bound on the magnitude of any metric value, named or not (2**53 - 1)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    """A named L0 metric of ``status.v1`` (docs/protocol.md §4): unit and bounds."""
+
+    unit: str
+    low: float
+    high: float
+    what: str
+
+
+METRICS: Final[Mapping[str, MetricSpec]] = {
+    "gpu_util": MetricSpec("percent", 0, 100, "mean utilisation of the node's accelerators"),
+    "gpu_mem_used_mib": MetricSpec(
+        "MiB", 0, 2**40, "accelerator memory in use, summed over the node's accelerators"
+    ),
+    "gpu_mem_total_mib": MetricSpec(
+        "MiB", 0, 2**40, "accelerator memory installed, summed over the node's accelerators"
+    ),
+    "power_w": MetricSpec("W", 0, 10_000_000, "power drawn by the node's accelerators, summed"),
+    "power_limit_w": MetricSpec(
+        "W", 0, 10_000_000, "power limit of the node's accelerators, summed"
+    ),
+}
+"""The L0 metrics this protocol names (docs/protocol.md §4, "Metrics"): a status may
+carry others (names matching the metric syntax, magnitude at most
+:data:`METRIC_BOUND`), but a named one must lie within its bounds."""
 
 _MEDIA_PREFIX = "application/vnd.cpi."
 _MEDIA_SUFFIX = "+json"
@@ -156,9 +193,16 @@ def _check_labels(value: dict[str, str]) -> dict[str, str]:
 
 
 def _check_metrics(value: dict[str, float]) -> dict[str, float]:
-    for k in value:
+    for k, v in value.items():
         if not _METRIC_KEY.match(k):
             raise ValueError(f"metric name {k!r} must match [a-z][a-z0-9_]{{0,63}}")
+        if not math.isfinite(v) or abs(v) > METRIC_BOUND:
+            raise ValueError(f"metric {k!r} is {v:g}: must be finite, magnitude at most 2**53 - 1")
+        spec = METRICS.get(k)
+        if spec is not None and not spec.low <= v <= spec.high:
+            raise ValueError(
+                f"metric {k!r} is {v:g} {spec.unit}: must be between {spec.low:g} and {spec.high:g}"
+            )
     return value
 
 
@@ -205,6 +249,11 @@ class Location(_Model):
     site: Text | None = None
     lat: Annotated[float, Field(ge=-90, le=90)] | None = None
     lon: Annotated[float, Field(ge=-180, le=180)] | None = None
+    pue: Annotated[float, Field(ge=1, le=5)] | None = None
+    """The site's power usage effectiveness (total facility energy / IT energy)."""
+    grid_gco2_per_kwh: Annotated[float, Field(ge=0, le=2000)] | None = None
+    """Carbon intensity of the electricity the site draws, as its operator states it,
+    in grams of CO2 (equivalent) per kWh."""
 
 
 class CpuInfo(_Model):
@@ -225,6 +274,9 @@ class Attributes(_Model):
     accelerators: list[Accelerator] = Field(default_factory=list, max_length=MAX_ACCELERATORS)
     storage_tib: Annotated[float, Field(ge=0)] | None = None
     network_gbps: Annotated[float, Field(ge=0)] | None = None
+    price_cny_per_unit_hour: Annotated[float, Field(ge=0, le=1_000_000)] | None = None
+    """The operator's list price in yuan (CNY) for one unit for one hour: an
+    accelerator-hour, or a CPU core-hour on a record without accelerators."""
 
     @property
     def accelerator_units(self) -> int:

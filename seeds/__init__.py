@@ -1,4 +1,5 @@
-"""Seed data shipped inside the package: the namespace tree and the latency table.
+"""Seed data shipped inside the package: the namespace tree, the latency table and
+example energy and price figures.
 
 The files sit next to this module, so they are installed with the package (wheel or
 editable); readers find them with :func:`path`.  ``seeds/README.md`` says where the data
@@ -12,13 +13,17 @@ from pathlib import Path
 
 from schemas.errors import ConfigError
 
-__all__ = ["LATENCY", "NAMESPACES", "path", "require"]
+__all__ = ["ENERGY", "LATENCY", "NAMESPACES", "path", "require"]
 
 NAMESPACES = "namespaces.json"
 """The 1+M+N namespace tree ``cpi up`` and ``registry.national`` create."""
 
 LATENCY = "latency.json"
 """The estimated region-to-region RTT table the resolver ranks ``near`` with."""
+
+ENERGY = "energy.json"
+"""EXAMPLE site energy figures per region and prices per accelerator model, which the
+simulated nodes put into their records (not measurements; seeds/README.md)."""
 
 
 def require(file: Path, what: str) -> Path:

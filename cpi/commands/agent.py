@@ -81,6 +81,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--region", help="GB/T 2260 region code (default: from the namespace)")
     run.add_argument("--site", help="site name for location.site")
     run.add_argument(
+        "--pue", type=float, metavar="X", help="the site's PUE for location.pue (1 to 5)"
+    )
+    run.add_argument(
+        "--grid-carbon",
+        type=float,
+        metavar="G",
+        help="grid carbon intensity, g CO2/kWh, for location.grid_gco2_per_kwh (0 to 2000)",
+    )
+    run.add_argument(
+        "--price",
+        type=float,
+        metavar="CNY",
+        help="list price in yuan per unit-hour (accelerator-hour; core-hour without "
+        "accelerators) for attributes.price_cny_per_unit_hour",
+    )
+    run.add_argument(
         "--endpoint",
         action="append",
         default=[],
@@ -252,6 +268,9 @@ async def _run(args: argparse.Namespace) -> int:
             site=args.site,
             endpoints=endpoints,
             labels=labels,
+            pue=args.pue,
+            grid_gco2_per_kwh=args.grid_carbon,
+            price_cny_per_unit_hour=args.price,
             session=session,
             anchors=anchors,
             register_attempts=attempts,

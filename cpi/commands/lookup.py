@@ -19,6 +19,7 @@ from typing import Any
 from cpi.commands._util import add_filter_arguments, parse_labels
 from cpi.output import FORMATS, Column, emit, fmt, output_arguments, print_fields, print_table, when
 from cpi.tls import add_client_arguments, client_ssl
+from resolver import ranking
 from resolver.client import ResolverClient, WatchMessage, decode_payload, default_url
 from resolver.config import load_anchor_files
 from resolver.discovery import Query
@@ -66,6 +67,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dis = sub.add_parser("discover", help="find resources by kind, namespace, accelerator, ...")
     add_filter_arguments(dis)
     dis.add_argument("--limit", type=int, default=20, help="at most this many results (20)")
+    dis.add_argument(
+        "--sort",
+        choices=ranking.SORTS,
+        help="order: default (0.6 latency + 0.4 free), latency (needs --near), free, "
+        "score (CATS level 2, cpi-cats-v1), price, carbon",
+    )
+    dis.add_argument(
+        "--weights",
+        metavar="NAME:W,...",
+        help="level 2 weights for --sort score (implied), e.g. latency:2,price:1; names: "
+        "compute|free, communication|latency, cost|price, energy|carbon",
+    )
     _resolver_argument(dis)
     dis.set_defaults(handler=run_discover)
 
@@ -94,6 +107,8 @@ def _query(args: argparse.Namespace, *, limit: int = 20) -> Query:
         labels=labels,
         live=args.live,
         limit=limit,
+        sort=getattr(args, "sort", None),
+        weights=ranking.parse_weights(args.weights) if getattr(args, "weights", None) else (),
     )
 
 
@@ -210,8 +225,25 @@ async def _discover(args: argparse.Namespace) -> dict[str, Any]:
         return await client.discover(_query(args, limit=args.limit))
 
 
+def _l2(r: dict[str, Any]) -> str:
+    value = ((r.get("rank") or {}).get("score") or {}).get("l2")
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _figure(r: dict[str, Any], section: str, name: str) -> str:
+    value = r["record"].get(section, {}).get(name)
+    return "-" if value is None else f"{value:g}"
+
+
+def _carbon(r: dict[str, Any]) -> str:
+    loc = r["record"].get("location", {})
+    figure = ranking.carbon_figure(loc.get("grid_gco2_per_kwh"), loc.get("pue"))
+    return "-" if figure is None else f"{figure:.0f}"
+
+
 DISCOVER_COLUMNS = (
     Column("SCORE", lambda r: f"{r['score']:.3f}", justify="right"),
+    Column("L2", _l2, justify="right"),
     Column("CPID", lambda r: r["cpid"]),
     Column("FREE", lambda r: r.get("free"), justify="right"),
     Column(
@@ -222,6 +254,8 @@ DISCOVER_COLUMNS = (
     Column("REGION", lambda r: r["record"].get("location", {}).get("region")),
     Column("ACCELERATORS", lambda r: _accelerators(r["record"])),
     Column("LIVE", lambda r: bool(r.get("live"))),
+    Column("CNY/H", lambda r: _figure(r, "attributes", "price_cny_per_unit_hour"), justify="right"),
+    Column("GCO2/KWH", _carbon, justify="right", wide=True),
     Column("ISSUER", lambda r: r["record"].get("issuer"), wide=True),
     Column("EXPIRES", lambda r: when(r["record"].get("expires_at")), wide=True),
     Column(
@@ -245,8 +279,10 @@ def run_discover(args: argparse.Namespace) -> int:
     )
     if fmt(args) in ("table", "wide"):
         stale = " (stale: etcd unreachable)" if found.get("stale") else ""
+        order = found.get("ranking") or {}
+        how = f", sort={order.get('sort')} ({order.get('function')})" if order else ""
         print(
-            f"{len(results)} result(s) at revision {found.get('revision')}{stale}",
+            f"{len(results)} result(s) at revision {found.get('revision')}{how}{stale}",
             file=sys.stderr,
         )
     return 0

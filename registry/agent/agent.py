@@ -40,9 +40,10 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import aiohttp
+from pydantic import ValidationError
 from yarl import URL
 
 from registry.agent import probe as _probe
@@ -268,6 +269,21 @@ async def host_prober() -> _probe.Probe:
 # =============================================================================
 
 
+_T = TypeVar("_T")
+
+
+def _checked(what: str, build: Callable[[], _T]) -> _T:
+    """``build()``, a model's validation error turned into :class:`InvalidDataError`
+    naming the field (``location.pue: ...``)."""
+    try:
+        return build()
+    except ValidationError as exc:
+        where = "; ".join(
+            f"{what}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidDataError(f"the node's {where}") from None
+
+
 class Agent:
     """One node's agent.  Keyword-only; see the module docstring for the protocol.
 
@@ -284,6 +300,9 @@ class Agent:
         key: The node's Ed25519 key; its public key determines the CPID.
         region: GB/T 2260 code for ``location.region``; default: from the namespace.
         site, endpoints, labels: What the record should carry.
+        pue, grid_gco2_per_kwh: The site's energy figures for ``location`` (as its
+            operator states them; docs/protocol.md §4).
+        price_cny_per_unit_hour: The operator's list price for ``attributes``.
         session: An aiohttp session to share (several agents, one pool); else one is
             opened per agent and closed by :meth:`close`.
         ssl_context: For the session the agent opens itself: how to verify the
@@ -311,6 +330,9 @@ class Agent:
         site: str | None = None,
         endpoints: Sequence[Endpoint] = (),
         labels: Mapping[str, str] | None = None,
+        pue: float | None = None,
+        grid_gco2_per_kwh: float | None = None,
+        price_cny_per_unit_hour: float | None = None,
         session: aiohttp.ClientSession | None = None,
         ssl_context: ssl.SSLContext | None = None,
         prober: Prober = host_prober,
@@ -338,7 +360,17 @@ class Agent:
             raise InvalidDataError(
                 f"namespace {self.namespace} has no region code; give the region (GB/T 2260)"
             )
-        self.location = Location(region=resolved_region, site=site)
+        self.location = _checked(
+            "location",
+            lambda: Location(
+                region=resolved_region, site=site, pue=pue, grid_gco2_per_kwh=grid_gco2_per_kwh
+            ),
+        )
+        if price_cny_per_unit_hour is not None:  # checked against the model's bounds now
+            _checked(
+                "attributes", lambda: Attributes(price_cny_per_unit_hour=price_cny_per_unit_hour)
+            )
+        self.price_cny_per_unit_hour = price_cny_per_unit_hour
         self.endpoints = list(endpoints)
         self.labels = dict(labels or {})
         self._session = session
@@ -404,7 +436,10 @@ class Agent:
         return self.last_probe
 
     def attributes(self) -> Attributes:
-        return (self.last_probe or _probe.Probe(None, None, None)).attributes()
+        attrs = (self.last_probe or _probe.Probe(None, None, None)).attributes()
+        if self.price_cny_per_unit_hour is None:
+            return attrs
+        return attrs.model_copy(update={"price_cny_per_unit_hour": self.price_cny_per_unit_hour})
 
     def register_payload(self) -> Register:
         """A fresh ``register.v1`` (new nonce, current time) from the last probe."""
@@ -788,11 +823,7 @@ class Agent:
     def _hardware_changed(self) -> bool:
         """The probe now reports other hardware than the last registration sent."""
         sent = self._registered_attributes
-        return (
-            sent is not None
-            and self.last_probe is not None
-            and (self.last_probe.attributes() != sent)
-        )
+        return sent is not None and self.last_probe is not None and (self.attributes() != sent)
 
     async def _register_until(self, stop: asyncio.Event) -> bool:
         """Register unless ``stop`` is set first; ``True`` when registered."""

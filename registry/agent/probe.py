@@ -8,6 +8,7 @@ this machine.  An NPU probe can be added as another ``_probe_*`` function once r
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from schemas.models import Accelerator, Attributes, Capacity, CpuInfo
+from schemas.models import METRICS, Accelerator, Attributes, Capacity, CpuInfo
 
 __all__ = [
     "GPU_QUERY",
@@ -44,6 +45,7 @@ class GpuReading:
     utilization_pct: float | None = None
     power_w: float | None = None
     uuid: str = ""
+    power_limit_w: float | None = None
 
     @property
     def busy(self) -> bool:
@@ -80,13 +82,30 @@ class Probe:
         )
 
     def metrics(self) -> dict[str, float]:
+        """The L0 metrics of a ``status.v1`` (names, units and bounds: docs/protocol.md
+        §4, ``schemas.models.METRICS``): mean utilisation, memory used and installed,
+        power drawn and its limit, over the GPUs that report each.  A value outside its
+        bounds (a tool's glitch) is clamped, so the status stays valid."""
         out: dict[str, float] = {}
         util = [g.utilization_pct for g in self.gpus if g.utilization_pct is not None]
-        power = [g.power_w for g in self.gpus if g.power_w is not None]
         if util:
             out["gpu_util"] = round(sum(util) / len(util), 1)
-        if power:
-            out["power_w"] = round(sum(power), 1)
+        sums = {
+            "gpu_mem_used_mib": [g.memory_used_mib for g in self.gpus],
+            "gpu_mem_total_mib": [g.memory_total_mib or None for g in self.gpus],
+            "power_w": [g.power_w for g in self.gpus],
+            "power_limit_w": [g.power_limit_w for g in self.gpus],
+        }
+        for name, values in sums.items():
+            present = [v for v in values if v is not None]
+            if present:
+                out[name] = round(sum(present), 1)
+        for name, value in list(out.items()):
+            spec = METRICS[name]
+            if not math.isfinite(value):
+                del out[name]
+            else:
+                out[name] = min(spec.high, max(spec.low, value))
         return out
 
 
@@ -148,6 +167,7 @@ def parse_nvidia_csv(text: str, columns: str = GPU_QUERY) -> list[GpuReading]:
                 utilization_pct=_number(row.get("utilization.gpu", "N/A")),
                 power_w=_number(row.get("power.draw", "N/A")),
                 uuid=row.get("uuid", ""),
+                power_limit_w=_number(row.get("power.limit", "N/A")),
             )
         )
     return out

@@ -1,7 +1,9 @@
 """Simulated nodes for demos and load tests: many :class:`~registry.agent.agent.Agent`\\ s, one process.
 
 Each simulated node has a plausible inventory (1-8 cards of H100, H800, H200, H20,
-A800, A100, L20, L40S or Huawei Ascend 910B; a matching CPU and memory), its own
+A800, A100, L20, L40S or Huawei Ascend 910B; a matching CPU and memory), a list price
+and its site's PUE and grid carbon intensity (the EXAMPLE figures of
+``seeds/energy.json``, varied a little per node), its own
 Ed25519 key (in memory, or in ``<data_dir>/sim-<n>.key`` so a second run gets the same
 CPIDs back) and a region taken from its namespace.  Cards turn busy and free now and
 then, so the free capacity in the status changes the way a real cluster's does, but
@@ -27,10 +29,11 @@ from typing import Any, Final
 
 import aiohttp
 
+import seeds
 from registry import keyfile
 from registry.agent.agent import Agent, Backoff, RefusedError, region_of
 from registry.agent.probe import GpuReading, Probe
-from schemas import chain, keys
+from schemas import _json, chain, keys
 from schemas.cpid import parse_namespace
 from schemas.errors import InvalidDataError
 from schemas.models import CpuInfo, Endpoint
@@ -39,9 +42,12 @@ __all__ = [
     "INVENTORY",
     "SimulatedHardware",
     "SimulationReport",
+    "SiteFigures",
     "Target",
     "build_agents",
+    "load_energy",
     "run_simulation",
+    "site_figures",
     "targets_from_up",
 ]
 
@@ -102,6 +108,7 @@ class SimulatedHardware:
         self.memory_gib = float(rng.choice((512, 1024, 1024, 2048)))
         self.storage_tib = float(rng.choice((3.84, 7.68, 15.36, 30.72)))
         self.busy = [rng.random() < 0.3 for _ in range(self.count)]
+        self.memory_busy = [rng.uniform(0.35, 0.95) for _ in range(self.count)]
         self.churn = churn
         self._rng = rng
 
@@ -120,9 +127,12 @@ class SimulatedHardware:
                     vendor=self.card.vendor,
                     model=self.card.model,
                     memory_total_mib=float(self.card.memory_mib),
-                    memory_used_mib=self.card.memory_mib * 0.8 if busy else 0.0,
+                    memory_used_mib=(
+                        round(self.card.memory_mib * self.memory_busy[i]) if busy else 0.0
+                    ),
                     utilization_pct=round(util, 1),
-                    power_w=round(self.card.tdp_w * (0.85 if busy else 0.12), 1),
+                    power_w=round(self.card.tdp_w * (0.3 + 0.6 * util / 100 if busy else 0.12), 1),
+                    power_limit_w=self.card.tdp_w,
                 )
             )
         return Probe(self.cpu, self.memory_gib, self.storage_tib, tuple(gpus))
@@ -162,6 +172,40 @@ def targets_from_up(up: Mapping[str, Any], namespaces: Sequence[str] | None = No
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class SiteFigures:
+    """What a simulated node states about its site and price (EXAMPLE figures)."""
+
+    pue: float | None
+    grid_gco2_per_kwh: float | None
+    price_cny_per_unit_hour: float | None
+
+
+def load_energy() -> Mapping[str, Any]:
+    """The example figures of ``seeds/energy.json``."""
+    data: Mapping[str, Any] = _json.loads(seeds.path(seeds.ENERGY).read_bytes())
+    return data
+
+
+def site_figures(
+    energy: Mapping[str, Any], region: str, model: str, rng: random.Random
+) -> SiteFigures:
+    """A node's figures: its region's (or province's) PUE and grid intensity, and its
+    model's price, each varied a little so that nodes of one region differ."""
+    regions: Mapping[str, Any] = energy.get("regions", {})
+    site = regions.get(region) or regions.get(region[:4]) or regions.get(region[:2]) or {}
+    price = energy.get("price_cny_per_unit_hour", {}).get(model)
+    pue = site.get("pue")
+    grid = site.get("grid_gco2_per_kwh")
+    return SiteFigures(
+        pue=None if pue is None else round(min(5.0, max(1.0, pue + rng.uniform(-0.04, 0.04))), 2),
+        grid_gco2_per_kwh=None if grid is None else float(grid),
+        price_cny_per_unit_hour=None
+        if price is None
+        else round(price * rng.uniform(0.85, 1.15), 1),
+    )
+
+
 def _node_key(data_dir: Path | None, n: int) -> keys.Ed25519PrivateKey:
     if data_dir is None:
         return keys.generate()
@@ -194,6 +238,7 @@ def build_agents(
     if not targets:
         raise InvalidDataError("no registry to register simulated nodes with")
     d = Path(data_dir) if data_dir is not None else None
+    energy = load_energy()
     agents = []
     for i in range(n):
         t = targets[i % len(targets)]
@@ -205,6 +250,7 @@ def build_agents(
         hw = SimulatedHardware(rng, kind=kind.upper() if kind else None, churn=churn)
         ns = parse_namespace(t.namespace)
         node_region = region or region_of(ns) or "11"
+        figures = site_figures(energy, node_region, hw.card.model, rng)
         agents.append(
             Agent(
                 registry=t.registry,
@@ -229,6 +275,9 @@ def build_agents(
                     ),
                 ],
                 labels={"sim": "true", "pool": f"{hw.card.model.lower()}-x{hw.count}"},
+                pue=figures.pue,
+                grid_gco2_per_kwh=figures.grid_gco2_per_kwh,
+                price_cny_per_unit_hour=figures.price_cny_per_unit_hour,
                 session=session,
                 prober=hw,
                 anchors=anchors,

@@ -210,12 +210,14 @@ def test_discover_with_no_match_prints_a_header(resolver: FakeResolver) -> None:
     assert proc.returncode == 0
     assert proc.stdout.split() == [
         "SCORE",
+        "L2",
         "CPID",
         "FREE",
         "LAT_MS",
         "REGION",
         "ACCELERATORS",
         "LIVE",
+        "CNY/H",
     ]
     assert "0 result(s)" in proc.stderr
     for fmt in ("json", "wide", "name"):

@@ -18,7 +18,7 @@ from registry.service import STATE, RegistryState, create_app
 from registry.tokens import TokenInfo, hash_token
 from schemas import dsse, keys
 from schemas.chain import TrustAnchors, verify_record
-from schemas.models import Record, Status, parse_payload
+from schemas.models import Attributes, Location, Record, Status, parse_payload
 from tests.registry.service_kit import ADMIN_TOKEN, Node, World, bearer, dump, sign_raw
 from tests.until import until
 
@@ -102,6 +102,30 @@ async def test_full_registration_verifies_from_the_anchor(
     entries = await changes.read_entries(index)
     assert [(e.seq, e.op, e.cpid) for e in entries] == [(1, "register", node.cpid)]
     assert entries[0].digest == changes.digest(env)
+
+
+async def test_price_and_site_energy_figures_are_carried_into_the_record(
+    start: Start, index: Index, world: World
+) -> None:
+    """register.v1 -> record.v1 keeps the operator's price, PUE and grid intensity
+    (docs/protocol.md §4); figures out of bounds are refused and change nothing."""
+    client = await start()
+    token = await world.token(index, uses=5)
+    node = Node()
+    loc = Location(region="31", site="LG01", pue=1.25, grid_gco2_per_kwh=560.0)
+    attrs = Attributes(price_cny_per_unit_hour=18.5)
+    status, body = await register(client, node, token, location=loc, attributes=attrs)
+    assert status == 201, body
+    rec = record_of(body)
+    assert rec.location == loc and rec.attributes.price_cny_per_unit_hour == 18.5
+    bad = Node()
+    payload = bad.register_doc().model_dump(mode="json", exclude_none=True)
+    payload["location"]["pue"] = 0.5
+    resp = await client.post(
+        "/v1/registrations", data=sign_raw(payload, "register.v1", bad.key), headers=bearer(token)
+    )
+    assert resp.status == 400 and "pue" in (await resp.json())["error"]["message"]
+    assert await index.get(Keys.rec(bad.cpid)) is None
 
 
 async def test_a_parent_namespace_does_not_sign_below_itself(

@@ -171,7 +171,14 @@ class Node:
         fields.update(changes)
         return Record(**fields)
 
-    def status(self, *, free: int = 8, state: str = "up", cpid: str | None = None) -> Envelope:
+    def status(
+        self,
+        *,
+        free: int = 8,
+        state: str = "up",
+        cpid: str | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> Envelope:
         self.seq += 1
         st = Status(
             cpid=cpid or self.cpid,
@@ -179,7 +186,7 @@ class Node:
             observed_at=int(time.time() * 1000),
             state=state,  # type: ignore[arg-type]
             capacity=Capacity(accelerators_free=free, cpu_free=32),
-            metrics={"gpu_util": 0.5},
+            metrics={"gpu_util": 0.5} if metrics is None else metrics,
         )
         return ca.sign_document(st, self.key)
 

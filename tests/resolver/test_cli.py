@@ -98,9 +98,32 @@ async def test_discover_and_watch(
     assert await cpi("discover", "--resolver", url, "--near", "31", "--label", "tier:gold") == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
-    assert lines[0].split() == ["SCORE", "CPID", "FREE", "LAT_MS", "REGION", "ACCELERATORS", "LIVE"]
+    assert lines[0].split() == [
+        "SCORE", "L2", "CPID", "FREE", "LAT_MS", "REGION", "ACCELERATORS", "LIVE", "CNY/H"
+    ]  # fmt: skip
     assert a.cpid in lines[1] and b.cpid in lines[2] and "4x 910B" not in lines[1]
-    assert "2 result(s)" in err
+    assert "2 result(s)" in err and "sort=default (cpi-cats-v1)" in err
+    # another order: latency from Gansu puts the node in 62 first, and says so
+    assert await cpi("discover", "--resolver", url, "--near", "62", "--sort", "latency") == 0
+    out, err = capsys.readouterr()
+    assert b.cpid in out.splitlines()[1] and "sort=latency (cpi-cats-v1)" in err
+    assert await cpi("discover", "--resolver", url, "--weights", "price:1,latency:2") == 1
+    assert "need near" in capsys.readouterr().err
+    assert await cpi("discover", "--resolver", url, "--weights", "speed:1") == 1
+    assert "names from" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:  # a choice argparse knows: a usage error
+        await cpi("discover", "--resolver", url, "--sort", "cheapest")
+    assert usage.value.code == 2
+    capsys.readouterr()
+    assert (
+        await cpi("discover", "--resolver", url, "--near", "31", "--weights", "latency:1", "--json")
+        == 0
+    )
+    body = json.loads(capsys.readouterr().out)
+    assert body["ranking"]["sort"] == "score" and body["ranking"]["weights"] == {
+        "communication": 1.0
+    }
+    assert all(r["rank"]["score"]["function"] == "cpi-cats-v1" for r in body["results"])
 
     watcher = asyncio.create_task(
         cpi(

@@ -39,7 +39,7 @@ from schemas.endorsement import Endorsement
 from schemas.errors import NotFoundError
 from schemas.keys import Ed25519PrivateKey
 from schemas.models import Anchor, Cert
-from tests.resolver.kit import FAST, LATENCY, SSE, Node, Pki, put_record, resolver_config
+from tests.resolver.kit import FAST, LATENCY, SSE, Node, Pki, put_record, resolver_config, signed
 from tests.until import until
 
 Client = TestClient[Any, Any]
@@ -182,6 +182,38 @@ async def test_two_roots_resolved_and_discovered(
     assert [(-m.score, m.cpid) for m in ranked] == sorted((-m.score, m.cpid) for m in ranked)
     with pytest.raises(NotFoundError, match="root JP is not a root of this resolver"):
         fed.resolve(Node(namespace="JP.01").cpid)
+
+
+async def test_a_chosen_order_holds_across_roots(
+    fed: Federation, index: Index, pki: Pki, sg: RootPki, sg_index: Index
+) -> None:
+    """sort=price over two roots: the merged answer is cheapest first, whichever root each
+    result comes from, and says which order it is in."""
+    prices = {"CN": [30.0, 10.0], "SG": [20.0, 5.0]}
+    nodes: dict[str, float] = {}
+    for root, figures in prices.items():
+        for price in figures:
+            node = Node(namespace=f"{root}.01" if root == "SG" else "CN.31.CMCC")
+            rec = node.record(
+                attributes=node.record().attributes.model_copy(
+                    update={"price_cny_per_unit_hour": price}
+                )
+            )
+            if root == "SG":
+                await sg_index.put(Keys.rec(node.cpid), ca.sign_document(rec, sg.ns_key).to_json())
+            else:
+                await index.put(Keys.rec(node.cpid), signed(pki, rec).to_json())
+            nodes[node.cpid] = price
+    await until(lambda: all(served(fed, c) for c in nodes), what="every record")
+    got = fed.discover(Query(sort="price"))
+    assert [nodes[m.cpid] for m in got.results] == [5.0, 10.0, 20.0, 30.0]
+    assert got.ranking is not None and got.ranking["sort"] == "price"
+    keys_shown = [m.rank["keys"][0]["value"] for m in got.results if m.rank]
+    assert keys_shown == [5.0, 10.0, 20.0, 30.0]
+    assert [nodes[m.cpid] for m in fed.discover(Query(sort="price", limit=2)).results] == [
+        5.0,
+        10.0,
+    ]
 
 
 async def test_http_roots_filter_and_readyz(

@@ -94,6 +94,12 @@ async def test_resolve_serves_a_verifiable_bundle(index: Index, pki: Pki, client
         ("/v1/discover?max_latency_ms=5", 400, "invalid_query", "needs near"),
         ("/v1/discover?limit=100000", 400, "invalid_query", "between 1 and 500"),
         ("/v1/discover?colour=red", 400, "invalid_query", "unknown query parameter"),
+        ("/v1/discover?sort=cheap", 400, "invalid_query", "expected one of default, latency"),
+        ("/v1/discover?sort=latency", 400, "invalid_query", "sort=latency needs near"),
+        ("/v1/discover?weights=speed:2", 400, "invalid_query", "names from"),
+        ("/v1/discover?weights=price:1e400", 400, "invalid_query", "between 0.001 and 100"),
+        ("/v1/discover?sort=free&weights=price:1", 400, "invalid_query", "sort=score only"),
+        ("/v1/watch?sort=price", 400, "invalid_query", "a watch has no order"),
         ("/v1/watch?since=abc", 400, "invalid_query", "event id"),
         ("/v1/nothing", 404, "not_found", "Not Found"),
     ],
@@ -131,6 +137,27 @@ async def test_discover_over_http(index: Index, pki: Pki, client: Client) -> Non
     assert (await get_json(client, "/v1/discover?accelerator=H100&limit=1"))["results"][0][
         "cpid"
     ] in {near.cpid, far.cpid}
+    # every answer names its order and scoring function; every result explains itself
+    assert body["ranking"] == {
+        "sort": "default",
+        "function": "cpi-cats-v1",
+        "weights": {"compute": 1.0, "communication": 1.0, "cost": 1.0, "energy": 1.0},
+    }
+    assert first["rank"]["sort"] == "default"
+    assert first["rank"]["keys"][0] == {"name": "score", "value": first["score"], "order": "desc"}
+    assert 0 <= first["rank"]["score"]["l2"] <= 10
+    body = await get_json(client, "/v1/discover?near=31&sort=latency&limit=3")
+    assert [r["latency_ms"] for r in body["results"]] == sorted(
+        r["latency_ms"] for r in body["results"]
+    )
+    assert body["ranking"]["sort"] == "latency"
+    body = await get_json(client, "/v1/discover?near=31&weights=latency:3,free:1")
+    assert body["ranking"] == {
+        "sort": "score",
+        "function": "cpi-cats-v1",
+        "weights": {"compute": 1.0, "communication": 3.0},
+    }
+    assert [r["rank"]["keys"][0]["name"] for r in body["results"]] == ["l2"] * 3
 
 
 async def test_watch_streams_register_status_deregister_and_resumes_without_gap(

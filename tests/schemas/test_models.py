@@ -402,6 +402,46 @@ INVALID: list[tuple[str, str, Any, str]] = [
         {"gpu_util": "high"},
         r"metrics\.gpu_util: Input should be a valid number",
     ),
+    # named L0 metrics within their bounds; any metric finite and at most 2**53 - 1
+    (
+        "status.v1",
+        "metrics",
+        {"gpu_util": -1},
+        r"metric 'gpu_util' is -1 percent: must be between 0 and 100",
+    ),
+    ("status.v1", "metrics", {"gpu_util": 100.5}, r"metric 'gpu_util' is 100\.5 percent"),
+    (
+        "status.v1",
+        "metrics",
+        {"power_w": 1e8},
+        r"metric 'power_w' is .* W: must be between 0 and 1e\+07",
+    ),
+    ("status.v1", "metrics", {"gpu_mem_used_mib": -5}, r"metric 'gpu_mem_used_mib' is -5 MiB"),
+    (
+        "status.v1",
+        "metrics",
+        {"fan_rpm": 1e20},
+        r"metric 'fan_rpm' is .*magnitude at most 2\*\*53 - 1",
+    ),
+    # the operator's price and site energy figures
+    (
+        "record.v1",
+        "location",
+        {"region": "31", "pue": 0.9},
+        r"location\.pue: Input should be greater than or equal to 1",
+    ),
+    (
+        "record.v1",
+        "location",
+        {"region": "31", "grid_gco2_per_kwh": 2001},
+        r"location\.grid_gco2_per_kwh: Input should be less than or equal to 2000",
+    ),
+    (
+        "register.v1",
+        "attributes",
+        {"price_cny_per_unit_hour": -1},
+        r"attributes\.price_cny_per_unit_hour: Input should be greater than or equal to 0",
+    ),
     # namespaces, kinds, CPIDs
     (
         "register.v1",

@@ -286,6 +286,17 @@ def test_discovery_form_ranks_like_the_api_and_the_url_is_shareable(
     assert other.locator("#disc-results tbody tr td:nth-child(2)").all_inner_texts() == got
     assert other.get_by_label("Kind").input_value() == "GPU"
     other.context.close()
+    # another order: the page asks for it, and each row says which keys ranked it
+    page.get_by_label("Order").select_option("price")
+    page.get_by_role("button", name="Search").click()
+    page.wait_for_selector("#disc-state:has-text('order price')")
+    assert "sort=price" in page.url
+    want = stack.get("/v1/discover?kind=GPU&near=32&label=tier:gold&limit=20&sort=price")
+    got = page.locator("#disc-results tbody tr td:nth-child(2)").all_inner_texts()
+    assert got == [r["cpid"] for r in want["results"]]
+    why = page.locator("#disc-results tbody tr td:nth-child(10)").all_inner_texts()
+    assert why and all(w.startswith("price_cny_per_unit_hour") for w in why)
+    axe_clean(page)
 
 
 def test_the_checkpoint_is_verified_and_a_forged_one_is_not(page: Any, stack: Stack) -> None:

@@ -435,7 +435,14 @@ function openWatch(revision) {
 
 // -- 3. discovery --
 
-const FIELDS = ["kind", "accelerator", "within", "near", "max_latency_ms", "min_free", "live", "limit"];
+const FIELDS = ["kind", "accelerator", "within", "near", "max_latency_ms", "min_free", "live", "limit", "sort", "weights"];
+
+// why a result ranks where it does: the keys the resolver compared, in order (not the CPID)
+function why(rank) {
+  if (!rank) return "—";
+  return rank.keys.filter((k) => k.name !== "cpid")
+    .map((k) => `${k.name} ${k.value ?? "none"} ${k.order === "asc" ? "↑" : "↓"}`).join(", ");
+}
 
 $("disc-form").addEventListener("submit", (ev) => {
   ev.preventDefault();
@@ -463,17 +470,21 @@ async function runDiscover(q) {
   try {
     const d = await getJSON(`/v1/discover?${q}`);
     if (seq !== discoverSeq) return;
-    say("disc-state", `${d.results.length} results, best first (revision ${d.revision}).`);
+    const order = d.ranking ? `, order ${d.ranking.sort}, scores ${d.ranking.function}` : "";
+    say("disc-state", `${d.results.length} results, best first (revision ${d.revision}${order}).`);
     $("disc-results").replaceChildren(table(
-      ["#", "CPID", "score", "free", "latency (ms)", "accelerators", "live", "claim"],
+      ["#", "CPID", "score", "L2 (0–10)", "free", "latency (ms)", "CNY/unit-hour", "accelerators", "live", "ranked by", "claim"],
       d.results.map((r, i) => [
         i + 1,
         h("a", { href: `#/resource/${r.cpid}`, class: "mono" }, r.cpid),
         r.score.toFixed(3),
+        r.rank?.score?.l2 ?? "—",
         r.free,
         r.latency_ms ?? "—",
+        r.record.attributes?.price_cny_per_unit_hour ?? "—",
         (r.record.attributes?.accelerators || []).map((a) => `${a.count} × ${a.model}`).join(", ") || "—",
         r.live ? "yes" : "no",
+        why(r.rank),
         claimButton(r.cpid),
       ]), "Discovery results"));
   } catch (e) {

@@ -531,6 +531,21 @@ async def test_once_and_dry_run_through_the_cli(
     assert payload.endpoints == [
         Endpoint(proto="http", host="10.0.0.5", port=8000, purpose="inference")
     ]
+    # the operator's price and site energy figures go into register.v1
+    rc = await asyncio.to_thread(
+        main, [*base[:2], "--registry", "http://127.0.0.1:9", *base[4:], "--dry-run",
+               "--pue", "1.2", "--grid-carbon", "430", "--price", "17.5"],
+    )  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert out["payload"]["location"]["pue"] == 1.2
+    assert out["payload"]["location"]["grid_gco2_per_kwh"] == 430
+    assert out["payload"]["attributes"]["price_cny_per_unit_hour"] == 17.5
+    rc = await asyncio.to_thread(
+        main, [*base[:2], "--registry", "http://127.0.0.1:9", *base[4:], "--dry-run",
+               "--pue", "0.7"],
+    )  # fmt: skip
+    assert rc == 1 and "location.pue" in capsys.readouterr().err
 
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
@@ -579,6 +594,19 @@ async def test_simulated_nodes_share_a_session_and_look_plausible(
         assert rec.location.region == "31" and rec.labels["sim"] == "true"
         assert rec.attributes.cpu is not None and rec.attributes.memory_gib
     assert len({r.attributes.accelerators[0].model for r, _ in reg.records.values()}) >= 3
+    # the example site figures and prices of seeds/energy.json, varied per node
+    energy = simulate.load_energy()
+    for rec, _ in reg.records.values():
+        base = energy["price_cny_per_unit_hour"][rec.attributes.accelerators[0].model]
+        price = rec.attributes.price_cny_per_unit_hour
+        assert price is not None and 0.84 * base <= price <= 1.16 * base
+        assert rec.location.grid_gco2_per_kwh == energy["regions"]["31"]["grid_gco2_per_kwh"]
+        assert rec.location.pue is not None and abs(rec.location.pue - 1.35) <= 0.05
+    # statuses carry the L0 metrics the ranking scores
+    for statuses in reg.statuses.values():
+        m = statuses[-1].metrics
+        assert {"gpu_util", "gpu_mem_used_mib", "gpu_mem_total_mib", "power_w"} <= set(m)
+        assert 0 <= m["gpu_util"] <= 100 and m["gpu_mem_used_mib"] <= m["gpu_mem_total_mib"]
     assert len(await asyncio.to_thread(lambda: list(tmp_path.glob("sim-*.key")))) == 12
 
     # the same data dir gives the same CPIDs back (200, not 201)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from registry.agent import probe
-from schemas.models import Accelerator, CpuInfo
+from schemas.models import Accelerator, Capacity, CpuInfo, Status
 
 H200 = Path(__file__).resolve().parents[2] / "fixtures" / "hardware" / "h200-x1"
 UUID = "GPU-b6a3fff4-1d8c-3369-288e-1899770b0306"
@@ -30,6 +30,7 @@ def test_query_csv_with_header_and_units() -> None:
         utilization_pct=0.0,
         power_w=79.81,
         uuid=UUID,
+        power_limit_w=700.0,
     )
     assert not gpu.busy
 
@@ -93,6 +94,44 @@ def test_multi_gpu_csv_groups_and_capacity() -> None:
     metrics = reading.metrics()
     assert metrics["power_w"] == pytest.approx(5 * 79.81 + 3 * 650.5, abs=0.1)
     assert metrics["gpu_util"] == pytest.approx(3 * 97 / 8, abs=0.1)
+    assert metrics["gpu_mem_used_mib"] == 3 * 120000
+    assert metrics["gpu_mem_total_mib"] == 8 * 143771
+    assert metrics["power_limit_w"] == 8 * 700
+
+
+def test_captured_h200_reading_gives_the_l0_metrics_of_a_valid_status() -> None:
+    """The one real capture, end to end: CSV -> metrics -> a status.v1 that validates."""
+    gpus = probe.parse_nvidia_csv(fixture("nvidia-smi-query.csv"))
+    reading = probe.Probe(cpu=None, memory_gib=None, storage_tib=None, gpus=tuple(gpus))
+    metrics = reading.metrics()
+    assert metrics == {
+        "gpu_util": 0.0,
+        "gpu_mem_used_mib": 0.0,
+        "gpu_mem_total_mib": 143771.0,
+        "power_w": 79.8,
+        "power_limit_w": 700.0,
+    }
+    cpid = "CN.31.CMCC/GPU.4K7Q9M2XH3PT-Z"
+    status = Status(
+        cpid=cpid, seq=1, observed_at=1, state="up", capacity=reading.capacity(), metrics=metrics
+    )
+    assert status.capacity == Capacity(accelerators_free=1)
+
+
+def test_metrics_of_a_glitching_tool_are_clamped_or_dropped() -> None:
+    """A tool that prints 250 % or an absurd wattage must not make the status invalid."""
+    gpu = probe.GpuReading(
+        index=0, vendor="NVIDIA", model="H200", memory_total_mib=1.0,
+        memory_used_mib=5.0, utilization_pct=250.0, power_w=1e12, power_limit_w=float("nan"),
+    )  # fmt: skip
+    metrics = probe.Probe(None, None, None, (gpu,)).metrics()
+    assert metrics["gpu_util"] == 100
+    assert metrics["power_w"] == 10_000_000
+    assert "power_limit_w" not in metrics
+    Status(
+        cpid="CN.31.CMCC/GPU.4K7Q9M2XH3PT-Z", seq=1, observed_at=1, state="up",
+        capacity=Capacity(accelerators_free=0), metrics=metrics,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
