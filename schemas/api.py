@@ -275,6 +275,14 @@ class ClaimQuery(_Wire):
         None, description="'key:value' or a list of them"
     )
     limit: int | SkipJsonSchema[None] = Field(None, description="the number of candidates tried")
+    sort: str | SkipJsonSchema[None] = Field(
+        None,
+        description="the order candidates are tried in, as for discovery: default, latency, "
+        "free, score, price, carbon (a gang takes its parts best first)",
+    )
+    weights: str | SkipJsonSchema[None] = Field(
+        None, description="level 2 weights for sort=score, as for discovery (latency:2,price:1)"
+    )
 
 
 class PerResource(_Wire):

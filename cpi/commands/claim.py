@@ -25,6 +25,7 @@ from cpi.errors import UsageError
 from cpi.output import FORMATS, Column, emit, fmt, output_arguments, print_table, when
 from cpi.tls import add_client_arguments, client_ssl
 from registry.tokens import parse_duration
+from resolver import ranking
 from resolver.claims import tokens as claim_tokens
 from resolver.claims.client import ClaimsAPIError, ClaimsClient
 from resolver.client import default_url
@@ -70,6 +71,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_filter_arguments(p, live=False)
     p.add_argument("--limit", type=int, metavar="N", help="candidates to try (server default 20)")
+    p.add_argument(
+        "--sort",
+        choices=ranking.SORTS,
+        help="the order candidates are tried in, as for cpi discover (a gang takes its parts "
+        "best first): default, latency (needs --near), free, score, price, carbon",
+    )
+    p.add_argument(
+        "--weights",
+        metavar="NAME:W,...",
+        help="level 2 weights for --sort score (implied), e.g. latency:2,price:1",
+    )
     p.add_argument("--units", type=int, help="units to claim (accelerators, or CPU cores)")
     p.add_argument("--ttl", help="how long to hold them: 90s, 10m, 2h (server default 10m)")
     gang = p.add_argument_group(
@@ -164,6 +176,8 @@ def _query(args: argparse.Namespace) -> Query | None:
         "min_free": args.min_free,
         "near": args.near,
         "max_latency_ms": args.max_latency_ms,
+        "sort": args.sort,
+        "weights": ranking.parse_weights(args.weights) if args.weights else None,
     }
     given = {k: v for k, v in flags.items() if v is not None}
     if args.query is not None:

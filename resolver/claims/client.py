@@ -33,6 +33,7 @@ from typing import Any
 
 import aiohttp
 
+from resolver import ranking
 from resolver.discovery import Query
 from resolver.errors import ResolverUnavailableError
 from resolver.tls import tls_context
@@ -138,6 +139,10 @@ def query_to_json(query: Query) -> dict[str, Any]:
     if query.labels:
         out["label"] = [f"{k}:{v}" for k, v in query.labels]
     out["limit"] = query.limit
+    if query.sort is not None:
+        out["sort"] = query.sort
+    if query.weights:
+        out["weights"] = ranking.weights_text(query.weights)
     return out
 
 

@@ -32,6 +32,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from registry.index import Index
+from resolver import ranking
 from resolver.claims.gang import GangSpec
 from resolver.claims.service import (
     Claim,
@@ -82,6 +83,8 @@ _QUERY_FIELDS: Final[dict[str, tuple[type, ...]]] = {
     "max_latency_ms": (int, float),
     "label": (str, list),
     "limit": (int,),
+    "sort": (str,),
+    "weights": (str,),
 }
 
 
@@ -224,7 +227,9 @@ def parse_query(obj: object, *, default_limit: int) -> Query:
 
     Fields as for ``GET /v1/discover``: ``kind``, ``within``, ``accelerator``,
     ``min_free``, ``near``, ``max_latency_ms``, ``label`` (``"k:v"`` or a list of them),
-    ``limit`` (the number of candidates tried).
+    ``limit`` (the number of candidates tried), ``sort`` and ``weights`` (the order in
+    which candidates are tried: a gang takes its parts best first, e.g. cheapest first
+    with ``"sort": "price"``).
     """
     if not isinstance(obj, dict):
         raise QueryError(f"query must be a JSON object, got {type(obj).__name__}")
@@ -249,6 +254,7 @@ def parse_query(obj: object, *, default_limit: int) -> Query:
         labels.append((k, v))
     max_latency = obj.get("max_latency_ms")
     kind = obj.get("kind")
+    weights = obj.get("weights")
     return Query(
         kind=kind.upper() if kind is not None else None,
         within=obj.get("within"),
@@ -258,6 +264,8 @@ def parse_query(obj: object, *, default_limit: int) -> Query:
         max_latency_ms=float(max_latency) if max_latency is not None else None,
         labels=tuple(labels),
         limit=obj.get("limit", default_limit),
+        sort=obj.get("sort"),
+        weights=ranking.parse_weights(weights) if weights is not None else (),
     )
 
 
