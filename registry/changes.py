@@ -22,21 +22,34 @@ again, so callers only see the failures of their own compares.
 Other modules (the national tools' ``revoke``) use :meth:`AuditStream.commit` with
 their own compares and operations, or :func:`entry_ops` to build the audit part of a
 transaction they run themselves.
+
+The entries, their put and the head compares are built by :mod:`registry.index.auditlog`
+(shared with the resolver, which appends usage receipts); this module adds the
+group commit.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from registry.index import Cmp, Index, Keys, Op, OpResult, Prefix, TxnResult
-from schemas import _json
+from registry.index import Cmp, Index, Op, OpResult, TxnResult
+from registry.index.auditlog import (
+    AUDIT_OPS,
+    AuditEntry,
+    AuditOp,
+    digest,
+    entry_ops,
+    find_head,
+    head_compares,
+    head_probe,
+    lost_head,
+    read_entries,
+)
 from schemas.dsse import Envelope
 from schemas.errors import RetrievalError
 
@@ -54,124 +67,11 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-AuditOp = Literal["register", "update", "renew", "deregister", "revoke"]
-AUDIT_OPS: tuple[str, ...] = ("register", "update", "renew", "deregister", "revoke")
-
 
 class AuditContentionError(RetrievalError):
     """The audit head moved under every attempt (very heavy concurrent writing)."""
 
     code = "audit_contention"
-
-
-def digest(envelope: Envelope) -> str:
-    """Revision-independent SHA-256 (hex) of an envelope's compact JSON."""
-    return hashlib.sha256(envelope.to_json()).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class AuditEntry:
-    """One entry of the stream."""
-
-    seq: int
-    op: str
-    digest: str
-    time: int
-    cpid: str | None = None
-    subject: str | None = None
-    version: int | None = None
-
-    def to_json(self) -> bytes:
-        obj: dict[str, Any] = {"seq": self.seq, "op": self.op}
-        if self.cpid is not None:
-            obj["cpid"] = self.cpid
-        if self.version is not None:
-            obj["version"] = self.version
-        if self.subject is not None:
-            obj["subject"] = self.subject
-        obj["digest"] = self.digest
-        obj["time"] = self.time
-        return json.dumps(obj, separators=(",", ":")).encode("utf-8")
-
-    @classmethod
-    def from_json(cls, data: bytes) -> AuditEntry:
-        obj = _json.loads(data)
-        return cls(
-            seq=int(obj["seq"]),
-            op=str(obj["op"]),
-            digest=str(obj["digest"]),
-            time=int(obj["time"]),
-            cpid=obj.get("cpid"),
-            subject=obj.get("subject"),
-            version=obj.get("version"),
-        )
-
-
-def entry_ops(
-    seq: int,
-    *,
-    op: AuditOp,
-    envelope: Envelope,
-    cpid: str | None = None,
-    subject: str | None = None,
-    version: int | None = None,
-    now: int | None = None,
-) -> tuple[list[Cmp], list[Op]]:
-    """The compares and the put that append entry ``seq`` inside a caller's transaction.
-
-    Exactly one of ``cpid`` (register, update, renew, deregister) or ``subject``
-    (revoke) names what changed.
-    """
-    if op not in AUDIT_OPS:
-        raise ValueError(f"unknown audit op {op!r}, expected one of {', '.join(AUDIT_OPS)}")
-    if (cpid is None) == (subject is None):
-        raise ValueError("give exactly one of cpid or subject")
-    if seq < 1:
-        raise ValueError(f"audit sequence numbers start at 1, got {seq}")
-    entry = AuditEntry(
-        seq=seq,
-        op=op,
-        digest=digest(envelope),
-        time=int(time.time()) if now is None else now,
-        cpid=cpid,
-        subject=subject,
-        version=version,
-    )
-    cmps = [Cmp.absent(Keys.audit(seq))]
-    if seq > 1:
-        cmps.append(Cmp.exists(Keys.audit(seq - 1)))
-    return cmps, [Op.put(Keys.audit(seq), entry.to_json())]
-
-
-async def find_head(index: Index, *, hint: int = 0) -> int:
-    """The highest sequence number in the stream (0 when empty).
-
-    Starts from ``hint`` (a head seen before) and probes forwards, galloping, then
-    bisects: O(log n) reads, and one or two when the hint is recent.
-    """
-    lo = max(0, hint)
-    if lo > 0 and await index.get(Keys.audit(lo)) is None:
-        lo = 0  # the hint is ahead of the stream (another etcd?): search from scratch
-    step = 1
-    hi = lo + step
-    while await index.get(Keys.audit(hi)) is not None:
-        lo = hi
-        step *= 2
-        hi = lo + step
-    # entry lo exists (or lo == 0), entry hi does not
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if await index.get(Keys.audit(mid)) is not None:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-async def read_entries(index: Index) -> list[AuditEntry]:
-    """Every entry, in sequence order."""
-    kvs, _ = await index.get_prefix(Prefix.AUDIT)
-    return [AuditEntry.from_json(kv.value) for kv in kvs]
 
 
 _MAX_BATCH_OPS = 100  # etcd's default --max-txn-ops is 128 (per branch and for compares)
@@ -332,9 +232,7 @@ class AuditStream:
 
     def _audit_parts(self, head: int, batch: Sequence[_Pending]) -> tuple[list[Cmp], list[Op]]:
         now = int(time.time())
-        cmps = [Cmp.absent(Keys.audit(head + 1))]
-        if head > 0:
-            cmps.append(Cmp.exists(Keys.audit(head)))
+        cmps = head_compares(head)
         puts = []
         for i, p in enumerate(batch):
             _, (put,) = entry_ops(
@@ -350,12 +248,11 @@ class AuditStream:
         return cmps, puts
 
     def _head_probe(self, head: int) -> list[Op]:
-        return [Op.get(Keys.audit(head + 1))] + ([Op.get(Keys.audit(head))] if head > 0 else [])
+        return head_probe(head)
 
     async def _lost_head(self, head: int, probe: Sequence[OpResult]) -> bool:
         """After a failed transaction: True (and the head re-read) if the head had moved."""
-        taken = bool(probe[0].kvs)
-        missing = head > 0 and not probe[1].kvs
+        taken, missing = lost_head(head, probe)
         if not taken and not missing:
             return False
         self.races += 1
