@@ -13,8 +13,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, ClassVar, Final, Literal
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import Field, model_validator
 
+from schemas import dsse
+from schemas import keys as _keys
+from schemas.dsse import Envelope
 from schemas.models import MAX_INT, CPIDStr, Document, Namespace, PublicKey, Timestamp
 
 __all__ = [
@@ -25,6 +29,7 @@ __all__ = [
     "USAGE_REASONS",
     "Usage",
     "UsageSigner",
+    "sign_usage_signer",
 ]
 
 MAX_USAGE_BYTES: Final = 1024
@@ -89,3 +94,22 @@ class UsageSigner(Document):
                 f"not_after {self.not_after} is not after not_before {self.not_before}"
             )
         return self
+
+
+def sign_usage_signer(
+    anchor_key: Ed25519PrivateKey,
+    public_key: Ed25519PublicKey | Ed25519PrivateKey,
+    *,
+    subject: str,
+    not_before: int,
+    not_after: int,
+) -> Envelope:
+    """A ``usagesigner.v1`` for ``public_key``, signed by the anchor key ``anchor_key``
+    (stored at ``/cpi/v1/usagesigners/<kid of public_key>``)."""
+    doc = UsageSigner(
+        subject=subject,
+        public_key=_keys.public_to_b64url(public_key),
+        not_before=not_before,
+        not_after=not_after,
+    )
+    return dsse.sign(UsageSigner.media_type(), doc.to_json(), anchor_key)

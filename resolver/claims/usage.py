@@ -1,0 +1,269 @@
+"""Usage receipts: what ends a claim appends a signed ``usage.v1`` to the transparency log.
+
+A **metered** claim is one whose claim transaction also wrote its meter,
+``/cpi/v1/meter/<claim-id>`` = ``{"claim_id", "cpid", "holder", "units", "start",
+"expires_at", "n"}`` (no lease: it outlives the claim key).  Whatever ends the claim's
+current period, in the **same etcd transaction** as the change that ends it:
+
+* compares the meter's ``mod_revision`` (unchanged since read), the receipt key
+  ``/cpi/v1/usage/<claim-id>/<n>`` absent, and the audit head (:mod:`registry.index.auditlog`);
+* puts the receipt, a ``usage.v1`` DSSE envelope signed with the usage key, and the
+  audit entry ``{"seq", "op": "usage", "cpid", "receipt": "<claim-id>/<n>", "digest",
+  "time"}`` naming it;
+* deletes the meter (release, expiry) or moves it to the next period (renewal:
+  ``start`` = this receipt's ``end``, ``n + 1``, the new ``expires_at``).
+
+So a receipt exists exactly when its period ended: a failed transaction writes none, a
+second attempt finds the meter moved or the receipt present, and an expiry that etcd
+applied alone (the lease ran out, no resolver running) leaves the meter, from which the
+reconciler writes the receipt later (``end`` = the meter's ``expires_at``).
+
+Claims made by a service without a usage key have no meter and get no receipt.
+
+:class:`UsageRecorder` builds these parts; :class:`resolver.claims.service.ClaimService`
+adds them to its release, purge and reconcile transactions (and a renewal adds them
+with :meth:`~resolver.claims.service.ClaimService.usage_parts`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from registry.index import KV, Cmp, Index, Keys, Op, OpResult, TxnResult
+from registry.index.auditlog import entry_ops, find_head, head_probe, lost_head
+from resolver.claims.model import Claim
+from schemas import _json, dsse
+from schemas import keys as _keys
+from schemas.dsse import Envelope
+from schemas.errors import KeyFileError
+from schemas.usage import Usage
+
+__all__ = [
+    "ENV_USAGE_KEY",
+    "Meter",
+    "Reason",
+    "UsageParts",
+    "UsageRecorder",
+    "load_usage_key",
+    "recorder_from_env",
+]
+
+ENV_USAGE_KEY: Final = "CPI_RESOLVER_USAGE_KEY"
+"""Path of the resolver's usage signing key (Ed25519 PKCS#8 PEM, mode 0600)."""
+
+Reason = Literal["release", "expiry", "renewal"]
+
+
+def load_usage_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
+    """The usage signing key from a 0600 PEM file (KeyFileError otherwise)."""
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode & 0o777
+    except OSError as exc:
+        raise KeyFileError(f"usage key {p}: {exc.strerror or exc}") from exc
+    if mode & 0o077:
+        raise KeyFileError(f"usage key {p} has mode {mode:o}; it must be 0600")
+    return _keys.private_from_pem(p.read_bytes())
+
+
+@dataclass(frozen=True, slots=True)
+class Meter:
+    """The open period of a metered claim (``/cpi/v1/meter/<claim-id>``)."""
+
+    claim_id: str
+    cpid: str
+    holder: str
+    units: int
+    start: int
+    expires_at: int
+    n: int
+
+    @classmethod
+    def of(cls, claim: Claim) -> Meter:
+        return cls(
+            claim.claim_id,
+            claim.cpid,
+            claim.holder,
+            claim.units,
+            claim.created_at,
+            claim.expires_at,
+            1,
+        )
+
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Meter:
+        """``ValueError`` when the value is not a meter."""
+        obj = _json.loads(data)
+        if not isinstance(obj, dict):
+            raise ValueError("meter value is not a JSON object")
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            v = obj.get(f.name)
+            want = str if f.name in ("claim_id", "cpid", "holder") else int
+            if not isinstance(v, want) or isinstance(v, bool):
+                raise ValueError(f"meter member {f.name!r} is {v!r}")
+            out[f.name] = v
+        if out["units"] < 1 or out["n"] < 1 or out["start"] < 0:
+            raise ValueError("meter units, n or start out of range")
+        return cls(**out)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageParts:
+    """What a transaction that ends a claim's period adds to its own compares and ops.
+
+    Empty (no receipt) for a claim without a meter or a service without a usage key.
+    Append ``failure`` last to the transaction's failure branch, then pass the result
+    to :meth:`UsageRecorder.done`.
+    """
+
+    compare: tuple[Cmp, ...] = ()
+    success: tuple[Op, ...] = ()
+    failure: tuple[Op, ...] = ()
+    head: int = 0
+    receipt: Usage | None = None
+    envelope: Envelope | None = None
+
+
+NO_RECEIPT: Final = UsageParts()
+
+
+class UsageRecorder:
+    """Signs receipts with ``key`` and builds the parts that append them (see the module).
+
+    Within one process, appends are serialised by :attr:`lock` (held around the
+    building of the parts and the transaction), so they never race each other for the
+    audit head; a race with another process costs one retry (:meth:`done` says so).
+    """
+
+    def __init__(
+        self, index: Index, key: Ed25519PrivateKey, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._index = index
+        self._key = key
+        self._clock = clock
+        self.kid = _keys.kid_of(key)
+        self._head: int | None = None
+        self.lock = asyncio.Lock()
+        self.written = 0
+        """Receipts this recorder committed."""
+
+    @contextlib.asynccontextmanager
+    async def appending(self) -> AsyncIterator[None]:
+        async with self.lock:
+            yield
+
+    def meter_op(self, claim: Claim) -> Op:
+        """The put that meters a new claim (in the claim's own transaction)."""
+        return Op.put(Keys.meter(claim.claim_id), Meter.of(claim).to_json())
+
+    async def head(self) -> int:
+        if self._head is None:
+            self._head = await find_head(self._index)
+        return self._head
+
+    async def parts(
+        self,
+        claim_id: str,
+        *,
+        end: int,
+        reason: Reason,
+        meter: KV | Literal["read"] | None = "read",
+        renew_until: int | None = None,
+    ) -> UsageParts:
+        """The parts that close the current period of ``claim_id`` at ``end``.
+
+        ``meter`` is the meter's KV when the caller read it (``None``: absent), else it
+        is read here.  ``renew_until``: a renewal; the meter moves to the next period,
+        which ends at ``renew_until``.  No meter, or an unreadable one: no receipt.
+        """
+        if meter == "read":
+            meter = await self._index.get(Keys.meter(claim_id))
+        if meter is None:
+            return NO_RECEIPT
+        try:
+            m = Meter.from_json(meter.value)
+        except ValueError:
+            return NO_RECEIPT
+        stop = max(m.start, min(int(end), m.expires_at))
+        receipt = Usage(
+            claim_id=m.claim_id,
+            n=m.n,
+            holder=m.holder,
+            cpid=m.cpid,
+            units=m.units,
+            start=m.start,
+            end=stop,
+            reason=reason,
+        )
+        env = dsse.sign(Usage.media_type(), receipt.to_json(), self._key)
+        name = Keys.receipt(m.claim_id, m.n)
+        head = await self.head()
+        a_cmps, a_ops = entry_ops(
+            head + 1,
+            op="usage",
+            envelope=env,
+            cpid=m.cpid,
+            receipt=name,
+            now=int(self._clock()),
+        )
+        meter_key = Keys.meter(claim_id)
+        if renew_until is None:
+            move = Op.delete(meter_key)
+        else:
+            nxt = dataclasses.replace(m, start=stop, n=m.n + 1, expires_at=int(renew_until))
+            move = Op.put(meter_key, nxt.to_json())
+        return UsageParts(
+            compare=(
+                Cmp.mod_revision(meter_key, "==", meter.mod_revision),
+                Cmp.absent(Keys.usage(m.claim_id, m.n)),
+                *a_cmps,
+            ),
+            success=(Op.put(Keys.usage(m.claim_id, m.n), env.to_json()), move, *a_ops),
+            failure=tuple(head_probe(head)),
+            head=head,
+            receipt=receipt,
+            envelope=env,
+        )
+
+    async def done(self, parts: UsageParts, result: TxnResult) -> bool:
+        """Account for a transaction that carried ``parts``.  True when it failed because
+        another writer took the audit head (the head is re-read: build the parts again
+        and retry at once); False otherwise."""
+        if parts.receipt is None:
+            return False
+        if result.succeeded:
+            self._head = parts.head + 1
+            self.written += 1
+            return False
+        probe: Sequence[OpResult] = result.responses[len(result.responses) - len(parts.failure) :]
+        taken, missing = lost_head(parts.head, probe)
+        if not taken and not missing:
+            return False
+        self._head = await find_head(self._index, hint=parts.head + 1 if taken else 0)
+        return True
+
+
+def recorder_from_env(index: Index, env: Mapping[str, str] | None = None) -> UsageRecorder | None:
+    """A recorder with the key named by ``$CPI_RESOLVER_USAGE_KEY`` (None when unset).
+
+    Raises KeyFileError when the variable names a key that cannot be used (a resolver
+    told to sign receipts must not silently stop)."""
+    path = (os.environ if env is None else env).get(ENV_USAGE_KEY, "").strip()
+    if not path:
+        return None
+    return UsageRecorder(index, load_usage_key(path))

@@ -1,0 +1,335 @@
+"""Usage receipts: what ends a claim appends a signed receipt to the transparency log in
+the same transaction; ``audit_usage`` totals them from the log alone and refuses what
+does not verify."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from registry.index import Index, Keys, Prefix
+from registry.index.auditlog import read_entries
+from registry.logsigner import LogSigner
+from resolver.audit.usage import UsageReport, audit_usage
+from resolver.claims.service import ClaimService
+from resolver.claims.usage import UsageRecorder
+from resolver.core import Resolver
+from schemas import dsse
+from schemas import keys as _keys
+from schemas.checkpoint import NoteVerifier
+from schemas.usage import Usage, sign_usage_signer
+from tests.resolver.claims.test_claims import FAST_CLAIMS, live_node, units_at
+from tests.resolver.kit import Pki
+
+T0 = 1_767_225_600  # 2026-01-01T00:00:00Z
+
+
+class Clock:
+    def __init__(self, now: int = T0) -> None:
+        self.now = float(now)
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class World:
+    """A claims service with a usage key, its signer named by the anchor, a log signer."""
+
+    def __init__(self, index: Index, pki: Pki, resolver: Resolver, clock: Clock) -> None:
+        self.index, self.pki, self.clock = index, pki, clock
+        self.usage_key = _keys.generate()
+        self.recorder = UsageRecorder(index, self.usage_key, clock=clock)
+        self.claims = ClaimService(
+            index=index, resolver=resolver, settings=FAST_CLAIMS, clock=clock, usage=self.recorder
+        )
+        self.log_key = _keys.generate()
+        self.signer = LogSigner(index, self.log_key)
+        self.verifier: NoteVerifier = self.signer.verifier
+
+    async def publish_signer(self) -> None:
+        env = sign_usage_signer(
+            self.pki.root, self.usage_key, subject="CN", not_before=T0 - 86400, not_after=T0 + 10**7
+        )
+        await self.index.put(Keys.usage_signer(_keys.kid_of(self.usage_key)), env.to_json())
+
+    async def sign_log(self) -> None:
+        await self.signer.load()
+        await self.signer.sign()
+
+    async def audit(self, **kw: object) -> UsageReport:
+        args: dict[str, object] = {"since": T0 - 3600, "until": T0 + 10**6, **kw}
+        return await audit_usage(
+            self.index,
+            verifier=self.verifier,
+            anchors=self.pki.anchors,
+            **args,  # type: ignore[arg-type]
+        )
+
+
+@pytest.fixture
+async def world(index: Index, pki: Pki, resolver: Resolver) -> World:
+    w = World(index, pki, resolver, Clock())
+    await w.publish_signer()
+    return w
+
+
+async def receipts(index: Index) -> list[Usage]:
+    kvs, _ = await index.get_prefix(Prefix.USAGE)
+    out = []
+    for kv in kvs:
+        env = dsse.Envelope.from_json(kv.value)
+        out.append(Usage.model_validate_json(env.payload))
+    return out
+
+
+async def test_release_writes_one_receipt_with_the_exact_seconds(
+    world: World, index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    node = await live_node(index, pki, resolver, free=8)
+    c = await world.claims.claim(node.cpid, units=4, ttl_s=3600, holder="alice")
+    assert c.created_at == T0
+    meter = await index.get(Keys.meter(c.claim_id))
+    assert meter is not None and json.loads(meter.value)["start"] == T0
+    world.clock.now += 1234.9  # a fraction of a second is not billed
+    await world.claims.release(c.claim_id, holder="alice")
+    (r,) = await receipts(index)
+    assert (r.holder, r.cpid, r.units, r.start, r.end, r.reason, r.n) == (
+        "alice",
+        node.cpid,
+        4,
+        T0,
+        T0 + 1234,
+        "release",
+        1,
+    )
+    assert r.claim_id == c.claim_id
+    assert await index.get(Keys.meter(c.claim_id)) is None  # closed in the same transaction
+    entries = [e for e in await read_entries(index) if e.op == "usage"]
+    assert len(entries) == 1
+    assert entries[0].receipt == Keys.receipt(c.claim_id, 1)
+    assert entries[0].cpid == node.cpid
+    # the receipt verifies under the usage key
+    kv = await index.get(Keys.usage(c.claim_id, 1))
+    assert kv is not None
+    dsse.verify(
+        dsse.Envelope.from_json(kv.value),
+        {world.recorder.kid: world.usage_key.public_key()},
+        payload_types=(Usage.media_type(),),
+    )
+    assert await units_at(index, Keys.alloc(node.cpid)) == 0
+    await world.claims.close()
+
+
+async def test_a_claim_without_a_usage_key_gets_no_receipt(
+    index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    node = await live_node(index, pki, resolver, free=8)
+    plain = ClaimService(index=index, resolver=resolver, settings=FAST_CLAIMS)
+    c = await plain.claim(node.cpid, units=1, ttl_s=60, holder="bob")
+    assert await index.get(Keys.meter(c.claim_id)) is None
+    await plain.release(c.claim_id, holder="bob")
+    assert await receipts(index) == []
+    assert [e.op for e in await read_entries(index)] == []
+
+
+async def test_expiry_past_expires_at_writes_a_receipt_ending_at_expires_at(
+    world: World, index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    node = await live_node(index, pki, resolver, free=8)
+    c = await world.claims.claim(node.cpid, units=2, ttl_s=600, holder="carol")
+    world.clock.now += 5000  # long past expires_at; the key remains (its lease has 600 s)
+    assert await world.claims.purge_expired([c]) == 1
+    (r,) = await receipts(index)
+    assert (r.start, r.end, r.reason, r.units) == (T0, T0 + 600, "expiry", 2)
+    assert await index.get(Keys.meter(c.claim_id)) is None
+    await world.claims.close()
+
+
+async def test_a_lease_that_ran_out_gets_its_receipt_from_the_reconciler(
+    world: World, index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    node = await live_node(index, pki, resolver, free=8)
+    c = await world.claims.claim(node.cpid, units=3, ttl_s=60, holder="dave")
+    # etcd deletes the claim key alone (the lease ran out while no resolver was running)
+    await index.delete(c.key)
+    world.clock.now += 7200
+    await world.claims.reconcile()
+    (r,) = await receipts(index)
+    assert (r.holder, r.start, r.end, r.reason, r.units) == ("dave", T0, T0 + 60, "expiry", 3)
+    assert await index.get(Keys.meter(c.claim_id)) is None
+    await world.claims.reconcile()  # a second pass writes nothing more
+    assert len(await receipts(index)) == 1
+    await world.claims.close()
+
+
+async def test_renewal_parts_close_one_period_and_open_the_next(
+    world: World, index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    """What a renewal (PATCH /v1/claims/{id}) adds to its transaction."""
+    node = await live_node(index, pki, resolver, free=8)
+    c = await world.claims.claim(node.cpid, units=8, ttl_s=600, holder="erin")
+    world.clock.now += 500
+    svc = world.claims
+    assert svc.usage is not None
+    async with svc.usage.appending():
+        parts = await svc.usage_parts(c, end=T0 + 500, reason="renewal", renew_until=T0 + 1100)
+        result = await index.txn(compare=list(parts.compare), success=list(parts.success))
+        assert not await svc.usage_done(parts, result)
+    assert result.succeeded
+    world.clock.now += 100
+    await svc.release(c.claim_id, holder="erin")
+    got = sorted((r.n, r.start, r.end, r.reason) for r in await receipts(index))
+    assert got == [(1, T0, T0 + 500, "renewal"), (2, T0 + 500, T0 + 600, "release")]
+    await svc.close()
+
+
+async def test_usage_totals_match_the_claims_to_the_second(
+    world: World, index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    a = await live_node(index, pki, resolver, free=16)
+    b = await live_node(index, pki, resolver, free=16, namespace="CN.32")
+    svc = world.claims
+    c1 = await svc.claim(a.cpid, units=8, ttl_s=86400, holder="alice")
+    c2 = await svc.claim(b.cpid, units=2, ttl_s=86400, holder="alice")
+    world.clock.now += 3600
+    c3 = await svc.claim(a.cpid, units=1, ttl_s=86400, holder="bob")
+    await svc.release(c1.claim_id, holder="alice")  # 8 units x 3600 s
+    world.clock.now += 1801
+    await svc.release(c2.claim_id, holder="alice")  # 2 units x 5401 s
+    await svc.release(c3.claim_id, holder="bob")  # 1 unit x 1801 s
+    await world.sign_log()
+
+    rep = await world.audit()
+    assert rep.ok, (rep.checks, rep.problems)
+    alice = 8 * 3600 + 2 * 5401
+    assert rep.totals("holder") == {
+        "alice": {"receipts": 2, "unit_seconds": alice, "hours": round(alice / 3600, 6)},
+        "bob": {"receipts": 1, "unit_seconds": 1801, "hours": round(1801 / 3600, 6)},
+    }
+    by_ns = rep.totals("namespace")
+    assert by_ns[a.cpid.split("/")[0]]["unit_seconds"] == 8 * 3600 + 1801
+    assert by_ns["CN.32"]["unit_seconds"] == 2 * 5401
+
+    only_alice = await world.audit(holder="alice")
+    assert only_alice.unit_seconds == alice
+    in_cn32 = await world.audit(namespace="CN.32")
+    assert in_cn32.unit_seconds == 2 * 5401
+    # a window cuts receipts at its edges: [T0 + 1800, T0 + 3600) holds 1800 s of c1 and c2
+    window = await world.audit(since=T0 + 1800, until=T0 + 3600)
+    assert window.unit_seconds == 8 * 1800 + 2 * 1800
+    await svc.close()
+
+
+async def test_a_forged_or_tampered_receipt_is_reported_not_counted(
+    world: World, index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    node = await live_node(index, pki, resolver, free=16)
+    svc = world.claims
+    c1 = await svc.claim(node.cpid, units=1, ttl_s=86400, holder="alice")
+    c2 = await svc.claim(node.cpid, units=1, ttl_s=86400, holder="alice")
+    world.clock.now += 100
+    await svc.release(c1.claim_id, holder="alice")
+    await svc.release(c2.claim_id, holder="alice")
+    await world.sign_log()
+    assert (await world.audit()).unit_seconds == 200
+
+    # tampered: the stored receipt for c2 rewritten with more units, re-signed by a stranger
+    kv = await index.get(Keys.usage(c2.claim_id, 1))
+    assert kv is not None
+    payload = json.loads(dsse.Envelope.from_json(kv.value).payload)
+    payload["units"] = 100
+    forged = dsse.sign(Usage.media_type(), json.dumps(payload).encode(), _keys.generate())
+    await index.put(Keys.usage(c2.claim_id, 1), forged.to_json())
+    rep = await world.audit()
+    assert not rep.ok
+    assert rep.unit_seconds == 100  # c1 only
+    assert any("digest differs" in p for p in rep.problems), rep.problems
+
+    # a receipt nobody logged, signed by the real key, is not counted either
+    extra = Usage(
+        claim_id=c1.claim_id.rsplit("~", 1)[0] + "~" + "Z" * 16,
+        n=1,
+        holder="alice",
+        cpid=node.cpid,
+        units=50,
+        start=T0,
+        end=T0 + 1000,
+        reason="release",
+    )
+    env = dsse.sign(Usage.media_type(), extra.to_json(), world.usage_key)
+    await index.put(Keys.usage(extra.claim_id, 1), env.to_json())
+    rep = await world.audit()
+    assert rep.unit_seconds == 100
+    assert any("no log entry names it" in u for u in rep.unlogged), rep.unlogged
+
+
+async def test_a_receipt_signed_by_an_unnamed_key_is_refused(
+    world: World, index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    node = await live_node(index, pki, resolver, free=16)
+    rogue = UsageRecorder(index, _keys.generate(), clock=world.clock)
+    svc = ClaimService(
+        index=index, resolver=resolver, settings=FAST_CLAIMS, clock=world.clock, usage=rogue
+    )
+    c = await svc.claim(node.cpid, units=1, ttl_s=600, holder="mallory")
+    world.clock.now += 10
+    await svc.release(c.claim_id, holder="mallory")
+    await world.sign_log()
+    rep = await world.audit()
+    assert rep.unit_seconds == 0
+    assert any("not a usage signer" in p for p in rep.problems), rep.problems
+    await svc.close()
+
+
+async def test_a_deleted_audit_entry_fails_the_checkpoint_and_nothing_counts(
+    world: World, index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    node = await live_node(index, pki, resolver, free=16)
+    svc = world.claims
+    cs = [await svc.claim(node.cpid, units=1, ttl_s=600, holder="alice") for _ in range(3)]
+    world.clock.now += 60
+    for c in cs:
+        await svc.release(c.claim_id, holder="alice")
+    await world.sign_log()
+    assert (await world.audit()).unit_seconds == 180
+    entries = await read_entries(index)
+    victim = next(e for e in entries if e.receipt == Keys.receipt(cs[1].claim_id, 1))
+    await index.delete(Keys.audit(victim.seq))  # a receipt dropped from the log
+    rep = await world.audit()
+    assert not rep.ok
+    assert rep.receipts == []
+    assert any("missing" in d for _, ok, d in rep.checks if not ok), rep.checks
+    # the last entry deleted instead: the stream is shorter than the checkpoint
+    await index.put(Keys.audit(victim.seq), entries[victim.seq - 1].to_json())
+    assert (await world.audit()).unit_seconds == 180
+    await index.delete(Keys.audit(entries[-1].seq))
+    assert not (await world.audit()).ok
+
+
+async def test_without_a_checkpoint_nothing_is_counted(
+    world: World, index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    node = await live_node(index, pki, resolver, free=16)
+    c = await world.claims.claim(node.cpid, units=1, ttl_s=600, holder="alice")
+    world.clock.now += 5
+    await world.claims.release(c.claim_id, holder="alice")
+    rep = await world.audit()
+    assert not rep.ok and rep.receipts == []
+
+
+async def test_concurrent_releases_each_write_exactly_one_receipt(
+    world: World, index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    node = await live_node(index, pki, resolver, free=16)
+    svc = world.claims
+    cs = [await svc.claim(node.cpid, units=1, ttl_s=600, holder=f"h{i}") for i in range(12)]
+    world.clock.now += 30
+    await asyncio.gather(*(svc.release(c.claim_id, holder=c.holder) for c in cs))
+    got = await receipts(index)
+    assert sorted(r.claim_id for r in got) == sorted(c.claim_id for c in cs)
+    seqs = [e.seq for e in await read_entries(index)]
+    assert seqs == list(range(1, len(seqs) + 1))
+    await world.sign_log()
+    assert (await world.audit()).unit_seconds == 12 * 30
