@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
+from cpi.commands.usage import parse_time
+from cpi.etcdproc import EtcdProcess
+from cpi.main import main
 from registry.index import Index, Keys, Prefix
 from registry.index.auditlog import read_entries
 from registry.logsigner import LogSigner
@@ -333,3 +337,78 @@ async def test_concurrent_releases_each_write_exactly_one_receipt(
     assert seqs == list(range(1, len(seqs) + 1))
     await world.sign_log()
     assert (await world.audit()).unit_seconds == 12 * 30
+
+
+# -- cpi usage ---------------------------------------------------------------------------------
+
+
+async def test_cpi_usage_prints_the_totals_and_exits_0(
+    world: World,
+    index: Index,
+    pki: Pki,
+    resolver: Resolver,
+    etcd_server: EtcdProcess,
+    anchor_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    node = await live_node(index, pki, resolver, free=16)
+    svc = world.claims
+    c = await svc.claim(node.cpid, units=8, ttl_s=86400, holder="alice")
+    world.clock.now += 4500
+    await svc.release(c.claim_id, holder="alice")
+    await world.sign_log()
+    base = [
+        "usage",
+        "--etcd",
+        etcd_server.endpoint,
+        "--anchor",
+        str(anchor_file),
+        "--log-key",
+        world.verifier.to_vkey(),
+        "--since",
+        "2026-01-01",
+        "--until",
+        str(T0 + 86400),
+    ]
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, [*base, "--holder", "alice", "-o", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is True
+    assert doc["by_holder"] == {"alice": {"receipts": 1, "unit_seconds": 36000, "hours": 10.0}}
+    assert doc["by_namespace"] == {
+        "CN.31.CMCC": {"receipts": 1, "unit_seconds": 36000, "hours": 10.0}
+    }
+    assert await asyncio.to_thread(main, [*base, "--receipts"]) == 0
+    out = capsys.readouterr().out
+    assert "10.000000" in out and "alice" in out and c.claim_id in out
+    # tampering shows in the exit status
+    await index.put(Keys.usage(c.claim_id, 1), b'{"payloadType":"x","payload":"","signatures":[]}')
+    assert await asyncio.to_thread(main, [*base, "-o", "json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["unit_seconds"] == 0 and doc["problems"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--since", "last tuesday"], "--since 'last tuesday' is not a time"),
+        (["--since", "2026-13-01"], "is not a time"),
+        (["--since", "2026-01-02", "--until", "2026-01-01"], "must be after --since"),
+        (["--since", "7d", "--namespace", "cn..x"], "--namespace"),
+    ],
+)
+def test_cpi_usage_bad_times_are_a_clear_usage_error(
+    flags: list[str], message: str, anchor_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["usage", "--etcd", "http://127.0.0.1:1", "--anchor", str(anchor_file), *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_parse_time_forms() -> None:
+    assert parse_time("1767225600", flag="--since") == T0
+    assert parse_time("2026-01-01", flag="--since") == T0
+    assert parse_time("2026-01-01T08:00:00+08:00", flag="--since") == T0
+    assert parse_time("24h", flag="--since", now=T0 + 86400) == T0
