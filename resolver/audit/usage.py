@@ -26,6 +26,7 @@ otherwise (the claims service's units).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -42,10 +43,18 @@ from schemas.cpid import ns_contains as contains
 from schemas.cpid import parse as parse_cpid
 from schemas.errors import CPIError
 from schemas.merkle import MerkleTree
-from schemas.models import parse_payload
+from schemas.models import Revocation, parse_payload
 from schemas.usage import Usage, UsageSigner
 
-__all__ = ["CLOCK_SKEW_S", "Receipt", "UsageReport", "audit_usage", "load_signers"]
+__all__ = [
+    "CLOCK_SKEW_S",
+    "Receipt",
+    "Signer",
+    "UsageReport",
+    "audit_usage",
+    "load_signers",
+    "revoked_at",
+]
 
 CLOCK_SKEW_S: Final = 60
 _LATEST: Final = Keys.log("latest")
@@ -155,12 +164,44 @@ class UsageReport:
 # -- signers -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Signer:
+    """A usage signing key an anchor vouches for."""
+
+    statement: UsageSigner
+    public_key: Ed25519PublicKey
+    anchor_key: Ed25519PublicKey
+    revoked_at: int | None = None
+    """From a ``revocation.v1`` by the same anchor at ``/revoked/<kid>``: receipts ending
+    at or after ``revoked_at - 60`` are refused."""
+
+
+def revoked_at(signer: Signer, kid: str, value: bytes | None) -> int | None:
+    """``revoked_at`` of a valid revocation of ``kid`` (signed by the signer's anchor key,
+    same subject), else None."""
+    if value is None:
+        return None
+    try:
+        env = dsse.Envelope.from_json(value)
+        v = dsse.verify(
+            env,
+            {_keys.kid_of(signer.anchor_key): signer.anchor_key},
+            payload_types=(Revocation.media_type(),),
+        )
+        rev = parse_payload(v.payload_type, v.payload, Revocation)
+    except CPIError:
+        return None
+    if rev.kid != kid or rev.subject != signer.statement.subject:
+        return None
+    return rev.revoked_at
+
+
 def load_signers(
     envelopes: Iterable[tuple[str, bytes]], anchors: TrustAnchors, problems: list[str]
-) -> dict[str, tuple[UsageSigner, Ed25519PublicKey]]:
+) -> dict[str, Signer]:
     """The usage signers, by kid, whose ``usagesigner.v1`` verifies under an anchor key,
     names a subject inside that anchor's and is stored under its own key's kid."""
-    out: dict[str, tuple[UsageSigner, Ed25519PublicKey]] = {}
+    out: dict[str, Signer] = {}
     for key, value in envelopes:
         try:
             env = dsse.Envelope.from_json(value)
@@ -179,7 +220,7 @@ def load_signers(
         except (CPIError, ValueError) as exc:
             problems.append(f"usage signer {key}: {exc}")
             continue
-        out[kid] = (doc, pub)
+        out[kid] = Signer(doc, pub, anchor_key)
     return out
 
 
@@ -252,6 +293,12 @@ async def audit_usage(
 
     signer_kvs, _ = await index.get_prefix(Prefix.USAGE_SIGNERS, revision=rev)
     signers = load_signers(((kv.key, kv.value) for kv in signer_kvs), anchors, rep.problems)
+    for kid, signer in list(signers.items()):
+        revoked, _ = await index.get_prefix(Keys.revoked(kid), revision=rev)
+        value = next((kv.value for kv in revoked if kv.key == Keys.revoked(kid)), None)
+        at = revoked_at(signer, kid, value)
+        if at is not None:
+            signers[kid] = dataclasses.replace(signer, revoked_at=at)
     rep.add("usage signers named by an anchor", True, f"{len(signers)} key(s)")
 
     stored_kvs, _ = await index.get_prefix(Prefix.USAGE, revision=rev)
@@ -292,7 +339,7 @@ def _check_leaf(
     leaf: dict[str, Any],
     stored: dict[str, bytes],
     seen: set[str],
-    signers: dict[str, tuple[UsageSigner, Ed25519PublicKey]],
+    signers: dict[str, Signer],
 ) -> str | None:
     """Verify one usage leaf; count it when it passes.  The problem otherwise."""
     name = leaf.get("receipt")
@@ -313,7 +360,7 @@ def _check_leaf(
     signer = signers.get(env.keyid)
     if signer is None:
         return f"signed by {env.keyid or 'no key id'}, not a usage signer an anchor names"
-    doc, pub = signer
+    doc, pub = signer.statement, signer.public_key
     try:
         v = dsse.verify(env, {env.keyid: pub}, payload_types=(Usage.media_type(),))
         r = parse_payload(v.payload_type, v.payload, Usage)
@@ -328,6 +375,8 @@ def _check_leaf(
         return f"its signer may sign for {doc.subject} only"
     if not doc.not_before - CLOCK_SKEW_S <= r.end <= doc.not_after + CLOCK_SKEW_S:
         return f"it ends at {r.end}, outside its signer's validity"
+    if signer.revoked_at is not None and r.end >= signer.revoked_at - CLOCK_SKEW_S:
+        return f"its signer was revoked at {signer.revoked_at}"
     if rep.holder is not None and r.holder != rep.holder:
         return None
     if rep.namespace is not None and not contains(rep.namespace, parse_cpid(r.cpid).prefix):

@@ -13,6 +13,7 @@ import pytest
 from cpi.commands.usage import parse_time
 from cpi.etcdproc import EtcdProcess
 from cpi.main import main
+from registry import ca
 from registry.index import Index, Keys, Prefix
 from registry.index.auditlog import read_entries
 from registry.logsigner import LogSigner
@@ -412,3 +413,30 @@ def test_parse_time_forms() -> None:
     assert parse_time("2026-01-01", flag="--since") == T0
     assert parse_time("2026-01-01T08:00:00+08:00", flag="--since") == T0
     assert parse_time("24h", flag="--since", now=T0 + 86400) == T0
+
+
+async def test_receipts_after_the_signer_was_revoked_are_refused(
+    world: World, index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    node = await live_node(index, pki, resolver, free=16)
+    svc = world.claims
+    before = await svc.claim(node.cpid, units=1, ttl_s=86400, holder="alice")
+    world.clock.now += 100
+    await svc.release(before.claim_id, holder="alice")  # ends at T0 + 100
+    world.clock.now += 900
+    after = await svc.claim(node.cpid, units=1, ttl_s=86400, holder="alice")
+    world.clock.now += 100
+    await svc.release(after.claim_id, holder="alice")  # ends at T0 + 1100
+    await world.sign_log()
+    kid = _keys.kid_of(world.usage_key)
+    revocation = ca.revoke(
+        issuer_key=pki.root, subject="CN", kid=kid, reason="key leaked", now=T0 + 500
+    )
+    await index.put(Keys.revoked(kid), revocation.to_json())
+    rep = await world.audit()
+    assert rep.unit_seconds == 100  # the receipt signed before the revocation still counts
+    assert any("revoked" in p for p in rep.problems), rep.problems
+    # a revocation by someone else's key is ignored
+    forged = ca.revoke(issuer_key=_keys.generate(), subject="CN", kid=kid, reason="x", now=T0)
+    await index.put(Keys.revoked(kid), forged.to_json())
+    assert (await world.audit()).unit_seconds == 200
