@@ -71,7 +71,7 @@ import logging
 import random
 import time
 from collections import Counter as Tally
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -837,20 +837,14 @@ class ClaimService:
                 ret = _return_units(
                     claim_key, kv, claim.units, (alloc_key, alloc_kv), (holder_key, holder_kv)
                 )
-                async with self._usage_appending():  # its receipt, in the same transaction
-                    end = int(self._clock())
-                    usage = await self.usage_parts(claim, end=end, reason="release")
-                    result = await self._index.txn(
-                        compare=[*ret.compare, *usage.compare],
-                        success=[*ret.success, *usage.success],
-                        failure=[
-                            Op.get(claim_key),
-                            Op.get(alloc_key),
-                            Op.get(holder_key),
-                            *usage.failure,
-                        ],
-                    )
-                    await self.usage_done(usage, result)
+                end = int(self._clock())  # its receipt, in the same transaction
+                usage = await self.usage_parts(claim, end=end, reason="release")
+                result = await self.usage_commit(
+                    usage,
+                    compare=ret.compare,
+                    success=ret.success,
+                    failure=[Op.get(claim_key), Op.get(alloc_key), Op.get(holder_key)],
+                )
                 if result.succeeded:
                     self._remember(
                         alloc_key, _written(alloc_key, ret.new_alloc, alloc_kv, result.revision)
@@ -972,16 +966,10 @@ class ClaimService:
                 ret = _return_units(
                     claim_key, kv, current.units, (alloc_key, alloc_kv), (holder_key, holder_kv)
                 )
-                async with self._usage_appending():  # its receipt, ending at expires_at
-                    usage = await self.usage_parts(
-                        current, end=current.expires_at, reason="expiry", meter=meter_kv
-                    )
-                    done = await self._index.txn(
-                        compare=[*ret.compare, *usage.compare],
-                        success=[*ret.success, *usage.success],
-                        failure=list(usage.failure),
-                    )
-                    await self.usage_done(usage, done)
+                usage = await self.usage_parts(  # its receipt, ending at expires_at
+                    current, end=current.expires_at, reason="expiry", meter=meter_kv
+                )
+                done = await self.usage_commit(usage, compare=ret.compare, success=ret.success)
                 self._forget(alloc_key, holder_key)
                 if not done.succeeded:
                     self.metrics.retries.inc()
@@ -1104,9 +1092,6 @@ class ClaimService:
 
     # -- usage receipts (resolver/claims/usage.py) -------------------------------------
 
-    def _usage_appending(self) -> contextlib.AbstractAsyncContextManager[None]:
-        return self.usage.appending() if self.usage is not None else contextlib.nullcontext()
-
     async def usage_parts(
         self,
         claim: Claim,
@@ -1116,25 +1101,31 @@ class ClaimService:
         meter: KV | Literal["read"] | None = "read",
         renew_until: int | None = None,
     ) -> UsageParts:
-        """The compares and ops that append the receipt of ``claim``'s current period
-        (ending at ``end``) in the caller's transaction; empty when the service has no
-        usage key or the claim no meter.  A renewal passes ``reason="renewal"`` and
-        ``renew_until`` (the new ``expires_at``): the meter moves to the next period.
-        Hold ``async with service.usage.appending()`` (when ``service.usage``) around
-        building the parts and the transaction, add ``parts.failure`` last to the
-        failure branch, and pass the result to :meth:`usage_done`."""
+        """The parts that write the receipt of ``claim``'s current period (ending at
+        ``end``) in the caller's transaction; empty when the service has no usage key or
+        the claim no meter.  A renewal passes ``reason="renewal"`` and ``renew_until``
+        (the new ``expires_at``): the meter moves to the next period.  Run the
+        transaction with :meth:`usage_commit`."""
         if self.usage is None:
             return NO_RECEIPT
         return await self.usage.parts(
             claim.claim_id, end=end, reason=reason, meter=meter, renew_until=renew_until
         )
 
-    async def usage_done(self, parts: UsageParts, result: TxnResult) -> bool:
-        """After a transaction that carried ``parts``: True when it failed only because
-        another process appended to the audit stream first (retry with new parts)."""
+    async def usage_commit(
+        self,
+        parts: UsageParts,
+        *,
+        compare: Sequence[Cmp] = (),
+        success: Sequence[Op] = (),
+        failure: Sequence[Op] = (),
+    ) -> TxnResult:
+        """The caller's transaction plus ``parts`` and the receipt's audit entry, in one
+        etcd transaction (a plain one without a receipt).  ``responses`` are the
+        caller's ``success`` ops first, or its ``failure`` ops when any compare failed."""
         if self.usage is None:
-            return False
-        return await self.usage.done(parts, result)
+            return await self._index.txn(compare=compare, success=success, failure=failure)
+        return await self.usage.commit(parts, compare=compare, success=success, failure=failure)
 
     async def _close_orphan_meters(self, rev: int, claims: list[KV]) -> None:
         """Receipts for meters whose claim key is gone at ``rev``: etcd deleted it when
@@ -1153,20 +1144,11 @@ class ClaimService:
                 continue
             if claim_key in live or kv.key != Keys.meter(m.claim_id):
                 continue
-            for _ in range(self.settings.max_attempts):
-                async with self.usage.appending():
-                    parts = await self.usage.parts(
-                        m.claim_id, end=int(self._clock()), reason="expiry", meter=kv
-                    )
-                    result = await self._index.txn(
-                        compare=[Cmp.version(claim_key, "==", 0), *parts.compare],
-                        success=list(parts.success),
-                        failure=list(parts.failure),
-                    )
-                    raced = await self.usage.done(parts, result)
-                if not raced:
-                    break
-            if result.succeeded:
+            parts = await self.usage.parts(
+                m.claim_id, end=int(self._clock()), reason="expiry", meter=kv
+            )
+            result = await self.usage.commit(parts, compare=[Cmp.version(claim_key, "==", 0)])
+            if result.succeeded and parts.receipt is not None:
                 _log.info(
                     "claims reconciler: claim %s of %s ended with its lease; wrote its usage "
                     "receipt %d",

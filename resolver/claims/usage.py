@@ -20,28 +20,29 @@ reconciler writes the receipt later (``end`` = the meter's ``expires_at``).
 
 Claims made by a service without a usage key have no meter and get no receipt.
 
-:class:`UsageRecorder` builds these parts; :class:`resolver.claims.service.ClaimService`
-adds them to its release, purge and reconcile transactions (and a renewal adds them
-with :meth:`~resolver.claims.service.ClaimService.usage_parts`).
+:class:`UsageRecorder` builds these parts and commits them with the caller's own
+compares and ops through the shared audit-append code (:mod:`registry.index.auditlog`);
+:class:`resolver.claims.service.ClaimService` uses it in its release, purge and
+reconcile transactions, and a renewal with
+:meth:`~resolver.claims.service.ClaimService.usage_parts` and
+:meth:`~resolver.claims.service.ClaimService.usage_commit`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from registry.index import KV, Cmp, Index, Keys, Op, OpResult, TxnResult
-from registry.index.auditlog import entry_ops, find_head, head_probe, lost_head
+from registry.index import KV, Cmp, Index, Keys, Op, TxnResult
+from registry.index.auditlog import AuditStream
 from resolver.claims.model import Claim
 from schemas import _json, dsse
 from schemas import keys as _keys
@@ -51,6 +52,7 @@ from schemas.usage import Usage
 
 __all__ = [
     "ENV_USAGE_KEY",
+    "NO_RECEIPT",
     "Meter",
     "Reason",
     "UsageParts",
@@ -124,31 +126,27 @@ class Meter:
 
 @dataclass(frozen=True, slots=True)
 class UsageParts:
-    """What a transaction that ends a claim's period adds to its own compares and ops.
-
-    Empty (no receipt) for a claim without a meter or a service without a usage key.
-    Append ``failure`` last to the transaction's failure branch, then pass the result
-    to :meth:`UsageRecorder.done`.
-    """
+    """What a transaction that ends a claim's period adds to its own compares and ops:
+    the meter compared unchanged and the receipt key absent; the receipt put and the
+    meter deleted or moved.  Commit them with :meth:`UsageRecorder.commit`, which adds
+    the audit entry.  Empty (no receipt) for a claim without a meter."""
 
     compare: tuple[Cmp, ...] = ()
     success: tuple[Op, ...] = ()
-    failure: tuple[Op, ...] = ()
-    head: int = 0
     receipt: Usage | None = None
     envelope: Envelope | None = None
+    name: str = ""
+    """``<claim-id>/<n>``: the receipt's key below ``/cpi/v1/usage/``."""
 
 
 NO_RECEIPT: Final = UsageParts()
 
 
 class UsageRecorder:
-    """Signs receipts with ``key`` and builds the parts that append them (see the module).
-
-    Within one process, appends are serialised by :attr:`lock` (held around the
-    building of the parts and the transaction), so they never race each other for the
-    audit head; a race with another process costs one retry (:meth:`done` says so).
-    """
+    """Signs receipts with ``key``, builds the parts that write them (see the module) and
+    commits them through an :class:`~registry.index.auditlog.AuditStream`, which appends
+    the audit entry and group-commits concurrent appends (receipts of different claims
+    share one transaction, each caller still getting the outcome of its own compares)."""
 
     def __init__(
         self, index: Index, key: Ed25519PrivateKey, *, clock: Callable[[], float] = time.time
@@ -157,24 +155,13 @@ class UsageRecorder:
         self._key = key
         self._clock = clock
         self.kid = _keys.kid_of(key)
-        self._head: int | None = None
-        self.lock = asyncio.Lock()
+        self.stream = AuditStream(index)
         self.written = 0
         """Receipts this recorder committed."""
-
-    @contextlib.asynccontextmanager
-    async def appending(self) -> AsyncIterator[None]:
-        async with self.lock:
-            yield
 
     def meter_op(self, claim: Claim) -> Op:
         """The put that meters a new claim (in the claim's own transaction)."""
         return Op.put(Keys.meter(claim.claim_id), Meter.of(claim).to_json())
-
-    async def head(self) -> int:
-        if self._head is None:
-            self._head = await find_head(self._index)
-        return self._head
 
     async def parts(
         self,
@@ -211,16 +198,6 @@ class UsageRecorder:
             reason=reason,
         )
         env = dsse.sign(Usage.media_type(), receipt.to_json(), self._key)
-        name = Keys.receipt(m.claim_id, m.n)
-        head = await self.head()
-        a_cmps, a_ops = entry_ops(
-            head + 1,
-            op="usage",
-            envelope=env,
-            cpid=m.cpid,
-            receipt=name,
-            now=int(self._clock()),
-        )
         meter_key = Keys.meter(claim_id)
         if renew_until is None:
             move = Op.delete(meter_key)
@@ -231,31 +208,41 @@ class UsageRecorder:
             compare=(
                 Cmp.mod_revision(meter_key, "==", meter.mod_revision),
                 Cmp.absent(Keys.usage(m.claim_id, m.n)),
-                *a_cmps,
             ),
-            success=(Op.put(Keys.usage(m.claim_id, m.n), env.to_json()), move, *a_ops),
-            failure=tuple(head_probe(head)),
-            head=head,
+            success=(Op.put(Keys.usage(m.claim_id, m.n), env.to_json()), move),
             receipt=receipt,
             envelope=env,
+            name=Keys.receipt(m.claim_id, m.n),
         )
 
-    async def done(self, parts: UsageParts, result: TxnResult) -> bool:
-        """Account for a transaction that carried ``parts``.  True when it failed because
-        another writer took the audit head (the head is re-read: build the parts again
-        and retry at once); False otherwise."""
-        if parts.receipt is None:
-            return False
+    async def commit(
+        self,
+        parts: UsageParts,
+        *,
+        compare: Sequence[Cmp] = (),
+        success: Sequence[Op] = (),
+        failure: Sequence[Op] = (),
+    ) -> TxnResult:
+        """Run the caller's transaction with ``parts`` and the receipt's audit entry.
+
+        The result is the caller's, as :meth:`Index.txn` gives it: ``responses`` of the
+        caller's ``success`` ops (then the parts'), or of ``failure`` when a compare of
+        the caller's or of the parts failed.  Without a receipt it is a plain transaction.
+        """
+        if parts.receipt is None or parts.envelope is None:
+            return await self._index.txn(compare=compare, success=success, failure=failure)
+        result = await self.stream.commit(
+            compare=[*compare, *parts.compare],
+            success=[*success, *parts.success],
+            failure=failure,
+            op="usage",
+            envelope=parts.envelope,
+            cpid=parts.receipt.cpid,
+            receipt=parts.name,
+        )
         if result.succeeded:
-            self._head = parts.head + 1
             self.written += 1
-            return False
-        probe: Sequence[OpResult] = result.responses[len(result.responses) - len(parts.failure) :]
-        taken, missing = lost_head(parts.head, probe)
-        if not taken and not missing:
-            return False
-        self._head = await find_head(self._index, hint=parts.head + 1 if taken else 0)
-        return True
+        return result
 
 
 def recorder_from_env(index: Index, env: Mapping[str, str] | None = None) -> UsageRecorder | None:

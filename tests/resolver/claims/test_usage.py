@@ -13,17 +13,18 @@ import pytest
 from cpi.commands.usage import parse_time
 from cpi.etcdproc import EtcdProcess
 from cpi.main import main
-from registry import ca
-from registry.index import Index, Keys, Prefix
+from registry import ca, keyfile
+from registry.index import Cmp, Index, Keys, Prefix
 from registry.index.auditlog import read_entries
 from registry.logsigner import LogSigner
 from resolver.audit.usage import UsageReport, audit_usage
 from resolver.claims.service import ClaimService
-from resolver.claims.usage import UsageRecorder
+from resolver.claims.usage import ENV_USAGE_KEY, UsageRecorder, recorder_from_env
 from resolver.core import Resolver
 from schemas import dsse
 from schemas import keys as _keys
 from schemas.checkpoint import NoteVerifier
+from schemas.errors import KeyFileError
 from schemas.usage import Usage, sign_usage_signer
 from tests.resolver.claims.test_claims import FAST_CLAIMS, live_node, units_at
 from tests.resolver.kit import Pki
@@ -177,12 +178,12 @@ async def test_renewal_parts_close_one_period_and_open_the_next(
     c = await world.claims.claim(node.cpid, units=8, ttl_s=600, holder="erin")
     world.clock.now += 500
     svc = world.claims
-    assert svc.usage is not None
-    async with svc.usage.appending():
-        parts = await svc.usage_parts(c, end=T0 + 500, reason="renewal", renew_until=T0 + 1100)
-        result = await index.txn(compare=list(parts.compare), success=list(parts.success))
-        assert not await svc.usage_done(parts, result)
+    parts = await svc.usage_parts(c, end=T0 + 500, reason="renewal", renew_until=T0 + 1100)
+    result = await svc.usage_commit(parts, compare=[Cmp.exists(c.key)])
     assert result.succeeded
+    # the same parts again: the meter moved, so nothing is written twice
+    again = await svc.usage_commit(parts, compare=[Cmp.exists(c.key)])
+    assert not again.succeeded
     world.clock.now += 100
     await svc.release(c.claim_id, holder="erin")
     got = sorted((r.n, r.start, r.end, r.reason) for r in await receipts(index))
@@ -440,3 +441,19 @@ async def test_receipts_after_the_signer_was_revoked_are_refused(
     forged = ca.revoke(issuer_key=_keys.generate(), subject="CN", kid=kid, reason="x", now=T0)
     await index.put(Keys.revoked(kid), forged.to_json())
     assert (await world.audit()).unit_seconds == 200
+
+
+async def test_the_usage_key_comes_from_the_environment_and_must_be_0600(
+    index: Index, tmp_path: Path
+) -> None:
+    assert recorder_from_env(index, {}) is None
+    path = tmp_path / "usage.key"
+    key = _keys.generate()
+    keyfile.write_private(path, key)
+    rec = recorder_from_env(index, {ENV_USAGE_KEY: str(path)})
+    assert rec is not None and rec.kid == _keys.kid_of(key)
+    path.chmod(0o644)
+    with pytest.raises(KeyFileError, match="0600"):
+        recorder_from_env(index, {ENV_USAGE_KEY: str(path)})
+    with pytest.raises(KeyFileError):
+        recorder_from_env(index, {ENV_USAGE_KEY: str(tmp_path / "missing.key")})
