@@ -38,6 +38,7 @@ __all__ = [
     "AuditEntry",
     "AuditOp",
     "AuditStream",
+    "Entry",
     "EntryOp",
     "digest",
     "entry_ops",
@@ -205,17 +206,35 @@ _MAX_BATCH_OPS = 100  # etcd's default --max-txn-ops is 128 (per branch and for 
 _MAX_BATCH_BYTES = 1024 * 1024  # etcd refuses requests over 1.5 MiB
 
 
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One entry to append (its ``seq`` and ``time`` are given at commit)."""
+
+    op: EntryOp
+    envelope: Envelope
+    cpid: str | None = None
+    subject: str | None = None
+    version: int | None = None
+    receipt: str | None = None
+
+    def check(self) -> None:
+        """ValueError when the members do not fit the op (as :func:`entry_ops` checks)."""
+        if (self.cpid is None) == (self.subject is None):
+            raise ValueError("give exactly one of cpid or subject")
+        if self.op not in ENTRY_OPS:
+            raise ValueError(
+                f"unknown audit op {self.op!r}, expected one of {', '.join(ENTRY_OPS)}"
+            )
+        if (self.op == "usage") != (self.receipt is not None):
+            raise ValueError("a usage entry names its receipt, and only a usage entry does")
+
+
 @dataclass(slots=True)
 class _Pending:
     compare: Sequence[Cmp]
     success: Sequence[Op]
     failure: Sequence[Op]
-    op: EntryOp
-    envelope: Envelope
-    cpid: str | None
-    subject: str | None
-    version: int | None
-    receipt: str | None
+    entries: tuple[Entry, ...]
     result: asyncio.Future[TxnResult]
     lead: asyncio.Future[None]
     writes: frozenset[str]
@@ -288,22 +307,31 @@ class AuditStream:
         ops only (``failure`` ops when a compare of the caller's failed).  Raises
         :class:`~schemas.errors.RetrievalError` like :meth:`Index.txn`.
         """
-        if (cpid is None) == (subject is None):
-            raise ValueError("give exactly one of cpid or subject")
-        if op not in ENTRY_OPS:
-            raise ValueError(f"unknown audit op {op!r}, expected one of {', '.join(ENTRY_OPS)}")
-        if (op == "usage") != (receipt is not None):
-            raise ValueError("a usage entry names its receipt, and only a usage entry does")
+        entry = Entry(op, envelope, cpid, subject, version, receipt)
+        return await self.commit_entries(
+            compare=compare, success=success, failure=failure, entries=[entry]
+        )
+
+    async def commit_entries(
+        self,
+        *,
+        compare: Sequence[Cmp] = (),
+        success: Sequence[Op] = (),
+        failure: Sequence[Op] = (),
+        entries: Sequence[Entry],
+    ) -> TxnResult:
+        """As :meth:`commit`, appending several entries (consecutive sequence numbers) in
+        the caller's one transaction: e.g. the usage receipts of every part of a claim
+        released at once."""
+        if not entries:
+            raise ValueError("commit_entries needs at least one entry")
+        for e in entries:
+            e.check()
         p = _Pending.make(
             compare=tuple(compare),
             success=tuple(success),
             failure=tuple(failure),
-            op=op,
-            envelope=envelope,
-            cpid=cpid,
-            subject=subject,
-            version=version,
-            receipt=receipt,
+            entries=tuple(entries),
         )
         self._queue.append(p)
         while not p.result.done():
@@ -329,7 +357,7 @@ class AuditStream:
         touches: set[str] = set()
         n_ops = n_cmps = size = 0
         for p in list(self._queue):
-            ops = len(p.success) + 1
+            ops = len(p.success) + len(p.entries)
             cmps = len(p.compare)
             if batch and (
                 n_ops + ops > _MAX_BATCH_OPS
@@ -362,22 +390,30 @@ class AuditStream:
                     p.result.set_exception(error)
             raise
 
-    def _audit_parts(self, head: int, batch: Sequence[_Pending]) -> tuple[list[Cmp], list[Op]]:
+    def _audit_parts(
+        self, head: int, batch: Sequence[_Pending]
+    ) -> tuple[list[Cmp], list[list[Op]]]:
+        """The head compares, and per change the puts of its entries (consecutive seqs)."""
         now = int(time.time())
         cmps = head_compares(head)
-        puts = []
-        for i, p in enumerate(batch):
-            _, (put,) = entry_ops(
-                head + 1 + i,
-                op=p.op,
-                envelope=p.envelope,
-                cpid=p.cpid,
-                subject=p.subject,
-                version=p.version,
-                receipt=p.receipt,
-                now=now,
-            )
-            puts.append(put)
+        puts: list[list[Op]] = []
+        seq = head
+        for p in batch:
+            mine: list[Op] = []
+            for e in p.entries:
+                seq += 1
+                _, (put,) = entry_ops(
+                    seq,
+                    op=e.op,
+                    envelope=e.envelope,
+                    cpid=e.cpid,
+                    subject=e.subject,
+                    version=e.version,
+                    receipt=e.receipt,
+                    now=now,
+                )
+                mine.append(put)
+            puts.append(mine)
         return cmps, puts
 
     def _head_probe(self, head: int) -> list[Op]:
@@ -395,15 +431,15 @@ class AuditStream:
     async def _commit_one(self, p: _Pending) -> TxnResult:
         for _ in range(self.attempts):
             head = await self.head()
-            a_cmps, (a_put,) = self._audit_parts(head, [p])
+            a_cmps, (a_puts,) = self._audit_parts(head, [p])
             self.batches += 1
             result = await self._index.txn(
                 compare=[*p.compare, *a_cmps],
-                success=[*p.success, a_put],
+                success=[*p.success, *a_puts],
                 failure=[*p.failure, *self._head_probe(head)],
             )
             if result.succeeded:
-                self._head = head + 1
+                self._head = head + len(p.entries)
                 return TxnResult(True, result.revision, result.responses[: len(p.success)])
             if not await self._lost_head(head, result.responses[len(p.failure) :]):
                 return TxnResult(False, result.revision, result.responses[: len(p.failure)])
@@ -419,22 +455,22 @@ class AuditStream:
             a_cmps, a_puts = self._audit_parts(head, batch)
             compare = [c for p in batch for c in p.compare]
             success: list[Op] = []
-            for p, put in zip(batch, a_puts, strict=True):
+            for p, puts in zip(batch, a_puts, strict=True):
                 success.extend(p.success)
-                success.append(put)
+                success.extend(puts)
             self.batches += 1
             result = await self._index.txn(
                 compare=[*compare, *a_cmps], success=success, failure=self._head_probe(head)
             )
             if result.succeeded:
-                self._head = head + len(batch)
+                self._head = head + sum(len(p.entries) for p in batch)
                 at = 0
                 for p in batch:
                     n = len(p.success)
                     p.result.set_result(
                         TxnResult(True, result.revision, result.responses[at : at + n])
                     )
-                    at += n + 1
+                    at += n + len(p.entries)
                 return True
             if not await self._lost_head(head, result.responses):
                 return False

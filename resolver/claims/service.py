@@ -1114,14 +1114,15 @@ class ClaimService:
 
     async def usage_commit(
         self,
-        parts: UsageParts,
+        parts: UsageParts | Sequence[UsageParts],
         *,
         compare: Sequence[Cmp] = (),
         success: Sequence[Op] = (),
         failure: Sequence[Op] = (),
     ) -> TxnResult:
-        """The caller's transaction plus ``parts`` and the receipt's audit entry, in one
-        etcd transaction (a plain one without a receipt).  ``responses`` are the
+        """The caller's transaction plus ``parts`` (one, or one per part of a claim ended
+        at once) and each receipt's audit entry, in one etcd transaction (a plain one
+        without a receipt).  ``responses`` are the
         caller's ``success`` ops first, or its ``failure`` ops when any compare failed."""
         if self.usage is None:
             return await self._index.txn(compare=compare, success=success, failure=failure)

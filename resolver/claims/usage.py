@@ -42,7 +42,7 @@ from typing import Any, Final, Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from registry.index import KV, Cmp, Index, Keys, Op, TxnResult
-from registry.index.auditlog import AuditStream
+from registry.index.auditlog import AuditStream, Entry
 from resolver.claims.model import Claim
 from schemas import _json, dsse
 from schemas import keys as _keys
@@ -217,31 +217,35 @@ class UsageRecorder:
 
     async def commit(
         self,
-        parts: UsageParts,
+        parts: UsageParts | Sequence[UsageParts],
         *,
         compare: Sequence[Cmp] = (),
         success: Sequence[Op] = (),
         failure: Sequence[Op] = (),
     ) -> TxnResult:
-        """Run the caller's transaction with ``parts`` and the receipt's audit entry.
+        """Run the caller's transaction with ``parts`` (one, or several: the parts of a
+        claim ended at once) and each receipt's audit entry.
 
         The result is the caller's, as :meth:`Index.txn` gives it: ``responses`` of the
         caller's ``success`` ops (then the parts'), or of ``failure`` when a compare of
         the caller's or of the parts failed.  Without a receipt it is a plain transaction.
         """
-        if parts.receipt is None or parts.envelope is None:
+        every = [parts] if isinstance(parts, UsageParts) else list(parts)
+        real = [p for p in every if p.receipt is not None and p.envelope is not None]
+        if not real:
             return await self._index.txn(compare=compare, success=success, failure=failure)
-        result = await self.stream.commit(
-            compare=[*compare, *parts.compare],
-            success=[*success, *parts.success],
+        entries = []
+        for p in real:
+            assert p.receipt is not None and p.envelope is not None
+            entries.append(Entry("usage", p.envelope, cpid=p.receipt.cpid, receipt=p.name))
+        result = await self.stream.commit_entries(
+            compare=[*compare, *(c for p in real for c in p.compare)],
+            success=[*success, *(o for p in real for o in p.success)],
             failure=failure,
-            op="usage",
-            envelope=parts.envelope,
-            cpid=parts.receipt.cpid,
-            receipt=parts.name,
+            entries=entries,
         )
         if result.succeeded:
-            self.written += 1
+            self.written += len(real)
         return result
 
 

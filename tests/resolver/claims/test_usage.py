@@ -15,7 +15,7 @@ from cpi.etcdproc import EtcdProcess
 from cpi.main import main
 from registry import ca, keyfile
 from registry.index import Cmp, Index, Keys, Prefix
-from registry.index.auditlog import read_entries
+from registry.index.auditlog import AuditStream, read_entries
 from registry.logsigner import LogSigner
 from resolver.audit.usage import UsageReport, audit_usage
 from resolver.claims.service import ClaimService
@@ -457,3 +457,52 @@ async def test_the_usage_key_comes_from_the_environment_and_must_be_0600(
         recorder_from_env(index, {ENV_USAGE_KEY: str(path)})
     with pytest.raises(KeyFileError):
         recorder_from_env(index, {ENV_USAGE_KEY: str(tmp_path / "missing.key")})
+
+
+async def test_several_receipts_in_one_transaction(
+    world: World, index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    """A claim with several parts ended at once (a gang release) writes one receipt per
+    part and one audit entry each, all in the caller's one transaction."""
+    node = await live_node(index, pki, resolver, free=16)
+    svc = world.claims
+    a = await svc.claim(node.cpid, units=8, ttl_s=600, holder="gang")
+    b = await svc.claim(node.cpid, units=8, ttl_s=600, holder="gang")
+    world.clock.now += 42
+    parts = [await svc.usage_parts(c, end=T0 + 42, reason="release") for c in (a, b)]
+    result = await svc.usage_commit(parts, compare=[Cmp.exists(a.key), Cmp.exists(b.key)])
+    assert result.succeeded
+    got = sorted((r.claim_id, r.units, r.end - r.start) for r in await receipts(index))
+    assert got == sorted([(a.claim_id, 8, 42), (b.claim_id, 8, 42)])
+    entries = await read_entries(index)
+    assert [e.seq for e in entries] == [1, 2]
+    assert {e.receipt for e in entries} == {
+        Keys.receipt(a.claim_id, 1),
+        Keys.receipt(b.claim_id, 1),
+    }
+
+
+async def test_receipts_and_another_writer_racing_for_the_audit_head(
+    world: World, index: Index, pki: Pki, resolver: Resolver, etcd_server: EtcdProcess
+) -> None:
+    """A registry appending on its own connection while releases append receipts: no
+    receipt lost or written twice, the stream stays gapless."""
+    node = await live_node(index, pki, resolver, free=16)
+    svc = world.claims
+    cs = [await svc.claim(node.cpid, units=1, ttl_s=600, holder=f"r{i}") for i in range(10)]
+    world.clock.now += 7
+    env = dsse.sign("application/vnd.cpi.x+json", b"{}", _keys.generate())
+    async with Index(endpoints=[etcd_server.endpoint]) as other:
+        registry = AuditStream(other)
+
+        async def revoke_many() -> None:
+            for i in range(20):
+                await registry.commit(op="revoke", envelope=env, subject=f"CN.{i}")
+
+        await asyncio.gather(revoke_many(), *(svc.release(c.claim_id, holder=c.holder) for c in cs))
+    entries = await read_entries(index)
+    assert [e.seq for e in entries] == list(range(1, 31))
+    assert sorted(e.op for e in entries).count("usage") == 10
+    assert len(await receipts(index)) == 10
+    await world.sign_log()
+    assert (await world.audit()).unit_seconds == 70
