@@ -1122,8 +1122,8 @@ class ClaimService:
     ) -> TxnResult:
         """The caller's transaction plus ``parts`` (one, or one per part of a claim ended
         at once) and each receipt's audit entry, in one etcd transaction (a plain one
-        without a receipt).  ``responses`` are the
-        caller's ``success`` ops first, or its ``failure`` ops when any compare failed."""
+        without a receipt).  ``responses`` are the caller's ``success`` ops first, or
+        its ``failure`` ops when any compare failed."""
         if self.usage is None:
             return await self._index.txn(compare=compare, success=success, failure=failure)
         return await self.usage.commit(parts, compare=compare, success=success, failure=failure)
