@@ -3,8 +3,20 @@ signed by the national root, where auditors find it."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from cpi.up import _usage_signer
 from registry import ca, keyfile
@@ -12,6 +24,7 @@ from registry.index import Index, Keys, Prefix
 from resolver.audit.usage import load_signers
 from schemas import keys
 from schemas.chain import TrustAnchors
+from tests.cpi.test_up import _CONTEXT, Up, _free_base, _get, _procs_mentioning
 
 
 async def test_usage_key_is_0600_and_its_signer_verifies_from_the_anchor(
@@ -40,3 +53,82 @@ async def test_usage_key_is_0600_and_its_signer_verifies_from_the_anchor(
     assert refused and "not an anchor key" in refused[0]
     listed, _ = await index.get_prefix(Prefix.USAGE_SIGNERS)
     assert len(listed) == 1
+
+
+# -- end to end on a cpi up stack ----------------------------------------------------------------
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Up]:
+    up = Up(tmp_path / "state", _free_base())
+    yield up
+    if up.proc is not None and up.proc.poll() is None:
+        up.proc.kill()
+        up.proc.wait()
+    for pid in _procs_mentioning(str(up.data_dir)):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _call(method: str, url: str, token: str, body: dict[str, Any] | None = None) -> Any:
+    req = urllib.request.Request(
+        url,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}"},
+        method=method,
+    )
+    with urllib.request.urlopen(req, timeout=5, context=_CONTEXT[-1]) as resp:
+        body = resp.read()
+        return json.loads(body) if body else None
+
+
+@pytest.mark.timeout(240)
+def test_a_released_claim_is_billed_by_cpi_usage_on_a_cpi_up_stack(
+    stack: Up, tmp_path: Path
+) -> None:
+    up = stack.start()
+    agent = subprocess.run(
+        [
+            sys.executable, "-m", "cpi", "agent", "run", "--once",
+            "--registry", up["registries"]["CN.31.CMCC"], "--namespace", "CN.31.CMCC",
+            "--kind", "GPU", "--key", str(tmp_path / "node.key"), "--anchor", up["anchor"],
+            "--cacert", up["tls"]["ca"],
+        ],
+        env={**os.environ, "CPI_JOIN_TOKEN": up["tokens"]["CN.31.CMCC"]},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert agent.returncode == 0, agent.stderr
+    cpid = agent.stdout.strip().splitlines()[-1]
+    resolver, token = up["resolver"]["http"], up["claims"]["token"]
+    for _ in range(100):
+        try:
+            _get(f"{resolver}/v1/resources/{cpid}")
+            break
+        except urllib.error.HTTPError:
+            time.sleep(0.1)
+    made = _call("POST", f"{resolver}/v1/claims", token, {"cpid": cpid, "units": 1, "ttl_s": 600})
+    time.sleep(2.1)
+    _call("DELETE", f"{resolver}/v1/claims/{made['claim_id']}", token)
+    usage = [
+        sys.executable, "-m", "cpi", "usage", "--etcd", up["etcd"][0],
+        "--user", "root", "--password-file", up["etcd_auth"]["users"]["root"],
+        "--cacert", up["tls"]["ca"], "--etcd-cert", up["tls"]["etcd_client"]["cert"],
+        "--etcd-key", up["tls"]["etcd_client"]["key"], "--anchor", up["anchor"],
+        "--since", "1h", "-o", "json",
+    ]  # fmt: skip
+    doc: dict[str, Any] = {}
+    for _ in range(60):  # the log signer signs every 2 s
+        run = subprocess.run(usage, capture_output=True, text=True, timeout=60)
+        assert run.returncode in (0, 1), run.stderr
+        doc = json.loads(run.stdout)
+        if doc["receipts"]:
+            break
+        time.sleep(0.5)
+    assert doc["ok"], doc
+    (receipt,) = doc["receipts"]
+    assert receipt["claim_id"] == made["claim_id"] and receipt["reason"] == "release"
+    assert receipt["holder"] == up["claims"]["holder"] and receipt["units"] == 1
+    assert receipt["end"] - receipt["start"] >= 2
+    holder = doc["by_holder"][up["claims"]["holder"]]
+    assert holder["unit_seconds"] == receipt["end"] - receipt["start"]
+    out = stack.stop()
+    assert stack.proc is not None and stack.proc.returncode == 0, out
