@@ -48,13 +48,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 import seeds as seed_files
 from cpi.etcdproc import EtcdProcess, cluster_healthy, cluster_members
 from cpi.supervise import Child, Supervisor, http_ready, python_argv
 from cpi.tls import LocalCA, ensure_ca
-from registry import keyfile, national, tokens
+from registry import national, tokens
 from registry.index import Index, IndexAccessDeniedError, Keys
 from registry.index.auth import (
     LOGSIGNER_ROLE,
@@ -68,12 +66,7 @@ from registry.logsigner import init_log_key, vkey_path_for
 from resolver.claims import tokens as claim_tokens
 from resolver.claims.usage import ENV_USAGE_KEY
 from resolver.ui import ENV_LOG_VKEY
-from schemas import dsse
-from schemas import keys as schema_keys
-from schemas.errors import CPIError
-from schemas.models import parse_payload
 from schemas.tls import client_context
-from schemas.usage import UsageSigner, sign_usage_signer
 
 __all__ = ["UpOptions", "up"]
 
@@ -325,7 +318,9 @@ async def _bootstrap(
             root_key=root_key,
             endpoints_by_ns=endpoints,
         )
-        await _usage_signer(index, root_key, _usage_key_path(opts))
+        await national.publish_usage_signer(
+            index, root_key=root_key, subject="CN", key_path=_usage_key_path(opts)
+        )
         old = _old_up(opts).get("tokens", {})
         join_tokens: dict[str, str] = {}
         for ns in endpoints:
@@ -349,38 +344,9 @@ async def _bootstrap(
     )
 
 
-USAGE_SIGNER_DAYS = 365
-
-
 def _usage_key_path(opts: UpOptions) -> Path:
     """The resolvers' usage signing key (receipts of ended claims, docs/claims.md)."""
     return opts.data_dir / "resolver" / "usage.key"
-
-
-async def _usage_signer(index: Index, root_key: Ed25519PrivateKey, path: Path) -> None:
-    """Create the usage key (0600) if missing and publish its ``usagesigner.v1``, signed
-    by the national root, at ``/usagesigners/<kid>``; re-signed when under 30 days remain."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key, _ = keyfile.load_or_create(path)
-    where = Keys.usage_signer(schema_keys.kid_of(key))
-    now = int(time.time())
-    kv = await index.get(where)
-    if kv is not None:
-        try:
-            env = dsse.Envelope.from_json(kv.value)
-            doc = parse_payload(env.payload_type, env.payload, UsageSigner)
-            if doc.not_after - now > 30 * 86_400:
-                return
-        except CPIError:  # unreadable: write a good one over it
-            _log.warning("%s is unreadable; publishing it again", where)
-    env = sign_usage_signer(
-        root_key,
-        key,
-        subject="CN",
-        not_before=now - 60,
-        not_after=now + USAGE_SIGNER_DAYS * 86_400,
-    )
-    await index.put(where, env.to_json())
 
 
 def _old_up(opts: UpOptions) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""``cpi up`` creates the resolvers' usage key (0600) and publishes its ``usagesigner.v1``,
+"""``cpi up`` (and the compose bootstrap) create the resolvers' usage key (0600) and publishes its ``usagesigner.v1``,
 signed by the national root, where auditors find it."""
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from typing import Any
 
 import pytest
 
-from cpi.up import _usage_signer
-from registry import ca, keyfile
+from registry import ca, keyfile, national
 from registry.index import Index, Keys, Prefix
 from resolver.audit.usage import load_signers
 from schemas import keys
@@ -32,7 +31,10 @@ async def test_usage_key_is_0600_and_its_signer_verifies_from_the_anchor(
 ) -> None:
     root = keys.generate()
     path = tmp_path / "resolver" / "usage.key"
-    await _usage_signer(index, root, path)
+    _, written = await national.publish_usage_signer(
+        index, root_key=root, subject="CN", key_path=path
+    )
+    assert written
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     kid = keys.kid_of(keyfile.load_private(path))
     kv = await index.get(Keys.usage_signer(kid))
@@ -42,7 +44,10 @@ async def test_usage_key_is_0600_and_its_signer_verifies_from_the_anchor(
     signers = load_signers([(kv.key, kv.value)], anchors, problems)
     assert list(signers) == [kid] and problems == []
     # a second run keeps the key and the statement
-    await _usage_signer(index, root, path)
+    _, written = await national.publish_usage_signer(
+        index, root_key=root, subject="CN", key_path=path
+    )
+    assert not written
     assert keys.kid_of(keyfile.load_private(path)) == kid
     again = await index.get(Keys.usage_signer(kid))
     assert again is not None and again.mod_revision == kv.mod_revision
