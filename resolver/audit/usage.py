@@ -262,7 +262,10 @@ async def audit_usage(
     gap = ""
     async for page in index.iter_prefix(Prefix.AUDIT, page_size=_PAGE, revision=rev):
         for kv in page.kvs:
-            name = parse_key(kv.key).name
+            try:
+                name = parse_key(kv.key).name
+            except ValueError:
+                name = ""
             if not gap and (not name.isdigit() or int(name) != tree.size + 1):
                 gap = f"entry {tree.size + 1} is missing (next key {kv.key})"
             if not gap:

@@ -506,3 +506,24 @@ async def test_receipts_and_another_writer_racing_for_the_audit_head(
     assert len(await receipts(index)) == 10
     await world.sign_log()
     assert (await world.audit()).unit_seconds == 70
+
+
+async def test_hostile_values_cost_their_key_only(
+    world: World, index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    node = await live_node(index, pki, resolver, free=16)
+    svc = world.claims
+    c = await svc.claim(node.cpid, units=2, ttl_s=600, holder="alice")
+    world.clock.now += 30
+    await svc.release(c.claim_id, holder="alice")
+    await index.put(Keys.meter("CN.3~X~" + "a" * 16), b"not json")
+    await index.put(Keys.meter("CN.3~Y~" + "b" * 16), b'{"claim_id": 7}')
+    await index.put(Keys.usage("CN.3~X~" + "a" * 16, 1), b"\xff\xfe")
+    await index.put(Keys.usage_signer("ABCDEFGH12345678"), b"[]")
+    await svc.reconcile()  # unreadable meters are skipped, not fatal
+    await world.sign_log()
+    rep = await world.audit()
+    assert rep.unit_seconds == 60
+    assert any("usage signer" in p for p in rep.problems)
+    assert any("no log entry names it" in u for u in rep.unlogged)
+    await svc.close()
