@@ -1109,7 +1109,12 @@ class ClaimService:
         if self.usage is None:
             return NO_RECEIPT
         return await self.usage.parts(
-            claim.claim_id, end=end, reason=reason, meter=meter, renew_until=renew_until
+            claim.claim_id,
+            end=end,
+            reason=reason,
+            meter=meter,
+            renew_until=renew_until,
+            expires_at=claim.expires_at,
         )
 
     async def usage_commit(

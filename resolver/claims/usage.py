@@ -171,12 +171,16 @@ class UsageRecorder:
         reason: Reason,
         meter: KV | Literal["read"] | None = "read",
         renew_until: int | None = None,
+        expires_at: int | None = None,
     ) -> UsageParts:
         """The parts that close the current period of ``claim_id`` at ``end``.
 
         ``meter`` is the meter's KV when the caller read it (``None``: absent), else it
         is read here.  ``renew_until``: a renewal; the meter moves to the next period,
-        which ends at ``renew_until``.  No meter, or an unreadable one: no receipt.
+        which ends at ``renew_until``.  ``expires_at``: the claim key's, when the caller
+        has it (a claim extended without moving its meter still bills to its real end);
+        ``end`` is never later than it (nor than the meter's when not given).  No
+        meter, or an unreadable one: no receipt.
         """
         if meter == "read":
             meter = await self._index.get(Keys.meter(claim_id))
@@ -186,7 +190,8 @@ class UsageRecorder:
             m = Meter.from_json(meter.value)
         except ValueError:
             return NO_RECEIPT
-        stop = max(m.start, min(int(end), m.expires_at))
+        limit = m.expires_at if expires_at is None else max(m.expires_at, expires_at)
+        stop = max(m.start, min(int(end), limit))
         receipt = Usage(
             claim_id=m.claim_id,
             n=m.n,

@@ -18,7 +18,7 @@ from registry.index import Cmp, Index, Keys, Prefix
 from registry.index.auditlog import AuditStream, read_entries
 from registry.logsigner import LogSigner
 from resolver.audit.usage import UsageReport, audit_usage
-from resolver.claims.service import ClaimService
+from resolver.claims.service import Claim, ClaimService
 from resolver.claims.usage import ENV_USAGE_KEY, UsageRecorder, recorder_from_env
 from resolver.core import Resolver
 from schemas import dsse
@@ -526,4 +526,21 @@ async def test_hostile_values_cost_their_key_only(
     assert rep.unit_seconds == 60
     assert any("usage signer" in p for p in rep.problems)
     assert any("no log entry names it" in u for u in rep.unlogged)
+    await svc.close()
+
+
+async def test_a_claim_extended_without_moving_its_meter_bills_to_its_real_end(
+    world: World, index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    node = await live_node(index, pki, resolver, free=16)
+    svc = world.claims
+    c = await svc.claim(node.cpid, units=1, ttl_s=60, holder="alice")
+    longer = Claim(c.claim_id, c.cpid, c.holder, c.units, c.created_at, c.expires_at + 600)
+    kv = await index.get(c.key)
+    assert kv is not None
+    await index.put(c.key, longer.to_json(), lease=kv.lease)  # a renewal that forgot the meter
+    world.clock.now += 300
+    await svc.release(c.claim_id, holder="alice")
+    (r,) = await receipts(index)
+    assert r.end - r.start == 300
     await svc.close()
