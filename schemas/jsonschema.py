@@ -26,6 +26,7 @@ from pydantic_core import core_schema
 
 from schemas import cpid as _cpid
 from schemas import models as _models
+from schemas import usage as _usage
 
 __all__ = [
     "CPID_PATTERN",
@@ -100,10 +101,13 @@ _EXTRA: Final[dict[Callable[..., Any], dict[str, Any]]] = {
 _MODELS: Final[dict[str, type[BaseModel]]] = {
     **{t: m for t, m in _models.DOCUMENT_TYPES.items()},
     "anchor.v1": _models.Anchor,
+    "usage.v1": _usage.Usage,
+    "usagesigner.v1": _usage.UsageSigner,
 }
 
 SCHEMA_TYPES: Final = tuple(_MODELS)
-"""Every type with a schema: the six signed document types and ``anchor.v1``."""
+"""Every type with a schema: the six signed document types, ``anchor.v1`` and the usage
+receipt's two (``usage.v1``, ``usagesigner.v1``)."""
 
 _DESCRIPTIONS: Final = {
     "cert.v1": "Delegation certificate for a namespace, signed by the issuer namespace's "
@@ -118,6 +122,12 @@ _DESCRIPTIONS: Final = {
     "revocation.v1": "Revocation of a cert serial or a key id, signed by the revoked cert's "
     "issuer or an ancestor. Also: exactly one of serial or kid.",
     "anchor.v1": "Trust anchor file (plain JSON, not signed): a root prefix and its key.",
+    "usage.v1": "Usage receipt: units of cpid held by holder from start to end (Unix "
+    "seconds) under claim_id, signed by a usage signing key. Also: end >= start; claim_id "
+    "is <prefix>~<suffix>~<random> naming cpid; the payload is at most 1024 bytes.",
+    "usagesigner.v1": "Names a usage signing key and the namespace whose receipts it may "
+    "sign, signed by a trust anchor's key. Also: not_after > not_before; the payload is at "
+    "most 1024 bytes.",
 }
 
 

@@ -15,6 +15,7 @@ from cpi.commands import (
     registry,
     resolver,
     up,
+    usage,
     verify,
 )
 
@@ -31,6 +32,7 @@ COMMAND_MODULES = (
     resolver,
     lookup,
     claim,
+    usage,
     log,
     audit,
     completion,

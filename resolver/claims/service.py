@@ -53,6 +53,11 @@ subtracting the units it knew to be claimed, reported as the metric
 hardware).  A node that does not subtract (no ``claimed_units`` metric) gives
 ``reported free - /alloc/``.
 
+**Usage receipts** (:mod:`resolver.claims.usage`): with a usage key, each claim is
+metered (its meter is put in the claim transaction) and the release, purge and
+reconcile transactions that end it append its signed receipt to the transparency log
+in the same transaction; :meth:`ClaimService.usage_parts` gives a renewal the same.
+
 **Claim ids** are ``<prefix>~<suffix>~<random>`` (the CPID with ``~`` for ``/``, then
 16 random URL-safe characters), so a release finds the key without a lookup.
 
@@ -87,11 +92,22 @@ import logging
 import random
 import time
 from collections import Counter as Tally
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
-from registry.index import KV, Cmp, Compacted, Index, Keys, Lease, Op, Prefix, parse_key
+from registry.index import (
+    KV,
+    Cmp,
+    Compacted,
+    Index,
+    Keys,
+    Lease,
+    Op,
+    Prefix,
+    TxnResult,
+    parse_key,
+)
 from resolver.claims import tokens as claim_tokens
 from resolver.claims.gang import Candidate, GangPlan, GangSpec, plan_gang
 from resolver.claims.model import (
@@ -118,6 +134,7 @@ from resolver.claims.model import (
     reported_claimed,
     units_json,
 )
+from resolver.claims.usage import NO_RECEIPT, Meter, Reason, UsageParts, UsageRecorder
 from resolver.core import Resolver
 from resolver.discovery import Query
 from resolver.entry import Entry
@@ -297,6 +314,7 @@ class ClaimService:
         settings: bounds and timings.
         metrics: counters (a private registry when not given).
         clock: Unix time (tests).
+        usage: signs usage receipts and meters claims (None: claims are not metered).
     """
 
     def __init__(
@@ -307,8 +325,10 @@ class ClaimService:
         settings: ClaimsSettings | None = None,
         metrics: ClaimsMetrics | None = None,
         clock: Callable[[], float] = time.time,
+        usage: UsageRecorder | None = None,
     ) -> None:
         self._index = index
+        self.usage = usage
         self._resolver = resolver
         self.settings = settings or ClaimsSettings()
         self.metrics = metrics or ClaimsMetrics()
@@ -1088,6 +1108,7 @@ class ClaimService:
                     Op.put(alloc_key, new_alloc),
                     *(Op.put(Keys.holder(h), new_held[h]) for h in writers),
                     *(Op.put(c.key, c.to_json(), lease=c.lease) for c in claims),
+                    *(self.usage.meter_op(c) for c in claims if self.usage is not None),
                 ],
                 failure=self._reads(cpid, list(snap.holders)),
             )
@@ -1181,7 +1202,10 @@ class ClaimService:
                 ret = _return_units(
                     claim_key, kv, claim.units, (alloc_key, alloc_kv), (holder_key, holder_kv)
                 )
-                result = await self._index.txn(
+                end = int(self._clock())  # its receipt, in the same transaction
+                usage = await self.usage_parts(claim, end=end, reason="release")
+                result = await self.usage_commit(
+                    usage,
                     compare=ret.compare,
                     success=ret.success,
                     failure=[Op.get(claim_key), Op.get(alloc_key), Op.get(holder_key)],
@@ -1547,10 +1571,18 @@ class ClaimService:
         holder_key = Keys.holder(claim.holder)
         async with self._locks.hold(claim.cpid):
             for _ in range(self.settings.max_attempts):
+                meter_key = Keys.meter(claim.claim_id)
                 result = await self._index.txn(
-                    success=[Op.get(claim_key), Op.get(alloc_key), Op.get(holder_key)]
+                    success=[
+                        Op.get(claim_key),
+                        Op.get(alloc_key),
+                        Op.get(holder_key),
+                        Op.get(meter_key),
+                    ]
                 )
-                kv, alloc_kv, holder_kv = (r.kvs[0] if r.kvs else None for r in result.responses)
+                kv, alloc_kv, holder_kv, meter_kv = (
+                    r.kvs[0] if r.kvs else None for r in result.responses
+                )
                 if kv is None:
                     return False  # gone meanwhile (lease, release, another instance)
                 try:
@@ -1562,7 +1594,10 @@ class ClaimService:
                 ret = _return_units(
                     claim_key, kv, current.units, (alloc_key, alloc_kv), (holder_key, holder_kv)
                 )
-                done = await self._index.txn(compare=ret.compare, success=ret.success)
+                usage = await self.usage_parts(  # its receipt, ending at expires_at
+                    current, end=current.expires_at, reason="expiry", meter=meter_kv
+                )
+                done = await self.usage_commit(usage, compare=ret.compare, success=ret.success)
                 self._forget(alloc_key, holder_key)
                 if not done.succeeded:
                     self.metrics.retries.inc()
@@ -1658,6 +1693,7 @@ class ClaimService:
                     target,
                 )
         await self._purge_listed(claims)
+        await self._close_orphan_meters(rev, claims)
         self.passes += 1
         return ReconcileReport(rev, len(claims), fixed, lost)
 
@@ -1700,6 +1736,79 @@ class ClaimService:
                 kv.value[:64],
             )
         return kept
+
+    # -- usage receipts (resolver/claims/usage.py) -------------------------------------
+
+    async def usage_parts(
+        self,
+        claim: Claim,
+        *,
+        end: int,
+        reason: Reason,
+        meter: KV | Literal["read"] | None = "read",
+        renew_until: int | None = None,
+    ) -> UsageParts:
+        """The parts that write the receipt of ``claim``'s current period (ending at
+        ``end``) in the caller's transaction; empty when the service has no usage key or
+        the claim no meter.  A renewal passes ``reason="renewal"`` and ``renew_until``
+        (the new ``expires_at``): the meter moves to the next period.  Run the
+        transaction with :meth:`usage_commit`."""
+        if self.usage is None:
+            return NO_RECEIPT
+        return await self.usage.parts(
+            claim.claim_id,
+            end=end,
+            reason=reason,
+            meter=meter,
+            renew_until=renew_until,
+            expires_at=claim.expires_at,
+        )
+
+    async def usage_commit(
+        self,
+        parts: UsageParts | Sequence[UsageParts],
+        *,
+        compare: Sequence[Cmp] = (),
+        success: Sequence[Op] = (),
+        failure: Sequence[Op] = (),
+    ) -> TxnResult:
+        """The caller's transaction plus ``parts`` (one, or one per part of a claim ended
+        at once) and each receipt's audit entry, in one etcd transaction (a plain one
+        without a receipt).  ``responses`` are the caller's ``success`` ops first, or
+        its ``failure`` ops when any compare failed."""
+        if self.usage is None:
+            return await self._index.txn(compare=compare, success=success, failure=failure)
+        return await self.usage.commit(parts, compare=compare, success=success, failure=failure)
+
+    async def _close_orphan_meters(self, rev: int, claims: list[KV]) -> None:
+        """Receipts for meters whose claim key is gone at ``rev``: etcd deleted it when
+        its lease ran out (perhaps while no resolver ran); ``end`` is the meter's
+        ``expires_at`` (or now, if earlier: a lease revoked before its time)."""
+        if self.usage is None:
+            return
+        meters, _ = await self._index.get_prefix(Prefix.METER, revision=rev)
+        live = {kv.key for kv in claims}
+        for kv in meters:
+            try:
+                m = Meter.from_json(kv.value)
+                claim_key = Keys.claim(m.cpid, m.claim_id)
+            except ValueError as exc:
+                _log.warning("claims reconciler: ignoring unreadable meter %s: %s", kv.key, exc)
+                continue
+            if claim_key in live or kv.key != Keys.meter(m.claim_id):
+                continue
+            parts = await self.usage.parts(
+                m.claim_id, end=int(self._clock()), reason="expiry", meter=kv
+            )
+            result = await self.usage.commit(parts, compare=[Cmp.version(claim_key, "==", 0)])
+            if result.succeeded and parts.receipt is not None:
+                _log.info(
+                    "claims reconciler: claim %s of %s ended with its lease; wrote its usage "
+                    "receipt %d",
+                    m.claim_id,
+                    m.holder,
+                    m.n,
+                )
 
     def _on_event(self, event: Event) -> None:
         """A record no longer served (deregistered, ...): a pass removes its ``/alloc/``."""
