@@ -123,8 +123,10 @@ _DESCRIPTIONS: Final = {
     "issuer or an ancestor. Also: exactly one of serial or kid.",
     "anchor.v1": "Trust anchor file (plain JSON, not signed): a root prefix and its key.",
     "usage.v1": "Usage receipt: units of cpid held by holder from start to end (Unix "
-    "seconds) under claim_id, signed by a usage signing key. Also: end >= start; claim_id "
-    "is <prefix>~<suffix>~<random> naming cpid; the payload is at most 1024 bytes.",
+    "seconds) under claim_id, signed by a usage signing key; a gang's lists its parts. "
+    "Also: end >= start; claim_id is <prefix>~<suffix>~<random> naming cpid; the first "
+    "part's cpid is cpid, no cpid appears twice and the parts' units add up to units; the "
+    "payload is at most 16384 bytes.",
     "usagesigner.v1": "Names a usage signing key and the namespace whose receipts it may "
     "sign, signed by a trust anchor's key. Also: not_after > not_before; the payload is at "
     "most 1024 bytes.",

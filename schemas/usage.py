@@ -4,6 +4,9 @@
 A ``usage.v1`` says that ``holder`` held ``units`` of ``cpid`` from ``start`` to ``end``
 (Unix seconds) under claim ``claim_id``; ``n`` numbers the receipts of one claim (a
 renewal closes one period and opens the next), ``reason`` says what ended the period.
+A gang claim (units on several resources under one claim id) gets one receipt per
+period, whose ``cpid`` is the gang's anchor, ``units`` its total and ``parts`` the units
+of each resource (the anchor first).
 It is signed by a usage signing key; a ``usagesigner.v1``, signed by a trust anchor's
 key, names that key and the namespace whose resources' receipts it may sign.
 """
@@ -14,7 +17,7 @@ import re
 from typing import Annotated, ClassVar, Final, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas import dsse
 from schemas import keys as _keys
@@ -24,16 +27,23 @@ from schemas.models import MAX_INT, CPIDStr, Document, Namespace, PublicKey, Tim
 __all__ = [
     "HOLDER_PATTERN",
     "MAX_RECEIPTS",
+    "MAX_RECEIPT_BYTES",
     "MAX_USAGE_BYTES",
+    "MAX_USAGE_PARTS",
     "MAX_USAGE_UNITS",
     "USAGE_REASONS",
     "Usage",
+    "UsagePart",
     "UsageSigner",
     "sign_usage_signer",
 ]
 
 MAX_USAGE_BYTES: Final = 1024
-"""A ``usage.v1`` payload is at most 1 KiB (and a ``usagesigner.v1`` as well)."""
+"""A ``usagesigner.v1`` payload is at most 1 KiB."""
+MAX_RECEIPT_BYTES: Final = 16384
+"""A ``usage.v1`` payload is at most 16 KiB (a gang's receipt lists up to 63 parts)."""
+MAX_USAGE_PARTS: Final = 63
+"""The most parts a gang's receipt lists (etcd's 128 operations per transaction)."""
 MAX_USAGE_UNITS: Final = 1 << 20
 """The claims service's bound on the units of one claim."""
 MAX_RECEIPTS: Final = 1_000_000
@@ -44,11 +54,22 @@ USAGE_REASONS: Final = ("release", "expiry", "renewal")
 _CLAIM_ID: Final = re.compile(r"^[^~/\s]+~[^~/\s]+~[A-Za-z0-9_-]{16,64}$")
 
 
+class UsagePart(BaseModel):
+    """One resource of a gang's receipt: ``units`` of ``cpid``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    cpid: CPIDStr
+    units: Annotated[int, Field(ge=1, le=MAX_USAGE_UNITS)]
+
+
 class Usage(Document):
-    """One usage receipt: ``units`` of ``cpid`` held by ``holder`` over ``[start, end]``."""
+    """One usage receipt: ``units`` of ``cpid`` held by ``holder`` over ``[start, end]``;
+    for a gang, ``cpid`` is its anchor, ``units`` its total and ``parts`` every
+    resource's units (the anchor first, each CPID once, summing to ``units``)."""
 
     TYPE: ClassVar[str] = "usage.v1"
-    MAX_BYTES: ClassVar[int | None] = MAX_USAGE_BYTES
+    MAX_BYTES: ClassVar[int | None] = MAX_RECEIPT_BYTES
     type: Literal["usage.v1"] = "usage.v1"
     claim_id: Annotated[str, Field(min_length=1, max_length=200)]
     n: Annotated[int, Field(ge=1, le=MAX_RECEIPTS)]
@@ -58,9 +79,19 @@ class Usage(Document):
     start: Timestamp
     end: Timestamp
     reason: Literal["release", "expiry", "renewal"]
+    parts: Annotated[list[UsagePart], Field(min_length=2, max_length=MAX_USAGE_PARTS)] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Usage:
+        if self.parts is not None:
+            if self.parts[0].cpid != self.cpid:
+                raise ValueError(
+                    f"the first part is {self.parts[0].cpid}, not the anchor {self.cpid}"
+                )
+            if len({p.cpid for p in self.parts}) != len(self.parts):
+                raise ValueError("a CPID appears in two parts")
+            if sum(p.units for p in self.parts) != self.units:
+                raise ValueError(f"the parts' units do not add up to {self.units}")
         if self.end < self.start:
             raise ValueError(f"end {self.end} is before start {self.start}")
         if not _CLAIM_ID.fullmatch(self.claim_id):
@@ -73,6 +104,12 @@ class Usage(Document):
     def unit_seconds(self) -> int:
         """``units × (end − start)``."""
         return self.units * (self.end - self.start)
+
+    def split(self) -> list[tuple[str, int]]:
+        """``(cpid, units)`` of every resource: the parts of a gang, else the one."""
+        if self.parts is None:
+            return [(self.cpid, self.units)]
+        return [(p.cpid, p.units) for p in self.parts]
 
 
 class UsageSigner(Document):

@@ -154,8 +154,8 @@ def _table(rep: UsageReport, wide: bool) -> None:
         cols = [
             Column("LEAF", lambda r: r.leaf, justify="right"),
             Column("HOLDER", lambda r: r.receipt.holder),
-            Column("CPID", lambda r: r.receipt.cpid),
-            Column("UNITS", lambda r: r.receipt.units, justify="right"),
+            Column("CPID", lambda r: r.cpid),
+            Column("UNITS", lambda r: r.units, justify="right"),
             Column("START", lambda r: _when(r.receipt.start)),
             Column("END", lambda r: _when(r.receipt.end)),
             Column("SECONDS", lambda r: r.seconds, justify="right"),

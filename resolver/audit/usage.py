@@ -20,7 +20,8 @@ or never logged); they are not counted either.
 
 Totals are in unit-seconds over the part of each receipt's ``[start, end)`` inside
 ``[since, until)``, and in hours (unit-seconds / 3600): per holder and per namespace
-(the CPID's prefix).  Units are accelerators for records with accelerators, CPU cores
+(the CPID's prefix).  A gang's receipt is counted part by part, each on its own CPID
+(``--namespace`` keeps the parts inside it), so its parts add up to the gang's units.  Units are accelerators for records with accelerators, CPU cores
 otherwise (the claims service's units).
 """
 
@@ -63,36 +64,49 @@ _PAGE: Final = 1000
 
 @dataclass(frozen=True, slots=True)
 class Receipt:
-    """A verified receipt, with the seconds of it that fall in the asked window."""
+    """A verified receipt (for a gang, one of its parts: ``cpid`` and ``units`` are the
+    part's), with the seconds of it that fall in the asked window."""
 
     leaf: int
     receipt: Usage
     seconds: int
     """``end − start`` clipped to ``[since, until)``."""
+    cpid: str = ""
+    """The resource counted (the receipt's ``cpid`` unless a gang's part)."""
+    units: int = 0
+    """Its units (the receipt's ``units`` unless a gang's part)."""
+
+    def __post_init__(self) -> None:
+        if not self.cpid:
+            object.__setattr__(self, "cpid", self.receipt.cpid)
+            object.__setattr__(self, "units", self.receipt.units)
 
     @property
     def namespace(self) -> str:
-        return self.receipt.cpid.split("/", 1)[0]
+        return self.cpid.split("/", 1)[0]
 
     @property
     def unit_seconds(self) -> int:
-        return self.receipt.units * self.seconds
+        return self.units * self.seconds
 
     def to_dict(self) -> dict[str, Any]:
         r = self.receipt
-        return {
+        out: dict[str, Any] = {
             "leaf": self.leaf,
             "claim_id": r.claim_id,
             "n": r.n,
             "holder": r.holder,
-            "cpid": r.cpid,
-            "units": r.units,
+            "cpid": self.cpid,
+            "units": self.units,
             "start": r.start,
             "end": r.end,
             "reason": r.reason,
             "seconds": self.seconds,
             "unit_seconds": self.unit_seconds,
         }
+        if r.parts is not None:
+            out["gang"] = {"anchor": r.cpid, "units": r.units, "parts": len(r.parts)}
+        return out
 
 
 def _hours(unit_seconds: int) -> float:
@@ -126,10 +140,13 @@ class UsageReport:
     def totals(self, by: str) -> dict[str, dict[str, Any]]:
         """``{holder or namespace: {"receipts", "unit_seconds", "hours"}}``."""
         out: dict[str, dict[str, Any]] = {}
+        counted: set[tuple[str, int]] = set()  # a gang's receipt counts once per name
         for r in self.receipts:
             name = r.receipt.holder if by == "holder" else r.namespace
             t = out.setdefault(name, {"receipts": 0, "unit_seconds": 0, "hours": 0.0})
-            t["receipts"] += 1
+            if (name, r.leaf) not in counted:
+                counted.add((name, r.leaf))
+                t["receipts"] += 1
             t["unit_seconds"] += r.unit_seconds
         for t in out.values():
             t["hours"] = _hours(t["unit_seconds"])
@@ -374,17 +391,18 @@ def _check_leaf(
         return f"the receipt is {r.claim_id}/{r.n}, the entry names {name}"
     if r.cpid != leaf.get("cpid"):
         return f"the receipt is about {r.cpid}, the entry about {leaf.get('cpid')}"
-    if not contains(doc.subject, parse_cpid(r.cpid).prefix):
-        return f"its signer may sign for {doc.subject} only"
+    for cpid, _ in r.split():
+        if not contains(doc.subject, parse_cpid(cpid).prefix):
+            return f"its signer may sign for {doc.subject} only, not for {cpid}"
     if not doc.not_before - CLOCK_SKEW_S <= r.end <= doc.not_after + CLOCK_SKEW_S:
         return f"it ends at {r.end}, outside its signer's validity"
     if signer.revoked_at is not None and r.end >= signer.revoked_at - CLOCK_SKEW_S:
         return f"its signer was revoked at {signer.revoked_at}"
     if rep.holder is not None and r.holder != rep.holder:
         return None
-    if rep.namespace is not None and not contains(rep.namespace, parse_cpid(r.cpid).prefix):
-        return None
     seconds = _clip(r.start, r.end, rep.since, rep.until)
     if seconds > 0 or (r.start == r.end and rep.since <= r.start < rep.until):
-        rep.receipts.append(Receipt(i, r, seconds))
+        for cpid, units in r.split():  # a gang's receipt counts each part on its own CPID
+            if rep.namespace is None or contains(rep.namespace, parse_cpid(cpid).prefix):
+                rep.receipts.append(Receipt(i, r, seconds, cpid, units))
     return None
