@@ -780,8 +780,9 @@ class ClaimService:
     ) -> tuple[bool, tuple[dict[str, tuple[KV | None, KV | None]], KV | None] | None]:
         """The gang's transaction: it compares every part's live and ``/alloc/`` key and
         the holder's key, writes every ``/alloc/`` total, the holder's total and every
-        part's claim key (all on the gang's one lease).  ``(True, None)`` when it
-        committed, else ``(False, fresh keys)``."""
+        part's claim key (all on the gang's one lease), and the gang's one meter (with a
+        usage key; it lists the parts).  ``(True, None)`` when it committed, else
+        ``(False, fresh keys)``."""
         cpids = [c for c, _ in whole.parts]
         holder_key = Keys.holder(whole.holder)
         new_alloc = {c: units_json((read_units(keys[c][1]) or 0) + u) for c, u in whole.parts}
@@ -801,6 +802,7 @@ class ClaimService:
             *(Op.put(Keys.alloc(c), new_alloc[c]) for c in cpids),
             Op.put(holder_key, new_held),
             *(Op.put(p.key, p.to_json(), lease=whole.lease) for p in self._part_claims(whole)),
+            *((self.usage.meter_op(whole),) if self.usage is not None else ()),  # one per gang
         ]
         try:
             result = await self._index.txn(
@@ -1252,7 +1254,8 @@ class ClaimService:
     ) -> Claim | None:
         """Delete every part of the gang ``part`` belongs to and give their units back to
         each ``/alloc/`` total and the holder's total, in one transaction comparing all of
-        those keys; then revoke the gang's lease.  Returns the gang as a whole, or None
+        those keys (that also writes the gang's usage receipt and deletes its meter);
+        then revoke the gang's lease.  Returns the gang as a whole, or None
         when it is gone (or, with ``expired_only``, not past its ``expires_at``).
 
         Raises ClaimForbiddenError when ``holder`` is given and is not the gang's, and
@@ -1313,7 +1316,13 @@ class ClaimService:
                 readable = read_units(holder_kv) is not None and all(
                     read_units(alloc_kvs[i]) is not None for i in present
                 )
-                result = await self._index.txn(
+                # the gang's receipt (one, listing its parts) in the same transaction
+                end = first.expires_at if expired_only else int(self._clock())
+                usage = await self.usage_parts(
+                    first, end=end, reason="expiry" if expired_only else "release"
+                )
+                result = await self.usage_commit(
+                    usage,
                     compare=[
                         *(
                             Cmp.mod_revision(claim_keys[i], "==", _rev(part_kvs[i]))
@@ -1389,8 +1398,9 @@ class ClaimService:
 
     async def _renew(self, claim_id: str, holder: str, ttl: int) -> Claim:
         """Rewrite every key of the claim with the new ``expires_at`` on a new lease, in
-        one transaction comparing each key unchanged; then revoke the old lease(s).  The
-        claim is renewed (its previous term ended) when this returns."""
+        one transaction comparing each key unchanged (that also writes the receipt of
+        the period ending now and moves the meter to the next); then revoke the old
+        lease(s).  The claim is renewed (its previous term ended) when this returns."""
         anchor = parse_claim_id(claim_id)
         anchor_key = Keys.claim(anchor, claim_id)
         kv = await self._index.get(anchor_key)
@@ -1434,8 +1444,17 @@ class ClaimService:
                     renewed = [
                         dataclasses.replace(p, expires_at=expires_at, lease=lease.id) for p in parts
                     ]
+                    # the period that ends now: its receipt, and the meter moved to the next
+                    # period, in the transaction that rewrites the keys
+                    usage = await self.usage_parts(
+                        self._whole(parts),
+                        end=started,
+                        reason="renewal",
+                        renew_until=expires_at,
+                    )
                     try:
-                        result = await self._index.txn(
+                        result = await self.usage_commit(
+                            usage,
                             compare=[
                                 Cmp.mod_revision(k, "==", kv.mod_revision)
                                 for k, kv in zip(keys, kvs, strict=True)

@@ -2,7 +2,10 @@
 
 A **metered** claim is one whose claim transaction also wrote its meter,
 ``/cpi/v1/meter/<claim-id>`` = ``{"claim_id", "cpid", "holder", "units", "start",
-"expires_at", "n"}`` (no lease: it outlives the claim key).  Whatever ends the claim's
+"expires_at", "n"}`` (no lease: it outlives the claim key).  A gang has one meter, with
+``cpid`` its anchor, ``units`` its total and ``"parts": [{"cpid", "units"}, ...]``, and
+one receipt per period listing the same parts (one receipt, not one per part: a gang's
+release already takes 2 operations per part of etcd's 128 per transaction).  Whatever ends the claim's
 current period, in the **same etcd transaction** as the change that ends it:
 
 * compares the meter's ``mod_revision`` (unchanged since read), the receipt key
@@ -48,7 +51,7 @@ from schemas import _json, dsse
 from schemas import keys as _keys
 from schemas.dsse import Envelope
 from schemas.errors import KeyFileError
-from schemas.usage import Usage
+from schemas.usage import MAX_USAGE_PARTS, Usage, UsagePart
 
 __all__ = [
     "ENV_USAGE_KEY",
@@ -90,21 +93,31 @@ class Meter:
     start: int
     expires_at: int
     n: int
+    parts: tuple[tuple[str, int], ...] = ()
+    """A gang's ``(cpid, units)`` per resource, the anchor first (empty: one resource)."""
 
     @classmethod
     def of(cls, claim: Claim) -> Meter:
+        """The first period of a new claim; for a gang, pass it as a whole (its anchor's
+        CPID, the total units and every part)."""
+        parts = tuple(claim.parts) if claim.is_gang and len(claim.parts) > 1 else ()
         return cls(
             claim.claim_id,
             claim.cpid,
             claim.holder,
-            claim.units,
+            sum(u for _, u in parts) if parts else claim.units,
             claim.created_at,
             claim.expires_at,
             1,
+            parts,
         )
 
     def to_json(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
+        obj: dict[str, Any] = dataclasses.asdict(self)
+        del obj["parts"]
+        if self.parts:
+            obj["parts"] = [{"cpid": c, "units": u} for c, u in self.parts]
+        return json.dumps(obj, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Meter:
@@ -112,8 +125,10 @@ class Meter:
         obj = _json.loads(data)
         if not isinstance(obj, dict):
             raise ValueError("meter value is not a JSON object")
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"parts": _meter_parts(obj.get("parts"))}
         for f in dataclasses.fields(cls):
+            if f.name == "parts":
+                continue
             v = obj.get(f.name)
             want = str if f.name in ("claim_id", "cpid", "holder") else int
             if not isinstance(v, want) or isinstance(v, bool):
@@ -121,7 +136,30 @@ class Meter:
             out[f.name] = v
         if out["units"] < 1 or out["n"] < 1 or out["start"] < 0:
             raise ValueError("meter units, n or start out of range")
+        parts = out["parts"]
+        if parts and (parts[0][0] != out["cpid"] or sum(u for _, u in parts) != out["units"]):
+            raise ValueError("meter parts do not start at its cpid or add up to its units")
         return cls(**out)
+
+
+def _meter_parts(value: object) -> tuple[tuple[str, int], ...]:
+    """A meter's ``parts`` (absent: none); ``ValueError`` when malformed."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not 2 <= len(value) <= MAX_USAGE_PARTS:
+        raise ValueError(f"meter parts must be a list of 2 to {MAX_USAGE_PARTS} parts")
+    out: list[tuple[str, int]] = []
+    for item in value:
+        cpid = item.get("cpid") if isinstance(item, dict) else None
+        units = item.get("units") if isinstance(item, dict) else None
+        if not isinstance(cpid, str) or not isinstance(units, int) or isinstance(units, bool):
+            raise ValueError(f"meter part {item!r} is not {{cpid, units}}")
+        if units < 1:
+            raise ValueError(f"meter part {cpid} has {units} units")
+        out.append((cpid, units))
+    if len({c for c, _ in out}) != len(out):
+        raise ValueError("a CPID appears in two meter parts")
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,16 +230,20 @@ class UsageRecorder:
             return NO_RECEIPT
         limit = m.expires_at if expires_at is None else max(m.expires_at, expires_at)
         stop = max(m.start, min(int(end), limit))
-        receipt = Usage(
-            claim_id=m.claim_id,
-            n=m.n,
-            holder=m.holder,
-            cpid=m.cpid,
-            units=m.units,
-            start=m.start,
-            end=stop,
-            reason=reason,
-        )
+        try:
+            receipt = Usage(
+                claim_id=m.claim_id,
+                n=m.n,
+                holder=m.holder,
+                cpid=m.cpid,
+                units=m.units,
+                start=m.start,
+                end=stop,
+                reason=reason,
+                parts=[UsagePart(cpid=c, units=u) for c, u in m.parts] if m.parts else None,
+            )
+        except ValueError:
+            return NO_RECEIPT  # a meter no receipt can be made of (not ours)
         env = dsse.sign(Usage.media_type(), receipt.to_json(), self._key)
         meter_key = Keys.meter(claim_id)
         if renew_until is None:
