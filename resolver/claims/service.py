@@ -54,9 +54,10 @@ hardware).  A node that does not subtract (no ``claimed_units`` metric) gives
 ``reported free - /alloc/``.
 
 **Usage receipts** (:mod:`resolver.claims.usage`): with a usage key, each claim is
-metered (its meter is put in the claim transaction) and the release, purge and
-reconcile transactions that end it append its signed receipt to the transparency log
-in the same transaction; :meth:`ClaimService.usage_parts` gives a renewal the same.
+metered (its meter is put in the claim transaction; a gang has one meter listing its
+parts) and the release, purge and reconcile transactions that end it append its signed
+receipt to the transparency log in the same transaction; a renewal writes the receipt
+of the period it ends and moves the meter in the transaction that rewrites the keys.
 
 **Claim ids** are ``<prefix>~<suffix>~<random>`` (the CPID with ``~`` for ``/``, then
 16 random URL-safe characters), so a release finds the key without a lookup.
