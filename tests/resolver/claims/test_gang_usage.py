@@ -9,13 +9,16 @@ from typing import Any
 
 import pytest
 
-from registry.index import Index, Keys, Prefix
-from registry.index.auditlog import read_entries
+from registry.index import Index, Keys, Op, Prefix
+from registry.index.auditlog import Entry, read_entries
 from resolver.claims.gang import MAX_GANG_PARTS, GangSpec
 from resolver.claims.model import InvalidClaimError
+from resolver.claims.usage import Meter
 from resolver.core import Resolver
 from resolver.discovery import Query
-from schemas.usage import Usage
+from schemas import dsse
+from schemas import keys as _keys
+from schemas.usage import Usage, UsagePart, sign_usage_signer
 from tests.resolver.claims.test_claims import live_node, units_at
 from tests.resolver.claims.test_usage import T0, World, receipts, world
 from tests.resolver.kit import Node, Pki
@@ -211,3 +214,102 @@ async def test_the_largest_gang_claims_renews_and_releases_within_one_transactio
     rep = await world.audit()
     assert rep.ok and rep.unit_seconds == 61 * 20
     await svc.close()
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        "x",
+        [{"cpid": "A", "units": 1}],  # one part is not a gang
+        [{"cpid": "A", "units": 1}, {"cpid": "A", "units": 1}],  # a CPID twice
+        [{"cpid": "A", "units": 1}, {"cpid": "B", "units": 0}],
+        [{"cpid": "A", "units": 1}, {"cpid": "B", "units": True}],
+        [{"cpid": "A", "units": 1}, ["B", 1]],
+        [{"cpid": "B", "units": 1}, {"cpid": "A", "units": 1}],  # the anchor is not first
+        [{"cpid": "A", "units": 1}, {"cpid": "B", "units": 2}],  # does not add up to 2
+        [{"cpid": f"C{i}", "units": 1} for i in range(64)],
+    ],
+)
+def test_a_meter_with_bad_parts_is_refused(parts: object) -> None:
+    good = {
+        "claim_id": "x",
+        "cpid": "A",
+        "holder": "h",
+        "units": 2,
+        "start": 1,
+        "expires_at": 2,
+        "n": 1,
+    }
+    assert Meter.from_json(
+        json.dumps(
+            {**good, "parts": [{"cpid": "A", "units": 1}, {"cpid": "B", "units": 1}]}
+        ).encode()
+    ).parts == (("A", 1), ("B", 1))
+    with pytest.raises(ValueError):
+        Meter.from_json(json.dumps({**good, "parts": parts}).encode())
+
+
+async def test_a_gang_receipt_with_a_part_outside_its_signers_subject_is_refused(
+    world: World, index: Index, pki: Pki, resolver: Resolver
+) -> None:
+    """A signer for CN.32 may not bill a gang anchored in CN.32 with a part in CN.31."""
+    narrow = _keys.generate()
+    env = sign_usage_signer(
+        pki.root, narrow, subject="CN.32", not_before=T0 - 86400, not_after=T0 + 10**7
+    )
+    await index.put(Keys.usage_signer(_keys.kid_of(narrow)), env.to_json())
+    inside = (await gang_nodes(index, pki, resolver, 1, namespace="CN.32"))[0].cpid
+    outside = (await gang_nodes(index, pki, resolver, 1))[0].cpid
+
+    async def bill(key: Any, parts: list[tuple[str, int]], suffix: str) -> None:
+        claim_id = parts[0][0].replace("/", "~") + "~" + suffix * 16
+        doc = Usage(
+            claim_id=claim_id,
+            n=1,
+            holder="h",
+            cpid=parts[0][0],
+            units=sum(u for _, u in parts),
+            start=T0,
+            end=T0 + 100,
+            reason="release",
+            parts=[UsagePart(cpid=c, units=u) for c, u in parts],
+        )
+        signed = dsse.sign(Usage.media_type(), doc.to_json(), key)
+        await world.recorder.stream.commit_entries(
+            success=[Op.put(Keys.usage(claim_id, 1), signed.to_json())],
+            entries=[Entry("usage", signed, cpid=parts[0][0], receipt=Keys.receipt(claim_id, 1))],
+        )
+
+    await bill(narrow, [(inside, 8), (outside, 8)], "a")  # refused: a part outside CN.32
+    await bill(world.usage_key, [(inside, 8), (outside, 8)], "b")  # the CN signer: counted
+    await world.sign_log()
+    rep = await world.audit()
+    assert not rep.ok and len(rep.problems) == 1
+    assert f"not for {outside}" in rep.problems[0]
+    assert rep.totals("namespace") == {
+        "CN.31.CMCC": {"receipts": 1, "unit_seconds": 800, "hours": round(800 / 3600, 6)},
+        "CN.32": {"receipts": 1, "unit_seconds": 800, "hours": round(800 / 3600, 6)},
+    }
+    await world.claims.close()
+
+
+def test_a_gang_receipt_must_be_consistent() -> None:
+    a, b = Node(namespace="CN.32").cpid, Node().cpid
+    base: dict[str, Any] = {
+        "claim_id": a.replace("/", "~") + "~" + "q" * 16,
+        "n": 1,
+        "holder": "h",
+        "cpid": a,
+        "units": 3,
+        "start": 1,
+        "end": 2,
+        "reason": "release",
+    }
+    for parts, why in [
+        ([(b, 1), (a, 2)], "anchor"),
+        ([(a, 1), (a, 2)], "two parts"),
+        ([(a, 1), (b, 1)], "add up"),
+        ([(a, 3)], "at least 2"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            Usage(**base, parts=[UsagePart(cpid=c, units=u) for c, u in parts])
