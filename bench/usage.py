@@ -62,7 +62,7 @@ async def run(args: argparse.Namespace) -> None:
         try:
             etcd.wait_healthy(30)
             async with Index(endpoints=[etcd.endpoint], timeout=10.0) as index:
-                anchors, _pool, spread = await populate(index, args.resources)
+                anchors, _pool, spread, _gang = await populate(index, args.resources, 0)
                 # the anchor of populate() signs certs; a usage signer needs its key: use
                 # a second anchor of our own for the statement
                 root = keys.generate()
