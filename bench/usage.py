@@ -4,13 +4,17 @@ transaction) against the same service without one, and the time ``audit_usage`` 
 to verify and total the receipts.
 
     python bench/usage.py [--clients 16] [--per-round 500] [--rounds 3] [--resources 64]
+                          [--gang-parts 8] [--gangs 60] [--gang-clients 4]
 
 Starts its own etcd in a temporary directory and a resolver in this process (as
 ``bench/claims.py``).  Each round, both services (metered and not) make and release
 ``--per-round`` one-unit claims with ``--clients`` concurrent clients, spread over
 ``--resources`` resources; they take turns within each round and medians are printed
-with their ratio.  Then the log signer signs a checkpoint and ``audit_usage`` reads and
-verifies everything the metered rounds wrote.
+with their ratio.  Gangs the same way: ``--gangs`` gang lives per round (claim one unit on
+each of ``--gang-parts`` resources, renew, release: with a usage key two receipts
+listing every part, one in the renewal's transaction and one in the release's).  Then
+the log signer signs a checkpoint and ``audit_usage`` reads and verifies everything the
+metered rounds wrote.
 """
 
 from __future__ import annotations
@@ -25,18 +29,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.claims import populate
+from bench.claims import GANG_MODEL, populate
 from cpi.etcdproc import EtcdProcess
 from registry import ca
 from registry.index import Index, Keys
 from registry.logsigner import LogSigner
 from resolver.audit.usage import audit_usage
+from resolver.claims.gang import GangSpec
 from resolver.claims.service import ClaimService, ClaimsSettings
 from resolver.claims.usage import UsageRecorder
 from resolver.core import Resolver, ResolverSettings
+from resolver.discovery import Query
 from resolver.replica import SyncSettings
 from schemas import keys
 from schemas.chain import TrustAnchors
+from schemas.errors import CPIError
 from schemas.usage import sign_usage_signer
 
 
@@ -55,6 +62,35 @@ async def cycles(claims: ClaimService, targets: list[str], clients: int, tag: st
     return len(targets) / (time.perf_counter() - t0)
 
 
+async def gang_lives(
+    claims: ClaimService, parts: int, gangs: int, clients: int, tag: str
+) -> tuple[float, int]:
+    """Claim a gang of one unit on each of ``parts`` resources, renew it, release it:
+    ``(completed gang lives per second, gangs refused)`` (gangs contend for the same
+    ``/alloc/`` keys; a claim that loses every attempt is refused with 409)."""
+    spec = GangSpec(units=parts, per_min=1, per_max=1)
+    query = Query(kind="GPU", accelerator=GANG_MODEL, limit=parts)
+    todo = iter(range(gangs))
+    done = refused = 0
+
+    async def worker(w: int) -> None:
+        nonlocal done, refused
+        holder = f"{tag}-{w}"
+        for _ in todo:
+            try:
+                g = await claims.claim_gang(query, spec=spec, ttl_s=600, holder=holder)
+            except CPIError:
+                refused += 1
+                continue
+            await claims.renew(g.claim_id, holder=holder, ttl_s=900)
+            await claims.release(g.claim_id, holder=holder)
+            done += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(clients)))
+    return done / (time.perf_counter() - t0), refused
+
+
 async def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="cpi-bench-usage-") as tmpdir:
         etcd = EtcdProcess(data_dir=Path(tmpdir) / "etcd")
@@ -62,7 +98,9 @@ async def run(args: argparse.Namespace) -> None:
         try:
             etcd.wait_healthy(30)
             async with Index(endpoints=[etcd.endpoint], timeout=10.0) as index:
-                anchors, _pool, spread, _gang = await populate(index, args.resources, 0)
+                anchors, _pool, spread, _gang = await populate(
+                    index, args.resources, args.gang_parts
+                )
                 # the anchor of populate() signs certs; a usage signer needs its key: use
                 # a second anchor of our own for the statement
                 root = keys.generate()
@@ -104,6 +142,28 @@ async def run(args: argparse.Namespace) -> None:
                         )
                     a, b = statistics.median(with_r), statistics.median(without)
                     print(f"median: with receipts {a:.0f}/s, without {b:.0f}/s; ratio {a / b:.2f}")
+                    if args.gangs:
+                        p, g, gc = args.gang_parts, args.gangs, args.gang_clients
+                        print(
+                            f"gangs: {gc} concurrent clients, {g} gang lives (claim {p} parts, "
+                            f"renew, release) per round, {args.rounds} rounds, interleaved"
+                        )
+                        g_with: list[float] = []
+                        g_without: list[float] = []
+                        for r in range(args.rounds):
+                            rate, no = await gang_lives(plain, p, g, gc, f"gp{r}")
+                            g_without.append(rate)
+                            rate, yes = await gang_lives(metered, p, g, gc, f"gm{r}")
+                            g_with.append(rate)
+                            print(
+                                f"  round {r + 1}: with receipts {g_with[-1]:.1f}/s ({yes} "
+                                f"refused), without {g_without[-1]:.1f}/s ({no} refused)"
+                            )
+                        a, b = statistics.median(g_with), statistics.median(g_without)
+                        print(
+                            f"median: with receipts {a:.1f} gang lives/s, without {b:.1f}/s; "
+                            f"ratio {a / b:.2f}"
+                        )
                     log_key = keys.generate()
                     signer = LogSigner(index, log_key)
                     await signer.load()
@@ -117,7 +177,7 @@ async def run(args: argparse.Namespace) -> None:
                         until=2**40,
                     )
                     dt = time.perf_counter() - t0
-                    count = len(rep.receipts)
+                    count = len({r.leaf for r in rep.receipts})  # a gang's: one row per part
                     print(
                         f"audit_usage: {count} receipts verified and totalled in {dt:.2f} s "
                         f"({count / dt:.0f}/s; ok={rep.ok}, problems={len(rep.problems)})"
@@ -134,6 +194,9 @@ def main() -> None:
     p.add_argument("--per-round", type=int, default=500)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--resources", type=int, default=64)
+    p.add_argument("--gang-parts", type=int, default=8)
+    p.add_argument("--gangs", type=int, default=60, help="gang lives per round (0: none)")
+    p.add_argument("--gang-clients", type=int, default=4)
     args = p.parse_args()
     asyncio.run(run(args))
 
