@@ -97,6 +97,10 @@ async def test_a_gang_of_64_over_8_servers_claimed_renewed_released_is_billed_pe
     assert rep.totals("holder") == {
         "trainer": {"receipts": 2, "unit_seconds": 64 * 1400, "hours": round(64 * 1400 / 3600, 6)}
     }
+    rows = rep.to_dict()["receipts"]  # cpi usage -o json: one row per part and period
+    assert len(rows) == 16 and sum(row["unit_seconds"] for row in rows) == 64 * 1400
+    assert all(row["gang"] == {"anchor": g.cpid, "units": 64, "parts": 8} for row in rows)
+    assert {(row["cpid"], row["units"]) for row in rows} == set(g.parts)
     by_ns = rep.totals("namespace")
     assert by_ns["CN.31.CMCC"]["unit_seconds"] == 5 * 8 * 1400
     assert by_ns["CN.32"]["unit_seconds"] == 3 * 8 * 1400
