@@ -66,6 +66,7 @@ from registry.index.auth import (
 from registry.logsigner import init_log_key, vkey_path_for
 from resolver.audit.logcheck import ENV_LOG_QUORUM, ENV_LOG_WITNESSES
 from resolver.claims import tokens as claim_tokens
+from resolver.claims.usage import ENV_USAGE_KEY
 from resolver.ui import ENV_LOG_VKEY
 from schemas.tls import client_context
 
@@ -356,6 +357,9 @@ async def _bootstrap(
             root_key=root_key,
             endpoints_by_ns=endpoints,
         )
+        await national.publish_usage_signer(
+            index, root_key=root_key, subject="CN", key_path=_usage_key_path(opts)
+        )
         old = _old_up(opts).get("tokens", {})
         join_tokens: dict[str, str] = {}
         for ns in endpoints:
@@ -377,6 +381,11 @@ async def _bootstrap(
         join_tokens,
         {"holder": DEMO_HOLDER, "token": claims},
     )
+
+
+def _usage_key_path(opts: UpOptions) -> Path:
+    """The resolvers' usage signing key (receipts of ended claims, docs/claims.md)."""
+    return opts.data_dir / "resolver" / "usage.key"
 
 
 def _old_up(opts: UpOptions) -> dict[str, Any]:
@@ -674,7 +683,11 @@ def up(opts: UpOptions) -> int:
                         ),
                         logs / f"{name}.log",
                         ready=http_ready(f"{http_url}/readyz", https),
-                        env={**resolver_creds.env(), **log_vkey},
+                        env={
+                            **resolver_creds.env(),
+                            **log_vkey,
+                            ENV_USAGE_KEY: str(_usage_key_path(opts)),
+                        },
                     ),
                     ready_timeout=120.0,
                 )

@@ -56,6 +56,7 @@ from schemas.errors import (
 )
 from schemas.keys import Ed25519PrivateKey, Ed25519PublicKey
 from schemas.models import Anchor, Cert, Revocation, parse_payload
+from schemas.usage import UsageSigner, sign_usage_signer
 
 __all__ = [
     "ANCHOR_FILE",
@@ -74,6 +75,7 @@ __all__ = [
     "load_anchors",
     "load_seeds",
     "publish_ns",
+    "publish_usage_signer",
     "read_cert",
     "read_ns",
     "revoke",
@@ -789,3 +791,42 @@ async def bootstrap_tree(
         signers[node.prefix] = key
         paths[node.prefix] = key_path
     return paths
+
+
+USAGE_SIGNER_DAYS: Final = 365
+"""Validity of the ``usagesigner.v1`` :func:`publish_usage_signer` signs."""
+
+
+async def publish_usage_signer(
+    index: Index,
+    *,
+    root_key: Ed25519PrivateKey,
+    subject: str,
+    key_path: str | os.PathLike[str],
+    days: float = USAGE_SIGNER_DAYS,
+    now: int | None = None,
+) -> tuple[Ed25519PrivateKey, bool]:
+    """Create the resolvers' usage signing key at ``key_path`` (0600) if missing, and
+    publish its ``usagesigner.v1`` for ``subject``, signed by the root, at
+    ``/cpi/v1/usagesigners/<kid>`` when absent, unreadable or within 30 days of its
+    ``not_after`` (docs/protocol.md §7, Who signs receipts).  Returns the key and
+    whether a statement was written."""
+    path = Path(key_path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key, _ = keyfile.load_or_create(path)
+    where = Keys.usage_signer(keys.kid_of(key))
+    t = int(time.time()) if now is None else now
+    kv = await index.get(where)
+    if kv is not None:
+        try:
+            env = dsse.Envelope.from_json(kv.value)
+            doc = parse_payload(env.payload_type, env.payload, UsageSigner)
+            if doc.not_after - t > 30 * 86_400 and doc.subject == subject:
+                return key, False
+        except (EnvelopeError, PayloadError):
+            _log.warning("%s is unreadable; publishing it again", where)
+    env = sign_usage_signer(
+        root_key, key, subject=subject, not_before=t - 60, not_after=t + int(days * 86_400)
+    )
+    await index.put(where, env.to_json())
+    return key, True

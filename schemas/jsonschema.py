@@ -26,6 +26,7 @@ from pydantic_core import core_schema
 
 from schemas import cpid as _cpid
 from schemas import models as _models
+from schemas import usage as _usage
 from schemas.endorsement import Endorsement
 
 __all__ = [
@@ -118,11 +119,13 @@ _MODELS: Final[dict[str, type[BaseModel]]] = {
     **{t: m for t, m in _models.DOCUMENT_TYPES.items()},
     "anchor.v1": _models.Anchor,
     "endorsement.v1": Endorsement,
+    "usage.v1": _usage.Usage,
+    "usagesigner.v1": _usage.UsageSigner,
 }
 
 SCHEMA_TYPES: Final = tuple(_MODELS)
-"""Every type with a schema: the six signed document types, ``anchor.v1`` and
-``endorsement.v1``."""
+"""Every type with a schema: the six signed document types, ``anchor.v1``,
+``endorsement.v1`` and the usage receipt's two (``usage.v1``, ``usagesigner.v1``)."""
 
 _DESCRIPTIONS: Final = {
     "cert.v1": "Delegation certificate for a namespace, signed by the issuer namespace's "
@@ -141,6 +144,14 @@ _DESCRIPTIONS: Final = {
     "signed by the issuer root's anchor key. Also: issuer and subject are different roots "
     "(one segment); every permitted namespace is inside subject, none repeats; not_after > "
     "not_before, the window at most 366 days; the payload is at most 2048 bytes.",
+    "usage.v1": "Usage receipt: units of cpid held by holder from start to end (Unix "
+    "seconds) under claim_id, signed by a usage signing key; a gang's lists its parts. "
+    "Also: end >= start; claim_id is <prefix>~<suffix>~<random> naming cpid; the first "
+    "part's cpid is cpid, no cpid appears twice and the parts' units add up to units; the "
+    "payload is at most 16384 bytes.",
+    "usagesigner.v1": "Names a usage signing key and the namespace whose receipts it may "
+    "sign, signed by a trust anchor's key. Also: not_after > not_before; the payload is at "
+    "most 1024 bytes.",
 }
 
 

@@ -16,6 +16,7 @@ from cpi.commands import (
     registry,
     resolver,
     up,
+    usage,
     verify,
     witness,
 )
@@ -34,6 +35,7 @@ COMMAND_MODULES = (
     resolver,
     lookup,
     claim,
+    usage,
     log,
     witness,
     audit,

@@ -13,6 +13,8 @@ safe to run again: everything that exists is reused.  What it makes, under
 * ``etcd-auth/<user>.password``: ``root``, ``registry``, ``resolver``, ``logsigner``,
   each with its role (docs/protocol.md section 6.1); etcd authentication is turned on;
 * ``log/log.key`` and ``log/log.vkey``: the transparency-log key and verifier key;
+* ``usage/usage.key``: the resolvers' usage signing key, its ``usagesigner.v1``
+  (signed by the root) published in the index (docs/claims.md, Usage receipts);
 * ``tokens/<NS>.token``: a join token per namespace (30 days) for agents.
 
 Environment: ``CPI_ETCD_ENDPOINTS`` (every member), ``CPI_BOOTSTRAP_DIR``,
@@ -121,6 +123,9 @@ async def bootstrap(
             data_dir=national_dir,
             root_key=root_key,
             endpoints_by_ns=by_ns,
+        )
+        await national.publish_usage_signer(
+            index, root_key=root_key, subject="CN", key_path=out / "usage" / "usage.key"
         )
         for ns in by_ns:
             if old[ns] and await index.get(Keys.token(tokens.hash_token(old[ns]))) is not None:

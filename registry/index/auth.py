@@ -78,8 +78,17 @@ RESOLVER_READ_ROLE: Final = RoleSpec(
 RESOLVER_CLAIMS_ROLE: Final = RoleSpec(
     "cpi-resolver-claims",
     read=(Prefix.LIVE,),
-    readwrite=(Prefix.CLAIM, Prefix.ALLOC, Prefix.HOLDERS, Prefix.CLAIM_TOKENS),
-    why="claims and their totals; looks claims tokens up and prunes expired ones",
+    readwrite=(
+        Prefix.CLAIM,
+        Prefix.ALLOC,
+        Prefix.HOLDERS,
+        Prefix.CLAIM_TOKENS,
+        Prefix.METER,
+        Prefix.USAGE,
+        Prefix.AUDIT,
+    ),
+    why="claims and their totals; looks claims tokens up and prunes expired ones; "
+    "meters claims and appends their signed usage receipts to the audit stream",
 )
 LOGSIGNER_ROLE: Final = RoleSpec(
     "cpi-logsigner",

@@ -55,6 +55,11 @@ class Prefix(StrEnum):
     # claims (resolver/claims/): API tokens and per-holder totals
     CLAIM_TOKENS = "/cpi/v1/claimtokens/"
     HOLDERS = "/cpi/v1/holders/"
+    # usage receipts (resolver/claims/usage.py): the open meter of each metered claim,
+    # the signed receipts, and the anchor-signed statements naming the receipt keys
+    METER = "/cpi/v1/meter/"
+    USAGE = "/cpi/v1/usage/"
+    USAGE_SIGNERS = "/cpi/v1/usagesigners/"
 
 
 # Collections whose names are CPIDs (``<prefix>/<suffix>``), hence per-namespace ranges.
@@ -179,6 +184,29 @@ class Keys:
         return Prefix.HOLDERS + _name(name, "holder name")
 
     @staticmethod
+    def meter(claim_id: str) -> str:
+        """``/cpi/v1/meter/<claim-id>``: the open usage period of a metered claim."""
+        return Prefix.METER + _name(claim_id, "claim id")
+
+    @staticmethod
+    def usage(claim_id: str, n: int) -> str:
+        """``/cpi/v1/usage/<claim-id>/<zero-padded n>``: receipt ``n`` (from 1) of a claim."""
+        return Prefix.USAGE + Keys.receipt(claim_id, n)
+
+    @staticmethod
+    def receipt(claim_id: str, n: int) -> str:
+        """``<claim-id>/<zero-padded n>``: a receipt's name below ``/usage/`` (the
+        ``receipt`` member of its audit entry)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"receipt numbers start at 1, got {n!r}")
+        return _name(claim_id, "claim id") + "/" + _seq(n, "receipt number")
+
+    @staticmethod
+    def usage_signer(kid: str) -> str:
+        """``/cpi/v1/usagesigners/<kid>``: the anchor-signed ``usagesigner.v1`` of key *kid*."""
+        return Prefix.USAGE_SIGNERS + _name(kid, "kid")
+
+    @staticmethod
     def nonce(kid: str, nonce: str) -> str:
         """``/cpi/v1/nonce/<kid>/<nonce>``: a used nonce (replay protection)."""
         return Keys.nonces(kid) + _name(nonce, "nonce")
@@ -234,6 +262,9 @@ class ParsedKey(NamedTuple):
         if self.collection is Prefix.NONCE:
             kid, nonce = self.name.split("/", 1)
             return kid, nonce
+        if self.collection is Prefix.USAGE:
+            claim_id, n = self.name.split("/", 1)
+            return claim_id, n
         if self.collection is Prefix.LOG:
             return tuple(self.name.split("/"))
         return (self.name,)
@@ -253,6 +284,9 @@ _SHAPES: Final[dict[Prefix, int]] = {  # number of "/" in a well-formed name
     Prefix.SEQ: 1,
     Prefix.CLAIM_TOKENS: 0,
     Prefix.HOLDERS: 0,
+    Prefix.METER: 0,
+    Prefix.USAGE: 1,
+    Prefix.USAGE_SIGNERS: 0,
 }
 
 

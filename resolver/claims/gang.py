@@ -28,12 +28,15 @@ from resolver.claims.model import MAX_UNITS, InvalidClaimError
 
 __all__ = ["MAX_GANG_PARTS", "Candidate", "GangPlan", "GangSpec", "plan_gang"]
 
-MAX_GANG_PARTS: Final = 63
+MAX_GANG_PARTS: Final = 61
 """Most parts of one gang.  A gang is granted in one etcd transaction comparing the
 ``/live/`` and ``/alloc/`` key of every part and the holder's key (``2n + 1``
-comparisons) and writing every ``/alloc/`` total, every part's claim key and the
-holder's total (``2n + 1`` operations); etcd refuses more than 128 of either by default
-(``--max-txn-ops``)."""
+comparisons) and writing every ``/alloc/`` total, every part's claim key, the holder's
+total and the gang's meter (``2n + 2`` operations); its release (or removal once past
+``expires_at``) compares each claim key, ``/alloc/`` key and the holder's key, the meter,
+the receipt key and the audit head (``2n + 5``) and deletes or writes the same keys plus
+the receipt, the meter and the audit entry (``2n + 4``).  etcd refuses more than 128
+in any one list by default (``--max-txn-ops``): ``2n + 5 <= 128`` gives 61."""
 
 MAX_PAIRWISE_LATENCY_MS: Final = 10_000.0
 

@@ -48,6 +48,7 @@ from resolver.claims.tokens import (
     ClaimsTokenInfo,
     TokenCache,
 )
+from resolver.claims.usage import recorder_from_env
 from resolver.core import Resolver
 from resolver.discovery import Query
 from resolver.errors import QueryError
@@ -400,7 +401,13 @@ def add_claim_routes(
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         idx = index if index is not None else resolver.index
-        service = ClaimService(index=idx, resolver=resolver, settings=s, metrics=metrics)
+        service = ClaimService(
+            index=idx,
+            resolver=resolver,
+            settings=s,
+            metrics=metrics,
+            usage=recorder_from_env(idx),  # usage receipts: $CPI_RESOLVER_USAGE_KEY
+        )
         app[CLAIMS] = service
         app[_TOKENS] = TokenCache(idx, ttl_s=s.token_cache_s)
         await service.start(reconcile=reconcile)

@@ -53,6 +53,12 @@ subtracting the units it knew to be claimed, reported as the metric
 hardware).  A node that does not subtract (no ``claimed_units`` metric) gives
 ``reported free - /alloc/``.
 
+**Usage receipts** (:mod:`resolver.claims.usage`): with a usage key, each claim is
+metered (its meter is put in the claim transaction; a gang has one meter listing its
+parts) and the release, purge and reconcile transactions that end it append its signed
+receipt to the transparency log in the same transaction; a renewal writes the receipt
+of the period it ends and moves the meter in the transaction that rewrites the keys.
+
 **Claim ids** are ``<prefix>~<suffix>~<random>`` (the CPID with ``~`` for ``/``, then
 16 random URL-safe characters), so a release finds the key without a lookup.
 
@@ -87,11 +93,22 @@ import logging
 import random
 import time
 from collections import Counter as Tally
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
-from registry.index import KV, Cmp, Compacted, Index, Keys, Lease, Op, Prefix, parse_key
+from registry.index import (
+    KV,
+    Cmp,
+    Compacted,
+    Index,
+    Keys,
+    Lease,
+    Op,
+    Prefix,
+    TxnResult,
+    parse_key,
+)
 from resolver.claims import tokens as claim_tokens
 from resolver.claims.gang import Candidate, GangPlan, GangSpec, plan_gang
 from resolver.claims.model import (
@@ -118,6 +135,7 @@ from resolver.claims.model import (
     reported_claimed,
     units_json,
 )
+from resolver.claims.usage import NO_RECEIPT, Meter, Reason, UsageParts, UsageRecorder
 from resolver.core import Resolver
 from resolver.discovery import Query
 from resolver.entry import Entry
@@ -297,6 +315,7 @@ class ClaimService:
         settings: bounds and timings.
         metrics: counters (a private registry when not given).
         clock: Unix time (tests).
+        usage: signs usage receipts and meters claims (None: claims are not metered).
     """
 
     def __init__(
@@ -307,8 +326,10 @@ class ClaimService:
         settings: ClaimsSettings | None = None,
         metrics: ClaimsMetrics | None = None,
         clock: Callable[[], float] = time.time,
+        usage: UsageRecorder | None = None,
     ) -> None:
         self._index = index
+        self.usage = usage
         self._resolver = resolver
         self.settings = settings or ClaimsSettings()
         self.metrics = metrics or ClaimsMetrics()
@@ -760,8 +781,9 @@ class ClaimService:
     ) -> tuple[bool, tuple[dict[str, tuple[KV | None, KV | None]], KV | None] | None]:
         """The gang's transaction: it compares every part's live and ``/alloc/`` key and
         the holder's key, writes every ``/alloc/`` total, the holder's total and every
-        part's claim key (all on the gang's one lease).  ``(True, None)`` when it
-        committed, else ``(False, fresh keys)``."""
+        part's claim key (all on the gang's one lease), and the gang's one meter (with a
+        usage key; it lists the parts).  ``(True, None)`` when it committed, else
+        ``(False, fresh keys)``."""
         cpids = [c for c, _ in whole.parts]
         holder_key = Keys.holder(whole.holder)
         new_alloc = {c: units_json((read_units(keys[c][1]) or 0) + u) for c, u in whole.parts}
@@ -781,6 +803,7 @@ class ClaimService:
             *(Op.put(Keys.alloc(c), new_alloc[c]) for c in cpids),
             Op.put(holder_key, new_held),
             *(Op.put(p.key, p.to_json(), lease=whole.lease) for p in self._part_claims(whole)),
+            *((self.usage.meter_op(whole),) if self.usage is not None else ()),  # one per gang
         ]
         try:
             result = await self._index.txn(
@@ -1088,6 +1111,7 @@ class ClaimService:
                     Op.put(alloc_key, new_alloc),
                     *(Op.put(Keys.holder(h), new_held[h]) for h in writers),
                     *(Op.put(c.key, c.to_json(), lease=c.lease) for c in claims),
+                    *(self.usage.meter_op(c) for c in claims if self.usage is not None),
                 ],
                 failure=self._reads(cpid, list(snap.holders)),
             )
@@ -1181,7 +1205,10 @@ class ClaimService:
                 ret = _return_units(
                     claim_key, kv, claim.units, (alloc_key, alloc_kv), (holder_key, holder_kv)
                 )
-                result = await self._index.txn(
+                end = int(self._clock())  # its receipt, in the same transaction
+                usage = await self.usage_parts(claim, end=end, reason="release")
+                result = await self.usage_commit(
+                    usage,
                     compare=ret.compare,
                     success=ret.success,
                     failure=[Op.get(claim_key), Op.get(alloc_key), Op.get(holder_key)],
@@ -1228,7 +1255,8 @@ class ClaimService:
     ) -> Claim | None:
         """Delete every part of the gang ``part`` belongs to and give their units back to
         each ``/alloc/`` total and the holder's total, in one transaction comparing all of
-        those keys; then revoke the gang's lease.  Returns the gang as a whole, or None
+        those keys (that also writes the gang's usage receipt and deletes its meter);
+        then revoke the gang's lease.  Returns the gang as a whole, or None
         when it is gone (or, with ``expired_only``, not past its ``expires_at``).
 
         Raises ClaimForbiddenError when ``holder`` is given and is not the gang's, and
@@ -1289,7 +1317,13 @@ class ClaimService:
                 readable = read_units(holder_kv) is not None and all(
                     read_units(alloc_kvs[i]) is not None for i in present
                 )
-                result = await self._index.txn(
+                # the gang's receipt (one, listing its parts) in the same transaction
+                end = first.expires_at if expired_only else int(self._clock())
+                usage = await self.usage_parts(
+                    first, end=end, reason="expiry" if expired_only else "release"
+                )
+                result = await self.usage_commit(
+                    usage,
                     compare=[
                         *(
                             Cmp.mod_revision(claim_keys[i], "==", _rev(part_kvs[i]))
@@ -1365,8 +1399,9 @@ class ClaimService:
 
     async def _renew(self, claim_id: str, holder: str, ttl: int) -> Claim:
         """Rewrite every key of the claim with the new ``expires_at`` on a new lease, in
-        one transaction comparing each key unchanged; then revoke the old lease(s).  The
-        claim is renewed (its previous term ended) when this returns."""
+        one transaction comparing each key unchanged (that also writes the receipt of
+        the period ending now and moves the meter to the next); then revoke the old
+        lease(s).  The claim is renewed (its previous term ended) when this returns."""
         anchor = parse_claim_id(claim_id)
         anchor_key = Keys.claim(anchor, claim_id)
         kv = await self._index.get(anchor_key)
@@ -1410,8 +1445,17 @@ class ClaimService:
                     renewed = [
                         dataclasses.replace(p, expires_at=expires_at, lease=lease.id) for p in parts
                     ]
+                    # the period that ends now: its receipt, and the meter moved to the next
+                    # period, in the transaction that rewrites the keys
+                    usage = await self.usage_parts(
+                        self._whole(parts),
+                        end=started,
+                        reason="renewal",
+                        renew_until=expires_at,
+                    )
                     try:
-                        result = await self._index.txn(
+                        result = await self.usage_commit(
+                            usage,
                             compare=[
                                 Cmp.mod_revision(k, "==", kv.mod_revision)
                                 for k, kv in zip(keys, kvs, strict=True)
@@ -1547,10 +1591,18 @@ class ClaimService:
         holder_key = Keys.holder(claim.holder)
         async with self._locks.hold(claim.cpid):
             for _ in range(self.settings.max_attempts):
+                meter_key = Keys.meter(claim.claim_id)
                 result = await self._index.txn(
-                    success=[Op.get(claim_key), Op.get(alloc_key), Op.get(holder_key)]
+                    success=[
+                        Op.get(claim_key),
+                        Op.get(alloc_key),
+                        Op.get(holder_key),
+                        Op.get(meter_key),
+                    ]
                 )
-                kv, alloc_kv, holder_kv = (r.kvs[0] if r.kvs else None for r in result.responses)
+                kv, alloc_kv, holder_kv, meter_kv = (
+                    r.kvs[0] if r.kvs else None for r in result.responses
+                )
                 if kv is None:
                     return False  # gone meanwhile (lease, release, another instance)
                 try:
@@ -1562,7 +1614,10 @@ class ClaimService:
                 ret = _return_units(
                     claim_key, kv, current.units, (alloc_key, alloc_kv), (holder_key, holder_kv)
                 )
-                done = await self._index.txn(compare=ret.compare, success=ret.success)
+                usage = await self.usage_parts(  # its receipt, ending at expires_at
+                    current, end=current.expires_at, reason="expiry", meter=meter_kv
+                )
+                done = await self.usage_commit(usage, compare=ret.compare, success=ret.success)
                 self._forget(alloc_key, holder_key)
                 if not done.succeeded:
                     self.metrics.retries.inc()
@@ -1658,6 +1713,7 @@ class ClaimService:
                     target,
                 )
         await self._purge_listed(claims)
+        await self._close_orphan_meters(rev, claims)
         self.passes += 1
         return ReconcileReport(rev, len(claims), fixed, lost)
 
@@ -1700,6 +1756,79 @@ class ClaimService:
                 kv.value[:64],
             )
         return kept
+
+    # -- usage receipts (resolver/claims/usage.py) -------------------------------------
+
+    async def usage_parts(
+        self,
+        claim: Claim,
+        *,
+        end: int,
+        reason: Reason,
+        meter: KV | Literal["read"] | None = "read",
+        renew_until: int | None = None,
+    ) -> UsageParts:
+        """The parts that write the receipt of ``claim``'s current period (ending at
+        ``end``) in the caller's transaction; empty when the service has no usage key or
+        the claim no meter.  A renewal passes ``reason="renewal"`` and ``renew_until``
+        (the new ``expires_at``): the meter moves to the next period.  Run the
+        transaction with :meth:`usage_commit`."""
+        if self.usage is None:
+            return NO_RECEIPT
+        return await self.usage.parts(
+            claim.claim_id,
+            end=end,
+            reason=reason,
+            meter=meter,
+            renew_until=renew_until,
+            expires_at=claim.expires_at,
+        )
+
+    async def usage_commit(
+        self,
+        parts: UsageParts | Sequence[UsageParts],
+        *,
+        compare: Sequence[Cmp] = (),
+        success: Sequence[Op] = (),
+        failure: Sequence[Op] = (),
+    ) -> TxnResult:
+        """The caller's transaction plus ``parts`` (one, or one per part of a claim ended
+        at once) and each receipt's audit entry, in one etcd transaction (a plain one
+        without a receipt).  ``responses`` are the caller's ``success`` ops first, or
+        its ``failure`` ops when any compare failed."""
+        if self.usage is None:
+            return await self._index.txn(compare=compare, success=success, failure=failure)
+        return await self.usage.commit(parts, compare=compare, success=success, failure=failure)
+
+    async def _close_orphan_meters(self, rev: int, claims: list[KV]) -> None:
+        """Receipts for meters whose claim key is gone at ``rev``: etcd deleted it when
+        its lease ran out (perhaps while no resolver ran); ``end`` is the meter's
+        ``expires_at`` (or now, if earlier: a lease revoked before its time)."""
+        if self.usage is None:
+            return
+        meters, _ = await self._index.get_prefix(Prefix.METER, revision=rev)
+        live = {kv.key for kv in claims}
+        for kv in meters:
+            try:
+                m = Meter.from_json(kv.value)
+                claim_key = Keys.claim(m.cpid, m.claim_id)
+            except ValueError as exc:
+                _log.warning("claims reconciler: ignoring unreadable meter %s: %s", kv.key, exc)
+                continue
+            if claim_key in live or kv.key != Keys.meter(m.claim_id):
+                continue
+            parts = await self.usage.parts(
+                m.claim_id, end=int(self._clock()), reason="expiry", meter=kv
+            )
+            result = await self.usage.commit(parts, compare=[Cmp.version(claim_key, "==", 0)])
+            if result.succeeded and parts.receipt is not None:
+                _log.info(
+                    "claims reconciler: claim %s of %s ended with its lease; wrote its usage "
+                    "receipt %d",
+                    m.claim_id,
+                    m.holder,
+                    m.n,
+                )
 
     def _on_event(self, event: Event) -> None:
         """A record no longer served (deregistered, ...): a pass removes its ``/alloc/``."""

@@ -20,7 +20,13 @@ STALE = "schemas/json/{} is stale or missing; regenerate with: python tools/gen_
 
 
 def test_every_type_has_a_schema() -> None:
-    assert set(jsonschema.SCHEMA_TYPES) == {*DOCUMENT_TYPES, "anchor.v1", "endorsement.v1"}
+    assert set(jsonschema.SCHEMA_TYPES) == {
+        *DOCUMENT_TYPES,
+        "anchor.v1",
+        "endorsement.v1",
+        "usage.v1",
+        "usagesigner.v1",
+    }
     assert set(FRESH) == {f"{t}.json" for t in jsonschema.SCHEMA_TYPES}
 
 

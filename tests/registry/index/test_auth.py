@@ -71,8 +71,14 @@ async def test_component_users_stay_inside_their_prefixes(etcd_private: EtcdProc
             await res.put(Keys.token("cd" * 32), b"t")
         with pytest.raises(IndexAccessDeniedError, match="permission denied"):
             await res.put(Keys.rec("CN.X/CPU.2"), b"r")
+        # usage receipts: the meter, the receipt and its audit entry, nothing of the log's
+        await res.put(Keys.meter("c~x~y"), b"m")
+        await res.put(Keys.usage("c~x~y", 1), b"u")
+        await res.put(Keys.audit(2), b"a")
         with pytest.raises(IndexAccessDeniedError, match="permission denied"):
-            await res.put(Keys.audit(2), b"a")
+            await res.put(Keys.log("latest"), b"l")
+        with pytest.raises(IndexAccessDeniedError, match="permission denied"):
+            await res.put(Keys.usage_signer("ABCDEFGH12345678"), b"s")
         # the replica's one watch over the whole tree is allowed (read-only role)
         watch = res.watch_prefix("/cpi/v1/", start_revision=1)
         first = await asyncio.wait_for(watch.__anext__(), 5.0)

@@ -36,6 +36,9 @@ SHA = "ab" * 32
         (Keys.audit(42), Prefix.AUDIT, ("00000000000000000042",)),
         (Keys.claim_token(SHA), Prefix.CLAIM_TOKENS, (SHA,)),
         (Keys.holder("lab-7@cmcc"), Prefix.HOLDERS, ("lab-7@cmcc",)),
+        (Keys.meter("CN.3~GPU.X~abc"), Prefix.METER, ("CN.3~GPU.X~abc",)),
+        (Keys.usage("CN.3~GPU.X~abc", 2), Prefix.USAGE, ("CN.3~GPU.X~abc", "0" * 19 + "2")),
+        (Keys.usage_signer("ABCDEFGH12345678"), Prefix.USAGE_SIGNERS, ("ABCDEFGH12345678",)),
     ],
 )
 def test_keys_round_trip(key: str, collection: Prefix, parts: tuple[str, ...]) -> None:
@@ -146,6 +149,8 @@ _BUILT = st.one_of(
     st.tuples(st.just(Prefix.NONCE), st.tuples(_SEGMENT, _SEGMENT)),
     st.tuples(st.just(Prefix.CLAIM_TOKENS), st.tuples(_SHA256)),
     st.tuples(st.just(Prefix.HOLDERS), st.tuples(_SEGMENT)),
+    st.tuples(st.just(Prefix.METER), st.tuples(_SEGMENT)),
+    st.tuples(st.just(Prefix.USAGE_SIGNERS), st.tuples(_SEGMENT)),
 )
 
 _BUILDERS: dict[Prefix, Callable[..., str]] = {
@@ -161,6 +166,8 @@ _BUILDERS: dict[Prefix, Callable[..., str]] = {
     Prefix.NONCE: Keys.nonce,
     Prefix.CLAIM_TOKENS: Keys.claim_token,
     Prefix.HOLDERS: Keys.holder,
+    Prefix.METER: Keys.meter,
+    Prefix.USAGE_SIGNERS: Keys.usage_signer,
 }
 
 
@@ -201,8 +208,8 @@ def test_any_key_parse_key_accepts_is_rebuilt_by_keys(key: str) -> None:
     except ValueError:
         return
     assert parsed.collection + parsed.name == key
-    if parsed.collection is Prefix.AUDIT:
-        return  # any one-segment name parses; Keys.audit builds only zero-padded numbers
+    if parsed.collection in (Prefix.AUDIT, Prefix.USAGE):
+        return  # any segment parses; Keys.audit and Keys.usage build only zero-padded numbers
     try:
         rebuilt = _BUILDERS[parsed.collection](*parsed.parts)
     except ValueError:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
+import math
 import os
 import random
 import sys
@@ -20,6 +22,8 @@ import pytest
 from cpi.errors import EXIT_REFUSED, EXIT_USAGE
 from registry.index import Compacted, Index, Keys, Prefix
 from registry.index.layout import ROOT as KEY_ROOT
+from registry.logsigner import LogSigner
+from resolver.audit.usage import audit_usage
 from resolver.claims.gang import GangSpec
 from resolver.claims.service import (
     Claim,
@@ -28,9 +32,12 @@ from resolver.claims.service import (
     InsufficientCapacityError,
     QuotaExceededError,
 )
+from resolver.claims.usage import UsageRecorder
 from resolver.client import SyncResolverClient
 from resolver.discovery import Query
+from schemas import keys as _keys
 from schemas.errors import CPIError, IndexTimeoutError
+from schemas.usage import Usage, sign_usage_signer
 from tests.registry.service_kit import dump
 from tests.resolver.claims.test_claims import (
     FAST_CLAIMS,
@@ -415,6 +422,12 @@ class Run:
 
     made: dict[str, tuple[str, dict[str, int]]] = field(default_factory=dict)
     released: set[str] = field(default_factory=set)
+    created: dict[str, int] = field(default_factory=dict)
+    """claim id -> its ``created_at`` (the start of its first usage period)."""
+    parts: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    """claim id -> its ``(cpid, units)`` in order (a gang's anchor first)."""
+    released_by: dict[str, int] = field(default_factory=dict)
+    """claim id -> the time (s, rounded up) by which the run's release returned."""
     ops: Counter[str] = field(default_factory=Counter)
     checks: int = 0
     with_expired: int = 0
@@ -470,10 +483,23 @@ async def test_randomized_contention_never_over_allocates_nor_leaves_a_partial_g
     ns = await nodes(stack, 6, free=CAPACITY, region="31")
     ns += await nodes(stack, 3, free=CAPACITY, region="32", namespace="CN.32")
     cpids = [n.cpid for n in ns]
+    # every claim is metered: both services sign usage receipts (each its own audit stream)
+    usage_key = _keys.generate()
+    now = int(time.time())
+    signer_env = sign_usage_signer(
+        stack.pki.root, usage_key, subject="CN", not_before=now - 3600, not_after=now + 86400
+    )
+    await stack.index.put(Keys.usage_signer(_keys.kid_of(usage_key)), signer_env.to_json())
+    stack.service.usage = UsageRecorder(stack.index, usage_key)
     # two services: one process's leaders and gates, and another meeting it at the compares
     services = [
         stack.service,
-        ClaimService(index=stack.index, resolver=stack.resolver, settings=FAST_CLAIMS),
+        ClaimService(
+            index=stack.index,
+            resolver=stack.resolver,
+            settings=FAST_CLAIMS,
+            usage=UsageRecorder(stack.index, usage_key),
+        ),
     ]
     run = Run()
     rng = random.Random(int(os.environ.get("CPI_GANG_SEED", "15")))
@@ -502,17 +528,22 @@ async def test_randomized_contention_never_over_allocates_nor_leaves_a_partial_g
                     )
                     g = await svc.claim_gang(Query(kind="GPU"), spec=spec, ttl_s=ttl, holder=holder)
                     run.made[g.claim_id] = (holder, dict(g.parts))
+                    run.created[g.claim_id] = g.created_at
+                    run.parts[g.claim_id] = list(g.parts)
                     mine.append(g.claim_id)
                 elif op == "single":
                     c = await svc.claim(
                         rng.choice(cpids), units=rng.randint(1, 3), ttl_s=ttl, holder=holder
                     )
                     run.made[c.claim_id] = (holder, {c.cpid: c.units})
+                    run.created[c.claim_id] = c.created_at
+                    run.parts[c.claim_id] = [(c.cpid, c.units)]
                     mine.append(c.claim_id)
                 elif op == "release" and mine:
                     cid = mine.pop(rng.randrange(len(mine)))
                     await svc.release(cid, holder=holder)
                     run.released.add(cid)
+                    run.released_by[cid] = math.ceil(time.time())
                 elif op == "renew" and mine:
                     await svc.renew(rng.choice(mine), holder=holder, ttl_s=ttl)
                 else:
@@ -542,10 +573,57 @@ async def test_randomized_contention_never_over_allocates_nor_leaves_a_partial_g
     stack.service.trigger_reconcile()
 
     async def settled() -> bool:
-        return await _zero(stack.index, cpids) and await part_keys(stack.index) == []
+        meters, _ = await stack.index.get_prefix(Prefix.METER)
+        return await _zero(stack.index, cpids) and await part_keys(stack.index) == [] and not meters
 
     await until_true(settled, within=15)
+    await check_usage(stack, run, services)
     print(dict(outcomes))
+
+
+async def check_usage(stack: Stack, run: Run, services: list[ClaimService]) -> None:
+    """After every claim ended: each claim's receipts chain from its ``created_at`` without
+    gap or overlap (renewals, then one release or expiry) and list its parts; the totals
+    of ``cpi usage`` (from the log alone) equal the sum over the claims of units x the
+    seconds each was held, per holder and per namespace."""
+    log = LogSigner(stack.index, _keys.generate())
+    await log.load()
+    await log.sign()
+    rep = await audit_usage(
+        stack.index,
+        verifier=log.verifier,
+        anchors=stack.pki.anchors,
+        since=0,
+        until=int(time.time()) + 3600,
+    )
+    assert rep.ok and not rep.unlogged, (rep.checks, rep.problems, rep.unlogged)
+    chains: dict[str, list[Usage]] = {}
+    for r in rep.receipts:
+        if not chains.get(r.receipt.claim_id) or chains[r.receipt.claim_id][-1] != r.receipt:
+            chains.setdefault(r.receipt.claim_id, []).append(r.receipt)
+    assert set(chains) == set(run.made)  # every claim made was billed, nothing else
+    want_holder: Counter[str] = Counter()
+    want_ns: Counter[str] = Counter()
+    for cid, (holder, _) in run.made.items():
+        chain = sorted(chains[cid], key=lambda u: u.n)
+        assert [u.n for u in chain] == list(range(1, len(chain) + 1)), cid
+        assert chain[0].start == run.created[cid], cid
+        for before, after in itertools.pairwise(chain):
+            assert before.reason == "renewal" and after.start == before.end, cid
+        assert chain[-1].reason in ("release", "expiry"), cid
+        assert all(u.holder == holder and u.split() == run.parts[cid] for u in chain), cid
+        end = chain[-1].end
+        assert run.created[cid] <= end <= run.released_by.get(cid, end), cid
+        for cpid, units in run.parts[cid]:
+            want_holder[holder] += units * (end - run.created[cid])
+            want_ns[cpid.split("/")[0]] += units * (end - run.created[cid])
+    assert {h: t["unit_seconds"] for h, t in rep.totals("holder").items()} == dict(want_holder)
+    assert {n: t["unit_seconds"] for n, t in rep.totals("namespace").items()} == dict(want_ns)
+    written = sum(s.usage.written for s in services if s.usage is not None)
+    assert written == sum(len(c) for c in chains.values())
+    print(
+        f"usage: {written} receipts for {len(run.made)} claims, {sum(want_holder.values())} unit-s"
+    )
 
 
 async def test_gang_refusal_is_read_from_etcd_not_from_the_replica(stack: Stack) -> None:
