@@ -64,9 +64,12 @@ class AuditContentionError(RetrievalError):
     code = "audit_contention"
 
 
-def digest(envelope: Envelope) -> str:
-    """Revision-independent SHA-256 (hex) of an envelope's compact JSON."""
-    return hashlib.sha256(envelope.to_json()).hexdigest()
+def digest(envelope: Envelope, envelope_json: bytes | None = None) -> str:
+    """Revision-independent SHA-256 (hex) of an envelope's compact JSON (``envelope_json``:
+    that JSON when the caller has it already, ``envelope.to_json()``)."""
+    return hashlib.sha256(
+        envelope.to_json() if envelope_json is None else envelope_json
+    ).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,11 +119,13 @@ def entry_ops(
     subject: str | None = None,
     version: int | None = None,
     now: int | None = None,
+    digest_hex: str | None = None,
 ) -> tuple[list[Cmp], list[Op]]:
     """The compares and the put that append entry ``seq`` inside a caller's transaction.
 
     Exactly one of ``cpid`` (register, update, renew, deregister) or ``subject``
-    (revoke) names what changed.
+    (revoke) names what changed.  ``digest_hex``: :func:`digest` of ``envelope`` when
+    the caller has computed it.
     """
     if op not in AUDIT_OPS:
         raise ValueError(f"unknown audit op {op!r}, expected one of {', '.join(AUDIT_OPS)}")
@@ -131,7 +136,7 @@ def entry_ops(
     entry = AuditEntry(
         seq=seq,
         op=op,
-        digest=digest(envelope),
+        digest=digest(envelope) if digest_hex is None else digest_hex,
         time=int(time.time()) if now is None else now,
         cpid=cpid,
         subject=subject,
@@ -185,6 +190,7 @@ class _Pending:
     failure: Sequence[Op]
     op: AuditOp
     envelope: Envelope
+    digest: str
     cpid: str | None
     subject: str | None
     version: int | None
@@ -259,12 +265,15 @@ class AuditStream:
         cpid: str | None = None,
         subject: str | None = None,
         version: int | None = None,
+        envelope_json: bytes | None = None,
     ) -> TxnResult:
         """Run a transaction that also appends one audit entry.
 
         ``compare``/``success``/``failure`` are the caller's; the audit compares and the
         entry's put are added.  The result's ``responses`` are those of the caller's
-        ops only (``failure`` ops when a compare of the caller's failed).  Raises
+        ops only (``failure`` ops when a compare of the caller's failed).
+        ``envelope_json``: ``envelope.to_json()`` when the caller has it (the entry's
+        digest is computed once, here, not on every attempt).  Raises
         :class:`~schemas.errors.RetrievalError` like :meth:`Index.txn`.
         """
         if (cpid is None) == (subject is None):
@@ -277,6 +286,7 @@ class AuditStream:
             failure=tuple(failure),
             op=op,
             envelope=envelope,
+            digest=digest(envelope, envelope_json),
             cpid=cpid,
             subject=subject,
             version=version,
@@ -444,6 +454,7 @@ class AuditStream:
                 subject=p.subject,
                 version=p.version,
                 now=now,
+                digest_hex=p.digest,
             )
             puts.append(put)
         return cmps, puts
