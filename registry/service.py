@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -55,6 +56,7 @@ from registry.signers import Signers, load_signers
 from schemas import _json
 from schemas.chain import TrustAnchors
 from schemas.cpid import parse as parse_cpid
+from schemas.dsse import Envelope
 from schemas.errors import (
     CPIError,
     EnvelopeError,
@@ -305,15 +307,36 @@ async def post_registration(request: web.Request) -> web.Response:
     result = await _state(request).registrar.register(body, token)
     request[_CPID] = result.cpid
     request[_OUTCOME] = result.outcome
-    return web.json_response(
-        {
-            "cpid": result.cpid,
-            "record": result.record.to_dict(),
-            "chain": [c.to_dict() for c in result.chain],
-            "heartbeat_s": config.heartbeat_s,
-        },
-        status=201 if result.created else 200,
+    # the text json.dumps gives for {"cpid", "record", "chain", "heartbeat_s"}, with the
+    # chain's part (the same few chains on every answer) serialised once per chain
+    text = "".join(
+        (
+            '{"cpid": ',
+            json.dumps(result.cpid),
+            ', "record": ',
+            json.dumps(result.record.to_dict()),
+            ', "chain": ',
+            _chain_json(result.chain),
+            ', "heartbeat_s": ',
+            json.dumps(config.heartbeat_s),
+            "}",
+        )
     )
+    return web.json_response(text=text, status=201 if result.created else 200)
+
+
+_CHAIN_JSON: dict[tuple[Envelope, ...], str] = {}
+
+
+def _chain_json(chain: tuple[Envelope, ...]) -> str:
+    """``json.dumps`` of the chain's envelopes as dicts, cached per chain (a registry has
+    one per namespace key; a chain replaced by a new cert gets its own entry)."""
+    text = _CHAIN_JSON.get(chain)
+    if text is None:
+        if len(_CHAIN_JSON) >= 64:
+            _CHAIN_JSON.clear()
+        text = _CHAIN_JSON[chain] = json.dumps([c.to_dict() for c in chain])
+    return text
 
 
 async def put_status(request: web.Request) -> web.Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -102,6 +103,24 @@ async def test_full_registration_verifies_from_the_anchor(
     entries = await changes.read_entries(index)
     assert [(e.seq, e.op, e.cpid) for e in entries] == [(1, "register", node.cpid)]
     assert entries[0].digest == changes.digest(env)
+
+
+async def test_registration_answer_is_the_json_dumps_text_of_its_fields(
+    start: Start, index: Index, world: World
+) -> None:
+    # the answer is assembled from parts (the chain's serialised once per chain): it is
+    # byte for byte what json.dumps gives for the same fields, for every answer
+    client = await start()
+    token = await world.token(index, uses=5)
+    for node in (Node(), Node()):
+        resp = await client.post("/v1/registrations", data=node.register(), headers=bearer(token))
+        assert resp.status == 201
+        assert resp.content_type == "application/json" and resp.charset == "utf-8"
+        text = await resp.text()
+        body = json.loads(text)
+        assert list(body) == ["cpid", "record", "chain", "heartbeat_s"]
+        assert text == json.dumps(body)
+        assert body["cpid"] == node.cpid and len(body["chain"]) == 2
 
 
 async def test_a_parent_namespace_does_not_sign_below_itself(
