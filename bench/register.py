@@ -21,8 +21,10 @@ A third case in the same turns runs the registrar in this process
 check, the signing, the group-committed transaction) with ``--clients`` concurrent
 callers: the registry's own work without HTTP and without the client processes'
 share of the CPUs.  The CPU time this process spends per operation in the baseline and
-in-process rounds is printed too: on a shared machine the rates follow the CPU share
-each gets, the CPU per operation does not.
+in-process rounds is printed too, and, for the HTTP rounds, the CPU of the ``cpi
+registry serve`` process (from ``/proc``) and of this process's clients per
+registration: on a shared machine the rates follow the CPU share each gets, the CPU
+per operation does not.
 
 **Heartbeats.** ``--nodes`` nodes with records in etcd heartbeat every 10 s for
 ``--minutes`` simulated minutes against :class:`registry.liveness.Liveness` (its
