@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +335,28 @@ async def test_refusals_are_precise_and_change_nothing(
     assert await dump(index) == before
     metrics = await (await client.get("/metrics")).text()
     assert f'cpi_registry_rejections_total{{endpoint="register",reason="{code}"}} 1.0' in metrics
+
+
+@pytest.mark.parametrize("size", [65536, 65537, 200_000])
+async def test_a_chunked_body_without_length_is_bounded_too(
+    start: Start, index: Index, world: World, size: int
+) -> None:
+    # no Content-Length: the limit is applied to what arrived, whether the body is
+    # taken at once (all of it there) or read in pieces
+    client = await start()
+    token = await world.token(index)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        body = b'{"payloadType": "x", "payload": "' + b"A" * size + b'"}'
+        for i in range(0, len(body), 16384):
+            yield body[i : i + 16384]
+
+    before = await dump(index)
+    resp = await client.post("/v1/registrations", data=chunks(), headers=bearer(token))
+    answer = await resp.json()
+    assert resp.status == 413, answer
+    assert answer["error"]["code"] == "body_too_large"
+    assert await dump(index) == before
 
 
 async def test_rate_limit_answers_429_with_retry_after(
