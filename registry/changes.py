@@ -133,19 +133,35 @@ def entry_ops(
         raise ValueError("give exactly one of cpid or subject")
     if seq < 1:
         raise ValueError(f"audit sequence numbers start at 1, got {seq}")
-    entry = AuditEntry(
-        seq=seq,
-        op=op,
-        digest=digest(envelope) if digest_hex is None else digest_hex,
-        time=int(time.time()) if now is None else now,
-        cpid=cpid,
-        subject=subject,
-        version=version,
-    )
     cmps = [Cmp.absent(Keys.audit(seq))]
     if seq > 1:
         cmps.append(Cmp.exists(Keys.audit(seq - 1)))
-    return cmps, [Op.put(Keys.audit(seq), entry.to_json())]
+    put = _entry_put(
+        seq,
+        op,
+        digest(envelope) if digest_hex is None else digest_hex,
+        int(time.time()) if now is None else now,
+        cpid,
+        subject,
+        version,
+    )
+    return cmps, [put]
+
+
+def _entry_put(
+    seq: int,
+    op: str,
+    digest_hex: str,
+    now: int,
+    cpid: str | None,
+    subject: str | None,
+    version: int | None,
+) -> Op:
+    """The put of entry ``seq`` (arguments checked by the caller)."""
+    entry = AuditEntry(
+        seq=seq, op=op, digest=digest_hex, time=now, cpid=cpid, subject=subject, version=version
+    )
+    return Op.put(Keys.audit(seq), entry.to_json())
 
 
 async def find_head(index: Index, *, hint: int = 0) -> int:
@@ -444,19 +460,12 @@ class AuditStream:
         cmps = [Cmp.absent(Keys.audit(head + 1))]
         if head > 0:
             cmps.append(Cmp.exists(Keys.audit(head)))
-        puts = []
-        for i, p in enumerate(batch):
-            _, (put,) = entry_ops(
-                head + 1 + i,
-                op=p.op,
-                envelope=p.envelope,
-                cpid=p.cpid,
-                subject=p.subject,
-                version=p.version,
-                now=now,
-                digest_hex=p.digest,
-            )
-            puts.append(put)
+        # op and cpid/subject were checked by commit(); only the entries' puts are
+        # needed here (the head compares above cover the whole batch)
+        puts = [
+            _entry_put(head + 1 + i, p.op, p.digest, now, p.cpid, p.subject, p.version)
+            for i, p in enumerate(batch)
+        ]
         return cmps, puts
 
     def _head_probe(self, head: int) -> list[Op]:
