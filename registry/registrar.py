@@ -124,10 +124,16 @@ class _NonceLease:
         return self._lease.id
 
 
-@functools.lru_cache(maxsize=1024)
 def _ns_entry(value: bytes) -> NsEntry:
-    """A ``/ns/`` value parsed (cached: the same few values come with every request; a
-    refusal is an exception, not cached)."""
+    """A ``/ns/`` value parsed (cached when small: the same few values come with every
+    request; a refusal is an exception, not cached)."""
+    if len(value) > 4096:
+        return NsEntry.from_json(value)
+    return _ns_entry_cached(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _ns_entry_cached(value: bytes) -> NsEntry:
     return NsEntry.from_json(value)
 
 
