@@ -21,8 +21,10 @@ A third case in the same turns runs the registrar in this process
 check, the signing, the group-committed transaction) with ``--clients`` concurrent
 callers: the registry's own work without HTTP and without the client processes'
 share of the CPUs.  The CPU time this process spends per operation in the baseline and
-in-process rounds is printed too: on a shared machine the rates follow the CPU share
-each gets, the CPU per operation does not.
+in-process rounds is printed too, and, for the HTTP rounds, the CPU of the ``cpi
+registry serve`` process (from ``/proc``) and of this process's clients per
+registration: on a shared machine the rates follow the CPU share each gets, the CPU
+per operation does not.
 
 **Heartbeats.** ``--nodes`` nodes with records in etcd heartbeat every 10 s for
 ``--minutes`` simulated minutes against :class:`registry.liveness.Liveness` (its
@@ -365,13 +367,21 @@ async def run(args: argparse.Namespace) -> None:
                 f"{args.rounds} rounds each, interleaved (registry: `cpi registry serve` subprocess)"
             )
             rates: dict[str, list[float]] = {"registry": [], "etcd3aio": [], "registrar": []}
-            cpu: dict[str, list[float]] = {"etcd3aio": [], "registrar": []}
+            cpu: dict[str, list[float]] = {
+                "etcd3aio": [],
+                "registrar": [],
+                "registry": [],
+                "clients": [],
+            }
             seq0 = 10**12
             # warm-up (connections, imports, caches), not timed
             await registry_round(url, token, [register_body(keys.generate()) for _ in range(50)], 8)
             for r in range(args.rounds):
                 bodies = [register_body(keys.generate()) for _ in range(args.per_round)]
+                c0, s0 = time.process_time(), proc_cpu(proc.pid)
                 rates["registry"].append(await registry_round(url, token, bodies, args.clients))
+                cpu["registry"].append((proc_cpu(proc.pid) - s0) / args.per_round)
+                cpu["clients"].append((time.process_time() - c0) / args.per_round)
                 docs = []
                 for _ in range(args.per_round):
                     node = keys.generate()
@@ -419,6 +429,11 @@ async def run(args: argparse.Namespace) -> None:
                 f"registration, etcd3aio loop {statistics.median(cpu['etcd3aio']) * 1e6:.0f} "
                 "us per transaction"
             )
+            print(
+                "  CPU per registration over HTTP (median): the `cpi registry serve` process "
+                f"{statistics.median(cpu['registry']) * 1e6:.0f} us, the bench's aiohttp "
+                f"clients {statistics.median(cpu['clients']) * 1e6:.0f} us"
+            )
 
             await heartbeats(etcd.endpoint, args.nodes, args.minutes, args.change)
         finally:
@@ -450,6 +465,12 @@ def start_registry(tmp: Path) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
         )
+
+
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _read(path: Path) -> str:

@@ -37,6 +37,7 @@ one etcd transaction whose compares (token ``mod_revision``, nonce absent, recor
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -123,6 +124,19 @@ class _NonceLease:
         return self._lease.id
 
 
+def _ns_entry(value: bytes) -> NsEntry:
+    """A ``/ns/`` value parsed (cached when small: the same few values come with every
+    request; a refusal is an exception, not cached)."""
+    if len(value) > 4096:
+        return NsEntry.from_json(value)
+    return _ns_entry_cached(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _ns_entry_cached(value: bytes) -> NsEntry:
+    return NsEntry.from_json(value)
+
+
 def _check_time(what: str, value: int, now: int) -> None:
     skew = value - now
     if abs(skew) > CLOCK_SKEW:
@@ -188,10 +202,15 @@ class Registrar:
                 f"revoked ({reason}); it can no longer sign records of {signer.namespace}"
             )
 
-    def _check_node_key(self, record: Envelope, public_key: str) -> None:
-        """Refuse anything from a node whose record key is revoked."""
+    def _check_node_key(
+        self, record: Envelope, public_key: str, *, node_kid: str | None = None
+    ) -> None:
+        """Refuse anything from a node whose record key is revoked.  ``node_kid``: the
+        kid of ``public_key`` when the caller has it (no revocation names it: done)."""
         if self.revocations is None:
             return
+        if node_kid is not None and node_kid not in self.revocations.envelopes:
+            return  # what record_key_revoked() finds first, without decoding the key again
         reason = self.revocations.record_key_revoked(record, public_key)
         if reason is not None:
             node_kid = keys.kid(keys.b64url_decode(public_key))
@@ -219,7 +238,7 @@ class Registrar:
                 "(cpi ns publish)"
             )
         try:
-            entry = NsEntry.from_json(kv.value)
+            entry = _ns_entry(kv.value)
         except PayloadError as exc:
             raise UnpublishedNamespaceError(
                 f"namespace {namespace}: {Keys.ns(namespace)} is unreadable ({exc})"
@@ -371,8 +390,8 @@ class Registrar:
             else:
                 record_env = self._sign_record(reg, cpid, signer, version, now)
             if old_env is not None:
-                self._check_node_key(old_env, reg.public_key)
-            self._check_node_key(record_env, reg.public_key)
+                self._check_node_key(old_env, reg.public_key, node_kid=node_kid)
+            self._check_node_key(record_env, reg.public_key, node_kid=node_kid)
             nonce_op = Op.put(nonce_key, str(reg.timestamp), lease=await self._nonces.id())
             if outcome == "unchanged":
                 async with self.metrics.etcd("txn-register"):
@@ -380,13 +399,15 @@ class Registrar:
                         compare=compare, success=[*t_ops, nonce_op], failure=failure
                     )
             else:
+                record_json = record_env.to_json()  # serialised once: value and digest
                 async with self.metrics.etcd("txn-register"):
                     result = await self._audit.commit(
                         compare=compare,
-                        success=[Op.put(rec_key, record_env.to_json()), *t_ops, nonce_op],
+                        success=[Op.put(rec_key, record_json), *t_ops, nonce_op],
                         failure=failure,
                         op=_AUDIT_OP[outcome],
                         envelope=record_env,
+                        envelope_json=record_json,
                         cpid=cpid,
                         version=version,
                     )

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -55,6 +56,7 @@ from registry.signers import Signers, load_signers
 from schemas import _json
 from schemas.chain import TrustAnchors
 from schemas.cpid import parse as parse_cpid
+from schemas.dsse import Envelope
 from schemas.errors import (
     CPIError,
     EnvelopeError,
@@ -166,6 +168,22 @@ async def _read_body(
     declared = request.content_length
     if declared is not None and declared > limit:
         raise BodyTooLargeError(f"request body is {declared} bytes, at most {limit} allowed")
+    content = request.content
+    if content.is_eof() and content.exception() is None:
+        # the whole body has arrived already (a small body in one packet, the usual
+        # case): nothing to wait for, so no timeout to arm
+        body = content.read_nowait()
+        if len(body) > limit:
+            raise BodyTooLargeError(f"request body is over {limit} bytes, at most {limit} allowed")
+    else:
+        body = await _receive_body(request, limit, declared)
+    why = check_utf8_json(body)
+    if why is not None:
+        raise error(f"body is not valid JSON: {why}")
+    return body
+
+
+async def _receive_body(request: web.Request, limit: int, declared: int | None) -> bytes:
     timeout = request.app[CONFIG].body_timeout_s
     chunks: list[bytes] = []
     size = 0
@@ -186,11 +204,7 @@ async def _read_body(
             f"request body not received within {timeout:g} s "
             f"({size} of {declared if declared is not None else 'unknown'} bytes arrived)"
         ) from None
-    body = b"".join(chunks)
-    why = check_utf8_json(body)
-    if why is not None:
-        raise error(f"body is not valid JSON: {why}")
-    return body
+    return b"".join(chunks)
 
 
 def _state(request: web.Request) -> RegistryState:
@@ -283,17 +297,14 @@ async def _admit_registration(request: web.Request, token: str | None) -> None:
     """Take a token from the buckets this request counts against (docs/registry.md)."""
     limits = request.app[LIMITS]
     address = client_address(request)
-    authenticated = False
+    known = None
     if token is not None:
-        try:
-            await _state(request).registrar.authenticate(token)
-            authenticated = True
-        except TokenError:
-            pass  # refused by register() below, with the usual answer
-    if token is None or not authenticated:
+        with contextlib.suppress(TokenError):  # refused by register() below, as usual
+            known = await _state(request).registrar.authenticate(token)
+    if known is None:
         limits.unauthenticated.take(address)
         return
-    limits.per_token.take(hashlib.sha256(token.encode()).hexdigest())
+    limits.per_token.take(known.sha256)  # the token's SHA-256 hex, as hash_token() gives
     limits.per_address.take(address)
 
 
@@ -305,15 +316,36 @@ async def post_registration(request: web.Request) -> web.Response:
     result = await _state(request).registrar.register(body, token)
     request[_CPID] = result.cpid
     request[_OUTCOME] = result.outcome
-    return web.json_response(
-        {
-            "cpid": result.cpid,
-            "record": result.record.to_dict(),
-            "chain": [c.to_dict() for c in result.chain],
-            "heartbeat_s": config.heartbeat_s,
-        },
-        status=201 if result.created else 200,
+    # the text json.dumps gives for {"cpid", "record", "chain", "heartbeat_s"}, with the
+    # chain's part (the same few chains on every answer) serialised once per chain
+    text = "".join(
+        (
+            '{"cpid": ',
+            json.dumps(result.cpid),
+            ', "record": ',
+            json.dumps(result.record.to_dict()),
+            ', "chain": ',
+            _chain_json(result.chain),
+            ', "heartbeat_s": ',
+            json.dumps(config.heartbeat_s),
+            "}",
+        )
     )
+    return web.json_response(text=text, status=201 if result.created else 200)
+
+
+_CHAIN_JSON: dict[tuple[Envelope, ...], str] = {}
+
+
+def _chain_json(chain: tuple[Envelope, ...]) -> str:
+    """``json.dumps`` of the chain's envelopes as dicts, cached per chain (a registry has
+    one per namespace key; a chain replaced by a new cert gets its own entry)."""
+    text = _CHAIN_JSON.get(chain)
+    if text is None:
+        if len(_CHAIN_JSON) >= 64:
+            _CHAIN_JSON.clear()
+        text = _CHAIN_JSON[chain] = json.dumps([c.to_dict() for c in chain])
+    return text
 
 
 async def put_status(request: web.Request) -> web.Response:

@@ -159,14 +159,15 @@ def sign(
 
 def verify(
     envelope: Envelope,
-    keys: Mapping[str, Ed25519PublicKey],
+    keys: Mapping[str, Ed25519PublicKey | bytes],
     *,
     payload_types: Collection[str] | None = None,
     threshold: int = 1,
 ) -> Verified:
     """Check that at least ``threshold`` distinct trusted keys signed the envelope.
 
-    ``keys`` maps key ids to trusted public keys.  A signature naming a key id is
+    ``keys`` maps key ids to trusted public keys (key objects or their 32 raw bytes,
+    already checked by the key rule where they were parsed).  A signature naming a key id is
     checked only against that key; one without a key id is tried against every key.
     Raises :class:`SignatureError` when too few distinct keys verify.
     """

@@ -10,7 +10,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Final, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -441,6 +441,9 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+_UNPARSED: Final[Any] = object()
+
+
 def _check_size(model: type[Document], payload: bytes) -> None:
     if model.MAX_BYTES is not None and len(payload) > model.MAX_BYTES:
         raise PayloadError(
@@ -448,20 +451,27 @@ def _check_size(model: type[Document], payload: bytes) -> None:
         )
 
 
-def parse_payload(payload_type: str, payload: bytes, expected: type[D]) -> D:
+def parse_payload(
+    payload_type: str, payload: bytes, expected: type[D], *, parsed: Any = _UNPARSED
+) -> D:
     """Parse verified payload bytes into ``expected``, checking the type field.
 
     The payloadType must be ``application/vnd.cpi.<expected.TYPE>+json`` and the
-    JSON's ``type`` must equal ``<expected.TYPE>``.
+    JSON's ``type`` must equal ``<expected.TYPE>``.  ``parsed``: what
+    ``schemas._json.loads(payload)`` already returned for exactly these bytes (a caller
+    that had to read them before the signature check), so they are not read twice.
     """
     doc_type = type_of_media(payload_type)
     if doc_type != expected.TYPE:
         raise PayloadError(f"payloadType is for {doc_type!r}, expected {expected.TYPE!r}")
     _check_size(expected, payload)
-    try:
-        obj = _json.loads(payload)  # refuses duplicate names and NaN/Infinity
-    except ValueError as exc:  # includes UnicodeDecodeError
-        raise PayloadError(f"{expected.TYPE} payload is not valid JSON: {exc}") from exc
+    if parsed is not _UNPARSED:
+        obj = parsed
+    else:
+        try:
+            obj = _json.loads(payload)  # refuses duplicate names and NaN/Infinity
+        except ValueError as exc:  # includes UnicodeDecodeError
+            raise PayloadError(f"{expected.TYPE} payload is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise PayloadError(
             f"{expected.TYPE} payload must be a JSON object, got {type(obj).__name__}"

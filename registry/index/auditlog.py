@@ -66,9 +66,12 @@ class AuditContentionError(RetrievalError):
     code = "audit_contention"
 
 
-def digest(envelope: Envelope) -> str:
-    """Revision-independent SHA-256 (hex) of an envelope's compact JSON."""
-    return hashlib.sha256(envelope.to_json()).hexdigest()
+def digest(envelope: Envelope, envelope_json: bytes | None = None) -> str:
+    """Revision-independent SHA-256 (hex) of an envelope's compact JSON (``envelope_json``:
+    that JSON when the caller has it already, else ``envelope.to_json()``)."""
+    return hashlib.sha256(
+        envelope.to_json() if envelope_json is None else envelope_json
+    ).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,11 +150,13 @@ def entry_ops(
     version: int | None = None,
     receipt: str | None = None,
     now: int | None = None,
+    digest_hex: str | None = None,
 ) -> tuple[list[Cmp], list[Op]]:
     """The compares and the put that append entry ``seq`` inside a caller's transaction.
 
     Exactly one of ``cpid`` (register, update, renew, deregister, usage) or ``subject``
     (revoke) names what changed; ``receipt`` is given with op ``usage`` and only then.
+    ``digest_hex``: :func:`digest` of ``envelope`` when the caller has computed it.
     """
     if op not in ENTRY_OPS:
         raise ValueError(f"unknown audit op {op!r}, expected one of {', '.join(ENTRY_OPS)}")
@@ -164,7 +169,7 @@ def entry_ops(
     entry = AuditEntry(
         seq=seq,
         op=op,
-        digest=digest(envelope),
+        digest=digest(envelope) if digest_hex is None else digest_hex,
         time=int(time.time()) if now is None else now,
         cpid=cpid,
         subject=subject,
@@ -219,6 +224,8 @@ class Entry:
     subject: str | None = None
     version: int | None = None
     receipt: str | None = None
+    digest_hex: str | None = None
+    """:func:`digest` of ``envelope``, when known (computed once, not on every attempt)."""
 
     def check(self) -> None:
         """ValueError when the members do not fit the op (as :func:`entry_ops` checks)."""
@@ -310,15 +317,20 @@ class AuditStream:
         subject: str | None = None,
         version: int | None = None,
         receipt: str | None = None,
+        envelope_json: bytes | None = None,
     ) -> TxnResult:
         """Run a transaction that also appends one audit entry.
 
         ``compare``/``success``/``failure`` are the caller's; the audit compares and the
         entry's put are added.  The result's ``responses`` are those of the caller's
-        ops only (``failure`` ops when a compare of the caller's failed).  Raises
+        ops only (``failure`` ops when a compare of the caller's failed).
+        ``envelope_json``: ``envelope.to_json()`` when the caller has it (the entry's
+        digest is then computed once, here, not on every attempt).  Raises
         :class:`~schemas.errors.RetrievalError` like :meth:`Index.txn`.
         """
-        entry = Entry(op, envelope, cpid, subject, version, receipt)
+        entry = Entry(
+            op, envelope, cpid, subject, version, receipt, digest(envelope, envelope_json)
+        )
         return await self.commit_entries(
             compare=compare, success=success, failure=failure, entries=[entry]
         )
@@ -513,6 +525,7 @@ class AuditStream:
                     version=e.version,
                     receipt=e.receipt,
                     now=now,
+                    digest_hex=e.digest_hex,
                 )
                 mine.append(put)
             puts.append(mine)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,24 @@ async def test_price_and_site_energy_figures_are_carried_into_the_record(
     )
     assert resp.status == 400 and "pue" in (await resp.json())["error"]["message"]
     assert await index.get(Keys.rec(bad.cpid)) is None
+
+
+async def test_registration_answer_is_the_json_dumps_text_of_its_fields(
+    start: Start, index: Index, world: World
+) -> None:
+    # the answer is assembled from parts (the chain's serialised once per chain): it is
+    # byte for byte what json.dumps gives for the same fields, for every answer
+    client = await start()
+    token = await world.token(index, uses=5)
+    for node in (Node(), Node()):
+        resp = await client.post("/v1/registrations", data=node.register(), headers=bearer(token))
+        assert resp.status == 201
+        assert resp.content_type == "application/json" and resp.charset == "utf-8"
+        text = await resp.text()
+        body = json.loads(text)
+        assert list(body) == ["cpid", "record", "chain", "heartbeat_s"]
+        assert text == json.dumps(body)
+        assert body["cpid"] == node.cpid and len(body["chain"]) == 2
 
 
 async def test_a_parent_namespace_does_not_sign_below_itself(
@@ -340,6 +359,28 @@ async def test_refusals_are_precise_and_change_nothing(
     assert await dump(index) == before
     metrics = await (await client.get("/metrics")).text()
     assert f'cpi_registry_rejections_total{{endpoint="register",reason="{code}"}} 1.0' in metrics
+
+
+@pytest.mark.parametrize("size", [65536, 65537, 200_000])
+async def test_a_chunked_body_without_length_is_bounded_too(
+    start: Start, index: Index, world: World, size: int
+) -> None:
+    # no Content-Length: the limit is applied to what arrived, whether the body is
+    # taken at once (all of it there) or read in pieces
+    client = await start()
+    token = await world.token(index)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        body = b'{"payloadType": "x", "payload": "' + b"A" * size + b'"}'
+        for i in range(0, len(body), 16384):
+            yield body[i : i + 16384]
+
+    before = await dump(index)
+    resp = await client.post("/v1/registrations", data=chunks(), headers=bearer(token))
+    answer = await resp.json()
+    assert resp.status == 413, answer
+    assert answer["error"]["code"] == "body_too_large"
+    assert await dump(index) == before
 
 
 async def test_rate_limit_answers_429_with_retry_after(

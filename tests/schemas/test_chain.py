@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,7 +40,7 @@ from schemas.errors import (
     RevokedError,
     SignatureError,
 )
-from schemas.models import Deregister, Register, Status
+from schemas.models import Deregister, Register, Status, parse_payload
 from tools import gen_vectors as gv
 
 CASES = gv.chain_cases()
@@ -445,3 +446,47 @@ def test_open_self_signed_without_a_key_field() -> None:
     env = gv.sign_doc(STATUS_DOC, NODE)
     with pytest.raises(PayloadError, match=r"^status\.v1 payload has no usable 'public_key'"):
         open_self_signed(env, expected=Status)
+
+
+# -- the registration path reads the payload once and verifies under raw key bytes ---------
+
+_ED25519_VECTORS = json.loads(
+    (Path(__file__).resolve().parents[1] / "vectors" / "ed25519.json").read_text()
+)["cases"]
+
+
+@pytest.mark.parametrize("case", _ED25519_VECTORS, ids=lambda c: c["id"])
+def test_open_self_signed_applies_the_full_key_rule_to_every_vector_key(
+    case: dict[str, Any],
+) -> None:
+    # the key a register.v1 carries gets libsodium's whole key rule (small order in any
+    # encoding, non-canonical, off the curve, outside the prime-order subgroup) before
+    # any signature is looked at; an acceptable key then needs a signature that holds
+    raw = bytes.fromhex(case["public_key_hex"])
+    doc = REG_DOC.model_copy(update={"public_key": keys.b64url_encode(raw)})
+    env = gv.sign_doc(doc, NODE, keyid=keys.kid(raw))
+    if case["key"]["verdict"] == "reject":
+        with pytest.raises(EnvelopeError, match=r"^invalid public key: "):
+            open_self_signed(env, expected=Register)
+    else:
+        with pytest.raises(SignatureError):
+            open_self_signed(env, expected=Register)
+
+
+def test_open_self_signed_gives_what_parse_payload_gives() -> None:
+    # the payload read before the signature check is the one validated after it
+    env = gv.sign_doc(REG_DOC, NODE)
+    assert open_self_signed(env, expected=Register) == parse_payload(
+        env.payload_type, env.payload, Register
+    )
+    obj = json.loads(env.payload)
+    assert parse_payload(env.payload_type, env.payload, Register, parsed=obj) == REG_DOC
+
+
+def test_dsse_verify_under_raw_key_bytes_is_the_key_objects_verdict() -> None:
+    env = gv.sign_doc(REG_DOC, NODE)
+    kid = keys.kid_of(NODE)
+    assert dsse.verify(env, {kid: keys.public_raw(NODE)}).keyids == frozenset({kid})
+    other = gv.key("intruder")
+    with pytest.raises(SignatureError):
+        dsse.verify(env, {kid: keys.public_raw(other)})

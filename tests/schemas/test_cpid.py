@@ -16,6 +16,7 @@ from schemas.cpid import (
     CROCKFORD,
     KINDS,
     MAX_LENGTH,
+    b32_digest,
     check_character,
     derive,
     derive_serial,
@@ -608,3 +609,23 @@ def test_adjacent_swaps_of_the_example_are_caught_except_moved_dots() -> None:
             continue
         accepted.append(typo)
     assert accepted == ["CN.3.1CMCC/GPU.4K7Q9M2XH3PT-Z", "CN.31C.MCC/GPU.4K7Q9M2XH3PT-Z"]
+
+
+def _loop_b32(data: bytes, n: int) -> str:
+    """The digit-by-digit definition: 5 bits at a time from the top of the digest."""
+    value = int.from_bytes(hashlib.sha256(data).digest(), "big")
+    return "".join(CROCKFORD[(value >> (256 - 5 * (i + 1))) & 31] for i in range(n))
+
+
+@given(st.binary(max_size=64), st.integers(min_value=1, max_value=51))
+@settings(max_examples=300)
+def test_b32_digest_is_the_bit_by_bit_definition(data: bytes, n: int) -> None:
+    assert b32_digest(data, n) == _loop_b32(data, n) == ref_b32(data, n)
+
+
+def test_parse_namespace_cache_still_refuses() -> None:
+    assert parse_namespace("cn.31.cmcc") == "CN.31.CMCC"
+    assert parse_namespace("cn.31.cmcc") == "CN.31.CMCC"  # a cached answer
+    for _ in range(2):  # a refusal is not cached as an answer
+        with pytest.raises(InvalidCPIDError):
+            parse_namespace("cn..31")

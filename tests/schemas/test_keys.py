@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 from cryptography.exceptions import InvalidSignature
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from schemas import dsse, keys
+from schemas import _edwards, dsse, keys
 from schemas.errors import KeyFileError
 
 VECTOR_DIR = Path(__file__).resolve().parents[1] / "vectors"
@@ -203,3 +205,58 @@ def test_fast_key_check_refuses_every_small_order_encoding() -> None:
     for _ in range(20):
         raw = public_raw(generate())
         assert check_public_raw_fast(raw) == raw
+
+
+# -- the full key rule (libsodium) against the pure-Python reference -----------------------
+
+_SMALL_ORDER_POINTS = [
+    pt
+    for y in (
+        0,
+        1,
+        2**255 - 20,
+        *(
+            v % (2**255 - 19)
+            for v in (
+                55188659117513257062467267217118295137698188065244968500265048394206261417927,
+                -55188659117513257062467267217118295137698188065244968500265048394206261417927,
+            )
+        ),
+    )
+    for sign in (0, 1)
+    if (pt := _edwards.decode((y | (sign << 255)).to_bytes(32, "little"))) is not None
+]
+
+
+def test_the_small_order_points_are_eight() -> None:
+    distinct = {_edwards.encode(p) for p in _SMALL_ORDER_POINTS}
+    assert len(distinct) == 8
+    assert all(_edwards.order_of_small(p) is not None for p in _SMALL_ORDER_POINTS)
+
+
+def _verdict(raw: bytes) -> bool:
+    try:
+        keys.check_public_raw(raw)
+    except KeyFileError:
+        return False
+    return True
+
+
+@given(st.binary(min_size=32, max_size=32))
+@settings(max_examples=150, deadline=None)
+def test_key_rule_is_the_reference_on_random_bytes(raw: bytes) -> None:
+    # what a registering key gets: libsodium's verdict, equal to the reference's
+    assert _verdict(raw) == (_edwards.describe_public_key(raw) is None)
+
+
+@given(st.binary(min_size=32, max_size=32), st.sampled_from(_SMALL_ORDER_POINTS))
+@settings(max_examples=60, deadline=None)
+def test_key_rule_refuses_an_honest_key_plus_any_small_order_point(
+    seed: bytes, torsion: _edwards.Point
+) -> None:
+    honest = _edwards.decode(keys.public_raw(keys.private_from_seed(seed)))
+    assert honest is not None
+    raw = _edwards.encode(_edwards.add(honest, torsion))
+    identity = _edwards.equal(torsion, _edwards.IDENTITY)
+    assert _verdict(raw) is identity
+    assert (_edwards.describe_public_key(raw) is None) is identity
