@@ -63,6 +63,8 @@ _MAX_LEASES_PER_PROBE: Final = 64
 _BULK_KEYS: Final = 10_000
 """Listings at least this large pause cyclic GC while they are applied (and the first one
 then freezes what it loaded, :func:`gc.freeze`)."""
+_PAGE_RETRIES: Final = 5
+"""Times a page of the first listing is read again before the listing is started over."""
 _LOAD_BATCH: Final = 10_000
 """The first listing applies ``/rec/`` in batches as its pages arrive: the first as soon
 as this many keys are read, each later one with every key read in the meantime (at
@@ -101,6 +103,8 @@ class Replica:
         self.settings = settings or SyncSettings()
         self.ready = asyncio.Event()
         self.relists: Counter[str] = Counter()
+        self.page_retries = 0
+        """Pages of a first listing read again after a failure (the listing went on)."""
         self.store_revision = 0
         self.last_contact = 0.0  # monotonic time etcd last answered
         self.probe_ok = True
@@ -299,22 +303,57 @@ class Replica:
                 self.state.diff(snapshot, revision), revision, check=self.verifier.run, emit=False
             )
         del snapshot
-        pages: asyncio.Queue[list[Change] | None] = asyncio.Queue()
+        # bounded: pages read ahead of verification are held as raw values (~1.4 KB a
+        # record); an unbounded queue held most of a million-record listing at once
+        pages: asyncio.Queue[list[Change] | None] = asyncio.Queue(
+            maxsize=max(2, 2 * _LOAD_BATCH // _PAGE)
+        )
 
         async def read() -> None:
+            last: str | None = None
+            failed = 0
             try:
-                async for page in self.index.iter_prefix(
-                    Prefix.REC, page_size=_PAGE, revision=revision
-                ):
-                    self._contact()
-                    await pages.put(
-                        [
-                            Change("put", kv.key, kv.value, kv.mod_revision, kv.lease)
-                            for kv in page.kvs
-                        ]
-                    )
-            finally:
-                pages.put_nowait(None)  # the end, also when reading failed
+                while True:
+                    try:
+                        async for page in self.index.iter_prefix(
+                            Prefix.REC,
+                            page_size=_PAGE,
+                            revision=revision,
+                            **({} if last is None else {"after": last}),
+                        ):
+                            self._contact()
+                            if page.kvs:
+                                last = page.kvs[-1].key
+                            await pages.put(
+                                [
+                                    Change("put", kv.key, kv.value, kv.mod_revision, kv.lease)
+                                    for kv in page.kvs
+                                ]
+                            )
+                        return
+                    except IndexCompactedError:
+                        raise
+                    except RetrievalError as exc:
+                        # a failed page is read again, from the key after the last one
+                        # read (at the same revision), not the whole listing
+                        failed += 1
+                        self.page_retries += 1
+                        if failed > _PAGE_RETRIES:
+                            raise
+                        _log.warning(
+                            "first listing: reading /rec/ after %s failed (%s); retrying "
+                            "that page (%d of %d)",
+                            last or "the start",
+                            exc,
+                            failed,
+                            _PAGE_RETRIES,
+                        )
+                        await asyncio.sleep(min(0.1 * 2**failed, self.settings.retry_backoff_max))
+            finally:  # the end, also when reading failed
+                try:
+                    pages.put_nowait(None)
+                except asyncio.QueueFull:
+                    await pages.put(None)
 
         reader = asyncio.create_task(read(), name="replica-load")
         listed = 0.0

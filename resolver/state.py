@@ -36,11 +36,12 @@ import contextlib
 import heapq
 import logging
 import math
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 from registry.index.layout import Prefix, parse_key, read_units
 from resolver.discovery import DiscoveryIndex, LatencyTable
@@ -61,7 +62,7 @@ from schemas import _json
 from schemas import keys as _keys
 from schemas.chain import CLOCK_SKEW, TrustAnchors
 from schemas.cpid import CPID
-from schemas.dsse import Envelope
+from schemas.dsse import Envelope, Signature
 from schemas.errors import EnvelopeError, InvalidDataError
 from schemas.models import Record, Status
 
@@ -76,6 +77,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger("resolver.replica")
+_T = TypeVar("_T")
 
 UNREADABLE_ALLOC: Final = 1 << 30
 """Claimed units assumed when an ``/alloc/`` value cannot be read (nothing is free)."""
@@ -253,7 +255,7 @@ def _split_cpid(canonical: str) -> CPID:
     prefix, _, suffix = canonical.partition("/")
     kind, _, rest = suffix.partition(".")
     serial, _, check = rest.rpartition("-")
-    return CPID(prefix=prefix, kind=kind, serial=serial, check=check)
+    return CPID(prefix=sys.intern(prefix), kind=sys.intern(kind), serial=serial, check=check)
 
 
 _SERIAL: Final = 12
@@ -266,6 +268,63 @@ def _serial_of(cpid: str) -> str:
 
 def _namespace_of(cpid: str) -> str:
     return cpid.partition("/")[0]
+
+
+class _Shared:
+    """One object for each value that many entries repeat (kinds, regions, payload types,
+    signing key ids, accelerator and label tuples): a million records hold a few hundred
+    distinct ones, and each copy would cost 50-300 bytes.  Verification results come from
+    worker processes as fresh objects; the replica keeps these instead."""
+
+    _MAX: Final = 200_000
+
+    def __init__(self) -> None:
+        self._values: dict[object, object] = {}
+
+    def get(self, value: _T) -> _T:
+        got = self._values.get(value)
+        if got is None:
+            if len(self._values) >= self._MAX:  # hostile variety: stop sharing, stay bounded
+                return value
+            self._values[value] = got = value
+        return got  # type: ignore[return-value]
+
+    def labels(self, labels: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+        got = self._values.get(labels)
+        if got is None:
+            return self.get(tuple(self.get((sys.intern(k), self.get(v))) for k, v in labels))
+        return got  # type: ignore[return-value]
+
+    def envelope(self, env: Envelope, *, keyids: bool = True) -> Envelope:
+        """``env`` with its payload type (and key ids) shared; payload and signatures as
+        they are.  ``keyids=False`` for statuses: each is signed by its own node's key."""
+        sigs = (
+            tuple(Signature(self.get(s.keyid), s.sig) for s in env.signatures)
+            if keyids
+            else env.signatures
+        )
+        return Envelope(self.get(env.payload_type), env.payload, sigs)
+
+    def record_facts(self, f: RecordFacts, cpid: str) -> RecordFacts:
+        return RecordFacts(
+            cpid if f.cpid == cpid else f.cpid,
+            self.get(f.kind),
+            f.public_key,
+            f.version,
+            f.expires_at,
+            self.get(f.region),
+            self.get(tuple(self.get(a) for a in f.accelerators)),
+            self.labels(f.labels),
+        )
+
+    def status_facts(self, f: StatusFacts, cpid: str) -> StatusFacts:
+        return StatusFacts(
+            cpid if f.cpid == cpid else f.cpid,
+            self.get(f.state),
+            f.accelerators_free,
+            f.cpu_free,
+            f.withheld,
+        )
 
 
 class ReplicaState:
@@ -327,6 +386,7 @@ class ReplicaState:
         self._reported_signers: set[tuple[object, ...]] = set()
         self._context: Context | None = None  # of the last record batch
         self._chain_revs: dict[str, tuple[SignerVerdict, int]] = {}
+        self._shared = _Shared()
 
     # ==================================================================================
     # reading
@@ -585,13 +645,13 @@ class ReplicaState:
             self.held.pop(cpid, None)
             return
         if ch.envelope is not None:
-            rs = _Rec(cpid, ch.revision, ch.envelope)
+            rs = _Rec(cpid, ch.revision, self._shared.envelope(ch.envelope))
             self._by_signer.setdefault(rs.signer, set()).add(cpid)
         elif batch.bulk:  # parsed by its verification job (_verify_records, _parsed)
             rs = _Rec(cpid, ch.revision, None, raw=ch.value)
         else:
             try:
-                env: Envelope | None = Envelope.from_json(ch.value)
+                env: Envelope | None = self._shared.envelope(Envelope.from_json(ch.value))
                 error = ""
             except EnvelopeError as exc:
                 env, error = None, str(exc)
@@ -612,7 +672,8 @@ class ReplicaState:
     def _parsed(self, rs: _Rec, outcome: Outcome | None, error: str = "") -> None:
         """File the envelope a ``raw`` job parsed (None and ``error`` when it is not one)."""
         rs.raw = None
-        rs.envelope = outcome.envelope if outcome is not None else None
+        env = outcome.envelope if outcome is not None else None
+        rs.envelope = self._shared.envelope(env) if env is not None else None
         rs.error = error
         self._by_signer.setdefault(rs.signer, set()).add(rs.cpid)
 
@@ -652,8 +713,9 @@ class ReplicaState:
             return
         self.held.pop(cpid, None)
         try:
-            env: Envelope | None = (
-                ch.envelope if ch.envelope is not None else Envelope.from_json(ch.value)
+            env: Envelope | None = self._shared.envelope(
+                ch.envelope if ch.envelope is not None else Envelope.from_json(ch.value),
+                keyids=False,
             )
             error = ""
         except EnvelopeError as exc:
@@ -928,8 +990,11 @@ class ReplicaState:
                     detail = f"record for {canonical} is stored under the key of {rs.cpid}"
                 else:
                     parsed = _split_cpid(canonical)
+                    facts = self._shared.record_facts(facts, rs.cpid)
                     rs.facts, rs.parsed = facts, parsed
-                    rs.record = outcome.document if isinstance(outcome.document, Record) else None
+                    # the model is parsed again on first use and cached a while (Entry):
+                    # keeping one per record would cost ~5 KB each
+                    rs.record = None
                     valid_until = min(float(facts.expires_at + skew), v.valid_until)
                     if parsed.serial in self._revoked_serials:  # rare: hash the key
                         valid_until = min(
@@ -1033,8 +1098,8 @@ class ReplicaState:
                 f"status is about {facts.cpid}, but is stored under the live key of {cpid}",
             )
             return
-        lv.facts, lv.checked_key, lv.reason = facts, key, ""
-        lv.status = o.document if isinstance(o.document, Status) else None
+        lv.facts, lv.checked_key, lv.reason = self._shared.status_facts(facts, cpid), key, ""
+        lv.status = None  # parsed on first use (Entry.status), not kept per record
 
     def _status_failed(self, cpid: str, lv: _Live, key: str, label: str, message: str) -> None:
         lv.facts, lv.status, lv.checked_key, lv.reason = None, None, key, message
