@@ -196,3 +196,48 @@ async def test_a_snapshot_for_other_anchors_is_not_used(
         assert _view(other) == cold
     finally:
         await other.close()
+
+
+def _layout(r: Resolver) -> dict[str, Any]:
+    """How the entries are held: which values are one shared object across entries."""
+    entries = sorted(r.entries(), key=lambda e: e.cpid)
+
+    def shared(values: list[Any]) -> bool:
+        return len({id(v) for v in values}) == len({v for v in values})
+
+    return {
+        "kinds": shared([e.facts.kind for e in entries]),
+        "regions": shared([e.facts.region for e in entries]),
+        "labels": shared([e.facts.labels for e in entries]),
+        "accelerators": shared([e.facts.accelerators for e in entries]),
+        "payload_types": shared([e.envelope.payload_type for e in entries]),
+        "signers": shared([e.envelope.signatures[0].keyid for e in entries]),
+        "prefixes": shared([e.id.prefix for e in entries]),
+        "cpid_in_facts": all(e.facts.cpid is e.cpid for e in entries),
+        "cpid_in_status": all(
+            e.status_facts.cpid is e.cpid for e in entries if e.status_facts is not None
+        ),
+        "models_kept": sum(e._record is not None or e._status is not None for e in entries),
+        "sizes": r._state.sizes(),
+    }
+
+
+async def test_a_warm_start_holds_entries_as_a_cold_start_does(
+    index: Index, pki: Pki, tmp_path: Path
+) -> None:
+    """Memory after a warm start is laid out as after a cold one: repeated values are
+    one object across entries, no parsed model is kept per entry."""
+    await pki.publish(index)
+    await _populate(index, pki, n=10)
+    settings = _settings(tmp_path)
+    first = await _start(index, pki, settings)
+    cold = _layout(first)
+    assert all(v for k, v in cold.items() if k not in ("models_kept", "sizes")), cold
+    assert cold["models_kept"] == 0
+    await first.close()
+    warm = await _start(index, pki, settings)
+    try:
+        assert warm.health()["snapshot"]["status"] == "loaded"
+        assert _layout(warm) == cold
+    finally:
+        await warm.close()
