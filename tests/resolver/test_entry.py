@@ -4,6 +4,7 @@ verified envelopes, and what they cache is bounded (resolver.entry)."""
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
@@ -54,7 +55,7 @@ async def test_entry_caches_are_bounded(pki: Pki, monkeypatch: pytest.MonkeyPatc
     """Past CACHED_ENTRIES entries, the oldest forget what they parsed and parse it again
     (equal) when asked."""
     monkeypatch.setattr(entry_mod, "CACHED_ENTRIES", 3)
-    monkeypatch.setattr(entry_mod, "_cached", entry_mod.deque())
+    monkeypatch.setattr(entry_mod, "_cached", deque())
     state = await _state(pki, 5)
     entries = sorted(state.served.values(), key=lambda e: e.cpid)
     first = [(e.record, e.body()) for e in entries]
