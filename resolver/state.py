@@ -270,6 +270,38 @@ def _namespace_of(cpid: str) -> str:
     return cpid.partition("/")[0]
 
 
+class _Deadlines:
+    """When records must be decided again (validity windows, retries): CPIDs bucketed by
+    whole second, the seconds in a heap.  Records issued together expire together, so a
+    million deadlines cost about a list slot each rather than a tuple, a float and an int.
+
+    A bucket comes due at its second, up to a second before the deadlines in it: the
+    caller checks each record and pushes back those not yet due."""
+
+    def __init__(self) -> None:
+        self._heap: list[int] = []
+        self._at: dict[int, list[str]] = {}
+
+    def push(self, when: float, cpid: str) -> None:
+        sec = math.floor(when)
+        bucket = self._at.get(sec)
+        if bucket is None:
+            self._at[sec] = [cpid]
+            heapq.heappush(self._heap, sec)
+        else:
+            bucket.append(cpid)
+
+    def due(self, now: float) -> list[str]:
+        """Every CPID of the buckets whose second has come (removed)."""
+        out: list[str] = []
+        while self._heap and self._heap[0] <= now:
+            out += self._at.pop(heapq.heappop(self._heap))
+        return out
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self._at.values())
+
+
 class _Shared:
     """One object for each value that many entries repeat (kinds, regions, payload types,
     signing key ids, accelerator and label tuples): a million records hold a few hundred
@@ -378,7 +410,7 @@ class ReplicaState:
         """CPIDs by serial: one CPID (a str, the usual case: a serial is a key's hash) or
         a set of them (the same key in several namespaces)."""
         self._revoked_serials: set[str] = set()
-        self._deadlines: list[tuple[float, str, int]] = []
+        self._deadlines = _Deadlines()
         self._claim_deadlines: list[tuple[float, str]] = []  # (expires_at, cpid)
         self._live_count: Counter[str] = Counter()
         self._lease_refs: Counter[int] = Counter()  # lease id -> live keys on it
@@ -522,11 +554,17 @@ class ReplicaState:
         """Act on the clock: validity windows that closed (or opened), holds that ended."""
         now = self.clock()
         batch = _Batch(self.revision, int(now))
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, cpid, rev = heapq.heappop(self._deadlines)
+        early: list[tuple[float, str]] = []
+        for cpid in self._deadlines.due(now):
             rs = self.recs.get(cpid)
-            if rs is not None and rs.revision == rev:
+            if rs is None:
+                continue
+            if rs.reason == "not_yet_valid" or (not rs.reason and rs.valid_until <= now):
                 batch.dirty_recs.add(cpid)
+            elif not rs.reason and rs.valid_until < math.inf:
+                early.append((rs.valid_until, cpid))  # due later within its second
+        for when, cpid in early:
+            self._deadlines.push(when, cpid)
         self._claims_expired(now, batch)
         for kid, verdict in list(self._signers.items()):
             if verdict.valid_until <= now:
@@ -1011,11 +1049,11 @@ class ReplicaState:
         if reason:
             rs.valid_until = -math.inf
             if retry_at is not None:
-                heapq.heappush(self._deadlines, (retry_at, rs.cpid, rs.revision))
+                self._deadlines.push(retry_at, rs.cpid)
         else:
             rs.valid_until = valid_until
             if valid_until < math.inf:
-                heapq.heappush(self._deadlines, (valid_until, rs.cpid, rs.revision))
+                self._deadlines.push(valid_until, rs.cpid)
         rs.reason, rs.detail = reason, detail
         if was != reason:
             if was and was != "pending":
