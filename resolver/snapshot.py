@@ -34,6 +34,7 @@ rename, fsync of the directory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -58,6 +59,7 @@ from resolver.verify import (
 )
 from schemas.chain import TrustAnchors
 from schemas.dsse import Envelope, Signature
+from schemas.errors import EnvelopeError
 
 __all__ = ["LoadedSnapshot", "SnapshotStore", "TrustedRunner", "anchors_digest"]
 
@@ -197,18 +199,18 @@ class SnapshotStore:
         del rec_items
         live_items = list(state.lives.items())
         for i in range(0, len(live_items), _CHUNK):
-            lives = [
-                (
-                    cpid,
-                    lv.revision,
-                    lv.lease,
-                    _env_tuple(lv.envelope),
-                    lv.checked_key,
-                    _live_facts(lv.facts) if lv.facts is not None and not lv.reason else None,
+            lives = []
+            for cpid, lv in live_items[i : i + _CHUNK]:
+                st_env = lv.envelope
+                if st_env is None and lv.raw is not None:  # never verified (its record is not
+                    with contextlib.suppress(EnvelopeError):  # served): kept as it came
+                        st_env = Envelope.from_json(lv.raw)
+                if st_env is None:
+                    continue
+                facts = _live_facts(lv.facts) if lv.facts is not None and not lv.reason else None
+                lives.append(
+                    (cpid, lv.revision, lv.lease, _env_tuple(st_env), lv.checked_key, facts)
                 )
-                for cpid, lv in live_items[i : i + _CHUNK]
-                if lv.envelope is not None
-            ]
             chunks.append(["lives", lives])
             await asyncio.sleep(0)
         return revision, chunks
@@ -339,7 +341,7 @@ class TrustedRunner:
         if job[0] == "record":
             _, _, env, carry = job
             facts = self.records.get(env.payload)
-            if facts is None:
+            if facts is None or isinstance(carry, bytes):
                 return None
             self.trusted += 1
             status = None if carry is None else self._status(carry, facts.public_key)

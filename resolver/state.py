@@ -225,6 +225,12 @@ class _Live:
     checked_key: str = ""
     reason: str = ""
     counted: bool = False
+    raw: bytes | None = None  # the value, while a bulk load has not parsed it yet
+
+    @property
+    def stored(self) -> Envelope | bytes | None:
+        """What a verification job gets: the envelope, or the value not parsed yet."""
+        return self.envelope if self.raw is None else self.raw
 
 
 @dataclass(slots=True)
@@ -750,6 +756,10 @@ class ReplicaState:
                 batch.live_deleted.append((cpid, old))
             return
         self.held.pop(cpid, None)
+        if batch.bulk and ch.envelope is None:
+            # parsed by the job that verifies it, in a worker (_verify_records, _file_status)
+            self.lives[cpid] = _Live(ch.revision, ch.lease, None, raw=ch.value)
+            return
         try:
             env: Envelope | None = self._shared.envelope(
                 ch.envelope if ch.envelope is not None else Envelope.from_json(ch.value),
@@ -918,7 +928,7 @@ class ReplicaState:
         """
         now = batch.now
         jobs: list[Job] = []
-        targets: list[tuple[_Rec, Envelope | None]] = []  # and the status it carries
+        targets: list[tuple[_Rec, Envelope | bytes | None]] = []  # and the status it carries
         decided: list[tuple[_Rec, Outcome | None]] = []
         chains: dict[str, tuple[Envelope, ...]] = {}
         raw = False
@@ -927,7 +937,7 @@ class ReplicaState:
             if rs is None:
                 continue
             lv = self.lives.get(cpid)
-            carry = lv.envelope if lv is not None and not lv.checked_key else None
+            carry = lv.stored if lv is not None and not lv.checked_key else None
             if rs.raw is not None:
                 raw = True
                 jobs.append(("raw", rs.raw, carry))
@@ -971,8 +981,10 @@ class ReplicaState:
                 self._evaluate(rs, decision, batch)
                 if decision is not None and decision.status is not None and rs.facts is not None:
                     lv = self.lives.get(rs.cpid)
-                    if lv is not None and lv.envelope is carried:
-                        self._status_outcome(rs.cpid, lv, rs.facts.public_key, decision.status)
+                    if lv is not None and lv.stored is carried:
+                        key = rs.facts.public_key
+                        if self._file_status(rs.cpid, lv, key, decision.status):
+                            self._status_outcome(rs.cpid, lv, key, decision.status)
                 done.append(rs.cpid)
             if not batch.emit:
                 self._settle(batch, done)
@@ -1105,10 +1117,11 @@ class ReplicaState:
             key = rs.facts.public_key
             if lv.checked_key == key:
                 continue
-            if lv.envelope is None:
+            stored = lv.stored
+            if stored is None:
                 self._status_failed(cpid, lv, key, "status_malformed", lv.error)
                 continue
-            jobs.append(("status", key, lv.envelope))
+            jobs.append(("status", key, stored))
             targets.append((cpid, lv, key))
         if not jobs:
             return
@@ -1118,8 +1131,26 @@ class ReplicaState:
             for o in outcomes:
                 cpid, lv, key = targets[i]
                 i += 1
-                if self.lives.get(cpid) is lv:
+                if self.lives.get(cpid) is lv and self._file_status(cpid, lv, key, o):
                     self._status_outcome(cpid, lv, key, o)
+
+    def _file_status(self, cpid: str, lv: _Live, key: str, o: Outcome) -> bool:
+        """File the envelope a job parsed from a status value (bulk loads); False when
+        the value is not an envelope: a bad value, the status is ignored (as when
+        :meth:`_put_live` cannot parse it)."""
+        if lv.raw is None:
+            return True
+        lv.raw = None
+        if o.envelope is not None:
+            lv.envelope = self._shared.envelope(o.envelope, keyids=False)
+            return True
+        lv.error = o.message
+        detail = (
+            o.message if len(o.message) <= _DETAIL_MAX else o.message[: _DETAIL_MAX - 3] + "..."
+        )
+        self._mark_bad(Prefix.LIVE, Prefix.LIVE + cpid, lv.revision, detail)
+        self._status_failed(cpid, lv, key, "status_malformed", lv.error)
+        return False
 
     def _status_outcome(self, cpid: str, lv: _Live, key: str, o: Outcome) -> None:
         if not o.ok:
