@@ -148,7 +148,8 @@ Job = (
 ``("raw", record_value_as_stored, status_or_None)`` or
 ``("status", record_public_key, status)``, a status being its envelope or its value as
 stored (bytes: the job parses it, and the status's :attr:`Outcome.envelope` hands the
-envelope back, or its ``what`` is :data:`NO_ENVELOPE` when the value is not one).
+envelope back; it is None when the value is not one, ``what`` then the
+:class:`~schemas.errors.EnvelopeError` code).
 
 A ``raw`` job is a record the replica has not parsed: the job parses the envelope
 (:attr:`Outcome.envelope` hands it back), finds the chain of its signing key in
@@ -236,9 +237,11 @@ def _status_job(stored: Envelope | bytes, public_key: str, keep: bool) -> Outcom
         return _status(stored, public_key, keep)
     try:
         env = Envelope.from_json(stored)
-    except Exception as exc:  # EnvelopeError, or whatever a hostile value causes: itself alone
-        message = str(exc) if isinstance(exc, EnvelopeError) else f"{type(exc).__name__}: {exc}"
-        return Outcome(False, 0, NO_ENVELOPE, message, message)
+    except EnvelopeError as exc:
+        return Outcome(False, 0, exc.code, str(exc), str(exc))
+    except Exception as exc:  # whatever a hostile value causes: itself alone
+        message = f"cannot parse: {type(exc).__name__}: {str(exc)[:200]}"
+        return Outcome(False, 0, UNVERIFIABLE, message, message)
     out = _status(env, public_key, keep)
     return Outcome(
         out.ok, out.rule, out.what, out.detail, out.message, out.facts, out.document, None, env
