@@ -35,10 +35,11 @@ import logging
 import random
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final
 
-from registry.index import ROOT, Compacted, Index, IndexCompactedError, Prefix
+from registry.index import KV, ROOT, Compacted, Index, IndexCompactedError, Prefix
 from resolver.events import Event
 from resolver.snapshot import SnapshotStore, TrustedRunner, write_in_background
 from resolver.state import Change, ReplicaState
@@ -268,7 +269,7 @@ class Replica:
     # -- listing ----------------------------------------------------------------------
 
     async def _snapshot(
-        self, *, skip: Prefix | None = None
+        self, *, skip: tuple[Prefix, ...] = ()
     ) -> tuple[dict[str, tuple[bytes, int, int]], int]:
         """Every tracked key (but those of ``skip``) at one revision:
         key -> (value, mod_revision, lease)."""
@@ -286,7 +287,7 @@ class Replica:
                     if n >= self.verifier.pool_min_jobs:
                         self.verifier.prepare()  # start workers while the listing runs
                 for collection in COLLECTIONS[1:]:
-                    if collection is skip:
+                    if collection in skip:
                         continue
                     kvs, _ = await self.index.get_prefix(
                         collection, page_size=_PAGE, revision=revision
@@ -302,23 +303,36 @@ class Replica:
     async def _load(self) -> tuple[int, int, float]:
         """The first listing into an empty replica, streamed (no events).
 
-        Every collection but ``/rec/`` is read at one revision and applied (certs,
-        revocations and statuses first, so that each record job finds its chain and
-        takes its status along); then ``/rec/`` is read at that revision page by page
-        while the pages already read are applied in batches (:data:`_LOAD_BATCH`):
-        verifying one batch overlaps reading the next.  If the listing fails
-        half-way, the next attempt is an ordinary listing, which applies the
-        difference.  Returns (revision, keys, seconds spent reading before the first
+        The small collections (certs, revocations, namespaces, claims) are read at one
+        revision and applied first, so that each record job finds its chain; then
+        ``/rec/`` is read at that revision page by page while the pages already read
+        are applied in batches (:data:`_LOAD_BATCH`): verifying one batch overlaps
+        reading the next, and reading ``/live/`` (at the same revision), whose
+        statuses are applied, and verified in the pool, after the records.  A failed
+        page is read again (:meth:`_pages`); if the listing still fails half-way, the
+        next attempt is an ordinary listing, which applies the difference.  Returns (revision, keys, seconds spent reading before the first
         record batch could be applied).
         """
         started = time.monotonic()
-        snapshot, revision = await self._snapshot(skip=Prefix.REC)
+        snapshot, revision = await self._snapshot(skip=(Prefix.REC, Prefix.LIVE))
         keys = len(snapshot)
         async with self._lock:
             await self.state.apply(
                 self.state.diff(snapshot, revision), revision, check=self.verifier.run, emit=False
             )
         del snapshot
+        # /live/ is read while the records are verified (it used to be read, and parsed,
+        # before the first record job went out: minutes at a million, the workers idle),
+        # and applied after them: its statuses are verified as jobs of their own
+        lives: list[Change] = []
+
+        async def read_lives() -> None:
+            async for kvs in self._pages(Prefix.LIVE, revision):
+                lives.extend(
+                    Change("put", kv.key, kv.value, kv.mod_revision, kv.lease) for kv in kvs
+                )
+
+        live_reader = asyncio.create_task(read_lives(), name="replica-load-live")
         # bounded: pages read ahead of verification are held as raw values (~1.4 KB a
         # record); an unbounded queue held most of a million-record listing at once
         pages: asyncio.Queue[list[Change] | None] = asyncio.Queue(
@@ -326,45 +340,11 @@ class Replica:
         )
 
         async def read() -> None:
-            last: str | None = None
-            failed = 0
             try:
-                while True:
-                    try:
-                        async for page in self.index.iter_prefix(
-                            Prefix.REC,
-                            page_size=_PAGE,
-                            revision=revision,
-                            **({} if last is None else {"after": last}),
-                        ):
-                            self._contact()
-                            if page.kvs:
-                                last = page.kvs[-1].key
-                            await pages.put(
-                                [
-                                    Change("put", kv.key, kv.value, kv.mod_revision, kv.lease)
-                                    for kv in page.kvs
-                                ]
-                            )
-                        return
-                    except IndexCompactedError:
-                        raise
-                    except RetrievalError as exc:
-                        # a failed page is read again, from the key after the last one
-                        # read (at the same revision), not the whole listing
-                        failed += 1
-                        self.page_retries += 1
-                        if failed > _PAGE_RETRIES:
-                            raise
-                        _log.warning(
-                            "first listing: reading /rec/ after %s failed (%s); retrying "
-                            "that page (%d of %d)",
-                            last or "the start",
-                            exc,
-                            failed,
-                            _PAGE_RETRIES,
-                        )
-                        await asyncio.sleep(min(0.1 * 2**failed, self.settings.retry_backoff_max))
+                async for kvs in self._pages(Prefix.REC, revision):
+                    await pages.put(
+                        [Change("put", kv.key, kv.value, kv.mod_revision, kv.lease) for kv in kvs]
+                    )
             finally:  # the end, also when reading failed
                 try:
                     pages.put_nowait(None)
@@ -396,12 +376,54 @@ class Replica:
                         at - started,
                         time.monotonic() - at,
                     )
+            await live_reader
+            if lives:
+                keys += len(lives)
+                async with self._lock:
+                    await self.state.apply(lives, revision, check=self.verifier.run, emit=False)
         finally:
-            reader.cancel()
+            for task in (reader, live_reader):
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({reader})
+                await asyncio.wait({reader, live_reader})
         reader.result()  # what reading raised, if it failed half-way
         return revision, keys, listed
+
+    async def _pages(self, prefix: Prefix, revision: int) -> AsyncIterator[list[KV]]:
+        """The keys of ``prefix`` at ``revision``, a page at a time.  A failed page is read
+        again from the key after the last one read (at the same revision), up to
+        :data:`_PAGE_RETRIES` times, not the whole listing."""
+        last: str | None = None
+        failed = 0
+        while True:
+            try:
+                async for page in self.index.iter_prefix(
+                    prefix,
+                    page_size=_PAGE,
+                    revision=revision,
+                    **({} if last is None else {"after": last}),
+                ):
+                    self._contact()
+                    if page.kvs:
+                        last = page.kvs[-1].key
+                    yield page.kvs
+                return
+            except IndexCompactedError:
+                raise
+            except RetrievalError as exc:
+                failed += 1
+                self.page_retries += 1
+                if failed > _PAGE_RETRIES:
+                    raise
+                _log.warning(
+                    "first listing: reading %s after %s failed (%s); retrying that page (%d of %d)",
+                    prefix,
+                    last or "the start",
+                    exc,
+                    failed,
+                    _PAGE_RETRIES,
+                )
+                await asyncio.sleep(min(0.1 * 2**failed, self.settings.retry_backoff_max))
 
     async def _list(self, cause: str) -> int:
         """List the index and apply the difference; returns the listing's revision."""

@@ -1167,7 +1167,9 @@ class ReplicaState:
                 f"status is about {facts.cpid}, but is stored under the live key of {cpid}",
             )
             return
-        lv.facts, lv.checked_key, lv.reason = self._shared.status_facts(facts, cpid), key, ""
+        rs = self.recs.get(cpid)  # its CPID string is the one the entry and facts share
+        shared = self._shared.status_facts(facts, rs.cpid if rs is not None else cpid)
+        lv.facts, lv.checked_key, lv.reason = shared, key, ""
         lv.status = None  # parsed on first use (Entry.status), not kept per record
 
     def _status_failed(self, cpid: str, lv: _Live, key: str, label: str, message: str) -> None:
@@ -1262,7 +1264,7 @@ class ReplicaState:
         claimed = max(0, claimed - self._expired_claim_units(cpid))
         chain_rev = self._chain_revision(v)
         return Entry(
-            cpid=cpid,
+            cpid=rs.cpid,  # the record key's string, shared with the facts (not the /live/ key's)
             id=rs.parsed,
             facts=rs.facts,
             envelope=rs.envelope,
@@ -1320,7 +1322,7 @@ class ReplicaState:
                 self._live_count[old.namespace] -= 1
         if new is not None:
             self.generation += 1
-            self.served[cpid] = new
+            self.served[new.cpid] = new
             self.discovery.add(new)
             if new.live and not new.live_held:
                 self._live_count[new.namespace] += 1
