@@ -241,9 +241,10 @@ class Replica:
             return None
         read_s = time.monotonic() - started
         runner = TrustedRunner(snap, self.verifier.run)
-        n = len(snap.changes)
         async with self._lock:
-            await self.state.apply(snap.changes, snap.revision, check=runner, emit=False)
+            for changes in snap.batches():  # a chunk at a time: no second copy of it all
+                await self.state.apply(changes, snap.revision, check=runner, emit=False)
+        n = snap.keys
         del snap
         store.status = "loaded"
         store.loaded_revision = self.state.revision
