@@ -14,21 +14,19 @@ Ranking (documented in ``docs/resolver.md``)::
 
 Ties are broken by CPID (ascending), so answers are deterministic.
 
-:class:`DiscoveryIndex` keeps the served CPIDs in *score groups* -- region and exact
-free units, which fix the score for a given ``near`` -- each a sorted list, plus posting
-sets by accelerator model, leaf namespace and label pair.  A query scores every group
-once and walks them best first in CPID order, checking its other filters on the entries
-and stopping as soon as ``limit`` results are certain; when its filters are selective,
-it intersects the posting sets instead and scores only the survivors.
+:class:`DiscoveryIndex` keeps secondary indexes (sets of CPIDs) by kind, accelerator
+model, every namespace prefix of the CPID, label pair, and by *score group* -- region
+and exact free units, which fix the score for a given ``near``.  A query intersects
+the index sets of its filters, then walks the score groups best first and stops as
+soon as ``limit`` results are certain, so it rarely looks at more than a few groups.
 """
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -333,114 +331,102 @@ class Match:
         }
 
 
-_WALK_COST: Final = 1.0
-"""Relative cost of looking at one entry while walking the score groups (Python)."""
-_PROBE_COST: Final = 0.06
-"""Relative cost of one set probe while intersecting posting sets (in C)."""
-_CHECK_COST: Final = 1.5
-"""Relative cost of checking and scoring one candidate of an intersection (Python)."""
-
-
-@dataclass(slots=True)
-class _Plan:
-    """How :meth:`DiscoveryIndex.search` finds the matches of one query."""
-
-    postings: list[set[str]]  # posting sets of the filters (accelerator, labels), smallest first
-    within: list[set[str]] | None  # the leaf-namespace sets under ``within`` (None: no within)
-    within_size: int
-    smallest: int  # size of the smallest posting (sets or the within union); -1 without any
-    walk_budget: int  # entries the group walk may look at before switching to the postings
+_EMPTY: frozenset[str] = frozenset()
 
 
 class DiscoveryIndex:
-    """Secondary indexes over the served entries (the replica keeps them in step).
-
-    * **score groups**: (region key, free units) -> the CPIDs of the group as a sorted
-      list.  Region and free units fix the score for a given query, so a query scores
-      each group once and walks the groups best first, each in CPID order (the tie
-      break), checking the other filters on the entries themselves and stopping as
-      soon as ``limit`` matches are found.  A broad query looks at about ``limit``
-      entries, whatever the size of the index;
-    * **posting sets** for the selective filters: accelerator model, leaf namespace (the
-      CPID's own prefix; ``within`` takes the union of those below it) and label pair.
-      When the filters are selective enough that walking the groups would look at many
-      entries for few matches, the posting sets are intersected (in C) and only the
-      survivors are checked and scored.  Which way a query goes is a cost estimate; both
-      give the same answer (tests compare them with a brute-force scan).
-
-    Kind has no posting set (a handful of kinds, each a large share of the index).
-    """
+    """Secondary indexes over the served entries (the replica keeps them in step)."""
 
     def __init__(self, entries: Mapping[str, Entry], table: LatencyTable) -> None:
         self._entries = entries
         self.table = table
+        self._kind: dict[str, set[str]] = {}
         self._accel: dict[str, set[str]] = {}
-        self._ns: dict[str, set[str]] = {}  # leaf namespace (a CPID's prefix) -> CPIDs
+        self._ns: dict[str, set[str]] = {}
         self._label: dict[tuple[str, str], set[str]] = {}
-        self._group: dict[tuple[str, int], list[str]] = {}  # sorted CPIDs
-        self._size = 0
+        # score groups: (region key, free units) -> CPIDs
+        self._group: dict[tuple[str, int], set[str]] = {}
+        self._prefixes: dict[str, tuple[str, ...]] = {}
 
     def _region_key(self, entry: Entry) -> str:
         return self.table.key(entry.region) or entry.region
 
-    def _sets(self, entry: Entry) -> list[tuple[dict[Any, set[str]], Any]]:
+    def _namespaces(self, prefix: str) -> tuple[str, ...]:
+        """Every namespace containing ``prefix`` (``CN``, ``CN.31``, ...), cached: few
+        namespaces hold many entries."""
+        found = self._prefixes.get(prefix)
+        if found is None:
+            segs = prefix.split(".")
+            found = tuple(".".join(segs[:i]) for i in range(1, len(segs) + 1))
+            if len(self._prefixes) < 100_000:
+                self._prefixes[prefix] = found
+        return found
+
+    def _keys(self, entry: Entry) -> list[tuple[dict[Any, set[str]], Any]]:
+        ns = self._ns
+        accel = self._accel
+        label = self._label
         facts = entry.facts
-        keys: list[tuple[dict[Any, set[str]], Any]] = [(self._ns, entry.id.prefix)]
-        keys += [(self._accel, model) for model in facts.accelerators]
-        keys += [(self._label, pair) for pair in facts.labels]
+        keys: list[tuple[dict[Any, set[str]], Any]] = [(self._kind, entry.id.kind)]
+        keys += [(accel, model) for model in facts.accelerators]
+        keys += [(ns, name) for name in self._namespaces(entry.id.prefix)]
+        keys += [(label, pair) for pair in facts.labels]
+        keys.append((self._group, (self._region_key(entry), entry.free)))
         return keys
 
     def add(self, entry: Entry) -> None:
         cpid = entry.cpid
-        for table, key in self._sets(entry):
+        for table, key in self._keys(entry):
             members = table.get(key)
             if members is None:
                 members = table[key] = set()
             members.add(cpid)
-        gkey = (self._region_key(entry), entry.free)
-        group = self._group.get(gkey)
-        if group is None:
-            self._group[gkey] = [cpid]
-        elif group[-1] < cpid:
-            group.append(cpid)  # the usual case when a listing arrives in key order
-        else:
-            i = bisect.bisect_left(group, cpid)
-            if i == len(group) or group[i] != cpid:
-                group.insert(i, cpid)
-        self._size += 1
 
     def remove(self, entry: Entry) -> None:
         cpid = entry.cpid
-        for table, key in self._sets(entry):
+        for table, key in self._keys(entry):
             members = table.get(key)
             if members is not None:
                 members.discard(cpid)
                 if not members:
                     del table[key]
-        gkey = (self._region_key(entry), entry.free)
-        group = self._group.get(gkey)
-        if group is not None:
-            i = bisect.bisect_left(group, cpid)
-            if i < len(group) and group[i] == cpid:
-                del group[i]
-                self._size -= 1
-            if not group:
-                del self._group[gkey]
 
     def clear(self) -> None:
-        for table in (self._accel, self._ns, self._label, self._group):
+        for table in (self._kind, self._accel, self._ns, self._label, self._group):
             table.clear()
-        self._size = 0
 
     @property
     def groups(self) -> int:
         return len(self._group)
 
-    # -- search -----------------------------------------------------------------------
+    def _candidates(self, q: Query) -> set[str] | frozenset[str] | None:
+        """Intersection of the index sets the query's filters name (None: no such filter)."""
+        sets: list[set[str] | frozenset[str]] = []
+        if q.kind is not None:
+            sets.append(self._kind.get(q.kind, _EMPTY))
+        if q.accelerator is not None:
+            sets.append(self._accel.get(q.accelerator, _EMPTY))
+        if q.within is not None:
+            sets.append(self._ns.get(q.within, _EMPTY))
+        for pair in q.labels:
+            sets.append(self._label.get(pair, _EMPTY))
+        if not sets:
+            return None
+        sets.sort(key=len)
+        out = sets[0]
+        for other in sets[1:]:
+            if not out:
+                break
+            out = out & other
+        return out
 
-    def _ranked(self, q: Query) -> list[tuple[float, str, int, float | None, list[str]]]:
-        """The groups a query can match, best first (score, then region and free units)."""
-        ranked: list[tuple[float, str, int, float | None, list[str]]] = []
+    def search(self, q: Query) -> list[Match]:
+        """The best ``q.limit`` matches, best first (see the module docstring)."""
+        candidates = self._candidates(q)
+        if candidates is not None and not candidates:
+            return []
+        # score every group once; a group's members share one score
+        ranked: list[tuple[float, str, int, float | None, set[str]]] = []
         for (region, free), members in self._group.items():
             if q.min_free is not None and free < q.min_free:
                 continue
@@ -451,148 +437,31 @@ class DiscoveryIndex:
                 continue
             ranked.append((q.score(free, latency), region, free, latency, members))
         ranked.sort(key=lambda g: (-g[0], g[1], g[2]))
-        return ranked
-
-    def _plan(self, q: Query, ranked_size: int) -> _Plan:
-        postings: list[set[str]] = []
-        if q.accelerator is not None:
-            postings.append(self._accel.get(q.accelerator, set()))
-        for pair in q.labels:
-            postings.append(self._label.get(pair, set()))
-        postings.sort(key=len)
-        within: list[set[str]] | None = None
-        within_size = 0
-        if q.within is not None:
-            outer = q.within
-            within = [s for ns, s in self._ns.items() if ns_contains(outer, ns)]
-            within_size = sum(len(s) for s in within)
-        sizes = [len(s) for s in postings] + ([within_size] if within is not None else [])
-        if not sizes:
-            return _Plan(postings, within, within_size, -1, 0)
-        total = max(1, self._size)
-        selectivity = max(1.0 / total, math.prod(min(1.0, n / total) for n in sizes))
-        if q.kind is not None:
-            selectivity *= 0.5  # no statistics by kind: assume it halves the matches
-        if ranked_size < total:
-            selectivity *= max(ranked_size, 1) / total
-        smallest = min(sizes)
-        intersect = _PROBE_COST * smallest * max(1, len(sizes) - 1) + _CHECK_COST * (
-            selectivity * total
-        )
-        walk = _WALK_COST * min(total, q.limit / selectivity)
-        budget = int(walk * 2 + 256) if walk <= intersect else 0
-        return _Plan(postings, within, within_size, smallest, budget)
-
-    def _check(self, q: Query) -> Callable[[Entry, int], bool]:
-        """A test of the filters that the groups do not decide (kind, namespace,
-        accelerator, labels, and liveness for entries without free units)."""
-        kind, accel, labels, live, outer = q.kind, q.accelerator, q.labels, q.live, q.within
-        inside: dict[str, bool] = {}
-
-        def check(e: Entry, free: int) -> bool:
-            if kind is not None and e.id.kind != kind:
-                return False
-            if accel is not None and accel not in e.facts.accelerators:
-                return False
-            if outer is not None:
-                prefix = e.id.prefix
-                ok = inside.get(prefix)
-                if ok is None:
-                    ok = inside[prefix] = ns_contains(outer, prefix)
-                if not ok:
-                    return False
-            if labels:
-                have = e.facts.labels
-                if not all(pair in have for pair in labels):
-                    return False
-            return live is None or free > 0 or e.live == live
-
-        return check
-
-    def search(self, q: Query) -> list[Match]:
-        """The best ``q.limit`` matches, best first (see the module docstring): ordered by
-        score, descending, then CPID, ascending."""
-        ranked = self._ranked(q)
-        if not ranked:
-            return []
-        plan = self._plan(q, sum(len(g[4]) for g in ranked) if len(ranked) < 64 else self._size)
-        if plan.smallest == 0:
-            return []
-        check = self._check(q)
-        if plan.smallest < 0 or plan.walk_budget > 0:
-            out = self._walk(q, ranked, check, plan.walk_budget if plan.smallest > 0 else 0)
-            if out is not None:
-                return out
-        return self._intersect(q, ranked, check, plan)
-
-    def _walk(
-        self,
-        q: Query,
-        ranked: list[tuple[float, str, int, float | None, list[str]]],
-        check: Callable[[Entry, int], bool],
-        budget: int,
-    ) -> list[Match] | None:
-        """Walk the groups best first, each run of equal scores in CPID order; None when
-        ``budget`` (> 0) entries were looked at without finishing."""
-        entries = self._entries
         out: list[Match] = []
-        looked = 0
         i = 0
         while i < len(ranked) and len(out) < q.limit:
+            # every group with this exact score, so ties can be broken by CPID
             score = ranked[i][0]
-            j = i + 1
+            j = i
+            need = q.limit - len(out)
+            pool: list[tuple[str, int, float | None]] = []
             while j < len(ranked) and ranked[j][0] == score:
+                _, _, free, latency, members = ranked[j]
+                chosen: Collection[str] = (
+                    members if candidates is None else _intersect(members, candidates)
+                )
+                if q.live is not None and free == 0:
+                    chosen = [c for c in chosen if self._entries[c].live == q.live]
+                if len(chosen) > need:
+                    chosen = heapq.nsmallest(need, chosen)
+                pool.extend((cpid, free, latency) for cpid in chosen)
                 j += 1
-            run = ranked[i:j]
             i = j
-            stream: Iterable[tuple[str, int, float | None]]
-            if len(run) == 1:
-                _, _, free, latency, members = run[0]
-                stream = ((c, free, latency) for c in members)
-            else:
-                stream = heapq.merge(*(((c, g[2], g[3]) for c in g[4]) for g in run), key=_first)
-            for cpid, free, latency in stream:
-                looked += 1
-                if budget and looked > budget:
-                    return None
-                e = entries[cpid]
-                if check(e, free):
-                    out.append(Match(cpid, score, free, latency, e))
-                    if len(out) == q.limit:
-                        break
+            best = pool if len(pool) <= need else heapq.nsmallest(need, pool)
+            best.sort()
+            out.extend(Match(c, score, f, lat, self._entries[c]) for c, f, lat in best)
         return out
 
-    def _intersect(
-        self,
-        q: Query,
-        ranked: list[tuple[float, str, int, float | None, list[str]]],
-        check: Callable[[Entry, int], bool],
-        plan: _Plan,
-    ) -> list[Match]:
-        """Intersect the posting sets, then check and score each survivor."""
-        entries = self._entries
-        scores = {(g[1], g[2]): (g[0], g[3]) for g in ranked}
-        sets = plan.postings
-        cands: Iterable[str]
-        if plan.within is not None and (not sets or plan.within_size <= len(sets[0])):
-            leafs = plan.within
-            cands = (c for s in leafs for c in s if all(c in o for o in sets))
-        else:
-            cands = sets[0].intersection(*sets[1:]) if len(sets) > 1 else sets[0]
-        region_key = self._region_key
-        best: list[tuple[float, str, int, float | None]] = []
-        for cpid in cands:
-            e = entries.get(cpid)
-            if e is None:
-                continue
-            free = e.free
-            got = scores.get((region_key(e), free))
-            if got is None or not check(e, free):
-                continue
-            best.append((-got[0], cpid, free, got[1]))
-        top = heapq.nsmallest(q.limit, best) if len(best) > q.limit else sorted(best)
-        return [Match(c, -s, f, lat, entries[c]) for s, c, f, lat in top]
 
-
-def _first(item: tuple[str, int, float | None]) -> str:
-    return item[0]
+def _intersect(a: set[str], b: set[str] | frozenset[str]) -> set[str] | frozenset[str]:
+    return a & b if len(a) <= len(b) else b & a

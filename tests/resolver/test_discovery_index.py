@@ -1,5 +1,5 @@
-"""The discovery index (score groups + posting sets) answers exactly what a brute-force
-scan of every entry answers: ordered by score (descending) then CPID, first ``limit``."""
+"""The discovery index answers exactly what a brute-force scan of every entry answers:
+ordered by score (descending) then CPID, first ``limit``."""
 
 from __future__ import annotations
 
@@ -115,15 +115,6 @@ def test_index_matches_brute_force(seed: int, n: int, q: Query, drop: int) -> No
     for cpid in rng.sample(sorted(entries), min(drop, len(entries))):  # and removals
         index.remove(entries.pop(cpid))
     assert shape(index.search(q)) == brute(entries, q)
-    # both strategies, forced, give the same answer
-    check = index._check(q)
-    ranked = index._ranked(q)
-    walked = index._walk(q, ranked, check, 0) if ranked else []
-    assert walked is not None and shape(walked) == brute(entries, q)
-    if q.accelerator is not None or q.labels or q.within is not None:
-        plan = index._plan(q, len(entries))
-        if plan.smallest > 0 and ranked:
-            assert shape(index._intersect(q, ranked, check, plan)) == brute(entries, q)
 
 
 def test_remove_leaves_no_group_behind() -> None:
@@ -137,16 +128,3 @@ def test_remove_leaves_no_group_behind() -> None:
         index.remove(e)
     assert index.groups == 0
     assert index.search(Query()) == []
-
-
-def test_broad_query_looks_at_few_entries() -> None:
-    """A broad query on a large index stops after ``limit`` matches (a budget of 40
-    entries looked at is enough; a scan would need all 5,000)."""
-    rng = random.Random(2)
-    entries = {e.cpid: e for e in (make_entry(i, rng) for i in range(5000))}
-    index = DiscoveryIndex(entries, TABLE)
-    for e in entries.values():
-        index.add(e)
-    q = Query(near="31", limit=20)
-    got = index._walk(q, index._ranked(q), index._check(q), 40)
-    assert got is not None and shape(got) == brute(entries, q)
