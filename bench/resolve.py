@@ -581,9 +581,9 @@ async def run(args: argparse.Namespace) -> None:
                         ("aiohttp hello-world", "hello-world"),
                         ("etcd JSON gateway /v3/kv/range", "etcd gateway"),
                     ):
-                        r, rounds = ratio(base, multi)
+                        multi_ratio, rounds = ratio(base, multi)
                         print(
-                            f"  resolver ({n} processes) / {label:<12} = {r:.2f} "
+                            f"  resolver ({n} processes) / {label:<12} = {multi_ratio:.2f} "
                             f"(median of rounds: {rounds})"
                         )
                     wide.stop()

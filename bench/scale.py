@@ -154,6 +154,10 @@ class SnapServer(Server):
         return time.perf_counter() - t0
 
 
+def _load(avg: tuple[float, float, float]) -> str:
+    return "/".join(f"{x:.1f}" for x in avg)
+
+
 def line(what: str, value: str, target: str, ok: bool | None) -> None:
     mark = "" if ok is None else ("  OK" if ok else "  MISSED")
     print(f"  {what:<44} {value:>14}   target {target}{mark}")
@@ -168,6 +172,8 @@ async def run(args: argparse.Namespace) -> None:
     servers: list[Server] = []
     hello: subprocess.Popen[bytes] | None = None
     results: list[tuple[str, str, str, bool | None]] = []
+    load_start = load_setup = os.getloadavg()
+    t_setup = 0.0
     try:
         print(
             f"bench etcd {etcd.url} (--quota-backend-bytes {quota:,} = {quota / 2**30:.1f} GiB); "
@@ -185,6 +191,7 @@ async def run(args: argparse.Namespace) -> None:
 
             print("set-up: generating and writing records + statuses ...", flush=True)
             sample, nbytes, t_setup = await write_index(index, world, args.records)
+            load_setup = os.getloadavg()
             print(
                 f"set-up: {args.records:,} signed records + statuses generated and written in "
                 f"{t_setup:.1f} s ({args.records / t_setup:,.0f} records/s; txns of 128 puts; "
@@ -291,8 +298,13 @@ async def run(args: argparse.Namespace) -> None:
             server.stop()
 
         print(f"\nissue 12 figures at {args.records:,} records (shared machine: noisy):")
+        line("set-up (generate + write records + statuses)", f"{t_setup:.1f} s", "-", None)
         for what, value, target, ok in results:
             line(what, value, target, ok)
+        print(
+            f"  load average (1/5/15 min) at start {_load(load_start)}, after set-up "
+            f"{_load(load_setup)}, at the end {_load(os.getloadavg())} ({os.cpu_count()} CPUs)"
+        )
     finally:
         for srv in servers:
             srv.stop()

@@ -7,25 +7,46 @@ see changes (the record, its status, its claimed units, the mass-expiry hold), s
 entry object -- or its :attr:`Entry.generation` -- is a safe cache key for anything
 rendered from it: the HTTP body is rendered once per entry and kept as bytes.
 
-To keep 100,000 entries small, an entry holds the envelopes as received plus a few
-indexed facts; the pydantic models (:attr:`Entry.record`, :attr:`Entry.status`) are
-parsed from the already verified payloads the first time they are asked for.
+To keep a million entries small, an entry holds the envelopes as received plus a few
+indexed facts; the pydantic models (:attr:`Entry.record`, :attr:`Entry.status`), the
+decoded record and the rendered body are made from the already verified payloads the
+first time they are asked for, and kept on the entry while it is among the last
+:data:`CACHED_ENTRIES` entries to have cached something (a FIFO: hits cost nothing,
+and a crawl of every entry cannot grow the resolver by the size of its index).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from resolver.verify import RecordFacts, StatusFacts
 from schemas.cpid import CPID
 from schemas.dsse import Envelope
 from schemas.models import Endpoint, Record, Status, parse_payload
 
-__all__ = ["Entry", "free_units"]
+__all__ = ["CACHED_ENTRIES", "Entry", "free_units"]
+
+CACHED_ENTRIES: Final = 20_000
+"""Entries that keep what they parsed or rendered (oldest first out)."""
+_cached: deque[Entry] = deque()
+
+
+def _keep(entry: Entry) -> None:
+    """Note that ``entry`` cached something; forget the caches of the oldest beyond the bound."""
+    if entry._kept:
+        return
+    entry._kept = True
+    _cached.append(entry)
+    while len(_cached) > CACHED_ENTRIES:
+        old = _cached.popleft()
+        old._kept = False
+        old._record = old._status = old._record_dict = None
+        old._body = old._stale_body = None
 
 
 def free_units(facts: RecordFacts, status: StatusFacts | None, claimed: int) -> int:
@@ -94,6 +115,7 @@ class Entry:
     _body: bytes | None = field(default=None, init=False, repr=False)
     _stale_body: bytes | None = field(default=None, init=False, repr=False)
     _record_dict: dict[str, Any] | None = field(default=None, init=False, repr=False)
+    _kept: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.free = free_units(self.facts, self.status_facts, self.claimed)
@@ -107,6 +129,7 @@ class Entry:
         if rec is None:
             env = self.envelope
             rec = self._record = parse_payload(env.payload_type, env.payload, Record)
+            _keep(self)
         return rec
 
     @property
@@ -118,6 +141,7 @@ class Entry:
         if st is None:
             env = self.status_envelope
             st = self._status = parse_payload(env.payload_type, env.payload, Status)
+            _keep(self)
         return st
 
     @property
@@ -196,18 +220,23 @@ class Entry:
     def body(self, *, stale: bool = False) -> bytes:
         """:meth:`bundle` as JSON bytes, rendered once per entry (``"stale": true`` added)."""
         if stale:
-            if self._stale_body is None:
-                self._stale_body = self.body()[:-1] + b',"stale":true}'
-            return self._stale_body
-        if self._body is None:
-            self._body = json.dumps(self.bundle(), separators=(",", ":")).encode()
-        return self._body
+            stale_body = self._stale_body
+            if stale_body is None:
+                stale_body = self._stale_body = self.body()[:-1] + b',"stale":true}'
+                _keep(self)
+            return stale_body
+        body = self._body
+        if body is None:
+            body = self._body = json.dumps(self.bundle(), separators=(",", ":")).encode()
+            _keep(self)
+        return body
 
     def record_dict(self) -> dict[str, Any]:
         """The record payload as a JSON-ready dict (cached)."""
         d = self._record_dict
         if d is None:
             d = self._record_dict = self.record.model_dump(mode="json", exclude_none=True)
+            _keep(self)
         return d
 
     def view(self) -> dict[str, Any]:

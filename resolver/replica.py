@@ -28,15 +28,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 import logging
 import random
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final
 
-from registry.index import ROOT, Compacted, Index, IndexCompactedError, Prefix
+from registry.index import KV, ROOT, Compacted, Index, IndexCompactedError, Prefix
 from resolver.events import Event
 from resolver.snapshot import SnapshotStore, TrustedRunner, write_in_background
 from resolver.state import Change, ReplicaState
@@ -63,10 +66,26 @@ _MAX_LEASES_PER_PROBE: Final = 64
 _BULK_KEYS: Final = 10_000
 """Listings at least this large pause cyclic GC while they are applied (and the first one
 then freezes what it loaded, :func:`gc.freeze`)."""
+_PAGE_RETRIES: Final = 5
+"""Times a page of the first listing is read again before the listing is started over."""
 _LOAD_BATCH: Final = 10_000
 """The first listing applies ``/rec/`` in batches as its pages arrive: the first as soon
 as this many keys are read, each later one with every key read in the meantime (at
 least this many, or all that is left)."""
+
+
+def release_free_memory() -> bool:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``).
+
+    A bulk load frees most of what it allocated (listed values, parsed JSON, verifier
+    results); values over 512 bytes come from the C heap, which keeps freed pages
+    unless asked.  Without this, resident memory after a load reflects its peak, not
+    what the replica holds.  False where there is no glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +120,8 @@ class Replica:
         self.settings = settings or SyncSettings()
         self.ready = asyncio.Event()
         self.relists: Counter[str] = Counter()
+        self.page_retries = 0
+        """Pages of a first listing read again after a failure (the listing went on)."""
         self.store_revision = 0
         self.last_contact = 0.0  # monotonic time etcd last answered
         self.probe_ok = True
@@ -220,9 +241,10 @@ class Replica:
             return None
         read_s = time.monotonic() - started
         runner = TrustedRunner(snap, self.verifier.run)
-        n = len(snap.changes)
         async with self._lock:
-            await self.state.apply(snap.changes, snap.revision, check=runner, emit=False)
+            for changes in snap.batches():  # a chunk at a time: no second copy of it all
+                await self.state.apply(changes, snap.revision, check=runner, emit=False)
+        n = snap.keys
         del snap
         store.status = "loaded"
         store.loaded_revision = self.state.revision
@@ -248,7 +270,7 @@ class Replica:
     # -- listing ----------------------------------------------------------------------
 
     async def _snapshot(
-        self, *, skip: Prefix | None = None
+        self, *, skip: tuple[Prefix, ...] = ()
     ) -> tuple[dict[str, tuple[bytes, int, int]], int]:
         """Every tracked key (but those of ``skip``) at one revision:
         key -> (value, mod_revision, lease)."""
@@ -266,7 +288,7 @@ class Replica:
                     if n >= self.verifier.pool_min_jobs:
                         self.verifier.prepare()  # start workers while the listing runs
                 for collection in COLLECTIONS[1:]:
-                    if collection is skip:
+                    if collection in skip:
                         continue
                     kvs, _ = await self.index.get_prefix(
                         collection, page_size=_PAGE, revision=revision
@@ -282,39 +304,53 @@ class Replica:
     async def _load(self) -> tuple[int, int, float]:
         """The first listing into an empty replica, streamed (no events).
 
-        Every collection but ``/rec/`` is read at one revision and applied (certs,
-        revocations and statuses first, so that each record job finds its chain and
-        takes its status along); then ``/rec/`` is read at that revision page by page
-        while the pages already read are applied in batches (:data:`_LOAD_BATCH`):
-        verifying one batch overlaps reading the next.  If the listing fails
-        half-way, the next attempt is an ordinary listing, which applies the
-        difference.  Returns (revision, keys, seconds spent reading before the first
+        The small collections (certs, revocations, namespaces, claims) are read at one
+        revision and applied first, so that each record job finds its chain; then
+        ``/rec/`` is read at that revision page by page while the pages already read
+        are applied in batches (:data:`_LOAD_BATCH`): verifying one batch overlaps
+        reading the next, and reading ``/live/`` (at the same revision), whose
+        statuses are applied, and verified in the pool, after the records.  A failed
+        page is read again (:meth:`_pages`); if the listing still fails half-way, the
+        next attempt is an ordinary listing, which applies the difference.  Returns (revision, keys, seconds spent reading before the first
         record batch could be applied).
         """
         started = time.monotonic()
-        snapshot, revision = await self._snapshot(skip=Prefix.REC)
+        snapshot, revision = await self._snapshot(skip=(Prefix.REC, Prefix.LIVE))
         keys = len(snapshot)
         async with self._lock:
             await self.state.apply(
                 self.state.diff(snapshot, revision), revision, check=self.verifier.run, emit=False
             )
         del snapshot
-        pages: asyncio.Queue[list[Change] | None] = asyncio.Queue()
+        # /live/ is read while the records are verified (it used to be read, and parsed,
+        # before the first record job went out: minutes at a million, the workers idle),
+        # and applied after them: its statuses are verified as jobs of their own
+        lives: list[Change] = []
+
+        async def read_lives() -> None:
+            async for kvs in self._pages(Prefix.LIVE, revision):
+                lives.extend(
+                    Change("put", kv.key, kv.value, kv.mod_revision, kv.lease) for kv in kvs
+                )
+
+        live_reader = asyncio.create_task(read_lives(), name="replica-load-live")
+        # bounded: pages read ahead of verification are held as raw values (~1.4 KB a
+        # record); an unbounded queue held most of a million-record listing at once
+        pages: asyncio.Queue[list[Change] | None] = asyncio.Queue(
+            maxsize=max(2, 2 * _LOAD_BATCH // _PAGE)
+        )
 
         async def read() -> None:
             try:
-                async for page in self.index.iter_prefix(
-                    Prefix.REC, page_size=_PAGE, revision=revision
-                ):
-                    self._contact()
+                async for kvs in self._pages(Prefix.REC, revision):
                     await pages.put(
-                        [
-                            Change("put", kv.key, kv.value, kv.mod_revision, kv.lease)
-                            for kv in page.kvs
-                        ]
+                        [Change("put", kv.key, kv.value, kv.mod_revision, kv.lease) for kv in kvs]
                     )
-            finally:
-                pages.put_nowait(None)  # the end, also when reading failed
+            finally:  # the end, also when reading failed
+                try:
+                    pages.put_nowait(None)
+                except asyncio.QueueFull:
+                    await pages.put(None)
 
         reader = asyncio.create_task(read(), name="replica-load")
         listed = 0.0
@@ -341,12 +377,54 @@ class Replica:
                         at - started,
                         time.monotonic() - at,
                     )
+            await live_reader
+            if lives:
+                keys += len(lives)
+                async with self._lock:
+                    await self.state.apply(lives, revision, check=self.verifier.run, emit=False)
         finally:
-            reader.cancel()
+            for task in (reader, live_reader):
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({reader})
+                await asyncio.wait({reader, live_reader})
         reader.result()  # what reading raised, if it failed half-way
         return revision, keys, listed
+
+    async def _pages(self, prefix: Prefix, revision: int) -> AsyncIterator[list[KV]]:
+        """The keys of ``prefix`` at ``revision``, a page at a time.  A failed page is read
+        again from the key after the last one read (at the same revision), up to
+        :data:`_PAGE_RETRIES` times, not the whole listing."""
+        last: str | None = None
+        failed = 0
+        while True:
+            try:
+                async for page in self.index.iter_prefix(
+                    prefix,
+                    page_size=_PAGE,
+                    revision=revision,
+                    **({} if last is None else {"after": last}),
+                ):
+                    self._contact()
+                    if page.kvs:
+                        last = page.kvs[-1].key
+                    yield page.kvs
+                return
+            except IndexCompactedError:
+                raise
+            except RetrievalError as exc:
+                failed += 1
+                self.page_retries += 1
+                if failed > _PAGE_RETRIES:
+                    raise
+                _log.warning(
+                    "first listing: reading %s after %s failed (%s); retrying that page (%d of %d)",
+                    prefix,
+                    last or "the start",
+                    exc,
+                    failed,
+                    _PAGE_RETRIES,
+                )
+                await asyncio.sleep(min(0.1 * 2**failed, self.settings.retry_backoff_max))
 
     async def _list(self, cause: str) -> int:
         """List the index and apply the difference; returns the listing's revision."""
@@ -393,6 +471,8 @@ class Replica:
                     gc.enable()
         if first and bulk:
             gc.freeze()  # the replica is long-lived: keep it out of future collections
+        if bulk:
+            release_free_memory()
         self.relists[cause] += 1
         sizes = self.state.sizes()
         _log.info(

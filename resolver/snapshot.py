@@ -34,6 +34,7 @@ rename, fsync of the directory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -42,7 +43,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -58,6 +59,7 @@ from resolver.verify import (
 )
 from schemas.chain import TrustAnchors
 from schemas.dsse import Envelope, Signature
+from schemas.errors import EnvelopeError
 
 __all__ = ["LoadedSnapshot", "SnapshotStore", "TrustedRunner", "anchors_digest"]
 
@@ -98,14 +100,49 @@ def _live_facts(f: StatusFacts) -> tuple[Any, ...]:
 
 @dataclass(slots=True)
 class LoadedSnapshot:
-    """A snapshot read back: the changes that rebuild the replica at ``revision`` and the
-    facts that let its records and statuses skip signature verification."""
+    """A snapshot read back and checked, unpacked a chunk at a time by :meth:`batches`
+    (so a warm start never holds every record twice: as the snapshot's objects and as
+    the replica's).  ``records`` and ``statuses`` hold the facts that let the records
+    and statuses of the chunk being applied skip signature verification: records of
+    the current chunk; statuses of every chunk so far (records, written after them,
+    carry their statuses)."""
 
     revision: int
     written_at: float
-    changes: list[Change]
-    records: dict[bytes, RecordFacts]  # record payload -> facts
-    statuses: dict[bytes, tuple[str, StatusFacts]]  # status payload -> (record key, facts)
+    body: memoryview
+    spans: list[tuple[int, int]]
+    records: dict[bytes, RecordFacts] = field(default_factory=dict)  # payload -> facts
+    statuses: dict[bytes, tuple[str, StatusFacts]] = field(default_factory=dict)
+    keys: int = 0
+
+    def batches(self) -> Iterator[list[Change]]:
+        """The changes that rebuild the replica at ``revision``, a chunk at a time."""
+        for offset, n in self.spans:
+            what, items = marshal.loads(self.body[offset : offset + n])
+            changes: list[Change] = []
+            self.records.clear()
+            if what == "kvs":
+                changes = [Change("put", k, v, rev, lease) for k, v, rev, lease in items]
+            elif what == "recs":
+                rec = Prefix.REC
+                for cpid, rev, et, facts in items:
+                    env = _env(et)
+                    changes.append(Change("put", rec + cpid, b"", rev, 0, env))
+                    if facts is not None:
+                        self.records[env.payload] = RecordFacts(*facts)
+            elif what == "lives":
+                live = Prefix.LIVE
+                for cpid, rev, lease, et, checked, facts in items:
+                    env = _env(et)
+                    changes.append(Change("put", live + cpid, b"", rev, lease, env))
+                    if facts is not None and checked:
+                        self.statuses[env.payload] = (checked, StatusFacts(*facts))
+            else:
+                raise SnapshotError(f"unknown chunk {what!r}")
+            del items
+            self.keys += len(changes)
+            yield changes
+        self.statuses.clear()
 
 
 class SnapshotError(Exception):
@@ -180,6 +217,23 @@ class SnapshotStore:
                 kvs.append((f"{Prefix.CLAIM}{cpid}/{claim_id}", value, rev, lease))
         chunks: list[list[Any]] = [["kvs", kvs]]
         revision = state.revision
+        live_items = list(state.lives.items())
+        for i in range(0, len(live_items), _CHUNK):
+            lives = []
+            for cpid, lv in live_items[i : i + _CHUNK]:
+                st_env = lv.envelope
+                if st_env is None and lv.raw is not None:  # never verified (its record is not
+                    with contextlib.suppress(EnvelopeError):  # served): kept as it came
+                        st_env = Envelope.from_json(lv.raw)
+                if st_env is None:
+                    continue
+                facts = _live_facts(lv.facts) if lv.facts is not None and not lv.reason else None
+                lives.append(
+                    (cpid, lv.revision, lv.lease, _env_tuple(st_env), lv.checked_key, facts)
+                )
+            chunks.append(["lives", lives])
+            await asyncio.sleep(0)
+        del live_items
         rec_items = list(state.recs.items())
         for i in range(0, len(rec_items), _CHUNK):
             recs = [
@@ -195,22 +249,6 @@ class SnapshotStore:
             chunks.append(["recs", recs])
             await asyncio.sleep(0)
         del rec_items
-        live_items = list(state.lives.items())
-        for i in range(0, len(live_items), _CHUNK):
-            lives = [
-                (
-                    cpid,
-                    lv.revision,
-                    lv.lease,
-                    _env_tuple(lv.envelope),
-                    lv.checked_key,
-                    _live_facts(lv.facts) if lv.facts is not None and not lv.reason else None,
-                )
-                for cpid, lv in live_items[i : i + _CHUNK]
-                if lv.envelope is not None
-            ]
-            chunks.append(["lives", lives])
-            await asyncio.sleep(0)
         return revision, chunks
 
     def write(self, revision: int, chunks: list[list[Any]]) -> int:
@@ -267,46 +305,22 @@ class SnapshotStore:
         if not hmac.compare_digest(mac, expected):
             raise SnapshotError("integrity check failed (MAC mismatch)")
 
-        def chunks() -> Iterator[Any]:
-            at = 0
-            while at < len(body):
-                n = int.from_bytes(body[at : at + 8], "big")
-                if n > len(body) - at - 8:
-                    raise SnapshotError("truncated chunk")
-                yield marshal.loads(body[at + 8 : at + 8 + n])
-                at += 8 + n
-
-        stream = chunks()
-        header = next(stream, None)
+        spans: list[tuple[int, int]] = []  # (offset, length) of each chunk, framing checked
+        at = 0
+        while at < len(body):
+            n = int.from_bytes(body[at : at + 8], "big")
+            if n > len(body) - at - 8:
+                raise SnapshotError("truncated chunk")
+            spans.append((at + 8, n))
+            at += 8 + n
+        if not spans:
+            raise SnapshotError("no header")
+        header = marshal.loads(body[spans[0][0] : spans[0][0] + spans[0][1]])
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise SnapshotError("another snapshot format")
         if header.get("anchors") != self.anchors:
             raise SnapshotError("written for another set of trust anchors")
-        changes: list[Change] = []
-        records: dict[bytes, RecordFacts] = {}
-        statuses: dict[bytes, tuple[str, StatusFacts]] = {}
-        for what, items in stream:
-            if what == "kvs":
-                changes += [Change("put", k, v, rev, lease) for k, v, rev, lease in items]
-            elif what == "recs":
-                rec = Prefix.REC
-                for cpid, rev, et, facts in items:
-                    env = _env(et)
-                    changes.append(Change("put", rec + cpid, b"", rev, 0, env))
-                    if facts is not None:
-                        records[env.payload] = RecordFacts(*facts)
-            elif what == "lives":
-                live = Prefix.LIVE
-                for cpid, rev, lease, et, checked, facts in items:
-                    env = _env(et)
-                    changes.append(Change("put", live + cpid, b"", rev, lease, env))
-                    if facts is not None and checked:
-                        statuses[env.payload] = (checked, StatusFacts(*facts))
-            else:
-                raise SnapshotError(f"unknown chunk {what!r}")
-        return LoadedSnapshot(
-            int(header["revision"]), float(header["written_at"]), changes, records, statuses
-        )
+        return LoadedSnapshot(int(header["revision"]), float(header["written_at"]), body, spans[1:])
 
 
 def _dumps(obj: Any) -> bytes:
@@ -339,7 +353,7 @@ class TrustedRunner:
         if job[0] == "record":
             _, _, env, carry = job
             facts = self.records.get(env.payload)
-            if facts is None:
+            if facts is None or isinstance(carry, bytes):
                 return None
             self.trusted += 1
             status = None if carry is None else self._status(carry, facts.public_key)

@@ -37,11 +37,12 @@ import functools
 import heapq
 import logging
 import math
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 from registry.index.layout import Prefix, parse_key, read_units
 from resolver.discovery import DiscoveryIndex, LatencyTable
@@ -62,7 +63,7 @@ from schemas import _json
 from schemas import keys as _keys
 from schemas.chain import CLOCK_SKEW, TrustAnchors
 from schemas.cpid import CPID
-from schemas.dsse import Envelope
+from schemas.dsse import Envelope, Signature
 from schemas.errors import EnvelopeError, InvalidDataError
 from schemas.models import Record, Status
 
@@ -77,6 +78,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger("resolver.replica")
+_T = TypeVar("_T")
 
 UNREADABLE_ALLOC: Final = 1 << 30
 """Claimed units assumed when an ``/alloc/`` value cannot be read (nothing is free)."""
@@ -224,6 +226,12 @@ class _Live:
     checked_key: str = ""
     reason: str = ""
     counted: bool = False
+    raw: bytes | None = None  # the value, while a bulk load has not parsed it yet
+
+    @property
+    def stored(self) -> Envelope | bytes | None:
+        """What a verification job gets: the envelope, or the value not parsed yet."""
+        return self.envelope if self.raw is None else self.raw
 
 
 @dataclass(slots=True)
@@ -254,7 +262,7 @@ def _split_cpid(canonical: str) -> CPID:
     prefix, _, suffix = canonical.partition("/")
     kind, _, rest = suffix.partition(".")
     serial, _, check = rest.rpartition("-")
-    return CPID(prefix=prefix, kind=kind, serial=serial, check=check)
+    return CPID(prefix=sys.intern(prefix), kind=sys.intern(kind), serial=serial, check=check)
 
 
 _SERIAL: Final = 12
@@ -267,6 +275,95 @@ def _serial_of(cpid: str) -> str:
 
 def _namespace_of(cpid: str) -> str:
     return cpid.partition("/")[0]
+
+
+class _Deadlines:
+    """When records must be decided again (validity windows, retries): CPIDs bucketed by
+    whole second, the seconds in a heap.  Records issued together expire together, so a
+    million deadlines cost about a list slot each rather than a tuple, a float and an int.
+
+    A bucket comes due at its second, up to a second before the deadlines in it: the
+    caller checks each record and pushes back those not yet due."""
+
+    def __init__(self) -> None:
+        self._heap: list[int] = []
+        self._at: dict[int, list[str]] = {}
+
+    def push(self, when: float, cpid: str) -> None:
+        sec = math.floor(when)
+        bucket = self._at.get(sec)
+        if bucket is None:
+            self._at[sec] = [cpid]
+            heapq.heappush(self._heap, sec)
+        else:
+            bucket.append(cpid)
+
+    def due(self, now: float) -> list[str]:
+        """Every CPID of the buckets whose second has come (removed)."""
+        out: list[str] = []
+        while self._heap and self._heap[0] <= now:
+            out += self._at.pop(heapq.heappop(self._heap))
+        return out
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self._at.values())
+
+
+class _Shared:
+    """One object for each value that many entries repeat (kinds, regions, payload types,
+    signing key ids, accelerator and label tuples): a million records hold a few hundred
+    distinct ones, and each copy would cost 50-300 bytes.  Verification results come from
+    worker processes as fresh objects; the replica keeps these instead."""
+
+    _MAX: Final = 200_000
+
+    def __init__(self) -> None:
+        self._values: dict[object, object] = {}
+
+    def get(self, value: _T) -> _T:
+        got = self._values.get(value)
+        if got is None:
+            if len(self._values) >= self._MAX:  # hostile variety: stop sharing, stay bounded
+                return value
+            self._values[value] = got = value
+        return got  # type: ignore[return-value]
+
+    def labels(self, labels: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+        got = self._values.get(labels)
+        if got is None:
+            return self.get(tuple(self.get((sys.intern(k), self.get(v))) for k, v in labels))
+        return got  # type: ignore[return-value]
+
+    def envelope(self, env: Envelope, *, keyids: bool = True) -> Envelope:
+        """``env`` with its payload type (and key ids) shared; payload and signatures as
+        they are.  ``keyids=False`` for statuses: each is signed by its own node's key."""
+        sigs = (
+            tuple(Signature(self.get(s.keyid), s.sig) for s in env.signatures)
+            if keyids
+            else env.signatures
+        )
+        return Envelope(self.get(env.payload_type), env.payload, sigs)
+
+    def record_facts(self, f: RecordFacts, cpid: str) -> RecordFacts:
+        return RecordFacts(
+            cpid if f.cpid == cpid else f.cpid,
+            self.get(f.kind),
+            f.public_key,
+            f.version,
+            f.expires_at,
+            self.get(f.region),
+            self.get(tuple(self.get(a) for a in f.accelerators)),
+            self.labels(f.labels),
+        )
+
+    def status_facts(self, f: StatusFacts, cpid: str) -> StatusFacts:
+        return StatusFacts(
+            cpid if f.cpid == cpid else f.cpid,
+            self.get(f.state),
+            f.accelerators_free,
+            f.cpu_free,
+            f.withheld,
+        )
 
 
 class ReplicaState:
@@ -320,7 +417,7 @@ class ReplicaState:
         """CPIDs by serial: one CPID (a str, the usual case: a serial is a key's hash) or
         a set of them (the same key in several namespaces)."""
         self._revoked_serials: set[str] = set()
-        self._deadlines: list[tuple[float, str, int]] = []
+        self._deadlines = _Deadlines()
         self._claim_deadlines: list[tuple[float, str]] = []  # (expires_at, cpid)
         self._claim_soonest: dict[str, float] = {}
         """CPID -> at most the earliest ``expires_at`` of its claims (absent: unknown), so
@@ -331,6 +428,7 @@ class ReplicaState:
         self._reported_signers: set[tuple[object, ...]] = set()
         self._context: Context | None = None  # of the last record batch
         self._chain_revs: dict[str, tuple[SignerVerdict, int]] = {}
+        self._shared = _Shared()
 
     # ==================================================================================
     # reading
@@ -466,11 +564,17 @@ class ReplicaState:
         """Act on the clock: validity windows that closed (or opened), holds that ended."""
         now = self.clock()
         batch = _Batch(self.revision, int(now))
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, cpid, rev = heapq.heappop(self._deadlines)
+        early: list[tuple[float, str]] = []
+        for cpid in self._deadlines.due(now):
             rs = self.recs.get(cpid)
-            if rs is not None and rs.revision == rev:
+            if rs is None:
+                continue
+            if rs.reason == "not_yet_valid" or (not rs.reason and rs.valid_until <= now):
                 batch.dirty_recs.add(cpid)
+            elif not rs.reason and rs.valid_until < math.inf:
+                early.append((rs.valid_until, cpid))  # due later within its second
+        for when, cpid in early:
+            self._deadlines.push(when, cpid)
         self._claims_expired(now, batch)
         for kid, verdict in list(self._signers.items()):
             if verdict.valid_until <= now:
@@ -589,13 +693,13 @@ class ReplicaState:
             self.held.pop(cpid, None)
             return
         if ch.envelope is not None:
-            rs = _Rec(cpid, ch.revision, ch.envelope)
+            rs = _Rec(cpid, ch.revision, self._shared.envelope(ch.envelope))
             self._by_signer.setdefault(rs.signer, set()).add(cpid)
         elif batch.bulk:  # parsed by its verification job (_verify_records, _parsed)
             rs = _Rec(cpid, ch.revision, None, raw=ch.value)
         else:
             try:
-                env: Envelope | None = Envelope.from_json(ch.value)
+                env: Envelope | None = self._shared.envelope(Envelope.from_json(ch.value))
                 error = ""
             except EnvelopeError as exc:
                 env, error = None, str(exc)
@@ -616,7 +720,8 @@ class ReplicaState:
     def _parsed(self, rs: _Rec, outcome: Outcome | None, error: str = "") -> None:
         """File the envelope a ``raw`` job parsed (None and ``error`` when it is not one)."""
         rs.raw = None
-        rs.envelope = outcome.envelope if outcome is not None else None
+        env = outcome.envelope if outcome is not None else None
+        rs.envelope = self._shared.envelope(env) if env is not None else None
         rs.error = error
         self._by_signer.setdefault(rs.signer, set()).add(rs.cpid)
 
@@ -655,9 +760,14 @@ class ReplicaState:
                 batch.live_deleted.append((cpid, old))
             return
         self.held.pop(cpid, None)
+        if batch.bulk and ch.envelope is None:
+            # parsed by the job that verifies it, in a worker (_verify_records, _file_status)
+            self.lives[cpid] = _Live(ch.revision, ch.lease, None, raw=ch.value)
+            return
         try:
-            env: Envelope | None = (
-                ch.envelope if ch.envelope is not None else Envelope.from_json(ch.value)
+            env: Envelope | None = self._shared.envelope(
+                ch.envelope if ch.envelope is not None else Envelope.from_json(ch.value),
+                keyids=False,
             )
             error = ""
         except EnvelopeError as exc:
@@ -830,7 +940,7 @@ class ReplicaState:
         """
         now = batch.now
         jobs: list[Job] = []
-        targets: list[tuple[_Rec, Envelope | None]] = []  # and the status it carries
+        targets: list[tuple[_Rec, Envelope | bytes | None]] = []  # and the status it carries
         decided: list[tuple[_Rec, Outcome | None]] = []
         chains: dict[str, tuple[Envelope, ...]] = {}
         raw = False
@@ -839,7 +949,7 @@ class ReplicaState:
             if rs is None:
                 continue
             lv = self.lives.get(cpid)
-            carry = lv.envelope if lv is not None and not lv.checked_key else None
+            carry = lv.stored if lv is not None and not lv.checked_key else None
             if rs.raw is not None:
                 raw = True
                 jobs.append(("raw", rs.raw, carry))
@@ -883,8 +993,10 @@ class ReplicaState:
                 self._evaluate(rs, decision, batch)
                 if decision is not None and decision.status is not None and rs.facts is not None:
                     lv = self.lives.get(rs.cpid)
-                    if lv is not None and lv.envelope is carried:
-                        self._status_outcome(rs.cpid, lv, rs.facts.public_key, decision.status)
+                    if lv is not None and lv.stored is carried:
+                        key = rs.facts.public_key
+                        if self._file_status(rs.cpid, lv, key, decision.status):
+                            self._status_outcome(rs.cpid, lv, key, decision.status)
                 done.append(rs.cpid)
             if not batch.emit:
                 self._settle(batch, done)
@@ -940,8 +1052,11 @@ class ReplicaState:
                     detail = f"record for {canonical} is stored under the key of {rs.cpid}"
                 else:
                     parsed = _split_cpid(canonical)
+                    facts = self._shared.record_facts(facts, rs.cpid)
                     rs.facts, rs.parsed = facts, parsed
-                    rs.record = outcome.document if isinstance(outcome.document, Record) else None
+                    # the model is parsed again on first use and cached a while (Entry):
+                    # keeping one per record would cost ~5 KB each
+                    rs.record = None
                     valid_until = min(float(facts.expires_at + skew), v.valid_until)
                     if parsed.serial in self._revoked_serials:  # rare: hash the key
                         valid_until = min(
@@ -958,11 +1073,11 @@ class ReplicaState:
         if reason:
             rs.valid_until = -math.inf
             if retry_at is not None:
-                heapq.heappush(self._deadlines, (retry_at, rs.cpid, rs.revision))
+                self._deadlines.push(retry_at, rs.cpid)
         else:
             rs.valid_until = valid_until
             if valid_until < math.inf:
-                heapq.heappush(self._deadlines, (valid_until, rs.cpid, rs.revision))
+                self._deadlines.push(valid_until, rs.cpid)
         rs.reason, rs.detail = reason, detail
         if was != reason:
             if was and was != "pending":
@@ -1014,10 +1129,11 @@ class ReplicaState:
             key = rs.facts.public_key
             if lv.checked_key == key:
                 continue
-            if lv.envelope is None:
+            stored = lv.stored
+            if stored is None:
                 self._status_failed(cpid, lv, key, "status_malformed", lv.error)
                 continue
-            jobs.append(("status", key, lv.envelope))
+            jobs.append(("status", key, stored))
             targets.append((cpid, lv, key))
         if not jobs:
             return
@@ -1027,8 +1143,26 @@ class ReplicaState:
             for o in outcomes:
                 cpid, lv, key = targets[i]
                 i += 1
-                if self.lives.get(cpid) is lv:
+                if self.lives.get(cpid) is lv and self._file_status(cpid, lv, key, o):
                     self._status_outcome(cpid, lv, key, o)
+
+    def _file_status(self, cpid: str, lv: _Live, key: str, o: Outcome) -> bool:
+        """File the envelope a job parsed from a status value (bulk loads); False when
+        the value is not an envelope: a bad value, the status is ignored (as when
+        :meth:`_put_live` cannot parse it)."""
+        if lv.raw is None:
+            return True
+        lv.raw = None
+        if o.envelope is not None:
+            lv.envelope = self._shared.envelope(o.envelope, keyids=False)
+            return True
+        lv.error = o.message
+        detail = (
+            o.message if len(o.message) <= _DETAIL_MAX else o.message[: _DETAIL_MAX - 3] + "..."
+        )
+        self._mark_bad(Prefix.LIVE, Prefix.LIVE + cpid, lv.revision, detail)
+        self._status_failed(cpid, lv, key, "status_malformed", lv.error)
+        return False
 
     def _status_outcome(self, cpid: str, lv: _Live, key: str, o: Outcome) -> None:
         if not o.ok:
@@ -1045,8 +1179,10 @@ class ReplicaState:
                 f"status is about {facts.cpid}, but is stored under the live key of {cpid}",
             )
             return
-        lv.facts, lv.checked_key, lv.reason = facts, key, ""
-        lv.status = o.document if isinstance(o.document, Status) else None
+        rs = self.recs.get(cpid)  # its CPID string is the one the entry and facts share
+        shared = self._shared.status_facts(facts, rs.cpid if rs is not None else cpid)
+        lv.facts, lv.checked_key, lv.reason = shared, key, ""
+        lv.status = None  # parsed on first use (Entry.status), not kept per record
 
     def _status_failed(self, cpid: str, lv: _Live, key: str, label: str, message: str) -> None:
         lv.facts, lv.status, lv.checked_key, lv.reason = None, None, key, message
@@ -1140,7 +1276,7 @@ class ReplicaState:
         claimed = max(0, claimed - self._expired_claim_units(cpid))
         chain_rev = self._chain_revision(v)
         return Entry(
-            cpid=cpid,
+            cpid=rs.cpid,  # the record key's string, shared with the facts (not the /live/ key's)
             id=rs.parsed,
             facts=rs.facts,
             envelope=rs.envelope,
@@ -1198,7 +1334,7 @@ class ReplicaState:
                 self._live_count[old.namespace] -= 1
         if new is not None:
             self.generation += 1
-            self.served[cpid] = new
+            self.served[new.cpid] = new
             self.discovery.add(new)
             if new.live and not new.live_held:
                 self._live_count[new.namespace] += 1

@@ -140,13 +140,16 @@ class StatusFacts:
 
 
 Job = (
-    tuple[Literal["record"], str, Envelope, Envelope | None]
-    | tuple[Literal["raw"], bytes, Envelope | None]
+    tuple[Literal["record"], str, Envelope, Envelope | bytes | None]
+    | tuple[Literal["raw"], bytes, Envelope | bytes | None]
     | tuple[Literal["status"], str, Envelope | bytes]
 )
-"""``("record", signer_kid, envelope, status_envelope_or_None)``,
-``("raw", record_value_as_stored, status_envelope_or_None)`` or
-``("status", record_public_key, envelope_or_value_as_stored)``.
+"""``("record", signer_kid, envelope, status_or_None)``,
+``("raw", record_value_as_stored, status_or_None)`` or
+``("status", record_public_key, status)``, a status being its envelope or its value as
+stored (bytes: the job parses it, and the status's :attr:`Outcome.envelope` hands the
+envelope back; it is None when the value is not one, ``what`` then the
+:class:`~schemas.errors.EnvelopeError` code).
 
 A ``raw`` job is a record the replica has not parsed: the job parses the envelope
 (:attr:`Outcome.envelope` hands it back), finds the chain of its signing key in
@@ -228,6 +231,23 @@ def _status(env: Envelope, public_key: str, keep: bool) -> Outcome:
     return Outcome(True, facts=StatusFacts.of(st), document=st if keep else None)
 
 
+def _status_job(stored: Envelope | bytes, public_key: str, keep: bool) -> Outcome:
+    """A status job: parse ``stored`` if it is a value (handing the envelope back), verify."""
+    if not isinstance(stored, bytes):
+        return _status(stored, public_key, keep)
+    try:
+        env = Envelope.from_json(stored)
+    except EnvelopeError as exc:
+        return Outcome(False, 0, exc.code, str(exc), str(exc))
+    except Exception as exc:  # whatever a hostile value causes: itself alone
+        message = f"cannot parse: {type(exc).__name__}: {str(exc)[:200]}"
+        return Outcome(False, 0, UNVERIFIABLE, message, message)
+    out = _status(env, public_key, keep)
+    return Outcome(
+        out.ok, out.rule, out.what, out.detail, out.message, out.facts, out.document, None, env
+    )
+
+
 def run_jobs(
     ctx: Context,
     jobs: Sequence[Job],
@@ -262,11 +282,7 @@ def _run_job(
     """One job of :func:`run_jobs` (which contains what it raises)."""
     if job[0] == "status":
         _, public_key, stored = job
-        try:
-            st_env = Envelope.from_json(stored) if isinstance(stored, bytes) else stored
-        except EnvelopeError as exc:
-            return Outcome(False, 0, exc.code, str(exc), str(exc))
-        return _status(st_env, public_key, keep_documents)
+        return _status_job(stored, public_key, keep_documents)
     parsed: Envelope | None = None
     if job[0] == "raw":
         _, value, status_env = job
@@ -294,7 +310,7 @@ def _run_job(
         return Outcome(False, f.rule, f.what, f.detail, result.reason, envelope=parsed)
     rec = result.record
     assert rec is not None
-    status = None if status_env is None else _status(status_env, rec.public_key, keep_documents)
+    status = None if status_env is None else _status_job(status_env, rec.public_key, keep_documents)
     return Outcome(
         True,
         facts=RecordFacts.of(rec),

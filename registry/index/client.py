@@ -498,13 +498,14 @@ class Index:
         return KV._from_pb(resp.kvs[0]) if resp.kvs else None
 
     async def iter_prefix(
-        self, prefix: str, *, page_size: int = 500, revision: int = 0
+        self, prefix: str, *, page_size: int = 500, revision: int = 0, after: str | None = None
     ) -> AsyncIterator[KVPage]:
         """Yield every KV under *prefix* in key order, one page at a time.
 
         All pages are read at one revision: *revision*, or the revision of the first
         page when 0.  If that revision is compacted mid-way,
-        :class:`IndexCompactedError` is raised (start again).
+        :class:`IndexCompactedError` is raised (start again).  *after*: start with the
+        first key after this one (to resume a listing that failed after a page).
         """
         if not prefix:
             raise ValueError("prefix must not be empty")
@@ -518,6 +519,8 @@ class Index:
             )
 
         start, rev = _kb(prefix), revision
+        if after is not None:
+            start = max(start, _kb(after) + b"\x00")
         while True:
             resp = await self._call(
                 f"list {prefix!r} at revision {rev or 'latest'}", page(start, rev)

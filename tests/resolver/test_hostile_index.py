@@ -20,7 +20,7 @@ from registry.index import Index, Keys
 from resolver.core import Resolver
 from resolver.http import RESOLVER, create_app
 from schemas import keys
-from tests.resolver.kit import Node, Pki, make_resolver, put_record, resolver_config
+from tests.resolver.kit import Node, Pki, make_resolver, put_record, put_status, resolver_config
 from tests.until import until
 
 Client = TestClient  # type: ignore[type-arg]
@@ -260,3 +260,49 @@ async def test_a_large_first_listing_with_bad_records(
         assert r.health()["bad_values"]["by_prefix"] == {"rec": 2}
         await good_changes_apply(index, pki, r)
         assert dict(r._replica.relists) == {"initial": 1}
+
+
+async def test_a_large_first_listing_with_bad_statuses(
+    index: Index, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bulk loads parse statuses in the verification jobs too: a bad one costs its key
+    alone, and the replica ends as a listing applied key by key does."""
+    from resolver import state as resolver_state
+
+    await pki.publish(index)
+    good = [Node() for _ in range(4)]
+    for i, node in enumerate(good):
+        await put_record(index, pki, node)
+        await put_status(index, node, free=i + 1)
+    bad = [Node() for _ in range(4)]
+    other = Node()
+    values = (DEEP, b"[]", _hostile_envelope(), other.status(free=3).to_json())
+    for node, value in zip(bad, values, strict=True):
+        await put_record(index, pki, node)
+        await index.put(Keys.live(node.cpid), value)
+    unserved = Node()  # a status whose record is not in the index: kept, never verified
+    await index.put(Keys.live(unserved.cpid), unserved.status(free=1).to_json())
+
+    def view(r: Resolver) -> dict[str, Any]:
+        return {
+            "entries": {e.cpid: (e.live, e.free, e.status_facts) for e in r.entries()},
+            "bad": r.health()["bad_values"],
+            "failures": dict(r._state.failures),
+            "sizes": r._state.sizes(),
+        }
+
+    async with make_resolver(index, pki) as r:  # small: key by key
+        await r.wait_ready()
+        by_key = view(r)
+    monkeypatch.setattr(resolver_state, "_BULK", 4)
+    async with make_resolver(index, pki) as r:
+        await r.wait_ready()
+        bulk = view(r)
+        assert all(r.resolve(n.cpid).live for n in good)
+        assert not any(r.resolve(n.cpid).live for n in bad)  # served, without a status
+        assert r.health()["bad_values"]["by_prefix"] == {"live": 2}
+        assert all(lv.raw is None for c, lv in r._state.lives.items() if c != unserved.cpid)
+        assert r._state.lives[unserved.cpid].raw is not None  # the bulk path was taken
+        await good_changes_apply(index, pki, r)
+        assert dict(r._replica.relists) == {"initial": 1}
+    assert bulk == by_key

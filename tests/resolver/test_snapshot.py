@@ -7,6 +7,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from registry.index import Index, Keys
 from resolver.core import Resolver
 from resolver.snapshot import FILE
@@ -196,3 +198,74 @@ async def test_a_snapshot_for_other_anchors_is_not_used(
         assert _view(other) == cold
     finally:
         await other.close()
+
+
+def _layout(r: Resolver) -> dict[str, Any]:
+    """How the entries are held: which values are one shared object across entries."""
+    entries = sorted(r.entries(), key=lambda e: e.cpid)
+
+    def shared(values: list[Any]) -> bool:
+        return len({id(v) for v in values}) == len({v for v in values})
+
+    return {
+        "kinds": shared([e.facts.kind for e in entries]),
+        "regions": shared([e.facts.region for e in entries]),
+        "labels": shared([e.facts.labels for e in entries]),
+        "accelerators": shared([e.facts.accelerators for e in entries]),
+        "payload_types": shared([e.envelope.payload_type for e in entries]),
+        "signers": shared([e.envelope.signatures[0].keyid for e in entries]),
+        "prefixes": shared([e.id.prefix for e in entries]),
+        "cpid_in_facts": all(e.facts.cpid is e.cpid for e in entries),
+        "cpid_in_status": all(
+            e.status_facts.cpid is e.cpid for e in entries if e.status_facts is not None
+        ),
+        "models_kept": sum(e._record is not None or e._status is not None for e in entries),
+        "sizes": r._state.sizes(),
+    }
+
+
+async def test_a_warm_start_holds_entries_as_a_cold_start_does(
+    index: Index, pki: Pki, tmp_path: Path
+) -> None:
+    """Memory after a warm start is laid out as after a cold one: repeated values are
+    one object across entries, no parsed model is kept per entry."""
+    await pki.publish(index)
+    await _populate(index, pki, n=10)
+    settings = _settings(tmp_path)
+    first = await _start(index, pki, settings)
+    cold = _layout(first)
+    assert [k for k, v in cold.items() if k not in ("models_kept", "sizes") and not v] == []
+    assert cold["models_kept"] == 0
+    await first.close()
+    warm = await _start(index, pki, settings)
+    try:
+        assert warm.health()["snapshot"]["status"] == "loaded"
+        assert _layout(warm) == cold
+    finally:
+        await warm.close()
+
+
+async def test_a_snapshot_of_many_chunks_loads_a_chunk_at_a_time(
+    index: Index, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Statuses are written before records and loaded a chunk at a time: records of a
+    later chunk still take their (trusted) status along, nothing is verified again but
+    the record that failed, and the result is what a cold start serves."""
+    from resolver import snapshot as snapshot_mod
+
+    monkeypatch.setattr(snapshot_mod, "_CHUNK", 2)
+    await pki.publish(index)
+    await _populate(index, pki, n=9)
+    settings = _settings(tmp_path)
+    first = await _start(index, pki, settings)
+    cold = _view(first)
+    await first.close()
+    store = snapshot_mod.SnapshotStore(tmp_path / "snap", pki.anchors)
+    assert len(store.read().spans) > 5  # kvs, then several chunks of lives and of records
+    warm = await _start(index, pki, settings)
+    try:
+        assert warm.health()["snapshot"]["status"] == "loaded"
+        assert _view(warm) == cold
+        assert warm._verifier.checked_inline == 1  # the record that fails, alone
+    finally:
+        await warm.close()
