@@ -53,11 +53,14 @@ __all__ = [
     "Note",
     "NoteSignature",
     "NoteVerifier",
+    "format_vkey",
     "key_id",
     "open_checkpoint",
     "open_note",
+    "parse_vkey",
     "sign_checkpoint",
     "sign_note",
+    "typed_key_id",
 ]
 
 SIG_TYPE_ED25519: Final = 0x01
@@ -92,11 +95,52 @@ def _check_name(name: str, what: str = "key name") -> str:
 
 def key_id(name: str, public_key: bytes) -> int:
     """Ed25519 key ID: ``SHA-256(name || 0x0A || 0x01 || public key)[:4]`` as a uint32."""
-    _check_name(name)
+    return typed_key_id(name, SIG_TYPE_ED25519, public_key)
+
+
+def typed_key_id(name: str, sig_type: int, public_key: bytes, *, what: str = "key name") -> int:
+    """A note key ID: ``SHA-256(name || 0x0A || sig_type || public key)[:4]`` as a
+    big-endian uint32 (``sig_type`` 0x01: a note signature, 0x04: a cosignature/v1)."""
+    _check_name(name, what)
     if len(public_key) != 32:
         raise CheckpointError(f"an Ed25519 public key is 32 bytes, got {len(public_key)}")
-    data = name.encode("utf-8") + b"\n" + bytes([SIG_TYPE_ED25519]) + public_key
+    data = name.encode("utf-8") + b"\n" + bytes([sig_type]) + public_key
     return int.from_bytes(hashlib.sha256(data).digest()[:4], "big")
+
+
+def parse_vkey(text: str, sig_type: int, *, what: str) -> tuple[str, int, Ed25519PublicKey]:
+    """``<name>+<hex key ID>+<base64(sig_type || public key)>`` (Go sumdb/note form) ->
+    ``(name, key ID, key)``, the key ID checked against the name and key.  ``what`` names
+    the key in errors (``verifier key``, ``witness key``)."""
+    parts = text.strip().split("+", 2)  # base64 may contain "+"
+    if len(parts) != 3:
+        raise CheckpointError(
+            f"{what} {text.strip()[:80]!r} must be <name>+<hex key id>+<base64 key>"
+        )
+    name, hex_id, b64 = parts
+    _check_name(name, f"{what} name")
+    if not re.fullmatch(r"[0-9a-f]{8}", hex_id):
+        raise CheckpointError(f"{what} id {hex_id!r} must be 8 lower-case hex digits")
+    raw = _b64decode(b64, what)
+    if len(raw) != 33 or raw[0] != sig_type:
+        raise CheckpointError(
+            f"{what} must be 0x{sig_type:02x} followed by a 32-byte Ed25519 key, got {len(raw)} "
+            f"bytes starting {raw[:1].hex() or 'with nothing'}"
+        )
+    want = typed_key_id(name, sig_type, raw[1:], what=f"{what} name")
+    if int(hex_id, 16) != want:
+        raise CheckpointError(f"{what} id is {hex_id}, but name and key give {want:08x}")
+    try:
+        pub = _keys.public_from_b64url(_keys.b64url_encode(raw[1:]))
+    except KeyFileError as exc:
+        raise CheckpointError(f"{what}: {exc}") from exc
+    return name, want, pub
+
+
+def format_vkey(name: str, key_id: int, sig_type: int, public_key: Ed25519PublicKey) -> str:
+    """The ``<name>+<hex key ID>+<base64(sig_type || key)>`` form :func:`parse_vkey` reads."""
+    raw = bytes([sig_type]) + _keys.public_raw(public_key)
+    return f"{name}+{key_id:08x}+{_b64(raw)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,33 +162,10 @@ class NoteVerifier:
     @classmethod
     def from_vkey(cls, text: str) -> NoteVerifier:
         """Parse ``<name>+<hex key ID>+<base64(0x01 || public key)>`` (Go sumdb/note form)."""
-        parts = text.strip().split("+", 2)  # base64 may contain "+"
-        if len(parts) != 3:
-            raise CheckpointError(
-                f"verifier key {text.strip()[:80]!r} must be <name>+<hex key id>+<base64 key>"
-            )
-        name, hex_id, b64 = parts
-        _check_name(name)
-        if not re.fullmatch(r"[0-9a-f]{8}", hex_id):
-            raise CheckpointError(f"verifier key id {hex_id!r} must be 8 lower-case hex digits")
-        raw = _b64decode(b64, "verifier key")
-        if len(raw) != 33 or raw[0] != SIG_TYPE_ED25519:
-            raise CheckpointError(
-                f"verifier key must be 0x01 followed by a 32-byte Ed25519 key, got {len(raw)} "
-                f"bytes starting {raw[:1].hex() or 'with nothing'}"
-            )
-        want = key_id(name, raw[1:])
-        if int(hex_id, 16) != want:
-            raise CheckpointError(f"verifier key id is {hex_id}, but name and key give {want:08x}")
-        try:
-            pub = _keys.public_from_b64url(_keys.b64url_encode(raw[1:]))
-        except KeyFileError as exc:
-            raise CheckpointError(f"verifier key: {exc}") from exc
-        return cls(name, want, pub)
+        return cls(*parse_vkey(text, SIG_TYPE_ED25519, what="verifier key"))
 
     def to_vkey(self) -> str:
-        raw = bytes([SIG_TYPE_ED25519]) + _keys.public_raw(self.public_key)
-        return f"{self.name}+{self.key_id:08x}+{_b64(raw)}"
+        return format_vkey(self.name, self.key_id, SIG_TYPE_ED25519, self.public_key)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -49,9 +48,12 @@ from schemas.checkpoint import (
     Note,
     NoteSignature,
     NoteVerifier,
+    format_vkey,
     open_note,
+    parse_vkey,
+    typed_key_id,
 )
-from schemas.errors import CheckpointError, InvalidDataError, KeyFileError, SignatureError
+from schemas.errors import CheckpointError, InvalidDataError, SignatureError
 from schemas.keys import Ed25519PrivateKey, Ed25519PublicKey
 
 __all__ = [
@@ -98,12 +100,7 @@ def _b64(data: bytes) -> str:
 
 def cosigner_key_id(name: str, public_key: bytes) -> int:
     """``SHA-256(name || 0x0A || 0x04 || public key)[:4]`` as a big-endian uint32."""
-    if not name or "+" in name or re.search(r"\s", name):
-        raise CheckpointError(f"witness name {name!r} must be non-empty, without spaces or '+'")
-    if len(public_key) != 32:
-        raise CheckpointError(f"an Ed25519 public key is 32 bytes, got {len(public_key)}")
-    data = name.encode("utf-8") + b"\n" + bytes([SIG_TYPE_COSIGNATURE_V1]) + public_key
-    return int.from_bytes(hashlib.sha256(data).digest()[:4], "big")
+    return typed_key_id(name, SIG_TYPE_COSIGNATURE_V1, public_key, what="witness name")
 
 
 def cosigned_message(text: str, timestamp: int) -> bytes:
@@ -134,35 +131,10 @@ class CosignerVerifier:
     @classmethod
     def from_vkey(cls, text: str) -> CosignerVerifier:
         """Parse ``<name>+<hex key ID>+<base64(0x04 || public key)>``."""
-        parts = text.strip().split("+", 2)
-        if len(parts) != 3:
-            raise CheckpointError(
-                f"witness key {text.strip()[:80]!r} must be <name>+<hex key id>+<base64 key>"
-            )
-        name, hex_id, b64 = parts
-        if not re.fullmatch(r"[0-9a-f]{8}", hex_id):
-            raise CheckpointError(f"witness key id {hex_id!r} must be 8 lower-case hex digits")
-        try:
-            raw = base64.b64decode(b64.encode("ascii"), validate=True)
-        except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
-            raise CheckpointError(f"witness key is not standard base64: {b64[:60]!r}") from exc
-        if len(raw) != 33 or raw[0] != SIG_TYPE_COSIGNATURE_V1:
-            raise CheckpointError(
-                "witness key must be 0x04 (cosignature/v1) followed by a 32-byte Ed25519 key, "
-                f"got {len(raw)} bytes starting {raw[:1].hex() or 'with nothing'}"
-            )
-        want = cosigner_key_id(name, raw[1:])
-        if int(hex_id, 16) != want:
-            raise CheckpointError(f"witness key id is {hex_id}, but name and key give {want:08x}")
-        try:
-            pub = _keys.public_from_b64url(_keys.b64url_encode(raw[1:]))
-        except KeyFileError as exc:
-            raise CheckpointError(f"witness key: {exc}") from exc
-        return cls(name, want, pub)
+        return cls(*parse_vkey(text, SIG_TYPE_COSIGNATURE_V1, what="witness key"))
 
     def to_vkey(self) -> str:
-        raw = bytes([SIG_TYPE_COSIGNATURE_V1]) + _keys.public_raw(self.public_key)
-        return f"{self.name}+{self.key_id:08x}+{_b64(raw)}"
+        return format_vkey(self.name, self.key_id, SIG_TYPE_COSIGNATURE_V1, self.public_key)
 
     def verify(self, text: str, signature: NoteSignature) -> int:
         """Check one signature line by this witness over note ``text``; its timestamp.
