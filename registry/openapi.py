@@ -17,7 +17,16 @@ from aiohttp import web
 
 from schemas import api
 from schemas.jsonschema import CPID_PATTERN
-from schemas.openapi import Body, Operation, Param, Reply, build, routes_of
+from schemas.openapi import (
+    METRICS,
+    SELF_DESCRIPTION,
+    Body,
+    Operation,
+    Param,
+    Reply,
+    build,
+    routes_of,
+)
 
 __all__ = ["OPERATIONS", "description", "openapi_handler"]
 
@@ -102,16 +111,8 @@ OPERATIONS: Final[dict[tuple[str, str], Operation]] = {
         errors=(503,),
         tags=("operations",),
     ),
-    ("GET", "/metrics"): Operation(
-        summary="Prometheus metrics",
-        replies={200: Reply("Prometheus text exposition", media="text/plain")},
-        tags=("operations",),
-    ),
-    ("GET", "/openapi.json"): Operation(
-        summary="This description",
-        replies={200: Reply("OpenAPI 3.1", media="application/json", schema={"type": "object"})},
-        tags=("operations",),
-    ),
+    ("GET", "/metrics"): METRICS,
+    ("GET", "/openapi.json"): SELF_DESCRIPTION,
 }
 
 

@@ -20,7 +20,16 @@ from aiohttp import web
 
 from schemas import api
 from schemas.jsonschema import CPID_PATTERN
-from schemas.openapi import Body, Operation, Param, Reply, build, routes_of
+from schemas.openapi import (
+    METRICS,
+    SELF_DESCRIPTION,
+    Body,
+    Operation,
+    Param,
+    Reply,
+    build,
+    routes_of,
+)
 
 __all__ = ["OPERATIONS", "description", "openapi_handler"]
 
@@ -233,11 +242,7 @@ OPERATIONS: Final[dict[tuple[str, str], Operation]] = {
         },
         tags=("operations",),
     ),
-    ("GET", "/metrics"): Operation(
-        summary="Prometheus metrics",
-        replies={200: Reply("Prometheus text exposition", media="text/plain")},
-        tags=("operations",),
-    ),
+    ("GET", "/metrics"): METRICS,
     ("GET", "/ui"): Operation(
         summary="The web console (redirects to /ui/)",
         replies={302: Reply("to /ui/", headers={"Location": {"type": "string", "const": "/ui/"}})},
@@ -300,11 +305,7 @@ OPERATIONS: Final[dict[tuple[str, str], Operation]] = {
         },
         tags=("console",),
     ),
-    ("GET", "/openapi.json"): Operation(
-        summary="This description",
-        replies={200: Reply("OpenAPI 3.1", media="application/json", schema={"type": "object"})},
-        tags=("operations",),
-    ),
+    ("GET", "/openapi.json"): SELF_DESCRIPTION,
 }
 
 

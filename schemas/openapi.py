@@ -28,6 +28,8 @@ from schemas.jsonschema import _Generator
 
 __all__ = [
     "ERROR_CODES",
+    "METRICS",
+    "SELF_DESCRIPTION",
     "Body",
     "Operation",
     "Param",
@@ -103,6 +105,21 @@ class Operation:
     tags: tuple[str, ...] = ()
     description: str = ""
     error_headers: Mapping[int, Mapping[str, Mapping[str, Any]]] = field(default_factory=dict)
+
+
+METRICS: Final = Operation(
+    summary="Prometheus metrics",
+    replies={200: Reply("Prometheus text exposition", media="text/plain")},
+    tags=("operations",),
+)
+"""``GET /metrics`` of every service."""
+
+SELF_DESCRIPTION: Final = Operation(
+    summary="This description",
+    replies={200: Reply("OpenAPI 3.1", media="application/json", schema={"type": "object"})},
+    tags=("operations",),
+)
+"""``GET /openapi.json`` of every service."""
 
 
 def _collect_models(ops: Iterable[Operation]) -> list[type[BaseModel]]:

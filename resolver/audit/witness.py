@@ -68,7 +68,7 @@ from schemas.errors import (
 )
 from schemas.keys import Ed25519PrivateKey
 from schemas.merkle import EMPTY_ROOT, verify_consistency
-from schemas.openapi import Operation, Param, Reply, build, routes_of
+from schemas.openapi import METRICS, SELF_DESCRIPTION, Operation, Param, Reply, build, routes_of
 
 __all__ = [
     "MAX_EVIDENCE_FILES",
@@ -407,16 +407,8 @@ OPERATIONS: Final[dict[tuple[str, str], Operation]] = {
         replies={200: Reply("ok", Health)},
         tags=("operations",),
     ),
-    ("GET", "/metrics"): Operation(
-        summary="Prometheus metrics",
-        replies={200: Reply("Prometheus text exposition", media="text/plain")},
-        tags=("operations",),
-    ),
-    ("GET", "/openapi.json"): Operation(
-        summary="This description",
-        replies={200: Reply("OpenAPI 3.1", media="application/json", schema={"type": "object"})},
-        tags=("operations",),
-    ),
+    ("GET", "/metrics"): METRICS,
+    ("GET", "/openapi.json"): SELF_DESCRIPTION,
 }
 
 
