@@ -1,10 +1,18 @@
-"""Shared timing helpers: interleaved rounds, best-of, ratios against a same-run baseline."""
+"""Shared bench helpers: interleaved rounds, best-of, ratios against a same-run baseline;
+a certified namespace and a registry config for benches that run a registry."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+from registry import ca, keyfile
+from registry.index import Index, Keys
+from schemas import keys
+from schemas.keys import Ed25519PrivateKey
 
 
 def rate(fn: Callable[[], None], n: int) -> float:
@@ -26,3 +34,41 @@ def interleaved(cases: dict[str, Callable[[], None]], n: int, rounds: int) -> di
         for name, fn in cases.items():
             samples[name].append(rate(fn, n))
     return {name: statistics.median(vals) for name, vals in samples.items()}
+
+
+async def publish_namespace(
+    index: Index, tmp: Path, *, root: Ed25519PrivateKey, namespace: str, key_file: str
+) -> Ed25519PrivateKey:
+    """Certify a fresh registry key for ``namespace`` under ``root`` (``delegate`` and
+    ``issue``), write it to ``tmp / key_file`` (0600) and publish its cert and ``/ns/``
+    entry, as ``cpi ns publish`` does: what a bench registry needs to serve.  Returns the
+    registry key."""
+    regkey = keys.generate()
+    keyfile.write_private(tmp / key_file, regkey)
+    cert = ca.issue_cert(
+        issuer_key=root,
+        issuer_subject="CN",
+        subject=namespace,
+        public_key=regkey,
+        scopes=["delegate", "issue"],
+    )
+    await index.put(Keys.cert(keys.kid_of(regkey)), cert.to_json())
+    await index.put(Keys.ns(namespace), json.dumps({"kid": keys.kid_of(regkey), "endpoints": []}))
+    return regkey
+
+
+def registry_config(
+    *, port: int, etcd: str, namespace: str, key_file: str, **extra: object
+) -> dict[str, object]:
+    """A ``cpi registry serve`` config for a bench: one namespace, no rate limit."""
+    return {
+        "host": "127.0.0.1",
+        "port": port,
+        "instance_id": "bench",
+        "etcd": {"endpoints": [etcd]},
+        "namespaces": [{"namespace": namespace, "key_file": key_file}],
+        "anchor_file": "anchor.json",
+        "registrations_per_s": 1e9,
+        "registration_burst": 1_000_000,
+        **extra,
+    }

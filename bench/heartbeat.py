@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import secrets
 import statistics
@@ -41,10 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiohttp import web
 
+from bench._common import publish_namespace
 from cpi.etcdproc import EtcdProcess
-from registry import ca, keyfile, tokens
+from registry import ca, tokens
 from registry.config import load_config
-from registry.index import Index, Keys
+from registry.index import Index
 from registry.registrar import Registrar
 from registry.service import STATE, create_app
 from schemas import cpid, dsse, keys
@@ -126,20 +126,12 @@ async def run(args: argparse.Namespace) -> None:
         runner: web.AppRunner | None = None
         try:
             etcd.wait_healthy(30)
-            root, regkey = keys.generate(), keys.generate()
+            root = keys.generate()
             (tmp / "anchor.json").write_bytes(ca.make_anchor("CN", root).to_json())
-            keyfile.write_private(tmp / "cn31.key", regkey)
-            cert = ca.issue_cert(
-                issuer_key=root,
-                issuer_subject="CN",
-                subject=NAMESPACE,
-                public_key=regkey,
-                scopes=["delegate", "issue"],
-            )
             async with Index(endpoints=[etcd.endpoint]) as index:
-                await index.put(Keys.cert(keys.kid_of(regkey)), cert.to_json())
-                ns_entry = {"kid": keys.kid_of(regkey), "endpoints": []}
-                await index.put(Keys.ns(NAMESPACE), json.dumps(ns_entry))
+                await publish_namespace(
+                    index, tmp, root=root, namespace=NAMESPACE, key_file="cn31.key"
+                )
                 token = await tokens.create_token(index, namespace=NAMESPACE, ttl_s=3600)
             config = load_config(
                 data={

@@ -46,14 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiohttp
 
+from bench._common import publish_namespace, registry_config
 from bench.heartbeat import Node
 from bench.register import start_registry, wait_ready
 from bench.resolve import Server, World
 from bench.scale import write_index
 from cpi.etcdproc import EtcdProcess, free_port
-from registry import ca, keyfile, tokens
-from registry.index import Index, Keys
-from schemas import keys
+from registry import tokens
+from registry.index import Index
 
 NAMESPACE = "CN.99"  # the registry's own; the written records are under bench.resolve's
 
@@ -144,37 +144,24 @@ async def run(args: argparse.Namespace) -> int:
         try:
             etcd.wait_healthy(30)
             world = World(tmp)  # writes tmp/anchor.json
-            regkey = keys.generate()
-            keyfile.write_private(tmp / "cn99.key", regkey)
-            cert = ca.issue_cert(
-                issuer_key=world.root,
-                issuer_subject="CN",
-                subject=NAMESPACE,
-                public_key=regkey,
-                scopes=["delegate", "issue"],
-            )
             async with Index(endpoints=[etcd.endpoint], timeout=30) as index:
                 await world.publish(index)
                 _, _, took = await write_index(index, world, args.records)
                 print(f"set-up: {args.records:,} signed records + statuses written in {took:.1f} s")
-                await index.put(Keys.cert(keys.kid_of(regkey)), cert.to_json())
-                ns_entry = {"kid": keys.kid_of(regkey), "endpoints": []}
-                await index.put(Keys.ns(NAMESPACE), json.dumps(ns_entry))
+                await publish_namespace(
+                    index, tmp, root=world.root, namespace=NAMESPACE, key_file="cn99.key"
+                )
                 token = await tokens.create_token(
                     index, namespace=NAMESPACE, ttl_s=int(args.minutes * 60) + 3600
                 )
             port = free_port()
-            config = {
-                "host": "127.0.0.1",
-                "port": port,
-                "instance_id": "bench",
-                "etcd": {"endpoints": [etcd.endpoint]},
-                "namespaces": [{"namespace": NAMESPACE, "key_file": "cn99.key"}],
-                "anchor_file": "anchor.json",
-                "registrations_per_s": 1e9,
-                "registration_burst": 1_000_000,
-                "heartbeat_s": 10,
-            }
+            config = registry_config(
+                port=port,
+                etcd=etcd.endpoint,
+                namespace=NAMESPACE,
+                key_file="cn99.key",
+                heartbeat_s=10,
+            )
             (tmp / "registry.json").write_text(json.dumps(config))
             registry_proc = start_registry(tmp)
             registry = f"http://127.0.0.1:{port}"

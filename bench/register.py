@@ -60,8 +60,9 @@ from aiohttp import web
 from etcd.api.etcdserverpb.rpc_pb2 import Compare, PutRequest, RequestOp
 from etcd3aio import Etcd3Client
 
+from bench._common import publish_namespace, registry_config
 from cpi.etcdproc import EtcdProcess, free_port
-from registry import ca, keyfile, tokens
+from registry import ca, tokens
 from registry.config import load_config
 from registry.index import Index, Keys, Op
 from registry.liveness import Liveness
@@ -248,7 +249,7 @@ async def heartbeats(endpoint: str, nodes: int, minutes: float, change: float) -
         await liveness.start(sweep=False)
         free = [rng.randint(0, 8) for _ in range(nodes)]
         seq = [0] * nodes
-        rounds = int(minutes * 60 / 10)
+        rounds = max(1, int(minutes * 60 / 10))  # at least one interval: a ratio needs heartbeats
         wall = 0.0
         try:
             for _ in range(rounds):
@@ -311,35 +312,20 @@ async def run(args: argparse.Namespace) -> None:
         proc: subprocess.Popen[bytes] | None = None
         try:
             etcd.wait_healthy(30)
-            root, regkey = keys.generate(), keys.generate()
+            root = keys.generate()
             (tmp / "anchor.json").write_bytes(ca.make_anchor("CN", root).to_json())
-            keyfile.write_private(tmp / "cn31.key", regkey)
-            cert = ca.issue_cert(
-                issuer_key=root,
-                issuer_subject="CN",
-                subject=NAMESPACE,
-                public_key=regkey,
-                scopes=["delegate", "issue"],
-            )
             async with Index(endpoints=[etcd.endpoint]) as index:
-                await index.put(Keys.cert(keys.kid_of(regkey)), cert.to_json())
-                ns_entry = {"kid": keys.kid_of(regkey), "endpoints": []}
-                await index.put(Keys.ns(NAMESPACE), json.dumps(ns_entry))  # a published ns
+                regkey = await publish_namespace(
+                    index, tmp, root=root, namespace=NAMESPACE, key_file="cn31.key"
+                )
                 token = await tokens.create_token(index, namespace=NAMESPACE, ttl_s=3600)
                 token_kv = await index.get(Keys.token(tokens.hash_token(token)))
                 assert token_kv is not None
                 lease = await index.grant_lease(600, revoke_on_exit=False)
             port = free_port()
-            config = {
-                "host": "127.0.0.1",
-                "port": port,
-                "instance_id": "bench",
-                "etcd": {"endpoints": [etcd.endpoint]},
-                "namespaces": [{"namespace": NAMESPACE, "key_file": "cn31.key"}],
-                "anchor_file": "anchor.json",
-                "registrations_per_s": 1e9,
-                "registration_burst": 1_000_000,
-            }
+            config = registry_config(
+                port=port, etcd=etcd.endpoint, namespace=NAMESPACE, key_file="cn31.key"
+            )
             (tmp / "registry.json").write_text(json.dumps(config))
             proc = start_registry(tmp)
             url = f"http://127.0.0.1:{port}"
