@@ -29,7 +29,7 @@ from __future__ import annotations
 import heapq
 import math
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -506,7 +506,23 @@ class DiscoveryIndex:
         if candidates is not None and not candidates:
             return []
         # score every group once; a group's members share one score
-        ranked: list[tuple[float, str, int, float | None, set[str]]] = []
+        scored = [
+            (q.score(free, latency), region, free, latency, members)
+            for region, free, latency, members in self._groups(q)
+        ]
+        scored.sort(key=lambda g: (-g[0], g[1], g[2]))
+        # every group with the same exact score ties, so ties are broken by CPID
+        ranked = [(score, free, latency, members) for score, _, free, latency, members in scored]
+        return self._take(
+            q,
+            candidates,
+            ranked,
+            lambda score, c, f, lat: Match(c, score, f, lat, self._entries[c]),
+        )
+
+    def _groups(self, q: Query) -> Iterator[tuple[str, int, float | None, set[str]]]:
+        """The score groups ``(region, free, latency, members)`` that ``q``'s free-unit,
+        liveness and latency bounds admit (latency from ``near``, None without it)."""
         for (region, free), members in self._group.items():
             if q.min_free is not None and free < q.min_free:
                 continue
@@ -515,18 +531,26 @@ class DiscoveryIndex:
             latency = None if q.near is None else self.table.rtt(q.near, region)
             if q.max_latency_ms is not None and (latency is None or latency > q.max_latency_ms):
                 continue
-            ranked.append((q.score(free, latency), region, free, latency, members))
-        ranked.sort(key=lambda g: (-g[0], g[1], g[2]))
+            yield region, free, latency, members
+
+    def _take(
+        self,
+        q: Query,
+        candidates: set[str] | frozenset[str] | None,
+        ranked: list[tuple[Any, int, float | None, set[str]]],
+        make: Callable[[Any, str, int, float | None], Match],
+    ) -> list[Match]:
+        """The best ``q.limit`` members of ``ranked`` (groups ``(key, free, latency,
+        members)`` in order; groups with equal keys tie, and ties go by CPID), each made
+        a match by ``make(key, cpid, free, latency)``.  Stops once ``limit`` is certain."""
         out: list[Match] = []
         i = 0
         while i < len(ranked) and len(out) < q.limit:
-            # every group with this exact score, so ties can be broken by CPID
-            score = ranked[i][0]
-            j = i
+            key = ranked[i][0]
             need = q.limit - len(out)
             pool: list[tuple[str, int, float | None]] = []
-            while j < len(ranked) and ranked[j][0] == score:
-                _, _, free, latency, members = ranked[j]
+            while i < len(ranked) and ranked[i][0] == key:
+                _, free, latency, members = ranked[i]
                 chosen: Collection[str] = (
                     members if candidates is None else _intersect(members, candidates)
                 )
@@ -535,11 +559,10 @@ class DiscoveryIndex:
                 if len(chosen) > need:
                     chosen = heapq.nsmallest(need, chosen)
                 pool.extend((cpid, free, latency) for cpid in chosen)
-                j += 1
-            i = j
+                i += 1
             best = pool if len(pool) <= need else heapq.nsmallest(need, pool)
             best.sort()
-            out.extend(Match(c, score, f, lat, self._entries[c]) for c, f, lat in best)
+            out.extend(make(key, c, f, lat) for c, f, lat in best)
         return out
 
     def _ranked(self, q: Query) -> list[Match]:
@@ -598,39 +621,22 @@ class DiscoveryIndex:
         (within equal keys, by CPID), as the default order does."""
         order, weights, near = q.order, q.weight_map, q.near is not None
         sorter = ranking.Sorter(order, near=near, weights=weights)
-        ranked: list[tuple[tuple[Any, ...], int, float | None, set[str]]] = []
-        for (region, free), members in self._group.items():
-            if q.min_free is not None and free < q.min_free:
-                continue
-            if q.live is False and free > 0:
-                continue
-            latency = None if q.near is None else self.table.rtt(q.near, region)
-            if q.max_latency_ms is not None and (latency is None or latency > q.max_latency_ms):
-                continue
-            key = sorter.key(sorter.group(free, latency), "", ranking.EntryFacts())[:-1]
-            ranked.append((key, free, latency, members))
+        ranked: list[tuple[Any, int, float | None, set[str]]] = [
+            (
+                sorter.key(sorter.group(free, latency), "", ranking.EntryFacts())[:-1],
+                free,
+                latency,
+                members,
+            )
+            for _, free, latency, members in self._groups(q)
+        ]
         ranked.sort(key=lambda g: g[0])
-        out: list[Match] = []
-        i = 0
-        while i < len(ranked) and len(out) < q.limit:
-            key = ranked[i][0]
-            need = q.limit - len(out)
-            pool: list[tuple[str, int, float | None]] = []
-            while i < len(ranked) and ranked[i][0] == key:
-                _, free, latency, members = ranked[i]
-                chosen: Collection[str] = (
-                    members if candidates is None else _intersect(members, candidates)
-                )
-                if q.live is not None and free == 0:
-                    chosen = [c for c in chosen if self._entries[c].live == q.live]
-                if len(chosen) > need:
-                    chosen = heapq.nsmallest(need, chosen)
-                pool.extend((cpid, free, latency) for cpid in chosen)
-                i += 1
-            best = pool if len(pool) <= need else heapq.nsmallest(need, pool)
-            best.sort()
-            out.extend(Match(c, q.score(f, lat), f, lat, self._entries[c], q) for c, f, lat in best)
-        return out
+        return self._take(
+            q,
+            candidates,
+            ranked,
+            lambda _, c, f, lat: Match(c, q.score(f, lat), f, lat, self._entries[c], q),
+        )
 
 
 def _explained(m: Match, q: Query) -> Match:
