@@ -896,6 +896,23 @@ class Federation:
             raise NotFoundError(f"{cpid.to_text()}: root {root} {why}")
         return m
 
+    def member_for(self, cpid: str | CPID) -> Member:
+        """The trusted member serving ``cpid`` (claims go to its index cluster);
+        NotFoundError naming why when there is none, InvalidCPIDError for bad text."""
+        return self._member_for(cpid if isinstance(cpid, CPID) else parse_cpid(cpid))
+
+    def members_for(self, query: Query | None, roots: frozenset[str] | None) -> list[Member]:
+        """The trusted members a query concerns (``within``, ``roots``), bundle order."""
+        return self._targets(query, roots)
+
+    def root_member(self, root: str) -> Member | None:
+        """The member holding ``root``'s transparency log: the cluster serving the root
+        itself (its first cluster when none does); None for a root not in the bundle."""
+        ms = self._by_root.get(root)
+        if not ms:
+            return None
+        return next((m for m in ms if root in m.spec.prefixes), ms[0])
+
     def _whole(self, m: Member) -> bool:
         """``m`` alone serves its entire root: every entry its resolver verifies is its
         to serve (a member trusts only its root's anchor, so its entries are inside the

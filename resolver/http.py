@@ -571,8 +571,8 @@ def create_app(
     # their handlers answer the error tree themselves
     add_log_routes(app, index=lambda a: a[RESOLVER].index)
     app[BODY_TIMEOUT] = config.body_timeout_s
-    # claims live in the home root's index (a federation's first root with its own anchor)
-    add_claim_routes(app, resolver=r.home if isinstance(r, Federation) else r, reconcile=primary)
+    # claims live in the index cluster of the resource claimed (one service per cluster)
+    add_claim_routes(app, resolver=r, reconcile=primary)
     add_ui_routes(app, config)  # the web console at /ui/, /v1/anchor (docs/console.md)
     # last: unknown routes, newlines in the path included
     app.router.add_route("*", "/{path:(?s:.*)}", _no_route, name="other")
