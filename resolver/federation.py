@@ -405,9 +405,10 @@ class Federation:
 
     It offers what the front ends use of a :class:`Resolver`: ``get``, ``resolve``,
     ``discover``, ``watch``, ``add_listener``, ``health``, ``ready``, ``stale``,
-    ``revision``, ``generation``; :attr:`home` is the member whose index carries claims
-    and the transparency-log routes (the first cluster of the first root with its own
-    anchor).
+    ``revision``, ``generation``; :attr:`home` is the member whose log the log routes
+    serve without ``root=`` (the first cluster of the first root with its own anchor).
+    Claims go to each resource's own cluster (:class:`resolver.claims.http.ClaimRouter`,
+    through :meth:`member_for` and :meth:`members_for`).
     """
 
     def __init__(
