@@ -44,6 +44,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Annotated, Any, Final, Literal
 
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from registry.index import ROOT, Compacted, Index
@@ -455,6 +457,8 @@ class Federation:
         """(root, time.monotonic()) of each endorsement withdrawn: for measurements."""
         for m in static:
             m.resolver = self._new_resolver(m, m.spec.anchor)  # type: ignore[arg-type]
+        with contextlib.suppress(ValueError):  # already registered (a second federation)
+            self.metrics.registry.register(_FederationCollector(self))
 
     @classmethod
     def from_bundle(
@@ -1147,6 +1151,47 @@ class Federation:
             for st in streams.values():
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await st.task
+
+
+class _FederationCollector(Collector):
+    """Per index cluster, at every scrape: ``cpi_resolver_federation_records`` (records
+    served), ``..._ready`` and ``..._trusted`` (1 or 0), labelled ``root`` and ``member``."""
+
+    def __init__(self, fed: Federation) -> None:
+        self._fed = fed
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["root", "member"]
+        records = GaugeMetricFamily(
+            "cpi_resolver_federation_records",
+            "Records a federated resolver serves, per root and index cluster",
+            labels=labels,
+        )
+        ready = GaugeMetricFamily(
+            "cpi_resolver_federation_ready",
+            "1 when the index cluster's replica has listed and its root is trusted now",
+            labels=labels,
+        )
+        trusted = GaugeMetricFamily(
+            "cpi_resolver_federation_trusted",
+            "1 when the root is trusted now (own anchor, or an endorsement in its window)",
+            labels=labels,
+        )
+        now = time.time()
+        for m in self._fed.members:
+            key = [m.root, m.name]
+            active = m.active(now)
+            r = m.resolver
+            trusted.add_metric(key, int(active))
+            ready.add_metric(key, int(active and r is not None and r.ready))
+            served = r.health()["served"] if active and r is not None else 0
+            records.add_metric(key, int(served))
+        yield records
+        yield ready
+        yield trusted
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:

@@ -49,6 +49,11 @@ async def test_client_and_cli_restrict_roots(
         assert [r.cpid for r in (await rc.find(roots="CN", kind="GPU")).hits] == [cn_node.cpid]
         got = await rc.discover(None, roots=("CN", "SG"))
         assert len(got["results"]) == 2
+    # per-root figures on /metrics
+    text = await (await client.get("/metrics")).text()
+    for root in ("CN", "SG"):
+        assert f'cpi_resolver_federation_records{{member="{root}",root="{root}"}} 1.0' in text
+        assert f'cpi_resolver_federation_ready{{member="{root}",root="{root}"}} 1.0' in text
     capsys.readouterr()
     base = ["discover", "--resolver", url, "--insecure", "-o", "json"]
     assert await asyncio.to_thread(main, [*base, "--roots", "SG"]) == 0
