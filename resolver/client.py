@@ -277,14 +277,33 @@ def _query(query: Query | None, filters: Mapping[str, Any]) -> Query:
     return Query(**filters)
 
 
+Roots = str | Iterable[str] | None
+"""``roots=`` of discovery and watches on a federated resolver: ``"CN,SG"`` or
+``["CN", "SG"]`` (None: every root)."""
+
+
+def _roots_text(roots: Roots) -> str | None:
+    if roots is None:
+        return None
+    text = roots if isinstance(roots, str) else ",".join(roots)
+    if not text:
+        raise InvalidDataError("roots= names no root; give e.g. roots=['CN', 'SG'] or None")
+    return text
+
+
 def _params(
-    query: Query | Iterable[tuple[str, str]] | None, *, with_limit: bool
+    query: Query | Iterable[tuple[str, str]] | None, *, with_limit: bool, roots: Roots = None
 ) -> list[tuple[str, str]]:
     if query is None:
-        return []
-    if isinstance(query, Query):
-        return query.to_params(with_limit=with_limit)
-    return list(query)
+        out: list[tuple[str, str]] = []
+    elif isinstance(query, Query):
+        out = query.to_params(with_limit=with_limit)
+    else:
+        out = list(query)
+    text = _roots_text(roots)
+    if text is not None:
+        out.append(("roots", text))
+    return out
 
 
 class ResolverClient:
@@ -368,21 +387,25 @@ class ResolverClient:
         return await self._get("/v1/resources/" + cpid)
 
     async def discover(
-        self, query: Query | Iterable[tuple[str, str]] | None = None
+        self, query: Query | Iterable[tuple[str, str]] | None = None, *, roots: Roots = None
     ) -> dict[str, Any]:
-        """``{"results": [...], "revision"}``, best first."""
-        return await self._get("/v1/discover", _params(query, with_limit=True))
+        """``{"results": [...], "revision"}``, best first; ``roots`` restricts a
+        federated resolver's answer to those roots (e.g. ``["CN", "SG"]``)."""
+        return await self._get("/v1/discover", _params(query, with_limit=True, roots=roots))
 
     async def lookup(self, cpid: str) -> Resolved:
         """The record of ``cpid`` as a :class:`Resolved` (404 -> :class:`NotFoundError`)."""
         return Resolved.from_bundle(await self.resolve(cpid))
 
-    async def find(self, query: Query | None = None, **filters: Any) -> Discovery:
+    async def find(
+        self, query: Query | None = None, *, roots: Roots = None, **filters: Any
+    ) -> Discovery:
         """Discovery, best first: a :class:`Query` or its fields as keywords
         (``kind``, ``within``, ``accelerator``, ``min_free``, ``near``, ``max_latency_ms``,
         ``labels`` as a dict or pairs, ``live``, ``limit``, ``sort``, ``weights`` as a
-        dict or pairs, e.g. ``{"latency": 2, "price": 1}``)."""
-        return Discovery.from_dict(await self.discover(_query(query, filters)))
+        dict or pairs, e.g. ``{"latency": 2, "price": 1}``); ``roots`` as for
+        :meth:`discover`."""
+        return Discovery.from_dict(await self.discover(_query(query, filters), roots=roots))
 
     async def ready(self) -> dict[str, Any]:
         """The ``/readyz`` report (also when the resolver answers 503)."""
@@ -402,10 +425,12 @@ class ResolverClient:
         since: str | None = None,
         reconnect: bool = True,
         retry_s: float = 1.0,
+        roots: Roots = None,
     ) -> AsyncGenerator[WatchMessage, None]:
         """Server-sent events from ``/v1/watch``; on a dropped stream, reconnect with
-        ``Last-Event-ID`` (when ``reconnect``), so no event is lost or repeated."""
-        params = _params(query, with_limit=False)
+        ``Last-Event-ID`` (when ``reconnect``), so no event is lost or repeated.
+        ``roots`` restricts a federated resolver's events to those roots."""
+        params = _params(query, with_limit=False, roots=roots)
         last = since
         while True:
             headers = {"Last-Event-ID": last} if last else {}
@@ -502,20 +527,25 @@ class SyncResolverClient:
         """See :meth:`ResolverClient.lookup`."""
         return self._run(self._client.lookup(cpid))
 
-    def find(self, query: Query | None = None, **filters: Any) -> Discovery:
+    def find(self, query: Query | None = None, *, roots: Roots = None, **filters: Any) -> Discovery:
         """See :meth:`ResolverClient.find`."""
-        return self._run(self._client.find(query, **filters))
+        return self._run(self._client.find(query, roots=roots, **filters))
 
     def ready(self) -> dict[str, Any]:
         """The ``/readyz`` report (``report["ready"]`` is the verdict)."""
         return self._run(self._client.ready())
 
     def watch(
-        self, query: Query | None = None, *, since: str | None = None, **filters: Any
+        self,
+        query: Query | None = None,
+        *,
+        since: str | None = None,
+        roots: Roots = None,
+        **filters: Any,
     ) -> Iterator[WatchMessage]:
         """Watch events as a blocking iterator (reconnecting as :meth:`ResolverClient.watch`
         does); stop with ``break``."""
-        stream = self._client.watch(_query(query, filters), since=since)
+        stream = self._client.watch(_query(query, filters), since=since, roots=roots)
 
         async def step() -> WatchMessage:
             return await stream.__anext__()

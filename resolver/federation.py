@@ -44,6 +44,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Annotated, Any, Final, Literal
 
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from registry.index import ROOT, Compacted, Index
@@ -405,9 +407,10 @@ class Federation:
 
     It offers what the front ends use of a :class:`Resolver`: ``get``, ``resolve``,
     ``discover``, ``watch``, ``add_listener``, ``health``, ``ready``, ``stale``,
-    ``revision``, ``generation``; :attr:`home` is the member whose index carries claims
-    and the transparency-log routes (the first cluster of the first root with its own
-    anchor).
+    ``revision``, ``generation``; :attr:`home` is the member whose log the log routes
+    serve without ``root=`` (the first cluster of the first root with its own anchor).
+    Claims go to each resource's own cluster (:class:`resolver.claims.http.ClaimRouter`,
+    through :meth:`member_for` and :meth:`members_for`).
     """
 
     def __init__(
@@ -454,6 +457,8 @@ class Federation:
         """(root, time.monotonic()) of each endorsement withdrawn: for measurements."""
         for m in static:
             m.resolver = self._new_resolver(m, m.spec.anchor)  # type: ignore[arg-type]
+        with contextlib.suppress(ValueError):  # already registered (a second federation)
+            self.metrics.registry.register(_FederationCollector(self))
 
     @classmethod
     def from_bundle(
@@ -896,6 +901,23 @@ class Federation:
             raise NotFoundError(f"{cpid.to_text()}: root {root} {why}")
         return m
 
+    def member_for(self, cpid: str | CPID) -> Member:
+        """The trusted member serving ``cpid`` (claims go to its index cluster);
+        NotFoundError naming why when there is none, InvalidCPIDError for bad text."""
+        return self._member_for(cpid if isinstance(cpid, CPID) else parse_cpid(cpid))
+
+    def members_for(self, query: Query | None, roots: frozenset[str] | None) -> list[Member]:
+        """The trusted members a query concerns (``within``, ``roots``), bundle order."""
+        return self._targets(query, roots)
+
+    def root_member(self, root: str) -> Member | None:
+        """The member holding ``root``'s transparency log: the cluster serving the root
+        itself (its first cluster when none does); None for a root not in the bundle."""
+        ms = self._by_root.get(root)
+        if not ms:
+            return None
+        return next((m for m in ms if root in m.spec.prefixes), ms[0])
+
     def _whole(self, m: Member) -> bool:
         """``m`` alone serves its entire root: every entry its resolver verifies is its
         to serve (a member trusts only its root's anchor, so its entries are inside the
@@ -1129,6 +1151,47 @@ class Federation:
             for st in streams.values():
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await st.task
+
+
+class _FederationCollector(Collector):
+    """Per index cluster, at every scrape: ``cpi_resolver_federation_records`` (records
+    served), ``..._ready`` and ``..._trusted`` (1 or 0), labelled ``root`` and ``member``."""
+
+    def __init__(self, fed: Federation) -> None:
+        self._fed = fed
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["root", "member"]
+        records = GaugeMetricFamily(
+            "cpi_resolver_federation_records",
+            "Records a federated resolver serves, per root and index cluster",
+            labels=labels,
+        )
+        ready = GaugeMetricFamily(
+            "cpi_resolver_federation_ready",
+            "1 when the index cluster's replica has listed and its root is trusted now",
+            labels=labels,
+        )
+        trusted = GaugeMetricFamily(
+            "cpi_resolver_federation_trusted",
+            "1 when the root is trusted now (own anchor, or an endorsement in its window)",
+            labels=labels,
+        )
+        now = time.time()
+        for m in self._fed.members:
+            key = [m.root, m.name]
+            active = m.active(now)
+            r = m.resolver
+            trusted.add_metric(key, int(active))
+            ready.add_metric(key, int(active and r is not None and r.ready))
+            served = r.health()["served"] if active and r is not None else 0
+            records.add_metric(key, int(served))
+        yield records
+        yield ready
+        yield trusted
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:

@@ -52,6 +52,7 @@ from typing import Any, Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from registry.index import Index
 from resolver.audit.log import add_log_routes
 from resolver.claims.http import BODY_TIMEOUT, add_claim_routes
 from resolver.config import ResolverConfig
@@ -516,6 +517,16 @@ def federation_from_config(
     )
 
 
+def _root_log_index(app: web.Application, root: str) -> Index | None:
+    """The index holding ``root``'s transparency log (``/v1/log/...?root=``)."""
+    fed = app[RESOLVER]
+    assert isinstance(fed, Federation)
+    m = fed.root_member(root)
+    if m is None or m.resolver is None or not m.active(time.time()):
+        return None
+    return m.resolver.index
+
+
 def create_app(
     config: ResolverConfig, *, resolver: AnyResolver | None = None, primary: bool = True
 ) -> web.Application:
@@ -569,10 +580,14 @@ def create_app(
     app.router.add_get("/openapi.json", openapi_handler(), name="openapi")
     # after the resolver's cleanup_ctx entry: both use its index once it is connected;
     # their handlers answer the error tree themselves
-    add_log_routes(app, index=lambda a: a[RESOLVER].index)
+    add_log_routes(
+        app,
+        index=lambda a: a[RESOLVER].index,
+        root_index=_root_log_index if isinstance(r, Federation) else None,
+    )
     app[BODY_TIMEOUT] = config.body_timeout_s
-    # claims live in the home root's index (a federation's first root with its own anchor)
-    add_claim_routes(app, resolver=r.home if isinstance(r, Federation) else r, reconcile=primary)
+    # claims live in the index cluster of the resource claimed (one service per cluster)
+    add_claim_routes(app, resolver=r, reconcile=primary)
     add_ui_routes(app, config)  # the web console at /ui/, /v1/anchor (docs/console.md)
     # last: unknown routes, newlines in the path included
     app.router.add_route("*", "/{path:(?s:.*)}", _no_route, name="other")

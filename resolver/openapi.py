@@ -49,6 +49,13 @@ def _q(name: str, description: str, schema: dict[str, Any] | None = None) -> Par
     return Param(name, "query", schema or {"type": "string"}, description)
 
 
+_ROOT: Final = _q(
+    "root",
+    "a federated resolver: this root's log, from its own index (default: the home root's)",
+    {"type": "string", "pattern": "^[A-Za-z0-9]{1,32}$"},
+)
+
+
 _FILTERS: Final = (
     _q("kind", "resource kind, e.g. GPU (any case)"),
     _q("within", "namespace prefix the CPID must lie under, e.g. CN.31"),
@@ -165,7 +172,14 @@ OPERATIONS: Final[dict[tuple[str, str], Operation]] = {
     ("GET", "/v1/claims"): Operation(
         summary="The token holder's active claims",
         security="bearerAuth",
-        params=(_q("holder", "must be the token's own holder"),),
+        params=(
+            _q("holder", "must be the token's own holder"),
+            _q(
+                "roots",
+                "a federated resolver: only the claims in these roots' clusters (CN,SG)",
+                {"type": "string", "pattern": "^[A-Za-z]{2}(,[A-Za-z]{2})*$"},
+            ),
+        ),
         replies={200: Reply("the claims", api.ClaimList)},
         errors=(400, 401, 403, 503),
         error_headers=_CLAIMS_AUTH,
@@ -192,6 +206,7 @@ OPERATIONS: Final[dict[tuple[str, str], Operation]] = {
     ),
     ("GET", "/v1/log/checkpoint"): Operation(
         summary="The latest signed checkpoint of the transparency log",
+        params=(_ROOT,),
         replies={200: Reply("a signed note", media="text/plain")},
         errors=(404, 503),
         tags=("log",),
@@ -204,6 +219,7 @@ OPERATIONS: Final[dict[tuple[str, str], Operation]] = {
             _q("digest", "sha256 hex of the record envelope"),
             _q("version", "the record version", _INT),
             _q("tree_size", "prove against this tree size (default: the checkpoint's)", _INT),
+            _ROOT,
         ),
         replies={200: Reply("the proof", api.LogInclusion)},
         errors=(400, 404, 503),
@@ -214,6 +230,7 @@ OPERATIONS: Final[dict[tuple[str, str], Operation]] = {
         params=(
             Param("first", "query", _INT, "the smaller tree size", required=True),
             _q("second", "the larger tree size (default: the checkpoint's)", _INT),
+            _ROOT,
         ),
         replies={200: Reply("the proof", api.LogConsistency)},
         errors=(400, 404, 503),
@@ -224,6 +241,7 @@ OPERATIONS: Final[dict[tuple[str, str], Operation]] = {
         params=(
             Param("start", "query", _INT, "first index", required=True),
             _q("end", "one past the last index", _INT),
+            _ROOT,
         ),
         replies={200: Reply("the entries", api.LogEntries)},
         errors=(400, 404, 503),

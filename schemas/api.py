@@ -283,6 +283,11 @@ class ClaimQuery(_Wire):
     weights: str | SkipJsonSchema[None] = Field(
         None, description="level 2 weights for sort=score, as for discovery (latency:2,price:1)"
     )
+    roots: str | list[str] | SkipJsonSchema[None] = Field(
+        None,
+        description="a federated resolver: only the index clusters of these roots ('CN,SG' "
+        "or a list); a claim or gang is made in one cluster (docs/claims.md)",
+    )
 
 
 class PerResource(_Wire):
@@ -344,6 +349,9 @@ class ClaimView(_Wire):
     created_at: int
     expires_at: int
     parts: list[ClaimPart] | SkipJsonSchema[None] = None
+    root: str | SkipJsonSchema[None] = Field(
+        None, description="a federated resolver: the root whose index cluster holds the claim"
+    )
 
 
 class ClaimList(_Wire):

@@ -113,6 +113,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ),
     )
     lg.add_argument("--resolver", required=True, help="resolver base URL")
+    lg.add_argument(
+        "--root",
+        help="a federated resolver's root whose log to read (e.g. SG; default: its home root)",
+    )
     add_client_arguments(lg)
     lg.add_argument("--anchor", required=True, help="anchor file; its directory holds log.vkey")
     lg.add_argument(
@@ -160,6 +164,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ),
     )
     mo.add_argument("--resolver", required=True, help="resolver base URL")
+    mo.add_argument(
+        "--root",
+        help="a federated resolver's root whose log to read (e.g. SG; default: its home root)",
+    )
     add_client_arguments(mo)
     mo.add_argument("--anchor", required=True, help="anchor file; its directory holds log.vkey")
     mo.add_argument(
@@ -450,6 +458,7 @@ async def _log(
                 witnesses=witnesses,
                 quorum=quorum,
                 gossip=args.compare_witness,
+                root=args.root,
             )
             cpid = parse(args.cpid).to_text() if args.cpid else None
             report = await auditor.check(cpid=cpid, version=args.version)
@@ -526,6 +535,7 @@ async def _monitor(args: argparse.Namespace, policy: CheckpointPolicy) -> int:
                 state=state,
                 expect_signers=args.expect_signer,
                 clock=time.time,
+                root=args.root,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidDataError(f"{state_path}: bad monitor state: {exc}") from exc

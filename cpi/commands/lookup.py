@@ -79,6 +79,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="level 2 weights for --sort score (implied), e.g. latency:2,price:1; names: "
         "compute|free, communication|latency, cost|price, energy|carbon",
     )
+    dis.add_argument(
+        "--roots",
+        metavar="CN,SG",
+        help="a federated resolver: only these roots (comma-separated; default: all)",
+    )
     _resolver_argument(dis)
     dis.set_defaults(handler=run_discover)
 
@@ -91,6 +96,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_filter_arguments(wat)
     wat.add_argument("--since", metavar="ID", help="resume after this event id")
     wat.add_argument("--count", type=int, metavar="N", help="exit after N put/delete events")
+    wat.add_argument(
+        "--roots",
+        metavar="CN,SG",
+        help="a federated resolver: only these roots (comma-separated; default: all)",
+    )
     _resolver_argument(wat)
     wat.set_defaults(handler=run_watch)
 
@@ -222,7 +232,7 @@ def run_resolve(args: argparse.Namespace) -> int:
 
 async def _discover(args: argparse.Namespace) -> dict[str, Any]:
     async with _client(args) as client:
-        return await client.discover(_query(args, limit=args.limit))
+        return await client.discover(_query(args, limit=args.limit), roots=args.roots)
 
 
 def _l2(r: dict[str, Any]) -> str:
@@ -327,7 +337,7 @@ async def _watch(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         while True:
             try:
-                async for msg in client.watch(query, since=last, reconnect=False):
+                async for msg in client.watch(query, since=last, reconnect=False, roots=args.roots):
                     connected = True
                     if msg.id is not None:
                         last = msg.id

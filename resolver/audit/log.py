@@ -26,6 +26,9 @@ HTTP (mounted by :func:`add_log_routes`):
   ``{"tree_size", "entries": [{"index", "leaf"}]}``.
 
 Byte strings (``leaf``, hashes) are standard base64, as in the checkpoint.
+
+On a federated resolver every route also takes ``root=`` (e.g. ``?root=SG``): that
+root's log, read from its own index; without it, the home root's.
 """
 
 from __future__ import annotations
@@ -353,10 +356,67 @@ def _int(request: web.Request, name: str, *, required: bool = False) -> int | No
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+RootIndex = Callable[[web.Application, str], Index | None]
+"""A federated app's root -> the index holding that root's log (None: not a root here)."""
+
+
+class _RootViews:
+    """The log views of a federation's roots other than the home one, made on first use
+    and kept following their index while it stays the same object."""
+
+    def __init__(self, find: RootIndex, interval: float) -> None:
+        self.find = find
+        self.interval = interval
+        self.views: dict[str, tuple[Index, LogView, asyncio.Task[None]]] = {}
+
+    def view(self, app: web.Application, root: str) -> LogView:
+        home = app[LOG_VIEW]
+        idx = self.find(app, root)
+        if idx is None:
+            raise NotFoundError(f"root {root} is not a root of this resolver (or not trusted now)")
+        if idx is home._index:
+            return home
+        known = self.views.get(root)
+        if known is not None and known[0] is idx:
+            return known[1]
+        if known is not None:
+            known[2].cancel()
+        view = LogView(idx)  # the checkpoint policy of the environment is the home log's
+        task = asyncio.create_task(view.follow(self.interval), name=f"log-view-{root}")
+        self.views[root] = (idx, view, task)
+        return view
+
+    async def close(self) -> None:
+        tasks = [t for _, _, t in self.views.values()]
+        self.views.clear()
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+
+_ROOT_VIEWS: Final = web.AppKey("cpi_log_root_views", _RootViews)
+
+
+def _view(request: web.Request) -> LogView:
+    """The home log's view, or with ``?root=SG`` that root's (federated apps only)."""
+    root = request.query.get("root")
+    if root is None:
+        return request.app[LOG_VIEW]
+    views = request.app.get(_ROOT_VIEWS)
+    if views is None:
+        raise QueryError("this resolver serves one root's log; leave out root=")
+    ns = root.strip().upper()
+    if not ns.isascii() or not ns.isalnum() or not 1 <= len(ns) <= 32:
+        raise QueryError(f"root={root[:40]!r} is not a root name (e.g. root=SG)")
+    return views.view(request.app, ns)
+
+
 def _handler(fn: Callable[[LogView, web.Request], Awaitable[web.StreamResponse]]) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
-        view = request.app[LOG_VIEW]
         try:
+            view = _view(request)
             if view.tree.size == 0 and view.checkpoint is None:
                 await view.refresh()
             return await fn(view, request)
@@ -421,6 +481,7 @@ def add_log_routes(
     index: Index | web.AppKey[Index] | Callable[[web.Application], Index],
     refresh_interval: float = 1.0,
     policy: CheckpointPolicy | None = None,
+    root_index: RootIndex | None = None,
 ) -> None:
     """Register the ``/v1/log/...`` routes and a task keeping the log view fresh.
 
@@ -428,6 +489,11 @@ def add_log_routes(
     stores it, or a function of the app returning it (read at start-up, so an index
     opened in an earlier ``cleanup_ctx`` works).  ``policy`` defaults to the one the
     environment describes (:func:`~resolver.audit.logcheck.policy_from_env`), if any.
+
+    ``root_index`` (a federated resolver) maps a root to the index holding its log:
+    every route then takes ``?root=SG`` for that root's log (without it, the home
+    log).  The policy applies to the home log only; another root's checkpoints are
+    served as that root stores them (an auditor checks them with that root's log key).
     """
     if policy is None:
         policy = policy_from_env()
@@ -441,9 +507,13 @@ def add_log_routes(
             idx = index(app)
         view = LogView(idx, policy)
         app[LOG_VIEW] = view
+        if root_index is not None:
+            app[_ROOT_VIEWS] = _RootViews(root_index, refresh_interval)
         task = asyncio.create_task(view.follow(refresh_interval), name="log-view")
         yield
         task.cancel()
+        if root_index is not None:
+            await app[_ROOT_VIEWS].close()
         with contextlib.suppress(asyncio.CancelledError):
             await task
 

@@ -192,9 +192,12 @@ class LogAuditor:
         witnesses: Sequence[CosignerVerifier] = (),
         quorum: int = 0,
         gossip: Sequence[str] = (),
+        root: str | None = None,
     ) -> None:
         self._http = session
         self._base = base_url.rstrip("/")
+        self._root = root
+        """A federated resolver's root whose log is checked (``?root=``); None: the home log."""
         self._verifier = verifier
         self._state = state
         self._witnesses = list(witnesses)
@@ -204,6 +207,8 @@ class LogAuditor:
         self.new_state: bytes | None = None
 
     async def _get(self, path: str, params: Mapping[str, Any] | None = None) -> tuple[int, bytes]:
+        if self._root is not None:
+            params = {**(params or {}), "root": self._root}
         async with self._http.get(self._base + path, params=params) as resp:
             return resp.status, await resp.read()
 

@@ -150,9 +150,12 @@ class Monitor:
         state: Mapping[str, Any] | None = None,
         expect_signers: Iterable[str] = (),
         clock: Callable[[], float] | None = None,
+        root: str | None = None,
     ) -> None:
         self._http = session
         self._base = base_url.rstrip("/")
+        self._root = root
+        """A federated resolver's root whose log is followed (``?root=``); None: the home log."""
         self._policy = policy
         self.namespaces = [parse_namespace(n) for n in namespaces]
         self._expect = set(expect_signers)
@@ -179,6 +182,8 @@ class Monitor:
         }
 
     async def _get(self, path: str, params: Mapping[str, Any] | None = None) -> bytes:
+        if self._root is not None:
+            params = {**(params or {}), "root": self._root}
         async with self._http.get(self._base + path, params=params) as resp:
             body = await resp.read()
             if resp.status != 200:
