@@ -82,6 +82,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="NAME:W,...",
         help="level 2 weights for --sort score (implied), e.g. latency:2,price:1",
     )
+    p.add_argument(
+        "--roots",
+        metavar="ROOT,...",
+        help="a federated resolver: only these roots' index clusters may take the claim "
+        "(comma-separated; default: those the filters concern)",
+    )
     p.add_argument("--units", type=int, help="units to claim (accelerators, or CPU cores)")
     p.add_argument("--ttl", help="how long to hold them: 90s, 10m, 2h (server default 10m)")
     gang = p.add_argument_group(
@@ -224,11 +230,16 @@ def run_claim(args: argparse.Namespace) -> int:
         raise UsageError(f"{flags}: only with --gang")
     if args.gang and query is None:
         raise UsageError("--gang needs filters (--within, --kind, --query, ...), not --cpid")
+    roots = [r for r in args.roots.split(",") if r] if args.roots else None
+    if roots is not None and query is None:
+        raise UsageError("--roots goes with filters (a claim by query), not --cpid")
 
     async def go() -> dict[str, object]:
         async with _client(args) as client:
             if not args.gang:
-                return await client.claim(cpid=args.cpid, query=query, units=args.units, ttl_s=ttl)
+                return await client.claim(
+                    cpid=args.cpid, query=query, units=args.units, ttl_s=ttl, roots=roots
+                )
             assert query is not None
             try:
                 return await client.claim_gang(
@@ -240,6 +251,7 @@ def run_claim(args: argparse.Namespace) -> int:
                     same_region=args.same_region,
                     max_pairwise_latency_ms=args.max_pairwise_latency,
                     ttl_s=ttl,
+                    roots=roots,
                 )
             except ClaimsAPIError as exc:
                 _print_available(exc)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -129,8 +129,9 @@ class ClaimsNotFoundError(ClaimsAPIError, NotFoundError):
     """HTTP 404: no such CPID or claim."""
 
 
-def query_to_json(query: Query) -> dict[str, Any]:
-    """The ``"query"`` object of ``POST /v1/claims`` for ``query`` (``live`` is implied)."""
+def query_to_json(query: Query, roots: Iterable[str] | None = None) -> dict[str, Any]:
+    """The ``"query"`` object of ``POST /v1/claims`` for ``query`` (``live`` is implied);
+    ``roots``: on a federated resolver, the roots whose index clusters may take it."""
     out: dict[str, Any] = {}
     for name in ("kind", "within", "accelerator", "min_free", "near", "max_latency_ms"):
         value = getattr(query, name)
@@ -143,6 +144,8 @@ def query_to_json(query: Query) -> dict[str, Any]:
         out["sort"] = query.sort
     if query.weights:
         out["weights"] = ranking.weights_text(query.weights)
+    if roots is not None:
+        out["roots"] = ",".join(roots)
     return out
 
 
@@ -225,8 +228,10 @@ class ClaimsClient:
         query: Query | None = None,
         units: int,
         ttl_s: int | None = None,
+        roots: Iterable[str] | None = None,
     ) -> dict[str, Any]:
-        """``POST /v1/claims``: ``{"claim_id", "cpid", "units", "expires_at"}``."""
+        """``POST /v1/claims``: ``{"claim_id", "cpid", "units", "expires_at"}``.  ``roots``
+        (with a query, on a federated resolver): the roots that may take the claim."""
         if (cpid is None) == (query is None):
             raise InvalidDataError("give a CPID or a query, not both")
         body: dict[str, Any] = {"units": units}
@@ -234,7 +239,7 @@ class ClaimsClient:
             body["cpid"] = cpid
         else:
             assert query is not None
-            body["query"] = query_to_json(query)
+            body["query"] = query_to_json(query, roots)
         if ttl_s is not None:
             body["ttl_s"] = ttl_s
         _, obj = await self._call("POST", "/v1/claims", body)
@@ -247,9 +252,12 @@ class ClaimsClient:
         query: Query | None = None,
         units: int,
         ttl_s: int | None = None,
+        roots: Iterable[str] | None = None,
     ) -> Claim:
         """:meth:`claim`, answered as a :class:`Claim`."""
-        return Claim.from_dict(await self.claim(cpid=cpid, query=query, units=units, ttl_s=ttl_s))
+        return Claim.from_dict(
+            await self.claim(cpid=cpid, query=query, units=units, ttl_s=ttl_s, roots=roots)
+        )
 
     async def claim_gang(
         self,
@@ -262,6 +270,7 @@ class ClaimsClient:
         same_region: bool = False,
         max_pairwise_latency_ms: float | None = None,
         ttl_s: int | None = None,
+        roots: Iterable[str] | None = None,
     ) -> dict[str, Any]:
         """``POST /v1/claims`` with a ``"gang"``: ``units`` in total over resources matching
         ``query``, all or nothing.  ``per_resource`` exactly, or ``per_resource_min`` /
@@ -279,7 +288,11 @@ class ClaimsClient:
             gang["same_region"] = True
         if max_pairwise_latency_ms is not None:
             gang["max_pairwise_latency_ms"] = max_pairwise_latency_ms
-        body: dict[str, Any] = {"query": query_to_json(query), "units": units, "gang": gang}
+        body: dict[str, Any] = {
+            "query": query_to_json(query, roots),
+            "units": units,
+            "gang": gang,
+        }
         if ttl_s is not None:
             body["ttl_s"] = ttl_s
         _, obj = await self._call("POST", "/v1/claims", body)

@@ -7,7 +7,7 @@ from typing import Any
 
 from registry.index import Keys
 from resolver.claims.client import query_to_json
-from resolver.claims.http import parse_query
+from resolver.claims.http import parse_query, parse_query_roots
 from resolver.discovery import Query
 from tests.resolver.claims.test_claims import Stack, stack, units_at
 from tests.resolver.kit import Node, put_record, put_status
@@ -82,3 +82,11 @@ def test_the_client_sends_the_order_the_server_parses() -> None:
     assert back.order == "score" and dict(back.weights) == dict(q.weights)
     assert parse_query(query_to_json(Query(sort="price")), default_limit=20).order == "price"
     assert "sort" not in query_to_json(Query()) and "weights" not in query_to_json(Query())
+
+
+def test_the_client_sends_roots_the_server_routes_by() -> None:
+    body = query_to_json(Query(kind="GPU"), ["SG", "CN"])
+    assert body["roots"] == "SG,CN"
+    assert parse_query_roots(body) == frozenset({"CN", "SG"})
+    assert "roots" not in query_to_json(Query(kind="GPU"))
+    assert parse_query_roots(query_to_json(Query(kind="GPU"))) is None
