@@ -208,7 +208,7 @@ OPERATIONS: Final[dict[tuple[str, str], Operation]] = {
         summary="The latest signed checkpoint of the transparency log",
         params=(_ROOT,),
         replies={200: Reply("a signed note", media="text/plain")},
-        errors=(404, 503),
+        errors=(400, 404, 503),
         tags=("log",),
     ),
     ("GET", "/v1/log/proof/inclusion"): Operation(
