@@ -336,6 +336,20 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print
 """
 
 
+async def start_hello_world() -> tuple[subprocess.Popen[bytes], int]:
+    """The same-run baseline: an aiohttp hello-world process, once it answers; and its port."""
+    port = free_port()
+    proc = await asyncio.to_thread(subprocess.Popen, [sys.executable, "-c", HELLO, str(port)])
+    async with aiohttp.ClientSession() as s:
+        for _ in range(200):
+            with contextlib.suppress(aiohttp.ClientError):
+                async with s.get(f"http://127.0.0.1:{port}/") as r:
+                    if r.status == 200:
+                        break
+            await asyncio.sleep(0.05)
+    return proc, port
+
+
 # -- load generation -----------------------------------------------------------------------
 
 
@@ -481,17 +495,8 @@ async def run(args: argparse.Namespace) -> None:
             if "lookups" in only:
                 # -- cached lookups: resolver vs hello-world vs etcd gateway
                 cpid = items[len(items) // 2][0]
-                hello_port = free_port()
-                hello = await asyncio.to_thread(
-                    subprocess.Popen, [sys.executable, "-c", HELLO, str(hello_port)]
-                )
+                hello, hello_port = await start_hello_world()
                 async with aiohttp.ClientSession() as s:
-                    for _ in range(200):
-                        with contextlib.suppress(aiohttp.ClientError):
-                            async with s.get(f"http://127.0.0.1:{hello_port}/") as r:
-                                if r.status == 200:
-                                    break
-                        await asyncio.sleep(0.05)
                     async with s.get(f"{server.url}/v1/resources/{cpid}") as r:
                         assert r.status == 200, await r.text()
                         resolved = await r.read()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import contextlib
 import json
 import multiprocessing
 import os
@@ -45,17 +44,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aiohttp
 
 from bench.resolve import (
-    HELLO,
     Server,
     World,
     _gen,
     aiohttp_rate,
     percentile,
     queries,
+    start_hello_world,
     watch_latency,
     wrk_rate,
 )
-from cpi.etcdproc import EtcdProcess, free_port
+from cpi.etcdproc import EtcdProcess
 from registry.index import Index, Keys, Op
 
 CHUNK = 2000
@@ -254,19 +253,12 @@ async def run(args: argparse.Namespace) -> None:
 
             # -- cached GET vs hello-world
             cpid = sample[len(sample) // 2]
-            hello_port = free_port()
-            hello = await asyncio.to_thread(
-                subprocess.Popen, [sys.executable, "-c", HELLO, str(hello_port)]
-            )
-            async with aiohttp.ClientSession() as s:
-                for _ in range(200):
-                    with contextlib.suppress(aiohttp.ClientError):
-                        async with s.get(f"http://127.0.0.1:{hello_port}/") as r:
-                            if r.status == 200:
-                                break
-                    await asyncio.sleep(0.05)
-                async with s.get(f"{server.url}/v1/resources/{cpid}") as r:
-                    assert r.status == 200, await r.text()
+            hello, hello_port = await start_hello_world()
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(f"{server.url}/v1/resources/{cpid}") as r,
+            ):
+                assert r.status == 200, await r.text()
             have_wrk = shutil.which("wrk") is not None
             urls = {
                 "resolver": f"{server.url}/v1/resources/{cpid}",
