@@ -62,7 +62,6 @@ from resolver.verify import (
 from schemas import _json
 from schemas import keys as _keys
 from schemas.chain import CLOCK_SKEW, TrustAnchors
-from schemas.cpid import CPID
 from schemas.dsse import Envelope, Signature
 from schemas.errors import EnvelopeError, InvalidDataError
 from schemas.models import Record, Status
@@ -201,7 +200,6 @@ class _Rec:
     error: str = ""  # why the value is not an envelope
     facts: RecordFacts | None = None  # set once it verified
     record: Record | None = None  # the model, when verification ran inline
-    parsed: CPID | None = None
     reason: str = "pending"  # "" when served
     detail: str = ""
     counted: str = ""  # reason already counted and logged for this revision
@@ -255,14 +253,6 @@ _REC: Final = str(Prefix.REC)
 _BULK: Final = 2000
 """Batches with at least this many changes leave record envelopes to the verification
 jobs to parse (``raw`` jobs, :mod:`resolver.verify`): in worker processes, in parallel."""
-
-
-def _split_cpid(canonical: str) -> CPID:
-    """A :class:`CPID` from text the verifier already accepted (rule 5), without re-checking."""
-    prefix, _, suffix = canonical.partition("/")
-    kind, _, rest = suffix.partition(".")
-    serial, _, check = rest.rpartition("-")
-    return CPID(prefix=sys.intern(prefix), kind=sys.intern(kind), serial=serial, check=check)
 
 
 _SERIAL: Final = 12
@@ -410,12 +400,9 @@ class ReplicaState:
         self.mass_expiry_events = 0
         self._revocation_envs: dict[str, Envelope] = {}
         self._signers: dict[str, SignerVerdict] = {}
-        self._by_signer: dict[str, set[str]] = {}
-        # records by the serial in their key: a node key's kid starts with its CPID's serial,
-        # so a revocation of kid K concerns the records whose serial is K[:12]
-        self._by_serial: dict[str, str | set[str]] = {}
-        """CPIDs by serial: one CPID (a str, the usual case: a serial is a key's hash) or
-        a set of them (the same key in several namespaces)."""
+        self._signer_refs: Counter[str] = Counter()
+        """Records by the key id that signed them (a count per key: which records a
+        changed chain concerns is found by a pass over the records, when it happens)."""
         self._revoked_serials: set[str] = set()
         self._deadlines = _Deadlines()
         self._claim_deadlines: list[tuple[float, str]] = []  # (expires_at, cpid)
@@ -581,7 +568,7 @@ class ReplicaState:
                 del self._signers[kid]
                 new = self._signer(kid, batch.now)
                 if new.fingerprint() != verdict.fingerprint():
-                    batch.dirty_recs |= self._by_signer.get(kid, set())
+                    batch.dirty_recs |= self._signed_by({kid})
         for ns, prot in list(self.protected.items()):
             if prot.until <= now:
                 dropped = [c for c in self.held if _namespace_of(c) == ns]
@@ -694,7 +681,7 @@ class ReplicaState:
             return
         if ch.envelope is not None:
             rs = _Rec(cpid, ch.revision, self._shared.envelope(ch.envelope))
-            self._by_signer.setdefault(rs.signer, set()).add(cpid)
+            self._signer_refs[rs.signer] += 1
         elif batch.bulk:  # parsed by its verification job (_verify_records, _parsed)
             rs = _Rec(cpid, ch.revision, None, raw=ch.value)
         else:
@@ -705,15 +692,8 @@ class ReplicaState:
                 env, error = None, str(exc)
                 self._mark_bad(Prefix.REC, ch.key, ch.revision, _describe(exc))
             rs = _Rec(cpid, ch.revision, env, error)
-            self._by_signer.setdefault(rs.signer, set()).add(cpid)
+            self._signer_refs[rs.signer] += 1
         self.recs[cpid] = rs
-        serial = _serial_of(cpid)
-        had = self._by_serial.setdefault(serial, cpid)
-        if had is not cpid and had != cpid:
-            if isinstance(had, str):
-                self._by_serial[serial] = {had, cpid}
-            else:
-                had.add(cpid)
         batch.dirty_recs.add(cpid)
         batch.dirty_lives.add(cpid)
 
@@ -723,29 +703,21 @@ class ReplicaState:
         env = outcome.envelope if outcome is not None else None
         rs.envelope = self._shared.envelope(env) if env is not None else None
         rs.error = error
-        self._by_signer.setdefault(rs.signer, set()).add(rs.cpid)
+        self._signer_refs[rs.signer] += 1
 
     def _forget_rec(self, rs: _Rec) -> None:
-        members = self._by_signer.get(rs.signer)
-        if members is not None:
-            members.discard(rs.cpid)
-            if not members:
-                del self._by_signer[rs.signer]
-        serial = _serial_of(rs.cpid)
-        owners = self._by_serial.get(serial)
-        if isinstance(owners, str):
-            if owners == rs.cpid:
-                del self._by_serial[serial]
-        elif owners is not None:
-            owners.discard(rs.cpid)
-            if len(owners) == 1:
-                self._by_serial[serial] = next(iter(owners))
-            elif not owners:
-                del self._by_serial[serial]
+        if rs.raw is None:  # counted once parsed (_put_rec, _parsed)
+            refs = self._signer_refs
+            refs[rs.signer] -= 1
+            if refs[rs.signer] <= 0:
+                del refs[rs.signer]
         if rs.reason and rs.reason != "pending":
             self.rejected[rs.reason] -= 1
 
     def _put_live(self, cpid: str, ch: Change, batch: _Batch) -> None:
+        rs = self.recs.get(cpid)
+        if rs is not None:
+            cpid = rs.cpid  # one string per CPID for both dicts (and the entry, the facts)
         old = self.lives.pop(cpid, None)
         if old is not None and old.lease:
             self._lease_refs[old.lease] -= 1
@@ -890,17 +862,27 @@ class ReplicaState:
     def _trust_changed(self, batch: _Batch, revoked_ids: set[str]) -> None:
         old = self._signers
         self._signers = {}
-        for kid, members in self._by_signer.items():
+        changed = set()
+        for kid in self._signer_refs:
             before = old.get(kid)
             after = self._signer(kid, batch.now)
             if before is None or before.fingerprint() != after.fingerprint():
-                batch.dirty_recs |= members
-        for ident in revoked_ids:
-            owners = self._by_serial.get(ident[:_SERIAL])
-            if isinstance(owners, str):
-                batch.dirty_recs.add(owners)
-            elif owners is not None:
-                batch.dirty_recs |= owners
+                changed.add(kid)
+        batch.dirty_recs |= self._signed_by(changed)
+        # a node key's kid starts with its CPID's serial, so a revocation of kid K concerns
+        # the records whose serial is K[:12]: found by one pass over the records (a
+        # revocation is rare; an index of every serial cost ~160 bytes a record)
+        serials = {ident[:_SERIAL] for ident in revoked_ids}
+        if serials:
+            batch.dirty_recs.update(c for c in self.recs if _serial_of(c) in serials)
+
+    def _signed_by(self, kids: set[str]) -> set[str]:
+        """The records whose envelope names one of ``kids`` as its signer (a pass over
+        the records: chains change rarely, and a set of CPIDs per signer cost ~90 bytes
+        a record)."""
+        if not kids:
+            return set()
+        return {cpid for cpid, rs in self.recs.items() if rs.signer in kids}
 
     # -- commit -----------------------------------------------------------------------
 
@@ -1033,7 +1015,7 @@ class ReplicaState:
         valid_until = math.inf
         retry_at: float | None = None
         v: SignerVerdict | None = None
-        rs.facts = rs.record = rs.parsed = None
+        rs.facts = rs.record = None
         if rs.envelope is None or outcome is None:
             reason, detail = "malformed", f"not a DSSE envelope: {rs.error}"
         else:
@@ -1051,19 +1033,18 @@ class ReplicaState:
                     reason = "wrong_key"
                     detail = f"record for {canonical} is stored under the key of {rs.cpid}"
                 else:
-                    parsed = _split_cpid(canonical)
                     facts = self._shared.record_facts(facts, rs.cpid)
-                    rs.facts, rs.parsed = facts, parsed
+                    rs.facts = facts
                     # the model is parsed again on first use and cached a while (Entry):
                     # keeping one per record would cost ~5 KB each
                     rs.record = None
                     valid_until = min(float(facts.expires_at + skew), v.valid_until)
-                    if parsed.serial in self._revoked_serials:  # rare: hash the key
+                    if _serial_of(rs.cpid) in self._revoked_serials:  # rare: hash the key
                         valid_until = min(
                             valid_until,
                             pending_revocation(
                                 _keys.kid(_keys.b64url_decode(facts.public_key)),
-                                parsed.prefix,
+                                _namespace_of(rs.cpid),
                                 v,
                                 self._revocation_envs,
                                 now=now,
@@ -1259,7 +1240,7 @@ class ReplicaState:
         if rs is None or rs.reason or rs.facts is None or rs.envelope is None:
             return None
         v = self._signers.get(rs.signer)
-        if v is None or not v.ok or rs.parsed is None:
+        if v is None or not v.ok:
             return None
         lv = self.lives.get(cpid)
         live: _Live | None = None
@@ -1277,7 +1258,6 @@ class ReplicaState:
         chain_rev = self._chain_revision(v)
         return Entry(
             cpid=rs.cpid,  # the record key's string, shared with the facts (not the /live/ key's)
-            id=rs.parsed,
             facts=rs.facts,
             envelope=rs.envelope,
             chain=v.chain,

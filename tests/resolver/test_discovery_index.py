@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from resolver.discovery import DiscoveryIndex, LatencyTable, Match, Query
 from resolver.entry import Entry
 from resolver.verify import RecordFacts, StatusFacts
-from schemas.cpid import CPID, ns_contains
+from schemas.cpid import ns_contains
 from schemas.dsse import Envelope
 from tests.resolver.kit import LATENCY
 
@@ -34,12 +34,8 @@ def make_entry(i: int, rng: random.Random) -> Entry:
     if rng.random() < 0.8:
         state = rng.choice(["up", "up", "up", "down", "draining"])
         status = StatusFacts(cpid, state, rng.randint(0, 6), rng.randint(0, 6))
-    prefix, _, rest = cpid.partition("/")
-    k, _, tail = rest.partition(".")
-    serial, _, check = tail.rpartition("-")
     return Entry(
         cpid=cpid,
-        id=CPID(prefix, k, serial, check),
         facts=facts,
         envelope=ENV,
         chain=(),
