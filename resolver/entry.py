@@ -27,10 +27,10 @@ from typing import Any, Final
 
 from resolver.verify import RecordFacts, StatusFacts
 from schemas.cpid import CPID
-from schemas.dsse import Envelope
+from schemas.dsse import Envelope, Signature
 from schemas.models import Endpoint, Record, Status, parse_payload
 
-__all__ = ["CACHED_ENTRIES", "Entry", "free_units", "split_cpid"]
+__all__ = ["CACHED_ENTRIES", "Entry", "Sealed", "free_units", "seal", "split_cpid"]
 
 CACHED_ENTRIES: Final = 20_000
 """Entries that keep what they parsed or rendered (oldest first out)."""
@@ -48,6 +48,76 @@ def _keep(entry: Entry) -> None:
         old._kept = False
         old._record = old._status = old._record_dict = None
         old._body = old._stale_body = None
+
+
+_SIG: Final = 64
+
+
+class Sealed:
+    """A verified-or-pending envelope held compactly: its payload type and signer's key
+    id (shared among records) and ONE bytes object, signature then payload.  An
+    :class:`~schemas.dsse.Envelope` with its signature tuple, signature object and two
+    bytes objects cost ~150 bytes more, twice per record.  :meth:`envelope` rebuilds
+    the envelope exactly as received (for rendering, re-verification, snapshots)."""
+
+    __slots__ = ("blob", "keyid", "payload_type")
+
+    def __init__(self, payload_type: str, keyid: str, blob: bytes) -> None:
+        self.payload_type = payload_type
+        self.keyid = keyid
+        self.blob = blob
+
+    @property
+    def payload(self) -> bytes:
+        return self.blob[_SIG:]
+
+    def envelope(self) -> Envelope:
+        blob = self.blob
+        return Envelope(self.payload_type, blob[_SIG:], (Signature(self.keyid, blob[:_SIG]),))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sealed):
+            return NotImplemented
+        if type(self) is Sealed and type(other) is Sealed:
+            return (
+                self.blob == other.blob
+                and self.keyid == other.keyid
+                and self.payload_type == other.payload_type
+            )
+        return self.envelope() == other.envelope()
+
+    def __hash__(self) -> int:
+        return hash(self.blob)
+
+
+class _Whole(Sealed):
+    """An envelope that does not fit :class:`Sealed` (several signatures, or a signature
+    that is not 64 bytes: it will not verify, but is kept as received)."""
+
+    __slots__ = ("whole",)
+
+    def __init__(self, env: Envelope) -> None:
+        super().__init__(env.payload_type, env.keyid if env.signatures else "", b"")
+        self.whole = env
+
+    @property
+    def payload(self) -> bytes:
+        return self.whole.payload
+
+    def envelope(self) -> Envelope:
+        return self.whole
+
+
+def seal(env: Envelope, *, payload_type: str | None = None, keyid: str | None = None) -> Sealed:
+    """``env`` held compactly (``payload_type``/``keyid``: equal strings to share instead)."""
+    sigs = env.signatures
+    if len(sigs) != 1 or len(sigs[0].sig) != _SIG:
+        return _Whole(env)
+    return Sealed(
+        env.payload_type if payload_type is None else payload_type,
+        sigs[0].keyid if keyid is None else keyid,
+        sigs[0].sig + env.payload,
+    )
 
 
 def split_cpid(canonical: str) -> CPID:
@@ -80,12 +150,12 @@ class Entry:
     Attributes:
         cpid: canonical CPID text.
         facts: the record's indexed fields (kind, key, version, region, models, labels).
-        envelope: the record envelope as stored in etcd.
+        sealed: the record envelope as stored in etcd (:attr:`envelope` rebuilds it).
         chain: cert envelopes from the signer's cert up to the anchor's issue.
         kid: key id of the registry key that signed the record.
         record_revision: etcd ``mod_revision`` of ``/rec/<cpid>``.
         status_facts: the verified status's state and free capacity, or None.
-        status_envelope: the status envelope (signed by the record's key), or None.
+        status_sealed: the status envelope (signed by the record's key), or None.
         status_revision: etcd ``mod_revision`` of ``/live/<cpid>`` (0 without status).
         lease: etcd lease of the live key (0 without status).
         live_held: the status is kept by mass-expiry protection although its live key
@@ -101,12 +171,12 @@ class Entry:
 
     cpid: str
     facts: RecordFacts
-    envelope: Envelope
+    sealed: Sealed
     chain: tuple[Envelope, ...]
     kid: str
     record_revision: int
     status_facts: StatusFacts | None
-    status_envelope: Envelope | None
+    status_sealed: Sealed | None
     status_revision: int
     lease: int
     live_held: bool
@@ -130,11 +200,21 @@ class Entry:
     # -- what the DNS front end and other callers read ----------------------------------
 
     @property
+    def envelope(self) -> Envelope:
+        """The record envelope as stored in etcd (rebuilt on each call)."""
+        return self.sealed.envelope()
+
+    @property
+    def status_envelope(self) -> Envelope | None:
+        """The status envelope as stored in etcd (rebuilt on each call), or None."""
+        return None if self.status_sealed is None else self.status_sealed.envelope()
+
+    @property
     def record(self) -> Record:
         """The verified ``record.v1`` payload (parsed on first use)."""
         rec = self._record
         if rec is None:
-            env = self.envelope
+            env = self.sealed
             rec = self._record = parse_payload(env.payload_type, env.payload, Record)
             _keep(self)
         return rec
@@ -142,11 +222,11 @@ class Entry:
     @property
     def status(self) -> Status | None:
         """The verified ``status.v1`` (parsed on first use), or None."""
-        if self.status_envelope is None:
+        env = self.status_sealed
+        if env is None:
             return None
         st = self._status
         if st is None:
-            env = self.status_envelope
             st = self._status = parse_payload(env.payload_type, env.payload, Status)
             _keep(self)
         return st
@@ -222,7 +302,9 @@ class Entry:
         out: dict[str, Any] = {
             "record": self.envelope.to_dict(),
             "chain": [c.to_dict() for c in self.chain],
-            "status": self.status_envelope.to_dict() if self.status_envelope else None,
+            "status": None
+            if self.status_sealed is None
+            else self.status_sealed.envelope().to_dict(),
             "live": self.live,
             "revision": self.revision,
         }

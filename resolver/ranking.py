@@ -356,13 +356,13 @@ def _read(entry: Entry) -> EntryFacts:
     """Read the score inputs from the verified payloads (they were validated, bounds
     included, when verified; this only picks fields, defensively)."""
     try:
-        rec = _json.loads(entry.envelope.payload)
+        rec = _json.loads(entry.sealed.payload)
     except ValueError:
         rec = {}
     metrics: Any = {}
-    if entry.status_envelope is not None:
+    if entry.status_sealed is not None:
         try:
-            st = _json.loads(entry.status_envelope.payload)
+            st = _json.loads(entry.status_sealed.payload)
             metrics = st.get("metrics", {}) if isinstance(st, dict) else {}
         except ValueError:
             metrics = {}
@@ -393,12 +393,12 @@ def entry_facts(entry: Entry) -> EntryFacts:
     2**18 CPIDs and starts over when full.
     """
     hit = _cache.get(entry.cpid)
-    if hit is not None and hit[0] is entry.envelope and hit[1] is entry.status_envelope:
+    if hit is not None and hit[0] is entry.sealed and hit[1] is entry.status_sealed:
         return hit[2]
     facts = _read(entry)
     if len(_cache) >= _CACHE_MAX:
         _cache.clear()
-    _cache[entry.cpid] = (entry.envelope, entry.status_envelope, facts)
+    _cache[entry.cpid] = (entry.sealed, entry.status_sealed, facts)
     return facts
 
 

@@ -46,7 +46,7 @@ from typing import Any, Final, Literal, TypeVar
 
 from registry.index.layout import Prefix, parse_key, read_units
 from resolver.discovery import DiscoveryIndex, LatencyTable
-from resolver.entry import Entry
+from resolver.entry import Entry, Sealed, seal
 from resolver.events import Event, EventLog
 from resolver.signers import SignerVerdict, label_of, pending_revocation, verify_signer
 from resolver.verify import (
@@ -62,7 +62,7 @@ from resolver.verify import (
 from schemas import _json
 from schemas import keys as _keys
 from schemas.chain import CLOCK_SKEW, TrustAnchors
-from schemas.dsse import Envelope, Signature
+from schemas.dsse import Envelope
 from schemas.errors import EnvelopeError, InvalidDataError
 from schemas.models import Record, Status
 
@@ -196,7 +196,7 @@ class _Rec:
 
     cpid: str  # the CPID in the key
     revision: int
-    envelope: Envelope | None
+    sealed: Sealed | None
     error: str = ""  # why the value is not an envelope
     facts: RecordFacts | None = None  # set once it verified
     record: Record | None = None  # the model, when verification ran inline
@@ -208,7 +208,11 @@ class _Rec:
 
     @property
     def signer(self) -> str:
-        return self.envelope.keyid if self.envelope is not None else ""
+        return self.sealed.keyid if self.sealed is not None else ""
+
+    @property
+    def envelope(self) -> Envelope | None:
+        return None if self.sealed is None else self.sealed.envelope()
 
 
 @dataclass(slots=True)
@@ -217,7 +221,7 @@ class _Live:
 
     revision: int
     lease: int
-    envelope: Envelope | None
+    sealed: Sealed | None
     error: str = ""
     facts: StatusFacts | None = None  # set once verified under checked_key
     status: Status | None = None  # the model, when verification ran inline
@@ -227,9 +231,18 @@ class _Live:
     raw: bytes | None = None  # the value, while a bulk load has not parsed it yet
 
     @property
+    def envelope(self) -> Envelope | None:
+        return None if self.sealed is None else self.sealed.envelope()
+
+    @property
     def stored(self) -> Envelope | bytes | None:
         """What a verification job gets: the envelope, or the value not parsed yet."""
         return self.envelope if self.raw is None else self.raw
+
+    @property
+    def token(self) -> Sealed | bytes | None:
+        """What :attr:`stored` is made from (compared by identity: unchanged since)."""
+        return self.sealed if self.raw is None else self.raw
 
 
 @dataclass(slots=True)
@@ -324,15 +337,17 @@ class _Shared:
             return self.get(tuple(self.get((sys.intern(k), self.get(v))) for k, v in labels))
         return got  # type: ignore[return-value]
 
-    def envelope(self, env: Envelope, *, keyids: bool = True) -> Envelope:
-        """``env`` with its payload type (and key ids) shared; payload and signatures as
-        they are.  ``keyids=False`` for statuses: each is signed by its own node's key."""
-        sigs = (
-            tuple(Signature(self.get(s.keyid), s.sig) for s in env.signatures)
-            if keyids
-            else env.signatures
+    def seal(self, env: Envelope, *, keyids: bool = True) -> Sealed:
+        """``env`` held compactly (:class:`~resolver.entry.Sealed`) with its payload type
+        (and key id) shared.  ``keyids=False`` for statuses: each is signed by its own
+        node's key."""
+        if not env.signatures:
+            return seal(env)
+        return seal(
+            env,
+            payload_type=self.get(env.payload_type),
+            keyid=self.get(env.signatures[0].keyid) if keyids else None,
         )
-        return Envelope(self.get(env.payload_type), env.payload, sigs)
 
     def record_facts(self, f: RecordFacts, cpid: str) -> RecordFacts:
         return RecordFacts(
@@ -680,13 +695,13 @@ class ReplicaState:
             self.held.pop(cpid, None)
             return
         if ch.envelope is not None:
-            rs = _Rec(cpid, ch.revision, self._shared.envelope(ch.envelope))
+            rs = _Rec(cpid, ch.revision, self._shared.seal(ch.envelope))
             self._signer_refs[rs.signer] += 1
         elif batch.bulk:  # parsed by its verification job (_verify_records, _parsed)
             rs = _Rec(cpid, ch.revision, None, raw=ch.value)
         else:
             try:
-                env: Envelope | None = self._shared.envelope(Envelope.from_json(ch.value))
+                env: Sealed | None = self._shared.seal(Envelope.from_json(ch.value))
                 error = ""
             except EnvelopeError as exc:
                 env, error = None, str(exc)
@@ -701,7 +716,7 @@ class ReplicaState:
         """File the envelope a ``raw`` job parsed (None and ``error`` when it is not one)."""
         rs.raw = None
         env = outcome.envelope if outcome is not None else None
-        rs.envelope = self._shared.envelope(env) if env is not None else None
+        rs.sealed = self._shared.seal(env) if env is not None else None
         rs.error = error
         self._signer_refs[rs.signer] += 1
 
@@ -737,7 +752,7 @@ class ReplicaState:
             self.lives[cpid] = _Live(ch.revision, ch.lease, None, raw=ch.value)
             return
         try:
-            env: Envelope | None = self._shared.envelope(
+            env: Sealed | None = self._shared.seal(
                 ch.envelope if ch.envelope is not None else Envelope.from_json(ch.value),
                 keyids=False,
             )
@@ -746,7 +761,7 @@ class ReplicaState:
             env, error = None, str(exc)
             self._mark_bad(Prefix.LIVE, ch.key, ch.revision, _describe(exc))
         lv = _Live(ch.revision, ch.lease, env, error)
-        if old is not None and env is not None and old.envelope == env:
+        if old is not None and env is not None and old.sealed == env:
             # the same envelope re-written (e.g. on a new lease): already verified
             lv.facts, lv.status = old.facts, old.status
             lv.checked_key, lv.reason = old.checked_key, old.reason
@@ -922,7 +937,7 @@ class ReplicaState:
         """
         now = batch.now
         jobs: list[Job] = []
-        targets: list[tuple[_Rec, Envelope | bytes | None]] = []  # and the status it carries
+        targets: list[tuple[_Rec, Sealed | bytes | None]] = []  # and the status it carries
         decided: list[tuple[_Rec, Outcome | None]] = []
         chains: dict[str, tuple[Envelope, ...]] = {}
         raw = False
@@ -931,13 +946,15 @@ class ReplicaState:
             if rs is None:
                 continue
             lv = self.lives.get(cpid)
-            carry = lv.stored if lv is not None and not lv.checked_key else None
+            carrying = lv is not None and not lv.checked_key
+            carry = lv.stored if carrying and lv is not None else None
+            token = lv.token if carrying and lv is not None else None
             if rs.raw is not None:
                 raw = True
                 jobs.append(("raw", rs.raw, carry))
-                targets.append((rs, carry))
+                targets.append((rs, token))
                 continue
-            if rs.envelope is None:
+            if rs.sealed is None:
                 decided.append((rs, None))
                 continue
             v = self._signer(rs.signer, now)
@@ -946,8 +963,8 @@ class ReplicaState:
                 decided.append((rs, Outcome(False, v.rule, v.what, v.check_detail, v.detail)))
                 continue
             chains[v.kid] = v.chain
-            jobs.append(("record", v.kid, rs.envelope, carry))
-            targets.append((rs, carry))
+            jobs.append(("record", v.kid, rs.sealed.envelope(), carry))
+            targets.append((rs, token))
         for rs, outcome in decided:
             self._evaluate(rs, outcome, batch)
         if not jobs:
@@ -975,7 +992,7 @@ class ReplicaState:
                 self._evaluate(rs, decision, batch)
                 if decision is not None and decision.status is not None and rs.facts is not None:
                     lv = self.lives.get(rs.cpid)
-                    if lv is not None and lv.stored is carried:
+                    if lv is not None and carried is not None and lv.token is carried:
                         key = rs.facts.public_key
                         if self._file_status(rs.cpid, lv, key, decision.status):
                             self._status_outcome(rs.cpid, lv, key, decision.status)
@@ -1016,7 +1033,7 @@ class ReplicaState:
         retry_at: float | None = None
         v: SignerVerdict | None = None
         rs.facts = rs.record = None
-        if rs.envelope is None or outcome is None:
+        if rs.sealed is None or outcome is None:
             reason, detail = "malformed", f"not a DSSE envelope: {rs.error}"
         else:
             v = self._signer(rs.signer, now)
@@ -1135,7 +1152,7 @@ class ReplicaState:
             return True
         lv.raw = None
         if o.envelope is not None:
-            lv.envelope = self._shared.envelope(o.envelope, keyids=False)
+            lv.sealed = self._shared.seal(o.envelope, keyids=False)
             return True
         lv.error = o.message
         detail = (
@@ -1237,7 +1254,7 @@ class ReplicaState:
 
     def _build(self, cpid: str, revision: int) -> Entry | None:
         rs = self.recs.get(cpid)
-        if rs is None or rs.reason or rs.facts is None or rs.envelope is None:
+        if rs is None or rs.reason or rs.facts is None or rs.sealed is None:
             return None
         v = self._signers.get(rs.signer)
         if v is None or not v.ok:
@@ -1259,12 +1276,12 @@ class ReplicaState:
         return Entry(
             cpid=rs.cpid,  # the record key's string, shared with the facts (not the /live/ key's)
             facts=rs.facts,
-            envelope=rs.envelope,
+            sealed=rs.sealed,
             chain=v.chain,
             kid=v.kid,
             record_revision=rs.revision,
             status_facts=live.facts if live is not None else None,
-            status_envelope=live.envelope if live is not None else None,
+            status_sealed=live.sealed if live is not None else None,
             status_revision=status_rev,
             lease=live.lease if live is not None else 0,
             live_held=held,
@@ -1290,8 +1307,8 @@ class ReplicaState:
     @staticmethod
     def _same(a: Entry, b: Entry) -> bool:
         return (
-            a.envelope is b.envelope
-            and a.status_envelope is b.status_envelope
+            a.sealed is b.sealed
+            and a.status_sealed is b.status_sealed
             and a.status_facts == b.status_facts
             and a.claimed == b.claimed
             and a.live_held == b.live_held

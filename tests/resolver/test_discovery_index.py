@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from resolver.discovery import DiscoveryIndex, LatencyTable, Match, Query
-from resolver.entry import Entry
+from resolver.entry import Entry, seal
 from resolver.verify import RecordFacts, StatusFacts
 from schemas.cpid import ns_contains
 from schemas.dsse import Envelope
@@ -37,12 +37,12 @@ def make_entry(i: int, rng: random.Random) -> Entry:
     return Entry(
         cpid=cpid,
         facts=facts,
-        envelope=ENV,
+        sealed=seal(ENV),
         chain=(),
         kid="kid",
         record_revision=1,
         status_facts=status,
-        status_envelope=None,
+        status_sealed=None,
         status_revision=0,
         lease=0,
         live_held=False,
