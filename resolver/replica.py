@@ -37,12 +37,12 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 from registry.index import KV, ROOT, Compacted, Index, IndexCompactedError, Prefix
 from resolver.events import Event
 from resolver.snapshot import SnapshotStore, TrustedRunner, write_in_background
-from resolver.state import Change, ReplicaState
+from resolver.state import Change, ReplicaState, Restored
 from resolver.verify import Verifier
 from schemas.errors import RetrievalError
 
@@ -242,8 +242,20 @@ class Replica:
         read_s = time.monotonic() - started
         runner = TrustedRunner(snap, self.verifier.run)
         async with self._lock:
-            for changes in snap.batches():  # a chunk at a time: no second copy of it all
-                await self.state.apply(changes, snap.revision, check=runner, emit=False)
+            for batch in snap.batches():  # a chunk at a time: no second copy of it all
+                if batch and isinstance(batch[0], Restored):
+                    restored = batch
+                    again = self.state.restore(restored, snap.revision)
+                    runner.trusted += len(restored) - sum(
+                        c.key.startswith(Prefix.REC) for c in again
+                    )
+                    del restored, batch
+                    if again:  # a chain that no longer verifies, a closed window: verify
+                        await self.state.apply(again, snap.revision, check=runner, emit=False)
+                    await asyncio.sleep(0)  # lookups of what is restored meanwhile
+                else:
+                    changes = cast("list[Change]", batch)
+                    await self.state.apply(changes, snap.revision, check=runner, emit=False)
         n = snap.keys
         del snap
         store.status = "loaded"

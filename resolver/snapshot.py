@@ -5,21 +5,19 @@ A resolver with a snapshot directory writes what it has verified at one revision
 revision moved) and on shutdown -- and loads it on start instead of listing and
 verifying the whole index, then watches from that revision.
 
-What is stored, per key the replica tracks at the snapshot's revision:
-
-* ``/rec/``, ``/live/``: the envelope (payload type, payload, signatures) exactly as
-  received, its ``mod_revision`` (and lease), and -- for a record that verified and
-  was served, a status that verified under its record's key -- the facts the
-  verification produced (:class:`~resolver.verify.RecordFacts`,
-  :class:`~resolver.verify.StatusFacts`);
-* the other collections (``/certs/``, ``/revoked/``, ``/ns/``, ``/alloc/``,
-  ``/claim/``): a value that reads back to what the replica holds.
-
-Loading re-parses these values but does **not** re-verify the signatures of records
-and statuses that carry facts (that is what makes it fast): they are trusted only
-because this resolver wrote them and the file passes its integrity check.  Chains are
-walked again (certs, revocations, validity windows are judged at load time), records
-and statuses without facts are verified as on a cold start.
+What is stored (format 3): the records that verified and were served, with their
+statuses that verified under the record's key, as columns (``fast`` chunks: the CPID,
+revisions, lease, each envelope as one signature-then-payload bytes object with its
+payload type and key id, and the facts verification produced), loaded straight into
+the replica's structures by :meth:`~resolver.state.ReplicaState.restore` without
+verifying their signatures again -- they are trusted only because this resolver wrote
+them and the file passes its integrity check.  Chains and validity windows are judged
+again at load time: a record whose chain no longer verifies, whose window has closed or
+whose node key has a revocation, is verified as on a cold start.  Every other
+``/rec/`` and ``/live/`` key is stored as its envelope and revisions (``recs``/``lives``
+chunks, with the facts when it verified: :class:`TrustedRunner`), and the other
+collections (``/certs/``, ``/revoked/``, ``/ns/``, ``/alloc/``, ``/claim/``) as a value
+that reads back to what the replica holds.
 
 Integrity: the file is ``MAGIC || HMAC-SHA256(key, body) || body``, the key being 32
 random bytes in ``<dir>/snapshot.key`` (mode 0600, created on first use); the body
@@ -48,7 +46,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from registry.index.layout import Prefix
-from resolver.state import UNREADABLE_ALLOC, Change, ReplicaState, Runner
+from resolver.entry import Sealed
+from resolver.state import UNREADABLE_ALLOC, Change, ReplicaState, Restored, Runner
 from resolver.verify import (
     Context,
     Job,
@@ -65,8 +64,8 @@ __all__ = ["LoadedSnapshot", "SnapshotStore", "TrustedRunner", "anchors_digest"]
 
 _log = logging.getLogger("resolver.snapshot")
 
-MAGIC: Final = b"CPI-REPLICA-SNAPSHOT/2\n"
-FORMAT: Final = 2
+MAGIC: Final = b"CPI-REPLICA-SNAPSHOT/3\n"
+FORMAT: Final = 3
 FILE: Final = "replica.snap"
 KEY_FILE: Final = "snapshot.key"
 _CHUNK: Final = 20_000
@@ -98,6 +97,145 @@ def _live_facts(f: StatusFacts) -> tuple[Any, ...]:
     return f.cpid, f.state, f.accelerators_free, f.cpu_free, f.withheld
 
 
+class _Table:
+    """Distinct values of one column of a chunk, each stored once (an index per row)."""
+
+    def __init__(self) -> None:
+        self.index: dict[Any, int] = {}
+        self.values: list[Any] = []
+
+    def __call__(self, value: Any) -> int:
+        i = self.index.get(value)
+        if i is None:
+            i = self.index[value] = len(self.values)
+            self.values.append(value)
+        return i
+
+
+class _FastChunk:
+    """Served records (and their verified statuses) as columns, the repeating values
+    (payload types, signing key ids, kind/region/accelerators/labels, states) in tables."""
+
+    def __init__(self) -> None:
+        self.types = _Table()
+        self.kids = _Table()
+        self.profiles = _Table()
+        self.states = _Table()
+        self.cols: dict[str, list[Any]] = {name: [] for name in _FAST_COLUMNS}
+
+    def add(self, cpid: str, revision: int, sealed: Sealed, facts: RecordFacts, lv: Any) -> None:
+        c = self.cols
+        c["cpid"].append(cpid)
+        c["rev"].append(revision)
+        c["type"].append(self.types(sealed.payload_type))
+        c["kid"].append(self.kids(sealed.keyid))
+        c["blob"].append(sealed.blob)
+        c["pk"].append(facts.public_key)
+        c["ver"].append(facts.version)
+        c["exp"].append(facts.expires_at)
+        c["profile"].append(
+            self.profiles((facts.kind, facts.region, facts.accelerators, facts.labels))
+        )
+        if lv is None:
+            for name in _STATUS_COLUMNS:
+                c[name].append(None)
+            return
+        st: Sealed = lv.sealed
+        sf: StatusFacts = lv.facts
+        c["lrev"].append(lv.revision)
+        c["lease"].append(lv.lease)
+        c["ltype"].append(self.types(st.payload_type))
+        c["lkid"].append(st.keyid)
+        c["lblob"].append(st.blob)
+        c["state"].append(self.states(sf.state))
+        c["afree"].append(sf.accelerators_free)
+        c["cfree"].append(sf.cpu_free)
+        c["withheld"].append(sf.withheld)
+
+    def columns(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.cols)
+        out["tables"] = (
+            self.types.values,
+            self.kids.values,
+            self.profiles.values,
+            self.states.values,
+        )
+        return out
+
+
+_STATUS_COLUMNS: Final = (
+    "lrev",
+    "lease",
+    "ltype",
+    "lkid",
+    "lblob",
+    "state",
+    "afree",
+    "cfree",
+    "withheld",
+)
+_FAST_COLUMNS: Final = (
+    "cpid",
+    "rev",
+    "type",
+    "kid",
+    "blob",
+    "pk",
+    "ver",
+    "exp",
+    "profile",
+    *_STATUS_COLUMNS,
+)
+
+
+def _restored(cols: dict[str, Any]) -> list[Restored]:
+    """The rows of a ``fast`` chunk (:class:`_FastChunk`), as :meth:`ReplicaState.restore` takes them."""
+    types, kids, profiles, states = cols["tables"]
+    out: list[Restored] = []
+    for (
+        cpid,
+        rev,
+        t,
+        k,
+        blob,
+        pk,
+        ver,
+        exp,
+        prof,
+        lrev,
+        lease,
+        lt,
+        lkid,
+        lblob,
+        state,
+        afree,
+        cfree,
+        wh,
+    ) in zip(*(cols[name] for name in _FAST_COLUMNS), strict=True):
+        kind, region, accelerators, labels = profiles[prof]
+        facts = RecordFacts(cpid, kind, pk, ver, exp, region, tuple(accelerators), _pairs(labels))
+        if lblob is None:
+            out.append(Restored(cpid, rev, Sealed(types[t], kids[k], blob), facts))
+            continue
+        out.append(
+            Restored(
+                cpid,
+                rev,
+                Sealed(types[t], kids[k], blob),
+                facts,
+                Sealed(types[lt], lkid, lblob),
+                lrev,
+                lease,
+                StatusFacts(cpid, states[state], afree, cfree, wh),
+            )
+        )
+    return out
+
+
+def _pairs(labels: Any) -> tuple[tuple[str, str], ...]:
+    return tuple((k, v) for k, v in labels)
+
+
 @dataclass(slots=True)
 class LoadedSnapshot:
     """A snapshot read back and checked, unpacked a chunk at a time by :meth:`batches`
@@ -115,12 +253,19 @@ class LoadedSnapshot:
     statuses: dict[bytes, tuple[str, StatusFacts]] = field(default_factory=dict)
     keys: int = 0
 
-    def batches(self) -> Iterator[list[Change]]:
-        """The changes that rebuild the replica at ``revision``, a chunk at a time."""
+    def batches(self) -> Iterator[list[Change] | list[Restored]]:
+        """What rebuilds the replica at ``revision``, a chunk at a time: changes for
+        :meth:`ReplicaState.apply`, or records for :meth:`ReplicaState.restore`."""
         for offset, n in self.spans:
             what, items = marshal.loads(self.body[offset : offset + n])
             changes: list[Change] = []
             self.records.clear()
+            if what == "fast":
+                restored = _restored(items)
+                del items
+                self.keys += len(restored) + sum(r.status is not None for r in restored)
+                yield restored
+                continue
             if what == "kvs":
                 changes = [Change("put", k, v, rev, lease) for k, v, rev, lease in items]
             elif what == "recs":
@@ -217,38 +362,56 @@ class SnapshotStore:
                 kvs.append((f"{Prefix.CLAIM}{cpid}/{claim_id}", value, rev, lease))
         chunks: list[list[Any]] = [["kvs", kvs]]
         revision = state.revision
-        live_items = list(state.lives.items())
-        for i in range(0, len(live_items), _CHUNK):
-            lives = []
-            for cpid, lv in live_items[i : i + _CHUNK]:
-                st_env = lv.envelope
-                if st_env is None and lv.raw is not None:  # never verified (its record is not
-                    with contextlib.suppress(EnvelopeError):  # served): kept as it came
-                        st_env = Envelope.from_json(lv.raw)
-                if st_env is None:
-                    continue
-                facts = _live_facts(lv.facts) if lv.facts is not None and not lv.reason else None
-                lives.append(
-                    (cpid, lv.revision, lv.lease, _env_tuple(st_env), lv.checked_key, facts)
-                )
-            chunks.append(["lives", lives])
-            await asyncio.sleep(0)
-        del live_items
+        # records served, with their verified statuses: restored without verification
+        # (ReplicaState.restore), a chunk of columns at a time; the rest as changes
         rec_items = list(state.recs.items())
+        slow_recs: list[Any] = []
+        slow_lives: list[Any] = []
+        in_fast: set[str] = set()
         for i in range(0, len(rec_items), _CHUNK):
-            recs = [
-                (
-                    cpid,
-                    rs.revision,
-                    _env_tuple(rs.envelope),
-                    _rec_facts(rs.facts) if rs.facts is not None and not rs.reason else None,
-                )
-                for cpid, rs in rec_items[i : i + _CHUNK]
-                if rs.envelope is not None
-            ]
-            chunks.append(["recs", recs])
+            fast = _FastChunk()
+            for cpid, rs in rec_items[i : i + _CHUNK]:
+                sealed = rs.sealed
+                if sealed is None:
+                    continue
+                facts = rs.facts
+                if facts is None or rs.reason or type(sealed) is not Sealed:
+                    facts_t = _rec_facts(facts) if facts is not None and not rs.reason else None
+                    slow_recs.append((cpid, rs.revision, _env_tuple(sealed.envelope()), facts_t))
+                    continue
+                lv = state.lives.get(cpid)
+                status = None
+                if (
+                    lv is not None
+                    and lv.raw is None
+                    and lv.facts is not None
+                    and not lv.reason
+                    and lv.checked_key == facts.public_key
+                    and type(lv.sealed) is Sealed
+                ):
+                    status = lv
+                    in_fast.add(cpid)
+                fast.add(cpid, rs.revision, sealed, facts, status)
+            chunks.append(["fast", fast.columns()])
             await asyncio.sleep(0)
         del rec_items
+        for cpid, lv in list(state.lives.items()):
+            if cpid in in_fast:
+                continue
+            st_env = lv.envelope
+            if st_env is None and lv.raw is not None:  # never verified (its record is not
+                with contextlib.suppress(EnvelopeError):  # served): kept as it came
+                    st_env = Envelope.from_json(lv.raw)
+            if st_env is None:
+                continue
+            facts_s = _live_facts(lv.facts) if lv.facts is not None and not lv.reason else None
+            slow_lives.append(
+                (cpid, lv.revision, lv.lease, _env_tuple(st_env), lv.checked_key, facts_s)
+            )
+        for i in range(0, len(slow_lives), _CHUNK):
+            chunks.append(["lives", slow_lives[i : i + _CHUNK]])
+        for i in range(0, len(slow_recs), _CHUNK):
+            chunks.append(["recs", slow_recs[i : i + _CHUNK]])
         return revision, chunks
 
     def write(self, revision: int, chunks: list[list[Any]]) -> int:

@@ -1,0 +1,172 @@
+"""The warm start's fast path (ReplicaState.restore, the snapshot's ``fast`` chunks):
+what it restores equals what a cold start builds, and what it must not trust -- a
+closed validity window, a chain that no longer verifies, a pending revocation of a node
+key -- is verified again as on a cold start."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+from registry import ca
+from registry.index import Keys, Prefix
+from resolver.snapshot import SnapshotStore, TrustedRunner
+from resolver.state import Change, ReplicaState, Restored
+from resolver.verify import Context, Job, Outcome, run_jobs
+from schemas import keys
+from tests.resolver.kit import Node, Pki, signed
+
+
+class Counting:
+    """An inline verification runner that counts the jobs it verified."""
+
+    def __init__(self) -> None:
+        self.jobs = 0
+
+    async def __call__(self, ctx: Context, jobs: Sequence[Job]) -> AsyncIterator[list[Outcome]]:
+        self.jobs += len(jobs)
+        yield run_jobs(ctx, jobs)
+
+
+def _view(state: ReplicaState) -> dict[str, Any]:
+    return {
+        cpid: (e.body(), e.free, e.claimed, e.live, e.facts, e.status_facts, e.valid_until)
+        for cpid, e in state.served.items()
+    }
+
+
+async def _cold(pki: Pki, extra: list[Change], clock: Any = time.time) -> ReplicaState:
+    state = ReplicaState(anchors=pki.anchors, clock=clock)
+    changes = [Change("put", Keys.cert(pki.kid(ns)), c.to_json(), 2) for ns, c in pki.certs.items()]
+    await state.apply(changes + extra, 3, check=Counting())
+    return state
+
+
+def _world(pki: Pki, n: int = 8) -> tuple[list[Node], list[Change]]:
+    nodes = [Node(region="31" if i % 2 else "62", labels={"tier": f"t{i % 3}"}) for i in range(n)]
+    changes: list[Change] = []
+    for i, node in enumerate(nodes):
+        changes.append(Change("put", Keys.rec(node.cpid), signed(pki, node.record()).to_json(), 3))
+        if i % 4 != 3:  # some records have no status
+            changes.append(Change("put", Keys.live(node.cpid), node.status(free=i).to_json(), 3, 7))
+    stray = Node()  # a status whose record is absent: kept, unverified
+    changes.append(Change("put", Keys.live(stray.cpid), stray.status().to_json(), 3))
+    forged = Node()  # signed by another namespace's key: not served
+    env = signed(pki, forged.record(), "CN.31")
+    changes.append(Change("put", Keys.rec(forged.cpid), env.to_json(), 3))
+    wrong = Node()  # a status signed by another node's key: not used
+    changes.append(Change("put", Keys.rec(wrong.cpid), signed(pki, wrong.record()).to_json(), 3))
+    changes.append(
+        Change("put", Keys.live(wrong.cpid), nodes[0].status(cpid=wrong.cpid).to_json(), 3)
+    )
+    changes.append(Change("put", Keys.alloc(nodes[1].cpid), b'{"units": 1}', 3))
+    return nodes, changes
+
+
+async def _warm(
+    pki: Pki, state: ReplicaState, tmp_path: Path, clock: Any = time.time
+) -> tuple[ReplicaState, Counting, int]:
+    store = SnapshotStore(tmp_path / "snap", pki.anchors)
+    revision, chunks = await SnapshotStore.collect(state)
+    store.write(revision, chunks)
+    snap = store.read()
+    fresh = ReplicaState(anchors=pki.anchors, clock=clock)
+    verifier = Counting()
+    runner = TrustedRunner(snap, verifier)
+    restored = 0
+    for batch in snap.batches():
+        if batch and isinstance(batch[0], Restored):
+            again = fresh.restore(batch, snap.revision)
+            restored += len(batch) - sum(c.key.startswith(Prefix.REC) for c in again)
+            if again:
+                await fresh.apply(again, snap.revision, check=runner, emit=False)
+        else:
+            await fresh.apply(cast("list[Change]", batch), snap.revision, check=runner, emit=False)
+    return fresh, verifier, restored
+
+
+async def test_restored_state_equals_the_cold_one(pki: Pki, tmp_path: Path) -> None:
+    nodes, changes = _world(pki)
+    cold = await _cold(pki, changes)
+    warm, verifier, restored = await _warm(pki, cold, tmp_path)
+    assert restored == len(cold.served) == len(nodes) + 1  # every served record: fast path
+    # the only signature checked again: the status that failed (failures are not kept)
+    assert verifier.jobs == 1
+    assert _view(warm) == _view(cold)
+    assert warm.sizes() == cold.sizes()
+    assert warm.keys() == cold.keys()
+    assert warm.rejection(nodes[0].cpid) is None
+    assert {c: cold.rejection(c) for c in cold.recs} == {c: warm.rejection(c) for c in warm.recs}
+    for q in ({"kind": "GPU"}, {"labels": (("tier", "t1"),)}, {"min_free": 3}):
+        from resolver.discovery import Query
+
+        query = Query(**q)
+        assert [m.cpid for m in warm.discovery.search(query)] == [
+            m.cpid for m in cold.discovery.search(query)
+        ]
+
+
+async def test_a_window_closed_while_down_is_judged_again(pki: Pki, tmp_path: Path) -> None:
+    nodes, changes = _world(pki, 2)
+    short = Node()
+    rec = short.record(expires_at=int(time.time()) + 120)
+    changes.append(Change("put", Keys.rec(short.cpid), signed(pki, rec).to_json(), 3))
+    cold = await _cold(pki, changes)
+    assert short.cpid in cold.served
+    later = time.time() + 3600  # restarted an hour later: the record has expired
+    warm, verifier, restored = await _warm(pki, cold, tmp_path, clock=lambda: later)
+    assert restored == len(nodes) + 1
+    assert verifier.jobs >= 2  # the expired one went through verification
+    assert short.cpid not in warm.served
+    rejected = warm.rejection(short.cpid)
+    assert rejected is not None and rejected[0] == "expired"
+
+
+async def test_a_chain_gone_while_down_is_not_restored(pki: Pki, tmp_path: Path) -> None:
+    """A snapshot whose records' signing cert is no longer in the state it is loaded
+    into (as after a cert deletion) restores none of them: each is verified again, and
+    fails."""
+    nodes, changes = _world(pki, 3)
+    cold = await _cold(pki, changes)
+    store = SnapshotStore(tmp_path / "snap", pki.anchors)
+    revision, chunks = await SnapshotStore.collect(state=cold)
+    kid = pki.kid("CN.31.CMCC")
+    chunks[0][1] = [kv for kv in chunks[0][1] if kv[0] != Keys.cert(kid)]  # the cert is gone
+    store.write(revision, chunks)
+    snap = store.read()
+    fresh = ReplicaState(anchors=pki.anchors)
+    verifier = Counting()
+    runner = TrustedRunner(snap, verifier)
+    for batch in snap.batches():
+        if batch and isinstance(batch[0], Restored):
+            again = fresh.restore(batch, snap.revision)
+            assert len(again) >= len(nodes)
+            await fresh.apply(again, snap.revision, check=runner, emit=False)
+        else:
+            await fresh.apply(cast("list[Change]", batch), snap.revision, check=runner, emit=False)
+    assert not fresh.served
+    assert all(fresh.rejection(n.cpid) is not None for n in nodes)
+
+
+async def test_a_pending_revocation_of_a_node_key_is_not_trusted(pki: Pki, tmp_path: Path) -> None:
+    """A record whose node key has a revocation (dated later) is verified on load, so its
+    validity window takes the revocation in again."""
+    nodes, changes = _world(pki, 2)
+    target = nodes[0]
+    kid = keys.kid_of(target.key)
+    revocation = ca.revoke(
+        issuer_key=pki.key_of("CN.31.CMCC"),
+        subject="CN.31.CMCC",
+        kid=kid,
+        reason="key_compromise",
+        now=int(time.time()) + 600,
+    )
+    changes.append(Change("put", Keys.revoked(kid), revocation.to_json(), 3))
+    cold = await _cold(pki, changes)
+    assert target.cpid in cold.served
+    warm, verifier, restored = await _warm(pki, cold, tmp_path)
+    assert restored == len(nodes) and verifier.jobs >= 2
+    assert warm.served[target.cpid].valid_until == cold.served[target.cpid].valid_until
+    assert _view(warm) == _view(cold)
