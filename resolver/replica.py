@@ -35,7 +35,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Final, cast
 
@@ -318,13 +318,13 @@ class Replica:
 
         The small collections (certs, revocations, namespaces, claims) are read at one
         revision and applied first, so that each record job finds its chain; then
-        ``/rec/`` is read at that revision page by page while the pages already read
-        are applied in batches (:data:`_LOAD_BATCH`): verifying one batch overlaps
-        reading the next, and reading ``/live/`` (at the same revision), whose
-        statuses are applied, and verified in the pool, after the records.  A failed
-        page is read again (:meth:`_pages`); if the listing still fails half-way, the
-        next attempt is an ordinary listing, which applies the difference.  Returns (revision, keys, seconds spent reading before the first
-        record batch could be applied).
+        ``/rec/`` and ``/live/`` are read at that revision side by side in CPID order,
+        page by page, while the pages already read are applied in batches
+        (:data:`_LOAD_BATCH`): verifying one batch overlaps reading the next, and each
+        status rides along in its record's verification job.  A failed page is read
+        again (:meth:`_pages`); if the listing still fails half-way, the next attempt is
+        an ordinary listing, which applies the difference.  Returns (revision, keys,
+        seconds spent reading before the first record batch could be applied).
         """
         started = time.monotonic()
         snapshot, revision = await self._snapshot(skip=(Prefix.REC, Prefix.LIVE))
@@ -334,31 +334,60 @@ class Replica:
                 self.state.diff(snapshot, revision), revision, check=self.verifier.run, emit=False
             )
         del snapshot
-        # /live/ is read while the records are verified (it used to be read, and parsed,
-        # before the first record job went out: minutes at a million, the workers idle),
-        # and applied after them: its statuses are verified as jobs of their own
-        lives: list[Change] = []
-
-        async def read_lives() -> None:
-            async for kvs in self._pages(Prefix.LIVE, revision):
-                lives.extend(
-                    Change("put", kv.key, kv.value, kv.mod_revision, kv.lease) for kv in kvs
-                )
-
-        live_reader = asyncio.create_task(read_lives(), name="replica-load-live")
-        # bounded: pages read ahead of verification are held as raw values (~1.4 KB a
-        # record); an unbounded queue held most of a million-record listing at once
+        # /rec/ and /live/ are read side by side, both in CPID order: each page of records
+        # goes out with the statuses of the same CPIDs, applied first, so that each status
+        # rides along in its record's verification job and each entry is built once,
+        # complete.  (Reading every status before the first record job left the workers
+        # idle for minutes at a million; reading them all while the records verified held
+        # them all at once, and the entries were built twice.)  Bounded: pages read ahead
+        # of verification are held as raw values (~1.4 KB a record with its status).
         pages: asyncio.Queue[list[Change] | None] = asyncio.Queue(
             maxsize=max(2, 2 * _LOAD_BATCH // _PAGE)
         )
+        live_at = len(Prefix.LIVE)
+        rec_at = len(Prefix.REC)
 
         async def read() -> None:
+            lives = self._pages(Prefix.LIVE, revision)
+            held: list[KV] = []  # statuses read ahead of the records
+            more = True
             try:
                 async for kvs in self._pages(Prefix.REC, revision):
-                    await pages.put(
-                        [Change("put", kv.key, kv.value, kv.mod_revision, kv.lease) for kv in kvs]
-                    )
+                    if not kvs:
+                        continue
+                    last = kvs[-1].key[rec_at:]
+                    while more and (not held or held[-1].key[live_at:] <= last):
+                        try:
+                            held += await anext(lives)
+                        except StopAsyncIteration:
+                            more = False
+                    cut = 0
+                    while cut < len(held) and held[cut].key[live_at:] <= last:
+                        cut += 1
+                    batch = [
+                        Change("put", kv.key, kv.value, kv.mod_revision, kv.lease)
+                        for kv in held[:cut]
+                    ]
+                    del held[:cut]
+                    batch += [
+                        Change("put", kv.key, kv.value, kv.mod_revision, kv.lease) for kv in kvs
+                    ]
+                    await pages.put(batch)
+                while True:  # statuses after the last record (their records are absent)
+                    rest = [
+                        Change("put", kv.key, kv.value, kv.mod_revision, kv.lease) for kv in held
+                    ]
+                    if rest:
+                        await pages.put(rest)
+                    if not more:
+                        break
+                    try:
+                        held = await anext(lives)
+                    except StopAsyncIteration:
+                        more = False
+                        held = []
             finally:  # the end, also when reading failed
+                await lives.aclose()
                 try:
                     pages.put_nowait(None)
                 except asyncio.QueueFull:
@@ -389,20 +418,14 @@ class Replica:
                         at - started,
                         time.monotonic() - at,
                     )
-            await live_reader
-            if lives:
-                keys += len(lives)
-                async with self._lock:
-                    await self.state.apply(lives, revision, check=self.verifier.run, emit=False)
         finally:
-            for task in (reader, live_reader):
-                task.cancel()
+            reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({reader, live_reader})
+                await asyncio.wait({reader})
         reader.result()  # what reading raised, if it failed half-way
         return revision, keys, listed
 
-    async def _pages(self, prefix: Prefix, revision: int) -> AsyncIterator[list[KV]]:
+    async def _pages(self, prefix: Prefix, revision: int) -> AsyncGenerator[list[KV], None]:
         """The keys of ``prefix`` at ``revision``, a page at a time.  A failed page is read
         again from the key after the last one read (at the same revision), up to
         :data:`_PAGE_RETRIES` times, not the whole listing."""

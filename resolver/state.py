@@ -796,6 +796,9 @@ class ReplicaState:
             rs = _Rec(cpid, ch.revision, env, error)
             self._signer_refs[rs.signer] += 1
         self.recs[cpid] = rs
+        lv = self.lives.pop(cpid, None)
+        if lv is not None:  # keyed by this string from now on: one per CPID (_put_live)
+            self.lives[cpid] = lv
         batch.dirty_recs.add(cpid)
         batch.dirty_lives.add(cpid)
 
