@@ -93,8 +93,9 @@ def _rec_facts(f: RecordFacts) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
-def _live_facts(f: StatusFacts) -> tuple[Any, ...]:
-    return f.cpid, f.state, f.accelerators_free, f.cpu_free, f.withheld
+def _live_facts(f: StatusFacts, cpid: str) -> tuple[Any, ...]:
+    # the replica files status facts without their CPID (checked against the key)
+    return cpid, f.state, f.accelerators_free, f.cpu_free, f.withheld
 
 
 class _Table:
@@ -404,7 +405,9 @@ class SnapshotStore:
                     st_env = Envelope.from_json(lv.raw)
             if st_env is None:
                 continue
-            facts_s = _live_facts(lv.facts) if lv.facts is not None and not lv.reason else None
+            facts_s = (
+                _live_facts(lv.facts, cpid) if lv.facts is not None and not lv.reason else None
+            )
             slow_lives.append(
                 (cpid, lv.revision, lv.lease, _env_tuple(st_env), lv.checked_key, facts_s)
             )

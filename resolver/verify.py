@@ -112,7 +112,9 @@ class RecordFacts:
 
 @dataclass(frozen=True, slots=True)
 class StatusFacts:
-    """What the replica needs from a verified status."""
+    """What the replica needs from a verified status.  ``cpid`` is the CPID the status
+    names; once the replica has checked it against the live key it files the facts with
+    ``cpid=""``, one object shared among equal facts."""
 
     cpid: str
     state: str

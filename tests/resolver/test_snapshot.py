@@ -216,9 +216,7 @@ def _layout(r: Resolver) -> dict[str, Any]:
         "signers": shared([e.envelope.signatures[0].keyid for e in entries]),
         "prefixes": shared([e.id.prefix for e in entries]),
         "cpid_in_facts": all(e.facts.cpid is e.cpid for e in entries),
-        "cpid_in_status": all(
-            e.status_facts.cpid is e.cpid for e in entries if e.status_facts is not None
-        ),
+        "status_facts": shared([e.status_facts for e in entries if e.status_facts is not None]),
         "models_kept": sum(e._record is not None or e._status is not None for e in entries),
         "sizes": r._state.sizes(),
     }
