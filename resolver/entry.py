@@ -37,17 +37,30 @@ CACHED_ENTRIES: Final = 20_000
 _cached: deque[Entry] = deque()
 
 
-def _keep(entry: Entry) -> None:
-    """Note that ``entry`` cached something; forget the caches of the oldest beyond the bound."""
-    if entry._kept:
-        return
-    entry._kept = True
-    _cached.append(entry)
-    while len(_cached) > CACHED_ENTRIES:
-        old = _cached.popleft()
-        old._kept = False
-        old._record = old._status = old._record_dict = None
-        old._body = old._stale_body = None
+class _Cache:
+    """What an entry parsed or rendered (one object, made on first use, so that an entry
+    that caches nothing carries one empty slot rather than five)."""
+
+    __slots__ = ("body", "record", "record_dict", "stale_body", "status")
+
+    def __init__(self) -> None:
+        self.record: Record | None = None
+        self.status: Status | None = None
+        self.body: bytes | None = None
+        self.stale_body: bytes | None = None
+        self.record_dict: dict[str, Any] | None = None
+
+
+def _cache_of(entry: Entry) -> _Cache:
+    """``entry``'s cache (made now if it has none); past the bound the oldest entries
+    forget theirs."""
+    c = entry._cache
+    if c is None:
+        c = entry._cache = _Cache()
+        _cached.append(entry)
+        while len(_cached) > CACHED_ENTRIES:
+            _cached.popleft()._cache = None
+    return c
 
 
 _SIG: Final = 64
@@ -152,7 +165,6 @@ class Entry:
         facts: the record's indexed fields (kind, key, version, region, models, labels).
         sealed: the record envelope as stored in etcd (:attr:`envelope` rebuilds it).
         chain: cert envelopes from the signer's cert up to the anchor's issue.
-        kid: key id of the registry key that signed the record.
         record_revision: etcd ``mod_revision`` of ``/rec/<cpid>``.
         status_facts: the verified status's state and free capacity, or None.
         status_sealed: the status envelope (signed by the record's key), or None.
@@ -173,7 +185,6 @@ class Entry:
     facts: RecordFacts
     sealed: Sealed
     chain: tuple[Envelope, ...]
-    kid: str
     record_revision: int
     status_facts: StatusFacts | None
     status_sealed: Sealed | None
@@ -187,12 +198,7 @@ class Entry:
     valid_until: float
     leases: Mapping[int, float] = field(repr=False)
     free: int = field(init=False)
-    _record: Record | None = field(default=None, repr=False)
-    _status: Status | None = field(default=None, repr=False)
-    _body: bytes | None = field(default=None, init=False, repr=False)
-    _stale_body: bytes | None = field(default=None, init=False, repr=False)
-    _record_dict: dict[str, Any] | None = field(default=None, init=False, repr=False)
-    _kept: bool = field(default=False, init=False, repr=False)
+    _cache: _Cache | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.free = free_units(self.facts, self.status_facts, self.claimed)
@@ -210,13 +216,34 @@ class Entry:
         return None if self.status_sealed is None else self.status_sealed.envelope()
 
     @property
+    def kid(self) -> str:
+        """Key id of the registry key that signed the record."""
+        return self.sealed.keyid
+
+    @property
+    def _record(self) -> Record | None:
+        """The parsed record, when cached."""
+        return None if self._cache is None else self._cache.record
+
+    @property
+    def _status(self) -> Status | None:
+        """The parsed status, when cached."""
+        return None if self._cache is None else self._cache.status
+
+    def keep_models(self, record: Record | None, status: Status | None) -> None:
+        """Cache models already parsed (by an inline verification) for this entry."""
+        if record is not None or status is not None:
+            c = _cache_of(self)
+            c.record, c.status = record, status
+
+    @property
     def record(self) -> Record:
         """The verified ``record.v1`` payload (parsed on first use)."""
-        rec = self._record
+        c = self._cache
+        rec = None if c is None else c.record
         if rec is None:
             env = self.sealed
-            rec = self._record = parse_payload(env.payload_type, env.payload, Record)
-            _keep(self)
+            rec = _cache_of(self).record = parse_payload(env.payload_type, env.payload, Record)
         return rec
 
     @property
@@ -225,10 +252,10 @@ class Entry:
         env = self.status_sealed
         if env is None:
             return None
-        st = self._status
+        c = self._cache
+        st = None if c is None else c.status
         if st is None:
-            st = self._status = parse_payload(env.payload_type, env.payload, Status)
-            _keep(self)
+            st = _cache_of(self).status = parse_payload(env.payload_type, env.payload, Status)
         return st
 
     @property
@@ -314,24 +341,26 @@ class Entry:
 
     def body(self, *, stale: bool = False) -> bytes:
         """:meth:`bundle` as JSON bytes, rendered once per entry (``"stale": true`` added)."""
+        c = self._cache
         if stale:
-            stale_body = self._stale_body
+            stale_body = None if c is None else c.stale_body
             if stale_body is None:
-                stale_body = self._stale_body = self.body()[:-1] + b',"stale":true}'
-                _keep(self)
+                stale_body = self.body()[:-1] + b',"stale":true}'
+                _cache_of(self).stale_body = stale_body
             return stale_body
-        body = self._body
+        body = None if c is None else c.body
         if body is None:
-            body = self._body = json.dumps(self.bundle(), separators=(",", ":")).encode()
-            _keep(self)
+            body = json.dumps(self.bundle(), separators=(",", ":")).encode()
+            _cache_of(self).body = body
         return body
 
     def record_dict(self) -> dict[str, Any]:
         """The record payload as a JSON-ready dict (cached)."""
-        d = self._record_dict
+        c = self._cache
+        d = None if c is None else c.record_dict
         if d is None:
-            d = self._record_dict = self.record.model_dump(mode="json", exclude_none=True)
-            _keep(self)
+            d = self.record.model_dump(mode="json", exclude_none=True)
+            _cache_of(self).record_dict = d
         return d
 
     def view(self) -> dict[str, Any]:

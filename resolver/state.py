@@ -1360,12 +1360,11 @@ class ReplicaState:
         claimed, alloc_rev = self.allocs.get(cpid, (0, 0))
         claimed = max(0, claimed - self._expired_claim_units(cpid))
         chain_rev = self._chain_revision(v)
-        return Entry(
+        entry = Entry(
             cpid=rs.cpid,  # the record key's string, shared with the facts (not the /live/ key's)
             facts=rs.facts,
             sealed=rs.sealed,
             chain=v.chain,
-            kid=v.kid,
             record_revision=rs.revision,
             status_facts=live.facts if live is not None else None,
             status_sealed=live.sealed if live is not None else None,
@@ -1378,9 +1377,9 @@ class ReplicaState:
             generation=self.generation + 1,
             valid_until=rs.valid_until,
             leases=self.leases,
-            _record=rs.record,
-            _status=live.status if live is not None else None,
         )
+        entry.keep_models(rs.record, live.status if live is not None else None)
+        return entry
 
     def _chain_revision(self, v: SignerVerdict) -> int:
         """The latest ``mod_revision`` of the certs ``v`` looked at; kept per verdict (a

@@ -39,7 +39,6 @@ def make_entry(i: int, rng: random.Random) -> Entry:
         facts=facts,
         sealed=seal(ENV),
         chain=(),
-        kid="kid",
         record_revision=1,
         status_facts=status,
         status_sealed=None,

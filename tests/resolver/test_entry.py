@@ -61,7 +61,7 @@ async def test_entry_caches_are_bounded(pki: Pki, monkeypatch: pytest.MonkeyPatc
     first = [(e.record, e.body()) for e in entries]
     kept = [e for e in entries if e._record is not None]
     assert len(kept) == 3 and kept == entries[2:]  # the oldest two forgot theirs
-    assert entries[0]._body is None and entries[0]._record_dict is None
+    assert entries[0]._cache is None  # nothing rendered or parsed kept
     again = [(e.record, e.body()) for e in entries]
     assert again == first
     assert len(entry_mod._cached) == 3
