@@ -327,7 +327,7 @@ async def run(args: argparse.Namespace) -> None:
                 port=port, etcd=etcd.endpoint, namespace=NAMESPACE, key_file="cn31.key"
             )
             (tmp / "registry.json").write_text(json.dumps(config))
-            proc = start_registry(tmp)
+            proc = start_registry(tmp, args.workers)
             url = f"http://127.0.0.1:{port}"
             await wait_ready(url, proc, tmp / "registry.log")
 
@@ -352,7 +352,8 @@ async def run(args: argparse.Namespace) -> None:
             await revs.connect()
             print(
                 f"registrations: {args.clients} concurrent clients, {args.per_round} per round, "
-                f"{args.rounds} rounds each, interleaved (registry: `cpi registry serve` subprocess)"
+                f"{args.rounds} rounds each, interleaved (registry: `cpi registry serve "
+                f"--workers {args.workers}` subprocess)"
             )
             rates: dict[str, list[float]] = {"registry": [], "etcd3aio": [], "registrar": []}
             cpu: dict[str, list[float]] = {
@@ -451,8 +452,9 @@ async def run(args: argparse.Namespace) -> None:
             etcd.stop()
 
 
-def start_registry(tmp: Path) -> subprocess.Popen[bytes]:
-    """``cpi registry serve --config tmp/registry.json``, logging to tmp/registry.log."""
+def start_registry(tmp: Path, workers: int) -> subprocess.Popen[bytes]:
+    """``cpi registry serve --config tmp/registry.json --workers N``, logging to
+    tmp/registry.log."""
     with open(tmp / "registry.log", "wb") as log:
         return subprocess.Popen(
             [
@@ -464,6 +466,8 @@ def start_registry(tmp: Path) -> subprocess.Popen[bytes]:
                 "--config",
                 str(tmp / "registry.json"),
                 "--insecure",  # plain HTTP on loopback: the bench measures the registry, not TLS
+                "--workers",
+                str(workers),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -472,9 +476,28 @@ def start_registry(tmp: Path) -> subprocess.Popen[bytes]:
 
 
 def proc_cpu(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds so far of process ``pid`` and every process below it
+    (``--workers N``: the worker processes), from Linux ``/proc``."""
+    ticks: dict[int, int] = {}
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
+        parents[int(entry.name)] = int(fields[1])
+
+    def below(p: int) -> bool:
+        while p > 1:
+            if p == pid:
+                return True
+            p = parents.get(p, 0)
+        return False
+
+    return sum(t for p, t in ticks.items() if below(p)) / os.sysconf("SC_CLK_TCK")
 
 
 def _read(path: Path) -> str:
@@ -502,6 +525,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--per-round", type=int, default=600)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--workers", type=int, default=1, help="cpi registry serve --workers N")
     p.add_argument("--nodes", type=int, default=1000)
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--change", type=float, default=0.02)

@@ -124,6 +124,8 @@ class RegistryConfig(_Model):
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     insecure: bool = False  # serve plain HTTP (tests only); needed when there is no TLS
+    # processes on one port (SO_REUSEPORT), each an instance of its own (docs/registry.md)
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
 
     @property
     def tls(self) -> bool:
