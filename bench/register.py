@@ -366,14 +366,19 @@ async def run(args: argparse.Namespace) -> None:
             # store's revision by one (failed compares write nothing; lease grants and
             # the rare liveness write are counted too, so this is an upper bound)
             txns: dict[str, list[float]] = {"registry": [], "etcd3aio": [], "registrar": []}
+            etcd_cpu: dict[str, list[float]] = {"registry": [], "etcd3aio": [], "registrar": []}
+            assert etcd.pid is not None
+            etcd_pid = etcd.pid
             seq0 = 10**12
             # warm-up (connections, imports, caches), not timed
             await registry_round(url, token, [register_body(keys.generate()) for _ in range(50)], 8)
             for r in range(args.rounds):
                 bodies = [register_body(keys.generate()) for _ in range(args.per_round)]
                 c0, s0, r0 = time.process_time(), proc_cpu(proc.pid), await revs.revision()
+                e0 = proc_cpu(etcd_pid)
                 rates["registry"].append(await registry_round(url, token, bodies, args.clients))
                 cpu["registry"].append((proc_cpu(proc.pid) - s0) / args.per_round)
+                etcd_cpu["registry"].append((proc_cpu(etcd_pid) - e0) / args.per_round)
                 txns["registry"].append((await revs.revision() - r0) / args.per_round)
                 cpu["clients"].append((time.process_time() - c0) / args.per_round)
                 docs = []
@@ -383,6 +388,7 @@ async def run(args: argparse.Namespace) -> None:
                     nonce_key = Keys.nonce(keys.kid_of(node), secrets.token_urlsafe(16))
                     docs.append((c, record_env(node, regkey), nonce_key))
                 c0, r0 = time.process_time(), await revs.revision()
+                e0 = proc_cpu(etcd_pid)
                 rates["etcd3aio"].append(
                     await baseline_round(
                         client,
@@ -395,13 +401,16 @@ async def run(args: argparse.Namespace) -> None:
                     )
                 )
                 cpu["etcd3aio"].append((time.process_time() - c0) / args.per_round)
+                etcd_cpu["etcd3aio"].append((proc_cpu(etcd_pid) - e0) / args.per_round)
                 txns["etcd3aio"].append((await revs.revision() - r0) / args.per_round)
                 bodies = [register_body(keys.generate()) for _ in range(args.per_round)]
                 c0, r0 = time.process_time(), await revs.revision()
+                e0 = proc_cpu(etcd_pid)
                 rates["registrar"].append(
                     await registrar_round(registrar, token, bodies, args.clients)
                 )
                 cpu["registrar"].append((time.process_time() - c0) / args.per_round)
+                etcd_cpu["registrar"].append((proc_cpu(etcd_pid) - e0) / args.per_round)
                 txns["registrar"].append((await revs.revision() - r0) / args.per_round)
                 print(
                     f"  round {r + 1}: registry {rates['registry'][-1]:7.0f}/s   "
@@ -432,6 +441,12 @@ async def run(args: argparse.Namespace) -> None:
                 + ", ".join(
                     f"{name} {statistics.median(v):.3f} (~{1 / statistics.median(v):.1f} per txn)"
                     for name, v in txns.items()
+                )
+            )
+            print(
+                "  etcd's CPU per operation (median): "
+                + ", ".join(
+                    f"{name} {statistics.median(v) * 1e6:.0f} us" for name, v in etcd_cpu.items()
                 )
             )
             print(

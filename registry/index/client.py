@@ -643,7 +643,8 @@ class Index:
         results: list[OpResult] = []
         for op, r in zip(ops, resp.responses, strict=True):
             if op.kind == "get":
-                results.append(OpResult("get", [KV._from_pb(kv) for kv in r.response_range.kvs]))
+                rr = r.response_range
+                results.append(OpResult("get", [KV._from_pb(kv) for kv in rr.kvs], count=rr.count))
             elif op.kind == "delete":
                 results.append(OpResult("delete", [], int(r.response_delete_range.deleted)))
             else:
