@@ -119,9 +119,7 @@ def op_to_pb(op: Op) -> Any:
         return RequestOp(request_put=PutRequest(key=key, value=op.value, lease=op.lease))
     if op.kind == "delete":
         return RequestOp(request_delete_range=DeleteRangeRequest(key=key, range_end=end))
-    if op.within:
-        end = prefix_range_end(_kb(op.within))
-    return RequestOp(request_range=RangeRequest(key=key, range_end=end, count_only=op.count_only))
+    return RequestOp(request_range=RangeRequest(key=key, range_end=end))
 
 
 def never_sent(exc: BaseException) -> bool:

@@ -47,7 +47,6 @@ __all__ = [
     "head_compares",
     "head_probe",
     "lost_head",
-    "probed_head",
     "read_entries",
 ]
 
@@ -129,29 +128,16 @@ def head_compares(head: int) -> list[Cmp]:
 
 def head_probe(head: int) -> list[Op]:
     """Reads for a transaction's failure branch: with :func:`lost_head` they tell whether
-    the head compares of :func:`head_compares` failed, and :func:`probed_head` where the
-    head is now: the number of entries after entry ``head`` (counted, not read) and
-    entry ``head`` itself."""
-    after = Op.count_from(Keys.audit(head + 1), within=Prefix.AUDIT)
-    return [after] + ([Op.get(Keys.audit(head))] if head > 0 else [])
+    the head compares of :func:`head_compares` failed."""
+    return [Op.get(Keys.audit(head + 1))] + ([Op.get(Keys.audit(head))] if head > 0 else [])
 
 
 def lost_head(head: int, probe: Sequence[OpResult]) -> tuple[bool, bool]:
     """From the answers to :func:`head_probe`: ``(taken, missing)``: entry ``head + 1``
     was written by someone else, or entry ``head`` is gone (another etcd, or a deletion)."""
-    taken = probe[0].count > 0
+    taken = bool(probe[0].kvs)
     missing = head > 0 and not probe[1].kvs
     return taken, missing
-
-
-def probed_head(head: int, probe: Sequence[OpResult]) -> int | None:
-    """The head as the transaction of :func:`head_probe` saw it: ``head`` plus the entries
-    after it (the stream has no gaps, so they are ``head + 1 ...``); None when entry
-    ``head`` is missing (then only :func:`find_head` can tell)."""
-    taken, missing = lost_head(head, probe)
-    if missing:
-        return None
-    return head + probe[0].count if taken else head
 
 
 def entry_ops(
@@ -264,8 +250,6 @@ class _Pending:
     writes: frozenset[str]
     touches: frozenset[str]
     size: int
-    tries: int = 0
-    """Speculative attempts that lost the head to another writer (see :meth:`AuditStream._speculate`)."""
 
     @classmethod
     def make(cls, **kw: Any) -> _Pending:
@@ -428,14 +412,10 @@ class AuditStream:
             _log.warning("audit commit failed: %s", task.exception())
 
     async def _speculate(self, batch: list[_Pending], start: int) -> None:
-        """One attempt of *batch* at *start*.  When another writer (another registry
-        process) had taken the head, the batch goes back to the front of the queue with
-        the head its failure branch counted, to be sent again at once (up to
-        :attr:`attempts` times); on any other failure, wait for the batches sent before
-        it, then commit it the careful way (:meth:`_run`)."""
+        """One attempt of *batch* at *start*; on failure, wait for the batches sent
+        before it, then commit it the careful way (:meth:`_run`)."""
         try:
-            moved = await self._attempt_many(batch, start - 1)
-            if moved is None:
+            if await self._attempt_many(batch, start - 1):
                 return
         except Exception as exc:
             self._resync = True
@@ -445,18 +425,6 @@ class AuditStream:
                     p.result.set_exception(exc)
             return
         self._resync = True
-        if moved > start - 1 and all(p.tries < self.attempts for p in batch):
-            # lost the head to another writer: every change of the batch is still to do
-            # (its compares may hold or not; the next attempt tells).  Known new head,
-            # no reads; the leader (or, if none, the first waiter) sends it again.
-            self.races += 1
-            for p in batch:
-                p.tries += 1
-            self._head = max(self._head or 0, moved)
-            self._queue[:0] = batch
-            if not self._leading and not self._queue[0].lead.done():
-                self._queue[0].lead.set_result(None)
-            return
         earlier = [t for s, t, _ in self._inflight if s < start]
         if earlier:
             await asyncio.wait(earlier)
@@ -474,10 +442,8 @@ class AuditStream:
             except Exception:
                 return  # _run set every result
 
-    async def _attempt_many(self, batch: list[_Pending], head: int) -> int | None:
-        """Send *batch* as one transaction after entry *head*: None when it landed, else
-        the head its failure branch saw (*head* when the head had not moved, -1 when
-        entry *head* was missing)."""
+    async def _attempt_many(self, batch: list[_Pending], head: int) -> bool:
+        """Send *batch* as one transaction after entry *head*; True when it landed."""
         a_cmps, a_puts = self._audit_parts(head, batch)
         compare = list(dict.fromkeys(c for p in batch for c in p.compare))
         success: list[Op] = []
@@ -485,12 +451,9 @@ class AuditStream:
             success.extend(p.success)
             success.extend(puts)
         self.batches += 1
-        result = await self._index.txn(
-            compare=[*compare, *a_cmps], success=success, failure=self._head_probe(head)
-        )
+        result = await self._index.txn(compare=[*compare, *a_cmps], success=success)
         if not result.succeeded:
-            seen = probed_head(head, result.responses)
-            return -1 if seen is None else seen
+            return False
         if self._head is not None:
             self._head = max(self._head, head + sum(len(p.entries) for p in batch))
         at = 0
@@ -498,7 +461,7 @@ class AuditStream:
             n = len(p.success)
             p.result.set_result(TxnResult(True, result.revision, result.responses[at : at + n]))
             at += n + len(p.entries)
-        return None
+        return True
 
     def _take_batch(self) -> list[_Pending]:
         batch: list[_Pending] = []
@@ -572,14 +535,12 @@ class AuditStream:
         return head_probe(head)
 
     async def _lost_head(self, head: int, probe: Sequence[OpResult]) -> bool:
-        """After a failed transaction: True (and the head updated) if the head had moved:
-        from the probe's count when entry *head* is still there, else read again."""
+        """After a failed transaction: True (and the head re-read) if the head had moved."""
         taken, missing = lost_head(head, probe)
         if not taken and not missing:
             return False
         self.races += 1
-        seen = probed_head(head, probe)
-        self._head = seen if seen is not None else await find_head(self._index)
+        self._head = await find_head(self._index, hint=head + 1 if taken else 0)
         return True
 
     async def _commit_one(self, p: _Pending) -> TxnResult:

@@ -643,8 +643,7 @@ class Index:
         results: list[OpResult] = []
         for op, r in zip(ops, resp.responses, strict=True):
             if op.kind == "get":
-                rr = r.response_range
-                results.append(OpResult("get", [KV._from_pb(kv) for kv in rr.kvs], count=rr.count))
+                results.append(OpResult("get", [KV._from_pb(kv) for kv in r.response_range.kvs]))
             elif op.kind == "delete":
                 results.append(OpResult("delete", [], int(r.response_delete_range.deleted)))
             else:

@@ -151,10 +151,6 @@ class Op:
     value: bytes = b""
     lease: int = 0
     prefix: bool = False
-    within: str = ""
-    """A get of every key from ``key`` to the end of the prefix ``within``
-    (:meth:`count_from`); "" for the usual one key or ``prefix``."""
-    count_only: bool = False
 
     @classmethod
     def put(cls, key: str, value: bytes | str, *, lease: int = 0) -> Op:
@@ -171,24 +167,14 @@ class Op:
         """Read *key* (or every key starting with it when *prefix*)."""
         return cls("get", key, prefix=prefix)
 
-    @classmethod
-    def count_from(cls, key: str, *, within: str) -> Op:
-        """Count (without reading them) the keys from *key* on that start with *within*
-        (*key* must start with it): the result's ``count``, its ``kvs`` empty."""
-        if not key.startswith(within) or not within:
-            raise ValueError(f"{key!r} is not within the prefix {within!r}")
-        return cls("get", key, within=within, count_only=True)
-
 
 @dataclass(frozen=True, slots=True)
 class OpResult:
-    """Result of one :class:`Op`: ``kvs`` (and ``count``) for a get, ``deleted`` for a delete."""
+    """Result of one :class:`Op`: ``kvs`` for a get, ``deleted`` for a delete."""
 
     kind: Literal["put", "delete", "get"]
     kvs: list[KV]
     deleted: int = 0
-    count: int = 0
-    """For a get: the number of keys in its range (also with :meth:`Op.count_from`)."""
 
 
 @dataclass(frozen=True, slots=True)
