@@ -143,10 +143,9 @@ def _run_workers(config: RegistryConfig) -> int:
 
 def _worker(config: RegistryConfig, fmt: str, number: int, verbose: bool) -> None:
     """One process of ``--workers N`` (the target of a spawned process): an instance
-    of its own, ``<instance_id>-<number>``."""
+    of its own, with its share of the limits (:meth:`RegistryConfig.one_of`)."""
     logfmt.configure(level=logging.DEBUG if verbose else logging.INFO, fmt=fmt)
-    mine = config.model_copy(update={"instance_id": f"{config.instance_id}-{number}"})
-    asyncio.run(serve(mine, reuse_port=True, parent=parent_sentinel()))
+    asyncio.run(serve(config.one_of(number), reuse_port=True, parent=parent_sentinel()))
 
 
 async def serve(

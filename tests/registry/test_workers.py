@@ -172,3 +172,31 @@ def test_workers_need_a_fixed_port(
     argv = ["registry", "serve", "--config", str(config), "--workers", "2", "--insecure"]
     assert main(argv) == 1
     assert "needs a fixed port" in capsys.readouterr().err
+
+
+def test_each_process_gets_its_share_of_the_limits(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    config = world.config(
+        "127.0.0.1:2379",
+        workers=3,
+        registrations_per_s=50,
+        registration_burst=100,
+        address_registration_burst=7,
+        unauthenticated_per_s=1,
+        unauthenticated_burst=10,
+        max_connections=10_000,
+        max_connections_per_address=256,
+    )
+    one = config.one_of(2)
+    assert one.instance_id == "test-registry-2"
+    assert one.registrations_per_s == pytest.approx(50 / 3)
+    assert one.registration_burst == 34  # rounded up: the three admit at least the burst
+    assert one.address_registrations_per_s is None  # still "as per token"
+    assert one.address_registration_burst == 3
+    assert one.unauthenticated_per_s == pytest.approx(1 / 3)
+    assert one.unauthenticated_burst == 4
+    assert (one.max_connections, one.max_connections_per_address) == (3334, 86)
+    assert one.namespaces == config.namespaces and one.etcd == config.etcd
+    # a single process keeps the limits as configured
+    single = world.config("127.0.0.1:2379", registration_burst=5).one_of(0)
+    assert single.registration_burst == 5 and single.registrations_per_s == 1000
