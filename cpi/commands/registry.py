@@ -4,8 +4,9 @@
 of :mod:`registry.service` until SIGTERM or SIGINT.  With ``--workers N`` (N > 1) it
 runs N such processes on one port (``SO_REUSEPORT``, :mod:`cpi.workers`), each a
 registry instance of its own (its lease, liveness and audit stream writer; instance id
-``<id>-<n>``), as several instances of one registry are (docs/registry.md).  ``token create`` prints a new join
-token once; only its hash is stored.
+``<id>-<n>``; 1/N of the limits), as several instances of one registry are
+(docs/registry.md "Several processes").  ``token create`` prints a new join token once;
+only its hash is stored.
 """
 
 from __future__ import annotations
