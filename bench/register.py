@@ -1,7 +1,7 @@
 """Registrations per second of one registry process, and etcd writes per heartbeat.
 
     python bench/register.py [--clients 32] [--per-round 600] [--rounds 3]
-                             [--nodes 1000] [--minutes 10]
+                             [--workers 1] [--nodes 1000] [--minutes 10]
 
 Starts its own etcd (``cpi.etcdproc``) in a temporary directory.
 
@@ -24,7 +24,11 @@ share of the CPUs.  The CPU time this process spends per operation in the baseli
 in-process rounds is printed too, and, for the HTTP rounds, the CPU of the ``cpi
 registry serve`` process (from ``/proc``) and of this process's clients per
 registration: on a shared machine the rates follow the CPU share each gets, the CPU
-per operation does not.
+per operation does not.  So is etcd's CPU per operation (from ``/proc``), and the etcd
+write transactions per operation: the store's revision moves by one per transaction
+that writes, so this shows how many registrations the group commit puts into one.
+``--workers N`` runs ``cpi registry serve --workers N`` (its CPU is summed over the
+worker processes).
 
 **Heartbeats.** ``--nodes`` nodes with records in etcd heartbeat every 10 s for
 ``--minutes`` simulated minutes against :class:`registry.liveness.Liveness` (its
