@@ -1,7 +1,7 @@
 """Registrations per second of one registry process, and etcd writes per heartbeat.
 
     python bench/register.py [--clients 32] [--per-round 600] [--rounds 3]
-                             [--nodes 1000] [--minutes 10]
+                             [--workers 1] [--nodes 1000] [--minutes 10]
 
 Starts its own etcd (``cpi.etcdproc``) in a temporary directory.
 
@@ -24,7 +24,11 @@ share of the CPUs.  The CPU time this process spends per operation in the baseli
 in-process rounds is printed too, and, for the HTTP rounds, the CPU of the ``cpi
 registry serve`` process (from ``/proc``) and of this process's clients per
 registration: on a shared machine the rates follow the CPU share each gets, the CPU
-per operation does not.
+per operation does not.  So is etcd's CPU per operation (from ``/proc``), and the etcd
+write transactions per operation: the store's revision moves by one per transaction
+that writes, so this shows how many registrations the group commit puts into one.
+``--workers N`` runs ``cpi registry serve --workers N`` (its CPU is summed over the
+worker processes).
 
 **Heartbeats.** ``--nodes`` nodes with records in etcd heartbeat every 10 s for
 ``--minutes`` simulated minutes against :class:`registry.liveness.Liveness` (its
@@ -327,7 +331,7 @@ async def run(args: argparse.Namespace) -> None:
                 port=port, etcd=etcd.endpoint, namespace=NAMESPACE, key_file="cn31.key"
             )
             (tmp / "registry.json").write_text(json.dumps(config))
-            proc = start_registry(tmp)
+            proc = start_registry(tmp, args.workers)
             url = f"http://127.0.0.1:{port}"
             await wait_ready(url, proc, tmp / "registry.log")
 
@@ -348,9 +352,12 @@ async def run(args: argparse.Namespace) -> None:
             registrar = inproc[STATE].registrar
             client = Etcd3Client([etcd.endpoint])
             await client.connect()
+            revs = Index(endpoints=[etcd.endpoint])
+            await revs.connect()
             print(
                 f"registrations: {args.clients} concurrent clients, {args.per_round} per round, "
-                f"{args.rounds} rounds each, interleaved (registry: `cpi registry serve` subprocess)"
+                f"{args.rounds} rounds each, interleaved (registry: `cpi registry serve "
+                f"--workers {args.workers}` subprocess)"
             )
             rates: dict[str, list[float]] = {"registry": [], "etcd3aio": [], "registrar": []}
             cpu: dict[str, list[float]] = {
@@ -359,14 +366,24 @@ async def run(args: argparse.Namespace) -> None:
                 "registry": [],
                 "clients": [],
             }
+            # etcd write transactions per operation: each one that succeeds moves the
+            # store's revision by one (failed compares write nothing; lease grants and
+            # the rare liveness write are counted too, so this is an upper bound)
+            txns: dict[str, list[float]] = {"registry": [], "etcd3aio": [], "registrar": []}
+            etcd_cpu: dict[str, list[float]] = {"registry": [], "etcd3aio": [], "registrar": []}
+            assert etcd.pid is not None
+            etcd_pid = etcd.pid
             seq0 = 10**12
             # warm-up (connections, imports, caches), not timed
             await registry_round(url, token, [register_body(keys.generate()) for _ in range(50)], 8)
             for r in range(args.rounds):
                 bodies = [register_body(keys.generate()) for _ in range(args.per_round)]
-                c0, s0 = time.process_time(), proc_cpu(proc.pid)
+                c0, s0, r0 = time.process_time(), proc_cpu(proc.pid), await revs.revision()
+                e0 = proc_cpu(etcd_pid)
                 rates["registry"].append(await registry_round(url, token, bodies, args.clients))
                 cpu["registry"].append((proc_cpu(proc.pid) - s0) / args.per_round)
+                etcd_cpu["registry"].append((proc_cpu(etcd_pid) - e0) / args.per_round)
+                txns["registry"].append((await revs.revision() - r0) / args.per_round)
                 cpu["clients"].append((time.process_time() - c0) / args.per_round)
                 docs = []
                 for _ in range(args.per_round):
@@ -374,7 +391,8 @@ async def run(args: argparse.Namespace) -> None:
                     c = cpid.derive(NAMESPACE, "GPU", keys.public_raw(node)).to_text()
                     nonce_key = Keys.nonce(keys.kid_of(node), secrets.token_urlsafe(16))
                     docs.append((c, record_env(node, regkey), nonce_key))
-                c0 = time.process_time()
+                c0, r0 = time.process_time(), await revs.revision()
+                e0 = proc_cpu(etcd_pid)
                 rates["etcd3aio"].append(
                     await baseline_round(
                         client,
@@ -387,18 +405,24 @@ async def run(args: argparse.Namespace) -> None:
                     )
                 )
                 cpu["etcd3aio"].append((time.process_time() - c0) / args.per_round)
+                etcd_cpu["etcd3aio"].append((proc_cpu(etcd_pid) - e0) / args.per_round)
+                txns["etcd3aio"].append((await revs.revision() - r0) / args.per_round)
                 bodies = [register_body(keys.generate()) for _ in range(args.per_round)]
-                c0 = time.process_time()
+                c0, r0 = time.process_time(), await revs.revision()
+                e0 = proc_cpu(etcd_pid)
                 rates["registrar"].append(
                     await registrar_round(registrar, token, bodies, args.clients)
                 )
                 cpu["registrar"].append((time.process_time() - c0) / args.per_round)
+                etcd_cpu["registrar"].append((proc_cpu(etcd_pid) - e0) / args.per_round)
+                txns["registrar"].append((await revs.revision() - r0) / args.per_round)
                 print(
                     f"  round {r + 1}: registry {rates['registry'][-1]:7.0f}/s   "
                     f"etcd3aio txn loop {rates['etcd3aio'][-1]:7.0f}/s   "
                     f"registrar in-process {rates['registrar'][-1]:7.0f}/s"
                 )
             await client.close()
+            await revs.close()
             await runner.cleanup()
             reg = statistics.median(rates["registry"])
             base = statistics.median(rates["etcd3aio"])
@@ -414,6 +438,20 @@ async def run(args: argparse.Namespace) -> None:
                 f"registrar {statistics.median(cpu['registrar']) * 1e6:.0f} us per "
                 f"registration, etcd3aio loop {statistics.median(cpu['etcd3aio']) * 1e6:.0f} "
                 "us per transaction"
+            )
+            print(
+                "  etcd write transactions per operation (median; the store's revision moves "
+                "by one per transaction): "
+                + ", ".join(
+                    f"{name} {statistics.median(v):.3f} (~{1 / statistics.median(v):.1f} per txn)"
+                    for name, v in txns.items()
+                )
+            )
+            print(
+                "  etcd's CPU per operation (median): "
+                + ", ".join(
+                    f"{name} {statistics.median(v) * 1e6:.0f} us" for name, v in etcd_cpu.items()
+                )
             )
             print(
                 "  CPU per registration over HTTP (median): the `cpi registry serve` process "
@@ -433,8 +471,9 @@ async def run(args: argparse.Namespace) -> None:
             etcd.stop()
 
 
-def start_registry(tmp: Path) -> subprocess.Popen[bytes]:
-    """``cpi registry serve --config tmp/registry.json``, logging to tmp/registry.log."""
+def start_registry(tmp: Path, workers: int) -> subprocess.Popen[bytes]:
+    """``cpi registry serve --config tmp/registry.json --workers N``, logging to
+    tmp/registry.log."""
     with open(tmp / "registry.log", "wb") as log:
         return subprocess.Popen(
             [
@@ -446,6 +485,8 @@ def start_registry(tmp: Path) -> subprocess.Popen[bytes]:
                 "--config",
                 str(tmp / "registry.json"),
                 "--insecure",  # plain HTTP on loopback: the bench measures the registry, not TLS
+                "--workers",
+                str(workers),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -454,9 +495,28 @@ def start_registry(tmp: Path) -> subprocess.Popen[bytes]:
 
 
 def proc_cpu(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds so far of process ``pid`` and every process below it
+    (``--workers N``: the worker processes), from Linux ``/proc``."""
+    ticks: dict[int, int] = {}
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
+        parents[int(entry.name)] = int(fields[1])
+
+    def below(p: int) -> bool:
+        while p > 1:
+            if p == pid:
+                return True
+            p = parents.get(p, 0)
+        return False
+
+    return sum(t for p, t in ticks.items() if below(p)) / os.sysconf("SC_CLK_TCK")
 
 
 def _read(path: Path) -> str:
@@ -484,6 +544,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--per-round", type=int, default=600)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--workers", type=int, default=1, help="cpi registry serve --workers N")
     p.add_argument("--nodes", type=int, default=1000)
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--change", type=float, default=0.02)

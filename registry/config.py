@@ -124,6 +124,8 @@ class RegistryConfig(_Model):
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     insecure: bool = False  # serve plain HTTP (tests only); needed when there is no TLS
+    # processes on one port (SO_REUSEPORT), each an instance of its own (docs/registry.md)
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
 
     @property
     def tls(self) -> bool:
@@ -149,6 +151,33 @@ class RegistryConfig(_Model):
         if self.lease_ttl_s is not None:
             return self.lease_ttl_s
         return max(5, math.ceil(self.expire_after_s))
+
+    def one_of(self, number: int) -> RegistryConfig:
+        """The config of process ``number`` of ``workers`` (``--workers N``): an instance
+        of its own (``<instance_id>-<number>``) with its share of the limits, so that the
+        processes together admit what the config says (rates, bursts and connection
+        caps divided by ``workers``, rounded up; each process keeps its own buckets)."""
+        n = self.workers
+
+        def rate(value: float | None) -> float | None:
+            return None if value is None else value / n
+
+        def count(value: int | None) -> int | None:
+            return None if value is None else max(1, math.ceil(value / n))
+
+        return self.model_copy(
+            update={
+                "instance_id": f"{self.instance_id}-{number}",
+                "registrations_per_s": rate(self.registrations_per_s),
+                "registration_burst": count(self.registration_burst),
+                "address_registrations_per_s": rate(self.address_registrations_per_s),
+                "address_registration_burst": count(self.address_registration_burst),
+                "unauthenticated_per_s": rate(self.unauthenticated_per_s),
+                "unauthenticated_burst": count(self.unauthenticated_burst),
+                "max_connections": count(self.max_connections),
+                "max_connections_per_address": count(self.max_connections_per_address),
+            }
+        )
 
     def summary(self) -> str:
         """One line for the log (no secrets)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -316,36 +317,47 @@ async def post_registration(request: web.Request) -> web.Response:
     result = await _state(request).registrar.register(body, token)
     request[_CPID] = result.cpid
     request[_OUTCOME] = result.outcome
-    # the text json.dumps gives for {"cpid", "record", "chain", "heartbeat_s"}, with the
-    # chain's part (the same few chains on every answer) serialised once per chain
-    text = "".join(
+    # {"cpid", "record", "chain", "heartbeat_s"} as JSON, put together from parts made
+    # before: the record's compact JSON is the value written to etcd, the chain's (the
+    # same few chains on every answer) is made once per chain
+    body = b"".join(
         (
-            '{"cpid": ',
-            json.dumps(result.cpid),
-            ', "record": ',
-            json.dumps(result.record.to_dict()),
-            ', "chain": ',
+            b'{"cpid": ',
+            json.dumps(result.cpid).encode(),
+            b', "record": ',
+            result.record_json or result.record.to_json(),
+            b', "chain": ',
             _chain_json(result.chain),
-            ', "heartbeat_s": ',
-            json.dumps(config.heartbeat_s),
-            "}",
+            b', "heartbeat_s": ',
+            _number_json(config.heartbeat_s),
+            b"}",
         )
     )
-    return web.json_response(text=text, status=201 if result.created else 200)
+    return web.Response(
+        body=body,
+        status=201 if result.created else 200,
+        content_type="application/json",
+        charset="utf-8",
+    )
 
 
-_CHAIN_JSON: dict[tuple[Envelope, ...], str] = {}
+_CHAIN_JSON: dict[tuple[Envelope, ...], bytes] = {}
 
 
-def _chain_json(chain: tuple[Envelope, ...]) -> str:
+def _chain_json(chain: tuple[Envelope, ...]) -> bytes:
     """``json.dumps`` of the chain's envelopes as dicts, cached per chain (a registry has
     one per namespace key; a chain replaced by a new cert gets its own entry)."""
     text = _CHAIN_JSON.get(chain)
     if text is None:
         if len(_CHAIN_JSON) >= 64:
             _CHAIN_JSON.clear()
-        text = _CHAIN_JSON[chain] = json.dumps([c.to_dict() for c in chain])
+        text = _CHAIN_JSON[chain] = json.dumps([c.to_dict() for c in chain]).encode()
     return text
+
+
+@functools.lru_cache(maxsize=8)
+def _number_json(value: float) -> bytes:
+    return json.dumps(value).encode()
 
 
 async def put_status(request: web.Request) -> web.Response:

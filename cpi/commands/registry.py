@@ -1,14 +1,19 @@
 """``cpi registry serve`` and ``cpi registry token create``.
 
 ``serve`` only loads the config (file, then environment, then flags) and runs the app
-of :mod:`registry.service` until SIGTERM or SIGINT.  ``token create`` prints a new join
-token once; only its hash is stored.
+of :mod:`registry.service` until SIGTERM or SIGINT.  With ``--workers N`` (N > 1) it
+runs N such processes on one port (``SO_REUSEPORT``, :mod:`cpi.workers`), each a
+registry instance of its own (its lease, liveness and audit stream writer; instance id
+``<id>-<n>``; 1/N of the limits), as several instances of one registry are
+(docs/registry.md "Several processes").  ``token create`` prints a new join token once;
+only its hash is stored.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -17,16 +22,18 @@ import sys
 import time
 from typing import Any
 
+from cpi import logfmt
 from cpi.commands._etcd import credential_arguments, open_index
 from cpi.output import is_json, output_arguments, print_json, when
 from cpi.serving import ServerLimits, Serving
 from cpi.tls import add_server_arguments as _tls_arguments
+from cpi.workers import parent_sentinel, run_workers, watch_parent
 from registry import tokens
 from registry.config import RegistryConfig, load_config
 from registry.index import Index, endpoints_from_env
 from registry.service import create_app
 from registry.tls import serving_context
-from schemas.errors import InvalidDataError
+from schemas.errors import ConfigError, InvalidDataError
 
 _log = logging.getLogger("cpi.registry")
 
@@ -47,6 +54,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--public-url", help="URL clients use to reach this registry")
     serve.add_argument("--etcd", help="etcd endpoints, comma-separated (overrides the config)")
     serve.add_argument("--instance-id", help="name of this instance in logs and metrics")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="registry processes sharing the port (SO_REUSEPORT), each an instance of its "
+        "own (default 1; needs a fixed port)",
+    )
     _tls_arguments(serve)
     serve.add_argument(
         "--tls-client-ca",
@@ -98,14 +112,49 @@ def run_serve(args: argparse.Namespace) -> int:
             "tls_key": args.tls_key,
             "tls_client_ca": args.tls_client_ca,
             "insecure": True if args.insecure else None,
+            "workers": args.workers,
         },
     )
+    if config.workers > 1:
+        return _run_workers(config)
     asyncio.run(serve(config))
     return 0
 
 
-async def serve(config: RegistryConfig) -> None:
-    """Run the registry until SIGTERM or SIGINT; stop cleanly."""
+def _run_workers(config: RegistryConfig) -> int:
+    """``config.workers`` registry processes on one port until SIGTERM or SIGINT."""
+    if config.port == 0:
+        raise ConfigError("--workers N needs a fixed port: the processes share it")
+    # refuse to start without TLS material (or --insecure) before starting the workers
+    serving_context(
+        cert=config.tls_cert,
+        key=config.tls_key,
+        client_ca=config.tls_client_ca,
+        insecure=config.insecure,
+        what="registry",
+    )
+    # the processes log as this one does (--log-format is not in their environment)
+    json_log = any(
+        isinstance(h.formatter, logfmt.JsonFormatter) for h in logging.getLogger().handlers
+    )
+    fmt = "json" if json_log else "text"
+    target = functools.partial(_worker, config, fmt)
+    return run_workers(target, config.workers, name="registry", where=config.url)
+
+
+def _worker(config: RegistryConfig, fmt: str, number: int, verbose: bool) -> None:
+    """One process of ``--workers N`` (the target of a spawned process): an instance
+    of its own, with its share of the limits (:meth:`RegistryConfig.one_of`)."""
+    logfmt.configure(level=logging.DEBUG if verbose else logging.INFO, fmt=fmt)
+    asyncio.run(serve(config.one_of(number), reuse_port=True, parent=parent_sentinel()))
+
+
+async def serve(
+    config: RegistryConfig, *, reuse_port: bool = False, parent: int | None = None
+) -> None:
+    """Run the registry until SIGTERM or SIGINT; stop cleanly.  ``reuse_port``: bind with
+    ``SO_REUSEPORT`` (one of several processes on the port); ``parent``: also stop when
+    this sentinel of the parent process becomes readable (:mod:`cpi.workers`)."""
     ssl_context = serving_context(
         cert=config.tls_cert,
         key=config.tls_key,
@@ -115,7 +164,12 @@ async def serve(config: RegistryConfig) -> None:
     )
     app = create_app(config)
     serving = Serving(
-        app, config.host, config.port, ServerLimits.of(config), ssl_context=ssl_context
+        app,
+        config.host,
+        config.port,
+        ServerLimits.of(config),
+        reuse_port=reuse_port or None,
+        ssl_context=ssl_context,
     )
     await serving.setup()  # runs the start-up: etcd, certificates, lease
     try:
@@ -135,9 +189,11 @@ async def serve(config: RegistryConfig) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        unwatch = watch_parent(parent, stop)
         try:
             await stop.wait()
         finally:
+            unwatch()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         _log.info("registry %s stopping", config.instance_id)

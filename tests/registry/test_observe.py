@@ -154,3 +154,35 @@ async def test_registration_logs_no_token_and_json_lines_carry_the_request(
         for line in lines
     ), lines
     assert " request_id=reg-1 " in log_capture["text"].getvalue()
+
+
+async def test_one_info_line_per_registration(
+    client: tuple[TestClient, World],  # type: ignore[type-arg]
+    index: Index,
+    log_capture: dict[str, io.StringIO],
+) -> None:
+    """A registration writes one INFO line (the answer: route, status, outcome, cpid);
+    the registrar's own line is DEBUG (bench/register.py: each line costs ~50 us)."""
+    c, world = client
+    token = await world.token(index, uses=5)
+    node = Node()
+    resp = await c.post(
+        "/v1/registrations", data=node.register(), headers={**bearer(token), "X-Request-Id": "r-9"}
+    )
+    assert resp.status == 201, await resp.text()
+    lines = [json.loads(line) for line in log_capture["json"].getvalue().splitlines()]
+    # the registry's own lines (aiohttp's test server adds an access line of its own;
+    # `cpi registry serve` runs without one, cpi/serving.py)
+    mine = [
+        line
+        for line in lines
+        if line.get("request_id") == "r-9" and line["logger"].startswith("registry.")
+    ]
+    info = [line for line in mine if line["level"] == "INFO"]
+    assert len(info) == 1, mine
+    assert info[0]["logger"] == "registry.service"
+    assert info[0]["cpid"] == node.cpid and info[0]["outcome"] == "created"
+    assert info[0]["status"] == 201
+    debug = [line for line in mine if line["logger"] == "registry.registrar"]
+    assert debug and all(line["level"] == "DEBUG" for line in debug), mine
+    assert "version 1" in debug[0]["message"]

@@ -129,22 +129,28 @@ async def test_price_and_site_energy_figures_are_carried_into_the_record(
     assert await index.get(Keys.rec(bad.cpid)) is None
 
 
-async def test_registration_answer_is_the_json_dumps_text_of_its_fields(
+async def test_registration_answer_is_assembled_from_the_stored_record(
     start: Start, index: Index, world: World
 ) -> None:
-    # the answer is assembled from parts (the chain's serialised once per chain): it is
-    # byte for byte what json.dumps gives for the same fields, for every answer
+    # the answer is assembled from parts (the chain's serialised once per chain, the
+    # record's JSON the very bytes written to etcd): valid JSON with the fields in order,
+    # for every answer, also a re-registration that changes nothing (200)
     client = await start()
     token = await world.token(index, uses=5)
-    for node in (Node(), Node()):
+    first = Node()
+    for node, status in ((first, 201), (Node(), 201), (first, 200)):
         resp = await client.post("/v1/registrations", data=node.register(), headers=bearer(token))
-        assert resp.status == 201
+        assert resp.status == status, await resp.text()
         assert resp.content_type == "application/json" and resp.charset == "utf-8"
-        text = await resp.text()
-        body = json.loads(text)
+        raw = await resp.read()
+        body = json.loads(raw)
         assert list(body) == ["cpid", "record", "chain", "heartbeat_s"]
-        assert text == json.dumps(body)
         assert body["cpid"] == node.cpid and len(body["chain"]) == 2
+        assert body["heartbeat_s"] == 10.0
+        stored = await index.get(Keys.rec(node.cpid))
+        assert stored is not None and b'"record": ' + stored.value + b', "chain": ' in raw
+        assert dsse.Envelope.from_json(stored.value).to_dict() == body["record"]
+        assert all(set(c) == {"payloadType", "payload", "signatures"} for c in body["chain"])
 
 
 async def test_a_parent_namespace_does_not_sign_below_itself(
