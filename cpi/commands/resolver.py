@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
-import multiprocessing
-import multiprocessing.connection
 import re
 import signal
-from types import FrameType
 
+from cpi import workers
 from cpi.serving import ServerLimits, Serving
 from cpi.tls import add_server_arguments
+from cpi.workers import watch_parent
 from registry.tls import serving_context
 from resolver.config import (
     ENV_ANCHOR,
@@ -121,19 +121,16 @@ def _worker(config: ResolverConfig, number: int, verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format=f"%(asctime)s %(levelname)s %(name)s[{number}]: %(message)s",
     )
-    parent = multiprocessing.parent_process()
-    sentinel = parent.sentinel if parent is not None else None
-    asyncio.run(serve(config, reuse_port=True, primary=number == 0, parent_sentinel=sentinel))
-
-
-def _orphaned(stop: asyncio.Event) -> None:
-    if not stop.is_set():
-        _log.warning("the parent process is gone (killed?); stopping")
-        stop.set()
+    asyncio.run(
+        serve(
+            config, reuse_port=True, primary=number == 0, parent_sentinel=workers.parent_sentinel()
+        )
+    )
 
 
 def run_workers(config: ResolverConfig) -> int:
-    """Run ``config.workers`` resolver processes on one port until SIGTERM or SIGINT.
+    """Run ``config.workers`` resolver processes on one port until SIGTERM or SIGINT
+    (:mod:`cpi.workers`).
 
     Each is a complete resolver (its own replica, verification and caches); the kernel
     hands each new connection to one of them.  If one of them exits, the others are
@@ -145,44 +142,8 @@ def run_workers(config: ResolverConfig) -> int:
     serving_context(
         cert=config.tls_cert, key=config.tls_key, insecure=config.insecure, what="resolver"
     )
-    ctx = multiprocessing.get_context("spawn")
-    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
-    procs = [
-        ctx.Process(target=_worker, args=(config, i, verbose), name=f"resolver-{i}")
-        for i in range(config.workers)
-    ]
-    stopping = False
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-        for p in procs:
-            if p.is_alive():
-                p.terminate()  # SIGTERM: each stops cleanly
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        for p in procs:
-            p.start()
-        _log.info("%d resolver processes on %s", len(procs), config.url)
-        multiprocessing.connection.wait([p.sentinel for p in procs])
-        if not stopping:
-            failed = [p for p in procs if p.exitcode is not None]
-            _log.error(
-                "resolver process %s exited (code %s); stopping the others",
-                failed[0].name,
-                failed[0].exitcode,
-            )
-            stop(signal.SIGTERM, None)
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0 if stopping else 1
+    target = functools.partial(_worker, config)
+    return workers.run_workers(target, config.workers, name="resolver", where=config.url)
 
 
 async def serve(
@@ -223,15 +184,13 @@ async def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        if parent_sentinel is not None:
-            loop.add_reader(parent_sentinel, _orphaned, stop)
+        unwatch = watch_parent(parent_sentinel, stop)
         try:
             await stop.wait()
         finally:
+            unwatch()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-            if parent_sentinel is not None:
-                loop.remove_reader(parent_sentinel)
         _log.info("resolver stopping")
     finally:
         await serving.close()
