@@ -25,9 +25,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from resolver.sealed import Sealed, seal
 from resolver.verify import RecordFacts, StatusFacts
 from schemas.cpid import CPID
-from schemas.dsse import Envelope, Signature
+from schemas.dsse import Envelope
 from schemas.models import Endpoint, Record, Status, parse_payload
 
 __all__ = ["CACHED_ENTRIES", "Entry", "Sealed", "free_units", "seal", "split_cpid"]
@@ -61,76 +62,6 @@ def _cache_of(entry: Entry) -> _Cache:
         while len(_cached) > CACHED_ENTRIES:
             _cached.popleft()._cache = None
     return c
-
-
-_SIG: Final = 64
-
-
-class Sealed:
-    """A verified-or-pending envelope held compactly: its payload type and signer's key
-    id (shared among records) and ONE bytes object, signature then payload.  An
-    :class:`~schemas.dsse.Envelope` with its signature tuple, signature object and two
-    bytes objects cost ~150 bytes more, twice per record.  :meth:`envelope` rebuilds
-    the envelope exactly as received (for rendering, re-verification, snapshots)."""
-
-    __slots__ = ("blob", "keyid", "payload_type")
-
-    def __init__(self, payload_type: str, keyid: str, blob: bytes) -> None:
-        self.payload_type = payload_type
-        self.keyid = keyid
-        self.blob = blob
-
-    @property
-    def payload(self) -> bytes:
-        return self.blob[_SIG:]
-
-    def envelope(self) -> Envelope:
-        blob = self.blob
-        return Envelope(self.payload_type, blob[_SIG:], (Signature(self.keyid, blob[:_SIG]),))
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sealed):
-            return NotImplemented
-        if type(self) is Sealed and type(other) is Sealed:
-            return (
-                self.blob == other.blob
-                and self.keyid == other.keyid
-                and self.payload_type == other.payload_type
-            )
-        return self.envelope() == other.envelope()
-
-    def __hash__(self) -> int:
-        return hash(self.blob)
-
-
-class _Whole(Sealed):
-    """An envelope that does not fit :class:`Sealed` (several signatures, or a signature
-    that is not 64 bytes: it will not verify, but is kept as received)."""
-
-    __slots__ = ("whole",)
-
-    def __init__(self, env: Envelope) -> None:
-        super().__init__(env.payload_type, env.keyid if env.signatures else "", b"")
-        self.whole = env
-
-    @property
-    def payload(self) -> bytes:
-        return self.whole.payload
-
-    def envelope(self) -> Envelope:
-        return self.whole
-
-
-def seal(env: Envelope, *, payload_type: str | None = None, keyid: str | None = None) -> Sealed:
-    """``env`` held compactly (``payload_type``/``keyid``: equal strings to share instead)."""
-    sigs = env.signatures
-    if len(sigs) != 1 or len(sigs[0].sig) != _SIG:
-        return _Whole(env)
-    return Sealed(
-        env.payload_type if payload_type is None else payload_type,
-        sigs[0].keyid if keyid is None else keyid,
-        sigs[0].sig + env.payload,
-    )
 
 
 def split_cpid(canonical: str) -> CPID:

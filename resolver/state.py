@@ -352,10 +352,15 @@ class _Shared:
             return self.get(tuple(self.get((sys.intern(k), self.get(v))) for k, v in labels))
         return got  # type: ignore[return-value]
 
-    def seal(self, env: Envelope, *, keyids: bool = True) -> Sealed:
-        """``env`` held compactly (:class:`~resolver.entry.Sealed`) with its payload type
+    def seal(self, env: Envelope | Sealed, *, keyids: bool = True) -> Sealed:
+        """``env`` held compactly (:class:`~resolver.sealed.Sealed`) with its payload type
         (and key id) shared.  ``keyids=False`` for statuses: each is signed by its own
-        node's key."""
+        node's key.  A sealed envelope (from a worker) is kept, its strings swapped."""
+        if isinstance(env, Sealed):
+            env.payload_type = self.get(env.payload_type)
+            if keyids:
+                env.keyid = self.get(env.keyid)
+            return env
         if not env.signatures:
             return seal(env)
         return seal(

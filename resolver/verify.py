@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
 import functools
 import logging
 import math
@@ -37,6 +38,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+from resolver.sealed import Sealed, seal
 from schemas.chain import (
     CLOCK_SKEW,
     PreparedChain,
@@ -206,7 +208,8 @@ class Outcome:
     facts: RecordFacts | StatusFacts | None = None
     document: Record | Status | None = field(default=None, compare=False)
     status: Outcome | None = None
-    envelope: Envelope | None = None
+    envelope: Envelope | Sealed | None = None
+    """Sealed (:mod:`resolver.sealed`) when the job ran in a worker process."""
 
     def __reduce__(self) -> tuple[type[Outcome], tuple[object, ...]]:
         return Outcome, (
@@ -332,8 +335,21 @@ def _worker_run(ctx: Context, jobs: list[Job]) -> tuple[list[Outcome], int]:
     if _prepared[0] != ctx.token:
         _prepared = (ctx.token, {})
     before = len(_prepared[1])
-    out = run_jobs(ctx, jobs, keep_documents=False, prepared=_prepared[1])
+    out = [_sealed(o) for o in run_jobs(ctx, jobs, keep_documents=False, prepared=_prepared[1])]
     return out, len(_prepared[1]) - before
+
+
+def _sealed(o: Outcome) -> Outcome:
+    """``o`` with its envelopes sealed: the replica keeps them that way, and receiving
+    one bytes object per envelope instead of four objects leaves its heap less torn."""
+    status = o.status
+    if status is not None and isinstance(status.envelope, Envelope):
+        status = dataclasses.replace(status, envelope=seal(status.envelope))
+    if isinstance(o.envelope, Envelope):
+        return dataclasses.replace(o, envelope=seal(o.envelope), status=status)
+    if status is not o.status:
+        return dataclasses.replace(o, status=status)
+    return o
 
 
 def _warm() -> int:

@@ -314,7 +314,7 @@ class Sweeper:
         if o.what == NO_CHAIN:
             # signed by a key with no stored cert: verify it against its (empty) chain here
             assert o.envelope is not None
-            env = o.envelope
+            env = o.envelope if isinstance(o.envelope, dsse.Envelope) else o.envelope.envelope()
             job: Job = ("record", env.keyid, env, None)
             o = run_jobs(self._context(), [job], keep_documents=False, prepared=self._prepared)[0]
         if o.what == NO_ENVELOPE:
