@@ -190,51 +190,33 @@ _FAST_COLUMNS: Final = (
 
 
 def _restored(cols: dict[str, Any]) -> list[Restored]:
-    """The rows of a ``fast`` chunk (:class:`_FastChunk`), as :meth:`ReplicaState.restore` takes them."""
+    """The rows of a ``fast`` chunk (:class:`_FastChunk`), as :meth:`ReplicaState.restore`
+    takes them."""
     types, kids, profiles, states = cols["tables"]
     out: list[Restored] = []
-    for (
-        cpid,
-        rev,
-        t,
-        k,
-        blob,
-        pk,
-        ver,
-        exp,
-        prof,
-        lrev,
-        lease,
-        lt,
-        lkid,
-        lblob,
-        state,
-        afree,
-        cfree,
-        wh,
-    ) in zip(*(cols[name] for name in _FAST_COLUMNS), strict=True):
-        kind, region, accelerators, labels = profiles[prof]
-        facts = RecordFacts(cpid, kind, pk, ver, exp, region, tuple(accelerators), _pairs(labels))
+    add = out.append
+    for row in zip(*(cols[name] for name in _FAST_COLUMNS), strict=True):
+        cpid, rev, t, k, blob, pk, ver, exp, prof, lrev, lease, lt, lkid, lblob = row[:14]
+        record = Sealed(types[t], kids[k], blob)
         if lblob is None:
-            out.append(Restored(cpid, rev, Sealed(types[t], kids[k], blob), facts))
+            add(Restored(cpid, rev, record, pk, ver, exp, profiles[prof]))
             continue
-        out.append(
+        add(
             Restored(
                 cpid,
                 rev,
-                Sealed(types[t], kids[k], blob),
-                facts,
+                record,
+                pk,
+                ver,
+                exp,
+                profiles[prof],
                 Sealed(types[lt], lkid, lblob),
                 lrev,
                 lease,
-                StatusFacts(cpid, states[state], afree, cfree, wh),
+                (states[row[14]], row[15], row[16], row[17]),
             )
         )
     return out
-
-
-def _pairs(labels: Any) -> tuple[tuple[str, str], ...]:
-    return tuple((k, v) for k, v in labels)
 
 
 @dataclass(slots=True)

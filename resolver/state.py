@@ -42,7 +42,7 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, NamedTuple, TypeVar
 
 from registry.index.layout import Prefix, parse_key, read_units
 from resolver.discovery import DiscoveryIndex, LatencyTable
@@ -102,18 +102,22 @@ class Change:
     used instead of ``value``."""
 
 
-@dataclass(frozen=True, slots=True)
-class Restored:
-    """A record (and status) as :meth:`ReplicaState.restore` takes it from a snapshot."""
+class Restored(NamedTuple):
+    """A record (and status) as :meth:`ReplicaState.restore` takes it from a snapshot:
+    the record's facts as fields (``profile``: kind, region, accelerators, labels), the
+    status's as ``(state, accelerators_free, cpu_free, withheld)``."""
 
     cpid: str
     revision: int
     sealed: Sealed
-    facts: RecordFacts
+    public_key: str
+    version: int
+    expires_at: int
+    profile: tuple[str, str, tuple[str, ...], tuple[tuple[str, str], ...]]
     status: Sealed | None = None
     status_revision: int = 0
     lease: int = 0
-    status_facts: StatusFacts | None = None
+    status_facts: tuple[str, int, int | None, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -590,7 +594,8 @@ class ReplicaState:
         windows as they are at ``revision``, from what was applied before); a record whose
         chain no longer verifies, whose validity window has closed, or whose key has a
         revocation pending, is not restored but returned as a change for :meth:`apply`,
-        which verifies it as on a cold start.  No events (like the first listing).
+        which verifies it as on a cold start (with its status).  No events (like the
+        first listing).
         """
         batch = _Batch(revision, int(self.clock()), bulk=True, emit=False)
         shared = self._shared
@@ -598,57 +603,64 @@ class ReplicaState:
         now = batch.now
         again: list[Change] = []
         rec_prefix, live_prefix = Prefix.REC, Prefix.LIVE
+        recs, lives, refs, leases = self.recs, self.lives, self._signer_refs, self._lease_refs
+        revoked = self._revoked_serials
+        profiles: dict[object, tuple[str, str, tuple[str, ...], tuple[tuple[str, str], ...]]] = {}
+        statuses: dict[object, StatusFacts] = {}
         for r in records:
             cpid = r.cpid
-            v = self._signer(r.sealed.keyid, now)
-            facts = r.facts
-            valid_until = min(float(facts.expires_at + skew), v.valid_until)
-            if (
-                not v.ok
-                or valid_until <= now
-                or cpid in self.recs
-                or _serial_of(cpid) in self._revoked_serials
-            ):
+            kid = r.sealed.keyid
+            v = self._signer(kid, now)
+            valid_until = min(float(r.expires_at + skew), v.valid_until)
+            if not v.ok or valid_until <= now or cpid in recs or _serial_of(cpid) in revoked:
                 again.append(
                     Change("put", rec_prefix + cpid, b"", r.revision, 0, r.sealed.envelope())
                 )
                 if r.status is not None:
+                    env = r.status.envelope()
                     again.append(
-                        Change(
-                            "put",
-                            live_prefix + cpid,
-                            b"",
-                            r.status_revision,
-                            r.lease,
-                            r.status.envelope(),
-                        )
+                        Change("put", live_prefix + cpid, b"", r.status_revision, r.lease, env)
                     )
                 continue
-            rs = _Rec(cpid, r.revision, r.sealed, facts=shared.record_facts(facts, cpid))
-            rs.reason = ""
-            rs.valid_until = valid_until
-            self.recs[cpid] = rs
-            self._signer_refs[rs.signer] += 1
+            profile = profiles.get(r.profile)
+            if profile is None:
+                kind, region, accelerators, labels = r.profile
+                profile = profiles[r.profile] = (
+                    shared.get(kind),
+                    shared.get(region),
+                    shared.get(tuple(shared.get(a) for a in accelerators)),
+                    shared.labels(labels),
+                )
+            kind, region, accelerators, labels = profile
+            r.sealed.payload_type = shared.get(r.sealed.payload_type)
+            r.sealed.keyid = kid = shared.get(kid)
+            facts = RecordFacts(
+                cpid, kind, r.public_key, r.version, r.expires_at, region, accelerators, labels
+            )
+            rs = _Rec(cpid, r.revision, r.sealed, facts=facts, reason="", valid_until=valid_until)
+            recs[cpid] = rs
+            refs[kid] += 1
             if valid_until < math.inf:
                 self._deadlines.push(valid_until, cpid)
-            if r.status is not None and r.status_facts is None:  # verified as it is applied
-                again.append(
-                    Change(
-                        "put",
-                        live_prefix + cpid,
-                        b"",
-                        r.status_revision,
-                        r.lease,
-                        r.status.envelope(),
+            st = r.status
+            if st is not None:
+                if r.status_facts is None:  # verified as it is applied
+                    env = st.envelope()
+                    again.append(
+                        Change("put", live_prefix + cpid, b"", r.status_revision, r.lease, env)
                     )
-                )
-            elif r.status is not None and r.status_facts is not None:
-                lv = _Live(r.status_revision, r.lease, r.status)
-                lv.facts = shared.status_facts(r.status_facts)
-                lv.checked_key = rs.facts.public_key if rs.facts is not None else ""
-                self.lives[cpid] = lv
-                if r.lease:
-                    self._lease_refs[r.lease] += 1
+                else:
+                    sf = statuses.get(r.status_facts)
+                    if sf is None:
+                        state, free, cpu, withheld = r.status_facts
+                        sf = statuses[r.status_facts] = shared.status_facts(
+                            StatusFacts("", state, free, cpu, withheld)
+                        )
+                    st.payload_type = shared.get(st.payload_type)
+                    lv = _Live(r.status_revision, r.lease, st, facts=sf, checked_key=r.public_key)
+                    lives[cpid] = lv
+                    if r.lease:
+                        leases[r.lease] += 1
             self._replace(batch, cpid, None)
         self.revision = max(self.revision, revision)
         return again
