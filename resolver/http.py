@@ -33,6 +33,9 @@ route answers unknown paths (404) and methods (405) the same way.  For the same 
 request ids (``X-Request-Id``) and the per-route counts and timings
 (:mod:`schemas.observe`) are not a middleware either: the lookup handler does them
 inline, and :func:`create_app` wraps every other route's handler once (:func:`observed`).
+The lookup's route is matched by its prefix (:class:`_LookupResource`), not by a regular
+expression, and its answer is made with all its headers at once (docs/resolver.md,
+"Performance").
 """
 
 from __future__ import annotations
