@@ -251,7 +251,9 @@ class _LookupResource(web.DynamicResource):
         route = self._by_method.get(request.method)
         if route is None:
             return None, self._methods
-        cpid = url.path[len(_RESOURCES) :]
+        cpid = path[len(_RESOURCES) :]
+        if "%" in cpid:  # an escaped "/" or "%" is left in path_safe: decode it
+            cpid = url.path[len(_RESOURCES) :]
         return web.UrlMappingMatchInfo({"cpid": cpid}, route), self._methods
 
 
