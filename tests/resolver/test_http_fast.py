@@ -203,8 +203,7 @@ async def test_stale_answers_carry_the_flag_in_header_and_body(
             400,
             _error(
                 "invalid_cpid",
-                "invalid CPID 'not-a-cpid': must contain exactly one '/' between prefix "
-                "and suffix",
+                "invalid CPID 'not-a-cpid': must contain exactly one '/' between prefix and suffix",
             ),
         ),
     ],
