@@ -310,6 +310,11 @@ class Server:
         with open(self.log, "ab") as out:
             return subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
     def rss(self) -> tuple[int, int]:
         assert self.proc is not None
         return rss_kib(self.proc.pid), children_rss_kib(self.proc.pid)
@@ -353,16 +358,37 @@ async def start_hello_world() -> tuple[subprocess.Popen[bytes], int]:
 # -- load generation -----------------------------------------------------------------------
 
 
-def wrk_rate(url: str, *, duration: float, connections: int, script: Path | None = None) -> float:
+def wrk_run(
+    url: str, *, duration: float, connections: int, script: Path | None = None
+) -> tuple[float, int]:
+    """(requests per second, requests answered) of one wrk run."""
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency"]
     if script is not None:
         cmd += ["-s", str(script)]
     out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
     line = next(x for x in out.splitlines() if x.startswith("Requests/sec:"))
+    done = next(x for x in out.splitlines() if " requests in " in x)
     errors = [x for x in out.splitlines() if "Non-2xx" in x or "Socket errors" in x]
     if errors:
         print(f"    wrk reports for {url}: {'; '.join(e.strip() for e in errors)}")
-    return float(line.split()[1])
+    return float(line.split()[1]), int(done.split()[0])
+
+
+def wrk_rate(url: str, *, duration: float, connections: int, script: Path | None = None) -> float:
+    return wrk_run(url, duration=duration, connections=connections, script=script)[0]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and its live children (Linux)."""
+    total = 0.0
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    for p in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 async def aiohttp_rate(
@@ -533,19 +559,36 @@ async def run(args: argparse.Namespace) -> None:
                     print(f"\n{args.http_workers} resolver processes ready in {t_wide:.2f} s")
                     urls[multi] = (f"{wide.url}/v1/resources/{cpid}", None)
 
-                async def measure(url: str, script: Path | None) -> float:
+                # CPU time per answer of each server process (its own children too): the
+                # throughput ratio it implies holds on a busy machine too, where a req/s
+                # ratio swings with what else runs during each load-generator run
+                pids = {
+                    one: server.pid,
+                    "aiohttp hello-world": hello.pid,
+                    "etcd JSON gateway /v3/kv/range": etcd.pid or 0,
+                }
+                if multi in urls:
+                    pids[multi] = wide.pid
+                cpu_us: dict[str, list[float]] = {name: [] for name in urls}
+
+                async def measure(name: str, url: str, script: Path | None) -> float:
+                    c0 = cpu_seconds(pids[name])
                     if have_wrk:
-                        return await asyncio.to_thread(
-                            wrk_rate,
+                        rate, done = await asyncio.to_thread(
+                            wrk_run,
                             url,
                             duration=args.duration,
                             connections=args.connections,
                             script=script,
                         )
-                    body = gw_body.encode() if script is not None else None
-                    return await aiohttp_rate(
-                        url, duration=args.duration, connections=args.connections, body=body
-                    )
+                    else:
+                        body = gw_body.encode() if script is not None else None
+                        rate = await aiohttp_rate(
+                            url, duration=args.duration, connections=args.connections, body=body
+                        )
+                        done = round(rate * args.duration)
+                    cpu_us[name].append((cpu_seconds(pids[name]) - c0) / max(done, 1) * 1e6)
+                    return rate
 
                 gen = (
                     f"wrk -t1 -c{args.connections} -d{args.duration:g}s"
@@ -553,7 +596,7 @@ async def run(args: argparse.Namespace) -> None:
                     else "aiohttp client loop (wrk not installed: apt-get install wrk)"
                 )
                 targets: dict[str, Callable[[], Awaitable[float]]] = {
-                    name: functools.partial(measure, u, sc) for name, (u, sc) in urls.items()
+                    name: functools.partial(measure, name, u, sc) for name, (u, sc) in urls.items()
                 }
                 samples: dict[str, list[float]] = {name: [] for name in targets}
                 for _ in range(args.rounds):
@@ -571,11 +614,20 @@ async def run(args: argparse.Namespace) -> None:
                 for name, rate in rates.items():
                     print(
                         f"  {name:<36} {rate:>10,.0f} req/s   rounds: {', '.join(f'{x:,.0f}' for x in samples[name])}"
+                        f"   CPU {statistics.median(cpu_us[name]):.1f} us/request"
                     )
                 hw, hw_rounds = ratio("aiohttp hello-world")
                 gw, gw_rounds = ratio("etcd JSON gateway /v3/kv/range")
                 print(
                     f"  resolver / hello-world  = {hw:.2f} (median of rounds: {hw_rounds})   target >= 0.8"
+                )
+                per_cpu = [
+                    h / r for h, r in zip(cpu_us["aiohttp hello-world"], cpu_us[one], strict=True)
+                ]
+                print(
+                    f"  hello-world / resolver CPU per request = {statistics.median(per_cpu):.2f} "
+                    f"(median of rounds: {', '.join(f'{x:.2f}' for x in per_cpu)}; the req/s "
+                    "ratio of two CPU-bound servers, less swayed by other load)"
                 )
                 print(
                     f"  resolver / etcd gateway = {gw:.2f} (median of rounds: {gw_rounds})   target >= 2.5"

@@ -33,6 +33,9 @@ route answers unknown paths (404) and methods (405) the same way.  For the same 
 request ids (``X-Request-Id``) and the per-route counts and timings
 (:mod:`schemas.observe`) are not a middleware either: the lookup handler does them
 inline, and :func:`create_app` wraps every other route's handler once (:func:`observed`).
+The lookup's route is matched by its prefix (:class:`_LookupResource`), not by a regular
+expression, and its answer is made with all its headers at once (docs/resolver.md,
+"Performance").
 """
 
 from __future__ import annotations
@@ -213,41 +216,97 @@ async def _no_route(request: web.Request) -> web.Response:
 # -- handlers ---------------------------------------------------------------------------
 
 
+_RESOURCES: Final = "/v1/resources/"
+"""The lookup route's path up to the CPID (the CPID is the rest of the path, any text)."""
+
+
+class _LookupResource(web.DynamicResource):
+    """``/v1/resources/{cpid}``, matched by its prefix.
+
+    The same match as the :class:`~aiohttp.web.DynamicResource` of that template with
+    ``cpid`` = ``(?s:.+)`` (``tests/resolver/test_http_fast.py`` holds them side by
+    side), without its regular expression and per-part unquoting: ``cpid`` is the rest
+    of the decoded path, which is what the pattern's one group decodes to.
+    """
+
+    def __init__(self, *, name: str) -> None:
+        super().__init__(_RESOURCES + "{cpid:(?s:.+)}", name=name)
+        self._by_method: dict[str, web.ResourceRoute] = {}
+        self._methods: set[str] = set()
+
+    def register_route(self, route: web.ResourceRoute) -> None:
+        super().register_route(route)
+        self._by_method[route.method] = route
+        self._methods.add(route.method)
+
+    async def resolve(
+        self, request: web.Request
+    ) -> tuple[web.UrlMappingMatchInfo | None, set[str]]:
+        url = request.rel_url
+        # the undecoded "/" and "%" of a path stay escaped in path_safe: a path
+        # whose "/v1/resources/" is spelt with "%2F" is not this route's, as with the pattern
+        path = url.path_safe
+        if len(path) <= len(_RESOURCES) or not path.startswith(_RESOURCES):
+            return None, set()
+        route = self._by_method.get(request.method)
+        if route is None:
+            return None, self._methods
+        cpid = path[len(_RESOURCES) :]
+        if "%" in cpid:  # an escaped "/" or "%" is left in path_safe: decode it
+            cpid = url.path[len(_RESOURCES) :]
+        return web.UrlMappingMatchInfo({"cpid": cpid}, route), self._methods
+
+
 def _resource_handler(resolver: AnyResolver) -> Handler:
     """``GET /v1/resources/{cpid}``, the hot path: a dictionary lookup and bytes rendered
     once per entry.  The resolver is bound here rather than looked up per request, and
-    the error tree is answered here (no wrapper)."""
+    the error tree is answered here (no wrapper).  The answer's headers are given to
+    the response whole (no header set after it is made); the GET counters are updated
+    inline (a slot bound here), HEAD's through :meth:`~schemas.observe.RequestStats.observe`.
+    """
     metrics = resolver.metrics
     observe = metrics.requests.observe
     clock = time.perf_counter
     template = "/v1/resources/{cpid}"
     counts, hist = metrics.requests.slot(template, "GET")  # GET's counters, updated inline
     buckets = BUCKETS
+    resolve = resolver.resolve
+    response = web.Response
+    content_type = "Content-Type"
 
     async def get_resource(request: web.Request) -> web.Response:
         t0 = clock()
         rid = request_id(request.headers)
         try:
-            entry = resolver.resolve(request.match_info["cpid"])
+            entry = resolve(request.match_info["cpid"])
         except CPIError as exc:
             REQUEST_ID.set(rid)
             resp = error_answer(request, exc)
+            resp.headers[REQUEST_ID_HEADER] = rid
+            status = resp.status
         else:
             metrics.records_served += 1
             if resolver.stale:
-                resp = web.Response(body=entry.body(stale=True), content_type=_JSON)
-                resp.headers[STALE_HEADER] = "1"
+                resp = response(
+                    body=entry.body(stale=True),
+                    headers=(
+                        (content_type, _JSON),
+                        (STALE_HEADER, "1"),
+                        (REQUEST_ID_HEADER, rid),
+                    ),
+                )
             else:
-                resp = web.Response(body=entry.body(), content_type=_JSON)
-        resp.headers[REQUEST_ID_HEADER] = rid
+                resp = response(
+                    body=entry.body(), headers=((content_type, _JSON), (REQUEST_ID_HEADER, rid))
+                )
+            status = 200
         if request.method == "GET":
-            status = resp.status
             counts[status] = counts.get(status, 0) + 1
             dt = clock() - t0
             hist[bisect_left(buckets, dt)] += 1
             hist[-1] += dt
         else:  # HEAD
-            observe(template, request.method, resp.status, clock() - t0)
+            observe(template, request.method, status, clock() - t0)
         return resp
 
     return get_resource
@@ -570,7 +629,11 @@ def create_app(
         app.cleanup_ctx.append(_dns_lifecycle)
     app.on_shutdown.append(_end_streams)
     # (?s): a CPID with a newline in it is an invalid CPID too, not a path of no route
-    app.router.add_get("/v1/resources/{cpid:(?s:.+)}", _resource_handler(r), name="resource")
+    lookup = _LookupResource(name="resource")
+    app.router.register_resource(lookup)
+    get_resource = _resource_handler(r)
+    lookup.add_route("HEAD", get_resource)  # as add_get does: HEAD, then GET
+    lookup.add_route("GET", get_resource)
     app.router.add_get("/v1/discover", json_errors(get_discover), name="discover")
     app.router.add_get("/v1/watch", json_errors(get_watch), name="watch")
     app.router.add_get("/v1/endorsements", json_errors(get_endorsements), name="endorsements")

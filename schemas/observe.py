@@ -50,11 +50,13 @@ def request_id(headers: Mapping[str, str]) -> str:
     given = headers.get(REQUEST_ID_HEADER)
     if given is not None and _VALID_ID.fullmatch(given):
         return given
-    return f"{_PREFIX}{next(_SERIAL):010x}"
+    return "%016x" % next(_SERIAL)  # noqa: UP031 (the fastest of the three spellings)
 
 
-_PREFIX: Final = os.urandom(3).hex()
-_SERIAL = itertools.count(int.from_bytes(os.urandom(4), "big"))
+_PREFIX: Final = int.from_bytes(os.urandom(3), "big")
+_SERIAL = itertools.count(_PREFIX << 40 | int.from_bytes(os.urandom(4), "big"))
+"""The ids made here: the process's 24 random bits, then a 40-bit counter from a random
+start (one number, so one formatting per id)."""
 
 
 def route_label(resource: object) -> str:
