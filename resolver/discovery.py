@@ -426,12 +426,14 @@ class _Subgroups:
     """Which subgroups a query's kind / accelerator / within / live filters admit,
     by subgroup key (``2 * facet id + live``), for the facets known so far."""
 
-    __slots__ = ("covered", "keys", "ok")
+    __slots__ = ("covered", "keys", "ok", "sets", "shape")
 
     def __init__(self) -> None:
         self.covered = 0
         self.ok = bytearray()
         self.keys: list[int] = []
+        self.shape = -1  # the index's shape when `sets` was counted
+        self.sets = 0  # sets (group, subgroup) that the admitted subgroups have
 
 
 class DiscoveryIndex:
@@ -457,6 +459,7 @@ class DiscoveryIndex:
         self._facet_id: dict[Facet, int] = {}
         self._facets: list[Facet] = []
         self._pairs = 0  # sets in the index (subgroups of every group)
+        self._shape = 0  # changes whenever a set appears or disappears
         # per query shape: score groups in order (until a group appears or disappears)
         self._orders: dict[tuple[Any, ...], tuple[Ranked, dict[GroupKey, int]]] = {}
         # per (kind, accelerator, within, live): the subgroups admitted
@@ -499,6 +502,7 @@ class DiscoveryIndex:
                 by_group = self._subs[sub] = {}
             by_group[gkey] = members
             self._pairs += 1
+            self._shape += 1
         members.add(entry.cpid)
 
     def remove(self, entry: Entry) -> None:
@@ -515,6 +519,7 @@ class DiscoveryIndex:
             return
         del inner[sub]
         self._pairs -= 1
+        self._shape += 1
         by_group = self._subs[sub]
         del by_group[gkey]
         if not by_group:
@@ -528,6 +533,7 @@ class DiscoveryIndex:
             table.clear()
         self._facets.clear()
         self._pairs = 0
+        self._shape += 1
 
     @property
     def groups(self) -> int:
@@ -622,8 +628,10 @@ class DiscoveryIndex:
         if admitted is not None:
             subs = self._subs
             keys = admitted.keys
-            size = sum(len(subs.get(k, _NONE)) for k in keys)
-            if size * self._COLLECT <= self._pairs:
+            if admitted.shape != self._shape:
+                admitted.sets = sum(len(subs.get(k, _NONE)) for k in keys)
+                admitted.shape = self._shape
+            if admitted.sets * self._COLLECT <= self._pairs:
                 found: list[tuple[int, set[str]]] = []
                 for k in keys:
                     for gkey, members in subs.get(k, _NONE).items():
