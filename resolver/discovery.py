@@ -458,6 +458,8 @@ class DiscoveryIndex:
         self._subs: dict[int, dict[GroupKey, set[str]]] = {}
         self._facet_id: dict[Facet, int] = {}
         self._facets: list[Facet] = []
+        # per facet: how its members' CPIDs begin ("<namespace>/<kind>."), "" if unsure
+        self._heads: list[str] = []
         self._pairs = 0  # sets in the index (subgroups of every group)
         self._shape = 0  # changes whenever a set appears or disappears
         # per query shape: score groups in order (until a group appears or disappears)
@@ -488,7 +490,11 @@ class DiscoveryIndex:
             facet = (entry.id.kind, entry.facts.accelerators, entry.id.prefix)
             fid = self._facet_id[facet] = len(self._facets)
             self._facets.append(facet)
+            self._heads.append(f"{entry.id.prefix}/{entry.id.kind}.")
             sub = 2 * fid + (1 if entry.live else 0)
+        head = self._heads[sub >> 1]
+        if head and not entry.cpid.startswith(head):
+            self._heads[sub >> 1] = ""  # never skip this facet's sets by their head
         gkey = (self._region_key(entry), entry.free)
         inner = self._group.get(gkey)
         if inner is None:
@@ -532,6 +538,7 @@ class DiscoveryIndex:
         for table in (self._group, self._subs, self._facet_id, self._orders, self._filters):
             table.clear()
         self._facets.clear()
+        self._heads.clear()
         self._pairs = 0
         self._shape += 1
 
@@ -618,8 +625,8 @@ class DiscoveryIndex:
 
     def _sets(
         self, q: Query, ranked: Ranked, pos: dict[GroupKey, int]
-    ) -> Iterator[tuple[int, set[str]]]:
-        """``(position in ranked, members)`` of every subgroup ``q`` admits, by position.
+    ) -> Iterator[tuple[int, int, set[str]]]:
+        """``(position in ranked, subgroup, members)`` of every subgroup ``q`` admits, by position.
 
         When the admitted subgroups are few (a selective kind / accelerator / within),
         they are collected from ``_subs`` and sorted; otherwise the groups are walked in
@@ -632,28 +639,28 @@ class DiscoveryIndex:
                 admitted.sets = sum(len(subs.get(k, _NONE)) for k in keys)
                 admitted.shape = self._shape
             if admitted.sets * self._COLLECT <= self._pairs:
-                found: list[tuple[int, set[str]]] = []
+                found: list[tuple[int, int, set[str]]] = []
                 for k in keys:
                     for gkey, members in subs.get(k, _NONE).items():
                         i = pos.get(gkey)
                         if i is not None:
-                            found.append((i, members))
+                            found.append((i, k, members))
                 found.sort(key=_first)
                 yield from found
                 return
         group = self._group
         if admitted is None:
             for i, g in enumerate(ranked):
-                for members in group[g[3]].values():
-                    yield i, members
+                for k, members in group[g[3]].items():
+                    yield i, k, members
             return
         ok = admitted.ok
         for i, g in enumerate(ranked):
             for k, members in group[g[3]].items():
                 if ok[k]:
-                    yield i, members
+                    yield i, k, members
 
-    def _filtered(self, members: set[str], labels: tuple[tuple[str, str], ...]) -> list[str]:
+    def _filtered(self, members: Collection[str], labels: tuple[tuple[str, str], ...]) -> list[str]:
         """The members carrying every label pair of ``labels``."""
         of = self._labels
         if len(labels) == 1:
@@ -679,22 +686,46 @@ class DiscoveryIndex:
             return []
         labels = q.labels
         default = order == "default"
+        heads = self._heads
         out: list[Match] = []
         sets = self._sets(q, ranked, pos)
         pending = next(sets, None)
         while pending is not None and len(out) < q.limit:
             key = ranked[pending[0]][0]
             need = q.limit - len(out)
-            pool: list[tuple[str, int, float | None]] = []
+            # the block (equal keys: ties go by CPID) by how its sets' CPIDs begin; the
+            # `need` smallest CPIDs so far bound what a later set can add, and a set
+            # whose CPIDs all sort after the bound ends the block
+            block: list[tuple[str, int, set[str]]] = []
             while pending is not None and ranked[pending[0]][0] == key:
-                i, members = pending
-                _, free, latency, _ = ranked[i]
-                chosen: Collection[str] = self._filtered(members, labels) if labels else members
-                if len(chosen) > need:
-                    chosen = heapq.nsmallest(need, chosen)
-                pool.extend((cpid, free, latency) for cpid in chosen)
+                i, sub, members = pending
+                block.append((heads[sub >> 1], i, members))
                 pending = next(sets, None)
-            best = pool if len(pool) <= need else heapq.nsmallest(need, pool)
+            block.sort(key=_first)
+            best: list[tuple[str, int, float | None]] = []
+            bound: str | None = None
+            for head, i, members in block:
+                chosen: Collection[str] = members
+                if bound is not None:
+                    if head > bound:
+                        break
+                    if bound.startswith(head):
+                        chosen = [c for c in members if c < bound]
+                if labels and chosen:
+                    chosen = self._filtered(chosen, labels)
+                if len(chosen) > need:
+                    chosen = (
+                        heapq.nsmallest(need, chosen)
+                        if len(chosen) > 8 * need
+                        else sorted(chosen)[:need]
+                    )
+                if chosen:
+                    _, free, latency, _ = ranked[i]
+                    best.extend((cpid, free, latency) for cpid in chosen)
+                    if len(best) >= need:
+                        best.sort()
+                        del best[need:]
+                        bound = best[-1][0]
             best.sort()
             for c, f, lat in best:
                 out.append(self._match(c, key if default else q.score(f, lat), f, lat, q))
@@ -719,7 +750,7 @@ class DiscoveryIndex:
         found: list[tuple[tuple[Any, ...], str, int, float | None]] = []
         last = -1
         group: Any = None
-        for i, members in self._sets(q, ranked, pos):
+        for i, _, members in self._sets(q, ranked, pos):
             if i != last:
                 _, free, latency, _ = ranked[i]
                 group = sorter.group(free, latency)
@@ -750,5 +781,5 @@ class DiscoveryIndex:
 _NONE: Mapping[GroupKey, set[str]] = {}
 
 
-def _first(item: tuple[int, set[str]]) -> int:
+def _first(item: tuple[Any, ...]) -> Any:
     return item[0]

@@ -5,6 +5,7 @@ or collecting the admitted subgroups)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from typing import Any
@@ -316,3 +317,21 @@ def test_remove_of_an_unknown_entry_changes_nothing() -> None:
     index.add(e)
     index.remove(make_entry("CN.62.Z/CPU.000000000003-00", rng))
     assert [m.cpid for m in index.search(Query())] == [e.cpid]
+
+
+def test_entries_whose_cpid_text_does_not_begin_with_their_namespace() -> None:
+    """Ties are cut by CPID text, and a set is skipped when all its CPIDs sort after
+    the answer's; an entry whose text does not begin ``<namespace>/<kind>.`` (not made
+    by the replica, but possible through the API) turns that shortcut off for its
+    facet rather than being skipped wrongly."""
+    rng = random.Random(9)
+    entries: dict[str, Entry] = {}
+    index = DiscoveryIndex(entries, TABLE)
+    for i in range(400):
+        e = make_entry(new_cpid(i, rng), rng)
+        if i % 7 == 0:  # same facet as its neighbours, text sorting first of all
+            e = dataclasses.replace(e, cpid=f"A.{i:04d}/{e.id.kind}.x-00")
+        entries[e.cpid] = e
+        index.add(e)
+    for q in (Query(), Query(kind="GPU", limit=5), Query(near="31", labels=(("tier", "gold"),))):
+        assert shape(index.search(q)) == brute(entries, q), q
