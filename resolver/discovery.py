@@ -447,6 +447,9 @@ class DiscoveryIndex:
     Labels are the only filter checked member by member (:meth:`_labels`).
     """
 
+    _RARE = 64
+    """A label pair held by at most this many entries keeps the set of them (a query
+    naming it looks at those entries only); a commoner one keeps a count."""
     _COLLECT = 4
     """Collect the admitted subgroups (rather than walk every group) when their sets
     are at most 1 / _COLLECT of all."""
@@ -462,6 +465,10 @@ class DiscoveryIndex:
         self._heads: list[str] = []
         self._pairs = 0  # sets in the index (subgroups of every group)
         self._shape = 0  # changes whenever a set appears or disappears
+        # label pair -> entries holding it; its members while never more than _RARE
+        # (one CPID as a str, more as a set), dropped for good once more (until it is 0)
+        self._label_count: dict[tuple[str, str], int] = {}
+        self._label_few: dict[tuple[str, str], str | set[str]] = {}
         # per query shape: score groups in order (until a group appears or disappears)
         self._orders: dict[tuple[Any, ...], tuple[Ranked, dict[GroupKey, int]]] = {}
         # per (kind, accelerator, within, live): the subgroups admitted
@@ -510,6 +517,42 @@ class DiscoveryIndex:
             self._pairs += 1
             self._shape += 1
         members.add(entry.cpid)
+        if entry.facts.labels:
+            self._add_labels(entry.cpid, entry.facts.labels)
+
+    def _add_labels(self, cpid: str, pairs: tuple[tuple[str, str], ...]) -> None:
+        count, few = self._label_count, self._label_few
+        for pair in pairs:
+            n = count.get(pair, 0) + 1
+            count[pair] = n
+            if n == 1:
+                if self._RARE > 0:
+                    few[pair] = cpid
+                continue
+            held = few.get(pair)
+            if held is None:
+                continue
+            if n > self._RARE:
+                del few[pair]
+            elif isinstance(held, str):
+                few[pair] = {held, cpid}
+            else:
+                held.add(cpid)
+
+    def _remove_labels(self, cpid: str, pairs: tuple[tuple[str, str], ...]) -> None:
+        count, few = self._label_count, self._label_few
+        for pair in pairs:
+            n = count.get(pair, 0) - 1
+            if n <= 0:
+                count.pop(pair, None)
+                few.pop(pair, None)
+                continue
+            count[pair] = n
+            held = few.get(pair)
+            if isinstance(held, set):
+                held.discard(cpid)
+                if len(held) == 1:
+                    few[pair] = next(iter(held))
 
     def remove(self, entry: Entry) -> None:
         sub = self._sub(entry)
@@ -518,9 +561,11 @@ class DiscoveryIndex:
         if sub is None or inner is None:
             return
         members = inner.get(sub)
-        if members is None:
+        if members is None or entry.cpid not in members:
             return
         members.discard(entry.cpid)
+        if entry.facts.labels:
+            self._remove_labels(entry.cpid, entry.facts.labels)
         if members:
             return
         del inner[sub]
@@ -535,7 +580,15 @@ class DiscoveryIndex:
             self._orders.clear()
 
     def clear(self) -> None:
-        for table in (self._group, self._subs, self._facet_id, self._orders, self._filters):
+        for table in (
+            self._group,
+            self._subs,
+            self._facet_id,
+            self._label_count,
+            self._label_few,
+            self._orders,
+            self._filters,
+        ):
             table.clear()
         self._facets.clear()
         self._heads.clear()
@@ -550,8 +603,25 @@ class DiscoveryIndex:
         """The label pairs of a member: the only per-member read of a filtering query."""
         return self._entries[cpid].facts.labels
 
+    def _entry(self, cpid: str) -> Entry:
+        return self._entries[cpid]
+
     def _match(self, cpid: str, score: float, free: int, latency: float | None, q: Query) -> Match:
-        return Match(cpid, score, free, latency, self._entries[cpid], q)
+        return Match(cpid, score, free, latency, self._entry(cpid), q)
+
+    def _few(self, q: Query) -> Collection[str] | None:
+        """The only entries that can match ``q``'s labels when one of its label pairs is
+        rare (held by at most _RARE entries; empty when by none), else None."""
+        best: Collection[str] | None = None
+        for pair in q.labels:
+            if pair not in self._label_count:
+                return ()
+            held = self._label_few.get(pair)
+            if held is not None:
+                members: Collection[str] = (held,) if isinstance(held, str) else held
+                if best is None or len(members) < len(best):
+                    best = members
+        return best
 
     # -- query planning -----------------------------------------------------------------
 
@@ -632,6 +702,22 @@ class DiscoveryIndex:
         they are collected from ``_subs`` and sorted; otherwise the groups are walked in
         order, skipping what is not admitted, and the caller stops when it has enough."""
         admitted = self._admitted(q)
+        few = self._few(q) if q.labels else None
+        if few is not None:  # a rare label: its entries, placed one by one
+            placed: dict[tuple[int, int], set[str]] = {}
+            for cpid in few:
+                entry = self._entry(cpid)
+                i = pos.get((self._region_key(entry), entry.free))
+                sub = self._sub(entry)
+                if i is None or sub is None or (admitted is not None and not admitted.ok[sub]):
+                    continue
+                at = placed.get((i, sub))
+                if at is None:
+                    placed[i, sub] = {cpid}
+                else:
+                    at.add(cpid)
+            yield from sorted(((i, sub, m) for (i, sub), m in placed.items()), key=_first)
+            return
         if admitted is not None:
             subs = self._subs
             keys = admitted.keys
@@ -666,7 +752,15 @@ class DiscoveryIndex:
         if len(labels) == 1:
             pair = labels[0]
             return [c for c in members if pair in of(c)]
-        return [c for c in members if all(p in of(c) for p in labels)]
+        out = []
+        for c in members:
+            have = of(c)
+            for p in labels:
+                if p not in have:
+                    break
+            else:
+                out.append(c)
+        return out
 
     # -- search -----------------------------------------------------------------------
 
@@ -740,7 +834,7 @@ class DiscoveryIndex:
         order, near = q.order, q.near is not None
         sorter = ranking.Sorter(order, near=near, weights=q.weight_map)
         key, facts_of = sorter.key, ranking.entry_facts
-        entries = self._entries
+        entry_of = self._entry
         labels = set(q.labels)
         # price and carbon: the first key depends on the entry alone and is cheap, so
         # it is computed for every match, and the full keys only for the matches whose
@@ -756,7 +850,7 @@ class DiscoveryIndex:
                 group = sorter.group(free, latency)
                 last = i
             for cpid in members:
-                entry = entries[cpid]
+                entry = entry_of(cpid)
                 if labels and not labels <= set(entry.facts.labels):
                     continue
                 facts = facts_of(entry)

@@ -180,6 +180,7 @@ def queries(draw: st.DrawFn) -> Query:
 
 
 PLANS = {"auto": DiscoveryIndex._COLLECT, "collect": 0, "walk": 10**9}
+RARE = [0, 3, DiscoveryIndex._RARE, 10**6]  # label pairs with their entries' set: up to ...
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -189,14 +190,16 @@ PLANS = {"auto": DiscoveryIndex._COLLECT, "collect": 0, "walk": 10**9}
     qs=st.lists(queries(), min_size=1, max_size=4),
     churn=st.integers(0, 120),
     plan=st.sampled_from(sorted(PLANS)),
+    rare=st.sampled_from(RARE),
 )
 def test_every_order_matches_brute_force_under_churn(
-    seed: int, n: int, qs: list[Query], churn: int, plan: str
+    seed: int, n: int, qs: list[Query], churn: int, plan: str, rare: int
 ) -> None:
     rng = random.Random(seed)
     entries: dict[str, Entry] = {}
     index = DiscoveryIndex(entries, TABLE)
     index._COLLECT = PLANS[plan]
+    index._RARE = rare
     serial = 0
 
     def put(e: Entry) -> None:
@@ -230,15 +233,17 @@ def test_every_order_matches_brute_force_under_churn(
         index.remove(e)
     assert index.groups == 0
     assert index._pairs == 0 and not index._subs
+    assert not index._label_count and not index._label_few
 
 
-@pytest.mark.parametrize("plan", sorted(PLANS))
-def test_many_queries_on_one_large_index(plan: str) -> None:
-    """3,000 entries, every order with many filter combinations, both query plans."""
+@pytest.mark.parametrize(("plan", "rare"), [(p, r) for p in sorted(PLANS) for r in (0, 10**6)])
+def test_many_queries_on_one_large_index(plan: str, rare: int) -> None:
+    """3,000 entries, every order with many filter combinations, every query plan."""
     rng = random.Random(plan)
     entries: dict[str, Entry] = {}
     index = DiscoveryIndex(entries, TABLE)
     index._COLLECT = PLANS[plan]
+    index._RARE = rare
     for i in range(3000):
         e = make_entry(new_cpid(i, rng), rng)
         entries[e.cpid] = e
@@ -268,7 +273,8 @@ def test_many_queries_on_one_large_index(plan: str) -> None:
 
 def test_a_selective_filter_touches_only_its_subgroups() -> None:
     """A query naming one namespace collects that namespace's sets; it reads the labels
-    of no entry outside them, however the score groups are ordered."""
+    of no entry outside them, however the score groups are ordered.  A label pair no
+    entry has answers at once; a rare one looks at its own entries only."""
     rng = random.Random(5)
     entries: dict[str, Entry] = {}
     index = DiscoveryIndex(entries, TABLE)
@@ -276,19 +282,38 @@ def test_a_selective_filter_touches_only_its_subgroups() -> None:
         e = make_entry(new_cpid(i, rng), rng)
         entries[e.cpid] = e
         index.add(e)
+    rare = make_entry("CN.11.A/GPU.999999999999-00", rng)
+    rare = dataclasses.replace(rare, facts=dataclasses.replace(rare.facts, labels=(("x", "y"),)))
+    entries[rare.cpid] = rare
+    index.add(rare)
     read: list[str] = []
-    plain = index._labels
+    plain_labels, plain_entry = index._labels, index._entry
 
-    def spy(cpid: str) -> tuple[tuple[str, str], ...]:
+    def spy_labels(cpid: str) -> tuple[tuple[str, str], ...]:
         read.append(cpid)
-        return plain(cpid)
+        return plain_labels(cpid)
 
-    index._labels = spy  # type: ignore[method-assign]
-    q = Query(within="CN.62.Z", kind="NPU", labels=(("rack", "r9"),), near="31")
+    def spy_entry(cpid: str) -> Entry:
+        read.append(cpid)
+        return plain_entry(cpid)
+
+    index._labels = spy_labels  # type: ignore[method-assign]
+    index._entry = spy_entry  # type: ignore[method-assign]
+    q = Query(within="CN.62.Z", kind="NPU", labels=(("rack", "r1"), ("tier", "gold")), near="31")
+    found = index.search(q)
+    assert shape(found) == brute(entries, q)
+    inside = {c for c in entries if c.startswith("CN.62.Z/NPU.")}
+    assert read and set(read) <= inside
+    assert len(read) - len(found) <= len(inside)  # each admitted member once (+ results)
+
+    read.clear()
+    q = Query(kind="GPU", labels=(("rack", "r9"),))
     assert index.search(q) == [] == brute(entries, q)
-    inside = [c for c in entries if c.startswith("CN.62.Z/NPU.")]
-    assert read and set(read) <= set(inside)
-    assert len(read) == len(inside)  # each admitted member once, nothing else
+    assert read == []
+
+    q = Query(near="62", labels=(("x", "y"),), limit=3)
+    assert [m.cpid for m in index.search(q)] == [rare.cpid]
+    assert set(read) == {rare.cpid}
 
 
 def test_clear_forgets_everything() -> None:
