@@ -13,7 +13,8 @@ size:
 
 * bytes per entry of each index (``tracemalloc``, traced memory after building it
   minus before, divided by the entries) and build time;
-* p50 / p99 per query class of ``bench/resolve.py``'s ``queries()`` (the mix
+* p50 / p99 per query class (wall clock, and CPU time of the process: on a shared
+  machine the first includes time the bench was preempted) of ``bench/resolve.py``'s ``queries()`` (the mix
   ``bench/scale.py`` sends over HTTP), the two indexes taking turns query by query; and
   (``--ranked``) of a few queries in the other orders;
 * every answer of the new index is compared with the old one's (same CPIDs, scores,
@@ -185,40 +186,43 @@ def run(n: int, n_queries: int, n_ranked: int) -> None:
     mix = queries(random.Random(7))[:n_queries]
     if n_ranked:
         mix += ranked_queries(random.Random(8), n_ranked)
+    # wall-clock time, and the CPU time of this process (the machine is shared: a query
+    # preempted by another process shows in the first, not in the second)
     times: dict[str, dict[str, list[float]]] = {}
     for j, (name, q) in enumerate(mix):
-        row = times.setdefault(name, {"old": [], "new": []})
+        row = times.setdefault(name, {"old": [], "new": [], "old cpu": [], "new cpu": []})
         pair = [("old", old), ("new", new)]
         if j % 2:
             pair.reverse()  # take turns going first
         answers = {}
         for label, index in pair:
+            c0 = time.process_time()
             t0 = time.perf_counter()
             answers[label] = index.search(q)
             row[label].append((time.perf_counter() - t0) * 1000)
+            row[f"{label} cpu"].append((time.process_time() - c0) * 1000)
         if shape(answers["old"]) != shape(answers["new"]):
             raise SystemExit(f"answers differ for {q}")
-    print(
-        f"{'query class':34} {'n':>4} {'old p50':>8} {'old p99':>8} {'new p50':>8} "
-        f"{'new p99':>8} {'p50 x':>6} {'p99 x':>6}   (ms; x = new / old)"
-    )
-    every: dict[str, list[float]] = {"old": [], "new": []}
+    every: dict[str, list[float]] = {}
     for name, row in times.items():
-        o50, o99 = percentile(row["old"], 50), percentile(row["old"], 99)
-        n50, n99 = percentile(row["new"], 50), percentile(row["new"], 99)
         if not name.startswith("sort="):
-            every["old"] += row["old"]
-            every["new"] += row["new"]
+            for k, v in row.items():
+                every.setdefault(k, []).extend(v)
+    times["resolve.py mix, all"] = every
+    for clock in ("", " cpu"):
         print(
-            f"{name:34} {len(row['old']):4} {o50:8.3f} {o99:8.3f} {n50:8.3f} {n99:8.3f} "
-            f"{n50 / o50:6.3f} {n99 / o99:6.3f}"
+            f"{'wall clock' if not clock else 'CPU time':34} {'n':>4} {'old p50':>8} "
+            f"{'old p99':>8} {'new p50':>8} {'new p99':>8} {'p50 x':>6} {'p99 x':>6}"
+            "   (ms; x = new / old)"
         )
-    o50, o99 = percentile(every["old"], 50), percentile(every["old"], 99)
-    n50, n99 = percentile(every["new"], 50), percentile(every["new"], 99)
-    print(
-        f"{'resolve.py mix, all':34} {len(every['old']):4} {o50:8.3f} {o99:8.3f} {n50:8.3f} "
-        f"{n99:8.3f} {n50 / o50:6.3f} {n99 / o99:6.3f}"
-    )
+        for name, row in times.items():
+            old_t, new_t = row["old" + clock], row["new" + clock]
+            o50, o99 = percentile(old_t, 50), percentile(old_t, 99)
+            n50, n99 = percentile(new_t, 50), percentile(new_t, 99)
+            print(
+                f"{name:34} {len(old_t):4} {o50:8.3f} {o99:8.3f} {n50:8.3f} {n99:8.3f} "
+                f"{n50 / max(o50, 1e-9):6.3f} {n99 / max(o99, 1e-9):6.3f}"
+            )
     gc.unfreeze()
 
 
