@@ -418,7 +418,7 @@ GroupKey = tuple[str, int]
 Ranked = list[tuple[Any, int, float | None, GroupKey]]
 """Score groups in order: ``(sort key, free, latency, group)``; equal keys tie."""
 
-_CACHED_ORDERS: Final = 128
+_CACHED_ORDERS: Final = 64
 _CACHED_FILTERS: Final = 4096
 
 
@@ -480,8 +480,13 @@ class DiscoveryIndex:
 
     @table.setter
     def table(self, table: LatencyTable) -> None:
+        """A new latency table: the score groups are keyed by its region names, so every
+        entry is indexed again."""
+        held = [c for inner in self._group.values() for m in inner.values() for c in m]
+        self.clear()
         self._table = table
-        self._orders.clear()
+        for cpid in held:
+            self.add(self._entry(cpid))
 
     def _region_key(self, entry: Entry) -> str:
         return self._table.key(entry.region) or entry.region

@@ -360,3 +360,18 @@ def test_entries_whose_cpid_text_does_not_begin_with_their_namespace() -> None:
         index.add(e)
     for q in (Query(), Query(kind="GPU", limit=5), Query(near="31", labels=(("tier", "gold"),))):
         assert shape(index.search(q)) == brute(entries, q), q
+
+
+def test_a_new_latency_table_regroups_the_entries() -> None:
+    rng = random.Random(4)
+    entries = {e.cpid: e for e in (make_entry(new_cpid(i, rng), rng) for i in range(300))}
+    index = DiscoveryIndex(entries, LatencyTable())
+    for e in entries.values():
+        index.add(e)
+    index.search(Query(near="31"))  # an order cached under the old table
+    index.table = TABLE
+    for q in (Query(near="31"), Query(near="3205", max_latency_ms=5.0, sort="latency")):
+        assert shape(index.search(q)) == brute(entries, q), q
+    for e in list(entries.values()):  # removals find the entries where the new table put them
+        index.remove(e)
+    assert index.groups == 0
