@@ -447,7 +447,7 @@ class DiscoveryIndex:
     Labels are the only filter checked member by member (:meth:`_labels`).
     """
 
-    _RARE = 64
+    _RARE = 2048
     """A label pair held by at most this many entries keeps the set of them (a query
     naming it looks at those entries only); a commoner one keeps a count."""
     _COLLECT = 4
@@ -704,11 +704,29 @@ class DiscoveryIndex:
         """``(position in ranked, subgroup, members)`` of every subgroup ``q`` admits, by position.
 
         When the admitted subgroups are few (a selective kind / accelerator / within),
-        they are collected from ``_subs`` and sorted; otherwise the groups are walked in
-        order, skipping what is not admitted, and the caller stops when it has enough."""
+        they are collected from ``_subs`` and sorted; when a label of ``q`` is rare and
+        its entries fewer than those, they are placed one by one instead; otherwise the
+        groups are walked in order, skipping what is not admitted, and the caller stops
+        when it has enough."""
         admitted = self._admitted(q)
+        found: list[tuple[int, int, set[str]]] | None = None
+        if admitted is not None:
+            subs = self._subs
+            keys = admitted.keys
+            if admitted.shape != self._shape:
+                admitted.sets = sum(len(subs.get(k, _NONE)) for k in keys)
+                admitted.shape = self._shape
+            if admitted.sets * self._COLLECT <= self._pairs:
+                found = []
+                for k in keys:
+                    for gkey, members in subs.get(k, _NONE).items():
+                        i = pos.get(gkey)
+                        if i is not None:
+                            found.append((i, k, members))
         few = self._few(q) if q.labels else None
-        if few is not None:  # a rare label: its entries, placed one by one
+        if few is not None and (found is None or len(few) < sum(len(f[2]) for f in found)):
+            # a rare label, and fewer entries than the admitted subgroups hold: its
+            # entries, placed one by one
             placed: dict[tuple[int, int], set[str]] = {}
             for cpid in few:
                 entry = self._entry(cpid)
@@ -723,22 +741,10 @@ class DiscoveryIndex:
                     at.add(cpid)
             yield from sorted(((i, sub, m) for (i, sub), m in placed.items()), key=_first)
             return
-        if admitted is not None:
-            subs = self._subs
-            keys = admitted.keys
-            if admitted.shape != self._shape:
-                admitted.sets = sum(len(subs.get(k, _NONE)) for k in keys)
-                admitted.shape = self._shape
-            if admitted.sets * self._COLLECT <= self._pairs:
-                found: list[tuple[int, int, set[str]]] = []
-                for k in keys:
-                    for gkey, members in subs.get(k, _NONE).items():
-                        i = pos.get(gkey)
-                        if i is not None:
-                            found.append((i, k, members))
-                found.sort(key=_first)
-                yield from found
-                return
+        if found is not None:
+            found.sort(key=_first)
+            yield from found
+            return
         group = self._group
         if admitted is None:
             for i, g in enumerate(ranked):

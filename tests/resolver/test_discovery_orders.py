@@ -278,6 +278,7 @@ def test_a_selective_filter_touches_only_its_subgroups() -> None:
     rng = random.Random(5)
     entries: dict[str, Entry] = {}
     index = DiscoveryIndex(entries, TABLE)
+    index._RARE = 64  # the test's labels are common, but for x:y
     for i in range(2000):
         e = make_entry(new_cpid(i, rng), rng)
         entries[e.cpid] = e
@@ -376,3 +377,35 @@ def test_a_new_latency_table_regroups_the_entries() -> None:
     for e in list(entries.values()):  # removals find the entries where the new table put them
         index.remove(e)
     assert index.groups == 0
+
+
+def test_a_rare_label_is_not_read_through_when_the_namespace_holds_fewer() -> None:
+    """Every label is rare here (held by ~500 of 2,000 entries): a query that names one
+    namespace as well reads the entries of that namespace, not the label's."""
+    rng = random.Random(6)
+    entries: dict[str, Entry] = {}
+    index = DiscoveryIndex(entries, TABLE)
+    for i in range(2000):
+        e = make_entry(new_cpid(i, rng), rng)
+        entries[e.cpid] = e
+        index.add(e)
+    assert index._few(Query(labels=(("rack", "r1"),))) is not None
+    read: list[str] = []
+    plain_labels, plain_entry = index._labels, index._entry
+
+    def spy_labels(cpid: str) -> tuple[tuple[str, str], ...]:
+        read.append(cpid)
+        return plain_labels(cpid)
+
+    def spy_entry(cpid: str) -> Entry:
+        read.append(cpid)
+        return plain_entry(cpid)
+
+    index._labels = spy_labels  # type: ignore[method-assign]
+    index._entry = spy_entry  # type: ignore[method-assign]
+    q = Query(within="CN.62.Z", kind="NPU", labels=(("rack", "r1"),), near="31", limit=50)
+    found = index.search(q)
+    assert shape(found) == brute(entries, q)
+    inside = {c for c in entries if c.startswith("CN.62.Z/NPU.")}
+    assert set(read) <= inside
+    assert len(read) <= len(inside) + len(found)
