@@ -19,6 +19,9 @@ size:
   (``--ranked``) of a few queries in the other orders;
 * score inputs of ``sort=score|price|carbon`` are read once before such a query is
   timed (both indexes then find them cached);
+* CPU time of two queries naming a label that 500, 2,000, 8,000, 8,300 and 20,000
+  entries carry (``--label-holders``): the new index keeps a label's entries up to
+  8,192 and checks labels entry by entry above that;
 * every answer of the new index is compared with the old one's (same CPIDs, scores,
   order); a difference stops the bench.
 
@@ -28,6 +31,7 @@ Ratios are new / old.  Generating a million entries takes about a minute and ~2 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import heapq
 import json
@@ -170,7 +174,7 @@ def build(make: Callable[[], Any], es: Mapping[str, Entry]) -> tuple[Any, float,
     return index, (after - before) / max(1, len(es)), seconds
 
 
-def run(n: int, n_queries: int, n_ranked: int) -> None:
+def run(n: int, n_queries: int, n_ranked: int, holders: list[int]) -> None:
     table = LatencyTable.from_file(seeds.path(seeds.LATENCY))
     gc.disable()
     t0 = time.perf_counter()
@@ -230,7 +234,50 @@ def run(n: int, n_queries: int, n_ranked: int) -> None:
                 f"{name:34} {len(old_t):4} {o50:8.3f} {o99:8.3f} {n50:8.3f} {n99:8.3f} "
                 f"{n50 / max(o50, 1e-9):6.3f} {n99 / max(o99, 1e-9):6.3f}"
             )
+    if holders:
+        label_holders(es, old, new, holders)
     gc.unfreeze()
+
+
+def label_holders(
+    es: dict[str, Entry], old: OldIndex, new: DiscoveryIndex, holders: list[int]
+) -> None:
+    """CPU time of queries naming a label that ``h`` entries carry, for each ``h``: the
+    label is added to more entries (replaced in the map and both indexes) as ``h``
+    grows.  Around the new index's threshold for keeping a label's set."""
+    print(
+        f"{'a label on h entries (CPU time)':34} {'h':>6} {'old p50':>8} {'new p50':>8} "
+        f"{'p50 x':>6}   (ms, 15 runs each)"
+    )
+    order = random.Random(3).sample(sorted(es), max(holders))
+    done = 0
+    pair = ("pool", "p1")
+    for h in sorted(holders):
+        for cpid in order[done:h]:
+            e = es[cpid]
+            changed = dataclasses.replace(
+                e, facts=dataclasses.replace(e.facts, labels=(*e.facts.labels, pair))
+            )
+            for index in (old, new):
+                index.remove(e)
+            es[cpid] = changed
+            for index in (old, new):
+                index.add(changed)
+        done = h
+        for name, q in (
+            ("kind+label", Query(kind="GPU", labels=(pair,))),
+            ("accelerator+near+label", Query(accelerator="h100", near="31", labels=(pair,))),
+        ):
+            row: dict[str, list[float]] = {"old": [], "new": []}
+            for j in range(15):
+                for label, index in (("old", old), ("new", new))[:: 1 if j % 2 else -1]:
+                    c0 = time.process_time()
+                    found = index.search(q)
+                    row[label].append((time.process_time() - c0) * 1000)
+                    if label == "new" and j == 0 and shape(found) != shape(old.search(q)):
+                        raise SystemExit(f"answers differ for {q}")
+            o50, n50 = percentile(row["old"], 50), percentile(row["new"], 50)
+            print(f"{name:34} {h:6} {o50:8.3f} {n50:8.3f} {n50 / o50:6.3f}")
 
 
 def main() -> None:
@@ -238,9 +285,15 @@ def main() -> None:
     ap.add_argument("--records", default="100000,1000000", help="comma-separated sizes")
     ap.add_argument("--queries", type=int, default=1200, help="of bench/resolve.py's mix")
     ap.add_argument("--ranked", type=int, default=30, help="rounds of the other orders (x4)")
+    ap.add_argument(
+        "--label-holders",
+        default="500,2000,8000,8300,20000",
+        help="entries given one more label, comma-separated ('' for none)",
+    )
     args = ap.parse_args()
+    holders = [int(x) for x in args.label_holders.split(",") if x]
     for n in (int(x) for x in args.records.split(",")):
-        run(n, args.queries, args.ranked)
+        run(n, args.queries, args.ranked, [h for h in holders if h <= n])
 
 
 # -- the index this replaced (the baseline) -----------------------------------------------

@@ -415,6 +415,9 @@ Facet = tuple[str, tuple[str, ...], str]
 GroupKey = tuple[str, int]
 """A score group: region (the latency table's name for it) and free units."""
 
+Loc = tuple[GroupKey, int]
+"""Where an entry's set is: its score group and subgroup key."""
+
 Ranked = list[tuple[Any, int, float | None, GroupKey]]
 """Score groups in order: ``(sort key, free, latency, group)``; equal keys tie."""
 
@@ -447,9 +450,10 @@ class DiscoveryIndex:
     Labels are the only filter checked member by member (:meth:`_labels`).
     """
 
-    _RARE = 2048
-    """A label pair held by at most this many entries keeps the set of them (a query
-    naming it looks at those entries only); a commoner one keeps a count."""
+    _RARE = 8192
+    """A label pair held by at most this many entries keeps them, each with where its
+    set is (a query naming it places those entries without reading them); a commoner
+    one keeps a count."""
     _COLLECT = 4
     """Collect the admitted subgroups (rather than walk every group) when their sets
     are at most 1 / _COLLECT of all."""
@@ -465,10 +469,11 @@ class DiscoveryIndex:
         self._heads: list[str] = []
         self._pairs = 0  # sets in the index (subgroups of every group)
         self._shape = 0  # changes whenever a set appears or disappears
-        # label pair -> entries holding it; its members while never more than _RARE
-        # (one CPID as a str, more as a set), dropped for good once more (until it is 0)
+        self._locs: dict[Loc, Loc] = {}  # one tuple per set, shared by label postings
+        # label pair -> entries holding it; while never more than _RARE, where each of
+        # them is (one as a tuple, more as a dict), dropped for good once more (until 0)
         self._label_count: dict[tuple[str, str], int] = {}
-        self._label_few: dict[tuple[str, str], str | set[str]] = {}
+        self._label_few: dict[tuple[str, str], tuple[str, Loc] | dict[str, Loc]] = {}
         # per query shape: score groups in order (until a group appears or disappears)
         self._orders: dict[tuple[Any, ...], tuple[Ranked, dict[GroupKey, int]]] = {}
         # per (kind, accelerator, within, live): the subgroups admitted
@@ -521,28 +526,30 @@ class DiscoveryIndex:
             by_group[gkey] = members
             self._pairs += 1
             self._shape += 1
+            loc: Loc = (gkey, sub)
+            self._locs[loc] = loc
         members.add(entry.cpid)
         if entry.facts.labels:
-            self._add_labels(entry.cpid, entry.facts.labels)
+            self._add_labels(entry.cpid, entry.facts.labels, self._locs[gkey, sub])
 
-    def _add_labels(self, cpid: str, pairs: tuple[tuple[str, str], ...]) -> None:
+    def _add_labels(self, cpid: str, pairs: tuple[tuple[str, str], ...], loc: Loc) -> None:
         count, few = self._label_count, self._label_few
         for pair in pairs:
             n = count.get(pair, 0) + 1
             count[pair] = n
             if n == 1:
                 if self._RARE > 0:
-                    few[pair] = cpid
+                    few[pair] = (cpid, loc)
                 continue
             held = few.get(pair)
             if held is None:
                 continue
             if n > self._RARE:
                 del few[pair]
-            elif isinstance(held, str):
-                few[pair] = {held, cpid}
+            elif isinstance(held, tuple):
+                few[pair] = {held[0]: held[1], cpid: loc}
             else:
-                held.add(cpid)
+                held[cpid] = loc
 
     def _remove_labels(self, cpid: str, pairs: tuple[tuple[str, str], ...]) -> None:
         count, few = self._label_count, self._label_few
@@ -554,10 +561,10 @@ class DiscoveryIndex:
                 continue
             count[pair] = n
             held = few.get(pair)
-            if isinstance(held, set):
-                held.discard(cpid)
+            if isinstance(held, dict):
+                held.pop(cpid, None)
                 if len(held) == 1:
-                    few[pair] = next(iter(held))
+                    few[pair] = next(iter(held.items()))
 
     def remove(self, entry: Entry) -> None:
         sub = self._sub(entry)
@@ -574,6 +581,7 @@ class DiscoveryIndex:
         if members:
             return
         del inner[sub]
+        del self._locs[gkey, sub]
         self._pairs -= 1
         self._shape += 1
         by_group = self._subs[sub]
@@ -589,6 +597,7 @@ class DiscoveryIndex:
             self._group,
             self._subs,
             self._facet_id,
+            self._locs,
             self._label_count,
             self._label_few,
             self._orders,
@@ -614,16 +623,17 @@ class DiscoveryIndex:
     def _match(self, cpid: str, score: float, free: int, latency: float | None, q: Query) -> Match:
         return Match(cpid, score, free, latency, self._entry(cpid), q)
 
-    def _few(self, q: Query) -> Collection[str] | None:
-        """The only entries that can match ``q``'s labels when one of its label pairs is
-        rare (held by at most _RARE entries; empty when by none), else None."""
-        best: Collection[str] | None = None
+    def _few(self, q: Query) -> Mapping[str, Loc] | None:
+        """The only entries that can match ``q``'s labels, with where their sets are,
+        when one of its label pairs is rare (held by at most _RARE entries; empty when
+        by none), else None."""
+        best: Mapping[str, Loc] | None = None
         for pair in q.labels:
             if pair not in self._label_count:
-                return ()
+                return {}
             held = self._label_few.get(pair)
             if held is not None:
-                members: Collection[str] = (held,) if isinstance(held, str) else held
+                members = {held[0]: held[1]} if isinstance(held, tuple) else held
                 if best is None or len(members) < len(best):
                     best = members
         return best
@@ -726,13 +736,11 @@ class DiscoveryIndex:
         few = self._few(q) if q.labels else None
         if few is not None and (found is None or len(few) < sum(len(f[2]) for f in found)):
             # a rare label, and fewer entries than the admitted subgroups hold: its
-            # entries, placed one by one
+            # entries, placed one by one where their sets are
             placed: dict[tuple[int, int], set[str]] = {}
-            for cpid in few:
-                entry = self._entry(cpid)
-                i = pos.get((self._region_key(entry), entry.free))
-                sub = self._sub(entry)
-                if i is None or sub is None or (admitted is not None and not admitted.ok[sub]):
+            for cpid, (gkey, sub) in few.items():
+                i = pos.get(gkey)
+                if i is None or (admitted is not None and not admitted.ok[sub]):
                     continue
                 at = placed.get((i, sub))
                 if at is None:

@@ -233,7 +233,7 @@ def test_every_order_matches_brute_force_under_churn(
         index.remove(e)
     assert index.groups == 0
     assert index._pairs == 0 and not index._subs
-    assert not index._label_count and not index._label_few
+    assert not index._label_count and not index._label_few and not index._locs
 
 
 @pytest.mark.parametrize(("plan", "rare"), [(p, r) for p in sorted(PLANS) for r in (0, 10**6)])
