@@ -454,6 +454,10 @@ class DiscoveryIndex:
     """A label pair held by at most this many entries keeps them, each with where its
     set is (a query naming it places those entries without reading them); a commoner
     one keeps a count."""
+    _PLACE = 128
+    """Place a rare label's entries (rather than walk the groups checking labels) when
+    they are at most 1 / _PLACE of all entries, or fewer than the collected subgroups
+    hold."""
     _COLLECT = 4
     """Collect the admitted subgroups (rather than walk every group) when their sets
     are at most 1 / _COLLECT of all."""
@@ -468,6 +472,7 @@ class DiscoveryIndex:
         # per facet: how its members' CPIDs begin ("<namespace>/<kind>."), "" if unsure
         self._heads: list[str] = []
         self._pairs = 0  # sets in the index (subgroups of every group)
+        self._size = 0  # entries in the index
         self._shape = 0  # changes whenever a set appears or disappears
         self._locs: dict[Loc, Loc] = {}  # one tuple per set, shared by label postings
         # label pair -> entries holding it; while never more than _RARE, where each of
@@ -528,7 +533,10 @@ class DiscoveryIndex:
             self._shape += 1
             loc: Loc = (gkey, sub)
             self._locs[loc] = loc
+        if entry.cpid in members:
+            return  # indexed already (as the remove of an entry not indexed is a no-op)
         members.add(entry.cpid)
+        self._size += 1
         if entry.facts.labels:
             self._add_labels(entry.cpid, entry.facts.labels, self._locs[gkey, sub])
 
@@ -576,6 +584,7 @@ class DiscoveryIndex:
         if members is None or entry.cpid not in members:
             return
         members.discard(entry.cpid)
+        self._size -= 1
         if entry.facts.labels:
             self._remove_labels(entry.cpid, entry.facts.labels)
         if members:
@@ -607,6 +616,7 @@ class DiscoveryIndex:
         self._facets.clear()
         self._heads.clear()
         self._pairs = 0
+        self._size = 0
         self._shape += 1
 
     @property
@@ -734,7 +744,11 @@ class DiscoveryIndex:
                         if i is not None:
                             found.append((i, k, members))
         few = self._few(q) if q.labels else None
-        if few is not None and (found is None or len(few) < sum(len(f[2]) for f in found)):
+        if few is not None and (
+            len(few) * self._PLACE <= self._size
+            if found is None
+            else len(few) < sum(len(f[2]) for f in found)
+        ):
             # a rare label, and fewer entries than the admitted subgroups hold: its
             # entries, placed one by one where their sets are
             placed: dict[tuple[int, int], set[str]] = {}

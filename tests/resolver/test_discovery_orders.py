@@ -180,6 +180,7 @@ def queries(draw: st.DrawFn) -> Query:
 
 
 PLANS = {"auto": DiscoveryIndex._COLLECT, "collect": 0, "walk": 10**9}
+PLACE = [1, DiscoveryIndex._PLACE]  # place a rare label's entries up to 1/1 or 1/128
 RARE = [0, 3, DiscoveryIndex._RARE, 10**6]  # label pairs with their entries' set: up to ...
 
 
@@ -191,15 +192,17 @@ RARE = [0, 3, DiscoveryIndex._RARE, 10**6]  # label pairs with their entries' se
     churn=st.integers(0, 120),
     plan=st.sampled_from(sorted(PLANS)),
     rare=st.sampled_from(RARE),
+    place=st.sampled_from(PLACE),
 )
 def test_every_order_matches_brute_force_under_churn(
-    seed: int, n: int, qs: list[Query], churn: int, plan: str, rare: int
+    seed: int, n: int, qs: list[Query], churn: int, plan: str, rare: int, place: int
 ) -> None:
     rng = random.Random(seed)
     entries: dict[str, Entry] = {}
     index = DiscoveryIndex(entries, TABLE)
     index._COLLECT = PLANS[plan]
     index._RARE = rare
+    index._PLACE = place
     serial = 0
 
     def put(e: Entry) -> None:
@@ -234,6 +237,7 @@ def test_every_order_matches_brute_force_under_churn(
     assert index.groups == 0
     assert index._pairs == 0 and not index._subs
     assert not index._label_count and not index._label_few and not index._locs
+    assert index._size == 0
 
 
 @pytest.mark.parametrize(("plan", "rare"), [(p, r) for p in sorted(PLANS) for r in (0, 10**6)])
