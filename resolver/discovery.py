@@ -17,11 +17,13 @@ default order; ``sort=latency|free|score|price|carbon`` (and ``weights=``) choos
 another one, defined with the ``cpi-cats-v1`` scores in :mod:`resolver.ranking`, and
 every result carries a ``rank`` object saying which keys put it where it is.
 
-:class:`DiscoveryIndex` keeps secondary indexes (sets of CPIDs) by kind, accelerator
-model, every namespace prefix of the CPID, label pair, and by *score group* -- region
-and exact free units, which fix the score for a given ``near``.  A query intersects
-the index sets of its filters, then walks the score groups best first and stops as
-soon as ``limit`` results are certain, so it rarely looks at more than a few groups.
+:class:`DiscoveryIndex` puts each entry in one set: its *score group* (region and exact
+free units, which fix the score for a given ``near``), then its *subgroup* (kind,
+accelerator models, namespace, liveness).  A query orders the score groups once (cached
+until a group appears or disappears), keeps the subgroups its kind / accelerator /
+within / live filters admit (decided once per subgroup key, not per entry), checks
+labels on the members, and walks best first, stopping as soon as ``limit`` results are
+certain.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from __future__ import annotations
 import heapq
 import math
 import re
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -406,202 +408,489 @@ class Match:
         return out
 
 
-_EMPTY: frozenset[str] = frozenset()
+Facet = tuple[str, tuple[str, ...], str]
+"""What of an entry a query filters on at subgroup level: kind, accelerator models
+(case-folded) and namespace (the CPID's prefix)."""
+
+GroupKey = tuple[str, int]
+"""A score group: region (the latency table's name for it) and free units."""
+
+Loc = tuple[GroupKey, int]
+"""Where an entry's set is: its score group and subgroup key."""
+
+Ranked = list[tuple[Any, int, float | None, GroupKey]]
+"""Score groups in order: ``(sort key, free, latency, group)``; equal keys tie."""
+
+_CACHED_ORDERS: Final = 64
+_CACHED_FILTERS: Final = 4096
+
+
+class _Subgroups:
+    """Which subgroups a query's kind / accelerator / within / live filters admit,
+    by subgroup key (``2 * facet id + live``), for the facets known so far."""
+
+    __slots__ = ("covered", "keys", "ok", "sets", "shape")
+
+    def __init__(self) -> None:
+        self.covered = 0
+        self.ok = bytearray()
+        self.keys: list[int] = []
+        self.shape = -1  # the index's shape when `sets` was counted
+        self.sets = 0  # sets (group, subgroup) that the admitted subgroups have
 
 
 class DiscoveryIndex:
-    """Secondary indexes over the served entries (the replica keeps them in step)."""
+    """The served entries by score group and facets (the replica keeps it in step).
+
+    Each entry is in exactly one set: ``_group[(region, free)][sub]``, where ``sub`` is
+    ``2 * facet + live`` and a facet (interned as a small integer) is the entry's kind,
+    accelerator models and namespace.  The same sets are reachable by subgroup key
+    (``_subs[sub][(region, free)]``), so a query whose facet filters admit few
+    subgroups collects just those, and a broad one walks the score groups best first.
+    Labels are the only filter checked member by member (:meth:`_labels`).
+    """
+
+    _RARE = 8192
+    """A label pair held by at most this many entries keeps them, each with where its
+    set is (a query naming it places those entries without reading them); a commoner
+    one keeps a count."""
+    _PLACE = 128
+    """Place a rare label's entries (rather than walk the groups checking labels) when
+    they are at most 1 / _PLACE of all entries, or fewer than the collected subgroups
+    hold."""
+    _COLLECT = 4
+    """Collect the admitted subgroups (rather than walk every group) when their sets
+    are at most 1 / _COLLECT of all."""
 
     def __init__(self, entries: Mapping[str, Entry], table: LatencyTable) -> None:
         self._entries = entries
-        self.table = table
-        self._kind: dict[str, set[str]] = {}
-        self._accel: dict[str, set[str]] = {}
-        self._ns: dict[str, set[str]] = {}
-        self._label: dict[tuple[str, str], set[str]] = {}
-        # score groups: (region key, free units) -> CPIDs
-        self._group: dict[tuple[str, int], set[str]] = {}
-        self._prefixes: dict[str, tuple[str, ...]] = {}
+        self._table = table
+        self._group: dict[GroupKey, dict[int, set[str]]] = {}
+        self._subs: dict[int, dict[GroupKey, set[str]]] = {}
+        self._facet_id: dict[Facet, int] = {}
+        self._facets: list[Facet] = []
+        # per facet: how its members' CPIDs begin ("<namespace>/<kind>."), "" if unsure
+        self._heads: list[str] = []
+        self._pairs = 0  # sets in the index (subgroups of every group)
+        self._size = 0  # entries in the index
+        self._shape = 0  # changes whenever a set appears or disappears
+        self._locs: dict[Loc, Loc] = {}  # one tuple per set, shared by label postings
+        # label pair -> entries holding it; while never more than _RARE, where each of
+        # them is (one as a tuple, more as a dict), dropped for good once more (until 0)
+        self._label_count: dict[tuple[str, str], int] = {}
+        self._label_few: dict[tuple[str, str], tuple[str, Loc] | dict[str, Loc]] = {}
+        # per query shape: score groups in order (until a group appears or disappears)
+        self._orders: dict[tuple[Any, ...], tuple[Ranked, dict[GroupKey, int]]] = {}
+        # per (kind, accelerator, within, live): the subgroups admitted
+        self._filters: dict[tuple[Any, ...], _Subgroups] = {}
+
+    @property
+    def table(self) -> LatencyTable:
+        return self._table
+
+    @table.setter
+    def table(self, table: LatencyTable) -> None:
+        """A new latency table: the score groups are keyed by its region names, so every
+        entry is indexed again."""
+        held = [c for inner in self._group.values() for m in inner.values() for c in m]
+        self.clear()
+        self._table = table
+        for cpid in held:
+            self.add(self._entry(cpid))
 
     def _region_key(self, entry: Entry) -> str:
-        return self.table.key(entry.region) or entry.region
+        return self._table.key(entry.region) or entry.region
 
-    def _namespaces(self, prefix: str) -> tuple[str, ...]:
-        """Every namespace containing ``prefix`` (``CN``, ``CN.31``, ...), cached: few
-        namespaces hold many entries."""
-        found = self._prefixes.get(prefix)
-        if found is None:
-            segs = prefix.split(".")
-            found = tuple(".".join(segs[:i]) for i in range(1, len(segs) + 1))
-            if len(self._prefixes) < 100_000:
-                self._prefixes[prefix] = found
-        return found
-
-    def _keys(self, entry: Entry) -> list[tuple[dict[Any, set[str]], Any]]:
-        ns = self._ns
-        accel = self._accel
-        label = self._label
-        facts = entry.facts
-        keys: list[tuple[dict[Any, set[str]], Any]] = [(self._kind, entry.id.kind)]
-        keys += [(accel, model) for model in facts.accelerators]
-        keys += [(ns, name) for name in self._namespaces(entry.id.prefix)]
-        keys += [(label, pair) for pair in facts.labels]
-        keys.append((self._group, (self._region_key(entry), entry.free)))
-        return keys
+    def _sub(self, entry: Entry) -> int | None:
+        """The subgroup key of ``entry``: ``2 * facet id + live`` (None: facet unknown)."""
+        fid = self._facet_id.get((entry.id.kind, entry.facts.accelerators, entry.id.prefix))
+        return None if fid is None else 2 * fid + (1 if entry.live else 0)
 
     def add(self, entry: Entry) -> None:
-        cpid = entry.cpid
-        for table, key in self._keys(entry):
-            members = table.get(key)
-            if members is None:
-                members = table[key] = set()
-            members.add(cpid)
+        sub = self._sub(entry)
+        if sub is None:
+            facet = (entry.id.kind, entry.facts.accelerators, entry.id.prefix)
+            fid = self._facet_id[facet] = len(self._facets)
+            self._facets.append(facet)
+            self._heads.append(f"{entry.id.prefix}/{entry.id.kind}.")
+            sub = 2 * fid + (1 if entry.live else 0)
+        head = self._heads[sub >> 1]
+        if head and not entry.cpid.startswith(head):
+            self._heads[sub >> 1] = ""  # never skip this facet's sets by their head
+        gkey = (self._region_key(entry), entry.free)
+        inner = self._group.get(gkey)
+        if inner is None:
+            inner = self._group[gkey] = {}
+            self._orders.clear()
+        members = inner.get(sub)
+        if members is None:
+            members = inner[sub] = set()
+            by_group = self._subs.get(sub)
+            if by_group is None:
+                by_group = self._subs[sub] = {}
+            by_group[gkey] = members
+            self._pairs += 1
+            self._shape += 1
+            loc: Loc = (gkey, sub)
+            self._locs[loc] = loc
+        if entry.cpid in members:
+            return  # indexed already (as the remove of an entry not indexed is a no-op)
+        members.add(entry.cpid)
+        self._size += 1
+        if entry.facts.labels:
+            self._add_labels(entry.cpid, entry.facts.labels, self._locs[gkey, sub])
+
+    def _add_labels(self, cpid: str, pairs: tuple[tuple[str, str], ...], loc: Loc) -> None:
+        count, few = self._label_count, self._label_few
+        for pair in pairs:
+            n = count.get(pair, 0) + 1
+            count[pair] = n
+            if n == 1:
+                if self._RARE > 0:
+                    few[pair] = (cpid, loc)
+                continue
+            held = few.get(pair)
+            if held is None:
+                continue
+            if n > self._RARE:
+                del few[pair]
+            elif isinstance(held, tuple):
+                few[pair] = {held[0]: held[1], cpid: loc}
+            else:
+                held[cpid] = loc
+
+    def _remove_labels(self, cpid: str, pairs: tuple[tuple[str, str], ...]) -> None:
+        count, few = self._label_count, self._label_few
+        for pair in pairs:
+            n = count.get(pair, 0) - 1
+            if n <= 0:
+                count.pop(pair, None)
+                few.pop(pair, None)
+                continue
+            count[pair] = n
+            held = few.get(pair)
+            if isinstance(held, dict):
+                held.pop(cpid, None)
+                if len(held) == 1:
+                    few[pair] = next(iter(held.items()))
 
     def remove(self, entry: Entry) -> None:
-        cpid = entry.cpid
-        for table, key in self._keys(entry):
-            members = table.get(key)
-            if members is not None:
-                members.discard(cpid)
-                if not members:
-                    del table[key]
+        sub = self._sub(entry)
+        gkey = (self._region_key(entry), entry.free)
+        inner = self._group.get(gkey)
+        if sub is None or inner is None:
+            return
+        members = inner.get(sub)
+        if members is None or entry.cpid not in members:
+            return
+        members.discard(entry.cpid)
+        self._size -= 1
+        if entry.facts.labels:
+            self._remove_labels(entry.cpid, entry.facts.labels)
+        if members:
+            return
+        del inner[sub]
+        del self._locs[gkey, sub]
+        self._pairs -= 1
+        self._shape += 1
+        by_group = self._subs[sub]
+        del by_group[gkey]
+        if not by_group:
+            del self._subs[sub]
+        if not inner:
+            del self._group[gkey]
+            self._orders.clear()
 
     def clear(self) -> None:
-        for table in (self._kind, self._accel, self._ns, self._label, self._group):
+        for table in (
+            self._group,
+            self._subs,
+            self._facet_id,
+            self._locs,
+            self._label_count,
+            self._label_few,
+            self._orders,
+            self._filters,
+        ):
             table.clear()
+        self._facets.clear()
+        self._heads.clear()
+        self._pairs = 0
+        self._size = 0
+        self._shape += 1
 
     @property
     def groups(self) -> int:
         return len(self._group)
 
-    def _candidates(self, q: Query) -> set[str] | frozenset[str] | None:
-        """Intersection of the index sets the query's filters name (None: no such filter)."""
-        sets: list[set[str] | frozenset[str]] = []
-        if q.kind is not None:
-            sets.append(self._kind.get(q.kind, _EMPTY))
-        if q.accelerator is not None:
-            sets.append(self._accel.get(q.accelerator, _EMPTY))
-        if q.within is not None:
-            sets.append(self._ns.get(q.within, _EMPTY))
+    def _labels(self, cpid: str) -> tuple[tuple[str, str], ...]:
+        """The label pairs of a member: the only per-member read of a filtering query."""
+        return self._entries[cpid].facts.labels
+
+    def _entry(self, cpid: str) -> Entry:
+        return self._entries[cpid]
+
+    def _match(self, cpid: str, score: float, free: int, latency: float | None, q: Query) -> Match:
+        return Match(cpid, score, free, latency, self._entry(cpid), q)
+
+    def _few(self, q: Query) -> Mapping[str, Loc] | None:
+        """The only entries that can match ``q``'s labels, with where their sets are,
+        when one of its label pairs is rare (held by at most _RARE entries; empty when
+        by none), else None."""
+        best: Mapping[str, Loc] | None = None
         for pair in q.labels:
-            sets.append(self._label.get(pair, _EMPTY))
-        if not sets:
+            if pair not in self._label_count:
+                return {}
+            held = self._label_few.get(pair)
+            if held is not None:
+                members = {held[0]: held[1]} if isinstance(held, tuple) else held
+                if best is None or len(members) < len(best):
+                    best = members
+        return best
+
+    # -- query planning -----------------------------------------------------------------
+
+    def _admitted(self, q: Query) -> _Subgroups | None:
+        """The subgroups ``q``'s kind, accelerator, namespace and liveness filters admit
+        (None: every one).  Cached per filter; extended as new facets appear."""
+        if q.kind is None and q.accelerator is None and q.within is None and q.live is None:
             return None
-        sets.sort(key=len)
-        out = sets[0]
-        for other in sets[1:]:
-            if not out:
-                break
-            out = out & other
+        fkey = (q.kind, q.accelerator, q.within, q.live)
+        found = self._filters.get(fkey)
+        if found is None:
+            if len(self._filters) >= _CACHED_FILTERS:
+                self._filters.clear()
+            found = self._filters[fkey] = _Subgroups()
+        facets = self._facets
+        if found.covered < len(facets):
+            kind, accel, within, live = fkey
+            for fid in range(found.covered, len(facets)):
+                k, models, prefix = facets[fid]
+                ok = (
+                    (kind is None or k == kind)
+                    and (accel is None or accel in models)
+                    and (within is None or ns_contains(within, prefix))
+                )
+                for lb in (0, 1):
+                    admit = ok and (live is None or live == bool(lb))
+                    found.ok.append(admit)
+                    if admit:
+                        found.keys.append(2 * fid + lb)
+            found.covered = len(facets)
+        return found
+
+    def _ranked_groups(self, q: Query, order: str) -> tuple[Ranked, dict[GroupKey, int]]:
+        """The score groups ``q``'s free-unit, liveness and latency bounds admit, in
+        ``order`` (default, free or latency), with each group's position; cached until
+        a group appears or disappears."""
+        okey = (order, q.near, q.min_free, q.max_latency_ms, q.live is False)
+        hit = self._orders.get(okey)
+        if hit is not None:
+            return hit
+        groups: list[tuple[GroupKey, int, float | None]] = []
+        for gkey in self._group:
+            region, free = gkey
+            if q.min_free is not None and free < q.min_free:
+                continue
+            if q.live is False and free > 0:  # free units need an `up` status
+                continue
+            latency = None if q.near is None else self._table.rtt(q.near, region)
+            if q.max_latency_ms is not None and (latency is None or latency > q.max_latency_ms):
+                continue
+            groups.append((gkey, free, latency))
+        ranked: Ranked
+        if order == "default":
+            scored = [(q.score(free, lat), free, lat, gkey) for gkey, free, lat in groups]
+            # equal scores tie whatever the group; region and free only fix the walk
+            scored.sort(key=lambda g: (-g[0], g[3]))
+            ranked = scored
+        else:
+            sorter = ranking.Sorter(order, near=q.near is not None, weights=q.weight_map)
+            none = ranking.EntryFacts()
+            ranked = [
+                (sorter.key(sorter.group(free, lat), "", none)[:-1], free, lat, gkey)
+                for gkey, free, lat in groups
+            ]
+            ranked.sort(key=lambda g: g[0])
+        pos = {g[3]: i for i, g in enumerate(ranked)}
+        if len(self._orders) >= _CACHED_ORDERS:
+            self._orders.clear()
+        self._orders[okey] = (ranked, pos)
+        return ranked, pos
+
+    def _sets(
+        self, q: Query, ranked: Ranked, pos: dict[GroupKey, int]
+    ) -> Iterator[tuple[int, int, set[str]]]:
+        """``(position in ranked, subgroup, members)`` of every subgroup ``q`` admits, by position.
+
+        When the admitted subgroups are few (a selective kind / accelerator / within),
+        they are collected from ``_subs`` and sorted; when a label of ``q`` is rare and
+        its entries fewer than those, they are placed one by one instead; otherwise the
+        groups are walked in order, skipping what is not admitted, and the caller stops
+        when it has enough."""
+        admitted = self._admitted(q)
+        found: list[tuple[int, int, set[str]]] | None = None
+        if admitted is not None:
+            subs = self._subs
+            keys = admitted.keys
+            if admitted.shape != self._shape:
+                admitted.sets = sum(len(subs.get(k, _NONE)) for k in keys)
+                admitted.shape = self._shape
+            if admitted.sets * self._COLLECT <= self._pairs:
+                found = []
+                for k in keys:
+                    for gkey, members in subs.get(k, _NONE).items():
+                        i = pos.get(gkey)
+                        if i is not None:
+                            found.append((i, k, members))
+        few = self._few(q) if q.labels else None
+        if few is not None and (
+            len(few) * self._PLACE <= self._size
+            if found is None
+            else len(few) < sum(len(f[2]) for f in found)
+        ):
+            # a rare label, and fewer entries than the admitted subgroups hold: its
+            # entries, placed one by one where their sets are
+            placed: dict[tuple[int, int], set[str]] = {}
+            for cpid, (gkey, sub) in few.items():
+                i = pos.get(gkey)
+                if i is None or (admitted is not None and not admitted.ok[sub]):
+                    continue
+                at = placed.get((i, sub))
+                if at is None:
+                    placed[i, sub] = {cpid}
+                else:
+                    at.add(cpid)
+            yield from sorted(((i, sub, m) for (i, sub), m in placed.items()), key=_first)
+            return
+        if found is not None:
+            found.sort(key=_first)
+            yield from found
+            return
+        group = self._group
+        if admitted is None:
+            for i, g in enumerate(ranked):
+                for k, members in group[g[3]].items():
+                    yield i, k, members
+            return
+        ok = admitted.ok
+        for i, g in enumerate(ranked):
+            for k, members in group[g[3]].items():
+                if ok[k]:
+                    yield i, k, members
+
+    def _filtered(self, members: Collection[str], labels: tuple[tuple[str, str], ...]) -> list[str]:
+        """The members carrying every label pair of ``labels``."""
+        of = self._labels
+        if len(labels) == 1:
+            pair = labels[0]
+            return [c for c in members if pair in of(c)]
+        out = []
+        for c in members:
+            have = of(c)
+            for p in labels:
+                if p not in have:
+                    break
+            else:
+                out.append(c)
         return out
+
+    # -- search -----------------------------------------------------------------------
 
     def search(self, q: Query) -> list[Match]:
         """The best ``q.limit`` matches, best first (see the module docstring)."""
-        if q.order != "default":
-            return self._ranked(q)
-        return [_explained(m, q) for m in self._search_default(q)]
+        order = q.order
+        if order in ("default", "free", "latency"):
+            return self._take(q, order)
+        return self._ranked(q)
 
-    def _search_default(self, q: Query) -> list[Match]:
-        candidates = self._candidates(q)
-        if candidates is not None and not candidates:
+    def _take(self, q: Query, order: str) -> list[Match]:
+        """The default, ``free`` and ``latency`` orders: their keys are those of a score
+        group, so the groups are walked in key order and the walk stops once ``limit``
+        is certain (within equal keys, by CPID)."""
+        ranked, pos = self._ranked_groups(q, order)
+        if not ranked:
             return []
-        # score every group once; a group's members share one score
-        scored = [
-            (q.score(free, latency), region, free, latency, members)
-            for region, free, latency, members in self._groups(q)
-        ]
-        scored.sort(key=lambda g: (-g[0], g[1], g[2]))
-        # every group with the same exact score ties, so ties are broken by CPID
-        ranked = [(score, free, latency, members) for score, _, free, latency, members in scored]
-        return self._take(
-            q,
-            candidates,
-            ranked,
-            lambda score, c, f, lat: Match(c, score, f, lat, self._entries[c]),
-        )
-
-    def _groups(self, q: Query) -> Iterator[tuple[str, int, float | None, set[str]]]:
-        """The score groups ``(region, free, latency, members)`` that ``q``'s free-unit,
-        liveness and latency bounds admit (latency from ``near``, None without it)."""
-        for (region, free), members in self._group.items():
-            if q.min_free is not None and free < q.min_free:
-                continue
-            if q.live is False and free > 0:
-                continue
-            latency = None if q.near is None else self.table.rtt(q.near, region)
-            if q.max_latency_ms is not None and (latency is None or latency > q.max_latency_ms):
-                continue
-            yield region, free, latency, members
-
-    def _take(
-        self,
-        q: Query,
-        candidates: set[str] | frozenset[str] | None,
-        ranked: list[tuple[Any, int, float | None, set[str]]],
-        make: Callable[[Any, str, int, float | None], Match],
-    ) -> list[Match]:
-        """The best ``q.limit`` members of ``ranked`` (groups ``(key, free, latency,
-        members)`` in order; groups with equal keys tie, and ties go by CPID), each made
-        a match by ``make(key, cpid, free, latency)``.  Stops once ``limit`` is certain."""
+        labels = q.labels
+        default = order == "default"
+        heads = self._heads
         out: list[Match] = []
-        i = 0
-        while i < len(ranked) and len(out) < q.limit:
-            key = ranked[i][0]
+        sets = self._sets(q, ranked, pos)
+        pending = next(sets, None)
+        while pending is not None and len(out) < q.limit:
+            key = ranked[pending[0]][0]
             need = q.limit - len(out)
-            pool: list[tuple[str, int, float | None]] = []
-            while i < len(ranked) and ranked[i][0] == key:
-                _, free, latency, members = ranked[i]
-                chosen: Collection[str] = (
-                    members if candidates is None else _intersect(members, candidates)
-                )
-                if q.live is not None and free == 0:
-                    chosen = [c for c in chosen if self._entries[c].live == q.live]
+            # the block (equal keys: ties go by CPID) by how its sets' CPIDs begin; the
+            # `need` smallest CPIDs so far bound what a later set can add, and a set
+            # whose CPIDs all sort after the bound ends the block
+            block: list[tuple[str, int, set[str]]] = []
+            while pending is not None and ranked[pending[0]][0] == key:
+                i, sub, members = pending
+                block.append((heads[sub >> 1], i, members))
+                pending = next(sets, None)
+            block.sort(key=_first)
+            best: list[tuple[str, int, float | None]] = []
+            bound: str | None = None
+            for head, i, members in block:
+                chosen: Collection[str] = members
+                if bound is not None:
+                    if head > bound:
+                        break
+                    if bound.startswith(head):
+                        chosen = [c for c in members if c < bound]
+                if labels and chosen:
+                    chosen = self._filtered(chosen, labels)
                 if len(chosen) > need:
-                    chosen = heapq.nsmallest(need, chosen)
-                pool.extend((cpid, free, latency) for cpid in chosen)
-                i += 1
-            best = pool if len(pool) <= need else heapq.nsmallest(need, pool)
+                    chosen = (
+                        heapq.nsmallest(need, chosen)
+                        if len(chosen) > 8 * need
+                        else sorted(chosen)[:need]
+                    )
+                if chosen:
+                    _, free, latency, _ = ranked[i]
+                    best.extend((cpid, free, latency) for cpid in chosen)
+                    if len(best) >= need:
+                        best.sort()
+                        del best[need:]
+                        bound = best[-1][0]
             best.sort()
-            out.extend(make(key, c, f, lat) for c, f, lat in best)
+            for c, f, lat in best:
+                out.append(self._match(c, key if default else q.score(f, lat), f, lat, q))
         return out
 
     def _ranked(self, q: Query) -> list[Match]:
-        """Every match ordered by ``q.order`` (:mod:`resolver.ranking`), the best
-        ``q.limit``: the sort keys of each match are computed, then the smallest kept."""
-        candidates = self._candidates(q)
-        if candidates is not None and not candidates:
+        """``score``, ``price`` and ``carbon``: the sort keys of every match are
+        computed (the admitted subgroups only), then the best ``q.limit`` kept."""
+        ranked, pos = self._ranked_groups(q, "default")
+        if not ranked:
             return []
-        order, weights, near = q.order, q.weight_map, q.near is not None
-        if order in ("free", "latency"):
-            return self._by_group(q, candidates)
-        sorter = ranking.Sorter(order, near=near, weights=weights)
+        order, near = q.order, q.near is not None
+        sorter = ranking.Sorter(order, near=near, weights=q.weight_map)
         key, facts_of = sorter.key, ranking.entry_facts
-        entries = self._entries
+        entry_of = self._entry
+        labels = set(q.labels)
         # price and carbon: the first key depends on the entry alone and is cheap, so
         # it is computed for every match, and the full keys only for the matches whose
         # first key is within the best `limit` (the others cannot make the answer)
         first = ranking.first_key if order in ("price", "carbon") else None
         pending: list[tuple[tuple[int, float], Any, str, ranking.EntryFacts]] = []
         found: list[tuple[tuple[Any, ...], str, int, float | None]] = []
-        for (region, free), members in self._group.items():
-            if q.min_free is not None and free < q.min_free:
-                continue
-            if q.live is False and free > 0:
-                continue
-            latency = None if q.near is None else self.table.rtt(q.near, region)
-            if q.max_latency_ms is not None and (latency is None or latency > q.max_latency_ms):
-                continue
-            chosen = members if candidates is None else _intersect(members, candidates)
-            group = sorter.group(free, latency)
-            for cpid in chosen:
-                entry = entries[cpid]
-                if q.live is not None and free == 0 and entry.live != q.live:
+        last = -1
+        group: Any = None
+        for i, _, members in self._sets(q, ranked, pos):
+            if i != last:
+                _, free, latency, _ = ranked[i]
+                group = sorter.group(free, latency)
+                last = i
+            for cpid in members:
+                entry = entry_of(cpid)
+                if labels and not labels <= set(entry.facts.labels):
                     continue
                 facts = facts_of(entry)
                 if first is not None:
                     pending.append((first(order, facts), group, cpid, facts))
                 else:
-                    found.append((key(group, cpid, facts), cpid, group[0], latency))
+                    found.append((key(group, cpid, facts), cpid, group[0], group[4]))
         if pending:
             if len(pending) > q.limit:
                 worst = heapq.nsmallest(q.limit, pending, key=lambda p: p[0])[-1][0]
@@ -611,38 +900,13 @@ class DiscoveryIndex:
                 for _, group, cpid, facts in pending
             ]
         return [
-            Match(cpid, q.score(free, latency), free, latency, entries[cpid], q)
+            self._match(cpid, q.score(free, latency), free, latency, q)
             for _, cpid, free, latency in heapq.nsmallest(q.limit, found, key=lambda f: f[0])
         ]
 
-    def _by_group(self, q: Query, candidates: set[str] | frozenset[str] | None) -> list[Match]:
-        """``sort=free`` and ``sort=latency``: their keys are those of a score group, so
-        the groups are walked in key order and the walk stops once ``limit`` is certain
-        (within equal keys, by CPID), as the default order does."""
-        order, weights, near = q.order, q.weight_map, q.near is not None
-        sorter = ranking.Sorter(order, near=near, weights=weights)
-        ranked: list[tuple[Any, int, float | None, set[str]]] = [
-            (
-                sorter.key(sorter.group(free, latency), "", ranking.EntryFacts())[:-1],
-                free,
-                latency,
-                members,
-            )
-            for _, free, latency, members in self._groups(q)
-        ]
-        ranked.sort(key=lambda g: g[0])
-        return self._take(
-            q,
-            candidates,
-            ranked,
-            lambda _, c, f, lat: Match(c, q.score(f, lat), f, lat, self._entries[c], q),
-        )
+
+_NONE: Mapping[GroupKey, set[str]] = {}
 
 
-def _explained(m: Match, q: Query) -> Match:
-    """``m`` (a match of the default order) that can explain its rank."""
-    return Match(m.cpid, m.score, m.free, m.latency_ms, m.entry, q)
-
-
-def _intersect(a: set[str], b: set[str] | frozenset[str]) -> set[str] | frozenset[str]:
-    return a & b if len(a) <= len(b) else b & a
+def _first(item: tuple[Any, ...]) -> Any:
+    return item[0]
