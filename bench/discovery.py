@@ -49,32 +49,35 @@ import seeds
 from bench.resolve import MODELS, OPERATORS, REGIONS, namespaces, queries
 from resolver import ranking
 from resolver.discovery import DiscoveryIndex, LatencyTable, Match, Query
-from resolver.entry import Entry
+from resolver.entry import Entry, seal
 from resolver.verify import RecordFacts, StatusFacts
-from schemas.cpid import CPID
 from schemas.dsse import Envelope
 
 assert OPERATORS  # the namespaces below are bench/resolve.py's
 
 # score inputs for the other orders: a handful of record / status payloads, shared
 _RECORDS = [
-    Envelope(
-        "application/vnd.cpi.record.v1+json",
-        json.dumps(
-            {
-                "attributes": {"price_cny_per_unit_hour": price},
-                "location": {"pue": pue, "grid_gco2_per_kwh": grid},
-            }
-        ).encode(),
-        (),
+    seal(
+        Envelope(
+            "application/vnd.cpi.record.v1+json",
+            json.dumps(
+                {
+                    "attributes": {"price_cny_per_unit_hour": price},
+                    "location": {"pue": pue, "grid_gco2_per_kwh": grid},
+                }
+            ).encode(),
+            (),
+        )
     )
     for price, pue, grid in [(6.0, 1.2, 500.0), (9.5, 1.3, 300.0), (14.0, 1.15, 700.0)]
 ]
 _STATUSES = [
-    Envelope(
-        "application/vnd.cpi.status.v1+json",
-        json.dumps({"metrics": {"gpu_util": util}}).encode(),
-        (),
+    seal(
+        Envelope(
+            "application/vnd.cpi.status.v1+json",
+            json.dumps({"metrics": {"gpu_util": util}}).encode(),
+            (),
+        )
     )
     for util in (5.0, 50.0, 95.0)
 ]
@@ -108,14 +111,12 @@ def entries(n: int, seed: int = 7) -> dict[str, Entry]:
         status = StatusFacts(cpid, "up", free, rng.randint(0, 64))
         out[cpid] = Entry(
             cpid=cpid,
-            id=CPID(ns, kinds[kind], serial, f"{i % 97:02d}"),
             facts=facts,
-            envelope=_RECORDS[i % 3],
+            sealed=_RECORDS[i % 3],
             chain=(),
-            kid="kid",
             record_revision=1,
             status_facts=status,
-            status_envelope=_STATUSES[i % 3],
+            status_sealed=_STATUSES[i % 3],
             status_revision=1,
             lease=0,
             live_held=False,

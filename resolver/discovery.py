@@ -503,16 +503,17 @@ class DiscoveryIndex:
 
     def _sub(self, entry: Entry) -> int | None:
         """The subgroup key of ``entry``: ``2 * facet id + live`` (None: facet unknown)."""
-        fid = self._facet_id.get((entry.id.kind, entry.facts.accelerators, entry.id.prefix))
+        fid = self._facet_id.get((entry.kind, entry.facts.accelerators, entry.namespace))
         return None if fid is None else 2 * fid + (1 if entry.live else 0)
 
     def add(self, entry: Entry) -> None:
         sub = self._sub(entry)
         if sub is None:
-            facet = (entry.id.kind, entry.facts.accelerators, entry.id.prefix)
+            kind, namespace = entry.kind, entry.namespace
+            facet = (kind, entry.facts.accelerators, namespace)
             fid = self._facet_id[facet] = len(self._facets)
             self._facets.append(facet)
-            self._heads.append(f"{entry.id.prefix}/{entry.id.kind}.")
+            self._heads.append(f"{namespace}/{kind}.")
             sub = 2 * fid + (1 if entry.live else 0)
         head = self._heads[sub >> 1]
         if head and not entry.cpid.startswith(head):

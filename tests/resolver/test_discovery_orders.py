@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 
 from resolver import ranking
 from resolver.discovery import DiscoveryIndex, LatencyTable, Match, Query
-from resolver.entry import Entry
+from resolver.entry import Entry, Sealed, seal
 from resolver.errors import QueryError
 from resolver.verify import RecordFacts, StatusFacts
-from schemas.cpid import CPID, ns_contains
+from schemas.cpid import ns_contains
 from schemas.dsse import Envelope
 from tests.resolver.kit import LATENCY
 
@@ -31,8 +31,8 @@ MODELS = ["h100", "a800", "910b"]
 LABELS = [("tier", "gold"), ("tier", "silver"), ("rack", "r1"), ("rack", "r2")]
 
 
-def _envelope(obj: dict[str, Any]) -> Envelope:
-    return Envelope("application/x", json.dumps(obj).encode(), ())
+def _envelope(obj: dict[str, Any]) -> Sealed:
+    return seal(Envelope("application/x", json.dumps(obj).encode(), ()))
 
 
 # score inputs: a few record and status payloads shared by many entries, some with gaps
@@ -61,9 +61,7 @@ STATUSES = [
 
 def make_entry(cpid: str, rng: random.Random, *, generation: int = 0) -> Entry:
     """An entry for ``cpid`` (kind and namespace from it) with random facts and status."""
-    prefix, _, rest = cpid.partition("/")
-    kind, _, tail = rest.partition(".")
-    serial, _, check = tail.rpartition("-")
+    kind = cpid.partition("/")[2].partition(".")[0]
     accel = () if kind == "CPU" else tuple(sorted(set(rng.sample(MODELS, rng.randint(1, 2)))))
     labels = tuple(sorted(rng.sample(LABELS, rng.randint(0, 2))))
     facts = RecordFacts(cpid, kind, "pk", 1, 0, rng.choice(REGIONS), accel, labels)
@@ -74,14 +72,12 @@ def make_entry(cpid: str, rng: random.Random, *, generation: int = 0) -> Entry:
         status_env = rng.choice(STATUSES)
     return Entry(
         cpid=cpid,
-        id=CPID(prefix, kind, serial, check),
         facts=facts,
-        envelope=rng.choice(RECORDS),
+        sealed=rng.choice(RECORDS),
         chain=(),
-        kid="kid",
         record_revision=1,
         status_facts=status,
-        status_envelope=status_env,
+        status_sealed=status_env,
         status_revision=0,
         lease=0,
         live_held=False,
