@@ -21,8 +21,10 @@ from registry import ca
 from registry.index import Index, Keys, Op
 from resolver.core import Resolver, ResolverSettings
 from resolver.discovery import LatencyTable
+from resolver.entry import Entry, Sealed
 from resolver.replica import SyncSettings
 from resolver.state import ReplicaSettings
+from resolver.verify import RecordFacts, StatusFacts
 from schemas import keys
 from schemas.chain import TrustAnchors
 from schemas.cpid import derive
@@ -274,3 +276,33 @@ class SSE:
                         return {"event": "progress", "id": ident, "data": {}}
                     continue
                 return {"event": event, "id": ident, "data": json.loads("\n".join(data))}
+
+
+def bare_entry(
+    facts: RecordFacts,
+    sealed: Sealed,
+    *,
+    status: StatusFacts | None = None,
+    status_sealed: Sealed | None = None,
+    claimed: int = 0,
+    generation: int = 0,
+) -> Entry:
+    """An entry made directly (no verification): for index and ranking tests."""
+    return Entry(
+        cpid=facts.cpid,
+        facts=facts,
+        sealed=sealed,
+        chain=(),
+        record_revision=1,
+        status_facts=status,
+        status_sealed=status_sealed,
+        status_revision=0,
+        lease=0,
+        live_held=False,
+        held_until=0.0,
+        claimed=claimed,
+        revision=1,
+        generation=generation,
+        valid_until=float("inf"),
+        leases={},
+    )

@@ -13,7 +13,7 @@ from resolver.entry import Entry, seal
 from resolver.verify import RecordFacts, StatusFacts
 from schemas.cpid import ns_contains
 from schemas.dsse import Envelope
-from tests.resolver.kit import LATENCY
+from tests.resolver.kit import LATENCY, bare_entry
 
 TABLE = LatencyTable.from_file(LATENCY)
 NAMESPACES = ["CN.31.A", "CN.31.B", "CN.32.A", "CN.3205.X", "CN.11.A", "CN.62.Z"]
@@ -34,24 +34,7 @@ def make_entry(i: int, rng: random.Random) -> Entry:
     if rng.random() < 0.8:
         state = rng.choice(["up", "up", "up", "down", "draining"])
         status = StatusFacts(cpid, state, rng.randint(0, 6), rng.randint(0, 6))
-    return Entry(
-        cpid=cpid,
-        facts=facts,
-        sealed=seal(ENV),
-        chain=(),
-        record_revision=1,
-        status_facts=status,
-        status_sealed=None,
-        status_revision=0,
-        lease=0,
-        live_held=False,
-        held_until=0.0,
-        claimed=rng.randint(0, 3),
-        revision=1,
-        generation=i,
-        valid_until=float("inf"),
-        leases={},
-    )
+    return bare_entry(facts, seal(ENV), status=status, claimed=rng.randint(0, 3), generation=i)
 
 
 def brute(entries: dict[str, Entry], q: Query) -> list[tuple[str, float, int, float | None]]:

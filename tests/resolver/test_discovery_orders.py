@@ -21,7 +21,7 @@ from resolver.errors import QueryError
 from resolver.verify import RecordFacts, StatusFacts
 from schemas.cpid import ns_contains
 from schemas.dsse import Envelope
-from tests.resolver.kit import LATENCY
+from tests.resolver.kit import LATENCY, bare_entry
 
 TABLE = LatencyTable.from_file(LATENCY)
 NAMESPACES = ["CN.31.A", "CN.31.B", "CN.32.A", "CN.3205.X", "CN.11.A", "CN.62.Z"]
@@ -70,23 +70,13 @@ def make_entry(cpid: str, rng: random.Random, *, generation: int = 0) -> Entry:
         state = rng.choice(["up", "up", "up", "down", "draining"])
         status = StatusFacts(cpid, state, rng.randint(0, 6), rng.randint(0, 6))
         status_env = rng.choice(STATUSES)
-    return Entry(
-        cpid=cpid,
-        facts=facts,
-        sealed=rng.choice(RECORDS),
-        chain=(),
-        record_revision=1,
-        status_facts=status,
+    return bare_entry(
+        facts,
+        rng.choice(RECORDS),
+        status=status,
         status_sealed=status_env,
-        status_revision=0,
-        lease=0,
-        live_held=False,
-        held_until=0.0,
         claimed=rng.randint(0, 3),
-        revision=1,
         generation=generation,
-        valid_until=float("inf"),
-        leases={},
     )
 
 
