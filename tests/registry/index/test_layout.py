@@ -168,6 +168,7 @@ _BUILDERS: dict[Prefix, Callable[..., str]] = {
     Prefix.HOLDERS: Keys.holder,
     Prefix.METER: Keys.meter,
     Prefix.USAGE_SIGNERS: Keys.usage_signer,
+    Prefix.SEQ: Keys.seq,
 }
 
 
