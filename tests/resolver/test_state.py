@@ -168,3 +168,45 @@ async def test_any_exception_a_value_causes_costs_its_key_alone(
     # deleted: cleared
     await world.delete(Keys.live(a.cpid))
     assert world.state.bad_values()["count"] == 0
+
+
+class _CountingRecs(dict[str, object]):
+    """The replica's records, counting the passes made over them."""
+
+    passes = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        self.passes += 1
+        return super().__iter__()
+
+
+async def test_a_revocation_passes_over_the_records_only_when_one_may_be_concerned(
+    world: World,
+) -> None:
+    """Revocations of node keys find their records by a pass over the records, made only
+    when a record may have the revoked key's serial (a bit filter of the serials held):
+    a flood of revocations naming keys without records costs no pass."""
+    from registry import ca
+    from schemas import keys
+
+    nodes = [Node() for _ in range(3)]
+    for node in nodes:
+        await world.put(Keys.rec(node.cpid), signed(world.pki, node.record()).to_json())
+    counting = _CountingRecs(world.state.recs)
+    world.state.recs = counting  # type: ignore[assignment]
+    issuer = world.pki.key_of("CN.31.CMCC")
+    for _ in range(50):  # keys no record has
+        kid = keys.kid_of(keys.generate())
+        revocation = ca.revoke(issuer_key=issuer, subject="CN.31.CMCC", kid=kid, reason="x")
+        await world.put(Keys.revoked(kid), revocation.to_json())
+    assert counting.passes <= 5  # the filter answers "maybe" for ~3 % of unknown serials
+    target = nodes[1]
+    kid = keys.kid_of(target.key)
+    revocation = ca.revoke(issuer_key=issuer, subject="CN.31.CMCC", kid=kid, reason="x")
+    before = counting.passes
+    await world.put(Keys.revoked(kid), revocation.to_json())
+    assert counting.passes > before
+    assert world.state.get(target.cpid) is None
+    rejected = world.state.rejection(target.cpid)
+    assert rejected is not None and rejected[0] == "revoked"
+    assert all(world.state.get(n.cpid) is not None for n in (nodes[0], nodes[2]))
