@@ -38,7 +38,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import ClassVar, Final, Self
 
 from schemas import keys as _keys
 from schemas.errors import CheckpointError, KeyFileError, SignatureError
@@ -144,28 +144,44 @@ def format_vkey(name: str, key_id: int, sig_type: int, public_key: Ed25519Public
 
 
 @dataclass(frozen=True, slots=True)
-class NoteVerifier:
-    """A trusted note key: its name, key ID and Ed25519 public key."""
+class VerifierKey:
+    """A named Ed25519 key of one signed-note signature type, in the vkey form
+    ``<name>+<hex key ID>+<base64(type || public key)>``: :class:`NoteVerifier` (log
+    keys, type 0x01) and :class:`schemas.cosignature.CosignerVerifier` (witnesses, 0x04)
+    differ only in the type byte and how the key ID is derived."""
 
     name: str
     key_id: int
     public_key: Ed25519PublicKey
+    SIG_TYPE: ClassVar[int]
+    WHAT: ClassVar[str]
+
+    @staticmethod
+    def derive_id(name: str, public_key: bytes) -> int:
+        raise NotImplementedError
 
     @classmethod
-    def from_public_key(
-        cls, name: str, public_key: Ed25519PublicKey | Ed25519PrivateKey
-    ) -> NoteVerifier:
+    def from_public_key(cls, name: str, public_key: Ed25519PublicKey | Ed25519PrivateKey) -> Self:
         raw = _keys.check_public_raw(_keys.public_raw(public_key))
         pub = public_key.public_key() if isinstance(public_key, Ed25519PrivateKey) else public_key
-        return cls(name, key_id(name, raw), pub)
+        return cls(name, cls.derive_id(name, raw), pub)
 
     @classmethod
-    def from_vkey(cls, text: str) -> NoteVerifier:
-        """Parse ``<name>+<hex key ID>+<base64(0x01 || public key)>`` (Go sumdb/note form)."""
-        return cls(*parse_vkey(text, SIG_TYPE_ED25519, what="verifier key"))
+    def from_vkey(cls, text: str) -> Self:
+        """Parse ``<name>+<hex key ID>+<base64(type || public key)>`` (Go sumdb/note form)."""
+        return cls(*parse_vkey(text, cls.SIG_TYPE, what=cls.WHAT))
 
     def to_vkey(self) -> str:
-        return format_vkey(self.name, self.key_id, SIG_TYPE_ED25519, self.public_key)
+        return format_vkey(self.name, self.key_id, self.SIG_TYPE, self.public_key)
+
+
+@dataclass(frozen=True, slots=True)
+class NoteVerifier(VerifierKey):
+    """A trusted note key: its name, key ID and Ed25519 public key (type 0x01)."""
+
+    SIG_TYPE: ClassVar[int] = SIG_TYPE_ED25519
+    WHAT: ClassVar[str] = "verifier key"
+    derive_id = staticmethod(key_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,7 +39,7 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import ClassVar, Final
 
 from schemas import keys as _keys
 from schemas.checkpoint import (
@@ -48,13 +48,12 @@ from schemas.checkpoint import (
     Note,
     NoteSignature,
     NoteVerifier,
-    format_vkey,
+    VerifierKey,
     open_note,
-    parse_vkey,
     typed_key_id,
 )
 from schemas.errors import CheckpointError, InvalidDataError, SignatureError
-from schemas.keys import Ed25519PrivateKey, Ed25519PublicKey
+from schemas.keys import Ed25519PrivateKey
 
 __all__ = [
     "MAX_PROOF_LINES",
@@ -113,28 +112,12 @@ def cosigned_message(text: str, timestamp: int) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
-class CosignerVerifier:
-    """A trusted witness: its name, cosignature key ID and Ed25519 public key."""
+class CosignerVerifier(VerifierKey):
+    """A trusted witness: its name, cosignature key ID and Ed25519 public key (type 0x04)."""
 
-    name: str
-    key_id: int
-    public_key: Ed25519PublicKey
-
-    @classmethod
-    def from_public_key(
-        cls, name: str, public_key: Ed25519PublicKey | Ed25519PrivateKey
-    ) -> CosignerVerifier:
-        raw = _keys.check_public_raw(_keys.public_raw(public_key))
-        pub = public_key.public_key() if isinstance(public_key, Ed25519PrivateKey) else public_key
-        return cls(name, cosigner_key_id(name, raw), pub)
-
-    @classmethod
-    def from_vkey(cls, text: str) -> CosignerVerifier:
-        """Parse ``<name>+<hex key ID>+<base64(0x04 || public key)>``."""
-        return cls(*parse_vkey(text, SIG_TYPE_COSIGNATURE_V1, what="witness key"))
-
-    def to_vkey(self) -> str:
-        return format_vkey(self.name, self.key_id, SIG_TYPE_COSIGNATURE_V1, self.public_key)
+    SIG_TYPE: ClassVar[int] = SIG_TYPE_COSIGNATURE_V1
+    WHAT: ClassVar[str] = "witness key"
+    derive_id = staticmethod(cosigner_key_id)
 
     def verify(self, text: str, signature: NoteSignature) -> int:
         """Check one signature line by this witness over note ``text``; its timestamp.
