@@ -5,10 +5,11 @@ A resolver with a snapshot directory writes what it has verified at one revision
 revision moved) and on shutdown -- and loads it on start instead of listing and
 verifying the whole index, then watches from that revision.
 
-What is stored (format 3): the records that verified and were served, with their
+What is stored (format 4): the records that verified and were served, with their
 statuses that verified under the record's key, as columns (``fast`` chunks: the CPID,
-revisions, lease, each envelope as one signature-then-payload bytes object with its
-payload type and key id, and the facts verification produced), loaded straight into
+revisions, lease, each envelope as the replica holds it -- one signature-then-payload
+bytes object, the payload compressed or not (:mod:`resolver.sealed`), with its payload
+type, form and key id -- and the facts verification produced), loaded straight into
 the replica's structures by :meth:`~resolver.state.ReplicaState.restore` without
 verifying their signatures again -- they are trusted only because this resolver wrote
 them and the file passes its integrity check.  Chains and validity windows are judged
@@ -21,8 +22,10 @@ that reads back to what the replica holds.
 
 Integrity: the file is ``MAGIC || HMAC-SHA256(key, body) || body``, the key being 32
 random bytes in ``<dir>/snapshot.key`` (mode 0600, created on first use); the body
-names the snapshot format, the revision and a digest of the trust anchors.  A file that
-fails the MAC, another format or another anchor set is not used: the resolver lists
+names the snapshot format, the revision, a digest of the trust anchors and one of the
+compression dictionaries (:data:`~resolver.sealed.DICTIONARIES_DIGEST`).  A file that
+fails the MAC, another format, another anchor set or other dictionaries is not used: the
+resolver lists
 the index (a cold start) and says why (log, ``/readyz`` ``snapshot`` detail, metric).
 The body is a sequence of :mod:`marshal` chunks, only unmarshalled once the MAC has
 been checked.  Writing is atomic: a temporary file in the same directory, fsync,
@@ -47,6 +50,7 @@ from typing import Any, Final
 
 from registry.index.layout import Prefix
 from resolver.entry import Sealed
+from resolver.sealed import DICTIONARIES_DIGEST, Packed
 from resolver.state import UNREADABLE_ALLOC, Change, ReplicaState, Restored, Runner
 from resolver.verify import (
     Context,
@@ -64,8 +68,9 @@ __all__ = ["LoadedSnapshot", "SnapshotStore", "TrustedRunner", "anchors_digest"]
 
 _log = logging.getLogger("resolver.snapshot")
 
-MAGIC: Final = b"CPI-REPLICA-SNAPSHOT/3\n"
-FORMAT: Final = 3
+_MAGIC_PREFIX: Final = b"CPI-REPLICA-SNAPSHOT/"
+FORMAT: Final = 4
+MAGIC: Final = _MAGIC_PREFIX + b"%d\n" % FORMAT
 FILE: Final = "replica.snap"
 KEY_FILE: Final = "snapshot.key"
 _CHUNK: Final = 20_000
@@ -113,9 +118,15 @@ class _Table:
         return i
 
 
+_FAST_FORMS: Final = (Sealed, Packed)
+"""The forms a ``fast`` chunk holds; its type table pairs each payload type with whether
+the blob is compressed (:class:`~resolver.sealed.Packed`)."""
+
+
 class _FastChunk:
     """Served records (and their verified statuses) as columns, the repeating values
-    (payload types, signing key ids, kind/region/accelerators/labels, states) in tables."""
+    (payload types with the blob's form, signing key ids, kind/region/accelerators/labels,
+    states) in tables."""
 
     def __init__(self) -> None:
         self.types = _Table()
@@ -128,7 +139,7 @@ class _FastChunk:
         c = self.cols
         c["cpid"].append(cpid)
         c["rev"].append(revision)
-        c["type"].append(self.types(sealed.payload_type))
+        c["type"].append(self.types((sealed.payload_type, type(sealed) is Packed)))
         c["kid"].append(self.kids(sealed.keyid))
         c["blob"].append(sealed.blob)
         c["pk"].append(facts.public_key)
@@ -145,7 +156,7 @@ class _FastChunk:
         sf: StatusFacts = lv.facts
         c["lrev"].append(lv.revision)
         c["lease"].append(lv.lease)
-        c["ltype"].append(self.types(st.payload_type))
+        c["ltype"].append(self.types((st.payload_type, type(st) is Packed)))
         c["lkid"].append(st.keyid)
         c["lblob"].append(st.blob)
         c["state"].append(self.states(sf.state))
@@ -197,7 +208,7 @@ def _restored(cols: dict[str, Any]) -> list[Restored]:
     add = out.append
     for row in zip(*(cols[name] for name in _FAST_COLUMNS), strict=True):
         cpid, rev, t, k, blob, pk, ver, exp, prof, lrev, lease, lt, lkid, lblob = row[:14]
-        record = Sealed(types[t], kids[k], blob)
+        record = _form(types[t], kids[k], blob)
         if lblob is None:
             add(Restored(cpid, rev, record, pk, ver, exp, profiles[prof]))
             continue
@@ -210,13 +221,17 @@ def _restored(cols: dict[str, Any]) -> list[Restored]:
                 ver,
                 exp,
                 profiles[prof],
-                Sealed(types[lt], lkid, lblob),
+                _form(types[lt], lkid, lblob),
                 lrev,
                 lease,
                 (states[row[14]], row[15], row[16], row[17]),
             )
         )
     return out
+
+
+def _form(t: tuple[str, bool], keyid: str, blob: bytes) -> Sealed:
+    return Packed(t[0], keyid, blob) if t[1] else Sealed(t[0], keyid, blob)
 
 
 @dataclass(slots=True)
@@ -358,7 +373,7 @@ class SnapshotStore:
                 if sealed is None:
                     continue
                 facts = rs.facts
-                if facts is None or rs.reason or type(sealed) is not Sealed:
+                if facts is None or rs.reason or type(sealed) not in _FAST_FORMS:
                     facts_t = _rec_facts(facts) if facts is not None and not rs.reason else None
                     slow_recs.append((cpid, rs.revision, _env_tuple(sealed.envelope()), facts_t))
                     continue
@@ -370,7 +385,7 @@ class SnapshotStore:
                     and lv.facts is not None
                     and not lv.reason
                     and lv.checked_key == facts.public_key
-                    and type(lv.sealed) is Sealed
+                    and type(lv.sealed) in _FAST_FORMS
                 ):
                     status = lv
                     in_fast.add(cpid)
@@ -404,7 +419,8 @@ class SnapshotStore:
         started = time.monotonic()
         key = self.key()
         header: dict[str, Any] = {"format": FORMAT, "revision": revision}
-        header |= {"anchors": self.anchors, "written_at": time.time()}
+        header |= {"anchors": self.anchors, "dictionaries": DICTIONARIES_DIGEST}
+        header["written_at"] = time.time()
         parts: list[bytes] = []
         objs: list[Any] = [header, *chunks]
         for obj in objs:  # each chunk: its length (8 bytes), then marshal
@@ -446,6 +462,12 @@ class SnapshotStore:
         there is none)."""
         data = self.path.read_bytes()
         if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 32:
+            if data.startswith(_MAGIC_PREFIX):
+                version = data[len(_MAGIC_PREFIX) :].split(b"\n", 1)[0][:8]
+                raise SnapshotError(
+                    f"another snapshot format ({version.decode('ascii', 'replace')}, "
+                    f"this resolver reads {FORMAT})"
+                )
             raise SnapshotError("not a replica snapshot (bad magic)")
         mac = data[len(MAGIC) : len(MAGIC) + 32]
         body = memoryview(data)[len(MAGIC) + 32 :]
@@ -468,6 +490,8 @@ class SnapshotStore:
             raise SnapshotError("another snapshot format")
         if header.get("anchors") != self.anchors:
             raise SnapshotError("written for another set of trust anchors")
+        if header.get("dictionaries") != DICTIONARIES_DIGEST:
+            raise SnapshotError("written with other compression dictionaries")
         return LoadedSnapshot(int(header["revision"]), float(header["written_at"]), body, spans[1:])
 
 

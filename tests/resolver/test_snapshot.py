@@ -148,6 +148,37 @@ async def test_a_tampered_snapshot_is_not_used(index: Index, pki: Pki, tmp_path:
         await warm.close()
 
 
+async def test_a_snapshot_of_the_previous_format_is_not_used(
+    index: Index, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A format-3 snapshot (uncompressed blobs) is refused as another format: the
+    resolver lists the index instead and says so."""
+    from resolver import snapshot as snapshot_mod
+
+    await pki.publish(index)
+    await _populate(index, pki)
+    settings = _settings(tmp_path)
+    first = await _start(index, pki, settings)
+    cold = _view(first)
+    with monkeypatch.context() as m:  # written as a format-3 resolver writes it
+        m.setattr(snapshot_mod, "MAGIC", b"CPI-REPLICA-SNAPSHOT/3\n")
+        m.setattr(snapshot_mod, "FORMAT", 3)
+        await first.close()
+    assert (tmp_path / "snap" / FILE).read_bytes().startswith(b"CPI-REPLICA-SNAPSHOT/3\n")
+
+    warm = await _start(index, pki, settings)
+    try:
+        snap = warm.health()["snapshot"]
+        assert snap["status"] == (
+            "not used: unreadable: another snapshot format (3, this resolver reads 4)"
+        )
+        assert snap["fallbacks"] == 1
+        assert _view(warm) == cold
+    finally:
+        await warm.close()
+    assert (tmp_path / "snap" / FILE).read_bytes().startswith(b"CPI-REPLICA-SNAPSHOT/4\n")
+
+
 async def test_a_compacted_revision_falls_back_to_a_listing(
     index: Index, pki: Pki, tmp_path: Path
 ) -> None:

@@ -16,6 +16,7 @@ from resolver.snapshot import SnapshotStore, TrustedRunner
 from resolver.state import Change, ReplicaState, Restored
 from resolver.verify import Context, Job, Outcome, run_jobs
 from schemas import keys
+from schemas.models import Record, Status
 from tests.resolver.kit import Node, Pki, signed
 
 
@@ -170,3 +171,69 @@ async def test_a_pending_revocation_of_a_node_key_is_not_trusted(pki: Pki, tmp_p
     assert restored == len(nodes) and verifier.jobs >= 2
     assert warm.served[target.cpid].valid_until == cold.served[target.cpid].valid_until
     assert _view(warm) == _view(cold)
+
+
+async def test_records_and_statuses_come_back_in_their_compressed_form(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """The snapshot stores the compressed blobs as held (no decompression to write, none
+    to read) and restores each in its form, byte for byte."""
+    from resolver.sealed import Packed, Sealed
+
+    nodes, changes = _world(pki)
+    cold = await _cold(pki, changes)
+    held = {c: (e.sealed, e.status_sealed) for c, e in cold.served.items()}
+    assert all(type(s) is Packed for s, _ in held.values())
+    assert sum(type(st) is Packed for _, st in held.values()) == 6
+    # one record held uncompressed (as a payload that does not shrink would be)
+    one = held[nodes[1].cpid][0]
+    plain = Sealed(one.payload_type, one.keyid, one.blob[:64] + one.payload)
+    cold.recs[nodes[1].cpid].sealed = plain
+    _, chunks = await SnapshotStore.collect(cold)
+    fast = [c[1] for c in chunks if c[0] == "fast"]
+    assert {t for c in fast for t in c["tables"][0]} == {
+        (Record.media_type(), True),
+        (Record.media_type(), False),
+        (Status.media_type(), True),
+    }
+    warm, verifier, restored = await _warm(pki, cold, tmp_path)
+    assert restored == len(cold.served) and verifier.jobs == 1
+    for cpid, (rec, st) in held.items():
+        e = warm.served[cpid]
+        want = plain if cpid == nodes[1].cpid else rec
+        assert type(e.sealed) is type(want) and e.sealed.blob == want.blob
+        assert (type(e.status_sealed), getattr(e.status_sealed, "blob", None)) == (
+            type(st),
+            getattr(st, "blob", None),
+        )
+        assert e.envelope == cold.served[cpid].envelope
+    assert _view(warm) == _view(cold)
+
+
+async def test_a_snapshot_of_another_format_or_other_dictionaries_is_refused(
+    pki: Pki, tmp_path: Path, monkeypatch: Any
+) -> None:
+    import pytest
+
+    from resolver import snapshot as snapshot_mod
+    from resolver.snapshot import SnapshotError
+
+    _, changes = _world(pki, 2)
+    cold = await _cold(pki, changes)
+    store = SnapshotStore(tmp_path / "snap", pki.anchors)
+    revision, chunks = await SnapshotStore.collect(cold)
+    with monkeypatch.context() as m:  # as a format-3 resolver wrote it
+        m.setattr(snapshot_mod, "MAGIC", b"CPI-REPLICA-SNAPSHOT/3\n")
+        m.setattr(snapshot_mod, "FORMAT", 3)
+        store.write(revision, chunks)
+    with pytest.raises(
+        SnapshotError, match=r"^another snapshot format \(3, this resolver reads 4\)"
+    ):
+        store.read()
+    with monkeypatch.context() as m:
+        m.setattr(snapshot_mod, "DICTIONARIES_DIGEST", "0" * 64)
+        store.write(revision, chunks)
+    with pytest.raises(SnapshotError, match="written with other compression dictionaries"):
+        store.read()
+    store.write(revision, chunks)
+    assert store.read().revision == revision
