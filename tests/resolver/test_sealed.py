@@ -99,7 +99,7 @@ def test_decompression_is_bounded_and_refuses_a_broken_blob() -> None:
     good = seal(Envelope(STATUS, b'{"type":"status.v1"}' * 5, (Signature("K", sig),)))
     assert type(good) is Packed
     for broken in (good.blob[:-2], good.blob + b"tail", sig + b"\xff" * 40):
-        with pytest.raises((ValueError, zlib.error)):
+        with pytest.raises(ValueError, match="compressed payload that does not"):
             _ = Packed(STATUS, "K", broken).payload
 
 
