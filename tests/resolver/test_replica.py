@@ -223,6 +223,9 @@ async def test_a_bulk_load_decides_exactly_like_small_batches(
     await index.put(Keys.live(good[4].cpid), good[4].status(cpid=good[0].cpid).to_json())
 
     def seen(r: Resolver) -> tuple[dict[str, Any], dict[str, Any], dict[str, int], Any]:
+        # records and statuses held compressed, whether sealed inline or in a worker
+        forms = {(type(e.sealed).__name__, type(e.status_sealed).__name__) for e in r.entries()}
+        assert forms <= {("Packed", "Packed"), ("Packed", "NoneType")}, forms
         served = {e.cpid: (e.body(), e.status_facts, e.free) for e in r.entries()}
         # the two runs may read the clock in different seconds: "now is <t>" differs
         rejected = {
