@@ -160,9 +160,12 @@ def seal(env: Envelope, *, payload_type: str | None = None, keyid: str | None = 
 def _inflate(payload_type: str, blob: bytes) -> bytes:
     """The payload of a :class:`Packed` blob; ValueError for a blob that is not one
     (never more than :data:`_MAX_PAYLOAD` bytes are produced)."""
-    d = zlib.decompressobj(_WBITS, DICTIONARIES[payload_type])
+    zdict = DICTIONARIES.get(payload_type)
+    if zdict is None:
+        raise ValueError(f"no dictionary for payload type {payload_type[:64]!r}")
+    d = zlib.decompressobj(_WBITS, zdict)
     try:
-        out = d.decompress(memoryview(blob)[_SIG:], _MAX_PAYLOAD)
+        out = d.decompress(memoryview(blob)[_SIG:], _MAX_PAYLOAD + 1)
     except zlib.error as exc:
         raise ValueError(f"a compressed payload that does not decompress: {exc}") from exc
     if not d.eof or d.unconsumed_tail or d.unused_data:

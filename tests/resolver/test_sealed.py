@@ -101,6 +101,11 @@ def test_decompression_is_bounded_and_refuses_a_broken_blob() -> None:
     for broken in (good.blob[:-2], good.blob + b"tail", sig + b"\xff" * 40):
         with pytest.raises(ValueError, match="compressed payload that does not"):
             _ = Packed(STATUS, "K", broken).payload
+    with pytest.raises(ValueError, match="no dictionary"):
+        _ = Packed("application/x", "K", good.blob).payload
+    # the largest payload kept compressed comes back whole
+    big = Envelope(STATUS, b"{}" + b" " * (MAX_ENVELOPE_BYTES - 2), (Signature("K", sig),))
+    assert type(seal(big)) is Packed and seal(big).payload == big.payload
 
 
 def test_equal_envelopes_are_equal_and_hash_alike_whichever_form(pki: Pki) -> None:
