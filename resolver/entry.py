@@ -4,8 +4,7 @@ An :class:`Entry` exists only for a record whose chain verified (all five rules 
 docs/protocol.md §2–5, plus the resolver's own check that the record sits under the key
 of its own CPID).  Entries are replaced, never edited, when anything that a client can
 see changes (the record, its status, its claimed units, the mass-expiry hold), so an
-entry object -- or its :attr:`Entry.generation` -- is a safe cache key for anything
-rendered from it: the HTTP body is rendered once per entry and kept as bytes.
+entry object is a safe cache key for anything rendered from it: the HTTP body is rendered once per entry and kept as bytes.
 
 To keep a million entries small, an entry holds the envelopes as received plus a few
 indexed facts; the pydantic models (:attr:`Entry.record`, :attr:`Entry.status`), the
@@ -120,8 +119,6 @@ class Entry:
         held_until: Unix time at which a held status is dropped (0 when not held).
         claimed: units claimed (``/alloc/<cpid>``).
         revision: etcd revision of the latest change that produced this entry.
-        generation: a number unique to this entry object, increasing over the life of
-            the resolver; a cache keyed by ``(name, generation)`` never serves stale data.
         valid_until: Unix time after which the record (or a cert of its chain) is
             outside its validity window; the entry is not served after it.
     """
@@ -139,7 +136,6 @@ class Entry:
     held_until: float
     claimed: int
     revision: int
-    generation: int
     valid_until: float
     leases: Mapping[int, float] = field(repr=False)
     free: int = field(init=False)
@@ -174,12 +170,6 @@ class Entry:
     def _status(self) -> Status | None:
         """The parsed status, when cached."""
         return None if self._cache is None else self._cache.status
-
-    def keep_models(self, record: Record | None, status: Status | None) -> None:
-        """Cache models already parsed (by an inline verification) for this entry."""
-        if record is not None or status is not None:
-            c = _cache_of(self)
-            c.record, c.status = record, status
 
     @property
     def record(self) -> Record:

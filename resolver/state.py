@@ -42,7 +42,7 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, NamedTuple, TypeVar
+from typing import Any, Final, Generic, Literal, NamedTuple, TypeVar, overload
 
 from registry.index.layout import Prefix, parse_key, read_units
 from resolver.discovery import DiscoveryIndex, LatencyTable
@@ -64,7 +64,6 @@ from schemas import keys as _keys
 from schemas.chain import CLOCK_SKEW, TrustAnchors
 from schemas.dsse import Envelope
 from schemas.errors import EnvelopeError, InvalidDataError
-from schemas.models import Record, Status
 
 __all__ = [
     "BadValue",
@@ -79,6 +78,7 @@ __all__ = [
 
 _log = logging.getLogger("resolver.replica")
 _T = TypeVar("_T")
+_V = TypeVar("_V")
 
 UNREADABLE_ALLOC: Final = 1 << 30
 """Claimed units assumed when an ``/alloc/`` value cannot be read (nothing is free)."""
@@ -209,21 +209,85 @@ class MassExpiry:
         }
 
 
-@dataclass(slots=True)
-class _Rec:
+class _Rare(Generic[_V]):
+    """An attribute that settled objects leave at its default (an error, a reason a
+    record is not served, a value not parsed yet): kept in the object's ``note`` dict,
+    which exists only while some rare attribute is set.  A million served records then
+    carry one empty slot instead of five."""
+
+    __slots__ = ("default", "name")
+
+    def __init__(self, default: _V) -> None:
+        self.default = default
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> _Rare[_V]: ...
+    @overload
+    def __get__(self, obj: _Noted, owner: type) -> _V: ...
+    def __get__(self, obj: _Noted | None, owner: type) -> _V | _Rare[_V]:
+        if obj is None:
+            return self
+        note = obj.note
+        if note is None:
+            return self.default
+        return note.get(self.name, self.default)  # type: ignore[no-any-return]
+
+    def __set__(self, obj: _Noted, value: _V) -> None:
+        note = obj.note
+        if value is self.default or value == self.default:
+            if note is not None:
+                note.pop(self.name, None)
+                if not note:
+                    obj.note = None
+        elif note is None:
+            obj.note = {self.name: value}
+        else:
+            note[self.name] = value
+
+
+class _Noted:
+    __slots__ = ("note",)
+
+    def __init__(self) -> None:
+        self.note: dict[str, Any] | None = None
+
+
+class _Rec(_Noted):
     """One ``/rec/`` key and what its verification found."""
 
-    cpid: str  # the CPID in the key
-    revision: int
-    sealed: Sealed | None
-    error: str = ""  # why the value is not an envelope
-    facts: RecordFacts | None = None  # set once it verified
-    record: Record | None = None  # the model, when verification ran inline
-    reason: str = "pending"  # "" when served
-    detail: str = ""
-    counted: str = ""  # reason already counted and logged for this revision
-    valid_until: float = math.inf
-    raw: bytes | None = None  # the value, while a bulk load has not parsed it yet
+    __slots__ = ("cpid", "facts", "revision", "sealed", "valid_until")
+
+    error = _Rare("")  # why the value is not an envelope
+    reason = _Rare("")  # why it is not served ("pending" until decided; "" when served)
+    detail = _Rare("")
+    counted = _Rare("")  # reason already counted and logged for this revision
+    raw: _Rare[bytes | None] = _Rare(None)  # the value, while a bulk load has not parsed it
+
+    def __init__(
+        self,
+        cpid: str,  # the CPID in the key
+        revision: int,
+        sealed: Sealed | None,
+        error: str = "",
+        *,
+        facts: RecordFacts | None = None,  # set once it verified
+        reason: str = "pending",
+        valid_until: float = math.inf,
+        raw: bytes | None = None,
+    ) -> None:
+        super().__init__()
+        self.cpid = cpid
+        self.revision = revision
+        self.sealed = sealed
+        self.facts = facts
+        self.valid_until = valid_until
+        self.error = error
+        self.reason = reason
+        self.raw = raw
 
     @property
     def signer(self) -> str:
@@ -234,20 +298,35 @@ class _Rec:
         return None if self.sealed is None else self.sealed.envelope()
 
 
-@dataclass(slots=True)
-class _Live:
+class _Live(_Noted):
     """One ``/live/`` key and its verification."""
 
-    revision: int
-    lease: int
-    sealed: Sealed | None
-    error: str = ""
-    facts: StatusFacts | None = None  # set once verified under checked_key
-    status: Status | None = None  # the model, when verification ran inline
-    checked_key: str = ""
-    reason: str = ""
-    counted: bool = False
-    raw: bytes | None = None  # the value, while a bulk load has not parsed it yet
+    __slots__ = ("checked_key", "facts", "lease", "revision", "sealed")
+
+    error = _Rare("")
+    reason = _Rare("")
+    counted = _Rare(False)
+    raw: _Rare[bytes | None] = _Rare(None)  # the value, while a bulk load has not parsed it
+
+    def __init__(
+        self,
+        revision: int,
+        lease: int,
+        sealed: Sealed | None,
+        error: str = "",
+        *,
+        facts: StatusFacts | None = None,  # set once verified under checked_key
+        checked_key: str = "",
+        raw: bytes | None = None,
+    ) -> None:
+        super().__init__()
+        self.revision = revision
+        self.lease = lease
+        self.sealed = sealed
+        self.facts = facts
+        self.checked_key = checked_key
+        self.error = error
+        self.raw = raw
 
     @property
     def envelope(self) -> Envelope | None:
@@ -256,12 +335,14 @@ class _Live:
     @property
     def stored(self) -> Envelope | bytes | None:
         """What a verification job gets: the envelope, or the value not parsed yet."""
-        return self.envelope if self.raw is None else self.raw
+        raw = self.raw
+        return self.envelope if raw is None else raw
 
     @property
     def token(self) -> Sealed | bytes | None:
         """What :attr:`stored` is made from (compared by identity: unchanged since)."""
-        return self.sealed if self.raw is None else self.raw
+        raw = self.raw
+        return self.sealed if raw is None else raw
 
 
 @dataclass(slots=True)
@@ -892,7 +973,7 @@ class ReplicaState:
         lv = _Live(ch.revision, ch.lease, env, error)
         if old is not None and env is not None and old.sealed == env:
             # the same envelope re-written (e.g. on a new lease): already verified
-            lv.facts, lv.status = old.facts, old.status
+            lv.facts = old.facts
             lv.checked_key, lv.reason = old.checked_key, old.reason
         self.lives[cpid] = lv
 
@@ -1164,7 +1245,7 @@ class ReplicaState:
         valid_until = math.inf
         retry_at: float | None = None
         v: SignerVerdict | None = None
-        rs.facts = rs.record = None
+        rs.facts = None
         if rs.sealed is None or outcome is None:
             reason, detail = "malformed", f"not a DSSE envelope: {rs.error}"
         else:
@@ -1183,10 +1264,7 @@ class ReplicaState:
                     detail = f"record for {canonical} is stored under the key of {rs.cpid}"
                 else:
                     facts = self._shared.record_facts(facts, rs.cpid)
-                    rs.facts = facts
-                    # the model is parsed again on first use and cached a while (Entry):
-                    # keeping one per record would cost ~5 KB each
-                    rs.record = None
+                    rs.facts = facts  # the model is parsed on first use (Entry)
                     valid_until = min(float(facts.expires_at + skew), v.valid_until)
                     if _serial_of(rs.cpid) in self._revoked_serials:  # rare: hash the key
                         valid_until = min(
@@ -1310,10 +1388,9 @@ class ReplicaState:
             )
             return
         lv.facts, lv.checked_key, lv.reason = self._shared.status_facts(facts), key, ""
-        lv.status = None  # parsed on first use (Entry.status), not kept per record
 
     def _status_failed(self, cpid: str, lv: _Live, key: str, label: str, message: str) -> None:
-        lv.facts, lv.status, lv.checked_key, lv.reason = None, None, key, message
+        lv.facts, lv.checked_key, lv.reason = None, key, message
         if not lv.counted:
             lv.counted = True
             self.failures[label] += 1
@@ -1417,11 +1494,9 @@ class ReplicaState:
             held_until=held_until,
             claimed=claimed,
             revision=max(rs.revision, status_rev, alloc_rev, chain_rev),
-            generation=self.generation + 1,
             valid_until=rs.valid_until,
             leases=self.leases,
         )
-        entry.keep_models(rs.record, live.status if live is not None else None)
         return entry
 
     def _chain_revision(self, v: SignerVerdict) -> int:
