@@ -285,9 +285,12 @@ class _Rec(_Noted):
         self.sealed = sealed
         self.facts = facts
         self.valid_until = valid_until
-        self.error = error
-        self.reason = reason
-        self.raw = raw
+        if error:
+            self.error = error
+        if reason:
+            self.reason = reason
+        if raw is not None:
+            self.raw = raw
 
     @property
     def signer(self) -> str:
@@ -325,8 +328,10 @@ class _Live(_Noted):
         self.sealed = sealed
         self.facts = facts
         self.checked_key = checked_key
-        self.error = error
-        self.raw = raw
+        if error:
+            self.error = error
+        if raw is not None:
+            self.raw = raw
 
     @property
     def envelope(self) -> Envelope | None:
@@ -363,6 +368,7 @@ class _Batch:
 
 
 _REC: Final = str(Prefix.REC)
+_NO_ALLOC: Final = (0, 0)
 _BULK: Final = 2000
 """Batches with at least this many changes leave record envelopes to the verification
 jobs to parse (``raw`` jobs, :mod:`resolver.verify`): in worker processes, in parallel."""
@@ -696,25 +702,35 @@ class ReplicaState:
         chain no longer verifies, whose validity window has closed, or whose key has a
         revocation pending, is not restored but returned as a change for :meth:`apply`,
         which verifies it as on a cold start (with its status).  No events (like the
-        first listing).
+        first listing).  Each entry is built here directly, as :meth:`_build` would for
+        a replica that holds nothing else of its CPID yet (a warm start spends most of
+        its time making these objects).
         """
-        batch = _Batch(revision, int(self.clock()), bulk=True, emit=False)
+        now = int(self.clock())
         shared = self._shared
         skew = self.settings.skew
-        now = batch.now
         again: list[Change] = []
         rec_prefix, live_prefix = Prefix.REC, Prefix.LIVE
         recs, lives, refs, leases = self.recs, self.lives, self._signer_refs, self._lease_refs
+        served, discovery, live_count = self.served, self.discovery, self._live_count
+        allocs, claims = self.allocs, self.claims
         revoked = self._revoked_serials
         seen = self._serial_seen
         profiles: dict[object, tuple[str, str, tuple[str, ...], tuple[tuple[str, str], ...]]] = {}
         statuses: dict[object, StatusFacts] = {}
+        signers: dict[str, tuple[SignerVerdict, int, str]] = {}  # kid -> verdict, chain rev, kid
+        types: dict[str, str] = {}  # payload types, shared
         for r in records:
             cpid = r.cpid
             kid = r.sealed.keyid
-            v = self._signer(kid, now)
+            got = signers.get(kid)
+            if got is None:
+                v = self._signer(kid, now)
+                got = signers[kid] = (v, self._chain_revision(v) if v.ok else 0, shared.get(kid))
+            v, chain_rev, kid = got
             valid_until = min(float(r.expires_at + skew), v.valid_until)
-            if not v.ok or valid_until <= now or cpid in recs or _serial_of(cpid) in revoked:
+            serial = _serial_of(cpid)
+            if not v.ok or valid_until <= now or cpid in recs or serial in revoked:
                 again.append(
                     Change("put", rec_prefix + cpid, b"", r.revision, 0, r.sealed.envelope())
                 )
@@ -734,24 +750,30 @@ class ReplicaState:
                     shared.labels(labels),
                 )
             kind, region, accelerators, labels = profile
-            r.sealed.payload_type = shared.get(r.sealed.payload_type)
-            r.sealed.keyid = kid = shared.get(kid)
+            sealed = r.sealed
+            pt = sealed.payload_type
+            sealed.payload_type = types.get(pt) or types.setdefault(pt, shared.get(pt))
+            sealed.keyid = kid
             facts = RecordFacts(
                 cpid, kind, r.public_key, r.version, r.expires_at, region, accelerators, labels
             )
-            rs = _Rec(cpid, r.revision, r.sealed, facts=facts, reason="", valid_until=valid_until)
-            recs[cpid] = rs
-            seen.add(_serial_of(cpid))
+            recs[cpid] = _Rec(
+                cpid, r.revision, sealed, facts=facts, reason="", valid_until=valid_until
+            )
+            seen.add(serial)
             refs[kid] += 1
             if valid_until < math.inf:
                 self._deadlines.push(valid_until, cpid)
+            sf: StatusFacts | None = None
             st = r.status
+            status_rev = lease = 0
             if st is not None:
                 if r.status_facts is None:  # verified as it is applied
                     env = st.envelope()
                     again.append(
                         Change("put", live_prefix + cpid, b"", r.status_revision, r.lease, env)
                     )
+                    st = None
                 else:
                     sf = statuses.get(r.status_facts)
                     if sf is None:
@@ -759,12 +781,38 @@ class ReplicaState:
                         sf = statuses[r.status_facts] = shared.status_facts(
                             StatusFacts("", state, free, cpu, withheld)
                         )
-                    st.payload_type = shared.get(st.payload_type)
-                    lv = _Live(r.status_revision, r.lease, st, facts=sf, checked_key=r.public_key)
-                    lives[cpid] = lv
-                    if r.lease:
-                        leases[r.lease] += 1
-            self._replace(batch, cpid, None)
+                    pt = st.payload_type
+                    st.payload_type = types.get(pt) or types.setdefault(pt, shared.get(pt))
+                    status_rev, lease = r.status_revision, r.lease
+                    lives[cpid] = _Live(status_rev, lease, st, facts=sf, checked_key=r.public_key)
+                    if lease:
+                        leases[lease] += 1
+            # the entry, as _build makes it for a replica that holds nothing else of it
+            claimed, alloc_rev = allocs.get(cpid, _NO_ALLOC)
+            if cpid in claims:
+                claimed = max(0, claimed - self._expired_claim_units(cpid))
+            entry = Entry(
+                cpid,
+                facts,
+                sealed,
+                v.chain,
+                r.revision,
+                sf,
+                st,
+                status_rev,
+                lease,
+                False,
+                0.0,
+                claimed,
+                max(r.revision, status_rev, alloc_rev, chain_rev),
+                valid_until,
+                self.leases,
+            )
+            served[cpid] = entry
+            discovery.add(entry)
+            if sf is not None and sf.state != "down":
+                live_count[cpid.partition("/")[0]] += 1
+        self.generation += 1
         self.revision = max(self.revision, revision)
         return again
 

@@ -31,10 +31,24 @@ class Counting:
 
 
 def _view(state: ReplicaState) -> dict[str, Any]:
-    return {
-        cpid: (e.body(), e.free, e.claimed, e.live, e.facts, e.status_facts, e.valid_until)
+    entries = {
+        cpid: (
+            e.body(),
+            e.free,
+            e.claimed,
+            e.live,
+            e.live_held,
+            e.lease,
+            e.chain,
+            e.revision,
+            e.facts,
+            e.status_facts,
+            e.valid_until,
+        )
         for cpid, e in state.served.items()
     }
+    # live entries per namespace (mass-expiry detection starts from these counts)
+    return {"entries": entries, "live": +state._live_count}
 
 
 async def _cold(pki: Pki, extra: list[Change], clock: Any = time.time) -> ReplicaState:
