@@ -5,7 +5,7 @@ A resolver with a snapshot directory writes what it has verified at one revision
 revision moved) and on shutdown -- and loads it on start instead of listing and
 verifying the whole index, then watches from that revision.
 
-What is stored (format 3): the records that verified and were served, with their
+What is stored (format 4): the records that verified and were served, with their
 statuses that verified under the record's key, as columns (``fast`` chunks: the CPID,
 revisions, lease, each envelope as one signature-then-payload bytes object with its
 payload type and key id, and the facts verification produced), loaded straight into
@@ -47,7 +47,7 @@ from typing import Any, Final
 
 from registry.index.layout import Prefix
 from resolver.entry import Sealed
-from resolver.state import UNREADABLE_ALLOC, Change, ReplicaState, Restored, Runner
+from resolver.state import UNREADABLE_ALLOC, Change, ReplicaState, Restored, Runner, node_key
 from resolver.verify import (
     Context,
     Job,
@@ -64,8 +64,8 @@ __all__ = ["LoadedSnapshot", "SnapshotStore", "TrustedRunner", "anchors_digest"]
 
 _log = logging.getLogger("resolver.snapshot")
 
-MAGIC: Final = b"CPI-REPLICA-SNAPSHOT/3\n"
-FORMAT: Final = 3
+MAGIC: Final = b"CPI-REPLICA-SNAPSHOT/4\n"
+FORMAT: Final = 4
 FILE: Final = "replica.snap"
 KEY_FILE: Final = "snapshot.key"
 _CHUNK: Final = 20_000
@@ -87,9 +87,10 @@ def _env(t: tuple[str, bytes, tuple[tuple[str, bytes], ...]]) -> Envelope:
     return Envelope(t[0], t[1], tuple(Signature(k, s) for k, s in t[2]))
 
 
-def _rec_facts(f: RecordFacts) -> tuple[Any, ...]:
+def _rec_facts(f: RecordFacts, public_key: str) -> tuple[Any, ...]:
+    # the replica files record facts without the node's key (it reads it from the payload)
     return (
-        f.cpid, f.kind, f.public_key, f.version, f.expires_at, f.region, f.accelerators, f.labels,
+        f.cpid, f.kind, public_key, f.version, f.expires_at, f.region, f.accelerators, f.labels,
     )  # fmt: skip
 
 
@@ -131,7 +132,6 @@ class _FastChunk:
         c["type"].append(self.types(sealed.payload_type))
         c["kid"].append(self.kids(sealed.keyid))
         c["blob"].append(sealed.blob)
-        c["pk"].append(facts.public_key)
         c["ver"].append(facts.version)
         c["exp"].append(facts.expires_at)
         c["profile"].append(
@@ -181,7 +181,6 @@ _FAST_COLUMNS: Final = (
     "type",
     "kid",
     "blob",
-    "pk",
     "ver",
     "exp",
     "profile",
@@ -196,24 +195,23 @@ def _restored(cols: dict[str, Any]) -> list[Restored]:
     out: list[Restored] = []
     add = out.append
     for row in zip(*(cols[name] for name in _FAST_COLUMNS), strict=True):
-        cpid, rev, t, k, blob, pk, ver, exp, prof, lrev, lease, lt, lkid, lblob = row[:14]
+        cpid, rev, t, k, blob, ver, exp, prof, lrev, lease, lt, lkid, lblob = row[:13]
         record = Sealed(types[t], kids[k], blob)
         if lblob is None:
-            add(Restored(cpid, rev, record, pk, ver, exp, profiles[prof]))
+            add(Restored(cpid, rev, record, ver, exp, profiles[prof]))
             continue
         add(
             Restored(
                 cpid,
                 rev,
                 record,
-                pk,
                 ver,
                 exp,
                 profiles[prof],
                 Sealed(types[lt], lkid, lblob),
                 lrev,
                 lease,
-                (states[row[14]], row[15], row[16], row[17]),
+                (states[row[13]], row[14], row[15], row[16]),
             )
         )
     return out
@@ -359,7 +357,9 @@ class SnapshotStore:
                     continue
                 facts = rs.facts
                 if facts is None or rs.reason or type(sealed) is not Sealed:
-                    facts_t = _rec_facts(facts) if facts is not None and not rs.reason else None
+                    facts_t = None
+                    if facts is not None and not rs.reason:  # with the key its statuses need
+                        facts_t = _rec_facts(facts, node_key(rs))
                     slow_recs.append((cpid, rs.revision, _env_tuple(sealed.envelope()), facts_t))
                     continue
                 lv = state.lives.get(cpid)
@@ -369,7 +369,7 @@ class SnapshotStore:
                     and lv.raw is None
                     and lv.facts is not None
                     and not lv.reason
-                    and lv.checked_key == facts.public_key
+                    and lv.checked is facts
                     and type(lv.sealed) is Sealed
                 ):
                     status = lv
@@ -387,12 +387,12 @@ class SnapshotStore:
                     st_env = Envelope.from_json(lv.raw)
             if st_env is None:
                 continue
-            facts_s = (
-                _live_facts(lv.facts, cpid) if lv.facts is not None and not lv.reason else None
-            )
-            slow_lives.append(
-                (cpid, lv.revision, lv.lease, _env_tuple(st_env), lv.checked_key, facts_s)
-            )
+            facts_s = checked = None
+            rec = state.recs.get(cpid)
+            sf = None if lv.reason else lv.facts
+            if sf is not None and rec is not None and rec.facts is lv.checked:  # this record's
+                facts_s, checked = _live_facts(sf, cpid), node_key(rec)
+            slow_lives.append((cpid, lv.revision, lv.lease, _env_tuple(st_env), checked, facts_s))
         for i in range(0, len(slow_lives), _CHUNK):
             chunks.append(["lives", slow_lives[i : i + _CHUNK]])
         for i in range(0, len(slow_recs), _CHUNK):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import heapq
+import json
 import logging
 import math
 import sys
@@ -74,6 +75,7 @@ __all__ = [
     "ReplicaState",
     "Restored",
     "Runner",
+    "node_key",
 ]
 
 _log = logging.getLogger("resolver.replica")
@@ -110,7 +112,6 @@ class Restored(NamedTuple):
     cpid: str
     revision: int
     sealed: Sealed
-    public_key: str
     version: int
     expires_at: int
     profile: tuple[str, str, tuple[str, ...], tuple[tuple[str, str], ...]]
@@ -304,7 +305,7 @@ class _Rec(_Noted):
 class _Live(_Noted):
     """One ``/live/`` key and its verification."""
 
-    __slots__ = ("checked_key", "facts", "lease", "revision", "sealed")
+    __slots__ = ("checked", "facts", "lease", "revision", "sealed")
 
     error = _Rare("")
     reason = _Rare("")
@@ -318,8 +319,8 @@ class _Live(_Noted):
         sealed: Sealed | None,
         error: str = "",
         *,
-        facts: StatusFacts | None = None,  # set once verified under checked_key
-        checked_key: str = "",
+        facts: StatusFacts | None = None,  # set once verified under ``checked``
+        checked: RecordFacts | None = None,  # the record it was checked against (identity)
         raw: bytes | None = None,
     ) -> None:
         super().__init__()
@@ -327,7 +328,7 @@ class _Live(_Noted):
         self.lease = lease
         self.sealed = sealed
         self.facts = facts
-        self.checked_key = checked_key
+        self.checked = checked
         if error:
             self.error = error
         if raw is not None:
@@ -380,6 +381,15 @@ _SERIAL: Final = 12
 def _serial_of(cpid: str) -> str:
     """The serial part of a CPID in a key (``.../GPU.<serial>-<check>``), or ''."""
     return cpid.rpartition(".")[2].rpartition("-")[0]
+
+
+def node_key(rs: _Rec) -> str:
+    """The node's public key (b64url) in ``rs``'s verified record payload (what a status
+    is checked with; the replica does not keep it beside the payload)."""
+    assert rs.sealed is not None
+    key = json.loads(rs.sealed.payload)["public_key"]
+    assert isinstance(key, str)
+    return key
 
 
 def _namespace_of(cpid: str) -> str:
@@ -480,10 +490,12 @@ class _Shared:
         )
 
     def record_facts(self, f: RecordFacts, cpid: str) -> RecordFacts:
+        """``f`` filed: strings shared, and without the node's public key (``""``), which
+        the payload holds; a copy per record cost 92 bytes (:func:`node_key`)."""
         return RecordFacts(
             cpid if f.cpid == cpid else f.cpid,
             self.get(f.kind),
-            f.public_key,
+            "",
             f.version,
             f.expires_at,
             self.get(f.region),
@@ -755,7 +767,7 @@ class ReplicaState:
             sealed.payload_type = types.get(pt) or types.setdefault(pt, shared.get(pt))
             sealed.keyid = kid
             facts = RecordFacts(
-                cpid, kind, r.public_key, r.version, r.expires_at, region, accelerators, labels
+                cpid, kind, "", r.version, r.expires_at, region, accelerators, labels
             )
             recs[cpid] = _Rec(
                 cpid, r.revision, sealed, facts=facts, reason="", valid_until=valid_until
@@ -784,7 +796,7 @@ class ReplicaState:
                     pt = st.payload_type
                     st.payload_type = types.get(pt) or types.setdefault(pt, shared.get(pt))
                     status_rev, lease = r.status_revision, r.lease
-                    lives[cpid] = _Live(status_rev, lease, st, facts=sf, checked_key=r.public_key)
+                    lives[cpid] = _Live(status_rev, lease, st, facts=sf, checked=facts)
                     if lease:
                         leases[lease] += 1
             # the entry, as _build makes it for a replica that holds nothing else of it
@@ -1022,7 +1034,7 @@ class ReplicaState:
         if old is not None and env is not None and old.sealed == env:
             # the same envelope re-written (e.g. on a new lease): already verified
             lv.facts = old.facts
-            lv.checked_key, lv.reason = old.checked_key, old.reason
+            lv.checked, lv.reason = old.checked, old.reason
         self.lives[cpid] = lv
 
     def _put_alloc(self, cpid: str, ch: Change, batch: _Batch) -> None:
@@ -1207,7 +1219,7 @@ class ReplicaState:
             if rs is None:
                 continue
             lv = self.lives.get(cpid)
-            carrying = lv is not None and not lv.checked_key
+            carrying = lv is not None and lv.checked is None
             carry = lv.stored if carrying and lv is not None else None
             token = lv.token if carrying and lv is not None else None
             if rs.raw is not None:
@@ -1254,9 +1266,9 @@ class ReplicaState:
                 if decision is not None and decision.status is not None and rs.facts is not None:
                     lv = self.lives.get(rs.cpid)
                     if lv is not None and carried is not None and lv.token is carried:
-                        key = rs.facts.public_key
-                        if self._file_status(rs.cpid, lv, key, decision.status):
-                            self._status_outcome(rs.cpid, lv, key, decision.status)
+                        on = rs.facts
+                        if self._file_status(rs.cpid, lv, on, decision.status):
+                            self._status_outcome(rs.cpid, lv, on, decision.status)
                 done.append(rs.cpid)
             if not batch.emit:
                 self._settle(batch, done)
@@ -1293,7 +1305,7 @@ class ReplicaState:
         valid_until = math.inf
         retry_at: float | None = None
         v: SignerVerdict | None = None
-        rs.facts = None
+        before, rs.facts = rs.facts, None
         if rs.sealed is None or outcome is None:
             reason, detail = "malformed", f"not a DSSE envelope: {rs.error}"
         else:
@@ -1311,14 +1323,17 @@ class ReplicaState:
                     reason = "wrong_key"
                     detail = f"record for {canonical} is stored under the key of {rs.cpid}"
                 else:
+                    key = facts.public_key
                     facts = self._shared.record_facts(facts, rs.cpid)
+                    if before is not None and before == facts:  # the same payload again: its
+                        facts = before  # statuses stay checked against it (_Live.checked)
                     rs.facts = facts  # the model is parsed on first use (Entry)
                     valid_until = min(float(facts.expires_at + skew), v.valid_until)
                     if _serial_of(rs.cpid) in self._revoked_serials:  # rare: hash the key
                         valid_until = min(
                             valid_until,
                             pending_revocation(
-                                _keys.kid(_keys.b64url_decode(facts.public_key)),
+                                _keys.kid(_keys.b64url_decode(key)),
                                 _namespace_of(rs.cpid),
                                 v,
                                 self._revocation_envs,
@@ -1373,7 +1388,7 @@ class ReplicaState:
     async def _verify_statuses(self, batch: _Batch, check: Runner) -> None:
         """Verify every dirty status not yet verified under its (served) record's key."""
         jobs: list[Job] = []
-        targets: list[tuple[str, _Live, str]] = []
+        targets: list[tuple[str, _Live, RecordFacts]] = []
         for cpid in batch.dirty_lives:
             lv = self.lives.get(cpid)
             if lv is None:
@@ -1382,27 +1397,27 @@ class ReplicaState:
             rs = self.recs.get(cpid)
             if rs is None or rs.reason or rs.facts is None:
                 continue  # kept unverified until its record is served
-            key = rs.facts.public_key
-            if lv.checked_key == key:
+            on = rs.facts
+            if lv.checked is on:
                 continue
             stored = lv.stored
             if stored is None:
-                self._status_failed(cpid, lv, key, "status_malformed", lv.error)
+                self._status_failed(cpid, lv, on, "status_malformed", lv.error)
                 continue
-            jobs.append(("status", key, stored))
-            targets.append((cpid, lv, key))
+            jobs.append(("status", node_key(rs), stored))
+            targets.append((cpid, lv, on))
         if not jobs:
             return
         ctx = Context(tuple(self.anchors), {}, {}, batch.now, self.settings.skew)
         i = 0
         async for outcomes in check(ctx, jobs):
             for o in outcomes:
-                cpid, lv, key = targets[i]
+                cpid, lv, on = targets[i]
                 i += 1
-                if self.lives.get(cpid) is lv and self._file_status(cpid, lv, key, o):
-                    self._status_outcome(cpid, lv, key, o)
+                if self.lives.get(cpid) is lv and self._file_status(cpid, lv, on, o):
+                    self._status_outcome(cpid, lv, on, o)
 
-    def _file_status(self, cpid: str, lv: _Live, key: str, o: Outcome) -> bool:
+    def _file_status(self, cpid: str, lv: _Live, on: RecordFacts, o: Outcome) -> bool:
         """File the envelope a job parsed from a status value (bulk loads); False when
         the value is not an envelope: a bad value, the status is ignored (as when
         :meth:`_put_live` cannot parse it)."""
@@ -1417,12 +1432,13 @@ class ReplicaState:
             o.message if len(o.message) <= _DETAIL_MAX else o.message[: _DETAIL_MAX - 3] + "..."
         )
         self._mark_bad(Prefix.LIVE, Prefix.LIVE + cpid, lv.revision, detail)
-        self._status_failed(cpid, lv, key, "status_malformed", lv.error)
+        self._status_failed(cpid, lv, on, "status_malformed", lv.error)
         return False
 
-    def _status_outcome(self, cpid: str, lv: _Live, key: str, o: Outcome) -> None:
+    def _status_outcome(self, cpid: str, lv: _Live, on: RecordFacts, o: Outcome) -> None:
+        """File the outcome of checking ``lv`` against the record whose facts are ``on``."""
         if not o.ok:
-            self._status_failed(cpid, lv, key, f"status_{o.what}", o.message)
+            self._status_failed(cpid, lv, on, f"status_{o.what}", o.message)
             return
         facts = o.facts
         assert isinstance(facts, StatusFacts)
@@ -1430,15 +1446,17 @@ class ReplicaState:
             self._status_failed(
                 cpid,
                 lv,
-                key,
+                on,
                 "status_wrong_key",
                 f"status is about {facts.cpid}, but is stored under the live key of {cpid}",
             )
             return
-        lv.facts, lv.checked_key, lv.reason = self._shared.status_facts(facts), key, ""
+        lv.facts, lv.checked, lv.reason = self._shared.status_facts(facts), on, ""
 
-    def _status_failed(self, cpid: str, lv: _Live, key: str, label: str, message: str) -> None:
-        lv.facts, lv.checked_key, lv.reason = None, key, message
+    def _status_failed(
+        self, cpid: str, lv: _Live, on: RecordFacts, label: str, message: str
+    ) -> None:
+        lv.facts, lv.checked, lv.reason = None, on, message
         if not lv.counted:
             lv.counted = True
             self.failures[label] += 1
@@ -1601,7 +1619,7 @@ class ReplicaState:
             rs = self.recs.get(cpid)
             lv = self.lives.get(cpid)
             if rs is None or (
-                rs.facts is not None and lv is not None and lv.checked_key != rs.facts.public_key
+                rs.facts is not None and lv is not None and lv.checked is not rs.facts
             ):
                 continue  # its status is verified after the records (_verify_statuses)
             self._replace(batch, cpid, batch.touched.get(cpid))
