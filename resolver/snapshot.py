@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from registry.index.layout import Prefix
-from resolver.entry import Sealed
+from resolver.entry import NODE_KID, Sealed, node_kid, with_keyid
 from resolver.state import UNREADABLE_ALLOC, Change, ReplicaState, Restored, Runner, node_key
 from resolver.verify import (
     Context,
@@ -208,7 +208,7 @@ def _restored(cols: dict[str, Any]) -> list[Restored]:
                 ver,
                 exp,
                 profiles[prof],
-                Sealed(types[lt], lkid, lblob),
+                Sealed(types[lt], NODE_KID if lkid == NODE_KID else lkid, lblob),
                 lrev,
                 lease,
                 (states[row[13]], row[14], row[15], row[16]),
@@ -387,8 +387,11 @@ class SnapshotStore:
                     st_env = Envelope.from_json(lv.raw)
             if st_env is None:
                 continue
-            facts_s = checked = None
             rec = state.recs.get(cpid)
+            if lv.sealed is not None and lv.sealed.keyid is NODE_KID:  # stored as it came
+                verified_by = rec.sealed if rec is not None and rec.facts is not None else None
+                st_env = with_keyid(st_env, "" if verified_by is None else node_kid(verified_by))
+            facts_s = checked = None
             sf = None if lv.reason else lv.facts
             if sf is not None and rec is not None and rec.facts is lv.checked:  # this record's
                 facts_s, checked = _live_facts(sf, cpid), node_key(rec)

@@ -47,7 +47,7 @@ from typing import Any, Final, Generic, Literal, NamedTuple, TypeVar, overload
 
 from registry.index.layout import Prefix, parse_key, read_units
 from resolver.discovery import DiscoveryIndex, LatencyTable
-from resolver.entry import Entry, Sealed, seal
+from resolver.entry import NODE_KID, Entry, Sealed, seal, with_keyid
 from resolver.events import Event, EventLog
 from resolver.signers import SignerVerdict, label_of, pending_revocation, verify_signer
 from resolver.verify import (
@@ -340,9 +340,17 @@ class _Live(_Noted):
 
     @property
     def stored(self) -> Envelope | bytes | None:
-        """What a verification job gets: the envelope, or the value not parsed yet."""
+        """What a verification job gets: the envelope (a key id held as
+        :data:`~resolver.entry.NODE_KID` given as none: the job has one key), or the
+        value not parsed yet."""
         raw = self.raw
-        return self.envelope if raw is None else raw
+        if raw is not None:
+            return raw
+        st = self.sealed
+        if st is None:
+            return None
+        env = st.envelope()
+        return with_keyid(env, "") if st.keyid is NODE_KID else env
 
     @property
     def token(self) -> Sealed | bytes | None:
@@ -1452,6 +1460,10 @@ class ReplicaState:
             )
             return
         lv.facts, lv.checked, lv.reason = self._shared.status_facts(facts), on, ""
+        st = lv.sealed
+        if st is not None and st.keyid and type(st) is Sealed:
+            # it verified under the key of this id (the verifier looks the key up by it)
+            st.keyid = NODE_KID
 
     def _status_failed(
         self, cpid: str, lv: _Live, on: RecordFacts, label: str, message: str

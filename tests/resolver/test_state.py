@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
 from registry.index import Keys
+from resolver.entry import NODE_KID, with_keyid
 from resolver.state import Change, ReplicaState
 from resolver.verify import Context, Job, Outcome, run_jobs
 from schemas.chain import CLOCK_SKEW
@@ -262,3 +264,27 @@ async def test_a_status_is_checked_again_when_its_record_changes_and_only_then(
     await put(Keys.live(node.cpid), Node().status(cpid=node.cpid).to_json())
     entry = state.get(node.cpid)
     assert entry is not None and entry.status_facts is None and entry.free == 0
+
+
+async def test_a_verified_status_is_shown_with_the_key_id_it_was_stored_with(world: World) -> None:
+    """The replica holds a verified status's key id as a marker (the node key's id is
+    in the record) and shows the envelope exactly as stored."""
+    node = Node()
+    await world.put(Keys.rec(node.cpid), signed(world.pki, node.record()).to_json())
+    stored = node.status(free=2)
+    await world.put(Keys.live(node.cpid), stored.to_json())
+    assert world.state.lives[node.cpid].sealed.keyid is NODE_KID  # type: ignore[union-attr]
+    entry = world.state.get(node.cpid)
+    assert entry is not None and entry.free == 2
+    assert entry.status_envelope == stored
+    assert json.loads(entry.body())["status"] == stored.to_dict()
+    # no key id at all: verified with the record's key, shown without one
+    bare = with_keyid(node.status(free=1), "")
+    await world.put(Keys.live(node.cpid), bare.to_json())
+    entry = world.state.get(node.cpid)
+    assert entry is not None and entry.free == 1 and entry.status_envelope == bare
+    # a key id that is the marker's text, from the index: a hint naming no key, refused
+    odd = with_keyid(node.status(free=5), "\x00node")
+    await world.put(Keys.live(node.cpid), json.dumps(odd.to_dict()).encode())
+    entry = world.state.get(node.cpid)
+    assert entry is not None and entry.status_facts is None
