@@ -123,7 +123,6 @@ def entries(n: int, seed: int = 7) -> dict[str, Entry]:
             held_until=0.0,
             claimed=0,
             revision=1,
-            generation=i,
             valid_until=float("inf"),
             leases={},
         )

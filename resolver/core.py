@@ -15,8 +15,8 @@ asyncio protocol callback (the DNS front end) can call them directly.  Everythin
 return has been verified (see :mod:`resolver.signers`); a record that fails is never
 returned, whatever etcd holds.
 
-Front ends that cache rendered answers key them by :attr:`Entry.generation` (unique per
-entry state), or subscribe with :meth:`Resolver.add_listener` and drop the cached bytes
+Front ends that cache rendered answers check :attr:`Resolver.generation` (it increases
+whenever a served entry changes), key them by the entry object, or subscribe with :meth:`Resolver.add_listener` and drop the cached bytes
 of a CPID when an event for it arrives.
 """
 

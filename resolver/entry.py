@@ -4,8 +4,7 @@ An :class:`Entry` exists only for a record whose chain verified (all five rules 
 docs/protocol.md §2–5, plus the resolver's own check that the record sits under the key
 of its own CPID).  Entries are replaced, never edited, when anything that a client can
 see changes (the record, its status, its claimed units, the mass-expiry hold), so an
-entry object -- or its :attr:`Entry.generation` -- is a safe cache key for anything
-rendered from it: the HTTP body is rendered once per entry and kept as bytes.
+entry object is a safe cache key for anything rendered from it: the HTTP body is rendered once per entry and kept as bytes.
 
 To keep a million entries small, an entry holds the envelopes as received plus a few
 indexed facts; the pydantic models (:attr:`Entry.record`, :attr:`Entry.status`), the
@@ -27,11 +26,30 @@ from typing import Any, Final, TypeVar
 
 from resolver.sealed import Sealed, seal
 from resolver.verify import RecordFacts, StatusFacts
+from schemas import keys as _keys
 from schemas.cpid import CPID
-from schemas.dsse import Envelope
+from schemas.dsse import Envelope, Signature
 from schemas.models import Endpoint, Record, Status, parse_payload
 
-__all__ = ["CACHED_ENTRIES", "Entry", "Sealed", "free_units", "seal", "split_cpid"]
+__all__ = [
+    "CACHED_ENTRIES",
+    "NODE_KID",
+    "Entry",
+    "Sealed",
+    "free_units",
+    "node_kid",
+    "seal",
+    "split_cpid",
+    "with_keyid",
+]
+
+NODE_KID: Final = "".join(("\x00", "node"))
+"""The key id a verified status is held with when its signature named the node's key
+(compared by identity: no parsed string is this object).  A status signed by the node
+verifies only under the key id of the record's key (or none), so the replica keeps
+this marker instead of a 65-byte copy per status, and puts the id back where the
+envelope is shown (:meth:`Entry.status_envelope`) or verified again (an empty key id:
+the verifier then tries the record's key, the one key it is given)."""
 
 CACHED_ENTRIES: Final = 20_000
 """Entries that keep what they parsed or rendered (oldest first out)."""
@@ -78,6 +96,17 @@ def _reparse(sealed: Sealed, model: type[_D]) -> _D:
         return parse_payload(sealed.payload_type, sealed.payload, model)
 
 
+def node_kid(record: Sealed) -> str:
+    """The key id of the node key in a verified record payload."""
+    key = json.loads(record.payload)["public_key"]
+    return _keys.kid(_keys.b64url_decode(key))
+
+
+def with_keyid(env: Envelope, keyid: str) -> Envelope:
+    """``env`` (one signature) with its signature's key id replaced."""
+    return Envelope(env.payload_type, env.payload, (Signature(keyid, env.signatures[0].sig),))
+
+
 def split_cpid(canonical: str) -> CPID:
     """A :class:`CPID` from text the verifier already accepted (rule 5), without re-checking."""
     prefix, _, suffix = canonical.partition("/")
@@ -120,8 +149,6 @@ class Entry:
         held_until: Unix time at which a held status is dropped (0 when not held).
         claimed: units claimed (``/alloc/<cpid>``).
         revision: etcd revision of the latest change that produced this entry.
-        generation: a number unique to this entry object, increasing over the life of
-            the resolver; a cache keyed by ``(name, generation)`` never serves stale data.
         valid_until: Unix time after which the record (or a cert of its chain) is
             outside its validity window; the entry is not served after it.
     """
@@ -139,7 +166,6 @@ class Entry:
     held_until: float
     claimed: int
     revision: int
-    generation: int
     valid_until: float
     leases: Mapping[int, float] = field(repr=False)
     free: int = field(init=False)
@@ -158,7 +184,12 @@ class Entry:
     @property
     def status_envelope(self) -> Envelope | None:
         """The status envelope as stored in etcd (rebuilt on each call), or None."""
-        return None if self.status_sealed is None else self.status_sealed.envelope()
+        st = self.status_sealed
+        if st is None:
+            return None
+        if st.keyid is NODE_KID:
+            return with_keyid(st.envelope(), node_kid(self.sealed))
+        return st.envelope()
 
     @property
     def kid(self) -> str:
@@ -174,12 +205,6 @@ class Entry:
     def _status(self) -> Status | None:
         """The parsed status, when cached."""
         return None if self._cache is None else self._cache.status
-
-    def keep_models(self, record: Record | None, status: Status | None) -> None:
-        """Cache models already parsed (by an inline verification) for this entry."""
-        if record is not None or status is not None:
-            c = _cache_of(self)
-            c.record, c.status = record, status
 
     @property
     def record(self) -> Record:
@@ -271,12 +296,11 @@ class Entry:
 
     def bundle(self) -> dict[str, Any]:
         """The ``GET /v1/resources/{cpid}`` object: signed envelopes plus liveness."""
+        status = self.status_envelope
         out: dict[str, Any] = {
             "record": self.envelope.to_dict(),
             "chain": [c.to_dict() for c in self.chain],
-            "status": None
-            if self.status_sealed is None
-            else self.status_sealed.envelope().to_dict(),
+            "status": None if status is None else status.to_dict(),
             "live": self.live,
             "revision": self.revision,
         }

@@ -5,7 +5,7 @@ A resolver with a snapshot directory writes what it has verified at one revision
 revision moved) and on shutdown -- and loads it on start instead of listing and
 verifying the whole index, then watches from that revision.
 
-What is stored (format 4): the records that verified and were served, with their
+What is stored (format 5): the records that verified and were served, with their
 statuses that verified under the record's key, as columns (``fast`` chunks: the CPID,
 revisions, lease, each envelope as the replica holds it -- one signature-then-payload
 bytes object, the payload compressed or not (:mod:`resolver.sealed`), with its payload
@@ -49,9 +49,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from registry.index.layout import Prefix
-from resolver.entry import Sealed
+from resolver.entry import NODE_KID, Sealed, node_kid, with_keyid
 from resolver.sealed import DICTIONARIES_DIGEST, Packed
-from resolver.state import UNREADABLE_ALLOC, Change, ReplicaState, Restored, Runner
+from resolver.state import UNREADABLE_ALLOC, Change, ReplicaState, Restored, Runner, node_key
 from resolver.verify import (
     Context,
     Job,
@@ -69,7 +69,7 @@ __all__ = ["LoadedSnapshot", "SnapshotStore", "TrustedRunner", "anchors_digest"]
 _log = logging.getLogger("resolver.snapshot")
 
 _MAGIC_PREFIX: Final = b"CPI-REPLICA-SNAPSHOT/"
-FORMAT: Final = 4
+FORMAT: Final = 5
 MAGIC: Final = _MAGIC_PREFIX + b"%d\n" % FORMAT
 FILE: Final = "replica.snap"
 KEY_FILE: Final = "snapshot.key"
@@ -92,9 +92,10 @@ def _env(t: tuple[str, bytes, tuple[tuple[str, bytes], ...]]) -> Envelope:
     return Envelope(t[0], t[1], tuple(Signature(k, s) for k, s in t[2]))
 
 
-def _rec_facts(f: RecordFacts) -> tuple[Any, ...]:
+def _rec_facts(f: RecordFacts, public_key: str) -> tuple[Any, ...]:
+    # the replica files record facts without the node's key (it reads it from the payload)
     return (
-        f.cpid, f.kind, f.public_key, f.version, f.expires_at, f.region, f.accelerators, f.labels,
+        f.cpid, f.kind, public_key, f.version, f.expires_at, f.region, f.accelerators, f.labels,
     )  # fmt: skip
 
 
@@ -142,7 +143,6 @@ class _FastChunk:
         c["type"].append(self.types((sealed.payload_type, type(sealed) is Packed)))
         c["kid"].append(self.kids(sealed.keyid))
         c["blob"].append(sealed.blob)
-        c["pk"].append(facts.public_key)
         c["ver"].append(facts.version)
         c["exp"].append(facts.expires_at)
         c["profile"].append(
@@ -192,7 +192,6 @@ _FAST_COLUMNS: Final = (
     "type",
     "kid",
     "blob",
-    "pk",
     "ver",
     "exp",
     "profile",
@@ -207,24 +206,23 @@ def _restored(cols: dict[str, Any]) -> list[Restored]:
     out: list[Restored] = []
     add = out.append
     for row in zip(*(cols[name] for name in _FAST_COLUMNS), strict=True):
-        cpid, rev, t, k, blob, pk, ver, exp, prof, lrev, lease, lt, lkid, lblob = row[:14]
+        cpid, rev, t, k, blob, ver, exp, prof, lrev, lease, lt, lkid, lblob = row[:13]
         record = _form(types[t], kids[k], blob)
         if lblob is None:
-            add(Restored(cpid, rev, record, pk, ver, exp, profiles[prof]))
+            add(Restored(cpid, rev, record, ver, exp, profiles[prof]))
             continue
         add(
             Restored(
                 cpid,
                 rev,
                 record,
-                pk,
                 ver,
                 exp,
                 profiles[prof],
-                _form(types[lt], lkid, lblob),
+                _form(types[lt], NODE_KID if lkid == NODE_KID else lkid, lblob),
                 lrev,
                 lease,
-                (states[row[14]], row[15], row[16], row[17]),
+                (states[row[13]], row[14], row[15], row[16]),
             )
         )
     return out
@@ -374,7 +372,9 @@ class SnapshotStore:
                     continue
                 facts = rs.facts
                 if facts is None or rs.reason or type(sealed) not in _FAST_FORMS:
-                    facts_t = _rec_facts(facts) if facts is not None and not rs.reason else None
+                    facts_t = None
+                    if facts is not None and not rs.reason:  # with the key its statuses need
+                        facts_t = _rec_facts(facts, node_key(rs))
                     slow_recs.append((cpid, rs.revision, _env_tuple(sealed.envelope()), facts_t))
                     continue
                 lv = state.lives.get(cpid)
@@ -384,7 +384,7 @@ class SnapshotStore:
                     and lv.raw is None
                     and lv.facts is not None
                     and not lv.reason
-                    and lv.checked_key == facts.public_key
+                    and lv.checked is facts
                     and type(lv.sealed) in _FAST_FORMS
                 ):
                     status = lv
@@ -402,12 +402,15 @@ class SnapshotStore:
                     st_env = Envelope.from_json(lv.raw)
             if st_env is None:
                 continue
-            facts_s = (
-                _live_facts(lv.facts, cpid) if lv.facts is not None and not lv.reason else None
-            )
-            slow_lives.append(
-                (cpid, lv.revision, lv.lease, _env_tuple(st_env), lv.checked_key, facts_s)
-            )
+            rec = state.recs.get(cpid)
+            if lv.sealed is not None and lv.sealed.keyid is NODE_KID:  # stored as it came
+                verified_by = rec.sealed if rec is not None and rec.facts is not None else None
+                st_env = with_keyid(st_env, "" if verified_by is None else node_kid(verified_by))
+            facts_s = checked = None
+            sf = None if lv.reason else lv.facts
+            if sf is not None and rec is not None and rec.facts is lv.checked:  # this record's
+                facts_s, checked = _live_facts(sf, cpid), node_key(rec)
+            slow_lives.append((cpid, lv.revision, lv.lease, _env_tuple(st_env), checked, facts_s))
         for i in range(0, len(slow_lives), _CHUNK):
             chunks.append(["lives", slow_lives[i : i + _CHUNK]])
         for i in range(0, len(slow_recs), _CHUNK):

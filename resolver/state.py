@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import heapq
+import json
 import logging
 import math
 import sys
@@ -42,12 +43,13 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, NamedTuple, TypeVar
+from typing import Any, Final, Generic, Literal, NamedTuple, TypeVar, overload
 
 from registry.index.layout import Prefix, parse_key, read_units
 from resolver.discovery import DiscoveryIndex, LatencyTable
-from resolver.entry import Entry, Sealed, seal
+from resolver.entry import NODE_KID, Entry, Sealed, seal, with_keyid
 from resolver.events import Event, EventLog
+from resolver.sealed import Packed
 from resolver.signers import SignerVerdict, label_of, pending_revocation, verify_signer
 from resolver.verify import (
     NO_CHAIN,
@@ -64,7 +66,6 @@ from schemas import keys as _keys
 from schemas.chain import CLOCK_SKEW, TrustAnchors
 from schemas.dsse import Envelope
 from schemas.errors import EnvelopeError, InvalidDataError
-from schemas.models import Record, Status
 
 __all__ = [
     "BadValue",
@@ -75,10 +76,12 @@ __all__ = [
     "ReplicaState",
     "Restored",
     "Runner",
+    "node_key",
 ]
 
 _log = logging.getLogger("resolver.replica")
 _T = TypeVar("_T")
+_V = TypeVar("_V")
 
 UNREADABLE_ALLOC: Final = 1 << 30
 """Claimed units assumed when an ``/alloc/`` value cannot be read (nothing is free)."""
@@ -110,7 +113,6 @@ class Restored(NamedTuple):
     cpid: str
     revision: int
     sealed: Sealed
-    public_key: str
     version: int
     expires_at: int
     profile: tuple[str, str, tuple[str, ...], tuple[tuple[str, str], ...]]
@@ -209,21 +211,88 @@ class MassExpiry:
         }
 
 
-@dataclass(slots=True)
-class _Rec:
+class _Rare(Generic[_V]):
+    """An attribute that settled objects leave at its default (an error, a reason a
+    record is not served, a value not parsed yet): kept in the object's ``note`` dict,
+    which exists only while some rare attribute is set.  A million served records then
+    carry one empty slot instead of five."""
+
+    __slots__ = ("default", "name")
+
+    def __init__(self, default: _V) -> None:
+        self.default = default
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> _Rare[_V]: ...
+    @overload
+    def __get__(self, obj: _Noted, owner: type) -> _V: ...
+    def __get__(self, obj: _Noted | None, owner: type) -> _V | _Rare[_V]:
+        if obj is None:
+            return self
+        note = obj.note
+        if note is None:
+            return self.default
+        return note.get(self.name, self.default)  # type: ignore[no-any-return]
+
+    def __set__(self, obj: _Noted, value: _V) -> None:
+        note = obj.note
+        if value is self.default or value == self.default:
+            if note is not None:
+                note.pop(self.name, None)
+                if not note:
+                    obj.note = None
+        elif note is None:
+            obj.note = {self.name: value}
+        else:
+            note[self.name] = value
+
+
+class _Noted:
+    __slots__ = ("note",)
+
+    def __init__(self) -> None:
+        self.note: dict[str, Any] | None = None
+
+
+class _Rec(_Noted):
     """One ``/rec/`` key and what its verification found."""
 
-    cpid: str  # the CPID in the key
-    revision: int
-    sealed: Sealed | None
-    error: str = ""  # why the value is not an envelope
-    facts: RecordFacts | None = None  # set once it verified
-    record: Record | None = None  # the model, when verification ran inline
-    reason: str = "pending"  # "" when served
-    detail: str = ""
-    counted: str = ""  # reason already counted and logged for this revision
-    valid_until: float = math.inf
-    raw: bytes | None = None  # the value, while a bulk load has not parsed it yet
+    __slots__ = ("cpid", "facts", "revision", "sealed", "valid_until")
+
+    error = _Rare("")  # why the value is not an envelope
+    reason = _Rare("")  # why it is not served ("pending" until decided; "" when served)
+    detail = _Rare("")
+    counted = _Rare("")  # reason already counted and logged for this revision
+    raw: _Rare[bytes | None] = _Rare(None)  # the value, while a bulk load has not parsed it
+
+    def __init__(
+        self,
+        cpid: str,  # the CPID in the key
+        revision: int,
+        sealed: Sealed | None,
+        error: str = "",
+        *,
+        facts: RecordFacts | None = None,  # set once it verified
+        reason: str = "pending",
+        valid_until: float = math.inf,
+        raw: bytes | None = None,
+    ) -> None:
+        super().__init__()
+        self.cpid = cpid
+        self.revision = revision
+        self.sealed = sealed
+        self.facts = facts
+        self.valid_until = valid_until
+        if error:
+            self.error = error
+        if reason:
+            self.reason = reason
+        if raw is not None:
+            self.raw = raw
 
     @property
     def signer(self) -> str:
@@ -234,20 +303,37 @@ class _Rec:
         return None if self.sealed is None else self.sealed.envelope()
 
 
-@dataclass(slots=True)
-class _Live:
+class _Live(_Noted):
     """One ``/live/`` key and its verification."""
 
-    revision: int
-    lease: int
-    sealed: Sealed | None
-    error: str = ""
-    facts: StatusFacts | None = None  # set once verified under checked_key
-    status: Status | None = None  # the model, when verification ran inline
-    checked_key: str = ""
-    reason: str = ""
-    counted: bool = False
-    raw: bytes | None = None  # the value, while a bulk load has not parsed it yet
+    __slots__ = ("checked", "facts", "lease", "revision", "sealed")
+
+    error = _Rare("")
+    reason = _Rare("")
+    counted = _Rare(False)
+    raw: _Rare[bytes | None] = _Rare(None)  # the value, while a bulk load has not parsed it
+
+    def __init__(
+        self,
+        revision: int,
+        lease: int,
+        sealed: Sealed | None,
+        error: str = "",
+        *,
+        facts: StatusFacts | None = None,  # set once verified under ``checked``
+        checked: RecordFacts | None = None,  # the record it was checked against (identity)
+        raw: bytes | None = None,
+    ) -> None:
+        super().__init__()
+        self.revision = revision
+        self.lease = lease
+        self.sealed = sealed
+        self.facts = facts
+        self.checked = checked
+        if error:
+            self.error = error
+        if raw is not None:
+            self.raw = raw
 
     @property
     def envelope(self) -> Envelope | None:
@@ -255,13 +341,23 @@ class _Live:
 
     @property
     def stored(self) -> Envelope | bytes | None:
-        """What a verification job gets: the envelope, or the value not parsed yet."""
-        return self.envelope if self.raw is None else self.raw
+        """What a verification job gets: the envelope (a key id held as
+        :data:`~resolver.entry.NODE_KID` given as none: the job has one key), or the
+        value not parsed yet."""
+        raw = self.raw
+        if raw is not None:
+            return raw
+        st = self.sealed
+        if st is None:
+            return None
+        env = st.envelope()
+        return with_keyid(env, "") if st.keyid is NODE_KID else env
 
     @property
     def token(self) -> Sealed | bytes | None:
         """What :attr:`stored` is made from (compared by identity: unchanged since)."""
-        return self.sealed if self.raw is None else self.raw
+        raw = self.raw
+        return self.sealed if raw is None else raw
 
 
 @dataclass(slots=True)
@@ -282,6 +378,7 @@ class _Batch:
 
 
 _REC: Final = str(Prefix.REC)
+_NO_ALLOC: Final = (0, 0)
 _BULK: Final = 2000
 """Batches with at least this many changes leave record envelopes to the verification
 jobs to parse (``raw`` jobs, :mod:`resolver.verify`): in worker processes, in parallel."""
@@ -293,6 +390,15 @@ _SERIAL: Final = 12
 def _serial_of(cpid: str) -> str:
     """The serial part of a CPID in a key (``.../GPU.<serial>-<check>``), or ''."""
     return cpid.rpartition(".")[2].rpartition("-")[0]
+
+
+def node_key(rs: _Rec) -> str:
+    """The node's public key (b64url) in ``rs``'s verified record payload (what a status
+    is checked with; the replica does not keep it beside the payload)."""
+    assert rs.sealed is not None
+    key = json.loads(rs.sealed.payload)["public_key"]
+    assert isinstance(key, str)
+    return key
 
 
 def _namespace_of(cpid: str) -> str:
@@ -393,10 +499,12 @@ class _Shared:
         )
 
     def record_facts(self, f: RecordFacts, cpid: str) -> RecordFacts:
+        """``f`` filed: strings shared, and without the node's public key (``""``), which
+        the payload holds; a copy per record cost 92 bytes (:func:`node_key`)."""
         return RecordFacts(
             cpid if f.cpid == cpid else f.cpid,
             self.get(f.kind),
-            f.public_key,
+            "",
             f.version,
             f.expires_at,
             self.get(f.region),
@@ -615,25 +723,35 @@ class ReplicaState:
         chain no longer verifies, whose validity window has closed, or whose key has a
         revocation pending, is not restored but returned as a change for :meth:`apply`,
         which verifies it as on a cold start (with its status).  No events (like the
-        first listing).
+        first listing).  Each entry is built here directly, as :meth:`_build` would for
+        a replica that holds nothing else of its CPID yet (a warm start spends most of
+        its time making these objects).
         """
-        batch = _Batch(revision, int(self.clock()), bulk=True, emit=False)
+        now = int(self.clock())
         shared = self._shared
         skew = self.settings.skew
-        now = batch.now
         again: list[Change] = []
         rec_prefix, live_prefix = Prefix.REC, Prefix.LIVE
         recs, lives, refs, leases = self.recs, self.lives, self._signer_refs, self._lease_refs
+        served, discovery, live_count = self.served, self.discovery, self._live_count
+        allocs, claims = self.allocs, self.claims
         revoked = self._revoked_serials
         seen = self._serial_seen
         profiles: dict[object, tuple[str, str, tuple[str, ...], tuple[tuple[str, str], ...]]] = {}
         statuses: dict[object, StatusFacts] = {}
+        signers: dict[str, tuple[SignerVerdict, int, str]] = {}  # kid -> verdict, chain rev, kid
+        types: dict[str, str] = {}  # payload types, shared
         for r in records:
             cpid = r.cpid
             kid = r.sealed.keyid
-            v = self._signer(kid, now)
+            got = signers.get(kid)
+            if got is None:
+                v = self._signer(kid, now)
+                got = signers[kid] = (v, self._chain_revision(v) if v.ok else 0, shared.get(kid))
+            v, chain_rev, kid = got
             valid_until = min(float(r.expires_at + skew), v.valid_until)
-            if not v.ok or valid_until <= now or cpid in recs or _serial_of(cpid) in revoked:
+            serial = _serial_of(cpid)
+            if not v.ok or valid_until <= now or cpid in recs or serial in revoked:
                 again.append(
                     Change("put", rec_prefix + cpid, b"", r.revision, 0, r.sealed.envelope())
                 )
@@ -653,24 +771,30 @@ class ReplicaState:
                     shared.labels(labels),
                 )
             kind, region, accelerators, labels = profile
-            r.sealed.payload_type = shared.get(r.sealed.payload_type)
-            r.sealed.keyid = kid = shared.get(kid)
+            sealed = r.sealed
+            pt = sealed.payload_type
+            sealed.payload_type = types.get(pt) or types.setdefault(pt, shared.get(pt))
+            sealed.keyid = kid
             facts = RecordFacts(
-                cpid, kind, r.public_key, r.version, r.expires_at, region, accelerators, labels
+                cpid, kind, "", r.version, r.expires_at, region, accelerators, labels
             )
-            rs = _Rec(cpid, r.revision, r.sealed, facts=facts, reason="", valid_until=valid_until)
-            recs[cpid] = rs
-            seen.add(_serial_of(cpid))
+            recs[cpid] = _Rec(
+                cpid, r.revision, sealed, facts=facts, reason="", valid_until=valid_until
+            )
+            seen.add(serial)
             refs[kid] += 1
             if valid_until < math.inf:
                 self._deadlines.push(valid_until, cpid)
+            sf: StatusFacts | None = None
             st = r.status
+            status_rev = lease = 0
             if st is not None:
                 if r.status_facts is None:  # verified as it is applied
                     env = st.envelope()
                     again.append(
                         Change("put", live_prefix + cpid, b"", r.status_revision, r.lease, env)
                     )
+                    st = None
                 else:
                     sf = statuses.get(r.status_facts)
                     if sf is None:
@@ -678,12 +802,38 @@ class ReplicaState:
                         sf = statuses[r.status_facts] = shared.status_facts(
                             StatusFacts("", state, free, cpu, withheld)
                         )
-                    st.payload_type = shared.get(st.payload_type)
-                    lv = _Live(r.status_revision, r.lease, st, facts=sf, checked_key=r.public_key)
-                    lives[cpid] = lv
-                    if r.lease:
-                        leases[r.lease] += 1
-            self._replace(batch, cpid, None)
+                    pt = st.payload_type
+                    st.payload_type = types.get(pt) or types.setdefault(pt, shared.get(pt))
+                    status_rev, lease = r.status_revision, r.lease
+                    lives[cpid] = _Live(status_rev, lease, st, facts=sf, checked=facts)
+                    if lease:
+                        leases[lease] += 1
+            # the entry, as _build makes it for a replica that holds nothing else of it
+            claimed, alloc_rev = allocs.get(cpid, _NO_ALLOC)
+            if cpid in claims:
+                claimed = max(0, claimed - self._expired_claim_units(cpid))
+            entry = Entry(
+                cpid,
+                facts,
+                sealed,
+                v.chain,
+                r.revision,
+                sf,
+                st,
+                status_rev,
+                lease,
+                False,
+                0.0,
+                claimed,
+                max(r.revision, status_rev, alloc_rev, chain_rev),
+                valid_until,
+                self.leases,
+            )
+            served[cpid] = entry
+            discovery.add(entry)
+            if sf is not None and sf.state != "down":
+                live_count[cpid.partition("/")[0]] += 1
+        self.generation += 1
         self.revision = max(self.revision, revision)
         return again
 
@@ -892,8 +1042,8 @@ class ReplicaState:
         lv = _Live(ch.revision, ch.lease, env, error)
         if old is not None and env is not None and old.sealed == env:
             # the same envelope re-written (e.g. on a new lease): already verified
-            lv.facts, lv.status = old.facts, old.status
-            lv.checked_key, lv.reason = old.checked_key, old.reason
+            lv.facts = old.facts
+            lv.checked, lv.reason = old.checked, old.reason
         self.lives[cpid] = lv
 
     def _put_alloc(self, cpid: str, ch: Change, batch: _Batch) -> None:
@@ -1078,7 +1228,7 @@ class ReplicaState:
             if rs is None:
                 continue
             lv = self.lives.get(cpid)
-            carrying = lv is not None and not lv.checked_key
+            carrying = lv is not None and lv.checked is None
             carry = lv.stored if carrying and lv is not None else None
             token = lv.token if carrying and lv is not None else None
             if rs.raw is not None:
@@ -1125,9 +1275,9 @@ class ReplicaState:
                 if decision is not None and decision.status is not None and rs.facts is not None:
                     lv = self.lives.get(rs.cpid)
                     if lv is not None and carried is not None and lv.token is carried:
-                        key = rs.facts.public_key
-                        if self._file_status(rs.cpid, lv, key, decision.status):
-                            self._status_outcome(rs.cpid, lv, key, decision.status)
+                        on = rs.facts
+                        if self._file_status(rs.cpid, lv, on, decision.status):
+                            self._status_outcome(rs.cpid, lv, on, decision.status)
                 done.append(rs.cpid)
             if not batch.emit:
                 self._settle(batch, done)
@@ -1164,7 +1314,7 @@ class ReplicaState:
         valid_until = math.inf
         retry_at: float | None = None
         v: SignerVerdict | None = None
-        rs.facts = rs.record = None
+        before, rs.facts = rs.facts, None
         if rs.sealed is None or outcome is None:
             reason, detail = "malformed", f"not a DSSE envelope: {rs.error}"
         else:
@@ -1182,17 +1332,17 @@ class ReplicaState:
                     reason = "wrong_key"
                     detail = f"record for {canonical} is stored under the key of {rs.cpid}"
                 else:
+                    key = facts.public_key
                     facts = self._shared.record_facts(facts, rs.cpid)
-                    rs.facts = facts
-                    # the model is parsed again on first use and cached a while (Entry):
-                    # keeping one per record would cost ~5 KB each
-                    rs.record = None
+                    if before is not None and before == facts:  # the same payload again: its
+                        facts = before  # statuses stay checked against it (_Live.checked)
+                    rs.facts = facts  # the model is parsed on first use (Entry)
                     valid_until = min(float(facts.expires_at + skew), v.valid_until)
                     if _serial_of(rs.cpid) in self._revoked_serials:  # rare: hash the key
                         valid_until = min(
                             valid_until,
                             pending_revocation(
-                                _keys.kid(_keys.b64url_decode(facts.public_key)),
+                                _keys.kid(_keys.b64url_decode(key)),
                                 _namespace_of(rs.cpid),
                                 v,
                                 self._revocation_envs,
@@ -1247,7 +1397,7 @@ class ReplicaState:
     async def _verify_statuses(self, batch: _Batch, check: Runner) -> None:
         """Verify every dirty status not yet verified under its (served) record's key."""
         jobs: list[Job] = []
-        targets: list[tuple[str, _Live, str]] = []
+        targets: list[tuple[str, _Live, RecordFacts]] = []
         for cpid in batch.dirty_lives:
             lv = self.lives.get(cpid)
             if lv is None:
@@ -1256,27 +1406,27 @@ class ReplicaState:
             rs = self.recs.get(cpid)
             if rs is None or rs.reason or rs.facts is None:
                 continue  # kept unverified until its record is served
-            key = rs.facts.public_key
-            if lv.checked_key == key:
+            on = rs.facts
+            if lv.checked is on:
                 continue
             stored = lv.stored
             if stored is None:
-                self._status_failed(cpid, lv, key, "status_malformed", lv.error)
+                self._status_failed(cpid, lv, on, "status_malformed", lv.error)
                 continue
-            jobs.append(("status", key, stored))
-            targets.append((cpid, lv, key))
+            jobs.append(("status", node_key(rs), stored))
+            targets.append((cpid, lv, on))
         if not jobs:
             return
         ctx = Context(tuple(self.anchors), {}, {}, batch.now, self.settings.skew)
         i = 0
         async for outcomes in check(ctx, jobs):
             for o in outcomes:
-                cpid, lv, key = targets[i]
+                cpid, lv, on = targets[i]
                 i += 1
-                if self.lives.get(cpid) is lv and self._file_status(cpid, lv, key, o):
-                    self._status_outcome(cpid, lv, key, o)
+                if self.lives.get(cpid) is lv and self._file_status(cpid, lv, on, o):
+                    self._status_outcome(cpid, lv, on, o)
 
-    def _file_status(self, cpid: str, lv: _Live, key: str, o: Outcome) -> bool:
+    def _file_status(self, cpid: str, lv: _Live, on: RecordFacts, o: Outcome) -> bool:
         """File the envelope a job parsed from a status value (bulk loads); False when
         the value is not an envelope: a bad value, the status is ignored (as when
         :meth:`_put_live` cannot parse it)."""
@@ -1291,12 +1441,13 @@ class ReplicaState:
             o.message if len(o.message) <= _DETAIL_MAX else o.message[: _DETAIL_MAX - 3] + "..."
         )
         self._mark_bad(Prefix.LIVE, Prefix.LIVE + cpid, lv.revision, detail)
-        self._status_failed(cpid, lv, key, "status_malformed", lv.error)
+        self._status_failed(cpid, lv, on, "status_malformed", lv.error)
         return False
 
-    def _status_outcome(self, cpid: str, lv: _Live, key: str, o: Outcome) -> None:
+    def _status_outcome(self, cpid: str, lv: _Live, on: RecordFacts, o: Outcome) -> None:
+        """File the outcome of checking ``lv`` against the record whose facts are ``on``."""
         if not o.ok:
-            self._status_failed(cpid, lv, key, f"status_{o.what}", o.message)
+            self._status_failed(cpid, lv, on, f"status_{o.what}", o.message)
             return
         facts = o.facts
         assert isinstance(facts, StatusFacts)
@@ -1304,16 +1455,21 @@ class ReplicaState:
             self._status_failed(
                 cpid,
                 lv,
-                key,
+                on,
                 "status_wrong_key",
                 f"status is about {facts.cpid}, but is stored under the live key of {cpid}",
             )
             return
-        lv.facts, lv.checked_key, lv.reason = self._shared.status_facts(facts), key, ""
-        lv.status = None  # parsed on first use (Entry.status), not kept per record
+        lv.facts, lv.checked, lv.reason = self._shared.status_facts(facts), on, ""
+        st = lv.sealed
+        if st is not None and st.keyid and type(st) in (Sealed, Packed):
+            # it verified under the key of this id (the verifier looks the key up by it)
+            st.keyid = NODE_KID
 
-    def _status_failed(self, cpid: str, lv: _Live, key: str, label: str, message: str) -> None:
-        lv.facts, lv.status, lv.checked_key, lv.reason = None, None, key, message
+    def _status_failed(
+        self, cpid: str, lv: _Live, on: RecordFacts, label: str, message: str
+    ) -> None:
+        lv.facts, lv.checked, lv.reason = None, on, message
         if not lv.counted:
             lv.counted = True
             self.failures[label] += 1
@@ -1417,11 +1573,9 @@ class ReplicaState:
             held_until=held_until,
             claimed=claimed,
             revision=max(rs.revision, status_rev, alloc_rev, chain_rev),
-            generation=self.generation + 1,
             valid_until=rs.valid_until,
             leases=self.leases,
         )
-        entry.keep_models(rs.record, live.status if live is not None else None)
         return entry
 
     def _chain_revision(self, v: SignerVerdict) -> int:
@@ -1478,7 +1632,7 @@ class ReplicaState:
             rs = self.recs.get(cpid)
             lv = self.lives.get(cpid)
             if rs is None or (
-                rs.facts is not None and lv is not None and lv.checked_key != rs.facts.public_key
+                rs.facts is not None and lv is not None and lv.checked is not rs.facts
             ):
                 continue  # its status is verified after the records (_verify_statuses)
             self._replace(batch, cpid, batch.touched.get(cpid))

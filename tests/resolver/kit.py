@@ -285,7 +285,6 @@ def bare_entry(
     status: StatusFacts | None = None,
     status_sealed: Sealed | None = None,
     claimed: int = 0,
-    generation: int = 0,
 ) -> Entry:
     """An entry made directly (no verification): for index and ranking tests."""
     return Entry(
@@ -302,7 +301,6 @@ def bare_entry(
         held_until=0.0,
         claimed=claimed,
         revision=1,
-        generation=generation,
         valid_until=float("inf"),
         leases={},
     )

@@ -34,7 +34,7 @@ def make_entry(i: int, rng: random.Random) -> Entry:
     if rng.random() < 0.8:
         state = rng.choice(["up", "up", "up", "down", "draining"])
         status = StatusFacts(cpid, state, rng.randint(0, 6), rng.randint(0, 6))
-    return bare_entry(facts, seal(ENV), status=status, claimed=rng.randint(0, 3), generation=i)
+    return bare_entry(facts, seal(ENV), status=status, claimed=rng.randint(0, 3))
 
 
 def brute(entries: dict[str, Entry], q: Query) -> list[tuple[str, float, int, float | None]]:

@@ -59,7 +59,7 @@ STATUSES = [
 ]
 
 
-def make_entry(cpid: str, rng: random.Random, *, generation: int = 0) -> Entry:
+def make_entry(cpid: str, rng: random.Random) -> Entry:
     """An entry for ``cpid`` (kind and namespace from it) with random facts and status."""
     kind = cpid.partition("/")[2].partition(".")[0]
     accel = () if kind == "CPU" else tuple(sorted(set(rng.sample(MODELS, rng.randint(1, 2)))))
@@ -76,7 +76,6 @@ def make_entry(cpid: str, rng: random.Random, *, generation: int = 0) -> Entry:
         status=status,
         status_sealed=status_env,
         claimed=rng.randint(0, 3),
-        generation=generation,
     )
 
 
@@ -209,7 +208,7 @@ def test_every_order_matches_brute_force_under_churn(
             index.remove(entries.pop(rng.choice(sorted(entries))))
         elif op < 0.7 and entries:  # a new status / claim: free units and liveness move
             cpid = rng.choice(sorted(entries))
-            put(make_entry(cpid, rng, generation=step))
+            put(make_entry(cpid, rng))
         else:  # new, sometimes under a namespace no query has seen yet
             serial += 1
             put(make_entry(new_cpid(serial, rng, NAMESPACES + LATE_NAMESPACES), rng))

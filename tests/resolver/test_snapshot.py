@@ -151,8 +151,8 @@ async def test_a_tampered_snapshot_is_not_used(index: Index, pki: Pki, tmp_path:
 async def test_a_snapshot_of_the_previous_format_is_not_used(
     index: Index, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A format-3 snapshot (uncompressed blobs) is refused as another format: the
-    resolver lists the index instead and says so."""
+    """A snapshot of an earlier format (4: uncompressed blobs) is refused as another
+    format: the resolver lists the index instead and says so."""
     from resolver import snapshot as snapshot_mod
 
     await pki.publish(index)
@@ -160,23 +160,23 @@ async def test_a_snapshot_of_the_previous_format_is_not_used(
     settings = _settings(tmp_path)
     first = await _start(index, pki, settings)
     cold = _view(first)
-    with monkeypatch.context() as m:  # written as a format-3 resolver writes it
-        m.setattr(snapshot_mod, "MAGIC", b"CPI-REPLICA-SNAPSHOT/3\n")
-        m.setattr(snapshot_mod, "FORMAT", 3)
+    with monkeypatch.context() as m:  # written as a format-4 resolver writes it
+        m.setattr(snapshot_mod, "MAGIC", b"CPI-REPLICA-SNAPSHOT/4\n")
+        m.setattr(snapshot_mod, "FORMAT", 4)
         await first.close()
-    assert (tmp_path / "snap" / FILE).read_bytes().startswith(b"CPI-REPLICA-SNAPSHOT/3\n")
+    assert (tmp_path / "snap" / FILE).read_bytes().startswith(b"CPI-REPLICA-SNAPSHOT/4\n")
 
     warm = await _start(index, pki, settings)
     try:
         snap = warm.health()["snapshot"]
         assert snap["status"] == (
-            "not used: unreadable: another snapshot format (3, this resolver reads 4)"
+            "not used: unreadable: another snapshot format (4, this resolver reads 5)"
         )
         assert snap["fallbacks"] == 1
         assert _view(warm) == cold
     finally:
         await warm.close()
-    assert (tmp_path / "snap" / FILE).read_bytes().startswith(b"CPI-REPLICA-SNAPSHOT/4\n")
+    assert (tmp_path / "snap" / FILE).read_bytes().startswith(b"CPI-REPLICA-SNAPSHOT/5\n")
 
 
 async def test_a_compacted_revision_falls_back_to_a_listing(

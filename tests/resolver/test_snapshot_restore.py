@@ -32,10 +32,24 @@ class Counting:
 
 
 def _view(state: ReplicaState) -> dict[str, Any]:
-    return {
-        cpid: (e.body(), e.free, e.claimed, e.live, e.facts, e.status_facts, e.valid_until)
+    entries = {
+        cpid: (
+            e.body(),
+            e.free,
+            e.claimed,
+            e.live,
+            e.live_held,
+            e.lease,
+            e.chain,
+            e.revision,
+            e.facts,
+            e.status_facts,
+            e.valid_until,
+        )
         for cpid, e in state.served.items()
     }
+    # live entries per namespace (mass-expiry detection starts from these counts)
+    return {"entries": entries, "live": +state._live_count}
 
 
 async def _cold(pki: Pki, extra: list[Change], clock: Any = time.time) -> ReplicaState:
@@ -222,14 +236,15 @@ async def test_a_snapshot_of_another_format_or_other_dictionaries_is_refused(
     cold = await _cold(pki, changes)
     store = SnapshotStore(tmp_path / "snap", pki.anchors)
     revision, chunks = await SnapshotStore.collect(cold)
-    with monkeypatch.context() as m:  # as a format-3 resolver wrote it
-        m.setattr(snapshot_mod, "MAGIC", b"CPI-REPLICA-SNAPSHOT/3\n")
-        m.setattr(snapshot_mod, "FORMAT", 3)
-        store.write(revision, chunks)
-    with pytest.raises(
-        SnapshotError, match=r"^another snapshot format \(3, this resolver reads 4\)"
-    ):
-        store.read()
+    for old in (3, 4):  # as a resolver of an earlier format wrote it
+        with monkeypatch.context() as m:
+            m.setattr(snapshot_mod, "MAGIC", b"CPI-REPLICA-SNAPSHOT/%d\n" % old)
+            m.setattr(snapshot_mod, "FORMAT", old)
+            store.write(revision, chunks)
+        with pytest.raises(
+            SnapshotError, match=rf"^another snapshot format \({old}, this resolver reads 5\)"
+        ):
+            store.read()
     with monkeypatch.context() as m:
         m.setattr(snapshot_mod, "DICTIONARIES_DIGEST", "0" * 64)
         store.write(revision, chunks)

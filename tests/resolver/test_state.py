@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
 from registry.index import Keys
+from resolver.entry import NODE_KID, with_keyid
 from resolver.state import Change, ReplicaState
 from resolver.verify import Context, Job, Outcome, run_jobs
 from schemas.chain import CLOCK_SKEW
@@ -210,3 +212,79 @@ async def test_a_revocation_passes_over_the_records_only_when_one_may_be_concern
     rejected = world.state.rejection(target.cpid)
     assert rejected is not None and rejected[0] == "revoked"
     assert all(world.state.get(n.cpid) is not None for n in (nodes[0], nodes[2]))
+
+
+async def test_a_status_is_checked_again_when_its_record_changes_and_only_then(
+    pki: Pki,
+) -> None:
+    """The replica notes which record a status was checked against (the record's facts,
+    by identity: it keeps no copy of the node key beside the payload)."""
+    checks: list[str] = []
+    record_jobs: list[Job] = []
+
+    async def counting(ctx: Context, jobs: Sequence[Job]) -> AsyncIterator[list[Outcome]]:
+        record_jobs.extend(job for job in jobs if job[0] in ("record", "raw"))
+        for job in jobs:
+            if job[0] == "status" or (job[0] in ("record", "raw") and job[-1] is not None):
+                checks.append(job[0])
+        yield run_jobs(ctx, jobs)
+
+    state = ReplicaState(anchors=pki.anchors)
+    node = Node()
+    cert_key = Keys.cert(pki.kid("CN.31.CMCC"))
+    rev = 1
+
+    async def put(key: str, value: bytes) -> None:
+        nonlocal rev
+        rev += 1
+        await state.apply([Change("put", key, value, rev)], rev, check=counting)
+
+    for ns, cert in pki.certs.items():
+        await put(Keys.cert(pki.kid(ns)), cert.to_json())
+    await put(Keys.rec(node.cpid), signed(pki, node.record()).to_json())
+    await put(Keys.live(node.cpid), node.status(free=3).to_json())
+    assert checks == ["status"]
+    entry = state.get(node.cpid)
+    assert entry is not None and entry.free == 3
+    # the chain judged again (its cert renewed for the same key): the record is verified
+    # again, the status it was checked against stands
+    jobs_before = len(record_jobs)
+    renewed = pki.delegate("CN.31", "CN.31.CMCC", ["issue"], key=pki.keys["CN.31.CMCC"], days=400)
+    await put(cert_key, renewed.to_json())
+    assert len(record_jobs) == jobs_before + 1
+    assert checks == ["status"]
+    entry = state.get(node.cpid)
+    assert entry is not None and entry.free == 3
+    # a new version of the record: its status is checked against it
+    await put(Keys.rec(node.cpid), signed(pki, node.record(version=2)).to_json())
+    assert checks == ["status", "status"]
+    entry = state.get(node.cpid)
+    assert entry is not None and entry.version == 2 and entry.free == 3
+    # a status by another key is not served under it
+    await put(Keys.live(node.cpid), Node().status(cpid=node.cpid).to_json())
+    entry = state.get(node.cpid)
+    assert entry is not None and entry.status_facts is None and entry.free == 0
+
+
+async def test_a_verified_status_is_shown_with_the_key_id_it_was_stored_with(world: World) -> None:
+    """The replica holds a verified status's key id as a marker (the node key's id is
+    in the record) and shows the envelope exactly as stored."""
+    node = Node()
+    await world.put(Keys.rec(node.cpid), signed(world.pki, node.record()).to_json())
+    stored = node.status(free=2)
+    await world.put(Keys.live(node.cpid), stored.to_json())
+    assert world.state.lives[node.cpid].sealed.keyid is NODE_KID  # type: ignore[union-attr]
+    entry = world.state.get(node.cpid)
+    assert entry is not None and entry.free == 2
+    assert entry.status_envelope == stored
+    assert json.loads(entry.body())["status"] == stored.to_dict()
+    # no key id at all: verified with the record's key, shown without one
+    bare = with_keyid(node.status(free=1), "")
+    await world.put(Keys.live(node.cpid), bare.to_json())
+    entry = world.state.get(node.cpid)
+    assert entry is not None and entry.free == 1 and entry.status_envelope == bare
+    # a key id that is the marker's text, from the index: a hint naming no key, refused
+    odd = with_keyid(node.status(free=5), "\x00node")
+    await world.put(Keys.live(node.cpid), json.dumps(odd.to_dict()).encode())
+    entry = world.state.get(node.cpid)
+    assert entry is not None and entry.status_facts is None
