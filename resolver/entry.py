@@ -153,7 +153,6 @@ class Entry:
             outside its validity window; the entry is not served after it.
     """
 
-    cpid: str
     facts: RecordFacts
     sealed: Sealed
     chain: tuple[Envelope, ...]
@@ -173,6 +172,11 @@ class Entry:
 
     def __post_init__(self) -> None:
         self.free = free_units(self.facts, self.status_facts, self.claimed)
+
+    @property
+    def cpid(self) -> str:
+        """Canonical CPID text (the record key's; the facts hold it)."""
+        return self.facts.cpid
 
     # -- what the DNS front end and other callers read ----------------------------------
 
