@@ -110,7 +110,6 @@ def entries(n: int, seed: int = 7) -> dict[str, Entry]:
         )
         status = StatusFacts(cpid, "up", free, rng.randint(0, 64))
         out[cpid] = Entry(
-            cpid=cpid,
             facts=facts,
             sealed=_RECORDS[i % 3],
             chain=(),

@@ -22,6 +22,7 @@ of a CPID when an event for it arrives.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -104,6 +105,18 @@ class DiscoveryResult:
         if self.stale:
             out["stale"] = True
         return out
+
+    def to_json(self) -> bytes:
+        """:meth:`to_dict` as UTF-8 JSON, each result's record spliced in as text
+        (:meth:`~resolver.discovery.Match.to_json`)."""
+        tail: dict[str, Any] = {"revision": self.revision}
+        if self.ranking is not None:
+            tail["ranking"] = self.ranking
+        if self.stale:
+            tail["stale"] = True
+        rest = json.dumps(tail, separators=(",", ":"), ensure_ascii=False)
+        results = ",".join(m.to_json() for m in self.results)
+        return f'{{"results":[{results}],{rest[1:]}'.encode()
 
 
 class Resolver:

@@ -29,6 +29,7 @@ certain.
 from __future__ import annotations
 
 import heapq
+import json
 import math
 import re
 from collections.abc import Collection, Iterable, Iterator, Mapping
@@ -389,6 +390,15 @@ class Match:
 
     def to_dict(self) -> dict[str, Any]:
         """``{"cpid", "score", "free", "latency_ms", "record", ..., "rank"}`` (record decoded)."""
+        return self._fields(self.entry.record_dict())
+
+    def to_json(self) -> str:
+        """:meth:`to_dict` as JSON text, the record spliced in as pydantic writes it
+        (a third of the cost of making its dict and encoding that)."""
+        text = json.dumps(self._fields(_SPLICE), separators=(",", ":"), ensure_ascii=False)
+        return text.replace(_SPLICED, self.entry.record_text(), 1)
+
+    def _fields(self, record: Any) -> dict[str, Any]:
         e = self.entry
         out = {
             "cpid": self.cpid,
@@ -396,7 +406,7 @@ class Match:
             "free": self.free,
             "claimed": e.claimed,
             "latency_ms": self.latency_ms,
-            "record": e.record_dict(),
+            "record": record,
             "live": e.live,
             "kid": e.kid,
             "version": e.version,
@@ -407,6 +417,11 @@ class Match:
             out["rank"] = rank
         return out
 
+
+_SPLICE: Final = "\x00record"
+_SPLICED: Final = json.dumps(_SPLICE)
+"""Where :meth:`Match.to_json` puts the record: the first string value of its text that
+is this (``"cpid"``, the only string field before it, cannot hold a control character)."""
 
 Facet = tuple[str, tuple[str, ...], str]
 """What of an entry a query filters on at subgroup level: kind, accelerator models

@@ -60,7 +60,7 @@ class _Cache:
     """What an entry parsed or rendered (one object, made on first use, so that an entry
     that caches nothing carries one empty slot rather than five)."""
 
-    __slots__ = ("body", "record", "record_dict", "stale_body", "status")
+    __slots__ = ("body", "record", "record_dict", "record_text", "stale_body", "status")
 
     def __init__(self) -> None:
         self.record: Record | None = None
@@ -68,6 +68,7 @@ class _Cache:
         self.body: bytes | None = None
         self.stale_body: bytes | None = None
         self.record_dict: dict[str, Any] | None = None
+        self.record_text: str | None = None
 
 
 def _cache_of(entry: Entry) -> _Cache:
@@ -153,7 +154,6 @@ class Entry:
             outside its validity window; the entry is not served after it.
     """
 
-    cpid: str
     facts: RecordFacts
     sealed: Sealed
     chain: tuple[Envelope, ...]
@@ -173,6 +173,11 @@ class Entry:
 
     def __post_init__(self) -> None:
         self.free = free_units(self.facts, self.status_facts, self.claimed)
+
+    @property
+    def cpid(self) -> str:
+        """Canonical CPID text (the record key's; the facts hold it)."""
+        return self.facts.cpid
 
     # -- what the DNS front end and other callers read ----------------------------------
 
@@ -331,6 +336,16 @@ class Entry:
             d = self.record.model_dump(mode="json", exclude_none=True)
             _cache_of(self).record_dict = d
         return d
+
+    def record_text(self) -> str:
+        """:meth:`record_dict` as JSON text (cached), made by pydantic's own serializer:
+        what a discovery answer splices in (:meth:`resolver.discovery.Match.to_json`)."""
+        c = self._cache
+        text = None if c is None else c.record_text
+        if text is None:
+            text = self.record.model_dump_json(exclude_none=True)
+            _cache_of(self).record_text = text
+        return text
 
     def view(self) -> dict[str, Any]:
         """A decoded summary (discovery results and watch events use it)."""

@@ -350,7 +350,10 @@ def discover_in_roots(
 async def get_discover(request: web.Request) -> web.Response:
     query = _query(request)
     result = discover_in_roots(request.app[RESOLVER], query, _roots(request))
-    return _json(result.to_dict(), stale=result.stale)
+    resp = web.Response(body=result.to_json(), content_type=_JSON)
+    if result.stale:
+        resp.headers[STALE_HEADER] = "1"
+    return resp
 
 
 def render_event(event: Event) -> bytes:

@@ -502,7 +502,7 @@ class _Shared:
         """``f`` filed: strings shared, and without the node's public key (``""``), which
         the payload holds; a copy per record cost 92 bytes (:func:`node_key`)."""
         return RecordFacts(
-            cpid if f.cpid == cpid else f.cpid,
+            cpid,  # the key's text: the canonical form of the payload's (case may vary)
             self.get(f.kind),
             "",
             f.version,
@@ -813,7 +813,6 @@ class ReplicaState:
             if cpid in claims:
                 claimed = max(0, claimed - self._expired_claim_units(cpid))
             entry = Entry(
-                cpid,
                 facts,
                 sealed,
                 v.chain,
@@ -1560,8 +1559,7 @@ class ReplicaState:
         claimed = max(0, claimed - self._expired_claim_units(cpid))
         chain_rev = self._chain_revision(v)
         entry = Entry(
-            cpid=rs.cpid,  # the record key's string, shared with the facts (not the /live/ key's)
-            facts=rs.facts,
+            facts=rs.facts,  # its cpid: the record key's string (not the /live/ key's)
             sealed=rs.sealed,
             chain=v.chain,
             record_revision=rs.revision,

@@ -288,7 +288,6 @@ def bare_entry(
 ) -> Entry:
     """An entry made directly (no verification): for index and ranking tests."""
     return Entry(
-        cpid=facts.cpid,
         facts=facts,
         sealed=sealed,
         chain=(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 
 from registry.index import Index, Keys
-from resolver.core import Resolver
+from resolver.core import DiscoveryResult, Resolver
 from resolver.discovery import (
     LatencyTable,
     Query,
@@ -280,3 +281,28 @@ def test_free_units_add_back_what_the_agent_already_withheld_for_claims() -> Non
     assert free_units(facts, status(8, None), claimed=3) == 5
     # nonsense metrics never add units
     assert free_units(facts, status(5, -4), claimed=3) == 2
+
+
+async def test_the_answer_text_is_the_answer_object_encoded(world: World) -> None:
+    """``DiscoveryResult.to_json`` (what ``/v1/discover`` sends) splices in each record as
+    pydantic writes it: it must read back to exactly ``to_dict()``, whatever the record
+    holds (non-ASCII labels, floats, a record that leaves optional fields out)."""
+    await world.node(labels={"site": '上海 "东"\\区', "tier": "gold"}, region="31")
+    await world.node(free=3, model="Ascend 910B", count=4, region="62")
+    await world.node(free=None, kind="CPU", count=0, labels={})
+    await world.node(claimed=2, free=5, labels={"note": "\u0000 and \u2028"})
+    queries = [
+        Query(),
+        Query(near="31", limit=2),
+        Query(kind="GPU", sort="free"),
+        Query(near="31", sort="score", weights=(("free", 2.0),)),
+    ]
+    for q in queries:
+        results = world.state.discovery.search(q)
+        assert results
+        for stale in (False, True):
+            ranking = {"sort": q.order, "function": "f", "weights": dict(q.weight_map)}
+            for order in (None, ranking):
+                d = DiscoveryResult(results, world.rev, stale, order)
+                assert json.loads(d.to_json()) == d.to_dict()
+    assert b'"record":{' in DiscoveryResult(results, 1, False).to_json()

@@ -345,7 +345,8 @@ def test_entries_whose_cpid_text_does_not_begin_with_their_namespace() -> None:
     for i in range(400):
         e = make_entry(new_cpid(i, rng), rng)
         if i % 7 == 0:  # same facet as its neighbours, text sorting first of all
-            e = dataclasses.replace(e, cpid=f"A.{i:04d}/{e.id.kind}.x-00")
+            odd = f"A.{i:04d}/{e.id.kind}.x-00"
+            e = dataclasses.replace(e, facts=dataclasses.replace(e.facts, cpid=odd))
         entries[e.cpid] = e
         index.add(e)
     for q in (Query(), Query(kind="GPU", limit=5), Query(near="31", labels=(("tier", "gold"),))):
