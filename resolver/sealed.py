@@ -141,7 +141,9 @@ class _Whole(Sealed):
 def seal(env: Envelope, *, payload_type: str | None = None, keyid: str | None = None) -> Sealed:
     """``env`` held compactly (``payload_type``/``keyid``: equal strings to share
     instead); compressed (:class:`Packed`) when it is a record or status whose payload
-    gets smaller."""
+    gets smaller.  Envelopes are sealed as they arrive, before verification (a watch
+    event's status is held pending), so whatever a writer to the index puts there is
+    compressed at most once per value and never beyond :data:`_MAX_PAYLOAD` bytes."""
     sigs = env.signatures
     if len(sigs) != 1 or len(sigs[0].sig) != _SIG:
         return _Whole(env)
