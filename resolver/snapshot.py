@@ -104,6 +104,20 @@ def _live_facts(f: StatusFacts, cpid: str) -> tuple[Any, ...]:
     return cpid, f.state, f.accelerators_free, f.cpu_free, f.withheld
 
 
+def _status_kid(rec: Any) -> str:
+    """The key id of a status held with :data:`~resolver.entry.NODE_KID`: the node key's
+    id, from the record of its CPID (verified or not since: the CPID's serial binds the
+    key, rule 5), or none when that record is gone or unreadable (the status is verified
+    again on load in any case: the id is only a hint)."""
+    sealed = None if rec is None else rec.sealed
+    if sealed is None:
+        return ""
+    try:
+        return node_kid(sealed)
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
 class _Table:
     """Distinct values of one column of a chunk, each stored once (an index per row)."""
 
@@ -403,9 +417,8 @@ class SnapshotStore:
             if st_env is None:
                 continue
             rec = state.recs.get(cpid)
-            if lv.sealed is not None and lv.sealed.keyid is NODE_KID:  # stored as it came
-                verified_by = rec.sealed if rec is not None and rec.facts is not None else None
-                st_env = with_keyid(st_env, "" if verified_by is None else node_kid(verified_by))
+            if lv.sealed is not None and lv.sealed.keyid is NODE_KID:  # stored as it came:
+                st_env = with_keyid(st_env, _status_kid(rec))
             facts_s = checked = None
             sf = None if lv.reason else lv.facts
             if sf is not None and rec is not None and rec.facts is lv.checked:  # this record's

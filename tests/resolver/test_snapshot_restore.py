@@ -12,6 +12,7 @@ from typing import Any, cast
 
 from registry import ca
 from registry.index import Keys, Prefix
+from resolver.entry import NODE_KID
 from resolver.snapshot import SnapshotStore, TrustedRunner
 from resolver.state import Change, ReplicaState, Restored
 from resolver.verify import Context, Job, Outcome, run_jobs
@@ -252,3 +253,41 @@ async def test_a_snapshot_of_another_format_or_other_dictionaries_is_refused(
         store.read()
     store.write(revision, chunks)
     assert store.read().revision == revision
+
+
+async def test_a_status_whose_record_is_no_longer_served_is_stored_as_it_came(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """A verified status is held with the node key-id marker; once its record stops
+    being served (here: expired) the status goes to the snapshot's slow path, which must
+    write the envelope as stored in etcd, key id included."""
+    node = Node()
+    now = [time.time()]
+    status = node.status(free=4)
+    changes = [
+        Change(
+            "put",
+            Keys.rec(node.cpid),
+            signed(pki, node.record(expires_at=int(now[0]) + 120)).to_json(),
+            3,
+        ),
+        Change("put", Keys.live(node.cpid), status.to_json(), 3),
+    ]
+    cold = await _cold(pki, changes, clock=lambda: now[0])
+    assert cold.lives[node.cpid].sealed.keyid is NODE_KID  # type: ignore[union-attr]
+    now[0] += 3600
+    await cold.sweep(check=Counting())
+    assert node.cpid not in cold.served
+    _, chunks = await SnapshotStore.collect(cold)
+    rows = [row for what, items in chunks if what == "lives" for row in items]
+    (row,) = [r for r in rows if r[0] == node.cpid]
+    sig = status.signatures[0]
+    assert row[3] == (status.payload_type, status.payload, ((sig.keyid, sig.sig),))
+    # and after a warm start, the record renewed: served with the status as stored
+    warm, _, _ = await _warm(pki, cold, tmp_path, clock=lambda: now[0])
+    renewed = signed(pki, node.record(version=2, expires_at=int(now[0]) + 3600))
+    await warm.apply(
+        [Change("put", Keys.rec(node.cpid), renewed.to_json(), 9)], 9, check=Counting()
+    )
+    entry = warm.get(node.cpid)
+    assert entry is not None and entry.free == 4 and entry.status_envelope == status
