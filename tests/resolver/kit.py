@@ -241,6 +241,21 @@ def resolver_config(etcd_endpoint: str, anchor: Path, **changes: Any) -> Any:
     return ResolverConfig(**fields)
 
 
+async def ready_app_client(aiohttp_client: Any, config: Any) -> Any:
+    """aiohttp's test client for the resolver app made from ``config``, once ``/readyz``
+    says 200."""
+    from resolver.http import create_app
+    from tests.until import until
+
+    client = await aiohttp_client(create_app(config))
+
+    async def ready() -> bool:
+        return bool((await client.get("/readyz")).status == 200)
+
+    await until(ready, what="the resolver to be ready")
+    return client
+
+
 class SSE:
     """A minimal reader of a ``text/event-stream`` response (for asserting on the wire)."""
 

@@ -59,6 +59,24 @@ STATUSES = [
 ]
 
 
+def _spy_reads(index: DiscoveryIndex) -> list[str]:
+    """The CPIDs whose labels or entry ``index`` reads from now on, in order."""
+    read: list[str] = []
+    plain_labels, plain_entry = index._labels, index._entry
+
+    def spy_labels(cpid: str) -> tuple[tuple[str, str], ...]:
+        read.append(cpid)
+        return plain_labels(cpid)
+
+    def spy_entry(cpid: str) -> Entry:
+        read.append(cpid)
+        return plain_entry(cpid)
+
+    index._labels = spy_labels  # type: ignore[method-assign]
+    index._entry = spy_entry  # type: ignore[method-assign]
+    return read
+
+
 def make_entry(cpid: str, rng: random.Random) -> Entry:
     """An entry for ``cpid`` (kind and namespace from it) with random facts and status."""
     kind = cpid.partition("/")[2].partition(".")[0]
@@ -276,19 +294,7 @@ def test_a_selective_filter_touches_only_its_subgroups() -> None:
     rare = dataclasses.replace(rare, facts=dataclasses.replace(rare.facts, labels=(("x", "y"),)))
     entries[rare.cpid] = rare
     index.add(rare)
-    read: list[str] = []
-    plain_labels, plain_entry = index._labels, index._entry
-
-    def spy_labels(cpid: str) -> tuple[tuple[str, str], ...]:
-        read.append(cpid)
-        return plain_labels(cpid)
-
-    def spy_entry(cpid: str) -> Entry:
-        read.append(cpid)
-        return plain_entry(cpid)
-
-    index._labels = spy_labels  # type: ignore[method-assign]
-    index._entry = spy_entry  # type: ignore[method-assign]
+    read = _spy_reads(index)
     q = Query(within="CN.62.Z", kind="NPU", labels=(("rack", "r1"), ("tier", "gold")), near="31")
     found = index.search(q)
     assert shape(found) == brute(entries, q)
@@ -380,19 +386,7 @@ def test_a_rare_label_is_not_read_through_when_the_namespace_holds_fewer() -> No
         entries[e.cpid] = e
         index.add(e)
     assert index._few(Query(labels=(("rack", "r1"),))) is not None
-    read: list[str] = []
-    plain_labels, plain_entry = index._labels, index._entry
-
-    def spy_labels(cpid: str) -> tuple[tuple[str, str], ...]:
-        read.append(cpid)
-        return plain_labels(cpid)
-
-    def spy_entry(cpid: str) -> Entry:
-        read.append(cpid)
-        return plain_entry(cpid)
-
-    index._labels = spy_labels  # type: ignore[method-assign]
-    index._entry = spy_entry  # type: ignore[method-assign]
+    read = _spy_reads(index)
     q = Query(within="CN.62.Z", kind="NPU", labels=(("rack", "r1"),), near="31", limit=50)
     found = index.search(q)
     assert shape(found) == brute(entries, q)

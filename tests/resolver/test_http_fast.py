@@ -19,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from cpi.etcdproc import EtcdProcess
 from registry.index import Index
 from resolver.core import Resolver
-from resolver.http import RESOLVER, _LookupResource, create_app
-from tests.resolver.kit import Node, Pki, put_record, resolver_config
+from resolver.http import RESOLVER, _LookupResource
+from tests.resolver.kit import Node, Pki, put_record, ready_app_client, resolver_config
 from tests.until import until
 
 Client = TestClient
@@ -107,13 +107,7 @@ async def client(
     index: Index, pki: Pki, anchor_file: Path, etcd_server: EtcdProcess, aiohttp_client: Any
 ) -> AsyncIterator[Client]:
     await pki.publish(index)
-    c: Client = await aiohttp_client(create_app(resolver_config(etcd_server.endpoint, anchor_file)))
-
-    async def ready() -> bool:
-        return (await c.get("/readyz")).status == 200
-
-    await until(ready, what="the resolver to be ready")
-    yield c
+    yield await ready_app_client(aiohttp_client, resolver_config(etcd_server.endpoint, anchor_file))
 
 
 def _headers(resp: Any) -> list[tuple[str, str]]:
