@@ -73,10 +73,15 @@ class KV:
 
 @dataclass(frozen=True, slots=True)
 class KVPage:
-    """One page of a prefix listing; every page of one listing has the same ``revision``."""
+    """One page of a prefix listing; every page of one listing has the same ``revision``.
+
+    ``ranged``: how many keys the request's range held, as etcd reported them.  etcd 3.5
+    walks every key of a request's range to count them, also when it returns only a
+    page, so this is what the page cost etcd (see :meth:`Index.iter_prefix`)."""
 
     kvs: list[KV]
     revision: int
+    ranged: int = 0
 
 
 CmpOp = Literal["==", "!=", "<", ">"]

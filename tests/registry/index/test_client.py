@@ -128,9 +128,73 @@ async def test_paged_listing_is_complete(index: Index) -> None:
     assert [kv.key for kv in kvs] == sorted(expected)
     assert rev == await index.revision()
     pages = [page async for page in index.iter_prefix("/t/big/", page_size=100)]
-    assert [len(p.kvs) for p in pages] == [100] * 12 + [34]
+    assert all(0 < len(p.kvs) <= 100 for p in pages)
+    assert [kv for p in pages for kv in p.kvs] == kvs
     assert {p.revision for p in pages} == {rev}
     assert await index.count_prefix("/t/big/") == 1234
+
+
+async def test_paged_listing_walks_windows_not_the_rest_of_the_prefix(index: Index) -> None:
+    # etcd counts every key of a request's range: pages over "the rest of the prefix"
+    # would make it walk ~n^2 / (2 * page) keys (3000 keys, pages of 100: ~45,000)
+    await put_many(
+        index, {f"/t/win/CN.{i % 7}.X/GPU.{i * 7919 % 10**6:06d}": b"v" for i in range(3000)}
+    )
+    pages = [page async for page in index.iter_prefix("/t/win/", page_size=100)]
+    assert sum(len(p.kvs) for p in pages) == 3000
+    assert pages[0].ranged == 3000  # the first page knows no density yet
+    assert sum(p.ranged for p in pages) < 4 * 3000
+    assert len(pages) < 3000 / 100 * 2
+
+
+def _layout(name: str) -> list[str]:
+    """Key sets that a density estimate gets wrong at first (listed under ``/t/l/``)."""
+    if name == "clusters":  # sparse, then very dense, then sparse again
+        return (
+            [f"a{i:03d}" for i in range(0, 1000, 10)]
+            + [f"m/{i:05d}" for i in range(2000)]
+            + [f"z{i}" for i in range(30)]
+        )
+    if name == "long-common-prefix":  # keys agree on more than the 48 bytes placed
+        return [f"{'p' * 60}/{i:04d}" for i in range(700)]
+    if name == "bytes":  # the highest byte values, the prefix itself, lengths 0..3
+        return ["", "\x00", "\x7f", "\x7f\x7f\x7f", *(f"\x7f{chr(i)}" for i in range(1, 128))]
+    if name == "dense-then-far":  # one page's worth close together, then a huge gap
+        return [f"0000{i:03d}" for i in range(150)] + ["\x7f\x7fzzz", "\x7f\x7f\x7f\x7f"]
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("layout", ["clusters", "long-common-prefix", "bytes", "dense-then-far"])
+@pytest.mark.parametrize("page_size", [1, 7, 100])
+async def test_paged_listing_is_complete_whatever_the_key_layout(
+    index: Index, layout: str, page_size: int
+) -> None:
+    keys = _layout(layout)
+    if page_size == 1 and len(keys) > 300:
+        keys = keys[::10]
+    expected = {f"/t/l/{k}": k.encode() for k in keys}
+    await index.delete_prefix("/t/l/")
+    await put_many(index, expected)
+    await index.put("/t/l0", b"past the prefix's end")
+    await index.put("/t/l.", b"before the prefix")
+    pages = [p async for p in index.iter_prefix("/t/l/", page_size=page_size)]
+    listed = [kv.key for p in pages for kv in p.kvs]
+    assert listed == sorted(expected, key=str.encode)
+    assert all(0 < len(p.kvs) <= page_size for p in pages)
+    # resuming after any key lists exactly the rest
+    for cut in (0, len(listed) // 3, len(listed) - 1):
+        rest = [
+            kv.key
+            async for p in index.iter_prefix("/t/l/", page_size=page_size, after=listed[cut])
+            for kv in p.kvs
+        ]
+        assert rest == listed[cut + 1 :]
+
+
+async def test_listing_an_empty_prefix_yields_one_empty_page(index: Index) -> None:
+    pages = [p async for p in index.iter_prefix("/t/nothing-here/", page_size=10)]
+    assert [p.kvs for p in pages] == [[]]
+    assert pages[0].revision == await index.revision()
 
 
 async def test_paged_listing_is_one_snapshot_while_writes_happen(index: Index) -> None:
