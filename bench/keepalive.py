@@ -163,7 +163,7 @@ async def run(args: argparse.Namespace) -> int:
                 heartbeat_s=10,
             )
             (tmp / "registry.json").write_text(json.dumps(config))
-            registry_proc = start_registry(tmp)
+            registry_proc = start_registry(tmp, workers=1)
             registry = f"http://127.0.0.1:{port}"
             await wait_ready(registry, registry_proc, tmp / "registry.log")
             resolver = Server(etcd.endpoint, tmp / "anchor.json", tmp / "resolver.log")
