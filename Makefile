@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy schemas registry resolver cpi seeds
+	$(BIN)/mypy schemas registry resolver cpi seeds bench examples && $(BIN)/mypy -p tools
 
 sysdeps:
 	bash tools/sysdeps.sh

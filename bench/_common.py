@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from registry import ca, keyfile
@@ -15,7 +15,7 @@ from schemas import keys
 from schemas.keys import Ed25519PrivateKey
 
 
-def rate(fn: Callable[[], None], n: int) -> float:
+def rate(fn: Callable[[], object], n: int) -> float:
     """Operations per second of ``fn`` run ``n`` times."""
     t0 = time.perf_counter()
     for _ in range(n):
@@ -23,7 +23,7 @@ def rate(fn: Callable[[], None], n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def interleaved(cases: dict[str, Callable[[], None]], n: int, rounds: int) -> dict[str, float]:
+def interleaved(cases: Mapping[str, Callable[[], object]], n: int, rounds: int) -> dict[str, float]:
     """Median rate of each case over ``rounds``, the cases taking turns within every round.
 
     Turn-taking means a noisy neighbour slows every case alike, so the ratios hold

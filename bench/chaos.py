@@ -58,7 +58,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -739,7 +739,7 @@ async def run_chaos(
     claimers: int = 24,
     hot: int = 3,
     seed: int = 1,
-    faults: Callable[[Stack, dict[str, Any], Index, History, float], Awaitable[None]]
+    faults: Callable[[Stack, dict[str, Any], Index, History, float], Coroutine[Any, Any, None]]
     | None = fault_loop,
 ) -> Report:
     """Load, faults and checks against a running *stack* (see the module docstring)."""

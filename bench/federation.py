@@ -45,7 +45,7 @@ from schemas import keys  # noqa: E402
 from schemas.chain import TrustAnchors  # noqa: E402
 from schemas.cpid import derive  # noqa: E402
 from schemas.endorsement import Endorsement  # noqa: E402
-from schemas.models import Accelerator, Attributes, Location, Record  # noqa: E402
+from schemas.models import Accelerator, Anchor, Attributes, Location, Record  # noqa: E402
 
 SETTINGS = ResolverSettings(sync=SyncSettings(probe_interval=0.2, sweep_interval=0.2))
 
@@ -88,14 +88,16 @@ async def _fill(
     return root_key, cpids
 
 
-def _spec(name: str, endpoint: str, anchor: object, endorsed_by: str | None = None) -> MemberSpec:
+def _spec(
+    name: str, endpoint: str, anchor: Anchor | None, endorsed_by: str | None = None
+) -> MemberSpec:
     return MemberSpec(
         name,
         name,
         (name,),
         EtcdSettings(endpoints=[endpoint]),
         anchor,
-        endorsed_by,  # type: ignore[arg-type]
+        endorsed_by,
     )
 
 

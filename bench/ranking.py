@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import random
 import statistics
@@ -143,7 +144,7 @@ def main() -> None:
     samples: dict[str, list[float]] = {k: [] for k in queries}
     for _ in range(args.rounds):
         for name, q in queries.items():
-            samples[name].append(per_query_ms(lambda q=q: search(q), 3))
+            samples[name].append(per_query_ms(functools.partial(search, q), 3))
     base = statistics.median(samples["default (baseline)"])
     print(f"first sort=score query, score inputs read from every payload: {cold:.1f} ms")
     print(f"{'query':32} {'ms/query':>10} {'x default':>10}")

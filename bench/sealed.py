@@ -126,7 +126,7 @@ async def _snapshot(state: ReplicaState, world: World, n: int) -> tuple[float, f
     runner = TrustedRunner(snap, _inline)
     for batch in snap.batches():
         if batch and isinstance(batch[0], Restored):
-            again = fresh.restore(batch, snap.revision)  # type: ignore[arg-type]
+            again = fresh.restore(batch, snap.revision)
             if again:
                 await fresh.apply(again, snap.revision, check=runner, emit=False)
         else:

@@ -1134,6 +1134,7 @@ def envelope_vectors() -> dict[str, Any]:
     status, _ = docs["status"]
     record_, _ = docs["record"]
     register, _ = docs["register"]
+    assert isinstance(register, Register)
     n1 = key("node 1")
     status_json = status.to_json()
     good_status = sign_doc(status, n1)
