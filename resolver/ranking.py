@@ -51,13 +51,13 @@ present one, whatever the direction.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from resolver.errors import QueryError
-from schemas import _json
 from schemas.http import parse_number
 
 if TYPE_CHECKING:
@@ -354,17 +354,20 @@ def _number(obj: Any, name: str) -> float | None:
 
 def _read(entry: Entry) -> EntryFacts:
     """Read the score inputs from the verified payloads (they were validated, bounds
-    included, when verified; this only picks fields, defensively)."""
+    included, when verified; this only picks fields, defensively).  Python's own reader
+    is enough for bytes the strict one (:mod:`schemas._json`) accepted when they were
+    verified, and three times as fast: no hook per object (a discovery answer reads
+    each of its results' payloads the first time it shows them)."""
     try:
-        rec = _json.loads(entry.sealed.payload)
-    except ValueError:
+        rec = json.loads(entry.sealed.payload)
+    except (ValueError, RecursionError):
         rec = {}
     metrics: Any = {}
     if entry.status_sealed is not None:
         try:
-            st = _json.loads(entry.status_sealed.payload)
+            st = json.loads(entry.status_sealed.payload)
             metrics = st.get("metrics", {}) if isinstance(st, dict) else {}
-        except ValueError:
+        except (ValueError, RecursionError):
             metrics = {}
     rec = rec if isinstance(rec, dict) else {}
     loc = rec.get("location")

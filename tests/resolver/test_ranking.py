@@ -4,7 +4,8 @@ sort orders of discovery with their explanations, and the sort/weights parameter
 from __future__ import annotations
 
 import math
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 from hypothesis import given
@@ -17,6 +18,9 @@ from resolver.errors import QueryError
 from schemas.models import Attributes, CpuInfo, Location
 from tests.resolver.kit import Node, Pki, signed
 from tests.resolver.test_discovery import World
+
+if TYPE_CHECKING:
+    from resolver.entry import Entry
 
 # -- the functions, by hand -------------------------------------------------------------
 
@@ -406,3 +410,26 @@ async def test_every_order_equals_sorting_all_matches_by_their_shown_keys(world:
             assert [m.cpid for m in _order(world, sort=sort, near="31", limit=k)] == [
                 m.cpid for m in everything[:k]
             ]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"not json",
+        b"[" * 100_000 + b"]" * 100_000,  # deeper than Python's reader goes
+        b'["a list", {"attributes": {"price_cny_per_unit_hour": 3}}]',
+        b'{"attributes": {"price_cny_per_unit_hour": NaN}, "location": {"pue": Infinity}}',
+        b'{"attributes": {"price_cny_per_unit_hour": -1}, "location": {"pue": "1.2"}}',
+        b'{"attributes": {"price_cny_per_unit_hour": 1e400}, "location": {"pue": true}}',
+        b"\xff\xfe",
+    ],
+)
+def test_score_inputs_of_unreadable_payloads_are_unknown(payload: bytes) -> None:
+    # verified payloads never look like these; should one, it costs its scores alone
+    sealed = SimpleNamespace(payload=payload)
+    entry = cast(
+        "Entry",
+        SimpleNamespace(cpid=f"CN.11.T/GPU.{len(payload)}", sealed=sealed, status_sealed=sealed),
+    )
+    ranking.clear_cache()
+    assert ranking.entry_facts(entry) == ranking.EntryFacts(None, None, None, None, None, None)
