@@ -338,12 +338,17 @@ class Entry:
         return d
 
     def record_text(self) -> str:
-        """:meth:`record_dict` as JSON text (cached), made by pydantic's own serializer:
-        what a discovery answer splices in (:meth:`resolver.discovery.Match.to_json`)."""
+        """:meth:`record_dict` as JSON text (cached), as pydantic's own serializer writes
+        it: what a discovery answer splices in (:meth:`resolver.discovery.Match.to_json`).
+        A payload verification found :attr:`~resolver.verify.RecordFacts.canonical` is
+        that text already (2 µs instead of 20 for parsing and writing it again)."""
         c = self._cache
         text = None if c is None else c.record_text
         if text is None:
-            text = self.record.model_dump_json(exclude_none=True)
+            if self.facts.canonical:
+                text = self.sealed.payload.decode()
+            else:
+                text = self.record.model_dump_json(exclude_none=True)
             _cache_of(self).record_text = text
         return text
 

@@ -5,7 +5,8 @@ A resolver with a snapshot directory writes what it has verified at one revision
 revision moved) and on shutdown -- and loads it on start instead of listing and
 verifying the whole index, then watches from that revision.
 
-What is stored (format 5): the records that verified and were served, with their
+What is stored (format 6: 5 with whether each record's payload is canonical,
+:attr:`~resolver.verify.RecordFacts.canonical`): the records that verified and were served, with their
 statuses that verified under the record's key, as columns (``fast`` chunks: the CPID,
 revisions, lease, each envelope as the replica holds it -- one signature-then-payload
 bytes object, the payload compressed or not (:mod:`resolver.sealed`), with its payload
@@ -69,7 +70,7 @@ __all__ = ["LoadedSnapshot", "SnapshotStore", "TrustedRunner", "anchors_digest"]
 _log = logging.getLogger("resolver.snapshot")
 
 _MAGIC_PREFIX: Final = b"CPI-REPLICA-SNAPSHOT/"
-FORMAT: Final = 5
+FORMAT: Final = 6
 MAGIC: Final = _MAGIC_PREFIX + b"%d\n" % FORMAT
 FILE: Final = "replica.snap"
 KEY_FILE: Final = "snapshot.key"
@@ -96,6 +97,7 @@ def _rec_facts(f: RecordFacts, public_key: str) -> tuple[Any, ...]:
     # the replica files record facts without the node's key (it reads it from the payload)
     return (
         f.cpid, f.kind, public_key, f.version, f.expires_at, f.region, f.accelerators, f.labels,
+        f.canonical,
     )  # fmt: skip
 
 
@@ -160,7 +162,9 @@ class _FastChunk:
         c["ver"].append(facts.version)
         c["exp"].append(facts.expires_at)
         c["profile"].append(
-            self.profiles((facts.kind, facts.region, facts.accelerators, facts.labels))
+            self.profiles(
+                (facts.kind, facts.region, facts.accelerators, facts.labels, facts.canonical)
+            )
         )
         if lv is None:
             for name in _STATUS_COLUMNS:

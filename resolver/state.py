@@ -107,7 +107,8 @@ class Change:
 
 class Restored(NamedTuple):
     """A record (and status) as :meth:`ReplicaState.restore` takes it from a snapshot:
-    the record's facts as fields (``profile``: kind, region, accelerators, labels), the
+    the record's facts as fields (``profile``: kind, region, accelerators, labels,
+    canonical), the
     status's as ``(state, accelerators_free, cpu_free, withheld)``."""
 
     cpid: str
@@ -115,7 +116,7 @@ class Restored(NamedTuple):
     sealed: Sealed
     version: int
     expires_at: int
-    profile: tuple[str, str, tuple[str, ...], tuple[tuple[str, str], ...]]
+    profile: tuple[str, str, tuple[str, ...], tuple[tuple[str, str], ...], bool]
     status: Sealed | None = None
     status_revision: int = 0
     lease: int = 0
@@ -510,6 +511,7 @@ class _Shared:
             self.get(f.region),
             self.get(tuple(self.get(a) for a in f.accelerators)),
             self.labels(f.labels),
+            f.canonical,
         )
 
     def status_facts(self, f: StatusFacts) -> StatusFacts:
@@ -737,7 +739,8 @@ class ReplicaState:
         allocs, claims = self.allocs, self.claims
         revoked = self._revoked_serials
         seen = self._serial_seen
-        profiles: dict[object, tuple[str, str, tuple[str, ...], tuple[tuple[str, str], ...]]] = {}
+        profiles: dict[object, tuple[str, str, tuple[str, ...], tuple[tuple[str, str], ...], bool]]
+        profiles = {}
         statuses: dict[object, StatusFacts] = {}
         signers: dict[str, tuple[SignerVerdict, int, str]] = {}  # kid -> verdict, chain rev, kid
         types: dict[str, str] = {}  # payload types, shared
@@ -763,20 +766,21 @@ class ReplicaState:
                 continue
             profile = profiles.get(r.profile)
             if profile is None:
-                kind, region, accelerators, labels = r.profile
+                kind, region, accelerators, labels, canonical = r.profile
                 profile = profiles[r.profile] = (
                     shared.get(kind),
                     shared.get(region),
                     shared.get(tuple(shared.get(a) for a in accelerators)),
                     shared.labels(labels),
+                    canonical is True,
                 )
-            kind, region, accelerators, labels = profile
+            kind, region, accelerators, labels, canonical = profile
             sealed = r.sealed
             pt = sealed.payload_type
             sealed.payload_type = types.get(pt) or types.setdefault(pt, shared.get(pt))
             sealed.keyid = kid
             facts = RecordFacts(
-                cpid, kind, "", r.version, r.expires_at, region, accelerators, labels
+                cpid, kind, "", r.version, r.expires_at, region, accelerators, labels, canonical
             )
             recs[cpid] = _Rec(
                 cpid, r.revision, sealed, facts=facts, reason="", valid_until=valid_until

@@ -20,6 +20,7 @@ from resolver.discovery import (
 from resolver.errors import QueryError
 from resolver.state import Change, ReplicaState
 from resolver.verify import Context, Job, Outcome, run_jobs
+from schemas import dsse
 from tests.resolver.kit import LATENCY, Node, Pki, put_record, put_status, signed
 from tests.until import until
 
@@ -306,3 +307,27 @@ async def test_the_answer_text_is_the_answer_object_encoded(world: World) -> Non
                 d = DiscoveryResult(results, world.rev, stale, order)
                 assert json.loads(d.to_json()) == d.to_dict()
     assert b'"record":{' in DiscoveryResult(results, 1, False).to_json()
+
+
+async def test_a_canonical_payload_is_shown_as_signed_any_other_as_pydantic_writes_it(
+    world: World,
+) -> None:
+    """Verification notes whether a record's payload is exactly what pydantic writes for
+    it (as this project's registries sign it); answers then show those bytes instead of
+    parsing and writing them again.  Any other spelling of a valid record is shown as
+    pydantic writes it: the same text either way."""
+    canonical = await world.node(labels={"site": '上海 "东"\\区'})
+    odd = Node(labels={"site": "上海"})
+    rec = odd.record()
+    fields = rec.model_dump(mode="json", exclude_none=True)
+    # the same record spelt otherwise: keys in reverse order, indented, ASCII escapes
+    text = json.dumps(dict(reversed(list(fields.items()))), indent=1)
+    env = dsse.sign(rec.media_type(), text.encode(), world.pki.key_of(rec.issuer))
+    await world.put(Keys.rec(odd.cpid), env.to_json())
+    a, b = world.state.served[canonical.cpid], world.state.served[odd.cpid]
+    assert a.facts.canonical and not b.facts.canonical
+    assert a.record_text().encode() == a.sealed.payload
+    assert b.record_text().encode() != b.sealed.payload
+    for e in (a, b):
+        assert e.record_text() == e.record.model_dump_json(exclude_none=True)
+        assert json.loads(e.record_text()) == e.record_dict()

@@ -170,13 +170,13 @@ async def test_a_snapshot_of_the_previous_format_is_not_used(
     try:
         snap = warm.health()["snapshot"]
         assert snap["status"] == (
-            "not used: unreadable: another snapshot format (4, this resolver reads 5)"
+            "not used: unreadable: another snapshot format (4, this resolver reads 6)"
         )
         assert snap["fallbacks"] == 1
         assert _view(warm) == cold
     finally:
         await warm.close()
-    assert (tmp_path / "snap" / FILE).read_bytes().startswith(b"CPI-REPLICA-SNAPSHOT/5\n")
+    assert (tmp_path / "snap" / FILE).read_bytes().startswith(b"CPI-REPLICA-SNAPSHOT/6\n")
 
 
 async def test_a_compacted_revision_falls_back_to_a_listing(

@@ -110,6 +110,7 @@ async def test_restored_state_equals_the_cold_one(pki: Pki, tmp_path: Path) -> N
     assert restored == len(cold.served) == len(nodes) + 1  # every served record: fast path
     # the only signature checked again: the status that failed (failures are not kept)
     assert verifier.jobs == 1
+    assert all(e.facts.canonical for e in cold.served.values())  # kept, as all facts are
     assert _view(warm) == _view(cold)
     assert warm.sizes() == cold.sizes()
     assert warm.keys() == cold.keys()
@@ -237,13 +238,13 @@ async def test_a_snapshot_of_another_format_or_other_dictionaries_is_refused(
     cold = await _cold(pki, changes)
     store = SnapshotStore(tmp_path / "snap", pki.anchors)
     revision, chunks = await SnapshotStore.collect(cold)
-    for old in (3, 4):  # as a resolver of an earlier format wrote it
+    for old in (3, 4, 5):  # as a resolver of an earlier format wrote it
         with monkeypatch.context() as m:
             m.setattr(snapshot_mod, "MAGIC", b"CPI-REPLICA-SNAPSHOT/%d\n" % old)
             m.setattr(snapshot_mod, "FORMAT", old)
             store.write(revision, chunks)
         with pytest.raises(
-            SnapshotError, match=rf"^another snapshot format \({old}, this resolver reads 5\)"
+            SnapshotError, match=rf"^another snapshot format \({old}, this resolver reads 6\)"
         ):
             store.read()
     with monkeypatch.context() as m:
