@@ -582,7 +582,13 @@ class Index:
             first = False
             if resp.more and resp.kvs:  # more in this window: go on inside it
                 width = _page_width(base, resp.kvs, page_size, width)
-                start = bytes(resp.kvs[-1].key) + b"\x00"
+                after_last = bytes(resp.kvs[-1].key) + b"\x00"
+                if after_last <= start:  # a member that answers so would page forever
+                    raise RetrievalError(
+                        f"listing {prefix!r}: etcd answered a page ending at "
+                        f"{after_last[:-1][:200]!r}, not after {start[:200]!r}"
+                    )
+                start = after_last
             elif stop == end:
                 return
             else:  # the window held less than a page: widen (x4 at most: gaps between

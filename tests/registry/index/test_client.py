@@ -191,6 +191,31 @@ async def test_paged_listing_is_complete_whatever_the_key_layout(
         assert rest == listed[cut + 1 :]
 
 
+async def test_a_page_that_does_not_move_forward_ends_the_listing_with_an_error(
+    index: Index, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a member (or proxy) that answers the same page again must not make a listing page
+    # forever: the second request is answered with the first page, "more" still set
+    await put_many(index, {f"/t/loop/{i:03d}": b"v" for i in range(30)})
+    kv = index._c.kv
+    real = kv.get
+    first: list[Any] = []
+
+    async def replaying(*args: Any, **kwargs: Any) -> Any:
+        resp = await real(*args, **kwargs)
+        if not first:
+            first.append(resp)
+            return resp
+        return first[0]
+
+    monkeypatch.setattr(kv, "get", replaying)
+    pages: list[int] = []
+    with pytest.raises(RetrievalError, match="not after"):
+        async for page in index.iter_prefix("/t/loop/", page_size=10):
+            pages.append(len(page.kvs))
+    assert pages == [10, 10]  # the first page, then its replay; then the error
+
+
 async def test_listing_an_empty_prefix_yields_one_empty_page(index: Index) -> None:
     pages = [p async for p in index.iter_prefix("/t/nothing-here/", page_size=10)]
     assert [p.kvs for p in pages] == [[]]
