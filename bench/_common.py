@@ -1,9 +1,11 @@
 """Shared bench helpers: interleaved rounds, best-of, ratios against a same-run baseline;
-a certified namespace and a registry config for benches that run a registry."""
+a certified namespace and a registry config for benches that run a registry; the CPU
+time of a process tree."""
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -72,3 +74,28 @@ def registry_config(
         "registration_burst": 1_000_000,
         **extra,
     }
+
+
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds so far of process ``pid`` and every process below it
+    (``--workers N``: the worker processes), from Linux ``/proc``."""
+    ticks: dict[int, int] = {}
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
+        parents[int(entry.name)] = int(fields[1])
+
+    def below(p: int) -> bool:
+        while p > 1:
+            if p == pid:
+                return True
+            p = parents.get(p, 0)
+        return False
+
+    return sum(t for p, t in ticks.items() if below(p)) / os.sysconf("SC_CLK_TCK")

@@ -64,7 +64,7 @@ from aiohttp import web
 from etcd.api.etcdserverpb.rpc_pb2 import Compare, PutRequest, RequestOp
 from etcd3aio import Etcd3Client
 
-from bench._common import publish_namespace, registry_config
+from bench._common import proc_cpu, publish_namespace, registry_config
 from cpi.etcdproc import EtcdProcess, free_port
 from registry import ca, tokens
 from registry.config import load_config
@@ -492,31 +492,6 @@ def start_registry(tmp: Path, workers: int) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
         )
-
-
-def proc_cpu(pid: int) -> float:
-    """User + system CPU seconds so far of process ``pid`` and every process below it
-    (``--workers N``: the worker processes), from Linux ``/proc``."""
-    ticks: dict[int, int] = {}
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
-        parents[int(entry.name)] = int(fields[1])
-
-    def below(p: int) -> bool:
-        while p > 1:
-            if p == pid:
-                return True
-            p = parents.get(p, 0)
-        return False
-
-    return sum(t for p, t in ticks.items() if below(p)) / os.sysconf("SC_CLK_TCK")
 
 
 def _read(path: Path) -> str:

@@ -30,6 +30,7 @@ import json
 import multiprocessing
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiohttp
 
+from bench._common import proc_cpu
 from bench.resolve import (
     Server,
     World,
@@ -58,6 +60,12 @@ from cpi.etcdproc import EtcdProcess
 from registry.index import Index, Keys, Op
 
 CHUNK = 2000
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's ended children (wrk runs, once each ends)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def quota_bytes(records: int) -> int:
@@ -265,8 +273,16 @@ async def run(args: argparse.Namespace) -> None:
                 "hello": f"http://127.0.0.1:{hello_port}/",
             }
             samples: dict[str, list[float]] = {k: [] for k in urls}
+            # CPU of every process during each target's rounds: what else ran meanwhile
+            assert server.proc is not None and etcd.pid is not None
+            pids = {"resolver": server.proc.pid, "hello-world": hello.pid, "etcd": etcd.pid}
+            cpu: dict[str, dict[str, float]] = {k: dict.fromkeys(pids, 0.0) for k in urls}
+            walls: dict[str, float] = dict.fromkeys(urls, 0.0)
             for _ in range(args.rounds):
                 for name, url in urls.items():
+                    before = {k: proc_cpu(pid) for k, pid in pids.items()}
+                    load0 = _children_cpu()
+                    started = time.monotonic()
                     if have_wrk:
                         rate = await asyncio.to_thread(
                             wrk_rate, url, duration=args.duration, connections=args.connections
@@ -275,6 +291,12 @@ async def run(args: argparse.Namespace) -> None:
                         rate = await aiohttp_rate(
                             url, duration=args.duration, connections=args.connections
                         )
+                    walls[name] += time.monotonic() - started
+                    for k, pid in pids.items():
+                        cpu[name][k] += proc_cpu(pid) - before[k]
+                    cpu[name]["load generator"] = (
+                        cpu[name].get("load generator", 0.0) + _children_cpu() - load0
+                    )
                     samples[name].append(rate)
             ratios = [a / b for a, b in zip(samples["resolver"], samples["hello"], strict=True)]
             ratio = statistics.median(ratios)
@@ -285,6 +307,11 @@ async def run(args: argparse.Namespace) -> None:
                 f"{statistics.median(samples['hello']):,.0f} req/s; per round "
                 f"{', '.join(f'{x:.2f}' for x in ratios)}"
             )
+            for name in urls:
+                print(
+                    f"  CPU during the {name} rounds ({walls[name]:.1f} s): "
+                    + ", ".join(f"{k} {v:.1f} s" for k, v in cpu[name].items())
+                )
             results.append(("cached GET / aiohttp hello-world", f"{ratio:.2f}x", ">= 0.8x",
                             ratio >= 0.8))  # fmt: skip
             server.stop()
