@@ -37,7 +37,7 @@ pytest: $(STAMP) sysdeps
 test: lint typecheck pytest
 
 bench: $(STAMP)
-	for b in bench/verify.py bench/register.py bench/claims.py bench/audit.py bench/resolve.py bench/dns.py bench/witness.py; do $(BIN)/python $$b || exit 1; done
+	for b in bench/verify.py bench/register.py bench/claims.py bench/audit.py bench/resolve.py bench/dns.py bench/witness.py bench/listing.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .cpi .pytest_cache .mypy_cache .ruff_cache
