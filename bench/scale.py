@@ -224,6 +224,9 @@ async def run(args: argparse.Namespace) -> None:
                 f"workers), after warm restart {rss_warm / 1024:.0f} MiB; stop (writes the "
                 f"snapshot, {snap_mb:.0f} MB) took {t_stop:.1f} s"
             )
+            for text in server.log.read_text(errors="replace").splitlines():
+                if "listed the index at revision" in text or "warm start from the" in text:
+                    print(f"  resolver log: {text[:400]}")  # where the start-up time went
             results += [
                 ("RSS per record (cold, incl. status)", f"{per_cold:,.0f} B", "<= 1.5 KB",
                  per_cold <= 1536),
