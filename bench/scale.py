@@ -279,7 +279,9 @@ async def run(args: argparse.Namespace) -> None:
             # CPU of every process during each target's rounds: what else ran meanwhile
             assert server.proc is not None and etcd.pid is not None
             pids = {"resolver": server.proc.pid, "hello-world": hello.pid, "etcd": etcd.pid}
-            cpu: dict[str, dict[str, float]] = {k: dict.fromkeys(pids, 0.0) for k in urls}
+            cpu: dict[str, dict[str, float]] = {
+                k: dict.fromkeys([*pids, "load generator"], 0.0) for k in urls
+            }
             walls: dict[str, float] = dict.fromkeys(urls, 0.0)
             for _ in range(args.rounds):
                 for name, url in urls.items():
@@ -297,9 +299,7 @@ async def run(args: argparse.Namespace) -> None:
                     walls[name] += time.monotonic() - started
                     for k, pid in pids.items():
                         cpu[name][k] += proc_cpu(pid) - before[k]
-                    cpu[name]["load generator"] = (
-                        cpu[name].get("load generator", 0.0) + _children_cpu() - load0
-                    )
+                    cpu[name]["load generator"] += _children_cpu() - load0
                     samples[name].append(rate)
             ratios = [a / b for a, b in zip(samples["resolver"], samples["hello"], strict=True)]
             ratio = statistics.median(ratios)
