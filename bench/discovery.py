@@ -254,9 +254,7 @@ def label_holders(
     for h in sorted(holders):
         for cpid in order[done:h]:
             e = es[cpid]
-            changed = dataclasses.replace(
-                e, facts=dataclasses.replace(e.facts, labels=(*e.facts.labels, pair))
-            )
+            changed = dataclasses.replace(e, facts=e.facts._replace(labels=(*e.facts.labels, pair)))
             for index in (old, new):
                 index.remove(e)
             es[cpid] = changed

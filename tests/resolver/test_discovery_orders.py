@@ -291,7 +291,7 @@ def test_a_selective_filter_touches_only_its_subgroups() -> None:
         entries[e.cpid] = e
         index.add(e)
     rare = make_entry("CN.11.A/GPU.999999999999-00", rng)
-    rare = dataclasses.replace(rare, facts=dataclasses.replace(rare.facts, labels=(("x", "y"),)))
+    rare = dataclasses.replace(rare, facts=rare.facts._replace(labels=(("x", "y"),)))
     entries[rare.cpid] = rare
     index.add(rare)
     read = _spy_reads(index)
@@ -352,7 +352,7 @@ def test_entries_whose_cpid_text_does_not_begin_with_their_namespace() -> None:
         e = make_entry(new_cpid(i, rng), rng)
         if i % 7 == 0:  # same facet as its neighbours, text sorting first of all
             odd = f"A.{i:04d}/{e.id.kind}.x-00"
-            e = dataclasses.replace(e, facts=dataclasses.replace(e.facts, cpid=odd))
+            e = dataclasses.replace(e, facts=e.facts._replace(cpid=odd))
         entries[e.cpid] = e
         index.add(e)
     for q in (Query(), Query(kind="GPU", limit=5), Query(near="31", labels=(("tier", "gold"),))):
