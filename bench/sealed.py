@@ -125,12 +125,12 @@ async def _snapshot(state: ReplicaState, world: World, n: int) -> tuple[float, f
     fresh = ReplicaState(anchors=world.anchors)
     runner = TrustedRunner(snap, _inline)
     for batch in snap.batches():
-        if batch and isinstance(batch[0], Restored):
+        if isinstance(batch, Restored):
             again = fresh.restore(batch, snap.revision)
             if again:
                 await fresh.apply(again, snap.revision, check=runner, emit=False)
         else:
-            await fresh.apply(batch, snap.revision, check=runner, emit=False)  # type: ignore[arg-type]
+            await fresh.apply(batch, snap.revision, check=runner, emit=False)
     assert len(fresh.served) == len(state.served)
     return size / n, time.perf_counter() - t0
 

@@ -32,7 +32,7 @@ import heapq
 import json
 import math
 import re
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -555,6 +555,39 @@ class DiscoveryIndex:
         self._size += 1
         if entry.facts.labels:
             self._add_labels(entry.cpid, entry.facts.labels, self._locs[gkey, sub])
+
+    def sets(self) -> Iterator[Collection[str]]:
+        """The indexed CPIDs, a set at a time: entries alike for :meth:`add_alike` (a
+        snapshot lists its records in this order, so that a warm start adds them a set
+        at a time)."""
+        for inner in self._group.values():
+            yield from inner.values()
+
+    def add_alike(self, entries: Sequence[Entry]) -> None:
+        """:meth:`add` for entries alike in kind, accelerator models, namespace, region,
+        free units and liveness (one set holds them all): a warm start adds its entries
+        grouped so (:meth:`ReplicaState.restore`), one set update per group rather than
+        a pass per entry; labels are still counted entry by entry."""
+        if not entries:
+            return
+        first = entries[0]
+        self.add(first)
+        sub = self._sub(first)
+        assert sub is not None  # added just now
+        gkey = (self._region_key(first), first.free)
+        members = self._group[gkey][sub]
+        fresh = [e for e in {e.cpid: e for e in entries[1:]}.values() if e.cpid not in members]
+        if not fresh:
+            return
+        head = self._heads[sub >> 1]
+        if head and not all(e.cpid.startswith(head) for e in fresh):
+            self._heads[sub >> 1] = ""
+        members.update(e.cpid for e in fresh)
+        self._size += len(fresh)
+        loc = self._locs[gkey, sub]
+        for e in fresh:
+            if e.facts.labels:
+                self._add_labels(e.cpid, e.facts.labels, loc)
 
     def _add_labels(self, cpid: str, pairs: tuple[tuple[str, str], ...], loc: Loc) -> None:
         count, few = self._label_count, self._label_few

@@ -37,7 +37,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Final
 
 from registry.index import KV, ROOT, Compacted, Index, IndexCompactedError, Prefix
 from resolver.events import Event
@@ -243,7 +243,7 @@ class Replica:
         runner = TrustedRunner(snap, self.verifier.run)
         async with self._lock:
             for batch in snap.batches():  # a chunk at a time: no second copy of it all
-                if batch and isinstance(batch[0], Restored):
+                if isinstance(batch, Restored):
                     restored = batch
                     again = self.state.restore(restored, snap.revision)
                     runner.trusted += len(restored) - sum(
@@ -254,8 +254,7 @@ class Replica:
                         await self.state.apply(again, snap.revision, check=runner, emit=False)
                     await asyncio.sleep(0)  # lookups of what is restored meanwhile
                 else:
-                    changes = cast("list[Change]", batch)
-                    await self.state.apply(changes, snap.revision, check=runner, emit=False)
+                    await self.state.apply(batch, snap.revision, check=runner, emit=False)
         n = snap.keys
         del snap
         store.status = "loaded"

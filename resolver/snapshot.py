@@ -217,37 +217,16 @@ _FAST_COLUMNS: Final = (
 )
 
 
-def _restored(cols: dict[str, Any]) -> list[Restored]:
-    """The rows of a ``fast`` chunk (:class:`_FastChunk`), as :meth:`ReplicaState.restore`
-    takes them."""
-    types, kids, profiles, states = cols["tables"]
-    out: list[Restored] = []
-    add = out.append
-    for row in zip(*(cols[name] for name in _FAST_COLUMNS), strict=True):
-        cpid, rev, t, k, blob, ver, exp, prof, lrev, lease, lt, lkid, lblob = row[:13]
-        record = _form(types[t], kids[k], blob)
-        if lblob is None:
-            add(Restored(cpid, rev, record, ver, exp, profiles[prof]))
-            continue
-        add(
-            Restored(
-                cpid,
-                rev,
-                record,
-                ver,
-                exp,
-                profiles[prof],
-                _form(types[lt], NODE_KID if lkid == NODE_KID else lkid, lblob),
-                lrev,
-                lease,
-                (states[row[13]], row[14], row[15], row[16]),
-            )
-        )
-    return out
-
-
-def _form(t: tuple[str, bool], keyid: str, blob: bytes) -> Sealed:
-    return Packed(t[0], keyid, blob) if t[1] else Sealed(t[0], keyid, blob)
+def _restored(cols: dict[str, Any]) -> Restored:
+    """A ``fast`` chunk (:class:`_FastChunk`) as :meth:`ReplicaState.restore` takes it:
+    its columns as they are (checked for equal length as it runs)."""
+    c = cols
+    return Restored(
+        c["cpid"], c["rev"], c["type"], c["kid"], c["blob"], c["ver"], c["exp"], c["profile"],
+        c["lrev"], c["lease"], c["ltype"], c["lkid"], c["lblob"],
+        c["state"], c["afree"], c["cfree"], c["withheld"],
+        *c["tables"],
+    )  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -267,7 +246,7 @@ class LoadedSnapshot:
     statuses: dict[bytes, tuple[str, StatusFacts]] = field(default_factory=dict)
     keys: int = 0
 
-    def batches(self) -> Iterator[list[Change] | list[Restored]]:
+    def batches(self) -> Iterator[list[Change] | Restored]:
         """What rebuilds the replica at ``revision``, a chunk at a time: changes for
         :meth:`ReplicaState.apply`, or records for :meth:`ReplicaState.restore`."""
         for offset, n in self.spans:
@@ -277,7 +256,8 @@ class LoadedSnapshot:
             if what == "fast":
                 restored = _restored(items)
                 del items
-                self.keys += len(restored) + sum(r.status is not None for r in restored)
+                n = len(restored)
+                self.keys += n + n - restored.status_blobs.count(None)
                 yield restored
                 continue
             if what == "kvs":
@@ -302,6 +282,25 @@ class LoadedSnapshot:
             self.keys += len(changes)
             yield changes
         self.statuses.clear()
+
+
+def _in_discovery_order(state: ReplicaState) -> list[tuple[str, Any]]:
+    """``state.recs``' items, the served ones a discovery set after another (a warm start
+    adds the records of a set together: :meth:`DiscoveryIndex.add_alike`), then the
+    rest; in the replica's order if the index does not hold exactly the served CPIDs."""
+    recs, served = state.recs, state.served
+    ordered = {
+        cpid: rs
+        for members in state.discovery.sets()
+        for cpid in members
+        if cpid in served and (rs := recs.get(cpid)) is not None
+    }
+    if len(ordered) != len(served):
+        return list(recs.items())
+    for cpid, rs in recs.items():
+        if cpid not in served:
+            ordered[cpid] = rs
+    return list(ordered.items())
 
 
 class SnapshotError(Exception):
@@ -378,7 +377,7 @@ class SnapshotStore:
         revision = state.revision
         # records served, with their verified statuses: restored without verification
         # (ReplicaState.restore), a chunk of columns at a time; the rest as changes
-        rec_items = list(state.recs.items())
+        rec_items = _in_discovery_order(state)
         slow_recs: list[Any] = []
         slow_lives: list[Any] = []
         in_fast: set[str] = set()

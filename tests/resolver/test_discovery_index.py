@@ -106,3 +106,47 @@ def test_remove_leaves_no_group_behind() -> None:
         index.remove(e)
     assert index.groups == 0
     assert index.search(Query()) == []
+
+
+def _index_state(index: DiscoveryIndex) -> tuple[object, ...]:
+    """The index's sets and label bookkeeping, with facets named rather than numbered
+    (their numbers follow the order they were first seen)."""
+
+    def named(loc: tuple[tuple[str, int], int]) -> tuple[object, ...]:
+        gkey, sub = loc
+        return gkey, index._facets[sub >> 1], sub & 1
+
+    sets = {named(loc): set(index._group[loc[0]][loc[1]]) for loc in index._locs}
+    few = {
+        pair: {cpid: named(loc) for cpid, loc in (dict([held]) if isinstance(held, tuple) else held).items()}
+        for pair, held in index._label_few.items()
+    }  # fmt: skip
+    heads = dict(zip(index._facets, index._heads, strict=True))
+    return sets, index._size, dict(index._label_count), few, heads, index.groups
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32), n=st.integers(1, 300), rare=st.integers(0, 6), q=queries)
+def test_adding_alike_entries_together_is_adding_them_one_by_one(
+    seed: int, n: int, rare: int, q: Query
+) -> None:
+    """What a warm start does (ReplicaState.restore): entries alike in facet, region, free
+    units and liveness go in together; the index is the same as after adding each (sets,
+    label counts and the entries kept for rare labels, past the rare bound or not), with
+    entries indexed already and repeated ones added once."""
+    rng = random.Random(seed)
+    entries = {e.cpid: e for e in (make_entry(i, rng) for i in range(n))}
+    one, together = (DiscoveryIndex(entries, TABLE) for _ in range(2))
+    one._RARE = together._RARE = rare
+    alike: dict[tuple[object, ...], list[Entry]] = {}
+    for e in entries.values():
+        one.add(e)
+        key = (e.kind, e.facts.accelerators, e.namespace, TABLE.key(e.region), e.free, e.live)
+        alike.setdefault(key, []).append(e)
+    early = rng.sample(list(entries.values()), min(3, n))
+    for e in early:  # indexed already: not counted twice
+        together.add(e)
+    for group in alike.values():
+        together.add_alike([*group, group[-1]])  # a repeated entry: added once
+    assert _index_state(together) == _index_state(one)
+    assert shape(together.search(q)) == shape(one.search(q)) == brute(entries, q)
