@@ -503,6 +503,12 @@ class _SerialFilter:
         h = hash(serial) & (self._BITS - 1)
         self._bits[h >> 3] |= 1 << (h & 7)
 
+    def update(self, serials: Iterable[str]) -> None:
+        bits, mask = self._bits, self._BITS - 1
+        for serial in serials:
+            h = hash(serial) & mask
+            bits[h >> 3] |= 1 << (h & 7)
+
     def __contains__(self, serial: object) -> bool:
         h = hash(serial) & (self._BITS - 1)
         return bool(self._bits[h >> 3] & (1 << (h & 7)))
@@ -814,6 +820,10 @@ class ReplicaState:
         place_ids: dict[tuple[str, tuple[str, ...], str], int] = {}
         places = [place_ids.setdefault((p[0], p[2], p[1]), len(place_ids)) for p in profiles]
         alike: dict[tuple[int, str, int, bool], list[Entry]] = {}
+        group: list[Entry] = []
+        last: tuple[int, int, bool] = (-1, -1, False)  # the group of the row before
+        head = ""  # its namespace and "/"
+        serials: list[str] = []
         rows = zip(
             chunk.cpids,
             chunk.revisions,
@@ -864,16 +874,21 @@ class ReplicaState:
             if v.valid_until < valid_until:
                 valid_until = v.valid_until
             serial = cpid.rpartition(".")[2].rpartition("-")[0]
-            if not v.ok or valid_until <= now or cpid in recs or serial in revoked:
+            kind, region, accelerators, labels, canonical = profiles[p]
+            facts = RecordFacts(cpid, kind, "", ver, exp, region, accelerators, labels, canonical)
+            rs = _served_rec(cpid, rev, sealed, facts, valid_until)
+            if (
+                not v.ok
+                or valid_until <= now
+                or serial in revoked
+                or recs.setdefault(cpid, rs) is not rs  # (held already: a repeated key)
+            ):
                 again.append(Change("put", Prefix.REC + cpid, b"", rev, 0, sealed.envelope()))
                 if st is not None:
                     env = st.envelope()
                     again.append(Change("put", Prefix.LIVE + cpid, b"", lrev or 0, lease or 0, env))
                 continue
-            kind, region, accelerators, labels, canonical = profiles[p]
-            facts = RecordFacts(cpid, kind, "", ver, exp, region, accelerators, labels, canonical)
-            recs[cpid] = _served_rec(cpid, rev, sealed, facts, valid_until)
-            seen.add(serial)
+            serials.append(serial)
             refs[kid] += 1
             if valid_until < math.inf:
                 deadlines.push(valid_until, cpid)
@@ -917,12 +932,16 @@ class ReplicaState:
             )
             served[cpid] = entry
             live = sf is not None and sf.state != "down"
-            alike_key = (places[p], cpid.partition("/")[0], entry.free, live)
-            group = alike.get(alike_key)
-            if group is None:
-                alike[alike_key] = [entry]
-            else:
-                group.append(entry)
+            place, free = places[p], entry.free
+            if place == last[0] and free == last[1] and live == last[2] and cpid.startswith(head):
+                group.append(entry)  # as the row before (rows come a set at a time)
+                continue
+            namespace = cpid.partition("/")[0]
+            head = namespace + "/"
+            last = (place, free, live)
+            group = alike.setdefault((place, namespace, free, live), [])
+            group.append(entry)
+        seen.update(serials)
         for (_, namespace, _, live), entries in alike.items():
             discovery.add_alike(entries)
             if live:

@@ -153,6 +153,28 @@ async def test_an_index_out_of_step_with_the_served_records_loses_none(
     assert warm.served.keys() == cold.served.keys()
 
 
+async def test_a_record_restored_again_is_handed_back_not_replaced(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """A chunk naming CPIDs the replica holds already (a repeated key): those rows are
+    returned for verification and what is held stays."""
+    _, changes = _world(pki)
+    cold = await _cold(pki, changes)
+    warm, _, _ = await _warm(pki, cold, tmp_path)
+    held = dict(warm.served)
+    snap = SnapshotStore(tmp_path / "snap", pki.anchors).read()
+    chunk = next(b for b in snap.batches() if isinstance(b, Restored))
+    again = warm.restore(chunk, snap.revision)
+    assert sorted(c.key for c in again if c.key.startswith(Prefix.REC)) == sorted(
+        Keys.rec(cpid) for cpid in chunk.cpids
+    )
+    assert sum(c.key.startswith(Prefix.LIVE) for c in again) == len(
+        chunk
+    ) - chunk.status_blobs.count(None)
+    assert warm.served == held  # the same entries, not rebuilt
+    assert _view(warm) == _view(cold)
+
+
 async def test_a_window_closed_while_down_is_judged_again(pki: Pki, tmp_path: Path) -> None:
     nodes, changes = _world(pki, 2)
     short = Node()
