@@ -784,7 +784,7 @@ class ReplicaState:
         which verifies it as on a cold start (with its status).  No events (like the
         first listing).  Each entry is built here directly, as :meth:`_build` would for
         a replica that holds nothing else of its CPID yet: a warm start spends most of
-        its time in this loop (~10 µs per record at a million), so what repeats is
+        its time in this loop (~7.5 µs per record at a million), so what repeats is
         resolved once per chunk, from its tables.
         """
         now = int(self.clock())
