@@ -41,7 +41,7 @@ from typing import Final
 
 from registry.index import KV, ROOT, Compacted, Index, IndexCompactedError, Prefix
 from resolver.events import Event
-from resolver.snapshot import SnapshotStore, TrustedRunner, write_in_background
+from resolver.snapshot import LoadedSnapshot, SnapshotStore, TrustedRunner, write_in_background
 from resolver.state import Change, ReplicaState, Restored
 from resolver.verify import Verifier
 from schemas.errors import RetrievalError
@@ -241,20 +241,13 @@ class Replica:
             return None
         read_s = time.monotonic() - started
         runner = TrustedRunner(snap, self.verifier.run)
-        async with self._lock:
-            for batch in snap.batches():  # a chunk at a time: no second copy of it all
-                if isinstance(batch, Restored):
-                    restored = batch
-                    again = self.state.restore(restored, snap.revision)
-                    runner.trusted += len(restored) - sum(
-                        c.key.startswith(Prefix.REC) for c in again
-                    )
-                    del restored, batch
-                    if again:  # a chain that no longer verifies, a closed window: verify
-                        await self.state.apply(again, snap.revision, check=runner, emit=False)
-                    await asyncio.sleep(0)  # lookups of what is restored meanwhile
-                else:
-                    await self.state.apply(batch, snap.revision, check=runner, emit=False)
+        try:
+            await self._restore(snap, runner)
+        except Exception as exc:  # passed its MAC, so written by a resolver with a bug
+            _log.exception("replica snapshot %s could not be restored", store.path)
+            self.state.reset()
+            self._not_warm(f"could not be restored: {exc}")
+            return None
         n = snap.keys
         del snap
         store.status = "loaded"
@@ -270,6 +263,21 @@ class Replica:
             time.monotonic() - started - read_s,
         )
         return self.state.revision, n
+
+    async def _restore(self, snap: LoadedSnapshot, runner: TrustedRunner) -> None:
+        """Apply a loaded snapshot to the (empty) replica, a chunk at a time: no second
+        copy of it all."""
+        async with self._lock:
+            for batch in snap.batches():
+                if isinstance(batch, Restored):
+                    again = self.state.restore(batch, snap.revision)
+                    runner.trusted += len(batch) - sum(c.key.startswith(Prefix.REC) for c in again)
+                    del batch
+                    if again:  # a chain that no longer verifies, a closed window: verify
+                        await self.state.apply(again, snap.revision, check=runner, emit=False)
+                    await asyncio.sleep(0)  # lookups of what is restored meanwhile
+                else:
+                    await self.state.apply(batch, snap.revision, check=runner, emit=False)
 
     def _not_warm(self, why: str) -> None:
         store = self.snapshots

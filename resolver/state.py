@@ -599,8 +599,18 @@ class ReplicaState:
         self.settings = settings or ReplicaSettings()
         self.log = log or EventLog()
         self.clock = clock
+        self.listeners: list[Callable[[Event], None]] = []
+        self._empty(latency or LatencyTable())
+
+    def reset(self) -> None:
+        """Forget everything held, as a new replica (the trust anchors, settings, event
+        log, clock, latency table and listeners stay): what a warm start that could not
+        be completed leaves behind before the index is listed."""
+        self._empty(self.discovery.table)
+
+    def _empty(self, latency: LatencyTable) -> None:
         self.served: dict[str, Entry] = {}
-        self.discovery = DiscoveryIndex(self.served, latency or LatencyTable())
+        self.discovery = DiscoveryIndex(self.served, latency)
         self.revision = 0
         self.generation = 0
         self.certs: dict[str, tuple[Envelope, int]] = {}
@@ -613,7 +623,6 @@ class ReplicaState:
         self.leases: dict[int, float] = {}
         self.held: dict[str, tuple[_Live, int]] = {}
         self.protected: dict[str, MassExpiry] = {}
-        self.listeners: list[Callable[[Event], None]] = []
         self.failures: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         self.bad: dict[str, BadValue] = {}

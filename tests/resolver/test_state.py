@@ -288,3 +288,30 @@ async def test_a_verified_status_is_shown_with_the_key_id_it_was_stored_with(wor
     await world.put(Keys.live(node.cpid), json.dumps(odd.to_dict()).encode())
     entry = world.state.get(node.cpid)
     assert entry is not None and entry.status_facts is None
+
+
+async def test_reset_leaves_a_replica_as_new_and_keeps_its_listeners(world: World) -> None:
+    """What a warm start that could not be completed does before listing the index."""
+    heard: list[str] = []
+    world.state.listeners.append(lambda e: heard.append(e.cpid))
+    node, forged = Node(), Node()
+    await world.put(Keys.rec(node.cpid), signed(world.pki, node.record()).to_json())
+    await world.put(Keys.live(node.cpid), node.status(free=2).to_json())
+    await world.put(Keys.rec(forged.cpid), signed(world.pki, forged.record(), "CN.31").to_json())
+    await world.put(Keys.alloc(node.cpid), b"not json")
+    assert world.state.served and world.state.failures and world.state.bad and heard
+    table = world.state.discovery.table
+
+    world.state.reset()
+    fresh = ReplicaState(anchors=world.pki.anchors, clock=world.clock)
+    assert world.state.sizes() == fresh.sizes()
+    assert world.state.keys() == fresh.keys() == {}
+    assert not world.state.served and not world.state.recs and not world.state.lives
+    assert not world.state.failures and not world.state.bad and world.state.revision == 0
+    assert world.state.discovery.groups == 0 and world.state.discovery.table is table
+    heard.clear()
+    world.rev = 1
+    for ns, cert in world.pki.certs.items():  # it takes changes again, as a new one does
+        await world.put(Keys.cert(world.pki.kid(ns)), cert.to_json())
+    await world.put(Keys.rec(node.cpid), signed(world.pki, node.record()).to_json())
+    assert world.state.get(node.cpid) is not None and heard == [node.cpid]
