@@ -44,6 +44,7 @@ import os
 import secrets
 import socket
 import ssl
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,11 +217,18 @@ def _ports(opts: UpOptions) -> dict[str, int]:
 
 
 def _write_private_json(path: Path, obj: Any) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        os.fchmod(f.fileno(), 0o600)
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+    """Write ``path`` (mode 0600) atomically: a temporary file in the same directory,
+    then renamed over it, so that a reader (a script polling ``up.json`` while the
+    children change state) sees the previous file or the new one, never a part."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:  # mkstemp makes it 0600
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @dataclass(frozen=True)

@@ -83,3 +83,47 @@ def test_witness_ports_are_planned_only_when_asked_for() -> None:
     )
     assert [big[f"witness_{i}"] for i in range(n)] == list(range(20040, 20040 + n))
     assert len(set(big.values())) == len(big) == 6 + 6 * (n - 1) + n
+
+
+def test_up_json_is_replaced_whole_and_stays_private(tmp_path: Path) -> None:
+    """``up.json`` is rewritten whenever a child changes state; a script polling it must
+    never read half a file (CI once read an empty one): each write is a new file (0600)
+    renamed over the old one, and nothing is left beside it."""
+    import json
+    import os
+    import stat
+    import threading
+
+    from cpi.up import _write_private_json
+
+    path = tmp_path / "up.json"
+    _write_private_json(path, {"n": 0})
+    first = path.open()  # held open: its inode is not reused meanwhile
+    seen: list[object] = []
+    stop = threading.Event()
+
+    errors: list[Exception] = []
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(json.loads(path.read_text())["n"])
+            except ValueError as exc:  # a partial (or empty) file
+                errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    with first:
+        try:
+            for n in range(1, 300):
+                _write_private_json(path, {"n": n, "pad": "x" * 20_000})
+        finally:
+            stop.set()
+            reader.join()
+        assert not errors and seen
+        assert json.loads(path.read_text())["n"] == 299
+        # replaced, not rewritten in place: the file held open is intact
+        assert os.fstat(first.fileno()).st_ino != path.stat().st_ino
+        assert json.loads(first.read()) == {"n": 0}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert os.listdir(tmp_path) == ["up.json"]
