@@ -521,7 +521,8 @@ class DiscoveryIndex:
         fid = self._facet_id.get((entry.kind, entry.facts.accelerators, entry.namespace))
         return None if fid is None else 2 * fid + (1 if entry.live else 0)
 
-    def add(self, entry: Entry) -> None:
+    def _set_of(self, entry: Entry) -> tuple[Loc, set[str]]:
+        """Where ``entry`` belongs and the set there (facet, group and set made as needed)."""
         sub = self._sub(entry)
         if sub is None:
             kind, namespace = entry.kind, entry.namespace
@@ -549,12 +550,16 @@ class DiscoveryIndex:
             self._shape += 1
             loc: Loc = (gkey, sub)
             self._locs[loc] = loc
+        return self._locs[gkey, sub], members
+
+    def add(self, entry: Entry) -> None:
+        loc, members = self._set_of(entry)
         if entry.cpid in members:
             return  # indexed already (as the remove of an entry not indexed is a no-op)
         members.add(entry.cpid)
         self._size += 1
         if entry.facts.labels:
-            self._add_labels(entry.cpid, entry.facts.labels, self._locs[gkey, sub])
+            self._add_labels(entry.cpid, entry.facts.labels, loc)
 
     def sets(self) -> Iterator[Collection[str]]:
         """The indexed CPIDs, a set at a time: entries alike for :meth:`add_alike` (a
@@ -570,21 +575,16 @@ class DiscoveryIndex:
         a pass per entry; labels are still counted entry by entry."""
         if not entries:
             return
-        first = entries[0]
-        self.add(first)
-        sub = self._sub(first)
-        assert sub is not None  # added just now
-        gkey = (self._region_key(first), first.free)
-        members = self._group[gkey][sub]
-        fresh = [e for e in {e.cpid: e for e in entries[1:]}.values() if e.cpid not in members]
+        loc, members = self._set_of(entries[0])
+        fresh = [e for e in {e.cpid: e for e in entries}.values() if e.cpid not in members]
         if not fresh:
             return
+        sub = loc[1]
         head = self._heads[sub >> 1]
         if head and not all(e.cpid.startswith(head) for e in fresh):
             self._heads[sub >> 1] = ""
         members.update(e.cpid for e in fresh)
         self._size += len(fresh)
-        loc = self._locs[gkey, sub]
         for e in fresh:
             if e.facts.labels:
                 self._add_labels(e.cpid, e.facts.labels, loc)
