@@ -22,6 +22,7 @@ import os
 import shutil
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
@@ -152,6 +153,21 @@ class Stack:
     def put_raw(self, key: str, value: bytes) -> None:
         self.call(self.index.put(key, value))
 
+    def served(self, cpid: str, within: float = 5.0) -> Any:
+        """The resolver's bundle for ``cpid`` once its replica has seen the write.
+
+        A write returns when etcd has it; the resolver serves it when the watch has
+        delivered it, a few milliseconds later: reading at once may race the watch.
+        """
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                return self.get(f"/v1/resources/{cpid}")
+            except urllib.error.HTTPError as e:
+                if e.code != 404 or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.02)
+
     def get(self, path: str, token: str | None = None) -> Any:
         req = urllib.request.Request(f"{self.url}{path}")
         if token:
@@ -169,6 +185,8 @@ def stack(etcd_server: EtcdProcess, tmp_path_factory: pytest.TempPathFactory) ->
         s.register(Node(namespace="CN.31.CMCC", region="31", model="A800", count=4), free=4)
         s.register(Node(namespace="CN.32", region="32", model="H100", labels={"tier": "silver"}))
         s.register(Node(namespace="CN.3", region="31", kind="CPU", count=0, labels={}), free=0)
+        for node in s.nodes:
+            s.served(node.cpid)
         yield s
     finally:
         s.stop()

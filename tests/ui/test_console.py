@@ -168,7 +168,7 @@ def test_a_record_tampered_in_etcd_is_not_served_nor_verified(
 ) -> None:
     node = Node(namespace="CN.31.CMCC", region="31", model="L40")
     cpid = stack.register(node, sign_log=False)
-    stored = stack.get(f"/v1/resources/{cpid}")["record"]
+    stored = stack.served(cpid)["record"]
     stack.put_raw(Keys.rec(cpid), json.dumps(_flip_sig(stored), separators=(",", ":")).encode())
     console.allow("404")
     page.goto("/ui/")
