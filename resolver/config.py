@@ -106,6 +106,8 @@ class ResolverConfig(_Model):
     stale_after_s: Annotated[float, Field(gt=0)] = 5.0
     sweep_interval_s: Annotated[float, Field(gt=0)] = 1.0
     verify_workers: Annotated[int, Field(ge=0, le=64)] | None = None
+    # a first listing of at least this many records verifies statuses after ready (None: before)
+    statuses_after_ready_from: Annotated[int, Field(ge=0)] | None = 50_000
     # warm restarts: a snapshot of the verified replica (None: always list the index)
     snapshot_dir: Path | None = None
     snapshot_interval_s: Annotated[float, Field(gt=0)] = 300.0

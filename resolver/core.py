@@ -77,6 +77,7 @@ class ResolverSettings:
                 probe_timeout=config.probe_timeout_s,
                 stale_after=config.stale_after_s,
                 sweep_interval=config.sweep_interval_s,
+                statuses_after_ready_from=config.statuses_after_ready_from,
             ),
             event_ring_size=config.event_ring_size,
             verify_workers=config.verify_workers,
@@ -265,7 +266,11 @@ class Resolver:
             "held": sizes["held"],
             "last_contact_s": None if age is None else round(age, 3),
             "ready_after_s": None if r.ready_after_s is None else round(r.ready_after_s, 3),
+            # a large first listing's statuses, verified after ready (docs/resolver.md, "Ready")
+            "statuses_pending": r.statuses_pending,
         }
+        if r.statuses_after_ready_s is not None:
+            out["statuses_after_ready_s"] = round(r.statuses_after_ready_s, 3)
         if r.probe_error:
             out["etcd_error"] = r.probe_error
         if self.snapshots is not None:

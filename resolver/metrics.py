@@ -166,6 +166,11 @@ class _ReplicaCollector(Collector):
         yield GaugeMetricFamily(
             "cpi_resolver_ready", "1 once the first listing is applied", value=r.ready
         )
+        yield GaugeMetricFamily(
+            "cpi_resolver_statuses_pending",
+            "Statuses of served records a large first listing left to verify after ready",
+            value=replica.statuses_pending,
+        )
         mass = GaugeMetricFamily(
             "cpi_resolver_mass_expiry",
             "1 for each namespace under mass-expiry protection",

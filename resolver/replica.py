@@ -69,6 +69,9 @@ then freezes what it loaded, :func:`gc.freeze`)."""
 _PAGE_RETRIES: Final = 5
 """Times a page of the first listing is read again before the listing is started over."""
 _LOAD_BATCH: Final = 10_000
+_LATER_SLICE: Final = 4_000
+"""Statuses verified after ready are verified this many at a time, each slice under the
+replica's lock (a watch batch waits at most one slice: ~0.2 s on two cores)."""
 """The first listing applies ``/rec/`` in batches as its pages arrive: the first as soon
 as this many keys are read, each later one with every key read in the meantime (at
 least this many, or all that is left)."""
@@ -97,6 +100,9 @@ class SyncSettings:
     stale_after: float = 5.0
     sweep_interval: float = 1.0
     retry_backoff_max: float = 2.0
+    statuses_after_ready_from: int | None = 50_000
+    """A first listing of at least this many records verifies their statuses after the
+    resolver is ready (:meth:`Replica._verify_later`); None: always before."""
 
 
 class Replica:
@@ -132,6 +138,15 @@ class Replica:
         self._relist = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._started = 0.0
+        self._first_records: int | None = 0
+        """Records in the index when the first listing began (None: could not count)."""
+        self._later: asyncio.Task[None] | None = None
+        self._statuses_later = False  # a first listing left statuses for after ready
+        self.statuses_pending = 0
+        """Statuses of served records still to be verified after ready (a large first
+        listing, :attr:`SyncSettings.statuses_after_ready_from`)."""
+        self.statuses_after_ready_s: float | None = None
+        """Seconds from start to the last of them verified (None: none were left)."""
 
     # -- status -----------------------------------------------------------------------
 
@@ -298,13 +313,15 @@ class Replica:
             try:
                 kvs, revision = await self.index.get_prefix(COLLECTIONS[0], page_size=_PAGE)
                 snapshot.update((kv.key, (kv.value, kv.mod_revision, kv.lease)) for kv in kvs)
-                if not self.ready.is_set() and self.verifier.workers:
+                if not self.ready.is_set():
+                    n: int | None
                     try:
                         n = await self.index.count_prefix(Prefix.REC)
                     except RetrievalError as exc:  # counting a million keys can time out
-                        _log.info("cannot count the records (%s): starting the workers", exc)
-                        n = self.verifier.pool_min_jobs
-                    if n >= self.verifier.pool_min_jobs:
+                        _log.info("cannot count the records (%s): taking them as many", exc)
+                        n = None
+                    self._first_records = n
+                    if self.verifier.workers and (n is None or n >= self.verifier.pool_min_jobs):
                         self.verifier.prepare()  # start workers while the listing runs
                 for collection in COLLECTIONS[1:]:
                     if collection in skip:
@@ -341,6 +358,19 @@ class Replica:
                 self.state.diff(snapshot, revision), revision, check=self.verifier.run, emit=False
             )
         del snapshot
+        later = self.settings.statuses_after_ready_from
+        n = self._first_records
+        if later is not None and (n is None or n >= later):
+            self.state.statuses_later = self._statuses_later = True
+        try:
+            return await self._load_records(revision, keys, started)
+        finally:
+            self.state.statuses_later = False
+
+    async def _load_records(
+        self, revision: int, keys: int, started: float
+    ) -> tuple[int, int, float]:
+        """The streamed part of :meth:`_load`: ``/rec/`` and ``/live/`` side by side."""
         # /rec/ and /live/ are read side by side, both in CPID order: each page of records
         # goes out with the statuses of the same CPIDs, applied first, so that each status
         # rides along in its record's verification job and each entry is built once,
@@ -535,9 +565,53 @@ class Replica:
             self.ready_after_s = time.monotonic() - self._started
             self.probe_ok = True
             self.ready.set()
-        # the workers are for bulk verification; re-list diffs are small: free the memory
-        await self.verifier.close()
+            if self._statuses_later and self._later is None:
+                cpids = self.state.unverified_statuses()
+                self.statuses_pending = len(cpids)
+                self._later = asyncio.create_task(
+                    self._verify_later(cpids), name="replica-statuses"
+                )
+                self._tasks.append(self._later)
+        if self._later is None or self._later.done():
+            # the workers are for bulk verification; re-list diffs are small: free the memory
+            await self.verifier.close()
         return revision
+
+    async def _verify_later(self, cpids: list[str]) -> None:
+        """Verify the statuses a large first listing left unverified (the resolver is
+        ready: every record it serves verified), a slice at a time under the lock so
+        that watch batches go in between; each entry gets its status as it verifies
+        (an ordinary ``put`` event, reason ``status``).  Then stop the workers."""
+        total = len(cpids)
+        _log.info("verifying %d statuses after ready", total)
+        at = time.monotonic()
+        gc_enabled = gc.isenabled()
+        gc.disable()  # as for the first listing: what this makes lives on
+        try:
+            for i in range(0, total, _LATER_SLICE):
+                try:
+                    async with self._lock:
+                        await self.state.verify_statuses(
+                            cpids[i : i + _LATER_SLICE], check=self.verifier.run
+                        )
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a bug, not a value (values cost themselves): go on
+                    _log.exception("verifying statuses after ready failed for a slice")
+                self.statuses_pending = max(0, total - i - _LATER_SLICE)
+        finally:
+            if gc_enabled:
+                gc.enable()
+        gc.freeze()
+        release_free_memory()
+        self.statuses_after_ready_s = time.monotonic() - self._started
+        _log.info(
+            "verified %d statuses after ready in %.2f s (%.2f s after start)",
+            total,
+            time.monotonic() - at,
+            self.statuses_after_ready_s,
+        )
+        await self.verifier.close()
 
     # -- watching ---------------------------------------------------------------------
 

@@ -1,0 +1,175 @@
+"""A large first listing: ready once every record it serves is verified, statuses after.
+
+The threshold (``SyncSettings.statuses_after_ready_from``) is set to 0 here so that a
+handful of records takes the path a million takes; the pass is held at a gate to look
+at the resolver between ready and the statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import pytest
+
+from registry.index import Index, Keys
+from resolver.core import Resolver
+from resolver.discovery import Query
+from resolver.events import Event
+from resolver.replica import Replica
+from resolver.state import ReplicaState, Runner
+from schemas import keys
+from tests.resolver.kit import FAST, Node, Pki, make_resolver, put_record, put_status
+from tests.until import until
+
+LATER = dataclasses.replace(FAST, sync=dataclasses.replace(FAST.sync, statuses_after_ready_from=0))
+
+
+class Gate:
+    """Holds the pass that verifies statuses after ready until opened (outside the
+    replica's lock, as between two slices); notes the slices it verified."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.open = asyncio.Event()
+        self.slices: list[list[str]] = []
+        later = Replica._verify_later
+        verify = ReplicaState.verify_statuses
+
+        async def held(replica: Replica, cpids: list[str]) -> None:
+            await self.open.wait()
+            await later(replica, cpids)
+
+        async def noted(state: ReplicaState, cpids: Iterable[str], *, check: Runner) -> list[Event]:
+            self.slices.append(list(cpids))
+            return await verify(state, self.slices[-1], check=check)
+
+        monkeypatch.setattr(Replica, "_verify_later", held)
+        monkeypatch.setattr(ReplicaState, "verify_statuses", noted)
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Gate:
+    return Gate(monkeypatch)
+
+
+@contextlib.asynccontextmanager
+async def _started(index: Index, pki: Pki, settings: Any = LATER) -> AsyncIterator[Resolver]:
+    async with make_resolver(index, pki, settings) as r:
+        async with asyncio.timeout(10):
+            await r.wait_ready()
+        yield r
+
+
+def _live(r: Resolver) -> int:
+    return sum(1 for e in r.entries() if e.live)
+
+
+async def test_ready_with_every_record_verified_then_the_statuses(
+    index: Index, pki: Pki, gate: Gate
+) -> None:
+    await pki.publish(index)
+    nodes = [Node(model="H100") for _ in range(12)]
+    for i, node in enumerate(nodes):
+        await put_record(index, pki, node)
+        await put_status(index, node, free=i % 8 + 1)
+    async with _started(index, pki) as r:
+        # ready: every record served, verified; no status yet, so no capacity either
+        assert len(list(r.entries())) == 12
+        assert _live(r) == 0
+        assert r.discover(Query(accelerator="H100", min_free=1)).results == []
+        health = r.health()
+        assert health["ready"] and health["statuses_pending"] == 12
+        assert "statuses_after_ready_s" not in health
+        events: list[Event] = []
+        r._state.listeners.append(events.append)
+
+        gate.open.set()
+        await until(lambda: _live(r) == 12, what="every status verified after ready")
+        await until(lambda: r.health()["statuses_pending"] == 0, what="nothing pending")
+        assert r.health()["statuses_after_ready_s"] > 0
+        for i, node in enumerate(nodes):
+            entry = r.resolve(node.cpid)
+            assert entry.live and entry.free == i % 8 + 1
+        found = r.discover(Query(accelerator="H100", min_free=8, limit=50)).results
+        assert [m.entry.cpid for m in found] == [nodes[7].cpid]
+        # each entry got its status as an ordinary event
+        puts = [e for e in events if e.type == "put"]
+        assert sorted(e.cpid for e in puts) == sorted(n.cpid for n in nodes)
+        assert {e.reason for e in puts} == {"status"}
+        assert all(e.entry is not None and e.entry.live for e in puts)
+        assert all(e.prev is not None and not e.prev.live for e in puts)
+        assert sum(len(s) for s in gate.slices) == 12
+
+
+async def test_hostile_statuses_cost_themselves_after_ready(
+    index: Index, pki: Pki, gate: Gate
+) -> None:
+    await pki.publish(index)
+    good, forged, garbage, other, orphan = (Node() for _ in range(5))
+    for node in (good, forged, garbage, other):
+        await put_record(index, pki, node)
+    await put_status(index, good, free=4)
+    # signed by a key that is not the record's
+    impostor = Node(key=keys.generate())
+    stolen = impostor.status(free=8, cpid=forged.cpid)
+    await index.put(Keys.live(forged.cpid), stolen.to_json())
+    await index.put(Keys.live(garbage.cpid), b"\x00{not json")
+    await put_status(index, other, free=8, cpid=good.cpid)  # about another CPID
+    await put_status(index, orphan, free=8)  # no record: never verified, never served
+    async with _started(index, pki) as r:
+        assert r.health()["statuses_pending"] == 4  # the orphan's record is not served
+        gate.open.set()
+        await until(lambda: r.health()["statuses_pending"] == 0, what="the pass to end")
+        await until(lambda: r.resolve(good.cpid).live, what="the good status")
+        assert r.resolve(good.cpid).free == 4
+        for node in (forged, garbage, other):
+            assert not r.resolve(node.cpid).live, node
+        assert r.get(orphan.cpid) is None
+        failures = r._state.failures
+        assert failures["status_bad_signature"] == 1
+        assert failures["status_wrong_key"] == 1
+        assert failures["status_malformed"] == 1
+        assert Keys.live(garbage.cpid) in r.health()["bad_values"]["keys"]
+
+
+async def test_what_the_watch_brings_meanwhile_wins(index: Index, pki: Pki, gate: Gate) -> None:
+    await pki.publish(index)
+    nodes = [Node() for _ in range(4)]
+    for node in nodes:
+        await put_record(index, pki, node)
+        await put_status(index, node, free=8)
+    renewed, deleted, unstatused, untouched = nodes
+    async with _started(index, pki) as r:
+        # while the pass waits: a new status, a record deleted, a status deleted
+        await put_status(index, renewed, free=2)
+        await until(lambda: r.resolve(renewed.cpid).live, what="the new status, verified now")
+        assert r.resolve(renewed.cpid).free == 2
+        await index.delete(Keys.rec(deleted.cpid))
+        await index.delete(Keys.live(unstatused.cpid))
+        await until(lambda: r.get(deleted.cpid) is None, what="the record's deletion")
+        gate.open.set()
+        await until(lambda: r.health()["statuses_pending"] == 0, what="the pass to end")
+        await until(lambda: r.resolve(untouched.cpid).live, what="the status held back")
+        assert r.resolve(renewed.cpid).free == 2  # not the older status of the listing
+        assert r.get(deleted.cpid) is None
+        assert not r.resolve(unstatused.cpid).live
+        assert r.discover(Query(min_free=1, limit=50)).results != []
+
+
+@pytest.mark.parametrize("threshold", [100, None])
+async def test_small_listings_verify_statuses_before_ready(
+    index: Index, pki: Pki, gate: Gate, threshold: int | None
+) -> None:
+    await pki.publish(index)
+    nodes = [Node() for _ in range(3)]
+    for node in nodes:
+        await put_record(index, pki, node)
+        await put_status(index, node, free=5)
+    sync = dataclasses.replace(FAST.sync, statuses_after_ready_from=threshold)
+    async with _started(index, pki, dataclasses.replace(FAST, sync=sync)) as r:
+        assert _live(r) == 3  # at ready, no gate involved
+        assert r.health()["statuses_pending"] == 0
+        assert gate.slices == [] and "statuses_after_ready_s" not in r.health()
