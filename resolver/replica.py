@@ -565,6 +565,10 @@ class Replica:
             self.ready_after_s = time.monotonic() - self._started
             self.probe_ok = True
             self.ready.set()
+            if self.state.unfiled:
+                self._tasks.append(
+                    asyncio.create_task(self._file_restored(), name="replica-file-restored")
+                )
             if self._statuses_later and self._later is None:
                 cpids = self.state.unverified_statuses()
                 self.statuses_pending = len(cpids)
@@ -576,6 +580,25 @@ class Replica:
             # the workers are for bulk verification; re-list diffs are small: free the memory
             await self.verifier.close()
         return revision
+
+    async def _file_restored(self) -> None:
+        """File what a warm start left for after ready (statuses in the replica's
+        bookkeeping, lease counts, deadlines: :meth:`ReplicaState.file_restored`), a
+        chunk at a time, holding the lock: the watch's first batch is applied after it.
+        Lookups go on in between."""
+        at = time.monotonic()
+        gc_enabled = gc.isenabled()
+        gc.disable()  # as for the load: what this makes lives on
+        try:
+            async with self._lock:
+                for _ in range(self.state.unfiled):
+                    self.state.file_restored(chunks=1)
+                    await asyncio.sleep(0)  # lookups meanwhile
+        finally:
+            if gc_enabled:
+                gc.enable()
+        gc.freeze()
+        _log.info("filed the warm start's bookkeeping in %.2f s after ready", time.monotonic() - at)
 
     async def _verify_later(self, cpids: list[str]) -> None:
         """Verify the statuses a large first listing left unverified (the resolver is

@@ -359,6 +359,7 @@ class SnapshotStore:
         """What to write, taken from ``state`` (hold the replica's lock, so that it does
         not change meanwhile).  Lookups go on: the event loop gets a turn every
         :data:`_CHUNK` records."""
+        state.file_restored()
         kvs: list[tuple[str, bytes, int, int]] = []
         for kid, (env, rev) in state.certs.items():
             kvs.append((Prefix.CERTS + kid, env.to_json(), rev, 0))

@@ -654,6 +654,12 @@ class ReplicaState:
         :meth:`verify_statuses` verifies the statuses after ready."""
         self._chain_revs: dict[str, tuple[SignerVerdict, int]] = {}
         self._shared = _Shared()
+        self._unfiled: list[tuple[list[Entry], int]] = []
+        """Entries :meth:`restore` served whose bookkeeping is not filed yet (their
+        statuses in :attr:`lives`, lease counts, deadlines, serials), a list per chunk
+        with how many have a status: see :meth:`file_restored`, which every path that
+        reads those runs first."""
+        self._unfiled_lives = 0
 
     # ==================================================================================
     # reading
@@ -681,14 +687,20 @@ class ReplicaState:
         return out
 
     def live_leases(self) -> set[int]:
-        """Leases of the live keys held (their expiry feeds DNS TTLs)."""
+        """Leases of the live keys held (their expiry feeds DNS TTLs); right after a warm
+        start, those filed so far (:meth:`file_restored`)."""
         return set(self._lease_refs)
+
+    @property
+    def unfiled(self) -> int:
+        """Chunks of restored entries whose bookkeeping is not filed yet."""
+        return len(self._unfiled)
 
     def sizes(self) -> dict[str, int]:
         return {
             "served": len(self.served),
             "records": len(self.recs),
-            "live": len(self.lives),
+            "live": len(self.lives) + self._unfiled_lives,
             "certs": len(self.certs),
             "revoked": len(self.revocations),
             "ns": len(self.ns),
@@ -713,6 +725,7 @@ class ReplicaState:
         """Every key the replica tracks, with its ``mod_revision`` (for re-list diffs).
 
         Bad values are tracked too, so that a re-list does not deliver them again."""
+        self.file_restored()
         out: dict[str, int] = {key: b.revision for key, b in self.bad.items()}
         for kid, (_, rev) in self.certs.items():
             out[Prefix.CERTS + kid] = rev
@@ -755,6 +768,7 @@ class ReplicaState:
 
         ``emit=False`` (the first listing) builds the state without events.
         """
+        self.file_restored()
         batch = _Batch(revision, int(self.clock()), bulk=len(changes) >= _BULK, emit=emit)
         trust_changed = False
         revoked_ids: set[str] = set()
@@ -804,12 +818,12 @@ class ReplicaState:
         shared = self._shared
         skew = self.settings.skew
         again: list[Change] = []
-        recs, lives, refs, leases = self.recs, self.lives, self._signer_refs, self._lease_refs
+        recs, refs = self.recs, self._signer_refs
         served, discovery, live_count = self.served, self.discovery, self._live_count
         allocs, claims = self.allocs, self.claims
         revoked = self._revoked_serials
-        seen = self._serial_seen
-        deadlines = self._deadlines
+        restored: list[Entry] = []  # their bookkeeping is filed later (file_restored)
+        with_status = 0
         # the chunk's tables, each value shared
         forms = [(Packed if packed else Sealed, shared.get(pt)) for pt, packed in chunk.form_table]
         signers: list[tuple[SignerVerdict, int, str]] = []  # verdict, chain revision, kid
@@ -836,7 +850,6 @@ class ReplicaState:
         group: list[Entry] = []
         last: tuple[int, int, bool] = (-1, -1, False)  # the group of the row before
         head = ""  # its namespace and "/"
-        serials: list[str] = []
         rows = zip(
             chunk.cpids,
             chunk.revisions,
@@ -901,10 +914,7 @@ class ReplicaState:
                     env = st.envelope()
                     again.append(Change("put", Prefix.LIVE + cpid, b"", lrev or 0, lease or 0, env))
                 continue
-            serials.append(serial)
             refs[kid] += 1
-            if valid_until < math.inf:
-                deadlines.push(valid_until, cpid)
             sf: StatusFacts | None = None
             status_rev = lease_id = 0
             if st is not None:
@@ -920,9 +930,7 @@ class ReplicaState:
                             StatusFacts("", states[si], af, cf, wh)
                         )
                     status_rev, lease_id = lrev or 0, lease or 0
-                    lives[cpid] = _verified_live(status_rev, lease_id, st, sf, facts)
-                    if lease_id:
-                        leases[lease_id] += 1
+                    with_status += 1
             # the entry, as _build makes it for a replica that holds nothing else of it
             claimed, alloc_rev = allocs.get(cpid, _NO_ALLOC)
             if cpid in claims:
@@ -944,6 +952,7 @@ class ReplicaState:
                 self.leases,
             )
             served[cpid] = entry
+            restored.append(entry)
             live = sf is not None and sf.state != "down"
             place, free = places[p], entry.free
             if place == last[0] and free == last[1] and live == last[2] and cpid.startswith(head):
@@ -954,7 +963,8 @@ class ReplicaState:
             last = (place, free, live)
             group = alike.setdefault((place, namespace, free, live), [])
             group.append(entry)
-        seen.update(serials)
+        self._unfiled.append((restored, with_status))
+        self._unfiled_lives += with_status
         for (_, namespace, _, live), entries in alike.items():
             discovery.add_alike(entries)
             if live:
@@ -963,8 +973,43 @@ class ReplicaState:
         self.revision = max(self.revision, revision)
         return again
 
+    def file_restored(self, chunks: int | None = None) -> bool:
+        """File the bookkeeping of entries :meth:`restore` served (``chunks`` of them at
+        most; None: all): each status as verified under its record (:attr:`lives`), the
+        lease counts, validity deadlines and serials.  What a lookup or a discovery
+        reads is complete without it, so a warm start is ready before (the replica
+        files the rest right after, :meth:`Replica._file_restored`); every path that
+        reads these (apply, sweep, re-list keys, snapshots) files them first.  Returns
+        True when nothing is left."""
+        unfiled = self._unfiled
+        lives, leases, served = self.lives, self._lease_refs, self.served
+        push = self._deadlines.push
+        n = 0
+        while unfiled and (chunks is None or n < chunks):
+            entries, with_status = unfiled.pop()
+            n += 1
+            serials: list[str] = []
+            for e in entries:
+                facts = e.facts
+                cpid = facts.cpid
+                if served.get(cpid) is not e:  # not expected: apply and sweep file first
+                    continue
+                serials.append(cpid.rpartition(".")[2].rpartition("-")[0])
+                if e.valid_until < math.inf:
+                    push(e.valid_until, cpid)
+                sf, st = e.status_facts, e.status_sealed
+                if sf is not None and st is not None:
+                    lease = e.lease
+                    lives[cpid] = _verified_live(e.status_revision, lease, st, sf, facts)
+                    if lease:
+                        leases[lease] += 1
+            self._serial_seen.update(serials)
+            self._unfiled_lives -= with_status
+        return not unfiled
+
     async def sweep(self, *, check: Runner) -> list[Event]:
         """Act on the clock: validity windows that closed (or opened), holds that ended."""
+        self.file_restored()
         now = self.clock()
         batch = _Batch(self.revision, int(now))
         early: list[tuple[float, str]] = []
@@ -1522,6 +1567,7 @@ class ReplicaState:
 
     def unverified_statuses(self) -> list[str]:
         """The CPIDs of served records whose status has not been verified under them."""
+        self.file_restored()
         recs = self.recs
         out: list[str] = []
         for cpid, lv in self.lives.items():

@@ -342,3 +342,88 @@ async def test_a_status_whose_record_is_no_longer_served_is_stored_as_it_came(
     )
     entry = warm.get(node.cpid)
     assert entry is not None and entry.free == 4 and entry.status_envelope == status
+
+
+def _books(state: ReplicaState) -> dict[str, Any]:
+    """The bookkeeping a warm start files after ready (ReplicaState.file_restored)."""
+    deadlines = state._deadlines
+    return {
+        "lives": {
+            cpid: (lv.revision, lv.lease, lv.facts, lv.reason, lv.checked is not None)
+            for cpid, lv in state.lives.items()
+        },
+        # a verified status is checked against its record's facts (the same object)
+        "checked": sorted(
+            cpid
+            for cpid, lv in state.lives.items()
+            if cpid in state.recs and lv.checked is state.recs[cpid].facts
+        ),
+        "leases": +state._lease_refs,
+        "signers": +state._signer_refs,
+        "deadlines": {sec: sorted(b) for sec, b in deadlines._at.items()},
+        "heap": sorted(deadlines._heap),
+        "serials": all(
+            c.rpartition(".")[2].rpartition("-")[0] in state._serial_seen for c in state.recs
+        ),
+        "sizes": state.sizes(),
+    }
+
+
+async def _restored_only(
+    pki: Pki, cold: ReplicaState, tmp_path: Path
+) -> tuple[ReplicaState, list[list[Change]], TrustedRunner]:
+    """A replica with ``cold``'s snapshot's keys (certs first) and fast chunks restored,
+    nothing filed yet; the snapshot's batches after those, and a runner for them."""
+    store = SnapshotStore(tmp_path / "snap", pki.anchors)
+    revision, chunks = await SnapshotStore.collect(cold)
+    store.write(revision, chunks)
+    snap = store.read()
+    runner = TrustedRunner(snap, Counting())
+    fresh = ReplicaState(anchors=pki.anchors)
+    slow: list[list[Change]] = []
+    for batch in snap.batches():
+        if isinstance(batch, Restored):
+            assert fresh.restore(batch, snap.revision) == []
+        elif fresh.served:
+            slow.append(batch)
+        else:
+            await fresh.apply(batch, snap.revision, check=runner, emit=False)
+    return fresh, slow, runner
+
+
+async def test_what_is_filed_after_ready_matches_the_cold_state(pki: Pki, tmp_path: Path) -> None:
+    _, changes = _world(pki)
+    cold = await _cold(pki, changes)
+    fresh, slow, runner = await _restored_only(pki, cold, tmp_path)
+    # what lookups and discovery read is complete before the bookkeeping is filed
+    assert fresh.unfiled == 1 and fresh.lives == {}
+    assert _view(fresh) == _view(cold)
+    assert fresh.sizes()["live"] == sum(1 for e in cold.served.values() if e.status_facts)
+    assert fresh.file_restored(chunks=1) and fresh.unfiled == 0
+    assert fresh.file_restored()  # nothing left: a no-op
+    for batch in slow:
+        await fresh.apply(batch, 3, check=runner, emit=False)
+    assert _books(fresh) == _books(cold)
+    assert _view(fresh) == _view(cold)
+
+
+async def test_a_change_to_a_restored_entry_files_first(pki: Pki, tmp_path: Path) -> None:
+    """An apply (a watch batch, a re-list) before the bookkeeping is filed files it
+    first: a status deleted from a lease, a record rewritten, leave the same books as
+    on the cold replica."""
+    nodes, changes = _world(pki)
+    cold = await _cold(pki, changes)
+    fresh, slow, runner = await _restored_only(pki, cold, tmp_path)
+    assert fresh.unfiled
+    later = [
+        Change("delete", Keys.live(nodes[0].cpid), revision=9),
+        Change(
+            "put", Keys.rec(nodes[2].cpid), signed(pki, nodes[2].record(version=2)).to_json(), 9
+        ),
+    ]
+    await fresh.apply([c for batch in slow for c in batch] + later, 9, check=runner)
+    await cold.apply(later, 9, check=Counting())
+    assert fresh.unfiled == 0
+    assert _books(fresh) == _books(cold)
+    assert _view(fresh) == _view(cold)
+    assert fresh._lease_refs[7] == cold._lease_refs[7] == 5  # 6 statuses on lease 7, one gone
