@@ -69,12 +69,15 @@ then freezes what it loaded, :func:`gc.freeze`)."""
 _PAGE_RETRIES: Final = 5
 """Times a page of the first listing is read again before the listing is started over."""
 _LOAD_BATCH: Final = 10_000
-_LATER_SLICE: Final = 4_000
-"""Statuses verified after ready are verified this many at a time, each slice under the
-replica's lock (a watch batch waits at most one slice: ~0.2 s on two cores)."""
 """The first listing applies ``/rec/`` in batches as its pages arrive: the first as soon
 as this many keys are read, each later one with every key read in the meantime (at
 least this many, or all that is left)."""
+
+
+async def _nothing() -> AsyncGenerator[list[KV], None]:
+    """No pages (``/live/`` when a first listing leaves it for after ready)."""
+    return
+    yield
 
 
 def release_free_memory() -> bool:
@@ -141,10 +144,15 @@ class Replica:
         self._first_records: int | None = 0
         """Records in the index when the first listing began (None: could not count)."""
         self._later: asyncio.Task[None] | None = None
-        self._statuses_later = False  # a first listing left statuses for after ready
+        self._statuses_at = 0
+        """The revision of a first listing that left ``/live/`` to be read after ready
+        (0: none, or read since)."""
+        self._live_touched: set[str] | None = None
+        """While ``/live/`` is read after ready: the live keys the watch changed since."""
+        self._relist_cause = "revision_regressed"
         self.statuses_pending = 0
-        """Statuses of served records still to be verified after ready (a large first
-        listing, :attr:`SyncSettings.statuses_after_ready_from`)."""
+        """Statuses still to be read and verified after ready (a large first listing,
+        :attr:`SyncSettings.statuses_after_ready_from`; counted when the reading starts)."""
         self.statuses_after_ready_s: float | None = None
         """Seconds from start to the last of them verified (None: none were left)."""
 
@@ -196,6 +204,9 @@ class Replica:
         """Write a snapshot of the verified state if the revision moved since the last."""
         store = self.snapshots
         if store is None or not self.ready.is_set():
+            return False
+        if self._statuses_at:  # the replica does not hold /live/ as of its revision yet
+            _log.info("replica snapshot (%s) not written: statuses are still being read", cause)
             return False
         if self.state.revision == store.written_revision:
             return False
@@ -361,16 +372,8 @@ class Replica:
         later = self.settings.statuses_after_ready_from
         n = self._first_records
         if later is not None and (n is None or n >= later):
-            self.state.statuses_later = self._statuses_later = True
-        try:
-            return await self._load_records(revision, keys, started)
-        finally:
-            self.state.statuses_later = False
-
-    async def _load_records(
-        self, revision: int, keys: int, started: float
-    ) -> tuple[int, int, float]:
-        """The streamed part of :meth:`_load`: ``/rec/`` and ``/live/`` side by side."""
+            # /live/ is read after ready, at this revision (_read_statuses)
+            self._statuses_at = revision
         # /rec/ and /live/ are read side by side, both in CPID order: each page of records
         # goes out with the statuses of the same CPIDs, applied first, so that each status
         # rides along in its record's verification job and each entry is built once,
@@ -385,7 +388,7 @@ class Replica:
         rec_at = len(Prefix.REC)
 
         async def read() -> None:
-            lives = self._pages(Prefix.LIVE, revision)
+            lives = _nothing() if self._statuses_at else self._pages(Prefix.LIVE, revision)
             held: list[KV] = []  # statuses read ahead of the records
             more = True
             try:
@@ -502,6 +505,13 @@ class Replica:
         """List the index and apply the difference; returns the listing's revision."""
         started = time.monotonic()
         first = not self.ready.is_set()
+        later = self._later
+        if later is not None and not later.done():
+            later.cancel()  # this listing reads /live/ whole
+            with contextlib.suppress(asyncio.CancelledError):
+                await later
+        # (a first listing that leaves /live/ for after ready says so again: _load)
+        self._statuses_at, self._live_touched, self.statuses_pending = 0, None, 0
         gc_enabled = gc.isenabled()
         events: list[Event] = []
         if first and not self.state.keys():
@@ -569,11 +579,11 @@ class Replica:
                 self._tasks.append(
                     asyncio.create_task(self._file_restored(), name="replica-file-restored")
                 )
-            if self._statuses_later and self._later is None:
-                cpids = self.state.unverified_statuses()
-                self.statuses_pending = len(cpids)
+            if self._statuses_at and self._later is None:
+                self.statuses_pending = self._first_records or 0  # counted when read starts
+                self._live_touched = set()
                 self._later = asyncio.create_task(
-                    self._verify_later(cpids), name="replica-statuses"
+                    self._read_statuses(self._statuses_at), name="replica-statuses"
                 )
                 self._tasks.append(self._later)
         if self._later is None or self._later.done():
@@ -600,37 +610,67 @@ class Replica:
         gc.freeze()
         _log.info("filed the warm start's bookkeeping in %.2f s after ready", time.monotonic() - at)
 
-    async def _verify_later(self, cpids: list[str]) -> None:
-        """Verify the statuses a large first listing left unverified (the resolver is
-        ready: every record it serves verified), a slice at a time under the lock so
-        that watch batches go in between; each entry gets its status as it verifies
-        (an ordinary ``put`` event, reason ``status``).  Then stop the workers."""
-        total = len(cpids)
-        _log.info("verifying %d statuses after ready", total)
+    async def _read_statuses(self, revision: int) -> None:
+        """Read and verify the statuses a large first listing left for after ready (the
+        resolver is ready: every record it serves verified): ``/live/`` at the listing's
+        ``revision``, a page at a time (the next one read while one is verified), each
+        page applied under the lock as a batch of changes, so that watch batches go in
+        between.  A key the watch has changed since is skipped (the watch's is newer);
+        each entry that gets its status is an ordinary ``put`` event (reason
+        ``status``).  If the revision is compacted meanwhile, or reading fails, the
+        replica lists the index again (which brings every status).  Then the workers
+        stop."""
         at = time.monotonic()
+        with contextlib.suppress(RetrievalError):
+            self.statuses_pending = await self.index.count_prefix(Prefix.LIVE)
+        _log.info("reading and verifying ~%d statuses after ready", self.statuses_pending)
+        touched = self._live_touched
+        assert touched is not None
+        read = 0
         gc_enabled = gc.isenabled()
         gc.disable()  # as for the first listing: what this makes lives on
+        pages = self._pages(Prefix.LIVE, revision)
+        ahead: asyncio.Future[list[KV]] = asyncio.ensure_future(anext(pages))
         try:
-            for i in range(0, total, _LATER_SLICE):
+            while True:
                 try:
+                    kvs = await ahead
+                except StopAsyncIteration:
+                    break
+                ahead = asyncio.ensure_future(anext(pages))
+                read += len(kvs)
+                changes = [
+                    Change("put", kv.key, kv.value, kv.mod_revision, kv.lease)
+                    for kv in kvs
+                    if kv.key not in touched
+                ]
+                if changes:
                     async with self._lock:
-                        await self.state.verify_statuses(
-                            cpids[i : i + _LATER_SLICE], check=self.verifier.run
+                        await self.state.apply(
+                            changes, self.state.revision, check=self.verifier.run
                         )
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # a bug, not a value (values cost themselves): go on
-                    _log.exception("verifying statuses after ready failed for a slice")
-                self.statuses_pending = max(0, total - i - _LATER_SLICE)
+                self.statuses_pending = max(0, self.statuses_pending - len(kvs))
+        except (IndexCompactedError, RetrievalError) as exc:
+            _log.warning("reading the statuses after ready failed (%s); listing again", exc)
+            self._relist_cause = "statuses"
+            self._relist.set()  # the re-list reads /live/ (and ends this)
+            return
         finally:
+            ahead.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
+                await ahead  # the generator is not running any more
+            await pages.aclose()
             if gc_enabled:
                 gc.enable()
+        self._statuses_at = 0
+        self._live_touched = None
+        self.statuses_pending = 0
         gc.freeze()
         release_free_memory()
         self.statuses_after_ready_s = time.monotonic() - self._started
         _log.info(
-            "verified %d statuses after ready in %.2f s (%.2f s after start)",
-            total,
+            "read and verified %d statuses after ready in %.2f s (%.2f s after start)",
+            read,
             time.monotonic() - at,
             self.statuses_after_ready_s,
         )
@@ -655,6 +695,9 @@ class Replica:
                 kv = item.kv
                 if kv.key.startswith(_TRACKED):
                     pending.append(Change(item.type, kv.key, kv.value, item.revision, kv.lease))
+                    touched = self._live_touched
+                    if touched is not None and kv.key.startswith(Prefix.LIVE):
+                        touched.add(kv.key)  # newer than /live/ as read after ready
                 if watch.next_revision > item.revision and pending:
                     async with self._lock:
                         await self.state.apply(pending, item.revision, check=self.verifier.run)
@@ -684,7 +727,7 @@ class Replica:
                 if consume in done and not consume.cancelled():
                     cause = consume.result()
                 else:
-                    cause = "revision_regressed"
+                    cause, self._relist_cause = self._relist_cause, "revision_regressed"
             except asyncio.CancelledError:
                 raise
             except RetrievalError as exc:

@@ -648,10 +648,6 @@ class ReplicaState:
         self._windows: dict[str, deque[tuple[float, str, _Live]]] = {}
         self._reported_signers: set[tuple[object, ...]] = set()
         self._context: Context | None = None  # of the last record batch
-        self.statuses_later = False
-        """While set (a large first listing, :class:`~resolver.replica.Replica`), statuses
-        are filed but not verified: records alone decide readiness, and
-        :meth:`verify_statuses` verifies the statuses after ready."""
         self._chain_revs: dict[str, tuple[SignerVerdict, int]] = {}
         self._shared = _Shared()
         self._unfiled: list[tuple[list[Entry], int]] = []
@@ -1399,7 +1395,7 @@ class ReplicaState:
             if rs is None:
                 continue
             lv = self.lives.get(cpid)
-            carrying = lv is not None and lv.checked is None and not self.statuses_later
+            carrying = lv is not None and lv.checked is None
             carry = lv.stored if carrying and lv is not None else None
             token = lv.token if carrying and lv is not None else None
             if rs.raw is not None:
@@ -1565,34 +1561,8 @@ class ReplicaState:
             "not serving %s (revision %d): %s: %s", rs.cpid, rs.revision, rs.reason, rs.detail
         )
 
-    def unverified_statuses(self) -> list[str]:
-        """The CPIDs of served records whose status has not been verified under them."""
-        self.file_restored()
-        recs = self.recs
-        out: list[str] = []
-        for cpid, lv in self.lives.items():
-            rs = recs.get(cpid)
-            if (
-                rs is not None
-                and rs.facts is not None
-                and not rs.reason
-                and lv.checked is not rs.facts
-            ):
-                out.append(cpid)
-        return out
-
-    async def verify_statuses(self, cpids: Iterable[str], *, check: Runner) -> list[Event]:
-        """Verify the statuses of ``cpids`` that are not verified under their record yet
-        (those :attr:`statuses_later` left), serve what verified; returns the events."""
-        batch = _Batch(self.revision, int(self.clock()))
-        batch.dirty_lives.update(cpids)
-        await self._verify_statuses(batch, check)
-        return self._rebuild(batch, emit=True)
-
     async def _verify_statuses(self, batch: _Batch, check: Runner) -> None:
         """Verify every dirty status not yet verified under its (served) record's key."""
-        if self.statuses_later:
-            return  # the first listing's statuses are verified after ready (verify_statuses)
         jobs: list[Job] = []
         targets: list[tuple[str, _Live, RecordFacts]] = []
         for cpid in batch.dirty_lives:
@@ -1828,10 +1798,7 @@ class ReplicaState:
             rs = self.recs.get(cpid)
             lv = self.lives.get(cpid)
             if rs is None or (
-                rs.facts is not None
-                and lv is not None
-                and lv.checked is not rs.facts
-                and not self.statuses_later
+                rs.facts is not None and lv is not None and lv.checked is not rs.facts
             ):
                 continue  # its status is verified after the records (_verify_statuses)
             self._replace(batch, cpid, batch.touched.get(cpid))

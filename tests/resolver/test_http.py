@@ -228,6 +228,7 @@ async def test_health_ready_and_metrics(index: Index, pki: Pki, client: Client) 
     assert await get_json(client, "/healthz") == {"status": "ok"}
     ready = await get_json(client, "/readyz")
     assert ready["ready"] is True and ready["stale"] is False and ready["mass_expiry"] == []
+    assert ready["statuses_pending"] == 0  # a small index: verified before ready
     node = Node()
     await put_record(index, pki, node)
     forged = Node()
@@ -245,6 +246,7 @@ async def test_health_ready_and_metrics(index: Index, pki: Pki, client: Client) 
         'cpi_resolver_replica_size{what="served"} 1.0',
         "cpi_resolver_stale 0.0",
         "cpi_resolver_ready 1.0",
+        "cpi_resolver_statuses_pending 0.0",
         "cpi_resolver_mass_expiry_active 0.0",
     ):
         assert line in text, line
