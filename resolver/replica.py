@@ -104,8 +104,8 @@ class SyncSettings:
     sweep_interval: float = 1.0
     retry_backoff_max: float = 2.0
     statuses_after_ready_from: int | None = 50_000
-    """A first listing of at least this many records verifies their statuses after the
-    resolver is ready (:meth:`Replica._verify_later`); None: always before."""
+    """A first listing of at least this many records reads and verifies ``/live/`` after
+    the resolver is ready (:meth:`Replica._read_statuses`); None: always before."""
 
 
 class Replica:
@@ -374,10 +374,10 @@ class Replica:
         if later is not None and (n is None or n >= later):
             # /live/ is read after ready, at this revision (_read_statuses)
             self._statuses_at = revision
-        # /rec/ and /live/ are read side by side, both in CPID order: each page of records
-        # goes out with the statuses of the same CPIDs, applied first, so that each status
-        # rides along in its record's verification job and each entry is built once,
-        # complete.  (Reading every status before the first record job left the workers
+        # /rec/ and /live/ (unless it is left for after ready, above) are read side by
+        # side, both in CPID order: each page of records goes out with the statuses of
+        # the same CPIDs, applied first, so that each status rides along in its record's
+        # verification job and each entry is built once, complete.  (Reading every status before the first record job left the workers
         # idle for minutes at a million; reading them all while the records verified held
         # them all at once, and the entries were built twice.)  Bounded: pages read ahead
         # of verification are held as raw values (~1.4 KB a record with its status).
@@ -639,13 +639,13 @@ class Replica:
                     break
                 ahead = asyncio.ensure_future(anext(pages))
                 read += len(kvs)
-                changes = [
-                    Change("put", kv.key, kv.value, kv.mod_revision, kv.lease)
-                    for kv in kvs
-                    if kv.key not in touched
-                ]
-                if changes:
-                    async with self._lock:
+                async with self._lock:  # the watch notes a key before it waits for the lock
+                    changes = [
+                        Change("put", kv.key, kv.value, kv.mod_revision, kv.lease)
+                        for kv in kvs
+                        if kv.key not in touched
+                    ]
+                    if changes:
                         await self.state.apply(
                             changes, self.state.revision, check=self.verifier.run
                         )
