@@ -249,6 +249,14 @@ class ResolverReady(_Wire):
     held: NonNegative
     last_contact_s: float | None
     ready_after_s: float | None
+    statuses_pending: NonNegative | SkipJsonSchema[None] = Field(
+        None,
+        description="statuses a large first listing left to read and verify after ready "
+        "(served without a status until then)",
+    )
+    statuses_after_ready_s: float | SkipJsonSchema[None] = Field(
+        None, description="seconds from start until the last of those was verified"
+    )
     etcd_error: str | SkipJsonSchema[None] = None
     error: ErrorDetail | SkipJsonSchema[None] = None
     roots: dict[str, dict[str, Any]] | SkipJsonSchema[None] = Field(
