@@ -27,6 +27,7 @@ Nothing here is on the lookup path: lookups read the state's dictionaries direct
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import ctypes.util
@@ -43,7 +44,7 @@ from registry.index import KV, ROOT, Compacted, Index, IndexCompactedError, Pref
 from resolver.events import Event
 from resolver.snapshot import LoadedSnapshot, SnapshotStore, TrustedRunner, write_in_background
 from resolver.state import Change, ReplicaState, Restored
-from resolver.verify import Verifier
+from resolver.verify import Context, Job, Outcome, RecordFacts, Verifier
 from schemas.errors import RetrievalError
 
 __all__ = ["COLLECTIONS", "Replica", "SyncSettings"]
@@ -613,53 +614,70 @@ class Replica:
     async def _read_statuses(self, revision: int) -> None:
         """Read and verify the statuses a large first listing left for after ready (the
         resolver is ready: every record it serves verified): ``/live/`` at the listing's
-        ``revision``, a page at a time (the next one read while one is verified), each
-        page applied under the lock as a batch of changes, so that watch batches go in
-        between.  A key the watch has changed since is skipped (the watch's is newer);
-        each entry that gets its status is an ordinary ``put`` event (reason
-        ``status``).  If the revision is compacted meanwhile, or reading fails, the
-        replica lists the index again (which brings every status).  Then the workers
-        stop."""
+        ``revision``, a page at a time.  Each page's jobs are made under the lock and
+        verified on the workers without it, two pages in flight, so that the workers
+        verify the next page while this process files one (under the lock: watch
+        batches go in between).  A key the watch has changed since is skipped (the
+        watch's is newer); each entry that gets its status is an ordinary ``put``
+        event (reason ``status``).  If the revision is compacted meanwhile, or reading
+        fails, the replica lists the index again (which brings every status).  Then
+        the workers stop."""
         at = time.monotonic()
         with contextlib.suppress(RetrievalError):
             self.statuses_pending = await self.index.count_prefix(Prefix.LIVE)
         _log.info("reading and verifying ~%d statuses after ready", self.statuses_pending)
         touched = self._live_touched
         assert touched is not None
+        state = self.state
         read = 0
+        inflight: collections.deque[
+            tuple[list[tuple[Change, str, RecordFacts]], asyncio.Task[list[Outcome]]]
+        ] = collections.deque()
+
+        async def verified(ctx: Context, jobs: list[Job]) -> list[Outcome]:
+            out: list[Outcome] = []
+            async for part in self.verifier.run(ctx, jobs, any_size=True):
+                out += part
+            return out
+
+        async def file_oldest() -> None:
+            targets, task = inflight.popleft()
+            outcomes = await task
+            async with self._lock:
+                await state.file_statuses(targets, outcomes, touched, check=self.verifier.run)
+            self.statuses_pending = max(0, self.statuses_pending - len(targets))
+
         gc_enabled = gc.isenabled()
         gc.disable()  # as for the first listing: what this makes lives on
-        pages = self._pages(Prefix.LIVE, revision)
-        ahead: asyncio.Future[list[KV]] = asyncio.ensure_future(anext(pages))
         try:
-            while True:
-                try:
-                    kvs = await ahead
-                except StopAsyncIteration:
-                    break
-                ahead = asyncio.ensure_future(anext(pages))
+            async for kvs in self._pages(Prefix.LIVE, revision):
                 read += len(kvs)
                 async with self._lock:  # the watch notes a key before it waits for the lock
-                    changes = [
-                        Change("put", kv.key, kv.value, kv.mod_revision, kv.lease)
-                        for kv in kvs
-                        if kv.key not in touched
-                    ]
-                    if changes:
-                        await self.state.apply(
-                            changes, self.state.revision, check=self.verifier.run
-                        )
-                self.statuses_pending = max(0, self.statuses_pending - len(kvs))
-        except (IndexCompactedError, RetrievalError) as exc:
-            _log.warning("reading the statuses after ready failed (%s); listing again", exc)
+                    ctx, jobs, targets, rest = state.status_jobs(
+                        [
+                            Change("put", kv.key, kv.value, kv.mod_revision, kv.lease)
+                            for kv in kvs
+                            if kv.key not in touched
+                        ]
+                    )
+                    if rest:
+                        await state.apply(rest, state.revision, check=self.verifier.run)
+                inflight.append((targets, asyncio.create_task(verified(ctx, jobs))))
+                while len(inflight) > 2:
+                    await file_oldest()
+            while inflight:
+                await file_oldest()
+        except Exception as exc:
+            if isinstance(exc, IndexCompactedError | RetrievalError):
+                _log.warning("reading the statuses after ready failed (%s); listing again", exc)
+            else:  # a bug: the re-list still brings every status
+                _log.exception("reading the statuses after ready failed; listing again")
             self._relist_cause = "statuses"
             self._relist.set()  # the re-list reads /live/ (and ends this)
             return
         finally:
-            ahead.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
-                await ahead  # the generator is not running any more
-            await pages.aclose()
+            for _, task in inflight:
+                task.cancel()
             if gc_enabled:
                 gc.enable()
         self._statuses_at = 0

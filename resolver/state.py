@@ -41,7 +41,7 @@ import math
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, Literal, TypeVar, overload
 
@@ -1560,6 +1560,69 @@ class ReplicaState:
         _log.warning(
             "not serving %s (revision %d): %s: %s", rs.cpid, rs.revision, rs.reason, rs.detail
         )
+
+    # -- statuses read after ready (a large first listing; Replica._read_statuses) ------
+
+    def status_jobs(
+        self, changes: Sequence[Change]
+    ) -> tuple[Context, list[Job], list[tuple[Change, str, RecordFacts]], list[Change]]:
+        """Verification jobs for ``/live/`` values as listed (puts): a job for each whose
+        record is served, to verify without the lock held and file with
+        :meth:`file_statuses`; the others are returned to :meth:`apply` as they are
+        (their statuses are kept unverified until the record is served)."""
+        ctx = Context(tuple(self.anchors), {}, {}, int(self.clock()), self.settings.skew)
+        jobs: list[Job] = []
+        targets: list[tuple[Change, str, RecordFacts]] = []
+        rest: list[Change] = []
+        for ch in changes:
+            try:
+                collection, cpid = parse_key(ch.key)
+            except ValueError:
+                continue
+            rs = self.recs.get(cpid)
+            if (
+                collection != Prefix.LIVE
+                or ch.type != "put"
+                or rs is None
+                or rs.reason
+                or rs.facts is None
+            ):
+                rest.append(ch)
+                continue
+            jobs.append(("status", node_key(rs), ch.value))
+            targets.append((ch, cpid, rs.facts))
+        return ctx, jobs, targets, rest
+
+    async def file_statuses(
+        self,
+        targets: Sequence[tuple[Change, str, RecordFacts]],
+        outcomes: Sequence[Outcome],
+        skip: Collection[str],
+        *,
+        check: Runner,
+    ) -> list[Event]:
+        """File the ``outcomes`` of :meth:`status_jobs`' jobs: each status as verified
+        under its record, served with it (a ``put`` event, reason ``status``).  A key in
+        ``skip`` (changed by the watch since: newer) is left alone; one whose record
+        changed meanwhile is applied as a change (verified again, inline)."""
+        self.file_restored()
+        batch = _Batch(self.revision, int(self.clock()), bulk=True)
+        again: list[Change] = []
+        for (ch, cpid, on), o in zip(targets, outcomes, strict=True):
+            if ch.key in skip:
+                continue
+            rs = self.recs.get(cpid)
+            if rs is None or rs.reason or rs.facts is not on:
+                again.append(ch)
+                continue
+            self._put_live(cpid, ch, batch)  # held as it came, as in a bulk listing
+            lv = self.lives[rs.cpid]
+            if self._file_status(rs.cpid, lv, on, o):
+                self._status_outcome(rs.cpid, lv, on, o)
+        events = self._rebuild(batch, emit=True)
+        if again:
+            events += await self.apply(again, self.revision, check=check)
+        return events
 
     async def _verify_statuses(self, batch: _Batch, check: Runner) -> None:
         """Verify every dirty status not yet verified under its (served) record's key."""

@@ -384,13 +384,16 @@ class Verifier:
     def uses_pool(self, n: int) -> bool:
         return self.workers > 0 and n >= self.pool_min_jobs
 
-    async def run(self, ctx: Context, jobs: Sequence[Job]) -> AsyncIterator[list[Outcome]]:
+    async def run(
+        self, ctx: Context, jobs: Sequence[Job], *, any_size: bool = False
+    ) -> AsyncIterator[list[Outcome]]:
         """Verify every job; yields outcome lists that, concatenated, follow the jobs.
 
-        Small batches run inline (one list); large ones in chunks on the pool, each
-        yielded as soon as it and the chunks before it are done.
+        Small batches run inline (one list); large ones (any, with ``any_size``, when
+        there are workers) in chunks on the pool, each yielded as soon as it and the
+        chunks before it are done.
         """
-        if not self.uses_pool(len(jobs)):
+        if not (self.uses_pool(len(jobs)) or (any_size and self.workers > 0 and jobs)):
             self.checked_inline += len(jobs)
             yield run_jobs(ctx, jobs)
             return

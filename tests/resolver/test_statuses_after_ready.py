@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,10 @@ from resolver.core import Resolver
 from resolver.discovery import Query
 from resolver.events import Event
 from resolver.replica import Replica
+from resolver.state import Change, ReplicaState
+from resolver.verify import Context, Job, Outcome, run_jobs
 from schemas import keys
-from tests.resolver.kit import FAST, Node, Pki, make_resolver, put_record, put_status
+from tests.resolver.kit import FAST, Node, Pki, make_resolver, put_record, put_status, signed
 from tests.until import until
 
 LATER = dataclasses.replace(FAST, sync=dataclasses.replace(FAST.sync, statuses_after_ready_from=0))
@@ -198,3 +200,53 @@ async def test_no_snapshot_before_the_statuses_and_a_compaction_lists_again(
         assert r.health()["statuses_pending"] == 0
         assert r.resolve(late.cpid).free == 3 and r.resolve(nodes[0].cpid).free == 6
         assert await r.write_snapshot() is True
+
+
+async def test_statuses_after_ready_on_the_worker_pool(index: Index, pki: Pki) -> None:
+    """The path a million takes: pages verified by worker processes, filed as they come."""
+    await pki.publish(index)
+    nodes = [Node() for _ in range(40)]
+    for i, node in enumerate(nodes):
+        await put_record(index, pki, node)
+        if i == 7:  # signed by another node's key
+            await index.put(Keys.live(node.cpid), nodes[0].status(cpid=node.cpid).to_json())
+        else:
+            await put_status(index, node, free=i % 5)
+    settings = dataclasses.replace(LATER, verify_workers=2)
+    async with _started(index, pki, settings) as r:
+        await until(lambda: r.health()["statuses_pending"] == 0, within=30, what="the pass")
+        assert r._verifier.checked_pool == 40  # the statuses (40 records: verified inline)
+        for i, node in enumerate(nodes):
+            entry = r.resolve(node.cpid)
+            assert entry.live == (i != 7) and (i == 7 or entry.free == i % 5), i
+        assert r._state.failures["status_bad_signature"] == 1
+
+
+async def test_a_status_whose_record_changed_while_it_was_verified(pki: Pki) -> None:
+    """Jobs are made under the lock and filed under it later: a record rewritten in
+    between (new facts) has its status verified again against it, not filed."""
+    state = ReplicaState(anchors=pki.anchors)
+    certs = [Change("put", Keys.cert(pki.kid(ns)), c.to_json(), 2) for ns, c in pki.certs.items()]
+    node = Node()
+    rec = Change("put", Keys.rec(node.cpid), signed(pki, node.record()).to_json(), 3)
+    await state.apply([*certs, rec], 3, check=_inline)
+    live = Change("put", Keys.live(node.cpid), node.status(free=5).to_json(), 3)
+    ctx, jobs, targets, rest = state.status_jobs([live])
+    assert len(jobs) == 1 and rest == []
+    outcomes = [o for part in [run_jobs(ctx, jobs)] for o in part]
+    v2 = Change("put", Keys.rec(node.cpid), signed(pki, node.record(version=2)).to_json(), 4)
+    await state.apply([v2], 4, check=_inline)
+    events = await state.file_statuses(targets, outcomes, set(), check=_inline)
+    entry = state.get(node.cpid)
+    assert entry is not None and entry.live and entry.free == 5 and entry.version == 2
+    assert state.lives[node.cpid].checked is state.recs[node.cpid].facts
+    assert [e.reason for e in events] == ["status"]
+    # and a key the watch changed meanwhile is left alone
+    newer = Change("put", Keys.live(node.cpid), node.status(free=1).to_json(), 5)
+    await state.apply([newer], 5, check=_inline)
+    assert await state.file_statuses(targets, outcomes, {live.key}, check=_inline) == []
+    assert state.get(node.cpid).free == 1  # type: ignore[union-attr]
+
+
+async def _inline(ctx: Context, jobs: Sequence[Job]) -> AsyncIterator[list[Outcome]]:
+    yield run_jobs(ctx, jobs)
