@@ -279,6 +279,8 @@ class Replica:
         del snap
         store.status = "loaded"
         store.loaded_revision = self.state.revision
+        # the file holds this revision: nothing to write until the revision moves
+        store.written_revision = self.state.revision
         _log.info(
             "warm start from the snapshot at revision %d: %d keys (%d verdicts taken from "
             "the snapshot, %d verified); read in %.2f s, applied in %.2f s",

@@ -111,6 +111,29 @@ async def test_warm_start_serves_what_a_cold_start_does(
         await plain.close()
 
 
+async def test_a_warm_start_writes_its_snapshot_again_only_once_the_revision_moves(
+    index: Index, pki: Pki, tmp_path: Path
+) -> None:
+    settings, _ = await _written(index, pki, tmp_path)
+    path = tmp_path / "snap" / FILE
+    stamp = path.stat().st_mtime_ns
+    warm = await _start(index, pki, settings)
+    try:
+        assert await warm.write_snapshot() is False  # the file holds this revision
+    finally:
+        await warm.close()  # nor on shutdown
+    assert path.stat().st_mtime_ns == stamp and warm.snapshots is not None
+    assert warm.snapshots.writes == 0
+    warm = await _start(index, pki, settings)
+    try:
+        rev = await put_record(index, pki, Node())
+        await until(lambda: warm.revision >= rev, what="the new record")
+        assert await warm.write_snapshot() is True
+    finally:
+        await warm.close()
+    assert path.stat().st_mtime_ns != stamp
+
+
 async def test_changes_while_down_are_applied_after_a_warm_start(
     index: Index, pki: Pki, tmp_path: Path
 ) -> None:
