@@ -14,7 +14,9 @@ What it does:
    verified; at this size the statuses are verified after ready) and to every status
    verified, and **RSS per record** = (RSS full - RSS empty) / records, taken after;
 3. stops it (SIGTERM: the snapshot is written on shutdown) and starts it again: **warm
-   restart to ready**, and the RSS after it;
+   restart to ready** (``--warm-restarts`` times, the median reported; a resolver that
+   loaded the snapshot does not write it again on shutdown unless the revision moved),
+   and the RSS after the first;
 4. against the warm resolver: **discovery p99 over HTTP**, **register -> watch event
    p99** and **cached GET vs an aiohttp hello-world** (wrk if installed, else an
    aiohttp client loop, printed as such).
@@ -232,10 +234,14 @@ async def run(args: argparse.Namespace) -> None:
             t_stop = server.stop_timed()
             snap = server.snapshot_dir / "replica.snap"
             snap_mb = snap.stat().st_size / 1e6 if snap.exists() else 0.0
-            t_warm = await server.start()
+            warm = [await server.start()]
             await asyncio.sleep(1)
             rss_warm, _ = server.rss()
             per_warm = (rss_warm - rss_empty) * 1024 / args.records
+            for _ in range(args.warm_restarts - 1):  # the same snapshot (nothing changed)
+                server.stop_timed()
+                warm.append(await server.start())
+            t_warm = statistics.median(warm)
             print(
                 f"\nresolver: RSS empty {rss_empty / 1024:.0f} MiB, after cold start "
                 f"{rss_cold / 1024:.0f} MiB (+{rss_workers / 1024:.0f} MiB in verification "
@@ -255,7 +261,9 @@ async def run(args: argparse.Namespace) -> None:
                 ("cold start to ready (records verified)", f"{t_cold:.1f} s", "< 60 s", t_cold < 60),
                 ("  every status verified too (from start)",
                  "before ready" if t_statuses is None else f"{t_statuses:.1f} s", "", None),
-                ("warm restart to ready", f"{t_warm:.1f} s", "< 10 s", t_warm < 10),
+                (f"warm restart to ready (median of {len(warm)})", f"{t_warm:.1f} s", "< 10 s",
+                 t_warm < 10),
+                ("  each", ", ".join(f"{t:.1f}" for t in warm) + " s", "", None),
             ]  # fmt: skip
 
             # -- discovery over HTTP
@@ -373,6 +381,9 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--watch-samples", type=int, default=200)
     ap.add_argument("--discovery-queries", type=int, default=600)
+    ap.add_argument(
+        "--warm-restarts", type=int, default=3, help="warm restarts timed (median reported)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, snapshot)")
     asyncio.run(run(ap.parse_args()))
 
