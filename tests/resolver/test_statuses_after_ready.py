@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from registry.index import Index, Keys
+from registry.index import Index, Keys, Prefix
 from resolver.core import Resolver
 from resolver.discovery import Query
 from resolver.events import Event
@@ -117,6 +117,8 @@ async def test_hostile_statuses_cost_themselves_after_ready(
     await index.put(Keys.live(garbage.cpid), b"\x00{not json")
     await put_status(index, other, free=8, cpid=good.cpid)  # about another CPID
     await put_status(index, orphan, free=8)  # no record: never verified, never served
+    await index.put(Prefix.LIVE + "not-a-cpid", b"{}")  # a key no registry writes
+    await index.put(Prefix.LIVE + "CN.31.CMCC/GPU.4K7Q9M2XH3PT-Y", b"{}")  # bad check char
     async with _started(index, pki) as r:
         assert r.health()["statuses_pending"] > 0
         gate.open.set()
