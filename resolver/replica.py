@@ -578,10 +578,8 @@ class Replica:
             self.ready_after_s = time.monotonic() - self._started
             self.probe_ok = True
             self.ready.set()
-            if self.state.unfiled:
-                self._tasks.append(
-                    asyncio.create_task(self._file_restored(), name="replica-file-restored")
-                )
+            if self.state.unfiled:  # before the watch starts, and first to take the lock
+                await self._file_restored()
             if self._statuses_at and self._later is None:
                 self.statuses_pending = self._first_records or 0  # counted when read starts
                 self._live_touched = set()
@@ -597,8 +595,10 @@ class Replica:
     async def _file_restored(self) -> None:
         """File what a warm start left for after ready (statuses in the replica's
         bookkeeping, lease counts, deadlines: :meth:`ReplicaState.file_restored`), a
-        chunk at a time, holding the lock: the watch's first batch is applied after it.
-        Lookups go on in between."""
+        chunk at a time, holding the lock: lookups go on in between, the watch starts
+        after it, and a sweep or snapshot waits for it.  (Were the sweep to take the
+        lock first, it would file everything at once, the event loop blocked for
+        seconds at a million.)"""
         at = time.monotonic()
         gc_enabled = gc.isenabled()
         gc.disable()  # as for the load: what this makes lives on
