@@ -13,7 +13,7 @@ from typing import Any
 from registry import ca
 from registry.index import Keys, Prefix
 from resolver.entry import NODE_KID
-from resolver.snapshot import SnapshotStore, TrustedRunner
+from resolver.snapshot import LoadedSnapshot, SnapshotStore, TrustedRunner
 from resolver.state import Change, ReplicaState, Restored
 from resolver.verify import Context, Job, Outcome, run_jobs
 from schemas import keys
@@ -81,13 +81,18 @@ def _world(pki: Pki, n: int = 8) -> tuple[list[Node], list[Change]]:
     return nodes, changes
 
 
-async def _warm(
-    pki: Pki, state: ReplicaState, tmp_path: Path, clock: Any = time.time
-) -> tuple[ReplicaState, Counting, int]:
+async def _snapshot_of(pki: Pki, state: ReplicaState, tmp_path: Path) -> LoadedSnapshot:
+    """``state``'s snapshot, written and read back."""
     store = SnapshotStore(tmp_path / "snap", pki.anchors)
     revision, chunks = await SnapshotStore.collect(state)
     store.write(revision, chunks)
-    snap = store.read()
+    return store.read()
+
+
+async def _warm(
+    pki: Pki, state: ReplicaState, tmp_path: Path, clock: Any = time.time
+) -> tuple[ReplicaState, Counting, int]:
+    snap = await _snapshot_of(pki, state, tmp_path)
     fresh = ReplicaState(anchors=pki.anchors, clock=clock)
     verifier = Counting()
     runner = TrustedRunner(snap, verifier)
@@ -374,10 +379,7 @@ async def _restored_only(
 ) -> tuple[ReplicaState, list[list[Change]], TrustedRunner]:
     """A replica with ``cold``'s snapshot's keys (certs first) and fast chunks restored,
     nothing filed yet; the snapshot's batches after those, and a runner for them."""
-    store = SnapshotStore(tmp_path / "snap", pki.anchors)
-    revision, chunks = await SnapshotStore.collect(cold)
-    store.write(revision, chunks)
-    snap = store.read()
+    snap = await _snapshot_of(pki, cold, tmp_path)
     runner = TrustedRunner(snap, Counting())
     fresh = ReplicaState(anchors=pki.anchors)
     slow: list[list[Change]] = []
