@@ -237,7 +237,7 @@ def _load(avg: tuple[float, float, float]) -> str:
 
 def line(what: str, value: str, target: str, ok: bool | None) -> None:
     mark = "" if ok is None else ("  OK" if ok else "  MISSED")
-    print(f"  {what:<44} {value:>14}   target {target}{mark}")
+    print(f"  {what:<44} {value:>14}" + (f"   target {target}{mark}" if target else ""))
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -411,7 +411,7 @@ async def run(args: argparse.Namespace) -> None:
                     f"  CPU during the {name} rounds ({walls[name]:.1f} s): "
                     + ", ".join(f"{k} {v:.1f} s" for k, v in cpu[name].items())
                 )
-            results.append(("cached GET / aiohttp hello-world", f"{ratio:.2f}x", ">= 0.8x",
+            results.append(("cached GET / aiohttp hello-world", f"{ratio:.3f}x", ">= 0.8x",
                             ratio >= 0.8))  # fmt: skip
             server.stop()
 
