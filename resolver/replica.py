@@ -249,6 +249,19 @@ class Replica:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         try:
+            files, freed = await loop.run_in_executor(None, store.remove_stale)
+        except OSError as exc:
+            _log.warning("cannot remove stale snapshot files from %s: %s", store.directory, exc)
+        else:
+            if files:
+                _log.warning(
+                    "removed %d unfinished snapshot file(s) from %s (%.1f MB): a resolver "
+                    "was stopped while writing its snapshot (give it longer to stop)",
+                    files,
+                    store.directory,
+                    freed / 1e6,
+                )
+        try:
             snap = await loop.run_in_executor(None, store.read)
         except FileNotFoundError:
             store.status = "absent"

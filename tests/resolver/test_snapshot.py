@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import marshal
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -344,5 +348,60 @@ async def test_a_snapshot_of_many_chunks_loads_a_chunk_at_a_time(
         assert warm.health()["snapshot"]["status"] == "loaded"
         assert _view(warm) == cold
         assert warm._verifier.checked_inline == 1  # the record that fails, alone
+    finally:
+        await warm.close()
+
+
+def _gone_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_remove_stale_removes_what_killed_writers_left_and_nothing_else(
+    tmp_path: Path, pki: Pki
+) -> None:
+    store = SnapshotStore(tmp_path, pki.anchors)
+    assert store.remove_stale() == (0, 0)  # no directory yet
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        gone = _gone_pid()
+        stale = {
+            f".{FILE}.{gone}.tmp": b"x" * 1000,  # its writer was killed
+            f".{FILE}.{os.getpid()}.tmp": b"y" * 10,  # a previous process with this pid
+            f".snapshot.key.{gone}.tmp": b"k" * 32,
+        }
+        kept = {
+            f".{FILE}.{live.pid}.tmp": b"a writer still running",
+            FILE: b"the snapshot",
+            "snapshot.key": b"k" * 32,
+            f".{FILE}.abc.tmp": b"not a pid",
+            f".other.{gone}.tmp": b"not ours",
+            f"{FILE}.{gone}.tmp": b"not hidden: not ours",
+        }
+        for name, data in {**stale, **kept}.items():
+            (tmp_path / name).write_bytes(data)
+        assert store.remove_stale() == (3, 1042)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+        assert store.remove_stale() == (0, 0)
+    finally:
+        live.kill()
+        live.wait()
+
+
+async def test_a_warm_start_removes_an_unfinished_write_and_says_so(
+    index: Index, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings, cold = await _written(index, pki, tmp_path)
+    left = tmp_path / "snap" / f".{FILE}.{_gone_pid()}.tmp"
+    left.write_bytes(b"\0" * 4096)  # a shutdown write killed half-way
+    caplog.set_level(logging.WARNING, logger="resolver.replica")
+    warm = await _start(index, pki, settings)
+    try:
+        assert not left.exists()
+        assert warm.health()["snapshot"]["status"] == "loaded"
+        assert _view(warm) == cold
+        assert any("removed 1 unfinished snapshot file" in r.getMessage() for r in caplog.records)
     finally:
         await warm.close()
