@@ -385,8 +385,10 @@ class SnapshotStore:
             if base or not dot or not rest.endswith(".tmp"):
                 continue
             what, _, pid_text = rest.removesuffix(".tmp").rpartition(".")
-            if what not in (FILE, KEY_FILE) or not pid_text.isdigit():
-                continue
+            if what not in (FILE, KEY_FILE) or not (
+                pid_text.isascii() and pid_text.isdigit() and len(pid_text) <= 10
+            ):
+                continue  # not a name this module writes (``isdigit`` alone takes "²")
             pid = int(pid_text)
             if pid != os.getpid() and _alive(pid):
                 continue

@@ -377,6 +377,8 @@ def test_remove_stale_removes_what_killed_writers_left_and_nothing_else(
             FILE: b"the snapshot",
             "snapshot.key": b"k" * 32,
             f".{FILE}.abc.tmp": b"not a pid",
+            f".{FILE}.\u00b2.tmp": b"a digit int() does not read",
+            f".{FILE}.{'9' * 30}.tmp": b"no pid is that long",
             f".other.{gone}.tmp": b"not ours",
             f"{FILE}.{gone}.tmp": b"not hidden: not ours",
         }
