@@ -157,6 +157,37 @@ def test_commands_are_cpi_commands(
     assert key == f"{BOOTSTRAP_DIR}/log/log.key"
 
 
+def test_resolvers_keep_their_snapshots_in_volumes_of_their_own(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """Warm restarts: each resolver's snapshot directory (from the config it mounts)
+    lies in a named volume of its own, which the image creates for user cpi (a new
+    named volume copies the image directory's owner), and a stop has time to write it."""
+    text = (DEPLOY / "container" / "Containerfile").read_text()
+    made = re.search(r"install -d -o cpi -g cpi -m 0700 ((?:\S+ \\\s*|\S+ )+)", text)
+    assert made is not None
+    made_dirs = {w for w in made.group(1).split() if w.startswith("/")}
+    volumes_seen: set[str] = set()
+    for name, service in services.items():
+        if not name.startswith("resolver-"):
+            continue
+        config = load_resolver_config(mounted(service, "/etc/cpi/resolver.json"), env={})
+        assert config.snapshot_dir is not None, name
+        snapshot_dir = Path(config.snapshot_dir)
+        named = {
+            target: source
+            for source, target in (v.split(":")[:2] for v in service["volumes"])
+            if not source.startswith("./") and source != "bootstrap"
+        }
+        holder = [t for t in named if snapshot_dir.is_relative_to(t)]
+        assert len(holder) == 1, (name, named)
+        assert holder[0] in made_dirs, holder[0]
+        volumes_seen.add(named[holder[0]])
+        grace = str(service["stop_grace_period"])
+        assert grace.endswith("s") and int(grace[:-1]) >= 60, grace
+    assert len(volumes_seen) == 2  # one each: two resolvers never share a snapshot
+
+
 def test_containerfile() -> None:
     text = (DEPLOY / "container" / "Containerfile").read_text()
     stages = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, flags=re.M)
