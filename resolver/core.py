@@ -280,7 +280,10 @@ class Resolver:
                 "loaded_revision": snap.loaded_revision,
                 "written_revision": snap.written_revision,
                 "fallbacks": snap.fallbacks,
+                "write_failures": snap.write_failures,
             }
+            if snap.last_write_error:
+                out["snapshot"]["last_write_error"] = snap.last_write_error
         return out
 
     async def write_snapshot(self) -> bool:

@@ -210,6 +210,11 @@ class _ReplicaCollector(Collector):
             yield CounterMetricFamily(
                 "cpi_resolver_snapshot_writes", "Replica snapshots written", value=snap.writes
             )
+            yield CounterMetricFamily(
+                "cpi_resolver_snapshot_write_failures",
+                "Replica snapshot writes that failed (the next restart is cold while they do)",
+                value=snap.write_failures,
+            )
             yield GaugeMetricFamily(
                 "cpi_resolver_snapshot_revision",
                 "Revision of the last replica snapshot written (0: none yet)",

@@ -218,6 +218,8 @@ class Replica:
         try:
             size = await write_in_background(store, revision, chunks)
         except Exception as exc:
+            store.write_failures += 1
+            store.last_write_error = f"{type(exc).__name__}: {str(exc)[:300]}"
             _log.warning("could not write the replica snapshot to %s: %s", store.path, exc)
             return False
         _log.info(

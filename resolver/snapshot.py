@@ -337,6 +337,9 @@ class SnapshotStore:
         self.write_seconds = 0.0
         self.writes = 0
         self.fallbacks = 0
+        self.write_failures = 0
+        self.last_write_error = ""
+        """Why the last failed write failed ("" while none has)."""
 
     # -- key --------------------------------------------------------------------------
 

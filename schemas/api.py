@@ -233,6 +233,21 @@ class BadValues(_Wire):
     keys: list[str]
 
 
+class ResolverSnapshot(_Wire):
+    """The warm-restart snapshot of a resolver with a ``snapshot_dir``."""
+
+    status: str = Field(description="loaded, absent, or not used: <why> (on start)")
+    loaded_revision: NonNegative
+    written_revision: NonNegative = Field(description="0: none written by this process yet")
+    fallbacks: NonNegative = Field(description="starts that could not use it")
+    write_failures: NonNegative = Field(
+        description="writes that failed since start: the next restart is cold if it stays so"
+    )
+    last_write_error: str | SkipJsonSchema[None] = Field(
+        None, description="why the last failed write failed"
+    )
+
+
 class ResolverReady(_Wire):
     """``GET /readyz`` of the resolver (200 when ``ready``, else 503 with ``error``)."""
 
@@ -258,6 +273,9 @@ class ResolverReady(_Wire):
         None, description="seconds from start until the last of those was verified"
     )
     etcd_error: str | SkipJsonSchema[None] = None
+    snapshot: ResolverSnapshot | SkipJsonSchema[None] = Field(
+        None, description="with a snapshot_dir: the warm-restart snapshot"
+    )
     error: ErrorDetail | SkipJsonSchema[None] = None
     roots: dict[str, dict[str, Any]] | SkipJsonSchema[None] = Field(
         None, description="a federated resolver: each index cluster (member) by name"

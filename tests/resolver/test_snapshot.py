@@ -17,6 +17,7 @@ import pytest
 from registry.index import Index, Keys
 from resolver.core import Resolver
 from resolver.snapshot import FILE, SnapshotStore
+from schemas.api import ResolverReady
 from tests.resolver.kit import FAST, Node, Pki, make_resolver, put_record, put_status, signed
 from tests.until import until
 
@@ -407,3 +408,30 @@ async def test_a_warm_start_removes_an_unfinished_write_and_says_so(
         assert any("removed 1 unfinished snapshot file" in r.getMessage() for r in caplog.records)
     finally:
         await warm.close()
+
+
+async def test_a_snapshot_that_cannot_be_written_is_counted_and_said(
+    index: Index, pki: Pki, tmp_path: Path
+) -> None:
+    await pki.publish(index)
+    await _populate(index, pki)
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_bytes(b"a file where the snapshot directory should be")
+    settings = dataclasses.replace(FAST, snapshot_dir=blocked)
+    r = await _start(index, pki, settings)
+    try:
+        await put_record(index, pki, Node())  # the revision moves: there is something to write
+        await until(lambda: r.revision > (r.snapshots.written_revision if r.snapshots else 0))
+        assert await r.write_snapshot() is False
+        assert await r.write_snapshot() is False
+        health = r.health()
+        snap = health["snapshot"]
+        assert snap["write_failures"] == 2 and snap["written_revision"] == 0
+        assert snap["last_write_error"].startswith(("FileExistsError", "NotADirectoryError"))
+        assert ResolverReady.model_validate(health).snapshot is not None  # the wire model
+        text = r.metrics.render().decode()
+        assert "cpi_resolver_snapshot_write_failures_total 2.0" in text
+        assert "cpi_resolver_snapshot_writes_total 0.0" in text
+    finally:
+        await r.close()  # the shutdown write fails too, and the stop goes on
+    assert blocked.read_bytes().startswith(b"a file")
